@@ -1,0 +1,137 @@
+"""The boundary between the pipeline and any engine: the `Classifier` Protocol.
+
+The pipeline hands a classifier one (event, policy) request at a time, as many concurrently
+as the classifier's `capacity()` allows, and gets back a `Classification` or a
+`ClassificationFailed` naming the dead-letter error type. Implementations: `KeywordClassifier`
+(below, deterministic pattern matching from the policy's `patterns`), the vLLM engine
+(`consumer.engine`), and any user class loaded with `classifier.kind: plugin`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from consumer.events import ContentEvent, ErrorType
+from consumer.policy import Policy
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    event: ContentEvent
+    policy: Policy
+    request_id: str
+    deadline: float | None = None  # time.monotonic() after which the request is abandoned
+
+
+@dataclass
+class Classification:
+    violation: bool
+    category: str | None = None
+    rule_ids: list[str] = field(default_factory=list)
+    confidence: str | None = None
+    rationale: str | None = None
+    reasoning: str | None = None
+    model: str = "unknown"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ClassificationFailed(Exception):
+    """A request that cannot produce a verdict; becomes a dead letter of `error_type`."""
+
+    def __init__(self, error_type: ErrorType, message: str, raw_output: str | None = None, attempts: int = 1):
+        super().__init__(message)
+        self.error_type = error_type
+        self.raw_output = raw_output
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How much work the classifier can hold at once; the batcher never exceeds it."""
+
+    max_sequences: int
+    max_tokens: int | None = None  # KV-cache tokens, when the engine knows them
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    def capacity(self) -> Capacity: ...
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        """Classify one request; raise ClassificationFailed when no verdict is possible."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class KeywordClassifier:
+    """Flags content matching any of a policy's `patterns` (case-insensitive regular expressions).
+
+    Deterministic and instant: for pipelines without a model, for tests, and as a baseline.
+    A policy without patterns never flags anything.
+    """
+
+    name = "keyword"
+
+    def __init__(self, max_concurrency: int = 1024) -> None:
+        self._max_concurrency = max_concurrency
+        self._compiled: dict[str, list[re.Pattern[str]]] = {}
+
+    async def start(self) -> None:
+        return None
+
+    def capacity(self) -> Capacity:
+        return Capacity(max_sequences=self._max_concurrency)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        policy = request.policy
+        patterns = self._compiled.get(policy.ref)
+        if patterns is None:
+            patterns = [re.compile(p, re.IGNORECASE) for p in policy.patterns]
+            self._compiled[policy.ref] = patterns
+        for pattern in patterns:
+            if pattern.search(request.event.content):
+                return Classification(
+                    violation=True,
+                    category=next(iter(policy.categories), None),
+                    confidence="high",
+                    rationale=f"matched pattern {pattern.pattern!r}",
+                    model=self.name,
+                )
+        return Classification(violation=False, rationale="no pattern matched", model=self.name)
+
+    async def close(self) -> None:
+        return None
+
+
+def load_plugin(factory: str, options: dict[str, Any]) -> Classifier:
+    """Build a classifier from `module:callable`, called with the configured options."""
+    module_name, _, attr = factory.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"classifier.factory must look like 'module:callable', not {factory!r}")
+    target = getattr(importlib.import_module(module_name), attr)
+    classifier = target(**options)
+    if not isinstance(classifier, Classifier):
+        raise TypeError(f"{factory} did not return a Classifier (needs name, start, capacity, classify, close)")
+    return classifier
+
+
+def build_classifier(kind: str, factory: str | None, options: dict[str, Any], engine: dict[str, Any]) -> Classifier:
+    """The classifier named by the `classifier` config section."""
+    if kind == "keyword":
+        return KeywordClassifier(**options)
+    if kind == "plugin":
+        assert factory is not None
+        return load_plugin(factory, options)
+    from consumer.engine import EngineSettings, make_vllm_classifier
+
+    return make_vllm_classifier(EngineSettings(**engine))

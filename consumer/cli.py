@@ -1,0 +1,151 @@
+"""The `safeguard-consumer` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+import consumer
+from consumer.config import ConfigError, Settings, format_validation_error, load_settings
+
+app = typer.Typer(
+    help="A streaming moderation consumer: Kafka in, policy verdicts and dead letters out.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", no_args_is_help=True)
+schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", no_args_is_help=True)
+app.add_typer(dev_kafka_app, name="dev-kafka")
+app.add_typer(schemas_app, name="schemas")
+
+EXIT_CONFIG = 2
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file; SAFEGUARD_* env vars override it.")
+
+
+def _settings(config: Optional[Path], overrides: dict[str, object] | None = None) -> Settings:
+    try:
+        return load_settings(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _config_exit(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(EXIT_CONFIG)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+) -> None:
+    """Consume the input topics and publish a verdict or a dead letter for every record."""
+    from consumer.classify import build_classifier
+    from consumer.pipeline import Pipeline
+    from consumer.policy import PolicyError, load_policies
+    from consumer.route import Router, RoutingError
+
+    overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
+    settings = _settings(config, overrides)
+    logging.basicConfig(level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policies = load_policies(settings.policies.directory)
+        router = Router(settings.policies, lambda: policies)
+    except (PolicyError, RoutingError) as exc:
+        raise _config_exit(str(exc)) from None
+    c = settings.classifier
+    try:
+        classifier = build_classifier(c.kind, c.factory, c.options, settings.engine)
+    except ValidationError as exc:
+        raise _config_exit(format_validation_error(exc, config).replace("\n  ", "\n  engine.")) from None
+    except (ImportError, TypeError, ValueError) as exc:
+        raise _config_exit(f"classifier: {exc}") from None
+    result = asyncio.run(Pipeline(settings, classifier, router).run())
+    typer.echo(
+        f"consumed {result.consumed}, verdicts {result.verdicts}, dead letters {result.dead_letters}",
+        err=True,
+    )
+    if result.exit_code:
+        typer.echo(f"error: {result.reason}", err=True)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("check-config")
+def check_config(config: Optional[Path] = ConfigOption) -> None:
+    """Validate the configuration and print it with secrets hidden."""
+    from consumer.config import redact
+
+    settings = _settings(config)
+    data = settings.model_dump(mode="json")
+    data["kafka"]["consumer"] = redact(data["kafka"]["consumer"])
+    data["kafka"]["producer"] = redact(data["kafka"]["producer"])
+    typer.echo(json.dumps(data, indent=2))
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(consumer.__version__)
+
+
+@dev_kafka_app.command("start")
+def dev_kafka_start(
+    port: Optional[int] = typer.Option(None, help="Listener port on 127.0.0.1; a free one by default."),
+    data_dir: Optional[Path] = typer.Option(None, help="Data folder; under the cache folder by default."),
+) -> None:
+    """Fetch Kafka's jars (first time), start a broker in the background, print its bootstrap address."""
+    from consumer.devkafka import DevKafkaError, start_detached
+
+    try:
+        state = start_detached(port=port, data_dir=data_dir)
+    except DevKafkaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(state.bootstrap)
+
+
+@dev_kafka_app.command("stop")
+def dev_kafka_stop() -> None:
+    """Stop the background broker; leaves no process behind."""
+    from consumer.devkafka import stop_detached
+
+    typer.echo("stopped" if stop_detached() else "not running")
+
+
+@dev_kafka_app.command("status")
+def dev_kafka_status() -> None:
+    """Print the bootstrap address of the running broker, or exit 1 if none runs."""
+    from consumer.devkafka import running_broker
+
+    state = running_broker()
+    if state is None:
+        typer.echo("not running")
+        raise typer.Exit(1)
+    typer.echo(f"running pid {state.pid} at {state.bootstrap} (data {state.data_dir}, log {state.log_file})")
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Path = typer.Option(Path("schemas"), "--dir", help="Where to write the *.schema.json files."),
+) -> None:
+    """Write the JSON Schemas of ContentEvent, Verdict and DeadLetter."""
+    from consumer.schemas import export_schemas
+
+    for path in export_schemas(directory):
+        typer.echo(str(path))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,204 @@
+"""Configuration: one YAML file plus `SAFEGUARD_`-prefixed environment overrides.
+
+Nested keys use `__` in the environment (`SAFEGUARD_KAFKA__BOOTSTRAP_SERVERS=...`); the
+environment wins over the file. Unknown keys are errors, so a typo never silently falls
+back to a default. `ConfigError` messages name the key and the problem, never the value,
+so a secret such as `sasl.password` cannot leak through an error or a log line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_SECRET_KEY = re.compile(r"password|secret|(^|[._])key($|[._])|token|credential", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the CLI exits with code 2 and prints this."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "safeguard-consumer"
+    input_topics: list[str] = Field(
+        default_factory=lambda: ["content-events"],
+        description="topic names; an entry starting with ^ is a regular expression",
+    )
+    verdict_topic: str = "verdicts"
+    dead_letter_topic: str = "dead-letters"
+    consumer: dict[str, Any] = Field(default_factory=dict, description="librdkafka consumer options")
+    producer: dict[str, Any] = Field(default_factory=dict, description="librdkafka producer options")
+
+    @field_validator("input_topics", mode="before")
+    @classmethod
+    def _split_topics(cls, value: Any) -> Any:
+        # The environment gives a plain string: "a,b" or "^chat-.*".
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("input_topics")
+    @classmethod
+    def _topics_valid(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one input topic is required")
+        for topic in value:
+            if topic.startswith("^"):
+                try:
+                    re.compile(topic)
+                except re.error as exc:
+                    raise ValueError(f"{topic!r} is not a valid regular expression ({exc})") from None
+        return value
+
+
+class PipelineSettings(_Section):
+    max_in_flight_events: int = Field(default=5000, ge=1, description="records consumed but not yet committed")
+    max_in_flight_bytes: int = Field(default=64 << 20, ge=1024)
+    max_payload_bytes: int = Field(default=1 << 20, ge=1, description="larger values become dead letters")
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    shutdown_deadline_s: float = Field(default=30.0, gt=0, description="drain time on SIGTERM/SIGINT")
+    revoke_drain_s: float = Field(default=10.0, ge=0, description="drain time for revoked partitions")
+    max_batch_size: int = Field(default=64, ge=1)
+    max_batch_wait_ms: float = Field(default=5.0, ge=0)
+    classify_timeout_s: float = Field(default=120.0, gt=0, description="per-request deadline")
+    delivery_retries: int = Field(default=3, ge=0, description="re-sends after a retriable delivery error")
+
+
+class DecodeSettings(_Section):
+    field_mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="ContentEvent field -> dotted path (a.b.c) or JSON pointer (/a/b/c) in the input",
+    )
+
+    @field_validator("field_mapping")
+    @classmethod
+    def _mapping_targets_exist(cls, value: dict[str, str]) -> dict[str, str]:
+        from consumer.events import ContentEvent
+
+        for target in value:
+            if target not in ContentEvent.model_fields or target == "schema_version":
+                raise ValueError(f"{target!r} is not a ContentEvent field")
+        return value
+
+
+class Route(_Section):
+    topics: list[str] = Field(default_factory=list, description="empty: any topic; ^ entries are regexes")
+    where: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="event field (content_type, community_id, context_id, metadata.KEY) -> value(s)",
+    )
+    policies: list[str] = Field(min_length=1)
+
+
+class PolicySettings(_Section):
+    directory: Path = Path("policies")
+    routes: list[Route] = Field(default_factory=list)
+    match: Literal["first", "all"] = "all"
+    default: str | None = Field(default=None, description="policy for events no route matches")
+
+
+class ClassifierSettings(_Section):
+    kind: Literal["keyword", "vllm", "plugin"] = "keyword"
+    factory: str | None = Field(default=None, description="module:callable, for kind=plugin")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+
+    @model_validator(mode="after")
+    def _plugin_needs_factory(self) -> ClassifierSettings:
+        if self.kind == "plugin" and not self.factory:
+            raise ValueError("kind 'plugin' needs classifier.factory ('module:callable')")
+        return self
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_content: bool = Field(default=False, description="include message content in logs")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SAFEGUARD_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    decode: DecodeSettings = Field(default_factory=DecodeSettings)
+    policies: PolicySettings = Field(default_factory=PolicySettings)
+    classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM engine settings (consumer.engine.EngineSettings), for kind=vllm"
+    )
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init arguments; the environment overrides it.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read the YAML file (if any), apply the environment and `overrides`, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, path)) from None
+    if path is not None and not settings.policies.directory.is_absolute():
+        # Relative policy paths are relative to the config file, not the working directory.
+        candidate = (path.parent / settings.policies.directory).resolve()
+        if candidate.exists():
+            settings.policies.directory = candidate
+    return settings
+
+
+def format_validation_error(exc: ValidationError, path: Path | None) -> str:
+    source = f"{path}: " if path else ""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}{key}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def redact(options: dict[str, Any]) -> dict[str, Any]:
+    """A copy of librdkafka options safe to log: secret values replaced."""
+    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in options.items()}
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    # "section.key": librdkafka option names contain dots, so only the first one splits.
+    section, _, key = dotted.partition(".")
+    data.setdefault(section, {})[key] = value

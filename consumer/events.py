@@ -1,0 +1,150 @@
+"""Event contracts: what comes in (ContentEvent), what goes out (Verdict, DeadLetter).
+
+These pydantic models are the single source of the JSON Schemas under `schemas/`
+(`safeguard-consumer schemas export`); a test fails when the two drift apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class ErrorType(str, enum.Enum):
+    """Why a record became a dead letter; the values are the dead-letter `error.type`."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_ENCODING = "invalid_encoding"
+    SCHEMA_VIOLATION = "schema_violation"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    NO_POLICY = "no_policy"
+    CLASSIFIER_ERROR = "classifier_error"
+    UNPARSEABLE_OUTPUT = "unparseable_output"
+
+
+class ContextMessage(BaseModel):
+    """An earlier message of the same conversation, shown to the classifier as context."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    content: str
+    author_id: str | None = None
+    event_id: str | None = None
+    created_at: datetime | None = None
+
+
+class ContentEvent(BaseModel):
+    """One piece of user content to classify: a chat message, a review, a forum post."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int = SCHEMA_VERSION
+    event_id: str = Field(min_length=1, max_length=512)
+    content: str = Field(min_length=1)
+    content_type: str | None = Field(default=None, description="e.g. chat_message, review, forum_post")
+    author_id: str | None = None
+    context_id: str | None = Field(default=None, description="channel, thread or listing")
+    community_id: str | None = Field(default=None, description="guild, server or shop")
+    created_at: datetime | None = None
+    context: list[ContextMessage] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SourceRecord(BaseModel):
+    """Where an output came from: the input record's coordinates."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+
+
+class PolicyResult(BaseModel):
+    """One policy's decision on one event."""
+
+    policy_id: str
+    policy_version: str
+    violation: bool
+    category: str | None = None
+    rule_ids: list[str] = Field(default_factory=list)
+    confidence: str | None = None
+    rationale: str | None = None
+    reasoning: str | None = Field(default=None, description="analysis channel; only when enabled")
+    model: str
+    latency_ms: float
+
+
+class Verdict(BaseModel):
+    """The output for one input event: every applicable policy's result and the overall call."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["verdict"] = "verdict"
+    event_id: str
+    source: SourceRecord
+    violation: bool
+    results: list[PolicyResult]
+    latency_ms: float
+    consumer_version: str
+
+
+class OriginalRecord(BaseModel):
+    """The failed input record, byte for byte: key, value and header values in base64."""
+
+    key_b64: str | None
+    value_b64: str | None
+    headers: list[tuple[str, str | None]] = Field(
+        default_factory=list, description="(name, base64 value) in the original order"
+    )
+
+    @classmethod
+    def capture(
+        cls, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]] | None
+    ) -> OriginalRecord:
+        return cls(
+            key_b64=_b64(key),
+            value_b64=_b64(value),
+            headers=[(name, _b64(v)) for name, v in (headers or [])],
+        )
+
+    def value_bytes(self) -> bytes | None:
+        return None if self.value_b64 is None else base64.b64decode(self.value_b64)
+
+    def key_bytes(self) -> bytes | None:
+        return None if self.key_b64 is None else base64.b64decode(self.key_b64)
+
+
+class DeadLetterError(BaseModel):
+    type: ErrorType
+    message: str
+    raw_output: str | None = Field(default=None, description="the model's raw completion, if any")
+
+
+class DeadLetter(BaseModel):
+    """An input record that could not get a verdict, with the reason and its original bytes."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["dead_letter"] = "dead_letter"
+    error: DeadLetterError
+    source: SourceRecord
+    original: OriginalRecord
+    event_id: str | None = None
+    attempts: int = 1
+    failed_at: datetime
+    consumer_version: str
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+EXPORTED_MODELS: dict[str, type[BaseModel]] = {
+    "content-event": ContentEvent,
+    "verdict": Verdict,
+    "dead-letter": DeadLetter,
+}

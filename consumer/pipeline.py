@@ -1,0 +1,281 @@
+"""The loop on one screen: consume -> decode -> route -> batch+classify -> produce -> commit.
+
+Each step is delegated to its stage module; this module only wires them together and owns
+the shutdown order that the at-least-once guarantee needs:
+
+1. stop handing on new records (the source keeps polling, so the group membership holds);
+2. let in-flight records finish, up to `pipeline.shutdown_deadline_s`;
+3. flush the producer, so every output that can be delivered is;
+4. commit the positions the tracker allows (only delivered records) and leave the group.
+
+A fatal producer or consumer error skips straight to 4 and the run ends with a non-zero code;
+nothing past what was delivered is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from confluent_kafka import Message
+
+import consumer
+from consumer.batcher import Batcher
+from consumer.classify import ClassificationFailed, Classifier, ClassifyRequest
+from consumer.config import Settings
+from consumer.decode import DecodeError, Decoder
+from consumer.events import (
+    ContentEvent,
+    DeadLetter,
+    DeadLetterError,
+    ErrorType,
+    OriginalRecord,
+    PolicyResult,
+    SourceRecord,
+    Verdict,
+)
+from consumer.offsets import OffsetTracker, Ticket
+from consumer.policy import Policy
+from consumer.route import Router
+from consumer.sink import Sink
+from consumer.source import Received, Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    consumed: int
+    verdicts: int
+    dead_letters: int
+    reason: str = ""
+
+
+class Pipeline:
+    """One consumer instance. `run()` returns when stopped (signal, `stop()`, or a fatal error)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        classifier: Classifier,
+        router: Router,
+        source_factory: Callable[..., Source] = Source.connect,
+    ):
+        self.settings = settings
+        self.classifier = classifier
+        self.router = router
+        self.tracker = OffsetTracker()
+        self.decoder = Decoder(settings.pipeline.max_payload_bytes, settings.decode.field_mapping)
+        self._source_factory = source_factory
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fatal: str | None = None
+        self._stop_requested = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.consumed = 0
+        self.verdicts = 0
+        self.dead_letters = 0
+
+    def stop(self) -> None:
+        """Ask the pipeline to drain and stop; safe to call from any thread."""
+        self._stop_requested = True
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    async def run(self, install_signal_handlers: bool = True) -> RunResult:
+        cfg = self.settings
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._stopping.set)
+
+        await self.classifier.start()
+        self.sink = Sink(
+            cfg.kafka.producer | {"bootstrap.servers": cfg.kafka.bootstrap_servers},
+            cfg.kafka.verdict_topic,
+            cfg.kafka.dead_letter_topic,
+            on_delivered=self.tracker.done,
+            on_fatal=self._fail_threadsafe,
+            delivery_retries=cfg.pipeline.delivery_retries,
+        )
+        self.batcher = Batcher(
+            self.classifier,
+            max_batch_size=cfg.pipeline.max_batch_size,
+            max_wait_s=cfg.pipeline.max_batch_wait_ms / 1000,
+            timeout_s=cfg.pipeline.classify_timeout_s,
+        )
+        self.source = self._source_factory(
+            cfg.kafka.bootstrap_servers,
+            cfg.kafka.group_id,
+            cfg.kafka.consumer,
+            topics=cfg.kafka.input_topics,
+            tracker=self.tracker,
+            deliver=self._receive_threadsafe,
+            on_fatal=self._fail_threadsafe,
+            max_in_flight_events=cfg.pipeline.max_in_flight_events,
+            max_in_flight_bytes=cfg.pipeline.max_in_flight_bytes,
+            commit_interval_s=cfg.pipeline.commit_interval_s,
+            revoke_drain_s=cfg.pipeline.revoke_drain_s,
+        )
+        self.sink.start()
+        self.batcher.start()
+        self.source.start()
+        log.info("consuming %s as group %s", ",".join(cfg.kafka.input_topics), cfg.kafka.group_id)
+
+        await self._stopping.wait()
+        await self._shutdown()
+        if self._fatal:
+            return RunResult(1, self.consumed, self.verdicts, self.dead_letters, self._fatal)
+        return RunResult(0, self.consumed, self.verdicts, self.dead_letters)
+
+    async def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.settings.pipeline.shutdown_deadline_s
+        self.source.stop_accepting()
+        if not self._fatal:
+            drained = await asyncio.to_thread(self.tracker.wait_until_drained, max(0.0, deadline - time.monotonic()))
+            if not drained:
+                log.warning("shutdown deadline passed with %d records in flight; they will be read again",
+                            self.tracker.in_flight())
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.batcher.close()
+        undelivered = await asyncio.to_thread(self.sink.flush, max(1.0, deadline - time.monotonic()))
+        if undelivered:
+            log.warning("%d outputs undelivered at shutdown; their records were not committed", undelivered)
+        await asyncio.to_thread(self.source.close)
+        await self.classifier.close()
+        log.info("stopped: consumed %d, verdicts %d, dead letters %d",
+                 self.consumed, self.verdicts, self.dead_letters)
+
+    # -- from the stage threads ---------------------------------------------------------------
+
+    def _receive_threadsafe(self, received: Received) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._receive, received)
+
+    def _fail_threadsafe(self, reason: str) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._fail, reason)
+
+    def _fail(self, reason: str) -> None:
+        if self._fatal is None:
+            self._fatal = reason
+        assert self._stopping is not None
+        self._stopping.set()
+
+    # -- one record -----------------------------------------------------------------------------
+
+    def _receive(self, received: Received) -> None:
+        for message, ticket in received:
+            self.consumed += 1
+            task = asyncio.get_running_loop().create_task(self._process(message, ticket))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _process(self, message: Message, ticket: Ticket) -> None:
+        try:
+            await self._decide(message, ticket)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
+            log.exception("unexpected error on %s[%d]@%d", message.topic(), message.partition(), message.offset())
+            await self._dead_letter(message, ticket, ErrorType.CLASSIFIER_ERROR, f"internal error: {type(exc).__name__}")
+
+    async def _decide(self, message: Message, ticket: Ticket) -> None:
+        started = time.monotonic()
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        try:
+            event = self.decoder.decode(message.value(), fallback_event_id=f"{topic}-{partition}-{offset}")
+        except DecodeError as exc:
+            await self._dead_letter(message, ticket, exc.error_type, str(exc))
+            return
+        policies = self.router.policies_for(topic, event)
+        if not policies:
+            await self._dead_letter(message, ticket, ErrorType.NO_POLICY, "no route or default policy matches", event)
+            return
+        try:
+            results = await self._classify(event, policies, started)
+        except ClassificationFailed as exc:
+            await self._dead_letter(message, ticket, exc.error_type, str(exc), event, exc.raw_output, exc.attempts)
+            return
+        verdict = Verdict(
+            event_id=event.event_id,
+            source=_source_record(message),
+            violation=any(r.violation for r in results),
+            results=results,
+            latency_ms=(time.monotonic() - started) * 1000,
+            consumer_version=consumer.__version__,
+        )
+        await self.sink.send_verdict(verdict, message.key(), ticket, [])
+        self.verdicts += 1
+
+    async def _classify(self, event: ContentEvent, policies: list[Policy], started: float) -> list[PolicyResult]:
+        deadline = started + self.settings.pipeline.classify_timeout_s
+        requests = [
+            ClassifyRequest(event=event, policy=p, request_id=f"{event.event_id}/{p.id}", deadline=deadline)
+            for p in policies
+        ]
+        outcomes = await asyncio.gather(*(self.batcher.classify(r) for r in requests), return_exceptions=True)
+        results = []
+        for request, outcome in zip(requests, outcomes):
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, ClassificationFailed):
+                    raise outcome
+                raise ClassificationFailed(ErrorType.CLASSIFIER_ERROR, f"{type(outcome).__name__}: {outcome}")
+            results.append(
+                PolicyResult(
+                    policy_id=request.policy.id,
+                    policy_version=request.policy.version,
+                    violation=outcome.violation,
+                    category=outcome.category,
+                    rule_ids=outcome.rule_ids,
+                    confidence=outcome.confidence,
+                    rationale=outcome.rationale,
+                    reasoning=outcome.reasoning,
+                    model=outcome.model,
+                    latency_ms=(time.monotonic() - started) * 1000,
+                )
+            )
+        return results
+
+    async def _dead_letter(
+        self,
+        message: Message,
+        ticket: Ticket,
+        error_type: ErrorType,
+        reason: str,
+        event: ContentEvent | None = None,
+        raw_output: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        letter = DeadLetter(
+            error=DeadLetterError(type=error_type, message=reason, raw_output=raw_output),
+            source=_source_record(message),
+            original=OriginalRecord.capture(message.key(), message.value(), message.headers()),
+            event_id=event.event_id if event else None,
+            attempts=attempts,
+            failed_at=datetime.now(timezone.utc),
+            consumer_version=consumer.__version__,
+        )
+        await self.sink.send_dead_letter(letter, message.key(), ticket, [])
+        self.dead_letters += 1
+
+
+def _source_record(message: Message) -> SourceRecord:
+    ts_type, ts = message.timestamp()
+    return SourceRecord(
+        topic=message.topic(),
+        partition=message.partition(),
+        offset=message.offset(),
+        timestamp_ms=ts if ts_type else None,
+    )

@@ -1,0 +1,93 @@
+"""Route: which policies apply to an event, by input topic and event fields.
+
+Routes are tried in order. With `match: first` the first matching route decides; with
+`match: all` the policies of every matching route apply (each once, in route order). When
+nothing matches, the default policy applies if there is one; otherwise the event becomes
+a `no_policy` dead letter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from consumer.config import PolicySettings, Route
+from consumer.events import ContentEvent
+from consumer.policy import Policy
+
+
+class RoutingError(ValueError):
+    """Routes that name policies which do not exist."""
+
+
+@dataclass(frozen=True)
+class _CompiledRoute:
+    topic_match: Callable[[str], bool]
+    field_match: Callable[[ContentEvent], bool]
+    policy_ids: tuple[str, ...]
+
+
+class Router:
+    """Maps (topic, event) to the policies that apply; reads policies through `get_policies`.
+
+    `get_policies` is called per event, so a policy reload takes effect for the next event.
+    """
+
+    def __init__(self, settings: PolicySettings, get_policies: Callable[[], Mapping[str, Policy]]):
+        self._get_policies = get_policies
+        self._first_only = settings.match == "first"
+        self._default = settings.default
+        self._routes = [_compile(route) for route in settings.routes]
+        self.check(get_policies())
+
+    def check(self, policies: Mapping[str, Policy]) -> None:
+        """Raise RoutingError if a route or the default names a policy that is not loaded."""
+        named = {pid for route in self._routes for pid in route.policy_ids}
+        if self._default:
+            named.add(self._default)
+        missing = sorted(named - set(policies))
+        if missing:
+            raise RoutingError(f"policies.routes/default name unknown policies: {', '.join(missing)}")
+
+    def policies_for(self, topic: str, event: ContentEvent) -> list[Policy]:
+        policies = self._get_policies()
+        chosen: dict[str, Policy] = {}
+        for route in self._routes:
+            if route.topic_match(topic) and route.field_match(event):
+                for pid in route.policy_ids:
+                    if pid in policies:
+                        chosen.setdefault(pid, policies[pid])
+                if self._first_only:
+                    break
+        if not chosen and self._default and self._default in policies:
+            chosen[self._default] = policies[self._default]
+        return list(chosen.values())
+
+
+def _compile(route: Route) -> _CompiledRoute:
+    return _CompiledRoute(_topic_matcher(route.topics), _field_matcher(route.where), tuple(route.policies))
+
+
+def _topic_matcher(topics: list[str]) -> Callable[[str], bool]:
+    if not topics:
+        return lambda topic: True
+    names = {t for t in topics if not t.startswith("^")}
+    patterns = [re.compile(t) for t in topics if t.startswith("^")]
+    return lambda topic: topic in names or any(p.match(topic) for p in patterns)
+
+
+def _field_matcher(where: dict[str, str | list[str]]) -> Callable[[ContentEvent], bool]:
+    wanted = {field: {v} if isinstance(v, str) else set(v) for field, v in where.items()}
+
+    def matches(event: ContentEvent) -> bool:
+        for field, values in wanted.items():
+            if field.startswith("metadata."):
+                actual = event.metadata.get(field[len("metadata.") :])
+            else:
+                actual = getattr(event, field, None)
+            if actual is None or str(actual) not in values:
+                return False
+        return True
+
+    return matches

@@ -1,0 +1,206 @@
+"""The source: owns "polling never stops, and what is in flight stays bounded".
+
+A confluent-kafka consumer is polled on its own thread, so a slow classifier can never let
+`max.poll.interval.ms` expire. Each record is registered with the offset tracker before it
+is handed on. When the in-flight window (records or bytes) is full, every assigned
+partition is paused; polling goes on (serving rebalances and keeping the membership alive)
+and the partitions resume once the window has drained to half. Commits also happen on this
+thread, every `commit_interval_s`, of the positions the tracker allows.
+
+Rebalances use cooperative-sticky assignment. On revoke, the revoked partitions' in-flight
+records get up to `revoke_drain_s` to finish, what completed is committed, and the rest is
+forgotten (the new owner reads it again). On assign, reading starts from committed offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from consumer.offsets import OffsetTracker, Ticket, TopicPartitionKey
+
+log = logging.getLogger(__name__)
+
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "auto.offset.reset": "earliest",
+    "partition.assignment.strategy": "cooperative-sticky",
+}
+# What at-least-once rests on; user options cannot override these.
+CONSUMER_REQUIRED: dict[str, Any] = {"enable.auto.commit": False, "enable.auto.offset.store": False}
+
+POLL_BATCH = 500
+POLL_TIMEOUT_S = 0.1
+
+
+class KafkaConsumerLike(Protocol):
+    """The part of confluent_kafka.Consumer the source uses; tests may pass a real one or a double."""
+
+    def subscribe(self, topics: list[str], on_assign: Any = ..., on_revoke: Any = ..., on_lost: Any = ...) -> None: ...
+    def consume(self, num_messages: int = ..., timeout: float = ...) -> list[Message]: ...
+    def assignment(self) -> list[TopicPartition]: ...
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None: ...
+    def pause(self, partitions: list[TopicPartition]) -> None: ...
+    def resume(self, partitions: list[TopicPartition]) -> None: ...
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool = ...) -> Any: ...
+    def close(self) -> None: ...
+
+
+Received = list[tuple[Message, Ticket]]
+
+
+class Source:
+    def __init__(
+        self,
+        consumer: KafkaConsumerLike,
+        topics: list[str],
+        tracker: OffsetTracker,
+        deliver: Callable[[Received], None],
+        on_fatal: Callable[[str], None],
+        max_in_flight_events: int,
+        max_in_flight_bytes: int,
+        commit_interval_s: float,
+        revoke_drain_s: float,
+    ):
+        self._consumer = consumer
+        self._topics = topics
+        self._tracker = tracker
+        self._deliver = deliver
+        self._on_fatal = on_fatal
+        self._max_events = max_in_flight_events
+        self._max_bytes = max_in_flight_bytes
+        self._commit_interval_s = commit_interval_s
+        self._revoke_drain_s = revoke_drain_s
+        self._paused = False
+        self._accepting = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="source-poll", daemon=True)
+        self.assigned: set[TopicPartitionKey] = set()
+        self.rebalances = 0
+
+    @classmethod
+    def connect(cls, bootstrap_servers: str, group_id: str, options: dict[str, Any], **kwargs: Any) -> Source:
+        config = {**CONSUMER_DEFAULTS, **options, **CONSUMER_REQUIRED}
+        config.update({"bootstrap.servers": bootstrap_servers, "group.id": group_id})
+        return cls(Consumer(config), **kwargs)
+
+    def start(self) -> None:
+        self._consumer.subscribe(
+            self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        """Stop handing on new records (shutdown); polling and commits go on until `close`."""
+        self._accepting = False
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Commit what was delivered and leave the group; call after the sink has flushed."""
+        self._accepting = False
+        self._revoke_drain_s = 0.0  # leaving: nothing more will complete
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the poll thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_commit = time.monotonic() + self._commit_interval_s
+        try:
+            while not self._stop.is_set():
+                self._apply_backpressure()
+                received = self._poll_once()
+                if received:
+                    self._deliver(received)
+                if time.monotonic() >= next_commit:
+                    self._commit()
+                    next_commit = time.monotonic() + self._commit_interval_s
+        except Exception as exc:  # noqa: BLE001 - the poll thread must report, never die silently
+            log.exception("source stopped")
+            self._on_fatal(f"source failed: {exc}")
+        finally:
+            self._commit()
+            try:
+                self._consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("consumer close: %s", exc)
+
+    def _poll_once(self) -> Received:
+        received: Received = []
+        for message in self._consumer.consume(num_messages=POLL_BATCH, timeout=POLL_TIMEOUT_S):
+            error = message.error()
+            if error is not None:
+                self._on_message_error(error)
+                continue
+            if not self._accepting:
+                continue  # never tracked, so never committed: read again after a restart
+            value = message.value()
+            size = len(value) if value else 0
+            ticket = self._tracker.track(message.topic(), message.partition(), message.offset(), size)
+            received.append((message, ticket))
+        return received
+
+    def _on_message_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("consumer: %s", error.str())
+
+    def _apply_backpressure(self) -> None:
+        events, size = self._tracker.in_flight(), self._tracker.in_flight_bytes
+        full = events >= self._max_events or size >= self._max_bytes
+        if not self._accepting or full:
+            if not self._paused:
+                self._consumer.pause(self._consumer.assignment())
+                self._paused = True
+        elif self._paused and events <= self._max_events // 2 and size <= self._max_bytes // 2:
+            self._consumer.resume(self._consumer.assignment())
+            self._paused = False
+
+    def _commit(self, partitions: list[TopicPartitionKey] | None = None) -> None:
+        positions = self._tracker.commit_positions(partitions)
+        if not positions:
+            return
+        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # Not fatal: the positions stay pending and the next commit retries them.
+            log.warning("commit failed, will retry: %s", exc.args[0] if exc.args else exc)
+            return
+        self._tracker.mark_committed(positions)
+
+    # -- rebalance callbacks (run on the poll thread, inside consume) ------------------------
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.rebalances += 1
+        consumer.incremental_assign(partitions)
+        if self._paused and partitions:
+            consumer.pause(partitions)
+        self.assigned.update((tp.topic, tp.partition) for tp in partitions)
+        log.info("assigned %s", _names(partitions))
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.rebalances += 1
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        if keys and not self._tracker.wait_until_drained(self._revoke_drain_s, keys):
+            log.warning("revoked %s with records still in flight; the new owner re-reads them", _names(partitions))
+        self._commit(keys)
+        self._tracker.forget(keys)
+        self.assigned.difference_update(keys)
+        log.info("revoked %s", _names(partitions))
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._tracker.forget(keys)
+        self.assigned.difference_update(keys)
+        log.warning("lost %s; uncommitted records will be read again by their new owner", _names(partitions))
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

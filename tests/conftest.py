@@ -1,0 +1,38 @@
+"""Suite-wide fixtures: one real Kafka broker per test session, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from consumer.devkafka import KafkaBroker
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """The broker object, for tests that restart it; most tests want `kafka` (the address)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="safeguard-kafka-"))
+    broker = KafkaBroker(data_dir)
+    broker.start(timeout=120)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        if not os.environ.get("SAFEGUARD_KEEP_KAFKA_DATA"):
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kafka(kafka_broker: KafkaBroker) -> str:
+    return kafka_broker.bootstrap
+
+
+@pytest.fixture
+def policies_dir() -> Path:
+    return REPO / "policies"

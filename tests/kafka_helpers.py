@@ -1,0 +1,117 @@
+"""Small helpers around the real broker: topics, producing, reading back, committed offsets."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def create_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names])
+    for future in futures.values():
+        future.result(timeout=30)
+    # Wait until the broker's metadata shows every partition with a leader.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        topics = admin.list_topics(timeout=5).topics
+        if all(n in topics and len(topics[n].partitions) == partitions for n in names):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"topics {names} not visible")
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    values: Iterable[bytes | None],
+    keys: Iterable[bytes | None] | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
+) -> int:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    count = 0
+    key_iter = iter(keys) if keys is not None else None
+    for value in values:
+        key = next(key_iter) if key_iter is not None else None
+        kwargs = {"partition": partition} if partition is not None else {}
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, headers=headers, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        count += 1
+    assert producer.flush(30) == 0
+    return count
+
+
+def event_json(i: int, content: str | None = None, **fields: object) -> bytes:
+    return orjson.dumps({"event_id": f"e{i}", "content": content or f"message number {i}", **fields})
+
+
+def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60.0, read_committed: bool = False) -> list:
+    """Read a topic from the start until `expected` records arrived (or timeout); returns messages."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("reader"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+        }
+    )
+    consumer.subscribe([topic])
+    messages = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(messages) < expected and time.monotonic() < deadline:
+            for message in consumer.consume(500, timeout=0.5):
+                if message.error() is None:
+                    messages.append(message)
+        # A short extra read catches records beyond the expected count (duplicates).
+        for message in consumer.consume(500, timeout=1.0):
+            if message.error() is None:
+                messages.append(message)
+    finally:
+        consumer.close()
+    return messages
+
+
+def decoded(messages: list) -> list[dict]:
+    return [orjson.loads(m.value()) for m in messages]
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe")})
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in found}
+    finally:
+        consumer.close()
+
+
+def wait_for(condition, timeout: float, interval: float = 0.2, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

@@ -1,0 +1,39 @@
+"""Classifiers for tests, loadable with `classifier.kind: plugin` (also in a subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from consumer.classify import Capacity, Classification, ClassifyRequest
+
+
+class SlowClassifier:
+    """Says "no violation" after `delay_s`; flags content containing `flag_word`."""
+
+    name = "slow-test"
+
+    def __init__(self, delay_s: float = 0.0, max_concurrency: int = 64, flag_word: str = "badword"):
+        self.delay_s = delay_s
+        self.max_concurrency = max_concurrency
+        self.flag_word = flag_word
+        self.calls = 0
+
+    async def start(self) -> None:
+        return None
+
+    def capacity(self) -> Capacity:
+        return Capacity(max_sequences=self.max_concurrency)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        violation = self.flag_word in request.event.content
+        return Classification(violation=violation, category="test" if violation else None, model=self.name)
+
+    async def close(self) -> None:
+        return None
+
+
+def slow(delay_s: float = 0.0, max_concurrency: int = 64) -> SlowClassifier:
+    return SlowClassifier(delay_s=delay_s, max_concurrency=max_concurrency)
