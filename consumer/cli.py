@@ -79,6 +79,24 @@ def run(
     raise typer.Exit(result.exit_code)
 
 
+@app.command()
+def demo(
+    policies: Optional[Path] = typer.Option(None, help="Policies folder; the repository's policies/ by default."),
+) -> None:
+    """Run the whole data path on bundled sample chat and reviews against a private local Kafka."""
+    from rich.console import Console
+
+    from consumer.demo import default_policies_dir, run_demo
+    from consumer.devkafka import DevKafkaError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_demo(policies or default_policies_dir(), Console())
+    except DevKafkaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command("check-config")
 def check_config(config: Optional[Path] = ConfigOption) -> None:
     """Validate the configuration and print it with secrets hidden."""

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 _SECRET_KEY = re.compile(r"password|secret|(^|[._])key($|[._])|token|credential", re.IGNORECASE)
 
@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "safeguard-consumer"
-    input_topics: list[str] = Field(
+    input_topics: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["content-events"],
         description="topic names; an entry starting with ^ is a regular expression",
     )
@@ -173,6 +173,9 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, path)) from None
+    except SettingsError as exc:
+        # e.g. a SAFEGUARD_* variable holding a list or mapping that is not valid JSON
+        raise ConfigError(f"environment: {exc}") from None
     if path is not None and not settings.policies.directory.is_absolute():
         # Relative policy paths are relative to the config file, not the working directory.
         candidate = (path.parent / settings.policies.directory).resolve()

@@ -213,6 +213,23 @@ class KafkaBroker:
         self.start(timeout)
 
 
+def create_topics(bootstrap: str, *names: str, partitions: int = 1, timeout: float = 30.0) -> None:
+    """Create topics (replication 1) and wait until every partition is visible."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names])
+    for future in futures.values():
+        future.result(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        topics = admin.list_topics(timeout=5).topics
+        if all(n in topics and len(topics[n].partitions) == partitions for n in names):
+            return
+        time.sleep(0.1)
+    raise DevKafkaError(f"topics {', '.join(names)} did not become visible within {timeout:.0f}s")
+
+
 def _cluster_id() -> str:
     import base64
 

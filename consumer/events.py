@@ -9,11 +9,19 @@ from __future__ import annotations
 import base64
 import enum
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SCHEMA_VERSION = 1
+
+
+def _int_id_to_str(value: Any) -> Any:
+    # Chat platforms use integer ids (Discord snowflakes); accept them as their decimal text.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Id = Annotated[str, BeforeValidator(_int_id_to_str)]
 
 
 class ErrorType(str, enum.Enum):
@@ -34,8 +42,8 @@ class ContextMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     content: str
-    author_id: str | None = None
-    event_id: str | None = None
+    author_id: Id | None = None
+    event_id: Id | None = None
     created_at: datetime | None = None
 
 
@@ -45,12 +53,12 @@ class ContentEvent(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     schema_version: int = SCHEMA_VERSION
-    event_id: str = Field(min_length=1, max_length=512)
+    event_id: Id = Field(min_length=1, max_length=512)
     content: str = Field(min_length=1)
     content_type: str | None = Field(default=None, description="e.g. chat_message, review, forum_post")
-    author_id: str | None = None
-    context_id: str | None = Field(default=None, description="channel, thread or listing")
-    community_id: str | None = Field(default=None, description="guild, server or shop")
+    author_id: Id | None = None
+    context_id: Id | None = Field(default=None, description="channel, thread or listing")
+    community_id: Id | None = Field(default=None, description="guild, server or shop")
     created_at: datetime | None = None
     context: list[ContextMessage] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)

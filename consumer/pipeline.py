@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +154,7 @@ class Pipeline:
         if undelivered:
             log.warning("%d outputs undelivered at shutdown; their records were not committed", undelivered)
         await asyncio.to_thread(self.source.close)
+        self.sink.close()
         await self.classifier.close()
         log.info("stopped: consumed %d, verdicts %d, dead letters %d",
                  self.consumed, self.verdicts, self.dead_letters)
@@ -279,3 +281,33 @@ def _source_record(message: Message) -> SourceRecord:
         offset=message.offset(),
         timestamp_ms=ts if ts_type else None,
     )
+
+
+class BackgroundPipeline:
+    """Runs a Pipeline on its own thread and asyncio loop (the demo, in-process tests)."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.result: RunResult | None = None
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+
+    def _run(self) -> None:
+        self.result = asyncio.run(self.pipeline.run(install_signal_handlers=False))
+
+    def start(self) -> BackgroundPipeline:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> RunResult:
+        self.pipeline.stop()
+        self._thread.join(timeout)
+        if self._thread.is_alive() or self.result is None:
+            raise RuntimeError("the pipeline did not stop in time")
+        return self.result
+
+    def __enter__(self) -> BackgroundPipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self.stop()

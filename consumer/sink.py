@@ -123,6 +123,10 @@ class Sink:
             self._fail(f"flush failed: {exc}")
             return len(self._producer)
 
+    def close(self) -> None:
+        """Release the producer's connections; call after `flush`."""
+        self._producer.close()
+
     def __len__(self) -> int:
         return len(self._producer)
 

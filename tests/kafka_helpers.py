@@ -8,26 +8,12 @@ from collections.abc import Iterable
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+
+from consumer.devkafka import create_topics  # noqa: F401 - re-exported for the tests
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def create_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names])
-    for future in futures.values():
-        future.result(timeout=30)
-    # Wait until the broker's metadata shows every partition with a leader.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        topics = admin.list_topics(timeout=5).topics
-        if all(n in topics and len(topics[n].partitions) == partitions for n in names):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"topics {names} not visible")
 
 
 def produce(
@@ -52,6 +38,7 @@ def produce(
                 producer.poll(0.1)
         count += 1
     assert producer.flush(30) == 0
+    producer.close()
     return count
 
 
@@ -115,3 +102,39 @@ def wait_for(condition, timeout: float, interval: float = 0.2, message: str = "c
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class Collector:
+    """Keeps reading topics from the start; `collect()` returns everything read so far."""
+
+    def __init__(self, bootstrap: str, *topics: str):
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": unique("collector"),
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        self._consumer.subscribe(list(topics))
+        self.messages: list = []
+
+    def collect(self, wait: float = 0.2) -> list:
+        for message in self._consumer.consume(1000, timeout=wait):
+            if message.error() is None:
+                self.messages.append(message)
+        return self.messages
+
+    def until(self, count: int, timeout: float) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            self.collect()
+        return self.messages
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def covered_offsets(messages: list) -> list[tuple[int, int]]:
+    """(partition, offset) of the input record behind each verdict or dead letter."""
+    return [(d["source"]["partition"], d["source"]["offset"]) for d in decoded(messages)]

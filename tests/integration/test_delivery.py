@@ -17,7 +17,7 @@ from tests.kafka_helpers import (
     unique,
     wait_for,
 )
-from tests.runner import RunningPipeline, settings_for
+from tests.runner import running_pipeline, settings_for
 
 pytestmark = pytest.mark.kafka
 
@@ -29,7 +29,7 @@ def test_thousand_events_become_thousand_verdicts_and_commits_reach_the_end(kafk
             keys=(f"channel-{i % 7}".encode() for i in range(1000)))
     settings = settings_for(kafka, group, topic, policies_dir)
 
-    with RunningPipeline(settings, KeywordClassifier()) as running:
+    with running_pipeline(settings, KeywordClassifier()) as running:
         verdicts = read_all(kafka, f"{topic}.verdicts", expected=1000, timeout=90)
         ends = end_offsets(kafka, topic, 3)
         wait_for(lambda: committed_offsets(kafka, group, topic, 3) == ends, timeout=30, message="commits at end")
@@ -70,7 +70,7 @@ def test_bad_records_become_dead_letters_with_their_original_bytes(kafka, polici
             headers=[("origin", b"\x00\x01binary")])
     settings = settings_for(kafka, group, topic, policies_dir, pipeline={"max_payload_bytes": 4096})
 
-    with RunningPipeline(settings, KeywordClassifier()) as running:
+    with running_pipeline(settings, KeywordClassifier()) as running:
         letters = decoded(read_all(kafka, f"{topic}.dlq", expected=6 * len(bad), timeout=60))
         verdicts = read_all(kafka, f"{topic}.verdicts", expected=60, timeout=60)
         wait_for(lambda: committed_offsets(kafka, group, topic, 1)[0] == len(values), timeout=30,

@@ -1,0 +1,10 @@
+# The two set-up commands of the README. Both install what they need first (scripts/bootstrap).
+.PHONY: demo test bench
+
+PYTEST_ARGS ?=
+
+demo:
+	@venv=$$(scripts/bootstrap) && "$$venv/bin/safeguard-consumer" demo
+
+test:
+	@venv=$$(scripts/bootstrap) && "$$venv/bin/python" -m pytest $(PYTEST_ARGS)

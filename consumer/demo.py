@@ -1,0 +1,199 @@
+"""`safeguard-consumer demo`: the whole data path on a laptop, in one command.
+
+Starts a private Kafka broker (`consumer.devkafka`), creates the topics, produces the bundled
+sample stream (Discord-style chat across servers and channels, and marketplace reviews, plus
+a few malformed records), runs the consumer on it, shows the verdicts as they arrive, prints
+a summary, writes the verdicts to a JSONL file, and stops everything it started, also on
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import orjson
+from confluent_kafka import Consumer, Producer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from consumer.classify import Classifier, KeywordClassifier
+from consumer.config import load_settings
+from consumer.devkafka import KafkaBroker, cache_dir, create_topics
+from consumer.pipeline import BackgroundPipeline, Pipeline
+from consumer.policy import load_policies
+from consumer.route import Router
+
+CHAT_TOPIC, REVIEW_TOPIC = "demo.chat", "demo.reviews"
+VERDICT_TOPIC, DEAD_LETTER_TOPIC = "demo.verdicts", "demo.dead-letters"
+MALFORMED = [b'{"event_id": "broken-1", "content": ', b'{"event_id": "no-content"}', b"\xff\xfe not utf-8"]
+
+
+@dataclass
+class DemoSummary:
+    engine: str
+    produced: int
+    verdicts: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    by_policy: Counter[tuple[str, str]] = field(default_factory=Counter)
+    seconds: float = 0.0
+    verdicts_file: Path | None = None
+
+    @property
+    def events_per_second(self) -> float:
+        return (self.verdicts + sum(self.dead_letters.values())) / self.seconds if self.seconds else 0.0
+
+
+def sample_events() -> list[dict]:
+    text = resources.files("consumer.data").joinpath("demo_events.jsonl").read_text(encoding="utf-8")
+    return [orjson.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def default_policies_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "policies"
+
+
+def run_demo(
+    policies_dir: Path,
+    console: Console,
+    classifier: Classifier | None = None,
+    timeout_s: float = 300.0,
+) -> DemoSummary:
+    classifier = classifier or KeywordClassifier()
+    engine = (
+        "keyword patterns from each policy (no reasoning model: fast and deterministic, far weaker than "
+        "gpt-oss-safeguard)"
+        if isinstance(classifier, KeywordClassifier)
+        else classifier.name
+    )
+    console.print(f"[bold]engine:[/bold] {engine}")
+    with tempfile.TemporaryDirectory(prefix="safeguard-demo-") as data_dir:
+        broker = KafkaBroker(Path(data_dir))
+        console.print("starting a local Kafka broker (first run fetches its jars with Maven)...")
+        broker.start()
+        try:
+            console.print(f"Kafka at {broker.bootstrap}")
+            return _run(broker.bootstrap, policies_dir, classifier, engine, console, timeout_s)
+        finally:
+            broker.stop()
+            console.print("stopped the local Kafka broker")
+
+
+def _run(
+    bootstrap: str, policies_dir: Path, classifier: Classifier, engine: str, console: Console, timeout_s: float
+) -> DemoSummary:
+    create_topics(bootstrap, CHAT_TOPIC, partitions=3)
+    create_topics(bootstrap, REVIEW_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC)
+    events = sample_events()
+    contents = {e["event_id"]: e["content"] for e in events}
+    produced = _produce(bootstrap, events)
+    settings = load_settings(
+        None,
+        {
+            "kafka.bootstrap_servers": bootstrap,
+            "kafka.group_id": "safeguard-demo",
+            "kafka.input_topics": [CHAT_TOPIC, REVIEW_TOPIC],
+            "kafka.verdict_topic": VERDICT_TOPIC,
+            "kafka.dead_letter_topic": DEAD_LETTER_TOPIC,
+            "policies.directory": str(policies_dir),
+            "policies.routes": [
+                {"topics": [CHAT_TOPIC], "policies": ["chat-harassment", "spam-scams"]},
+                {"topics": [REVIEW_TOPIC], "policies": ["spam-scams"]},
+            ],
+            "pipeline.commit_interval_s": 0.5,
+        },
+    )
+    policies = load_policies(settings.policies.directory)
+    pipeline = Pipeline(settings, classifier, Router(settings.policies, lambda: policies))
+    summary = DemoSummary(engine=engine, produced=produced)
+    reader = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "safeguard-demo-reader", "auto.offset.reset": "earliest"}
+    )
+    reader.subscribe([VERDICT_TOPIC, DEAD_LETTER_TOPIC])
+    out_path = cache_dir() / "demo" / "verdicts.jsonl"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    first_output: float | None = None
+    rows: list[tuple[str, ...]] = []
+    with BackgroundPipeline(pipeline), open(out_path, "wb") as out, Live(console=console, refresh_per_second=8) as live:
+        while summary.verdicts + sum(summary.dead_letters.values()) < produced:
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"the demo did not finish within {timeout_s:.0f}s")
+            for message in reader.consume(200, timeout=0.2):
+                if message.error() is not None:
+                    continue
+                first_output = first_output or time.monotonic()
+                out.write(message.value() + b"\n")
+                rows.append(_record(orjson.loads(message.value()), contents, summary))
+            live.update(_live_table(rows[-15:], summary))
+        # Rate from the first output on: group join and broker warm-up are not throughput.
+        summary.seconds = time.monotonic() - (first_output or started)
+    reader.close()
+    summary.verdicts_file = out_path
+    _print_summary(console, summary)
+    return summary
+
+
+def _produce(bootstrap: str, events: list[dict]) -> int:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for event in events:
+        topic = REVIEW_TOPIC if event.get("content_type") == "review" else CHAT_TOPIC
+        key = str(event.get("context_id") or event["event_id"]).encode()
+        producer.produce(topic, key=key, value=orjson.dumps(event))
+    for value in MALFORMED:
+        producer.produce(CHAT_TOPIC, key=b"malformed", value=value)
+    producer.flush(30)
+    producer.close()
+    return len(events) + len(MALFORMED)
+
+
+def _record(output: dict, contents: dict[str, str], summary: DemoSummary) -> tuple[str, ...]:
+    if output["kind"] == "dead_letter":
+        summary.dead_letters[output["error"]["type"]] += 1
+        return ("(unreadable record)", "-", f"dead letter: {output['error']['type']}", "", output["error"]["message"][:60])
+    summary.verdicts += 1
+    flagged = [r for r in output["results"] if r["violation"]]
+    for result in output["results"]:
+        summary.by_policy[(result["policy_id"], result["category"] or ("violation" if result["violation"] else "safe"))] += 1
+    shown = flagged[0] if flagged else output["results"][0]
+    content = contents.get(output["event_id"], "")
+    return (
+        content[:48],
+        shown["policy_id"],
+        "VIOLATION" if output["violation"] else "ok",
+        shown["model"],
+        (shown["rationale"] or "")[:60],
+    )
+
+
+def _live_table(rows: list[tuple[str, ...]], summary: DemoSummary) -> Table:
+    done = summary.verdicts + sum(summary.dead_letters.values())
+    table = Table(title=f"verdicts as they arrive ({done}/{summary.produced})", expand=True)
+    for column in ("message", "policy", "verdict", "stage", "rationale"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row, style="red" if row[2] == "VIOLATION" else None)
+    return table
+
+
+def _print_summary(console: Console, summary: DemoSummary) -> None:
+    table = Table(title="summary")
+    table.add_column("policy")
+    table.add_column("category")
+    table.add_column("events", justify="right")
+    for (policy, category), count in sorted(summary.by_policy.items()):
+        table.add_row(policy, category, str(count))
+    for error_type, count in sorted(summary.dead_letters.items()):
+        table.add_row("(dead letter)", error_type, str(count))
+    console.print(table)
+    console.print(
+        f"{summary.produced} records in, {summary.verdicts} verdicts, "
+        f"{sum(summary.dead_letters.values())} dead letters, {summary.events_per_second:.0f} events/s"
+    )
+    console.print(f"engine: {summary.engine}")
+    console.print(f"verdicts and dead letters written to {summary.verdicts_file}")

@@ -1,0 +1,95 @@
+"""A bad config exits 2 naming the key and the problem, and never prints a secret."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from consumer.config import ConfigError, load_settings, redact
+from tests.conftest import REPO
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *args],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_environment_overrides_the_file_with_nested_keys(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("kafka:\n  bootstrap_servers: file:9092\n  group_id: from-file\n")
+    monkeypatch.setenv("SAFEGUARD_KAFKA__BOOTSTRAP_SERVERS", "env:9092")
+    monkeypatch.setenv("SAFEGUARD_KAFKA__INPUT_TOPICS", "a,b")
+    monkeypatch.setenv("SAFEGUARD_PIPELINE__MAX_IN_FLIGHT_EVENTS", "77")
+    settings = load_settings(path)
+    assert settings.kafka.bootstrap_servers == "env:9092"
+    assert settings.kafka.group_id == "from-file"
+    assert settings.kafka.input_topics == ["a", "b"]
+    assert settings.pipeline.max_in_flight_events == 77
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("pipeline:\n  max_in_flight_events: 0\n", "pipeline.max_in_flight_events: Input should be greater than"),
+        ("kafka:\n  bootstrap_server: x\n", "kafka.bootstrap_server: unknown key"),
+        ("kafka:\n  input_topics: ['^(bad']\n", "kafka.input_topics"),
+        ("classifier:\n  kind: plugin\n", "classifier: Value error, kind 'plugin' needs classifier.factory"),
+        ("decode:\n  field_mapping: {nope: a.b}\n", "decode.field_mapping: Value error, 'nope' is not a ContentEvent field"),
+        ("kafka: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, yaml_text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert expected in str(caught.value)
+
+
+def test_cli_exits_2_naming_the_key_without_the_secret(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "kafka:\n  consumer:\n    sasl.password: hunter2-secret\n"
+        "pipeline:\n  commit_interval_s: -1\n"
+    )
+    result = run_cli("run", "--config", str(path))
+    assert result.returncode == 2
+    assert "pipeline.commit_interval_s" in result.stderr
+    assert "hunter2-secret" not in result.stderr + result.stdout
+
+
+def test_cli_exits_2_for_a_missing_policies_directory(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"policies:\n  directory: {tmp_path / 'nowhere'}\n")
+    result = run_cli("run", "--config", str(path))
+    assert result.returncode == 2
+    assert "policies directory does not exist" in result.stderr
+
+
+def test_check_config_hides_secrets(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("kafka:\n  producer:\n    sasl.password: hunter2-secret\n    ssl.key.password: k\n    linger.ms: 7\n")
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "hunter2-secret" not in result.stdout
+    assert '"linger.ms": 7' in result.stdout
+
+
+def test_redact_keeps_ordinary_options():
+    assert redact({"sasl.password": "x", "ssl.key.pem": "y", "sasl.oauthbearer.client.secret": "z", "acks": "all"}) == {
+        "sasl.password": "***", "ssl.key.pem": "***", "sasl.oauthbearer.client.secret": "***", "acks": "all",
+    }  # fmt: skip
+
+
+def test_the_example_config_is_valid_and_routes_to_real_policies():
+    from consumer.policy import load_policies
+    from consumer.route import Router
+
+    settings = load_settings(REPO / "deploy" / "config.example.yaml")
+    policies = load_policies(settings.policies.directory)
+    Router(settings.policies, lambda: policies)  # raises if a route names a missing policy
+    assert settings.policies.directory == (REPO / "policies").resolve()
