@@ -131,7 +131,9 @@ class Source:
 
     def _poll_once(self) -> Received:
         received: Received = []
-        for message in self._consumer.consume(num_messages=POLL_BATCH, timeout=POLL_TIMEOUT_S):
+        # Never ask for more than the window has room for, so it holds exactly (paused or not).
+        room = max(1, min(POLL_BATCH, self._max_events - self._tracker.in_flight()))
+        for message in self._consumer.consume(num_messages=room, timeout=POLL_TIMEOUT_S):
             error = message.error()
             if error is not None:
                 self._on_message_error(error)

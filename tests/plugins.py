@@ -17,6 +17,8 @@ class SlowClassifier:
         self.max_concurrency = max_concurrency
         self.flag_word = flag_word
         self.calls = 0
+        self.active = 0
+        self.peak = 0  # most requests in progress at once
 
     async def start(self) -> None:
         return None
@@ -26,8 +28,13 @@ class SlowClassifier:
 
     async def classify(self, request: ClassifyRequest) -> Classification:
         self.calls += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        finally:
+            self.active -= 1
         violation = self.flag_word in request.event.content
         return Classification(violation=violation, category="test" if violation else None, model=self.name)
 

@@ -109,7 +109,7 @@ def test_classifier_slower_than_max_poll_interval_causes_no_rebalance(kafka, pol
         kafka={"consumer": {"max.poll.interval.ms": 6000, "session.timeout.ms": 6000}},
         pipeline={"max_in_flight_events": 4, "classify_timeout_s": 60},
     )  # fmt: skip
-    classifier = SlowClassifier(delay_s=7.0, max_concurrency=4)
+    classifier = SlowClassifier(delay_s=7.0, max_concurrency=8)
     outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
     try:
         with running_pipeline(settings, classifier) as running:
@@ -124,6 +124,7 @@ def test_classifier_slower_than_max_poll_interval_causes_no_rebalance(kafka, pol
     assert result.exit_code == 0
     assert rebalances == 1  # the initial assignment only: the slow classifier never cost the membership
     assert classifier.calls == total  # nothing classified twice
+    assert classifier.peak <= 4  # the in-flight window, not the classifier's capacity, bounded the work
     assert sorted(covered_offsets(outputs.messages)) == sorted(
         (p, o) for p, end in end_offsets(kafka, topic, 2).items() for o in range(end)
     )
@@ -158,3 +159,19 @@ def test_two_consumers_split_partitions_and_stopping_one_hands_over_without_loss
     covered = Counter(covered_offsets(outputs.messages))
     assert set(covered) == {(p, o) for p, end in ends.items() for o in range(end)}
     assert sum(covered.values()) == 2 * first_batch  # a clean handover redoes nothing
+
+
+def test_fatal_delivery_error_stops_with_exit_1_and_commits_nothing(kafka, policies_dir):
+    topic, group = unique("nowhere"), unique("group")
+    create_topics(kafka, topic, f"{topic}.dlq")  # the verdict topic does not exist (no auto-create)
+    produce(kafka, topic, (event_json(i) for i in range(20)))
+    settings = settings_for(
+        kafka, group, topic, policies_dir,
+        kafka={"producer": {"message.timeout.ms": 3000}},
+        pipeline={"delivery_retries": 1},
+    )  # fmt: skip
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        wait_for(lambda: running.result is not None, timeout=60, message="the consumer to stop by itself")
+    assert running.result.exit_code == 1
+    assert topic + ".verdicts" in running.result.reason
+    assert committed_offsets(kafka, group, topic, 1) == {0: -1001}  # OFFSET_INVALID: nothing committed
