@@ -4,7 +4,7 @@
 PYTEST_ARGS ?=
 
 demo:
-	@venv=$$(scripts/bootstrap) && "$$venv/bin/safeguard-consumer" demo
+	@venv=$$(scripts/bootstrap core) && "$$venv/bin/safeguard-consumer" demo
 
 test:
-	@venv=$$(scripts/bootstrap) && "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
+	@venv=$$(scripts/bootstrap full) && "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
