@@ -22,7 +22,9 @@ app = typer.Typer(
 )
 dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", no_args_is_help=True)
 schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", no_args_is_help=True)
+policy_app = typer.Typer(help="Write, check and measure policies.", no_args_is_help=True)
 app.add_typer(dev_kafka_app, name="dev-kafka")
+app.add_typer(policy_app, name="policy")
 app.add_typer(schemas_app, name="schemas")
 
 EXIT_CONFIG = 2
@@ -51,15 +53,15 @@ def run(
     """Consume the input topics and publish a verdict or a dead letter for every record."""
     from consumer.classify import build_classifier
     from consumer.pipeline import Pipeline
-    from consumer.policy import PolicyError, load_policies
+    from consumer.policy import PolicyError, PolicyStore
     from consumer.route import Router, RoutingError
 
     overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
     settings = _settings(config, overrides)
     logging.basicConfig(level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        policies = load_policies(settings.policies.directory)
-        router = Router(settings.policies, lambda: policies)
+        policies = PolicyStore(settings.policies.directory, settings.policies.max_tokens)
+        Router(settings.policies, policies.get)  # fails early on routes naming unknown policies
     except (PolicyError, RoutingError) as exc:
         raise _config_exit(str(exc)) from None
     c = settings.classifier
@@ -69,7 +71,7 @@ def run(
         raise _config_exit(format_validation_error(exc, config).replace("\n  ", "\n  engine.")) from None
     except (ImportError, TypeError, ValueError) as exc:
         raise _config_exit(f"classifier: {exc}") from None
-    result = asyncio.run(Pipeline(settings, classifier, router).run())
+    result = asyncio.run(Pipeline(settings, classifier, policies).run())
     typer.echo(
         f"consumed {result.consumed}, verdicts {result.verdicts}, dead letters {result.dead_letters}",
         err=True,
@@ -160,6 +162,103 @@ def schemas_export(
 
     for path in export_schemas(directory):
         typer.echo(str(path))
+
+
+@policy_app.command("validate")
+def policy_validate(
+    paths: list[Path] = typer.Argument(..., help="Policy files or folders of them."),
+    max_tokens: int = typer.Option(1500, help="Policies longer than this many tokens are errors."),
+) -> None:
+    """Check structure, front matter, example labels and length; prints file:line: problem."""
+    from consumer.policy import validate_policy
+
+    files = [f for p in paths for f in (sorted(p.glob("*.md")) if p.is_dir() else [p])]
+    errors = 0
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            typer.echo(f"{path}:0: error: cannot read ({exc.strerror})")
+            errors += 1
+            continue
+        for problem in validate_policy(data, path, max_tokens):
+            typer.echo(str(problem))
+            errors += problem.severity == "error"
+    typer.echo(f"{len(files)} policies checked, {errors} errors", err=True)
+    raise typer.Exit(1 if errors or not files else 0)
+
+
+@policy_app.command("render")
+def policy_render(
+    policy: Path = typer.Argument(..., help="The policy file."),
+    content: Optional[str] = typer.Option(None, help="A message to review; without it, the policy prefix only."),
+) -> None:
+    """Print the exact harmony prompt the engine would see, and its token count."""
+    from consumer.events import ContentEvent
+    from consumer.policy import PolicyError, load_policy
+
+    try:
+        loaded = load_policy(policy)
+    except PolicyError as exc:
+        raise _config_exit(str(exc)) from None
+    try:
+        from consumer.engine.prompt import PromptRenderer
+    except ImportError as exc:
+        typer.echo(f"error: rendering needs openai_harmony (the engine stack, docs/engine.md): {exc}", err=True)
+        raise typer.Exit(1) from None
+    event = ContentEvent(event_id="preview", content=content) if content else None
+    preview = PromptRenderer().preview(loaded, event)
+    typer.echo(preview.text)
+    typer.echo(f"\n{preview.tokens} tokens, of which {preview.policy_prefix_tokens} are the shared policy prefix", err=True)
+
+
+@policy_app.command("eval")
+def policy_eval(
+    policy: Path = typer.Argument(..., help="The policy file to evaluate."),
+    data: Path = typer.Option(..., "--data", help="Labelled JSONL: {\"content\": ..., \"label\": 0|1, \"id\": ...}."),
+    against: Optional[Path] = typer.Option(None, help="Another version of the policy, to list the changed answers."),
+    report: Path = typer.Option(Path("policy-eval.md"), help="Where to write the Markdown report."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Run the configured classifier over labelled examples: precision, recall, F1, disagreements."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from consumer.classify import build_classifier
+    from consumer.evaluate import DataError, evaluate, load_examples, markdown_report
+    from consumer.policy import PolicyError, load_policy
+
+    settings = _settings(config)
+    try:
+        examples = load_examples(data)
+        current = load_policy(policy)
+        baseline_policy = load_policy(against) if against else None
+    except (DataError, PolicyError) as exc:
+        raise _config_exit(str(exc)) from None
+    c = settings.classifier
+    classifier = build_classifier(c.kind, c.factory, c.options, settings.engine)
+
+    async def both():
+        await classifier.start()
+        try:
+            result = await evaluate(classifier, current, examples)
+            baseline = await evaluate(classifier, baseline_policy, examples) if baseline_policy else None
+            return result, baseline
+        finally:
+            await classifier.close()
+
+    result, baseline = asyncio.run(both())
+    console = Console()
+    table = Table(title=f"{current.id}@{current.version} on {len(examples)} examples ({classifier.name})")
+    for column in ("precision", "recall", "F1", "TP", "FP", "FN", "TN", "failed"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result.precision:.3f}", f"{result.recall:.3f}", f"{result.f1:.3f}",
+                  *(str(n) for n in (result.tp, result.fp, result.fn, result.tn, result.failed)))
+    console.print(table)
+    for o in result.disagreements[:20]:
+        console.print(f"[yellow]{o.example.id}[/] label {int(o.example.label)}: {o.rationale or o.error}")
+    report.write_text(markdown_report(result, baseline), encoding="utf-8")
+    console.print(f"report written to {report}")
 
 
 def main() -> None:

@@ -91,13 +91,24 @@ class DecodeSettings(_Section):
         return value
 
 
+ROUTABLE_FIELDS = ("content_type", "community_id", "context_id", "author_id")
+
+
 class Route(_Section):
     topics: list[str] = Field(default_factory=list, description="empty: any topic; ^ entries are regexes")
     where: dict[str, str | list[str]] = Field(
         default_factory=dict,
-        description="event field (content_type, community_id, context_id, metadata.KEY) -> value(s)",
+        description="event field (content_type, community_id, context_id, author_id, metadata.KEY) -> value(s)",
     )
     policies: list[str] = Field(min_length=1)
+
+    @field_validator("where")
+    @classmethod
+    def _fields_routable(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        for name in value:
+            if name not in ROUTABLE_FIELDS and not name.startswith("metadata."):
+                raise ValueError(f"cannot route on {name!r}; use one of {', '.join(ROUTABLE_FIELDS)} or metadata.KEY")
+        return value
 
 
 class PolicySettings(_Section):
@@ -105,6 +116,8 @@ class PolicySettings(_Section):
     routes: list[Route] = Field(default_factory=list)
     match: Literal["first", "all"] = "all"
     default: str | None = Field(default=None, description="policy for events no route matches")
+    reload_interval_s: float = Field(default=2.0, ge=0, description="how often to look for edits; 0: never")
+    max_tokens: int = Field(default=1500, ge=1, description="policies longer than this are rejected")
 
 
 class ClassifierSettings(_Section):

@@ -26,8 +26,7 @@ from consumer.classify import Classifier, KeywordClassifier
 from consumer.config import load_settings
 from consumer.devkafka import KafkaBroker, cache_dir, create_topics
 from consumer.pipeline import BackgroundPipeline, Pipeline
-from consumer.policy import load_policies
-from consumer.route import Router
+from consumer.policy import PolicyStore
 
 CHAT_TOPIC, REVIEW_TOPIC = "demo.chat", "demo.reviews"
 VERDICT_TOPIC, DEAD_LETTER_TOPIC = "demo.verdicts", "demo.dead-letters"
@@ -108,8 +107,7 @@ def _run(
             "pipeline.commit_interval_s": 0.5,
         },
     )
-    policies = load_policies(settings.policies.directory)
-    pipeline = Pipeline(settings, classifier, Router(settings.policies, lambda: policies))
+    pipeline = Pipeline(settings, classifier, PolicyStore(settings.policies.directory))
     summary = DemoSummary(engine=engine, produced=produced)
     reader = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "safeguard-demo-reader", "auto.offset.reset": "earliest"}

@@ -83,6 +83,7 @@ class PolicyResult(BaseModel):
     rule_ids: list[str] = Field(default_factory=list)
     confidence: str | None = None
     rationale: str | None = None
+    action: str = Field(description="from the policy's actions map: allow, flag, delete, timeout or escalate")
     reasoning: str | None = Field(default=None, description="analysis channel; only when enabled")
     model: str
     latency_ms: float
@@ -95,7 +96,8 @@ class Verdict(BaseModel):
     kind: Literal["verdict"] = "verdict"
     event_id: str
     source: SourceRecord
-    violation: bool
+    violation: bool = Field(description="true if any policy found a violation")
+    action: str = Field(description="the most severe action of all results")
     results: list[PolicyResult]
     latency_ms: float
     consumer_version: str

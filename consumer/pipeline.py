@@ -41,7 +41,7 @@ from consumer.events import (
     Verdict,
 )
 from consumer.offsets import OffsetTracker, Ticket
-from consumer.policy import Policy
+from consumer.policy import Policy, PolicyStore, PolicyWatcher, most_severe
 from consumer.route import Router
 from consumer.sink import Sink
 from consumer.source import Received, Source
@@ -65,12 +65,14 @@ class Pipeline:
         self,
         settings: Settings,
         classifier: Classifier,
-        router: Router,
+        policies: PolicyStore,
         source_factory: Callable[..., Source] = Source.connect,
     ):
         self.settings = settings
         self.classifier = classifier
-        self.router = router
+        self.policies = policies
+        # The router reads the store per event, so a reload applies to the next event routed.
+        self.router = Router(settings.policies, policies.get)
         self.tracker = OffsetTracker()
         self.decoder = Decoder(settings.pipeline.max_payload_bytes, settings.decode.field_mapping)
         self._source_factory = source_factory
@@ -127,12 +129,17 @@ class Pipeline:
             commit_interval_s=cfg.pipeline.commit_interval_s,
             revoke_drain_s=cfg.pipeline.revoke_drain_s,
         )
+        watcher = PolicyWatcher(self.policies, cfg.policies.reload_interval_s)
+        if cfg.policies.reload_interval_s > 0:
+            watcher.start()
         self.sink.start()
         self.batcher.start()
         self.source.start()
         log.info("consuming %s as group %s", ",".join(cfg.kafka.input_topics), cfg.kafka.group_id)
 
         await self._stopping.wait()
+        if cfg.policies.reload_interval_s > 0:
+            watcher.stop()
         await self._shutdown()
         if self._fatal:
             return RunResult(1, self.consumed, self.verdicts, self.dead_letters, self._fatal)
@@ -214,6 +221,7 @@ class Pipeline:
             event_id=event.event_id,
             source=_source_record(message),
             violation=any(r.violation for r in results),
+            action=most_severe([r.action for r in results]),
             results=results,
             latency_ms=(time.monotonic() - started) * 1000,
             consumer_version=consumer.__version__,
@@ -243,6 +251,7 @@ class Pipeline:
                     rule_ids=outcome.rule_ids,
                     confidence=outcome.confidence,
                     rationale=outcome.rationale,
+                    action=request.policy.action_for(outcome.violation, outcome.category),
                     reasoning=outcome.reasoning,
                     model=outcome.model,
                     latency_ms=(time.monotonic() - started) * 1000,

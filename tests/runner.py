@@ -7,8 +7,7 @@ from pathlib import Path
 from consumer.classify import Classifier
 from consumer.config import Settings, load_settings
 from consumer.pipeline import BackgroundPipeline, Pipeline
-from consumer.policy import load_policies
-from consumer.route import Router
+from consumer.policy import PolicyStore
 
 
 def settings_for(bootstrap: str, group: str, topic: str, policies_dir: Path, **sections: dict) -> Settings:
@@ -30,5 +29,4 @@ def settings_for(bootstrap: str, group: str, topic: str, policies_dir: Path, **s
 
 
 def running_pipeline(settings: Settings, classifier: Classifier) -> BackgroundPipeline:
-    policies = load_policies(settings.policies.directory)
-    return BackgroundPipeline(Pipeline(settings, classifier, Router(settings.policies, lambda: policies)))
+    return BackgroundPipeline(Pipeline(settings, classifier, PolicyStore(settings.policies.directory)))

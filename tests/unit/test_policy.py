@@ -1,0 +1,101 @@
+"""Policy files: validation with line numbers, versions from content, reloads that never break."""
+
+from pathlib import Path
+
+import pytest
+
+from consumer.policy import PolicyError, PolicyStore, most_severe, parse_policy, validate_policy
+from tests.conftest import REPO
+
+GOOD = (REPO / "policies" / "chat-harassment.md").read_text()
+
+
+def problems(text: str, tmp_path: Path, **kwargs) -> list[str]:
+    path = tmp_path / "p.md"
+    path.write_text(text)
+    return [str(p).removeprefix(f"{path}:") for p in validate_policy(text.encode(), path, **kwargs)]
+
+
+def test_sample_policies_validate_without_problems():
+    for path in sorted((REPO / "policies").glob("*.md")):
+        assert validate_policy(path.read_bytes(), path) == [], path
+
+
+def test_front_matter_errors_name_their_line(tmp_path):
+    text = GOOD.replace("reasoning_effort: low", "reasoning_effort: extreme")
+    assert problems(text, tmp_path) == ["4: error: `reasoning_effort` must be one of low, medium, high, not 'extreme'"]
+    text = GOOD.replace("  harassment: delete", "  harassment: ban")
+    assert problems(text, tmp_path) == ["10: error: action 'ban' for 'harassment' is not one of allow, flag, delete, timeout, escalate"]
+    assert problems("no front matter\n", tmp_path) == ["1: error: missing YAML front matter (a first line of ---)"]
+
+
+def test_missing_sections_and_bad_example_labels_are_errors(tmp_path):
+    text = GOOD.replace("## DEFINITIONS", "## TERMS")
+    assert "error: missing section `## DEFINITIONS`" in " ".join(problems(text, tmp_path))
+    lines = GOOD.splitlines()
+    bad_line = next(i for i, line in enumerate(lines, 1) if line.startswith('- "gg everyone'))
+    text = GOOD.replace('-> {"violation": 0, "policy_category": "safe"}', '-> maybe', 1)
+    assert problems(text, tmp_path) == [f"{bad_line}: error: example label 'maybe' is neither 0, 1 nor a JSON object"]
+    text = GOOD.replace('"policy_category": "safe"}', '"policy_category": "spam"}', 1)
+    assert problems(text, tmp_path) == [f"{bad_line}: error: example label category 'spam' is not one of the policy's categories"]
+
+
+def test_token_length_warns_outside_the_sweet_spot_and_fails_above_the_maximum(tmp_path):
+    short = GOOD.split("## DEFINITIONS")[0] + "## DEFINITIONS\n## VIOLATES\n## SAFE\n## EXAMPLES\n- a -> 1\n- b -> 0\n- c -> 0\n- d -> 1\n"
+    found = problems(short, tmp_path)
+    assert any("warning:" in p and "tokens; 400-600 works best" in p for p in found)
+    assert any(p.endswith("error: 571 tokens; the maximum is 300") for p in problems(GOOD, tmp_path, max_tokens=300))
+
+
+def test_version_is_the_hash_of_the_file_and_changes_with_it():
+    first = parse_policy(GOOD.encode())
+    assert first.version == parse_policy(GOOD.encode()).version
+    assert parse_policy((GOOD + "\n").encode()).version != first.version
+
+
+def test_actions_come_from_the_category_and_the_most_severe_wins():
+    policy = parse_policy(GOOD.encode())
+    assert policy.action_for(True, "harassment") == "delete"
+    assert policy.action_for(False, None) == "allow"
+    assert most_severe(["allow", "flag", "escalate", "delete"]) == "escalate"
+
+
+def test_store_keeps_the_last_good_version_of_a_broken_edit(tmp_path):
+    policy_file = tmp_path / "chat.md"
+    policy_file.write_text(GOOD)
+    reloads = []
+    store = PolicyStore(tmp_path, on_reload=lambda policies, errors: reloads.append((dict(policies), errors)))
+    v1 = store.get()["chat-harassment"].version
+
+    policy_file.write_text(GOOD.replace("## SAFE (0)", "## SAFE (0)\n- S5: Quoting song lyrics."))
+    assert store.reload() is True
+    v2 = store.get()["chat-harassment"].version
+    assert v2 != v1 and reloads[-1][1] == []
+
+    policy_file.write_text(GOOD.replace("reasoning_effort: low", "reasoning_effort: [oops"))
+    assert store.reload() is False  # nothing in force changed
+    assert store.get()["chat-harassment"].version == v2
+
+    (tmp_path / "spam.md").write_text((REPO / "policies" / "spam-scams.md").read_text())
+    assert store.reload() is True
+    assert set(store.get()) == {"chat-harassment", "spam-scams"}
+    assert store.get()["chat-harassment"].version == v2
+    assert any("chat.md" in e for e in reloads[-1][1])  # the broken file is still reported
+
+
+def test_store_refuses_to_start_on_a_broken_policy(tmp_path):
+    (tmp_path / "bad.md").write_text("---\nid: x\n---\nno sections\n")
+    with pytest.raises(PolicyError, match="missing section"):
+        PolicyStore(tmp_path)
+
+
+def test_validate_command_prints_file_line_problems_and_exits_1_on_errors(tmp_path):
+    from tests.unit.test_config import run_cli
+
+    broken = tmp_path / "broken.md"
+    broken.write_text(GOOD.replace("## SAFE (0)", "## NOT SAFE"))
+    result = run_cli("policy", "validate", str(REPO / "policies"), str(broken))
+    assert result.returncode == 1
+    assert f"{broken}:18: error: missing section `## SAFE`" in result.stdout
+    assert "5 policies checked, 1 errors" in result.stderr
+    assert run_cli("policy", "validate", str(REPO / "policies")).returncode == 0
