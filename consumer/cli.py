@@ -55,10 +55,11 @@ def run(
     from consumer.pipeline import Pipeline
     from consumer.policy import PolicyError, PolicyStore
     from consumer.route import Router, RoutingError
+    from consumer.telemetry import TelemetryError, configure_logging
 
     overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
     settings = _settings(config, overrides)
-    logging.basicConfig(level=settings.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log.level, settings.log.format == "json")
     try:
         policies = PolicyStore(settings.policies.directory, settings.policies.max_tokens)
         Router(settings.policies, policies.get)  # fails early on routes naming unknown policies
@@ -71,7 +72,11 @@ def run(
         raise _config_exit(format_validation_error(exc, config).replace("\n  ", "\n  engine.")) from None
     except (ImportError, TypeError, ValueError) as exc:
         raise _config_exit(f"classifier: {exc}") from None
-    result = asyncio.run(Pipeline(settings, classifier, policies).run())
+    try:
+        pipeline = Pipeline(settings, classifier, policies)
+    except TelemetryError as exc:
+        raise _config_exit(str(exc)) from None
+    result = asyncio.run(pipeline.run())
     typer.echo(
         f"consumed {result.consumed}, verdicts {result.verdicts}, dead letters {result.dead_letters}",
         err=True,

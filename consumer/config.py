@@ -134,7 +134,17 @@ class ClassifierSettings(_Section):
 
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_content: bool = Field(default=False, description="include message content in logs")
+    format: Literal["json", "text"] = Field(default="json", description="json lines carry trace and span ids")
+
+
+class TelemetrySettings(_Section):
+    """Tracing itself is configured by the standard OTEL_* environment variables."""
+
+    http_host: str = Field(default="127.0.0.1", description="use 0.0.0.0 in containers so probes reach it")
+    http_port: int | None = Field(default=8080, ge=0, le=65535, description="/metrics, /healthz, /readyz; null: off")
+    trace_content: bool = Field(default=False, description="put message content in span attributes")
+    statistics_interval_ms: int = Field(default=5000, ge=0, description="librdkafka stats (consumer lag); 0: off")
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0, description="/healthz fails when the loop stalls this long")
 
 
 class Settings(BaseSettings):
@@ -151,6 +161,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="vLLM engine settings (consumer.engine.EngineSettings), for kind=vllm"
     )
     log: LogSettings = Field(default_factory=LogSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @classmethod
     def settings_customise_sources(

@@ -105,6 +105,7 @@ def _run(
                 {"topics": [REVIEW_TOPIC], "policies": ["spam-scams"]},
             ],
             "pipeline.commit_interval_s": 0.5,
+            "telemetry.http_port": None,
         },
     )
     pipeline = Pipeline(settings, classifier, PolicyStore(settings.policies.directory))

@@ -24,10 +24,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from confluent_kafka import Message
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span, Status, StatusCode
 
 import consumer
+from consumer import telemetry
 from consumer.batcher import Batcher
-from consumer.classify import ClassificationFailed, Classifier, ClassifyRequest
+from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyRequest
 from consumer.config import Settings
 from consumer.decode import DecodeError, Decoder
 from consumer.events import (
@@ -40,6 +44,7 @@ from consumer.events import (
     SourceRecord,
     Verdict,
 )
+from consumer.health import HealthServer
 from consumer.offsets import OffsetTracker, Ticket
 from consumer.policy import Policy, PolicyStore, PolicyWatcher, most_severe
 from consumer.route import Router
@@ -67,7 +72,9 @@ class Pipeline:
         classifier: Classifier,
         policies: PolicyStore,
         source_factory: Callable[..., Source] = Source.connect,
+        tracer_provider: TracerProvider | None = None,
     ):
+        """`tracer_provider`: where spans go; by default the one the OTEL_* variables describe."""
         self.settings = settings
         self.classifier = classifier
         self.policies = policies
@@ -76,6 +83,16 @@ class Pipeline:
         self.tracker = OffsetTracker()
         self.decoder = Decoder(settings.pipeline.max_payload_bytes, settings.decode.field_mapping)
         self._source_factory = source_factory
+        meter_provider, self.metrics_registry = telemetry.prometheus_meter_provider()
+        self.telemetry = telemetry.Telemetry.create(
+            settings.kafka.group_id,
+            meter_provider,
+            tracer_provider or telemetry.tracer_provider_from_env(),
+            trace_content=settings.telemetry.trace_content,
+        )
+        self.health: HealthServer | None = None
+        self._heartbeat = time.monotonic()
+        self._classifier_ready = False
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fatal: str | None = None
@@ -101,7 +118,15 @@ class Pipeline:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stopping.set)
 
+        if cfg.telemetry.http_port is not None:
+            self.health = HealthServer(
+                cfg.telemetry.http_host, cfg.telemetry.http_port, self.metrics_registry, self._alive, self._ready
+            )
+            self.health.start()
+        heartbeat = self._loop.create_task(self._beat(), name="heartbeat")
+
         await self.classifier.start()
+        self._classifier_ready = True
         self.sink = Sink(
             cfg.kafka.producer | {"bootstrap.servers": cfg.kafka.bootstrap_servers},
             cfg.kafka.verdict_topic,
@@ -128,7 +153,12 @@ class Pipeline:
             max_in_flight_bytes=cfg.pipeline.max_in_flight_bytes,
             commit_interval_s=cfg.pipeline.commit_interval_s,
             revoke_drain_s=cfg.pipeline.revoke_drain_s,
+            statistics_interval_ms=cfg.telemetry.statistics_interval_ms,
         )
+        gauges = self.telemetry.gauges
+        gauges.in_flight = self.tracker.in_flight
+        gauges.lag = lambda: self.source.lag
+        gauges.policy_reloads = lambda: self.policies.reloads
         watcher = PolicyWatcher(self.policies, cfg.policies.reload_interval_s)
         if cfg.policies.reload_interval_s > 0:
             watcher.start()
@@ -141,6 +171,10 @@ class Pipeline:
         if cfg.policies.reload_interval_s > 0:
             watcher.stop()
         await self._shutdown()
+        heartbeat.cancel()
+        if self.health is not None:
+            self.health.stop()
+        self.telemetry.shutdown()
         if self._fatal:
             return RunResult(1, self.consumed, self.verdicts, self.dead_letters, self._fatal)
         return RunResult(0, self.consumed, self.verdicts, self.dead_letters)
@@ -166,6 +200,29 @@ class Pipeline:
         log.info("stopped: consumed %d, verdicts %d, dead letters %d",
                  self.consumed, self.verdicts, self.dead_letters)
 
+    # -- health ---------------------------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        while True:
+            self._heartbeat = time.monotonic()
+            await asyncio.sleep(1.0)
+
+    def _alive(self) -> tuple[bool, str]:
+        stalled = time.monotonic() - self._heartbeat
+        if stalled > self.settings.telemetry.heartbeat_timeout_s:
+            return False, f"event loop unresponsive for {stalled:.0f}s"
+        if self._fatal:
+            return False, f"stopping after a fatal error: {self._fatal}"
+        return True, "ok"
+
+    def _ready(self) -> tuple[bool, str]:
+        if not self._classifier_ready:
+            return False, f"classifier {self.classifier.name} starting"
+        source = getattr(self, "source", None)
+        if source is None or not source.assigned:
+            return False, "waiting for a partition assignment"
+        return True, f"ok: {len(source.assigned)} partitions assigned"
+
     # -- from the stage threads ---------------------------------------------------------------
 
     def _receive_threadsafe(self, received: Received) -> None:
@@ -185,37 +242,53 @@ class Pipeline:
     # -- one record -----------------------------------------------------------------------------
 
     def _receive(self, received: Received) -> None:
+        loop = asyncio.get_running_loop()
         for message, ticket in received:
             self.consumed += 1
-            task = asyncio.get_running_loop().create_task(self._process(message, ticket))
+            self.telemetry.consumed.add(1, {"messaging.destination.name": message.topic()})
+            task = loop.create_task(self._process(message, ticket))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _process(self, message: Message, ticket: Ticket) -> None:
+        started = time.monotonic()
+        span = self.telemetry.event_span(
+            telemetry.extract(message.headers()), message.topic(), message.partition(), message.offset(), message.key()
+        )
         try:
-            await self._decide(message, ticket)
+            await self._decide(message, ticket, span, started)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
             log.exception("unexpected error on %s[%d]@%d", message.topic(), message.partition(), message.offset())
-            await self._dead_letter(message, ticket, ErrorType.CLASSIFIER_ERROR, f"internal error: {type(exc).__name__}")
+            await self._dead_letter(
+                message, ticket, span, started, ErrorType.CLASSIFIER_ERROR, f"internal error: {type(exc).__name__}"
+            )
+        finally:
+            span.end()
 
-    async def _decide(self, message: Message, ticket: Ticket) -> None:
-        started = time.monotonic()
+    async def _decide(self, message: Message, ticket: Ticket, span: Span, started: float) -> None:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         try:
             event = self.decoder.decode(message.value(), fallback_event_id=f"{topic}-{partition}-{offset}")
         except DecodeError as exc:
-            await self._dead_letter(message, ticket, exc.error_type, str(exc))
+            await self._dead_letter(message, ticket, span, started, exc.error_type, str(exc))
             return
+        span.set_attribute("safeguard.event_id", event.event_id)
+        if self.telemetry.trace_content:
+            span.set_attribute("safeguard.content", event.content)
         policies = self.router.policies_for(topic, event)
         if not policies:
-            await self._dead_letter(message, ticket, ErrorType.NO_POLICY, "no route or default policy matches", event)
+            await self._dead_letter(
+                message, ticket, span, started, ErrorType.NO_POLICY, "no route or default policy matches", event
+            )
             return
         try:
-            results = await self._classify(event, policies, started)
+            results = await self._classify(event, policies, span, started)
         except ClassificationFailed as exc:
-            await self._dead_letter(message, ticket, exc.error_type, str(exc), event, exc.raw_output, exc.attempts)
+            await self._dead_letter(
+                message, ticket, span, started, exc.error_type, str(exc), event, exc.raw_output, exc.attempts
+            )
             return
         verdict = Verdict(
             event_id=event.event_id,
@@ -226,16 +299,26 @@ class Pipeline:
             latency_ms=(time.monotonic() - started) * 1000,
             consumer_version=consumer.__version__,
         )
-        await self.sink.send_verdict(verdict, message.key(), ticket, [])
+        span.set_attributes({"safeguard.violation": verdict.violation, "safeguard.action": verdict.action})
+        await self.sink.send_verdict(verdict, message.key(), ticket, telemetry.inject(span))
         self.verdicts += 1
+        for result in results:
+            self.telemetry.verdicts.add(
+                1,
+                {"safeguard.policy.id": result.policy_id, "safeguard.violation": str(result.violation).lower(),
+                 "safeguard.action": result.action},
+            )  # fmt: skip
+        self.telemetry.e2e_latency.record(verdict.latency_ms, {"safeguard.outcome": "verdict"})
 
-    async def _classify(self, event: ContentEvent, policies: list[Policy], started: float) -> list[PolicyResult]:
+    async def _classify(
+        self, event: ContentEvent, policies: list[Policy], span: Span, started: float
+    ) -> list[PolicyResult]:
         deadline = started + self.settings.pipeline.classify_timeout_s
         requests = [
             ClassifyRequest(event=event, policy=p, request_id=f"{event.event_id}/{p.id}", deadline=deadline)
             for p in policies
         ]
-        outcomes = await asyncio.gather(*(self.batcher.classify(r) for r in requests), return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._classify_one(r, span) for r in requests), return_exceptions=True)
         results = []
         for request, outcome in zip(requests, outcomes):
             if isinstance(outcome, BaseException):
@@ -259,10 +342,43 @@ class Pipeline:
             )
         return results
 
+    async def _classify_one(self, request: ClassifyRequest, event_span: Span) -> Classification:
+        """One (event, policy) classification, in a span that is a child of the event's."""
+        t = self.telemetry
+        policy = {"safeguard.policy.id": request.policy.id}
+        started = time.monotonic()
+        with t.tracer.start_as_current_span(
+            f"classify {request.policy.id}",
+            context=trace.set_span_in_context(event_span),
+            attributes={**policy, "safeguard.policy.version": request.policy.version},
+            record_exception=False,  # exception text can quote model output
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                result = await self.batcher.classify(request)
+            except ClassificationFailed as exc:
+                span.set_status(Status(StatusCode.ERROR, exc.error_type.value))
+                raise
+            span.set_attributes(
+                {"safeguard.model": result.model, "gen_ai.usage.input_tokens": result.prompt_tokens,
+                 "gen_ai.usage.output_tokens": result.completion_tokens,
+                 "safeguard.cached_tokens": result.cached_tokens, "safeguard.violation": result.violation}
+            )  # fmt: skip
+            if t.trace_content and result.reasoning:
+                span.set_attribute("safeguard.reasoning", result.reasoning)
+        t.engine_latency.record((time.monotonic() - started) * 1000, policy)
+        for kind, count in (("prompt", result.prompt_tokens), ("cached", result.cached_tokens),
+                            ("completion", result.completion_tokens)):  # fmt: skip
+            if count:
+                t.tokens.add(count, {**policy, "safeguard.token.kind": kind})
+        return result
+
     async def _dead_letter(
         self,
         message: Message,
         ticket: Ticket,
+        span: Span,
+        started: float,
         error_type: ErrorType,
         reason: str,
         event: ContentEvent | None = None,
@@ -278,8 +394,12 @@ class Pipeline:
             failed_at=datetime.now(timezone.utc),
             consumer_version=consumer.__version__,
         )
-        await self.sink.send_dead_letter(letter, message.key(), ticket, [])
+        span.set_status(Status(StatusCode.ERROR, error_type.value))
+        span.set_attribute("error.type", error_type.value)
+        await self.sink.send_dead_letter(letter, message.key(), ticket, telemetry.inject(span))
         self.dead_letters += 1
+        self.telemetry.dead_letters.add(1, {"error.type": error_type.value})
+        self.telemetry.e2e_latency.record((time.monotonic() - started) * 1000, {"safeguard.outcome": "dead_letter"})
 
 
 def _source_record(message: Message) -> SourceRecord:

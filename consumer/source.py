@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
+
+import orjson
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -81,12 +83,37 @@ class Source:
         self._thread = threading.Thread(target=self._run, name="source-poll", daemon=True)
         self.assigned: set[TopicPartitionKey] = set()
         self.rebalances = 0
+        self.lag: dict[TopicPartitionKey, int] = {}  # from librdkafka statistics, when enabled
 
     @classmethod
-    def connect(cls, bootstrap_servers: str, group_id: str, options: dict[str, Any], **kwargs: Any) -> Source:
+    def connect(
+        cls,
+        bootstrap_servers: str,
+        group_id: str,
+        options: dict[str, Any],
+        statistics_interval_ms: int = 0,
+        **kwargs: Any,
+    ) -> Source:
         config = {**CONSUMER_DEFAULTS, **options, **CONSUMER_REQUIRED}
         config.update({"bootstrap.servers": bootstrap_servers, "group.id": group_id})
-        return cls(Consumer(config), **kwargs)
+        holder: list[Source] = []
+        if statistics_interval_ms:
+            config["statistics.interval.ms"] = statistics_interval_ms
+            config["stats_cb"] = lambda stats: holder[0].on_statistics(stats) if holder else None
+        source = cls(Consumer(config), **kwargs)
+        holder.append(source)
+        return source
+
+    def on_statistics(self, stats_json: str) -> None:
+        """librdkafka's statistics: keep the consumer lag of each assigned partition."""
+        stats = orjson.loads(stats_json)
+        lag = {}
+        for topic, topic_stats in stats.get("topics", {}).items():
+            for partition, p in topic_stats.get("partitions", {}).items():
+                key = (topic, int(partition))
+                if key in self.assigned and p.get("consumer_lag", -1) >= 0:
+                    lag[key] = p["consumer_lag"]
+        self.lag = lag
 
     def start(self) -> None:
         self._consumer.subscribe(

@@ -22,6 +22,7 @@ def settings_for(bootstrap: str, group: str, topic: str, policies_dir: Path, **s
         },
         "policies": {"directory": str(policies_dir), "default": "chat-harassment", **sections.pop("policies", {})},
         "pipeline": {"commit_interval_s": 0.2, "shutdown_deadline_s": 20, **sections.pop("pipeline", {})},
+        "telemetry": {"http_port": 0, **sections.pop("telemetry", {})},
         **sections,
     }
     overrides = {f"{section}.{key}": value for section, values in data.items() for key, value in values.items()}

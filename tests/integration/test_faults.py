@@ -43,6 +43,7 @@ def _write_config(path: Path, bootstrap: str, group: str, topic: str, policies_d
         },
         "policies": {"directory": str(policies_dir), "default": "chat-harassment"},
         "pipeline": {"commit_interval_s": 0.2, "max_in_flight_events": 200},
+        "telemetry": {"http_port": 0},
         **extra,
     }
     path.write_text(yaml.safe_dump(config))

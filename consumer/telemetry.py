@@ -1,0 +1,237 @@
+"""Tracing, metrics and structured logs: what an on-call needs to follow one message and the system.
+
+Tracing follows the standard `OTEL_*` environment variables: `OTEL_TRACES_EXPORTER`
+(`otlp`, `console` or `none`, the default), `OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_ENDPOINT`,
+`OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, or `grpc` where the gRPC exporter is
+installed) and `OTEL_TRACES_SAMPLER`. W3C `traceparent`/`tracestate`/`baggage` are read from
+input record headers, so each event's span is a child of the producer's, and written into
+the verdict and dead-letter headers, so downstream consumers continue the trace.
+
+Metrics are OpenTelemetry instruments read by a Prometheus reader; `consumer.health` serves
+them on `/metrics`. Content and reasoning never become span attributes unless
+`telemetry.trace_content` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.propagate import get_global_textmap
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import Span, SpanKind
+
+import consumer
+
+Headers = list[tuple[str, bytes | None]]
+_TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
+
+
+class TelemetryError(ValueError):
+    """An OTEL_* setting that cannot be honoured; the CLI exits 2 with it."""
+
+
+def _carrier(headers: Headers | None) -> dict[str, str]:
+    carrier = {}
+    for name, value in headers or ():
+        if value is not None and name.lower() in _TRACE_HEADERS:
+            try:
+                carrier[name.lower()] = value.decode("ascii")
+            except UnicodeDecodeError:
+                continue  # a corrupt header must not cost the record
+    return carrier
+
+
+def extract(headers: Headers | None) -> Context:
+    """The producer's trace context from a record's headers (empty context if none)."""
+    return get_global_textmap().extract(_carrier(headers))
+
+
+def inject(span: Span) -> Headers:
+    """Trace headers that make `span` the parent of whatever reads the output record."""
+    carrier: dict[str, str] = {}
+    get_global_textmap().inject(carrier, context=trace.set_span_in_context(span))
+    return [(name, value.encode("ascii")) for name, value in carrier.items()]
+
+
+def tracer_provider_from_env(service_name: str | None = None) -> TracerProvider | None:
+    """A TracerProvider for `OTEL_TRACES_EXPORTER`, or None when tracing is off (`none`)."""
+    exporters = [e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "none").split(",") if e.strip()]
+    if not exporters or exporters == ["none"]:
+        return None
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name or "safeguard-consumer"),
+         "service.version": consumer.__version__}
+    )  # fmt: skip
+    provider = TracerProvider(resource=resource)
+    for name in exporters:
+        provider.add_span_processor(BatchSpanProcessor(_span_exporter(name)))
+    return provider
+
+
+def _span_exporter(name: str) -> SpanExporter:
+    if name == "console":
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        raise TelemetryError(f"OTEL_TRACES_EXPORTER: unsupported exporter {name!r} (use otlp, console or none)")
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"))
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise TelemetryError(
+                "OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs opentelemetry-exporter-otlp-proto-grpc installed"
+            ) from None
+        return OTLPSpanExporter()
+    if protocol != "http/protobuf":
+        raise TelemetryError(f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r}")
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
+@dataclass
+class Gauges:
+    """Callbacks the observable instruments read at scrape time (set by the pipeline)."""
+
+    in_flight: Callable[[], int] = lambda: 0
+    lag: Callable[[], dict[tuple[str, int], int]] = dict
+    batch_size: Callable[[], float] = lambda: 0.0
+    policy_reloads: Callable[[], int] = lambda: 0
+
+
+@dataclass
+class Telemetry:
+    """The tracer and the metric instruments one pipeline reports to."""
+
+    tracer: trace.Tracer
+    meter: Meter
+    group: str = ""
+    trace_content: bool = False
+    gauges: Gauges = field(default_factory=Gauges)
+    provider: TracerProvider | None = None
+
+    def __post_init__(self) -> None:
+        m = self.meter
+        self.consumed = m.create_counter("safeguard.events.consumed", description="records read from input topics")
+        self.verdicts = m.create_counter("safeguard.verdicts", description="verdicts by policy and outcome")
+        self.dead_letters = m.create_counter("safeguard.dead_letters", description="dead letters by error.type")
+        self.e2e_latency = m.create_histogram(
+            "safeguard.event.duration", unit="ms", description="consumed to output sent",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )  # fmt: skip
+        self.engine_latency = m.create_histogram(
+            "safeguard.classify.duration", unit="ms", description="one classification, queue wait included",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )  # fmt: skip
+        self.tokens = m.create_counter("safeguard.tokens", description="tokens by kind: prompt, cached, completion")
+        m.create_observable_counter(
+            "safeguard.policy.reloads", [self._observe_reloads], description="policy sets reloaded"
+        )
+        m.create_observable_gauge("safeguard.in_flight", [self._observe_in_flight], description="records in flight")
+        m.create_observable_gauge(
+            "safeguard.consumer.lag", [self._observe_lag], description="messages behind the end, per partition"
+        )
+        m.create_observable_gauge("safeguard.batch.size", [self._observe_batch], description="mean batch size")
+
+    @classmethod
+    def create(
+        cls,
+        group: str,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
+        trace_content: bool = False,
+    ) -> Telemetry:
+        from opentelemetry import metrics
+
+        tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("safeguard-consumer", consumer.__version__)
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter("safeguard-consumer", consumer.__version__)
+        return cls(tracer, meter, group=group, trace_content=trace_content, provider=tracer_provider)
+
+    def event_span(self, parent: Context, topic: str, partition: int, offset: int, key: bytes | None) -> Span:
+        """The span of one record, consume to output; a child of the producer's context."""
+        attributes: dict[str, Any] = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": topic,
+            "messaging.destination.partition.id": str(partition),
+            "messaging.kafka.offset": offset,
+            "messaging.consumer.group.name": self.group,
+        }
+        if key is not None:
+            attributes["messaging.kafka.message.key"] = key.decode("utf-8", "replace")
+        return self.tracer.start_span(f"process {topic}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes)
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+    def _observe_in_flight(self, _: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self.gauges.in_flight())
+
+    def _observe_lag(self, _: CallbackOptions) -> Iterable[Observation]:
+        for (topic, partition), lag in self.gauges.lag().items():
+            yield Observation(lag, {"messaging.destination.name": topic, "messaging.destination.partition.id": str(partition)})
+
+    def _observe_reloads(self, _: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self.gauges.policy_reloads())
+
+    def _observe_batch(self, _: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self.gauges.batch_size())
+
+
+def prometheus_meter_provider() -> tuple[MeterProvider, Any]:
+    """A MeterProvider whose metrics a Prometheus registry exposes; returns (provider, registry)."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry
+
+    # A registry of its own, so two pipelines in one process (tests) do not share series.
+    registry = CollectorRegistry()
+    reader = PrometheusMetricReader(registry=registry)
+    return MeterProvider(metric_readers=[reader]), registry
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line, with the current trace and span ids when a span is active."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            entry["trace_id"] = f"{context.trace_id:032x}"
+            entry["span_id"] = f"{context.span_id:016x}"
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(level: str, json_format: bool) -> None:
+    import time
+
+    handler = logging.StreamHandler(sys.stderr)
+    if json_format:
+        formatter = JsonLogFormatter()
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

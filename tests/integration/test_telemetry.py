@@ -1,0 +1,115 @@
+"""Tracing, metrics and health against the real broker, with an in-memory span exporter."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from consumer.classify import KeywordClassifier
+from consumer.pipeline import BackgroundPipeline, Pipeline
+from consumer.policy import PolicyStore
+from tests.kafka_helpers import Collector, create_topics, event_json, produce, unique, wait_for
+from tests.runner import settings_for
+
+pytestmark = pytest.mark.kafka
+
+TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+PRODUCER_SPAN_ID = 0x00F067AA0BA902B7
+TRACEPARENT = f"00-{TRACE_ID:032x}-{PRODUCER_SPAN_ID:016x}-01".encode()
+
+
+def header(message, name: str) -> bytes | None:
+    return dict(message.headers() or []).get(name)
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_event_spans_continue_the_producer_trace_and_outputs_carry_it_on(kafka, policies_dir):
+    topic, group = unique("traced"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    produce(kafka, topic, [event_json(1, "kys"), b"{not json"], headers=[("traceparent", TRACEPARENT)])
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = settings_for(kafka, group, topic, policies_dir)
+    pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory), tracer_provider=provider)
+    outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+    try:
+        with BackgroundPipeline(pipeline) as running:
+            messages = outputs.until(2, timeout=60)
+            running.stop()
+    finally:
+        outputs.close()
+
+    spans = exporter.get_finished_spans()
+    events = sorted((s for s in spans if s.name == f"process {topic}"), key=lambda s: s.attributes["messaging.kafka.offset"])
+    assert len(events) == 2
+    for span in events:
+        assert span.context.trace_id == TRACE_ID
+        assert span.parent.span_id == PRODUCER_SPAN_ID  # a child of the producer's span
+        assert span.attributes["messaging.system"] == "kafka"
+        assert span.attributes["messaging.destination.name"] == topic
+        assert span.attributes["messaging.consumer.group.name"] == group
+    good, bad = events
+    assert bad.attributes["error.type"] == "invalid_json"
+    classify = [s for s in spans if s.name == "classify chat-harassment"]
+    assert len(classify) == 1 and classify[0].parent.span_id == good.context.span_id
+    assert classify[0].attributes["safeguard.policy.version"]
+    assert not any("safeguard.content" in s.attributes for s in spans)  # content stays out by default
+
+    by_offset = {}
+    for message in messages:
+        traceparent = header(message, "traceparent").decode()
+        _, trace_id, span_id, _ = traceparent.split("-")
+        by_offset[message.topic()] = (int(trace_id, 16), int(span_id, 16))
+    assert by_offset[f"{topic}.verdicts"] == (TRACE_ID, good.context.span_id)
+    assert by_offset[f"{topic}.dlq"] == (TRACE_ID, bad.context.span_id)
+
+
+def test_metrics_count_the_run_and_readyz_turns_ready_after_assignment(kafka, policies_dir):
+    topic, group = unique("metrics"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq", partitions=2)
+    produce(kafka, topic, [event_json(i, "kys" if i < 3 else None) for i in range(10)] + [b"{bad", b"\xff"])
+    settings = settings_for(kafka, group, topic, policies_dir)
+    pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory))
+    outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+    try:
+        with BackgroundPipeline(pipeline) as running:
+            wait_for(lambda: pipeline.health is not None, timeout=30, message="the health server")
+            port = pipeline.health.port
+            assert get(port, "/healthz")[0] == 200
+            wait_for(lambda: get(port, "/readyz")[0] == 200, timeout=60, message="/readyz to turn ready")
+            outputs.until(12, timeout=60)
+            wait_for(lambda: "safeguard_dead_letters_total" in get(port, "/metrics")[1], timeout=10,
+                     message="metrics")
+            status, text = get(port, "/metrics")
+            running.stop()
+    finally:
+        outputs.close()
+    assert status == 200
+    lines = [line for line in text.splitlines() if line.startswith("safeguard_")]
+
+    def value(name: str, *labels: str) -> float:
+        found = [float(line.rsplit(" ", 1)[1]) for line in lines
+                 if line.startswith(name + "{") and all(label in line for label in labels)]
+        assert found, f"{name} {labels} not in metrics:\\n" + "\\n".join(lines)
+        return sum(found)
+
+    assert value("safeguard_events_consumed_total", f'messaging_destination_name="{topic}"') == 12
+    assert value("safeguard_verdicts_total", 'safeguard_violation="true"', 'safeguard_action="delete"') == 3
+    assert value("safeguard_verdicts_total", 'safeguard_violation="false"') == 7
+    assert value("safeguard_dead_letters_total", 'error_type="invalid_json"') == 1
+    assert value("safeguard_dead_letters_total", 'error_type="invalid_encoding"') == 1
+    assert value("safeguard_event_duration_milliseconds_count") == 12
+    assert value("safeguard_classify_duration_milliseconds_count") == 10

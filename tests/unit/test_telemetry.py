@@ -1,0 +1,42 @@
+"""Tracing set-up from OTEL_* variables, header propagation, and JSON logs with trace ids."""
+
+import logging
+
+import orjson
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from consumer import telemetry
+
+
+def test_exporter_follows_otel_traces_exporter(monkeypatch):
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    assert telemetry.tracer_provider_from_env() is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    assert isinstance(telemetry.tracer_provider_from_env(), TracerProvider)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(telemetry.TelemetryError, match="unsupported exporter 'zipkin'"):
+        telemetry.tracer_provider_from_env()
+
+
+def test_headers_round_trip_and_corrupt_ones_are_ignored():
+    provider = TracerProvider()
+    span = provider.get_tracer("t").start_span("s")
+    headers = telemetry.inject(span)
+    assert [name for name, _ in headers] == ["traceparent"]
+    context = telemetry.extract(headers + [("other", b"x")])
+    child = provider.get_tracer("t").start_span("child", context=context)
+    assert child.parent.span_id == span.get_span_context().span_id
+    assert telemetry.extract([("traceparent", b"\xff\xfe")]) == {}
+
+
+def test_json_logs_carry_the_current_trace_and_span_ids():
+    provider = TracerProvider()
+    formatter = telemetry.JsonLogFormatter()
+    record = logging.LogRecord("consumer.x", logging.INFO, __file__, 1, "hello %s", ("world",), None)
+    assert "trace_id" not in orjson.loads(formatter.format(record))
+    with provider.get_tracer("t").start_as_current_span("s") as span:
+        entry = orjson.loads(formatter.format(record))
+    assert entry["message"] == "hello world" and entry["level"] == "INFO"
+    assert entry["trace_id"] == f"{span.get_span_context().trace_id:032x}"
+    assert entry["span_id"] == f"{span.get_span_context().span_id:016x}"
