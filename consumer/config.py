@@ -72,6 +72,13 @@ class PipelineSettings(_Section):
     max_batch_wait_ms: float = Field(default=5.0, ge=0)
     classify_timeout_s: float = Field(default=120.0, gt=0, description="per-request deadline")
     delivery_retries: int = Field(default=3, ge=0, description="re-sends after a retriable delivery error")
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        default="at_least_once", description="exactly_once: Kafka transactions; readers use read_committed"
+    )
+    transactional_id: str | None = Field(
+        default=None, description="exactly_once: unique per instance, stable across its restarts (default group-host)"
+    )
+    transaction_max_records: int = Field(default=1000, ge=1, description="exactly_once: commit early at this many")
 
 
 class DecodeSettings(_Section):

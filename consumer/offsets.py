@@ -76,6 +76,12 @@ class OffsetTracker:
                 state.position = offset + 1
             self._idle.notify_all()
 
+    def is_current(self, ticket: Ticket) -> bool:
+        """False for a ticket whose partition was revoked (or re-assigned) since it was issued."""
+        with self._lock:
+            state = self._partitions.get((ticket.topic, ticket.partition))
+            return state is not None and state.epoch == ticket.epoch
+
     def forget(self, partitions: list[TopicPartitionKey]) -> None:
         """Drop revoked partitions: their unfinished records no longer count or commit."""
         with self._lock:

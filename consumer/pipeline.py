@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from consumer.health import HealthServer
 from consumer.offsets import OffsetTracker, Ticket
 from consumer.policy import Policy, PolicyStore, PolicyWatcher, most_severe
 from consumer.route import Router
-from consumer.sink import Sink
+from consumer.sink import Sink, TransactionalSink
 from consumer.source import Received, Source
 
 log = logging.getLogger(__name__)
@@ -127,14 +128,27 @@ class Pipeline:
 
         await self.classifier.start()
         self._classifier_ready = True
-        self.sink = Sink(
-            cfg.kafka.producer | {"bootstrap.servers": cfg.kafka.bootstrap_servers},
-            cfg.kafka.verdict_topic,
-            cfg.kafka.dead_letter_topic,
-            on_delivered=self.tracker.done,
-            on_fatal=self._fail_threadsafe,
-            delivery_retries=cfg.pipeline.delivery_retries,
-        )
+        producer_config = cfg.kafka.producer | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
+        committer = None
+        if cfg.pipeline.delivery == "exactly_once":
+            self.sink = committer = TransactionalSink(
+                producer_config,
+                cfg.kafka.verdict_topic,
+                cfg.kafka.dead_letter_topic,
+                self.tracker,
+                transactional_id=cfg.pipeline.transactional_id or f"{cfg.kafka.group_id}-{socket.gethostname()}",
+                on_fatal=self._fail_threadsafe,
+                max_records=cfg.pipeline.transaction_max_records,
+            )
+        else:
+            self.sink = Sink(
+                producer_config,
+                cfg.kafka.verdict_topic,
+                cfg.kafka.dead_letter_topic,
+                on_delivered=self.tracker.done,
+                on_fatal=self._fail_threadsafe,
+                delivery_retries=cfg.pipeline.delivery_retries,
+            )
         self.batcher = Batcher(
             self.classifier,
             max_batch_size=cfg.pipeline.max_batch_size,
@@ -154,6 +168,7 @@ class Pipeline:
             commit_interval_s=cfg.pipeline.commit_interval_s,
             revoke_drain_s=cfg.pipeline.revoke_drain_s,
             statistics_interval_ms=cfg.telemetry.statistics_interval_ms,
+            committer=committer,
         )
         gauges = self.telemetry.gauges
         gauges.in_flight = self.tracker.in_flight
@@ -162,7 +177,7 @@ class Pipeline:
         watcher = PolicyWatcher(self.policies, cfg.policies.reload_interval_s)
         if cfg.policies.reload_interval_s > 0:
             watcher.start()
-        self.sink.start()
+        await asyncio.to_thread(self.sink.start)
         self.batcher.start()
         self.source.start()
         log.info("consuming %s as group %s", ",".join(cfg.kafka.input_topics), cfg.kafka.group_id)

@@ -49,10 +49,56 @@ class KafkaConsumerLike(Protocol):
     def pause(self, partitions: list[TopicPartition]) -> None: ...
     def resume(self, partitions: list[TopicPartition]) -> None: ...
     def commit(self, offsets: list[TopicPartition], asynchronous: bool = ...) -> Any: ...
+    def consumer_group_metadata(self) -> Any: ...
     def close(self) -> None: ...
 
 
 Received = list[tuple[Message, Ticket]]
+
+
+class Committer(Protocol):
+    """Makes the tracker's positions durable; runs on the poll thread."""
+
+    def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None) -> None: ...
+
+    def forget(self, partitions: list[TopicPartitionKey]) -> None: ...
+
+    def due(self) -> bool:
+        """True when a commit should happen before the next interval (a size bound)."""
+        ...
+
+    def pending(self) -> int:
+        """Records done but held back until their commit; they count in the in-flight window."""
+        ...
+
+
+class OffsetCommitter:
+    """At-least-once: commits the positions of delivered records to the consumer group."""
+
+    def __init__(self, tracker: OffsetTracker):
+        self._tracker = tracker
+
+    def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None) -> None:
+        positions = self._tracker.commit_positions(partitions)
+        if not positions:
+            return
+        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # Not fatal: the positions stay pending and the next commit retries them.
+            log.warning("commit failed, will retry: %s", exc.args[0] if exc.args else exc)
+            return
+        self._tracker.mark_committed(positions)
+
+    def forget(self, partitions: list[TopicPartitionKey]) -> None:
+        self._tracker.forget(partitions)
+
+    def due(self) -> bool:
+        return False
+
+    def pending(self) -> int:
+        return 0
 
 
 class Source:
@@ -67,8 +113,10 @@ class Source:
         max_in_flight_bytes: int,
         commit_interval_s: float,
         revoke_drain_s: float,
+        committer: Committer | None = None,
     ):
         self._consumer = consumer
+        self._committer = committer or OffsetCommitter(tracker)
         self._topics = topics
         self._tracker = tracker
         self._deliver = deliver
@@ -143,7 +191,7 @@ class Source:
                 received = self._poll_once()
                 if received:
                     self._deliver(received)
-                if time.monotonic() >= next_commit:
+                if time.monotonic() >= next_commit or self._committer.due():
                     self._commit()
                     next_commit = time.monotonic() + self._commit_interval_s
         except Exception as exc:  # noqa: BLE001 - the poll thread must report, never die silently
@@ -159,7 +207,7 @@ class Source:
     def _poll_once(self) -> Received:
         received: Received = []
         # Never ask for more than the window has room for, so it holds exactly (paused or not).
-        room = max(1, min(POLL_BATCH, self._max_events - self._tracker.in_flight()))
+        room = max(1, min(POLL_BATCH, self._max_events - self._tracker.in_flight() - self._committer.pending()))
         for message in self._consumer.consume(num_messages=room, timeout=POLL_TIMEOUT_S):
             error = message.error()
             if error is not None:
@@ -181,7 +229,7 @@ class Source:
         log.warning("consumer: %s", error.str())
 
     def _apply_backpressure(self) -> None:
-        events, size = self._tracker.in_flight(), self._tracker.in_flight_bytes
+        events, size = self._tracker.in_flight() + self._committer.pending(), self._tracker.in_flight_bytes
         full = events >= self._max_events or size >= self._max_bytes
         if not self._accepting or full:
             if not self._paused:
@@ -192,17 +240,7 @@ class Source:
             self._paused = False
 
     def _commit(self, partitions: list[TopicPartitionKey] | None = None) -> None:
-        positions = self._tracker.commit_positions(partitions)
-        if not positions:
-            return
-        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
-        try:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            # Not fatal: the positions stay pending and the next commit retries them.
-            log.warning("commit failed, will retry: %s", exc.args[0] if exc.args else exc)
-            return
-        self._tracker.mark_committed(positions)
+        self._committer.commit(self._consumer, partitions)
 
     # -- rebalance callbacks (run on the poll thread, inside consume) ------------------------
 
@@ -220,13 +258,13 @@ class Source:
         if keys and not self._tracker.wait_until_drained(self._revoke_drain_s, keys):
             log.warning("revoked %s with records still in flight; the new owner re-reads them", _names(partitions))
         self._commit(keys)
-        self._tracker.forget(keys)
+        self._committer.forget(keys)
         self.assigned.difference_update(keys)
         log.info("revoked %s", _names(partitions))
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        self._tracker.forget(keys)
+        self._committer.forget(keys)
         self.assigned.difference_update(keys)
         log.warning("lost %s; uncommitted records will be read again by their new owner", _names(partitions))
 

@@ -107,13 +107,14 @@ def wait_for(condition, timeout: float, interval: float = 0.2, message: str = "c
 class Collector:
     """Keeps reading topics from the start; `collect()` returns everything read so far."""
 
-    def __init__(self, bootstrap: str, *topics: str):
+    def __init__(self, bootstrap: str, *topics: str, read_committed: bool = False):
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
                 "group.id": unique("collector"),
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
+                "isolation.level": "read_committed" if read_committed else "read_uncommitted",
             }
         )
         self._consumer.subscribe(list(topics))

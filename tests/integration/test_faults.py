@@ -40,6 +40,8 @@ def _write_config(path: Path, bootstrap: str, group: str, topic: str, policies_d
             "input_topics": [topic],
             "verdict_topic": f"{topic}.verdicts",
             "dead_letter_topic": f"{topic}.dlq",
+            # A killed member is noticed after the session timeout: keep it at the broker's minimum.
+            "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
         },
         "policies": {"directory": str(policies_dir), "default": "chat-harassment"},
         "pipeline": {"commit_interval_s": 0.2, "max_in_flight_events": 200},
