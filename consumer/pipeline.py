@@ -371,6 +371,12 @@ class Pipeline:
         ) as span:
             try:
                 result = await self.batcher.classify(request)
+                if not isinstance(result, Classification):
+                    raise ClassificationFailed(
+                        ErrorType.UNPARSEABLE_OUTPUT,
+                        f"classifier {self.classifier.name} returned {type(result).__name__}, not a Classification",
+                        raw_output=repr(result)[:2000],
+                    )
             except ClassificationFailed as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.error_type.value))
                 raise

@@ -44,3 +44,36 @@ class SlowClassifier:
 
 def slow(delay_s: float = 0.0, max_concurrency: int = 64) -> SlowClassifier:
     return SlowClassifier(delay_s=delay_s, max_concurrency=max_concurrency)
+
+
+class FlakyClassifier:
+    """Misbehaves on a fixed 10% of events, chosen by content: `raise` (always raises),
+    `hang` (never answers), `garbage` (answers something that is not a Classification),
+    and `transient` (raises on the first attempt only). Everything else is instant."""
+
+    name = "flaky-test"
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+
+    async def start(self) -> None:
+        return None
+
+    def capacity(self) -> Capacity:
+        return Capacity(max_sequences=64)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        content = request.event.content
+        self.attempts[request.request_id] = self.attempts.get(request.request_id, 0) + 1
+        if content.startswith("raise"):
+            raise RuntimeError("engine exploded")
+        if content.startswith("hang"):
+            await asyncio.sleep(3600)
+        if content.startswith("garbage"):
+            return {"violation": "maybe"}  # type: ignore[return-value]
+        if content.startswith("transient") and self.attempts[request.request_id] == 1:
+            raise ConnectionError("first attempt fails")
+        return Classification(violation=False, model=self.name)
+
+    async def close(self) -> None:
+        return None

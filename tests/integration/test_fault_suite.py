@@ -77,3 +77,161 @@ def test_five_sigkills_during_20k_events_lose_nothing(kafka, policies_dir, tmp_p
         assert duplicates == 0  # exactly one committed output per input, as read_committed sees it
     else:
         assert duplicates <= kills * WINDOW  # each kill redoes at most one in-flight window
+
+
+def test_misbehaving_classifier_ends_in_dead_letters_and_never_blocks_its_partition(kafka, policies_dir):
+    from consumer.pipeline import BackgroundPipeline, Pipeline
+    from consumer.policy import PolicyStore
+    from tests.plugins import FlakyClassifier
+    from tests.runner import settings_for
+
+    topic, group = unique("flaky"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")  # one partition: a poison record could block it
+    kinds = ["raise", "hang", "garbage", "transient"] + ["fine"] * 36  # 10% misbehave for good
+    contents = [f"{kinds[i % len(kinds)]} message {i}" for i in range(200)]
+    produce(kafka, topic, (event_json(i, c) for i, c in enumerate(contents)))
+    settings = settings_for(kafka, group, topic, policies_dir, pipeline={"classify_timeout_s": 1.0})
+    classifier = FlakyClassifier()
+    outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+    try:
+        with BackgroundPipeline(Pipeline(settings, classifier, PolicyStore(settings.policies.directory))) as running:
+            outputs.until(200, timeout=120)
+            wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: 200}, timeout=30, message="commits")
+            result = running.stop()
+    finally:
+        outputs.close()
+    assert result.exit_code == 0  # the process stayed up
+    from tests.kafka_helpers import decoded
+
+    by_offset = {d["source"]["offset"]: d for d in decoded(outputs.messages)}
+    assert sorted(by_offset) == list(range(200))
+    for offset, output in by_offset.items():
+        kind = contents[offset].split()[0]
+        if kind in ("raise", "hang"):
+            assert output["kind"] == "dead_letter" and output["error"]["type"] == "classifier_error", output
+            assert output["attempts"] == 3  # two retries with backoff, then the dead letter
+        elif kind == "garbage":
+            assert output["error"]["type"] == "unparseable_output" and "maybe" in output["error"]["raw_output"]
+        else:
+            assert output["kind"] == "verdict"  # transient failures were retried; the rest flowed past the poison
+    assert max(n for rid, n in classifier.attempts.items() if rid.startswith("e3/")) == 2  # e3 is 'transient'
+
+
+def test_broker_restart_mid_stream_loses_nothing(kafka_broker, policies_dir):
+    from consumer.classify import KeywordClassifier
+    from tests.runner import running_pipeline, settings_for
+
+    kafka = kafka_broker.bootstrap
+    topic, group, total = unique("restart"), unique("group"), 3000
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq", partitions=3)
+    produce(kafka, topic, (event_json(i) for i in range(total // 2)))
+    settings = settings_for(kafka, group, topic, policies_dir)
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+        outputs.until(200, timeout=60)
+        outputs.close()
+        kafka_broker.restart()  # same ports and data; clients reconnect by themselves
+        produce(kafka, topic, (event_json(i) for i in range(total // 2, total)))
+        ends = end_offsets(kafka, topic, 3)
+        wait_for(lambda: committed_offsets(kafka, group, topic, 3) == ends, timeout=120,
+                 message="commits at the end after the broker restart")
+        result = running.stop()
+    assert result.exit_code == 0
+    outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+    try:
+        wait_for(lambda: len(set(covered_offsets(outputs.collect()))) >= total, timeout=60, message="all outputs")
+    finally:
+        outputs.close()
+    assert set(covered_offsets(outputs.messages)) == {(p, o) for p, end in ends.items() for o in range(end)}
+
+
+def _bad_records():
+    from hypothesis import strategies as st
+
+    from tests.unit.test_decode_properties import event_like, json_values
+
+    value = (
+        st.binary(max_size=200)
+        | json_values.map(lambda v: __import__("orjson").dumps(v))
+        | event_like.map(lambda v: __import__("orjson").dumps(v))
+        | st.just(b"")
+        | st.just(b"[" * 3000)
+        | st.text(min_size=1).map(lambda t: __import__("orjson").dumps({"content": t * 500}))
+    )
+    record = st.tuples(
+        st.none() | value,  # the value; None is a tombstone
+        st.none() | st.binary(max_size=20),  # the key
+        st.lists(st.tuples(st.text(max_size=8), st.none() | st.binary(max_size=8)), max_size=3),  # headers
+    )
+    return st.lists(record, min_size=20, max_size=60)
+
+
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
+def test_property_based_bad_input_ends_as_verdicts_or_dead_letters(kafka, policies_dir):
+    from hypothesis import HealthCheck, given, settings
+
+    from consumer.classify import KeywordClassifier
+    from tests.kafka_helpers import decoded
+    from tests.runner import running_pipeline, settings_for
+
+    @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(_bad_records())
+    def run_once(records):
+        topic, group = unique("fuzz"), unique("group")
+        create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": kafka})
+        for value, key, headers in records:
+            producer.produce(topic, value=value, key=key, headers=headers or None)
+        assert producer.flush(30) == 0
+        producer.close()
+        settings_ = settings_for(kafka, group, topic, policies_dir, pipeline={"max_payload_bytes": 20_000})
+        outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+        try:
+            with running_pipeline(settings_, KeywordClassifier()) as running:
+                outputs.until(len(records), timeout=60)
+                wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: len(records)}, timeout=30,
+                         message="commits")
+                result = running.stop()
+        finally:
+            outputs.close()
+        assert result.exit_code == 0
+        results = decoded(outputs.messages)
+        assert sorted(r["source"]["offset"] for r in results) == list(range(len(records)))
+        assert all(r["kind"] == "verdict" or r["error"]["type"] and r["error"]["message"] for r in results)
+
+    run_once()
+
+
+def test_output_topic_deleted_stops_the_consumer_and_a_restart_completes_the_work(kafka, policies_dir):
+    from confluent_kafka.admin import AdminClient
+
+    from consumer.classify import KeywordClassifier
+    from tests.runner import running_pipeline, settings_for
+
+    topic, group = unique("deleted"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    produce(kafka, topic, (event_json(i) for i in range(100)))
+    settings = settings_for(kafka, group, topic, policies_dir, kafka={"producer": {"message.timeout.ms": 3000}},
+                            pipeline={"delivery_retries": 1})
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: 100}, timeout=60, message="first commits")
+        admin = AdminClient({"bootstrap.servers": kafka})
+        admin.delete_topics([f"{topic}.verdicts"])[f"{topic}.verdicts"].result(30)
+        time.sleep(2)
+        produce(kafka, topic, (event_json(i) for i in range(100, 150)))
+        wait_for(lambda: running.result is not None, timeout=90, message="the consumer to stop by itself")
+    assert running.result.exit_code == 1
+    assert f"{topic}.verdicts" in running.result.reason
+    assert committed_offsets(kafka, group, topic, 1) == {0: 100}  # nothing past what was delivered
+
+    create_topics(kafka, f"{topic}.verdicts")  # the topic returns
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: 150}, timeout=60, message="the rest")
+        assert running.stop().exit_code == 0
+    outputs = Collector(kafka, f"{topic}.verdicts")
+    try:
+        assert {o for _, o in covered_offsets(outputs.until(50, timeout=30))} == set(range(100, 150))
+    finally:
+        outputs.close()
