@@ -111,8 +111,8 @@ def check_config(config: Optional[Path] = ConfigOption) -> None:
 
     settings = _settings(config)
     data = settings.model_dump(mode="json")
-    data["kafka"]["consumer"] = redact(data["kafka"]["consumer"])
-    data["kafka"]["producer"] = redact(data["kafka"]["producer"])
+    for client in ("common", "consumer", "producer"):
+        data["kafka"][client] = redact(data["kafka"][client])
     typer.echo(json.dumps(data, indent=2))
 
 

@@ -36,8 +36,19 @@ class KafkaSettings(_Section):
     )
     verdict_topic: str = "verdicts"
     dead_letter_topic: str = "dead-letters"
+    common: dict[str, Any] = Field(
+        default_factory=dict, description="librdkafka options for both clients (security.protocol, sasl.*, ssl.*)"
+    )
     consumer: dict[str, Any] = Field(default_factory=dict, description="librdkafka consumer options")
     producer: dict[str, Any] = Field(default_factory=dict, description="librdkafka producer options")
+
+    @property
+    def consumer_options(self) -> dict[str, Any]:
+        return {**self.common, **self.consumer}
+
+    @property
+    def producer_options(self) -> dict[str, Any]:
+        return {**self.common, **self.producer}
 
     @field_validator("input_topics", mode="before")
     @classmethod

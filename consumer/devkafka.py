@@ -86,6 +86,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class SecureListener:
+    """A SASL_SSL listener: the broker's key and certificate chain in one PEM file, SCRAM users."""
+
+    port: int
+    keystore_pem: Path
+    users: dict[str, str]
+
+
 @dataclass
 class BrokerState:
     pid: int
@@ -102,8 +111,16 @@ class BrokerState:
 class KafkaBroker:
     """One KRaft broker+controller process listening on 127.0.0.1 only."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, extra_properties: dict[str, str] | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra_properties: dict[str, str] | None = None,
+        secure: SecureListener | None = None,
+    ):
+        """`secure`: also listen with SASL_SSL (SCRAM-SHA-512 over TLS) on its own port."""
         self.data_dir = data_dir
+        self.secure = secure
         # A formatted data dir keeps its ports, so a restarted broker is where clients left it.
         ports_file = data_dir / "ports.json"
         saved = json.loads(ports_file.read_text()) if ports_file.exists() else {}
@@ -117,14 +134,29 @@ class KafkaBroker:
         return f"127.0.0.1:{self.port}"
 
     def _properties(self) -> str:
+        listeners = f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+        advertised = f"PLAINTEXT://127.0.0.1:{self.port}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        secure: dict[str, str] = {}
+        if self.secure is not None:
+            listeners += f",SASL_SSL://127.0.0.1:{self.secure.port}"
+            advertised += f",SASL_SSL://127.0.0.1:{self.secure.port}"
+            protocols += ",SASL_SSL:SASL_SSL"
+            secure = {
+                "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+                "ssl.keystore.type": "PEM",
+                "ssl.keystore.location": str(self.secure.keystore_pem),
+            }  # fmt: skip
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir / "logs"),
             "num.partitions": "1",
@@ -135,6 +167,7 @@ class KafkaBroker:
             "transaction.state.log.num.partitions": "4",
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
+            **secure,
             **self.extra_properties,
         }
         return "".join(f"{k}={v}\n" for k, v in props.items())
@@ -152,8 +185,13 @@ class KafkaBroker:
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2)
         classpath = f"{libs}/*"
         if not (self.data_dir / "logs" / "meta.properties").exists():
+            scram = []
+            if self.secure is not None:
+                for user, password in self.secure.users.items():
+                    scram += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]"]
             result = subprocess.run(
-                [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config)],
+                [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config),
+                 *scram],
                 capture_output=True, text=True,
             )  # fmt: skip
             if result.returncode != 0:

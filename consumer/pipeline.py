@@ -128,7 +128,7 @@ class Pipeline:
 
         await self.classifier.start()
         self._classifier_ready = True
-        producer_config = cfg.kafka.producer | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
+        producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
         committer = None
         if cfg.pipeline.delivery == "exactly_once":
             self.sink = committer = TransactionalSink(
@@ -158,7 +158,7 @@ class Pipeline:
         self.source = self._source_factory(
             cfg.kafka.bootstrap_servers,
             cfg.kafka.group_id,
-            cfg.kafka.consumer,
+            cfg.kafka.consumer_options,
             topics=cfg.kafka.input_topics,
             tracker=self.tracker,
             deliver=self._receive_threadsafe,

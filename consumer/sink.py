@@ -99,7 +99,7 @@ class Sink:
                 self._producer.poll(0.05)
 
     def _on_client_error(self, err: KafkaError) -> None:
-        if err.fatal():
+        if err.fatal() or err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
             self._fail(f"fatal producer error: {err.str()}")
         else:
             log.info("producer: %s", err.str())

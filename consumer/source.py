@@ -224,7 +224,8 @@ class Source:
     def _on_message_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._PARTITION_EOF:
             return
-        if error.fatal():
+        # Bad credentials or certificates do not heal by retrying: stop with the reason.
+        if error.fatal() or error.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
             raise KafkaException(error)
         log.warning("consumer: %s", error.str())
 
