@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from consumer.context import ChatSettings
+
 _SECRET_KEY = re.compile(r"password|secret|(^|[._])key($|[._])|token|credential", re.IGNORECASE)
 
 
@@ -81,6 +83,17 @@ class PipelineSettings(_Section):
     revoke_drain_s: float = Field(default=10.0, ge=0, description="drain time for revoked partitions")
     max_batch_size: int = Field(default=64, ge=1)
     max_batch_wait_ms: float = Field(default=5.0, ge=0)
+    max_batch_tokens: int = Field(
+        default=8192, ge=1, description="estimated prompt tokens per micro-batch (vLLM's max_num_batched_tokens)"
+    )
+    completion_tokens_estimate: int = Field(
+        default=512, ge=0, description="KV-cache tokens each request in flight is assumed to add for its answer"
+    )
+    adaptive_latency_target_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="classifier latency target; when set, the in-flight window follows it (AIMD) below the capacity",
+    )
     classify_timeout_s: float = Field(default=120.0, gt=0, description="per-request deadline")
     delivery_retries: int = Field(default=3, ge=0, description="re-sends after a retriable delivery error")
     delivery: Literal["at_least_once", "exactly_once"] = Field(
@@ -180,6 +193,7 @@ class Settings(BaseSettings):
     )
     log: LogSettings = Field(default_factory=LogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -61,7 +61,10 @@ class ContentEvent(BaseModel):
     community_id: Id | None = Field(default=None, description="guild, server or shop")
     created_at: datetime | None = None
     context: list[ContextMessage] = Field(default_factory=list)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="free-form; chat streams may set event_type (create, edit, delete) and reply_to (an event_id)",
+    )
 
 
 class SourceRecord(BaseModel):
@@ -97,8 +100,16 @@ class Verdict(BaseModel):
     event_id: str
     source: SourceRecord
     violation: bool = Field(description="true if any policy found a violation")
-    action: str = Field(description="the most severe action of all results")
+    action: str = Field(description="the most severe action of all results, after repeat-offender upgrades")
+    severity: str = Field(description="none, low, medium, high or critical, from the action")
     results: list[PolicyResult]
+    author_id: str | None = None
+    community_id: str | None = None
+    context_id: str | None = None
+    offender_violations: int | None = Field(
+        default=None, description="the author's violations in this community within the offender window"
+    )
+    note: str | None = Field(default=None, description="e.g. why an event got no classification")
     latency_ms: float
     consumer_version: str
 

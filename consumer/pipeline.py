@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from confluent_kafka import Message
+import orjson
+from confluent_kafka import Message, TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
@@ -34,6 +35,7 @@ from consumer import telemetry
 from consumer.batcher import Batcher
 from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyRequest
 from consumer.config import Settings
+from consumer.context import SEVERITY, Conversations, Offenders
 from consumer.decode import DecodeError, Decoder
 from consumer.events import (
     ContentEvent,
@@ -50,7 +52,7 @@ from consumer.offsets import OffsetTracker, Ticket
 from consumer.policy import Policy, PolicyStore, PolicyWatcher, most_severe
 from consumer.route import Router
 from consumer.sink import Sink, TransactionalSink
-from consumer.source import Received, Source
+from consumer.source import Received, Source, read_tail
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class Pipeline:
         self.router = Router(settings.policies, policies.get)
         self.tracker = OffsetTracker()
         self.decoder = Decoder(settings.pipeline.max_payload_bytes, settings.decode.field_mapping)
+        self.conversations = Conversations(settings.chat)
+        self.offenders = Offenders(settings.chat)
         self._source_factory = source_factory
         meter_provider, self.metrics_registry = telemetry.prometheus_meter_provider()
         self.telemetry = telemetry.Telemetry.create(
@@ -154,6 +158,11 @@ class Pipeline:
             max_batch_size=cfg.pipeline.max_batch_size,
             max_wait_s=cfg.pipeline.max_batch_wait_ms / 1000,
             timeout_s=cfg.pipeline.classify_timeout_s,
+            max_batch_tokens=cfg.pipeline.max_batch_tokens,
+            completion_tokens=cfg.pipeline.completion_tokens_estimate,
+            latency_target_s=(
+                cfg.pipeline.adaptive_latency_target_ms / 1000 if cfg.pipeline.adaptive_latency_target_ms else None
+            ),
         )
         self.source = self._source_factory(
             cfg.kafka.bootstrap_servers,
@@ -169,6 +178,7 @@ class Pipeline:
             revoke_drain_s=cfg.pipeline.revoke_drain_s,
             statistics_interval_ms=cfg.telemetry.statistics_interval_ms,
             committer=committer,
+            on_assigned=self._rebuild_chat_state,
         )
         gauges = self.telemetry.gauges
         gauges.in_flight = self.tracker.in_flight
@@ -214,6 +224,43 @@ class Pipeline:
         await self.classifier.close()
         log.info("stopped: consumed %d, verdicts %d, dead letters %d",
                  self.consumed, self.verdicts, self.dead_letters)
+
+    # -- chat state -----------------------------------------------------------------------------
+
+    def _rebuild_chat_state(self, consumer_: object, partitions: list) -> None:
+        """Read back a bounded tail so conversations and offender counts survive restarts.
+
+        Runs on the poll thread before the partitions' first records are handed on.
+        """
+        cfg = self.settings
+        tail = cfg.chat.rebuild_records
+        if not tail or not (self.conversations.enabled or self.offenders.enabled):
+            return
+        client = cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
+        assigned = {(tp.topic, tp.partition) for tp in partitions}
+        if self.conversations.enabled:
+            committed = consumer_.committed(partitions, timeout=10)  # type: ignore[attr-defined]
+            ranges = [(tp.topic, tp.partition, tp.offset - tail, tp.offset) for tp in committed if tp.offset > 0]
+            for message in read_tail(client, ranges):
+                try:
+                    self.conversations.remember(self.decoder.decode(message.value(), "rebuild"))
+                except DecodeError:
+                    continue
+        if self.offenders.enabled:
+            topic = cfg.kafka.verdict_topic
+            metadata = consumer_.list_topics(topic, timeout=10)  # type: ignore[attr-defined]
+            ranges = []
+            for partition in metadata.topics[topic].partitions if topic in metadata.topics else ():
+                _, high = consumer_.get_watermark_offsets(  # type: ignore[attr-defined]
+                    TopicPartition(topic, partition), timeout=10
+                )
+                ranges.append((topic, partition, high - tail, high))
+            verdicts = (orjson.loads(m.value()) for m in read_tail(client, ranges))
+            self.offenders.replay(
+                v for v in verdicts if (v.get("source", {}).get("topic"), v.get("source", {}).get("partition")) in assigned
+            )
+        log.info("rebuilt chat state for %d partitions: %d conversations, %d authors",
+                 len(partitions), len(self.conversations), len(self.offenders))
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -292,6 +339,11 @@ class Pipeline:
         span.set_attribute("safeguard.event_id", event.event_id)
         if self.telemetry.trace_content:
             span.set_attribute("safeguard.content", event.content)
+        # What the classifier sees: the conversation so far, authors pseudonymised.
+        view = self.conversations.observe(event)
+        if event.metadata.get("event_type") == "delete":
+            await self._send_verdict(message, ticket, span, started, event, [], note="deleted: left the conversation")
+            return
         policies = self.router.policies_for(topic, event)
         if not policies:
             await self._dead_letter(
@@ -299,18 +351,40 @@ class Pipeline:
             )
             return
         try:
-            results = await self._classify(event, policies, span, started)
+            results = await self._classify(view, policies, span, started)
         except ClassificationFailed as exc:
             await self._dead_letter(
                 message, ticket, span, started, exc.error_type, str(exc), event, exc.raw_output, exc.attempts
             )
             return
+        await self._send_verdict(message, ticket, span, started, event, results)
+
+    async def _send_verdict(
+        self,
+        message: Message,
+        ticket: Ticket,
+        span: Span,
+        started: float,
+        event: ContentEvent,
+        results: list[PolicyResult],
+        note: str | None = None,
+    ) -> None:
+        violation = any(r.violation for r in results)
+        action, offences = self.offenders.record(
+            event.community_id, event.author_id, violation, most_severe([r.action for r in results])
+        )
         verdict = Verdict(
             event_id=event.event_id,
             source=_source_record(message),
-            violation=any(r.violation for r in results),
-            action=most_severe([r.action for r in results]),
+            violation=violation,
+            action=action,
+            severity=SEVERITY.get(action, "low"),
             results=results,
+            author_id=event.author_id,
+            community_id=event.community_id,
+            context_id=event.context_id,
+            offender_violations=offences if self.offenders.enabled and event.author_id else None,
+            note=note,
             latency_ms=(time.monotonic() - started) * 1000,
             consumer_version=consumer.__version__,
         )

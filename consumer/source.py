@@ -114,9 +114,13 @@ class Source:
         commit_interval_s: float,
         revoke_drain_s: float,
         committer: Committer | None = None,
+        on_assigned: Callable[[KafkaConsumerLike, list[TopicPartition]], None] | None = None,
     ):
+        """`on_assigned` runs on the poll thread after an assignment, before any of its records
+        are handed on (state rebuilds)."""
         self._consumer = consumer
         self._committer = committer or OffsetCommitter(tracker)
+        self._on_assigned = on_assigned
         self._topics = topics
         self._tracker = tracker
         self._deliver = deliver
@@ -252,6 +256,11 @@ class Source:
             consumer.pause(partitions)
         self.assigned.update((tp.topic, tp.partition) for tp in partitions)
         log.info("assigned %s", _names(partitions))
+        if self._on_assigned is not None and partitions:
+            try:
+                self._on_assigned(consumer, partitions)
+            except Exception:  # noqa: BLE001 - a failed rebuild costs context, never records
+                log.exception("rebuilding state for %s failed; continuing without it", _names(partitions))
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.rebalances += 1
@@ -272,3 +281,40 @@ class Source:
 
 def _names(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
+def read_tail(config: dict[str, Any], ranges: list[tuple[str, int, int, int]], timeout: float = 30.0) -> list[Message]:
+    """Records [start, end) of each (topic, partition, start, end), read with an assigned consumer
+    that belongs to no group and commits nothing; start is clamped to the earliest retained offset."""
+    wanted = [r for r in ranges if r[3] > r[2]]
+    if not wanted:
+        return []
+    reader = Consumer({**config, "group.id": "safeguard-tail-reader", "enable.auto.commit": False,
+                       "enable.partition.eof": False})  # fmt: skip
+    try:
+        assignment, remaining = [], {}
+        for topic, partition, start, end in wanted:
+            low, _ = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            start = max(start, low)
+            if start < end:
+                assignment.append(TopicPartition(topic, partition, start))
+                remaining[(topic, partition)] = end
+        reader.assign(assignment)
+        found: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while remaining and time.monotonic() < deadline:
+            for message in reader.consume(500, timeout=0.5):
+                if message.error() is not None:
+                    continue
+                key = (message.topic(), message.partition())
+                end = remaining.get(key)
+                if end is None or message.offset() >= end:
+                    continue
+                found.append(message)
+            # By position, not by last offset seen: transaction markers occupy offsets too.
+            for (topic, partition), end in list(remaining.items()):
+                if reader.position([TopicPartition(topic, partition)])[0].offset >= end:
+                    del remaining[(topic, partition)]
+        return found
+    finally:
+        reader.close()

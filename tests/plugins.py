@@ -17,6 +17,7 @@ class SlowClassifier:
         self.max_concurrency = max_concurrency
         self.flag_word = flag_word
         self.calls = 0
+        self.requests: list[ClassifyRequest] = []
         self.active = 0
         self.peak = 0  # most requests in progress at once
 
@@ -28,6 +29,7 @@ class SlowClassifier:
 
     async def classify(self, request: ClassifyRequest) -> Classification:
         self.calls += 1
+        self.requests.append(request)
         self.active += 1
         self.peak = max(self.peak, self.active)
         try:

@@ -1,0 +1,211 @@
+"""Conversation context and repeat offenders, for chat moderation.
+
+Many violations (harassment, dog-piling, raids) show only in the conversation. The
+`Conversations` stage keeps, per `context_id` (a channel or thread), the last
+`context_messages` messages of at most `context_seconds`, built from the stream itself, and
+gives the classifier a view of each event with that history attached and the authors
+replaced by pseudonyms that are stable within the conversation ("user-1", "user-2", ...):
+the model sees who said what, never a user id. Memory is bounded: at most `max_channels`
+conversations (least recently used are dropped), each message's text cut to
+`max_message_chars`.
+
+`Offenders` counts each author's violations per community over a rolling window; crossing a
+configured threshold upgrades the verdict's action (e.g. delete -> timeout -> escalate).
+
+Both rebuild their state after a restart or a partition assignment by reading back a
+bounded tail of a topic (`rebuild`), so no external store is needed. Events arrive keyed by
+channel, so one consumer sees a whole channel; offender counts are per consumer instance
+(key by community to make them global).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from consumer.events import ContentEvent, ContextMessage
+from consumer.policy import ACTIONS
+
+
+class OffenderThreshold(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    violations: int = Field(ge=1, description="violations within the window")
+    action: str = Field(description="the action at least taken from this count on")
+
+
+class ChatSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    context_messages: int = Field(default=0, ge=0, description="history per conversation; 0: off")
+    context_seconds: float = Field(default=900.0, gt=0)
+    max_channels: int = Field(default=10_000, ge=1)
+    max_message_chars: int = Field(default=500, ge=1)
+    rebuild_records: int = Field(default=200, ge=0, description="input records read back per assigned partition")
+    offender_window_s: float = Field(default=86_400.0, gt=0)
+    offender_thresholds: list[OffenderThreshold] = Field(default_factory=list)
+    max_authors: int = Field(default=100_000, ge=1)
+
+
+@dataclass
+class _Entry:
+    event_id: str
+    author_id: str | None
+    content: str
+    at: float
+
+
+class Conversations:
+    """Bounded per-channel history; thread-safe (rebuilds run on the poll thread)."""
+
+    def __init__(self, settings: ChatSettings, clock=time.time):
+        self._settings = settings
+        self._clock = clock
+        self._channels: OrderedDict[str, deque[_Entry]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self._settings.context_messages > 0
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def stored_messages(self) -> int:
+        with self._lock:
+            return sum(len(d) for d in self._channels.values())
+
+    def observe(self, event: ContentEvent) -> ContentEvent:
+        """Record the event in its conversation; return the view the classifier should see."""
+        if not self.enabled or event.context_id is None:
+            return _pseudonymised(event, list(event.context))
+        kind = event.metadata.get("event_type", "create")
+        now = self._timestamp(event)
+        with self._lock:
+            history = self._channel(event.context_id)
+            self._expire(history, now)
+            if kind == "delete":
+                _remove(history, event.event_id)
+                return event
+            earlier = [e for e in history if e.event_id != event.event_id]
+            reply_to = event.metadata.get("reply_to")
+            if reply_to and not any(e.event_id == reply_to for e in earlier):
+                replied = next((e for d in self._channels.values() for e in d if e.event_id == reply_to), None)
+                if replied is not None:  # fell out of the window but is still in memory
+                    earlier.insert(0, replied)
+            if kind == "edit":
+                _remove(history, event.event_id)  # the edited text replaces the original
+            history.append(_Entry(event.event_id, event.author_id, event.content[: self._settings.max_message_chars], now))
+        context = list(event.context) + [
+            ContextMessage(content=e.content, author_id=e.author_id, event_id=e.event_id) for e in earlier
+        ]
+        return _pseudonymised(event, context)
+
+    def remember(self, event: ContentEvent) -> None:
+        """Add history without classifying (a rebuild)."""
+        if self.enabled and event.context_id is not None:
+            self.observe(event)
+
+    def _channel(self, context_id: str) -> deque[_Entry]:
+        history = self._channels.get(context_id)
+        if history is None:
+            history = self._channels[context_id] = deque(maxlen=self._settings.context_messages)
+            while len(self._channels) > self._settings.max_channels:
+                self._channels.popitem(last=False)
+        else:
+            self._channels.move_to_end(context_id)
+        return history
+
+    def _expire(self, history: deque[_Entry], now: float) -> None:
+        while history and now - history[0].at > self._settings.context_seconds:
+            history.popleft()
+
+    def _timestamp(self, event: ContentEvent) -> float:
+        return event.created_at.timestamp() if event.created_at else self._clock()
+
+
+def _remove(history: deque[_Entry], event_id: str) -> None:
+    for entry in [e for e in history if e.event_id == event_id]:
+        history.remove(entry)
+
+
+def _pseudonymised(event: ContentEvent, context: list[ContextMessage]) -> ContentEvent:
+    """The event with authors replaced by per-conversation pseudonyms, in order of appearance."""
+    if not context and event.author_id is None:
+        return event
+    names: dict[str, str] = {}
+
+    def name(author: str | None) -> str | None:
+        if author is None:
+            return None
+        return names.setdefault(author, f"user-{len(names) + 1}")
+
+    renamed = [m.model_copy(update={"author_id": name(m.author_id)}) for m in context]
+    return event.model_copy(update={"context": renamed, "author_id": name(event.author_id)})
+
+
+class Offenders:
+    """Rolling per-(community, author) violation counts that upgrade actions at thresholds."""
+
+    def __init__(self, settings: ChatSettings, clock=time.time):
+        self._settings = settings
+        self._thresholds = sorted(settings.offender_thresholds, key=lambda t: t.violations)
+        self._clock = clock
+        self._violations: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._thresholds)
+
+    def __len__(self) -> int:
+        return len(self._violations)
+
+    def record(self, community_id: str | None, author_id: str | None, violation: bool, action: str,
+               at: float | None = None) -> tuple[str, int]:
+        """Count a verdict; returns (the action after upgrades, the author's violations in the window)."""
+        if not self.enabled or author_id is None:
+            return action, 0
+        key = (community_id or "", author_id)
+        now = at if at is not None else self._clock()
+        with self._lock:
+            times = self._violations.get(key)
+            if times is None:
+                if not violation:
+                    return action, 0
+                times = self._violations[key] = deque()
+                while len(self._violations) > self._settings.max_authors:
+                    self._violations.popitem(last=False)
+            else:
+                self._violations.move_to_end(key)
+            while times and now - times[0] > self._settings.offender_window_s:
+                times.popleft()
+            if violation:
+                times.append(now)
+            count = len(times)
+        if not violation:
+            return action, count
+        for threshold in self._thresholds:
+            if count >= threshold.violations and _severity(threshold.action) > _severity(action):
+                action = threshold.action
+        return action, count
+
+    def replay(self, verdicts: Iterable[dict]) -> None:
+        """Count earlier verdicts again (a rebuild from the verdict topic's tail)."""
+        for verdict in verdicts:
+            if verdict.get("violation") and verdict.get("author_id"):
+                at = (verdict.get("source") or {}).get("timestamp_ms")
+                self.record(verdict.get("community_id"), verdict["author_id"], True, verdict.get("action", "flag"),
+                            at=at / 1000 if at else None)
+
+
+def _severity(action: str) -> int:
+    return ACTIONS.index(action) if action in ACTIONS else 0
+
+
+SEVERITY = {"allow": "none", "flag": "low", "delete": "medium", "timeout": "high", "escalate": "critical"}

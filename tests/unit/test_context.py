@@ -1,0 +1,82 @@
+"""Conversation windows and repeat offenders: bounded, pseudonymous, escalating."""
+
+from datetime import datetime, timedelta, timezone
+
+from consumer.context import ChatSettings, Conversations, Offenders
+from consumer.events import ContentEvent
+
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+
+
+def msg(i: int, author: str, channel: str = "c1", seconds: float = 0, **metadata) -> ContentEvent:
+    return ContentEvent(event_id=f"m{i}", content=f"text {i}", author_id=author, context_id=channel,
+                        created_at=T0 + timedelta(seconds=seconds), metadata=metadata)
+
+
+def test_window_keeps_the_last_messages_with_stable_pseudonyms():
+    conversations = Conversations(ChatSettings(context_messages=3, context_seconds=600))
+    for i, author in enumerate(["alice", "bob", "alice", "carol"]):
+        view = conversations.observe(msg(i, author, seconds=i))
+    assert [m.content for m in view.context] == ["text 0", "text 1", "text 2"]  # the 3 before it
+    assert [m.author_id for m in view.context] == ["user-1", "user-2", "user-1"]  # alice, bob, alice
+    assert view.author_id == "user-3"  # carol
+    view = conversations.observe(msg(4, "dave", seconds=4))
+    assert [m.content for m in view.context] == ["text 1", "text 2", "text 3"]
+    assert "alice" not in view.model_dump_json() and "bob" not in view.model_dump_json()
+
+
+def test_old_messages_expire_and_channels_are_separate():
+    conversations = Conversations(ChatSettings(context_messages=10, context_seconds=60))
+    conversations.observe(msg(0, "a", seconds=0))
+    conversations.observe(msg(1, "b", channel="c2", seconds=1))
+    view = conversations.observe(msg(2, "c", seconds=120))
+    assert view.context == []
+
+
+def test_memory_stays_bounded_with_100k_channels():
+    conversations = Conversations(ChatSettings(context_messages=5, max_channels=1000, max_message_chars=20))
+    for i in range(100_000):
+        conversations.observe(ContentEvent(event_id=f"e{i}", content="x" * 1000, author_id="a",
+                                           context_id=f"channel-{i}", created_at=T0))
+    assert len(conversations) == 1000
+    assert conversations.stored_messages() == 1000
+
+
+def test_a_reply_pulls_in_the_message_it_answers_even_outside_the_window():
+    far = Conversations(ChatSettings(context_messages=2, context_seconds=600))
+    far.observe(msg(0, "alice", channel="thread-a"))
+    far.observe(msg(1, "bob", channel="thread-b"))
+    view = far.observe(msg(2, "carol", channel="thread-b", reply_to="m0"))
+    assert [m.event_id for m in view.context] == ["m0", "m1"]
+
+
+def test_edits_replace_the_original_and_deletions_leave_the_context():
+    conversations = Conversations(ChatSettings(context_messages=10))
+    conversations.observe(msg(0, "alice"))
+    conversations.observe(msg(1, "bob"))
+    edited = ContentEvent(event_id="m0", content="edited text", author_id="alice", context_id="c1",
+                          created_at=T0, metadata={"event_type": "edit"})
+    view = conversations.observe(edited)
+    assert [m.event_id for m in view.context] == ["m1"]
+    conversations.observe(ContentEvent(event_id="m1", content="-", context_id="c1", created_at=T0,
+                                       metadata={"event_type": "delete"}))
+    view = conversations.observe(msg(2, "carol"))
+    assert [(m.event_id, m.content) for m in view.context] == [("m0", "edited text")]
+
+
+def test_repeat_offenders_escalate_across_thresholds_within_the_window():
+    offenders = Offenders(ChatSettings(offender_window_s=3600, offender_thresholds=[
+        {"violations": 2, "action": "timeout"}, {"violations": 3, "action": "escalate"}]))
+    actions = [offenders.record("guild", "troll", True, "delete", at=t)[0] for t in (0, 10, 20)]
+    assert actions == ["delete", "timeout", "escalate"]
+    assert offenders.record("guild", "troll", False, "allow", at=30) == ("allow", 3)
+    assert offenders.record("other-guild", "troll", True, "delete", at=40) == ("delete", 1)
+    assert offenders.record("guild", "troll", True, "delete", at=4000)[0] == "delete"  # the window moved on
+    assert offenders.record("guild", "troll", True, "flag", at=4001) == ("timeout", 2)
+
+
+def test_offender_memory_is_bounded():
+    offenders = Offenders(ChatSettings(max_authors=100, offender_thresholds=[{"violations": 2, "action": "timeout"}]))
+    for i in range(10_000):
+        offenders.record("g", f"author-{i}", True, "delete", at=i)
+    assert len(offenders) == 100
