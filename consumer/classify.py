@@ -4,7 +4,8 @@ The pipeline hands a classifier one (event, policy) request at a time, as many c
 as the classifier's `capacity()` allows, and gets back a `Classification` or a
 `ClassificationFailed` naming the dead-letter error type. Implementations: `KeywordClassifier`
 (below, deterministic pattern matching from the policy's `patterns`), the vLLM engine
-(`consumer.engine`), and any user class loaded with `classifier.kind: plugin`.
+(`consumer.engine`), the cascade of cheap stages in front of it (`consumer.cascade`), and
+any user class loaded with `classifier.kind: plugin`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from consumer.events import ContentEvent, ErrorType
 from consumer.policy import Policy
+
+if TYPE_CHECKING:
+    from consumer.config import Settings
+    from consumer.policy import PolicyStore
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Classification:
     rationale: str | None = None
     reasoning: str | None = None
     model: str = "unknown"
+    stage: str | None = None  # which stage of a cascade decided: cache, lexical, embedding, reasoner, undecided
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -125,13 +131,31 @@ def load_plugin(factory: str, options: dict[str, Any]) -> Classifier:
     return classifier
 
 
-def build_classifier(kind: str, factory: str | None, options: dict[str, Any], engine: dict[str, Any]) -> Classifier:
-    """The classifier named by the `classifier` config section."""
-    if kind == "keyword":
-        return KeywordClassifier(**options)
-    if kind == "plugin":
-        assert factory is not None
-        return load_plugin(factory, options)
+def build_classifier(settings: Settings, policies: PolicyStore) -> Classifier:
+    """The classifier the `classifier` section names; raises ConfigError naming the key at fault."""
+    from pydantic import ValidationError
+
+    from consumer.config import ConfigError, format_validation_error
+
+    c = settings.classifier
+    try:
+        if c.kind == "keyword":
+            return KeywordClassifier(**c.options)
+        if c.kind == "plugin":
+            assert c.factory is not None
+            return load_plugin(c.factory, c.options)
+        if c.kind == "vllm":
+            return _vllm(settings)
+        from consumer.cascade import make_cascade
+
+        return make_cascade(settings.cascade, _vllm(settings) if c.reasoner == "vllm" else None, policies)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, None).replace("\n  ", "\n  engine.")) from None
+    except (ImportError, TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"classifier ({c.kind}): {exc}") from None
+
+
+def _vllm(settings: Settings) -> Classifier:
     from consumer.engine import EngineSettings, make_vllm_classifier
 
-    return make_vllm_classifier(EngineSettings(**engine))
+    return make_vllm_classifier(EngineSettings(**settings.engine))

@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from pydantic import ValidationError
-
 import consumer
-from consumer.config import ConfigError, Settings, format_validation_error, load_settings
+from consumer.config import ConfigError, Settings, load_settings
 
 app = typer.Typer(
     help="A streaming moderation consumer: Kafka in, policy verdicts and dead letters out.",
@@ -65,13 +63,10 @@ def run(
         Router(settings.policies, policies.get)  # fails early on routes naming unknown policies
     except (PolicyError, RoutingError) as exc:
         raise _config_exit(str(exc)) from None
-    c = settings.classifier
     try:
-        classifier = build_classifier(c.kind, c.factory, c.options, settings.engine)
-    except ValidationError as exc:
-        raise _config_exit(format_validation_error(exc, config).replace("\n  ", "\n  engine.")) from None
-    except (ImportError, TypeError, ValueError) as exc:
-        raise _config_exit(f"classifier: {exc}") from None
+        classifier = build_classifier(settings, policies)
+    except ConfigError as exc:
+        raise _config_exit(str(exc)) from None
     try:
         pipeline = Pipeline(settings, classifier, policies)
     except TelemetryError as exc:
@@ -89,17 +84,23 @@ def run(
 @app.command()
 def demo(
     policies: Optional[Path] = typer.Option(None, help="Policies folder; the repository's policies/ by default."),
+    engine: str = typer.Option(
+        "auto", help="auto (vllm with a GPU, else cascade), vllm, cascade (CPU, no model) or keyword."
+    ),
+    model: str = typer.Option("openai/gpt-oss-safeguard-20b", help="The model, for the vllm engine."),
 ) -> None:
     """Run the whole data path on bundled sample chat and reviews against a private local Kafka."""
     from rich.console import Console
 
-    from consumer.demo import default_policies_dir, run_demo
+    from consumer.demo import ENGINES, default_policies_dir, run_demo
     from consumer.devkafka import DevKafkaError
 
+    if engine != "auto" and engine not in ENGINES:
+        raise _config_exit(f"--engine must be auto, {', '.join(ENGINES)}; not {engine!r}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run_demo(policies or default_policies_dir(), Console())
-    except DevKafkaError as exc:
+        run_demo(policies or default_policies_dir(), Console(), engine=engine, model=model)
+    except (DevKafkaError, ConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 
@@ -231,7 +232,7 @@ def policy_eval(
 
     from consumer.classify import build_classifier
     from consumer.evaluate import DataError, evaluate, load_examples, markdown_report
-    from consumer.policy import PolicyError, load_policy
+    from consumer.policy import PolicyError, PolicyStore, load_policy
 
     settings = _settings(config)
     try:
@@ -240,8 +241,10 @@ def policy_eval(
         baseline_policy = load_policy(against) if against else None
     except (DataError, PolicyError) as exc:
         raise _config_exit(str(exc)) from None
-    c = settings.classifier
-    classifier = build_classifier(c.kind, c.factory, c.options, settings.engine)
+    try:
+        classifier = build_classifier(settings, PolicyStore(current.path.parent if current.path else Path(".")))
+    except (ConfigError, PolicyError) as exc:
+        raise _config_exit(str(exc)) from None
 
     async def both():
         await classifier.start()

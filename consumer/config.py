@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from consumer.cascade.settings import CascadeSettings
 from consumer.context import ChatSettings
 
 _SECRET_KEY = re.compile(r"password|secret|(^|[._])key($|[._])|token|credential", re.IGNORECASE)
@@ -152,7 +153,10 @@ class PolicySettings(_Section):
 
 
 class ClassifierSettings(_Section):
-    kind: Literal["keyword", "vllm", "plugin"] = "keyword"
+    kind: Literal["keyword", "vllm", "cascade", "plugin"] = "keyword"
+    reasoner: Literal["vllm", "none"] = Field(
+        default="none", description="kind=cascade: what the cheap stages escalate to (none: they answer alone)"
+    )
     factory: str | None = Field(default=None, description="module:callable, for kind=plugin")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
 
@@ -194,6 +198,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
+    cascade: CascadeSettings = Field(default_factory=CascadeSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -5,10 +5,15 @@ sample stream (Discord-style chat across servers and channels, and marketplace r
 a few malformed records), runs the consumer on it, shows the verdicts as they arrive, prints
 a summary, writes the verdicts to a JSONL file, and stops everything it started, also on
 Ctrl-C.
+
+The engine is the best one available: gpt-oss-safeguard on vLLM behind the cascade where a
+GPU and vLLM are present; otherwise the cascade's cheap stages alone, on CPU, trained from
+each policy's examples. The demo says plainly which one ran.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 import time
 from collections import Counter
@@ -22,8 +27,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from consumer.classify import Classifier, KeywordClassifier
-from consumer.config import load_settings
+from consumer.classify import Classifier, build_classifier
+from consumer.config import Settings, load_settings
 from consumer.devkafka import KafkaBroker, cache_dir, create_topics
 from consumer.pipeline import BackgroundPipeline, Pipeline
 from consumer.policy import PolicyStore
@@ -57,58 +62,89 @@ def default_policies_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "policies"
 
 
+ENGINES = {
+    "cascade": "the cascade's cheap stages on CPU (verdict cache + a lexical model trained on each policy's "
+    "examples); no reasoning model: much weaker than gpt-oss-safeguard, it shows the data path",
+    "vllm": "gpt-oss-safeguard ({model}) on vLLM, behind the cascade's cache and cheap stages",
+    "keyword": "each policy's keyword patterns; no model at all",
+}
+
+
+def best_engine() -> str:
+    """`vllm` where vLLM and a CUDA GPU are present, else `cascade`."""
+    if importlib.util.find_spec("vllm") is None:
+        return "cascade"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "cascade"
+
+
 def run_demo(
     policies_dir: Path,
     console: Console,
-    classifier: Classifier | None = None,
+    engine: str = "auto",
+    model: str = "openai/gpt-oss-safeguard-20b",
     timeout_s: float = 300.0,
+    classifier: Classifier | None = None,
 ) -> DemoSummary:
-    classifier = classifier or KeywordClassifier()
-    engine = (
-        "keyword patterns from each policy (no reasoning model: fast and deterministic, far weaker than "
-        "gpt-oss-safeguard)"
-        if isinstance(classifier, KeywordClassifier)
-        else classifier.name
-    )
-    console.print(f"[bold]engine:[/bold] {engine}")
+    """`classifier`, when given, replaces the engine (tests)."""
+    engine = best_engine() if engine == "auto" else engine
+    description = ENGINES[engine].format(model=model) if classifier is None else classifier.name
+    console.print(f"[bold]engine:[/bold] {description}")
     with tempfile.TemporaryDirectory(prefix="safeguard-demo-") as data_dir:
         broker = KafkaBroker(Path(data_dir))
         console.print("starting a local Kafka broker (first run fetches its jars with Maven)...")
         broker.start()
         try:
             console.print(f"Kafka at {broker.bootstrap}")
-            return _run(broker.bootstrap, policies_dir, classifier, engine, console, timeout_s)
+            settings = _settings(broker.bootstrap, policies_dir, engine, model, Path(data_dir))
+            store = PolicyStore(settings.policies.directory)
+            classifier = classifier or build_classifier(settings, store)
+            return _run(broker.bootstrap, settings, store, classifier, description, console, timeout_s)
         finally:
             broker.stop()
             console.print("stopped the local Kafka broker")
 
 
+def _settings(bootstrap: str, policies_dir: Path, engine: str, model: str, state_dir: Path) -> Settings:
+    overrides: dict[str, object] = {
+        "kafka.bootstrap_servers": bootstrap,
+        "kafka.group_id": "safeguard-demo",
+        "kafka.input_topics": [CHAT_TOPIC, REVIEW_TOPIC],
+        "kafka.verdict_topic": VERDICT_TOPIC,
+        "kafka.dead_letter_topic": DEAD_LETTER_TOPIC,
+        "policies.directory": str(policies_dir),
+        "policies.routes": [
+        {"topics": [CHAT_TOPIC], "policies": ["chat-harassment", "spam-scams"]},
+        {"topics": [REVIEW_TOPIC], "policies": ["fake-reviews", "spam-scams"]},
+        ],
+        "pipeline.commit_interval_s": 0.5,
+        "telemetry.http_port": None,
+        "chat.context_messages": 10,
+        "classifier.kind": "keyword" if engine == "keyword" else "cascade",
+        "classifier.reasoner": "vllm" if engine == "vllm" else "none",
+        "cascade.state_dir": str(state_dir / "cascade"),
+    }
+    if engine == "vllm":
+        overrides["engine.model"] = model
+    return load_settings(None, overrides)
+
+
 def _run(
-    bootstrap: str, policies_dir: Path, classifier: Classifier, engine: str, console: Console, timeout_s: float
+    bootstrap: str,
+    settings: Settings,
+    store: PolicyStore,
+    classifier: Classifier,
+    engine: str,
+    console: Console,
+    timeout_s: float,
 ) -> DemoSummary:
     create_topics(bootstrap, CHAT_TOPIC, partitions=3)
     create_topics(bootstrap, REVIEW_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC)
     events = sample_events()
     contents = {e["event_id"]: e["content"] for e in events}
     produced = _produce(bootstrap, events)
-    settings = load_settings(
-        None,
-        {
-            "kafka.bootstrap_servers": bootstrap,
-            "kafka.group_id": "safeguard-demo",
-            "kafka.input_topics": [CHAT_TOPIC, REVIEW_TOPIC],
-            "kafka.verdict_topic": VERDICT_TOPIC,
-            "kafka.dead_letter_topic": DEAD_LETTER_TOPIC,
-            "policies.directory": str(policies_dir),
-            "policies.routes": [
-                {"topics": [CHAT_TOPIC], "policies": ["chat-harassment", "spam-scams"]},
-                {"topics": [REVIEW_TOPIC], "policies": ["spam-scams"]},
-            ],
-            "pipeline.commit_interval_s": 0.5,
-            "telemetry.http_port": None,
-        },
-    )
-    pipeline = Pipeline(settings, classifier, PolicyStore(settings.policies.directory))
+    pipeline = Pipeline(settings, classifier, store)
     summary = DemoSummary(engine=engine, produced=produced)
     reader = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "safeguard-demo-reader", "auto.offset.reset": "earliest"}
@@ -164,8 +200,8 @@ def _record(output: dict, contents: dict[str, str], summary: DemoSummary) -> tup
     return (
         content[:48],
         shown["policy_id"],
-        "VIOLATION" if output["violation"] else "ok",
-        shown["model"],
+        f"VIOLATION: {output['action']}" if output["violation"] else "ok",
+        shown.get("stage") or shown["model"],
         (shown["rationale"] or "")[:60],
     )
 
@@ -176,7 +212,7 @@ def _live_table(rows: list[tuple[str, ...]], summary: DemoSummary) -> Table:
     for column in ("message", "policy", "verdict", "stage", "rationale"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*row, style="red" if row[2] == "VIOLATION" else None)
+        table.add_row(*row, style="red" if row[2].startswith("VIOLATION") else None)
     return table
 
 

@@ -89,6 +89,9 @@ class PolicyResult(BaseModel):
     action: str = Field(description="from the policy's actions map: allow, flag, delete, timeout or escalate")
     reasoning: str | None = Field(default=None, description="analysis channel; only when enabled")
     model: str
+    stage: str | None = Field(
+        default=None, description="which stage decided: cache, lexical, embedding, reasoner or undecided (a cascade)"
+    )
     latency_ms: float
 
 

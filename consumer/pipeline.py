@@ -184,6 +184,7 @@ class Pipeline:
         gauges.in_flight = self.tracker.in_flight
         gauges.lag = lambda: self.source.lag
         gauges.policy_reloads = lambda: self.policies.reloads
+        gauges.cascade = lambda: getattr(self.classifier, "counters", {})
         watcher = PolicyWatcher(self.policies, cfg.policies.reload_interval_s)
         if cfg.policies.reload_interval_s > 0:
             watcher.start()
@@ -270,6 +271,8 @@ class Pipeline:
             await asyncio.sleep(1.0)
 
     def _alive(self) -> tuple[bool, str]:
+        if not self._classifier_ready:
+            return True, "starting"  # loading a model may hold the loop; the startup probe covers it
         stalled = time.monotonic() - self._heartbeat
         if stalled > self.settings.telemetry.heartbeat_timeout_s:
             return False, f"event loop unresponsive for {stalled:.0f}s"
@@ -426,6 +429,7 @@ class Pipeline:
                     action=request.policy.action_for(outcome.violation, outcome.category),
                     reasoning=outcome.reasoning,
                     model=outcome.model,
+                    stage=outcome.stage,
                     latency_ms=(time.monotonic() - started) * 1000,
                 )
             )

@@ -110,6 +110,7 @@ class Gauges:
     lag: Callable[[], dict[tuple[str, int], int]] = dict
     batch_size: Callable[[], float] = lambda: 0.0
     policy_reloads: Callable[[], int] = lambda: 0
+    cascade: Callable[[], dict[str, Any]] = dict  # policy id -> consumer.cascade PolicyCounters
 
 
 @dataclass
@@ -145,6 +146,17 @@ class Telemetry:
             "safeguard.consumer.lag", [self._observe_lag], description="messages behind the end, per partition"
         )
         m.create_observable_gauge("safeguard.batch.size", [self._observe_batch], description="mean batch size")
+        m.create_observable_counter(
+            "safeguard.cascade.decided", [self._observe_decided], description="events decided, by policy and stage"
+        )
+        m.create_observable_gauge(
+            "safeguard.cascade.rate", [self._observe_rates],
+            description="per policy: cache_hit, escalation and shadow_disagreement rates",
+        )  # fmt: skip
+        m.create_observable_gauge(
+            "safeguard.cascade.calibration_error", [self._observe_calibration],
+            description="expected calibration error of each learned stage, per policy",
+        )  # fmt: skip
 
     @classmethod
     def create(
@@ -184,6 +196,23 @@ class Telemetry:
     def _observe_lag(self, _: CallbackOptions) -> Iterable[Observation]:
         for (topic, partition), lag in self.gauges.lag().items():
             yield Observation(lag, {"messaging.destination.name": topic, "messaging.destination.partition.id": str(partition)})
+
+    def _observe_decided(self, _: CallbackOptions) -> Iterable[Observation]:
+        for policy, counters in self.gauges.cascade().items():
+            for stage, count in counters.decided.items():
+                yield Observation(count, {"safeguard.policy.id": policy, "safeguard.stage": stage})
+
+    def _observe_rates(self, _: CallbackOptions) -> Iterable[Observation]:
+        for policy, c in self.gauges.cascade().items():
+            for kind, rate in (("cache_hit", c.cache_hit_rate), ("escalation", c.escalation_rate),
+                               ("shadow_disagreement", c.shadow_disagreement_rate)):  # fmt: skip
+                yield Observation(rate, {"safeguard.policy.id": policy, "safeguard.rate": kind})
+
+    def _observe_calibration(self, _: CallbackOptions) -> Iterable[Observation]:
+        for policy, c in self.gauges.cascade().items():
+            for stage, error in c.calibration_error.items():
+                if error is not None:
+                    yield Observation(error, {"safeguard.policy.id": policy, "safeguard.stage": stage})
 
     def _observe_reloads(self, _: CallbackOptions) -> Iterable[Observation]:
         yield Observation(self.gauges.policy_reloads())

@@ -113,3 +113,29 @@ def test_metrics_count_the_run_and_readyz_turns_ready_after_assignment(kafka, po
     assert value("safeguard_dead_letters_total", 'error_type="invalid_encoding"') == 1
     assert value("safeguard_event_duration_milliseconds_count") == 12
     assert value("safeguard_classify_duration_milliseconds_count") == 10
+
+
+def test_cascade_stage_shares_reach_the_metrics(kafka, policies_dir):
+    pytest.importorskip("sklearn", reason="the cascade's lexical stage needs scikit-learn (requirements/cascade.txt)")
+    from consumer.cascade import CascadeSettings, make_cascade
+
+    topic, group = unique("cascade-metrics"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    produce(kafka, topic, [event_json(i, "FREE NITRO claim now at discord-gift.xyz") for i in range(5)])
+    settings = settings_for(kafka, group, topic, policies_dir, policies={"default": "spam-scams"})
+    store = PolicyStore(settings.policies.directory)
+    pipeline = Pipeline(settings, make_cascade(CascadeSettings(), None, store), store)
+    outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+    try:
+        with BackgroundPipeline(pipeline) as running:
+            outputs.until(5, timeout=60)
+            wait_for(lambda: pipeline.health is not None, timeout=10, message="health server")
+            text = get(pipeline.health.port, "/metrics")[1]
+            running.stop()
+    finally:
+        outputs.close()
+    decided = {line.split("safeguard_stage=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line.startswith("safeguard_cascade_decided")}
+    assert decided.get("cache", 0) == 4  # the same message four more times: answered from the cache
+    assert sum(decided.values()) == 5
+    assert 'safeguard_rate="cache_hit"' in text

@@ -1,0 +1,73 @@
+"""The verdict cache: repeated content under the same policy version is answered once.
+
+Spam floods and copy-pasted raids repeat the same text with cosmetic changes (case, extra
+spaces, zero-width characters), so the key hashes a normalised form of the content. The
+policy version is part of the key: an edited policy never answers from verdicts of the old
+text. Only the hash is kept, never the content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import time
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable
+
+from consumer.classify import Classification
+from consumer.policy import Policy
+
+CacheKey = tuple[str, str, str]  # policy id, policy version, content hash
+
+_INVISIBLE = re.compile("[\u200b-\u200f\u2060-\u2064\ufeff\u00ad]")
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(content: str) -> str:
+    """NFKC, case-folded, without invisible characters, white space collapsed."""
+    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", content))
+    return _SPACE.sub(" ", text.casefold()).strip()
+
+
+def cache_key(policy: Policy, content: str) -> CacheKey:
+    digest = hashlib.blake2b(normalise(content).encode("utf-8"), digest_size=16).hexdigest()
+    return (policy.id, policy.version, digest)
+
+
+class VerdictCache:
+    """Holds at most `max_entries` verdicts, each for at most `ttl_s` seconds.
+
+    Least recently used entries go first when full; an expired entry is never returned.
+    A returned verdict is a copy marked `model="cascade:cache"` with no token counts: the
+    cache spent none.
+    """
+
+    def __init__(self, max_entries: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self._max_entries = max_entries
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[CacheKey, tuple[float, Classification]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: CacheKey) -> Classification | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        stored_at, verdict = entry
+        if self._clock() - stored_at > self._ttl_s:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return dataclasses.replace(
+            verdict, model="cascade:cache", stage="cache", reasoning=None, prompt_tokens=0, cached_tokens=0, completion_tokens=0
+        )
+
+    def put(self, key: CacheKey, verdict: Classification) -> None:
+        self._entries[key] = (self._clock(), verdict)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)

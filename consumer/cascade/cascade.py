@@ -1,0 +1,362 @@
+"""`CascadeClassifier`: cache -> lexical -> embedding -> reasoner, behind the `Classifier` Protocol.
+
+What it guarantees, per request:
+- the verdict names the stage that decided in `model`: `cascade:cache`, `cascade:lexical`,
+  `cascade:embedding`, or the reasoner's own model name; a cheap stage's `confidence` is its
+  calibrated probability (as text, e.g. "0.972");
+- a cheap stage decides only where its calibrated confidence reaches the policy's target
+  precision; otherwise the request goes to the reasoner, and the reasoner's failure is the
+  request's failure (`ClassificationFailed`, a dead letter), never a silent cheap answer;
+- without a reasoner, a request no stage decides is answered by the most confident
+  calibrated stage, marked `cascade:<stage>:undecided` with its real confidence (or, with
+  `undecided: dead_letter`, fails as `classifier_error`); with no calibrated stage at all it
+  fails: nothing is answered that no stage can back with a calibrated probability;
+- identical content (after normalisation) under the same policy version is sent to the
+  reasoner once, even when the copies arrive together;
+- heads are trained from the policy's examples when the policy is first seen, retrained from
+  scratch when its version (or examples file) changes, and learn from every reasoner verdict.
+
+Counters are plain attributes (`counters`, per policy id) for the metrics exporter to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from consumer.cascade.cache import CacheKey, VerdictCache, cache_key
+from consumer.cascade.examples import training_set
+from consumer.cascade.settings import CascadeSettings, PolicyPlan
+from consumer.cascade.stage import Decision, Featurizer, LearnedStage, StageRules
+from consumer.classify import Capacity, Classification, ClassificationFailed, Classifier, ClassifyRequest
+from consumer.events import ErrorType
+from consumer.policy import Policy, PolicyStore
+
+log = logging.getLogger(__name__)
+
+STAGES = ("cache", "lexical", "embedding", "reasoner", "undecided")
+
+
+@dataclass
+class PolicyCounters:
+    """What the cascade did for one policy since start."""
+
+    requests: int = 0
+    decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    cache_hits: int = 0
+    cache_misses: int = 0
+    coalesced: int = 0  # copies that waited for an identical request already in flight
+    escalations: int = 0
+    learned: int = 0  # reasoner verdicts the heads learned from
+    shadow_sent: int = 0
+    shadow_disagreed: int = 0
+    shadow_skipped: int = 0  # sampled, but the reasoner was saturated
+    shadow_failed: int = 0
+    calibration_error: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def escalation_rate(self) -> float:
+        return self.escalations / self.requests if self.requests else 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        looked_up = self.cache_hits + self.cache_misses
+        return self.cache_hits / looked_up if looked_up else 0.0
+
+    @property
+    def shadow_disagreement_rate(self) -> float:
+        answered = self.shadow_sent - self.shadow_failed
+        return self.shadow_disagreed / answered if answered > 0 else 0.0
+
+
+@dataclass
+class _Heads:
+    policy_version: str
+    stages: list[LearnedStage]
+
+
+class CascadeClassifier:
+    name = "cascade"
+
+    def __init__(
+        self,
+        settings: CascadeSettings,
+        reasoner: Classifier | None,
+        policies: PolicyStore | None = None,
+        lexical: Featurizer | None = None,
+        embedding: Featurizer | None = None,
+    ):
+        self.settings = settings
+        self.reasoner = reasoner
+        self._policies = policies
+        self._featurizers = {name: f for name, f in (("lexical", lexical), ("embedding", embedding)) if f is not None}
+        self._rules = StageRules(
+            min_examples=settings.min_examples,
+            min_per_class=settings.min_per_class,
+            calibration=settings.calibration,
+            refit_every=settings.refit_every,
+            max_learned=settings.max_learned,
+        )
+        self.cache = VerdictCache(settings.cache_size, settings.cache_ttl_s)
+        self.counters: dict[str, PolicyCounters] = {}
+        self._heads: dict[str, _Heads] = {}
+        self._training: dict[str, asyncio.Lock] = {}
+        self._in_flight: dict[CacheKey, asyncio.Future[Classification]] = {}
+        self._reasoner_slots: asyncio.Semaphore | None = None
+        self._shadows: set[asyncio.Task[None]] = set()
+        self._shadow_ticks: dict[str, int] = {}
+
+    # -- Classifier Protocol -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.reasoner is not None:
+            await self.reasoner.start()
+            self._reasoner_slots = asyncio.Semaphore(self.reasoner.capacity().max_sequences)
+        for featurizer in self._featurizers.values():
+            start = getattr(featurizer, "start", None)
+            if start is not None:
+                await start()
+        if self._policies is not None:
+            for policy in self._policies.get().values():
+                await self._heads_for(policy)
+
+    def capacity(self) -> Capacity:
+        # Cheap stages must not queue behind slow reasoner calls, so the cascade admits its
+        # own concurrency on top of the reasoner's; reasoner calls are held to its capacity.
+        if self.reasoner is None:
+            return Capacity(max_sequences=self.settings.max_concurrency)
+        inner = self.reasoner.capacity()
+        return Capacity(max_sequences=inner.max_sequences + self.settings.max_concurrency, max_tokens=inner.max_tokens)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        policy = request.policy
+        plan = self.settings.plan_for(policy.id)
+        counters = self._counters(policy.id)
+        counters.requests += 1
+        if not plan.cache:
+            return await self._decide(request, plan, counters, None)
+        key = cache_key(policy, request.event.content)
+        cached = self.cache.get(key)
+        if cached is not None:
+            counters.cache_hits += 1
+            counters.decided["cache"] += 1
+            return cached
+        counters.cache_misses += 1
+        waiting = self._in_flight.get(key)
+        if waiting is not None:
+            verdict = await asyncio.shield(waiting)
+            counters.coalesced += 1
+            counters.decided["cache"] += 1
+            return dataclasses.replace(
+                verdict, model="cascade:cache", stage="cache", reasoning=None, prompt_tokens=0, cached_tokens=0, completion_tokens=0
+            )
+        future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            verdict = await self._decide(request, plan, counters, key)
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, ClassificationFailed) else ClassificationFailed(
+                ErrorType.CLASSIFIER_ERROR, f"identical request failed: {type(exc).__name__}"))
+            future.exception()  # retrieved: copies may not be waiting
+            raise
+        else:
+            future.set_result(verdict)
+            return verdict
+        finally:
+            del self._in_flight[key]
+
+    async def close(self) -> None:
+        for task in list(self._shadows):
+            task.cancel()
+        await asyncio.gather(*self._shadows, return_exceptions=True)
+        for heads in self._heads.values():
+            for stage in heads.stages:
+                await stage.wait_idle()
+        self.save()
+        if self.reasoner is not None:
+            await self.reasoner.close()
+
+    # -- the cascade ---------------------------------------------------------------------------
+
+    async def _decide(
+        self, request: ClassifyRequest, plan: PolicyPlan, counters: PolicyCounters, key: CacheKey | None
+    ) -> Classification:
+        heads = await self._heads_for(request.policy)
+        best: tuple[LearnedStage, Decision] | None = None
+        for stage in heads.stages:
+            if not getattr(plan, stage.name):
+                continue
+            decision = await stage.decide(request.event.content, plan.target_precision)
+            if decision is None:
+                continue
+            if decision.decided:
+                counters.decided[stage.name] += 1
+                verdict = _cheap_verdict(stage.name, decision, plan.target_precision)
+                if key is not None:
+                    self.cache.put(key, verdict)
+                self._maybe_shadow(request, plan, counters, verdict, key)
+                return verdict
+            if best is None or decision.confidence > best[1].confidence:
+                best = (stage, decision)
+        if self.reasoner is None:
+            return self._undecided(request.policy, plan, counters, best)
+        counters.escalations += 1
+        verdict = await self._ask_reasoner(request)
+        counters.decided["reasoner"] += 1
+        if key is not None:
+            self.cache.put(key, verdict)
+        await self._learn(request.policy, request.event.content, verdict, counters)
+        return verdict
+
+    async def _ask_reasoner(self, request: ClassifyRequest) -> Classification:
+        assert self.reasoner is not None and self._reasoner_slots is not None
+        async with self._reasoner_slots:
+            verdict = await self.reasoner.classify(request)
+        return dataclasses.replace(verdict, stage="reasoner")
+
+    def _undecided(
+        self, policy: Policy, plan: PolicyPlan, counters: PolicyCounters, best: tuple[LearnedStage, Decision] | None
+    ) -> Classification:
+        if best is None:
+            raise ClassificationFailed(
+                ErrorType.CLASSIFIER_ERROR,
+                f"no cascade stage is calibrated for policy {policy.id} and no reasoner is configured",
+            )
+        stage, decision = best
+        if self.settings.undecided == "dead_letter":
+            raise ClassificationFailed(
+                ErrorType.CLASSIFIER_ERROR,
+                f"cascade stage {stage.name} is below the target precision for policy {policy.id} "
+                "and no reasoner is configured",
+            )
+        counters.decided["undecided"] += 1
+        return Classification(
+            violation=decision.violation,
+            category=None if decision.violation else "safe",
+            confidence=f"{decision.confidence:.3f}",
+            rationale=f"{stage.name} stage below target precision {plan.target_precision:g} "
+            f"(calibrated confidence {decision.confidence:.3f}); no reasoner configured",
+            model=f"cascade:{stage.name}:undecided",
+            stage="undecided",
+        )
+
+    async def _learn(self, policy: Policy, content: str, verdict: Classification, counters: PolicyCounters) -> None:
+        heads = self._heads.get(policy.id)
+        if heads is None or heads.policy_version != policy.version:
+            return  # a verdict under an older version of the policy teaches the new heads nothing
+        for stage in heads.stages:
+            await stage.learn(content, int(verdict.violation))
+        counters.learned += 1
+        self._record_calibration(policy.id, heads)
+
+    # -- shadow sampling -----------------------------------------------------------------------
+
+    def _maybe_shadow(
+        self, request: ClassifyRequest, plan: PolicyPlan, counters: PolicyCounters, verdict: Classification,
+        key: CacheKey | None,
+    ) -> None:
+        if self.reasoner is None or plan.shadow_fraction <= 0:
+            return
+        # Exactly the configured share of decisions, spread evenly: the n-th decision is
+        # sampled when floor(n * fraction) steps up.
+        tick = self._shadow_ticks.get(request.policy.id, 0) + 1
+        self._shadow_ticks[request.policy.id] = tick
+        if math.floor(tick * plan.shadow_fraction) == math.floor((tick - 1) * plan.shadow_fraction):
+            return
+        assert self._reasoner_slots is not None
+        if len(self._shadows) >= self.reasoner.capacity().max_sequences:
+            counters.shadow_skipped += 1  # never let measuring delay escalated events
+            return
+        counters.shadow_sent += 1
+        task = asyncio.get_running_loop().create_task(self._shadow(request, counters, verdict, key))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(
+        self, request: ClassifyRequest, counters: PolicyCounters, cheap: Classification, key: CacheKey | None
+    ) -> None:
+        try:
+            verdict = await self._ask_reasoner(request)
+        except ClassificationFailed:
+            counters.shadow_failed += 1
+            return
+        if verdict.violation != cheap.violation:
+            counters.shadow_disagreed += 1
+            if key is not None:
+                self.cache.put(key, verdict)  # later copies get the reasoner's answer
+        await self._learn(request.policy, request.event.content, verdict, counters)
+
+    # -- heads per policy ----------------------------------------------------------------------
+
+    async def _heads_for(self, policy: Policy) -> _Heads:
+        # Keyed by the policy version alone: the examples file is read when a version is first
+        # seen, and its edits count from the next policy edit or restart.
+        heads = self._heads.get(policy.id)
+        if heads is not None and heads.policy_version == policy.version:
+            return heads
+        lock = self._training.setdefault(policy.id, asyncio.Lock())
+        async with lock:
+            heads = self._heads.get(policy.id)
+            if heads is not None and heads.policy_version == policy.version:
+                return heads
+            data = await asyncio.to_thread(training_set, policy)
+            stages = []
+            for name, featurizer in self._featurizers.items():
+                stage = LearnedStage(featurizer, self._rules, data.version)
+                if self.settings.state_dir is not None:
+                    stage.restore(self._state_path(policy.id, name))
+                await stage.train(data.texts, data.labels)
+                stages.append(stage)
+            heads = _Heads(policy_version=policy.version, stages=stages)
+            self._heads[policy.id] = heads
+            self._record_calibration(policy.id, heads)
+            log.info(
+                "cascade heads for %s@%s: %s", policy.id, policy.version,
+                ", ".join(f"{s.name} {'calibrated' if s.calibrated else 'not calibrated'} on {s.examples} examples"
+                          for s in stages) or "no learned stages",
+            )
+            return heads
+
+    def save(self) -> None:
+        """Write every policy's learned examples under `state_dir` (also done by `close`)."""
+        if self.settings.state_dir is None:
+            return
+        for policy_id, heads in self._heads.items():
+            for stage in heads.stages:
+                stage.save(self._state_path(policy_id, stage.name))
+
+    def _state_path(self, policy_id: str, stage: str) -> Path:
+        assert self.settings.state_dir is not None
+        return self.settings.state_dir / policy_id / f"{stage}.npz"
+
+    def _record_calibration(self, policy_id: str, heads: _Heads) -> None:
+        self._counters(policy_id).calibration_error = {s.name: s.calibration_error for s in heads.stages}
+
+    def _counters(self, policy_id: str) -> PolicyCounters:
+        counters = self.counters.get(policy_id)
+        if counters is None:
+            counters = self.counters[policy_id] = PolicyCounters()
+        return counters
+
+    def heads(self, policy_id: str) -> list[LearnedStage]:
+        """The learned stages in force for a policy (empty before its first request)."""
+        heads = self._heads.get(policy_id)
+        return list(heads.stages) if heads else []
+
+
+def _cheap_verdict(stage: str, decision: Decision, target: float) -> Classification:
+    return Classification(
+        violation=decision.violation,
+        # The heads are binary: they know whether, not which category. A violation without
+        # a category takes the policy's `violation` action (flag by default), not a
+        # category's (which may delete).
+        category=None if decision.violation else "safe",
+        confidence=f"{decision.confidence:.3f}",
+        rationale=f"{stage} stage, calibrated confidence {decision.confidence:.3f} >= target precision {target:g}",
+        model=f"cascade:{stage}",
+        stage=stage,
+    )

@@ -1,0 +1,231 @@
+"""A learned stage for one policy: a linear head on some features, calibrated, learning online.
+
+What `LearnedStage` guarantees:
+- it decides nothing until it holds `min_examples` labelled examples with `min_per_class`
+  of each label; until then `decide` returns None;
+- its confidence is a probability from a calibrator fitted on out-of-fold scores (the model
+  that scored an example never saw it), and `Decision.decided` is true only where that
+  confidence reaches the target precision;
+- every 8 labels from the reasoner update the head at once (`partial_fit`); every
+  `refit_every` labels (or a tenth of the kept examples, if more), the head is refitted from
+  all kept examples and recalibrated, off the event loop;
+- what it learned is saved as features and labels (never as content, never as a pickle) and
+  reloaded only for the same policy version and feature space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.linear_model import SGDClassifier
+from sklearn.model_selection import StratifiedKFold
+
+from consumer.cascade.calibrate import Calibrator, Method, calibration_error, fit_calibrator
+
+log = logging.getLogger(__name__)
+
+FOLDS = 5
+# Reasoner labels per online update: one partial_fit call costs a pass over every weight
+# (2**18 of them for the lexical stage) however few examples it gets, so updates go in
+# small batches.
+ONLINE_BATCH = 8
+
+
+class Featurizer(Protocol):
+    """Turns texts into rows of a feature matrix (sparse or dense)."""
+
+    name: str
+    signature: str  # names the feature space; saved rows from another space are discarded
+
+    async def features(self, texts: list[str]) -> Any: ...
+
+    def new_model(self) -> SGDClassifier: ...
+
+
+@dataclass(frozen=True)
+class Decision:
+    violation: bool
+    confidence: float  # calibrated probability that `violation` is the right answer
+    decided: bool  # confidence reached the target precision
+
+
+@dataclass(frozen=True)
+class StageRules:
+    min_examples: int
+    min_per_class: int
+    calibration: Method
+    refit_every: int
+    max_learned: int
+
+
+@dataclass
+class _Fitted:
+    model: SGDClassifier
+    calibrator: Calibrator
+    calibration_error: float
+
+
+class LearnedStage:
+    def __init__(self, featurizer: Featurizer, rules: StageRules, version: str):
+        self.featurizer = featurizer
+        self.name = featurizer.name
+        self.rules = rules
+        self.version = version
+        self._seed_rows: Any = None
+        self._seed_labels = np.zeros(0, dtype=int)
+        self._learned: deque[tuple[Any, int]] = deque(maxlen=rules.max_learned)
+        self._fitted: _Fitted | None = None
+        self._since_refit = 0
+        self._pending: list[tuple[Any, int]] = []
+        self._refit: asyncio.Task[None] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self._fitted is not None
+
+    @property
+    def calibration_error(self) -> float | None:
+        return None if self._fitted is None else self._fitted.calibration_error
+
+    @property
+    def examples(self) -> int:
+        return len(self._seed_labels) + len(self._learned)
+
+    async def train(self, texts: list[str], labels: list[int]) -> None:
+        """Fit from the policy's examples (and whatever was learned or reloaded before)."""
+        self._seed_rows = await self.featurizer.features(texts) if texts else None
+        self._seed_labels = np.asarray(labels, dtype=int)
+        await self._refit_now()
+
+    async def decide(self, text: str, target_precision: float) -> Decision | None:
+        fitted = self._fitted
+        if fitted is None:
+            return None
+        row = await self.featurizer.features([text])
+        # The linear score without decision_function's input validation, which costs ten
+        # times the dot product on a one-row matrix.
+        score = np.asarray(row @ fitted.model.coef_.T).ravel() + fitted.model.intercept_
+        p = float(fitted.calibrator(score)[0])
+        violation = p >= 0.5
+        confidence = p if violation else 1.0 - p
+        return Decision(violation, confidence, confidence >= target_precision)
+
+    async def learn(self, text: str, label: int) -> None:
+        """Take one reasoner verdict as a label."""
+        row = await self.featurizer.features([text])
+        self._learned.append((row, label))
+        self._since_refit += 1
+        self._pending.append((row, label))
+        if self._fitted is not None and len(self._pending) >= ONLINE_BATCH:
+            # Labels that arrive while a refit runs train the old head only; they are in the
+            # kept examples, so the next refit has them.
+            rows, labels = _stack([r for r, _ in self._pending]), [y for _, y in self._pending]
+            self._fitted.model.partial_fit(rows, labels)
+        if len(self._pending) >= ONLINE_BATCH:
+            self._pending.clear()
+        # Refits get rarer as the kept examples grow (each costs FOLDS + 1 fits of all of them),
+        # so their total cost grows with the log of the stream, not with its length.
+        every = max(self.rules.refit_every, self.examples // 10)
+        due = self._since_refit >= every or (self._fitted is None and self._enough())
+        if due and (self._refit is None or self._refit.done()):
+            self._refit = asyncio.get_running_loop().create_task(self._refit_now())
+
+    async def wait_idle(self) -> None:
+        """Wait for a refit in progress (tests, shutdown)."""
+        if self._refit is not None:
+            await asyncio.gather(self._refit, return_exceptions=True)
+
+    async def _refit_now(self) -> None:
+        self._since_refit = 0
+        rows, labels = self._all_examples()
+        if rows is None or not self._enough(labels):
+            self._fitted = None
+            return
+        self._fitted = await asyncio.to_thread(self._fit, rows, labels)
+
+    def _enough(self, labels: np.ndarray | None = None) -> bool:
+        if labels is None:
+            labels = np.concatenate([self._seed_labels, np.array([y for _, y in self._learned], dtype=int)])
+        counts = np.bincount(labels, minlength=2)
+        return len(labels) >= self.rules.min_examples and int(counts.min()) >= self.rules.min_per_class
+
+    def _all_examples(self) -> tuple[Any, np.ndarray]:
+        parts = ([self._seed_rows] if self._seed_rows is not None else []) + [row for row, _ in self._learned]
+        labels = np.concatenate([self._seed_labels, np.array([y for _, y in self._learned], dtype=int)])
+        return (_stack(parts) if parts else None), labels
+
+    def _fit(self, rows: Any, labels: np.ndarray) -> _Fitted:
+        scores = np.empty(len(labels))
+        folds = min(FOLDS, int(np.bincount(labels).min()))
+        splits = StratifiedKFold(folds, shuffle=True, random_state=0).split(np.zeros(len(labels)), labels)
+        for train, held_out in splits:
+            model = self.featurizer.new_model().fit(rows[train], labels[train])
+            scores[held_out] = model.decision_function(rows[held_out])
+        return _Fitted(
+            model=self.featurizer.new_model().fit(rows, labels),
+            calibrator=fit_calibrator(scores, labels, self.rules.calibration),
+            calibration_error=calibration_error(scores, labels, self.rules.calibration),
+        )
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Write the learned examples (features and labels) for a restart; atomic."""
+        if not self._learned:
+            return
+        rows = _stack([row for row, _ in self._learned])
+        arrays: dict[str, np.ndarray] = {
+            "version": np.array(self.version),
+            "signature": np.array(self.featurizer.signature),
+            "labels": np.array([y for _, y in self._learned], dtype=np.int8),
+        }
+        if sp.issparse(rows):
+            rows = sp.csr_matrix(rows)
+            arrays |= {"data": rows.data, "indices": rows.indices, "indptr": rows.indptr, "shape": np.array(rows.shape)}
+        else:
+            arrays["dense"] = np.asarray(rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.tmp")
+        with staging.open("wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(staging, path)
+
+    def restore(self, path: Path) -> bool:
+        """Reload examples saved by `save` for this version and feature space; a stale file is deleted.
+
+        Call before `train`, which refits from them. True if anything was reloaded.
+        """
+        if not path.is_file():
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                if str(saved["version"]) != self.version or str(saved["signature"]) != self.featurizer.signature:
+                    log.info("discarding learned %s head of an older policy version (%s)", self.name, path.name)
+                    path.unlink(missing_ok=True)
+                    return False
+                labels = saved["labels"].astype(int)
+                if "dense" in saved:
+                    rows = saved["dense"]
+                else:
+                    parts = (saved["data"], saved["indices"], saved["indptr"])
+                    rows = sp.csr_matrix(parts, shape=tuple(saved["shape"]))
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("cannot read learned %s head %s (%s); starting from the examples", self.name, path, exc)
+            return False
+        for i, label in enumerate(labels):
+            self._learned.append((rows[i : i + 1], int(label)))
+        return True
+
+
+def _stack(parts: list[Any]) -> Any:
+    if sp.issparse(parts[0]):
+        return sp.vstack(parts, format="csr")
+    return np.vstack(parts)

