@@ -47,11 +47,7 @@ class Sink:
         on_fatal: Callable[[str], None],
         delivery_retries: int = 3,
     ):
-        config = {**PRODUCER_DEFAULTS, **producer_config, "error_cb": self._on_client_error}
-        # Idempotence and acks=all are what "delivered" means here; they cannot be turned off.
-        config["enable.idempotence"] = True
-        config["acks"] = "all"
-        self._producer = Producer(config)
+        self._producer = _producer(producer_config, error_cb=self._on_client_error)
         self.verdict_topic = verdict_topic
         self.dead_letter_topic = dead_letter_topic
         self._on_delivered = on_delivered
@@ -133,6 +129,11 @@ class Sink:
         return len(self._producer)
 
 
+def _producer(options: dict[str, Any], **extra: Any) -> Producer:
+    # Idempotence and acks=all are what "delivered" means here: user options cannot turn them off.
+    return Producer({**PRODUCER_DEFAULTS, **options, **extra, "enable.idempotence": True, "acks": "all"})
+
+
 def _encode(model: BaseModel) -> bytes:
     return orjson.dumps(model.model_dump(mode="json"))
 
@@ -166,10 +167,7 @@ class TransactionalSink:
         max_records: int = 1000,
         commit_attempts: int = 3,
     ):
-        config = {**PRODUCER_DEFAULTS, **producer_config, "transactional.id": transactional_id}
-        config["enable.idempotence"] = True
-        config["acks"] = "all"
-        self._producer = Producer(config)
+        self._producer = _producer(producer_config, **{"transactional.id": transactional_id})
         self.verdict_topic = verdict_topic
         self.dead_letter_topic = dead_letter_topic
         self._tracker = tracker

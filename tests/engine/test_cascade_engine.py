@@ -7,7 +7,6 @@ dead letter: that is how this test tells escalated events from the ones the casc
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 
 import pytest
@@ -19,12 +18,10 @@ from consumer.cascade import CascadeSettings, make_cascade  # noqa: E402
 from consumer.pipeline import Pipeline  # noqa: E402
 from consumer.policy import PolicyStore  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
-from tests.engine.test_pipeline_engine import SharedEngine  # noqa: E402
+from tests.engine.shared import SharedEngine, run_until_outputs  # noqa: E402
 from tests.kafka_helpers import (  # noqa: E402
-    Collector,
     committed_offsets,
     create_topics,
-    decoded,
     event_json,
     produce,
     unique,
@@ -54,20 +51,7 @@ def test_cheap_stages_decide_clear_events_and_escalate_the_rest_to_the_engine(ka
     store = PolicyStore(settings.policies.directory)
     cascade = make_cascade(CascadeSettings(shadow_fraction=0), SharedEngine(classifier), store)
     pipeline = Pipeline(settings, cascade, store)
-    outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
-
-    def stop_when_done() -> None:
-        outputs.until(len(values), timeout=240)
-        pipeline.stop()
-
-    watcher = threading.Thread(target=stop_when_done, daemon=True)
-    watcher.start()
-    try:
-        result = run(pipeline.run(install_signal_handlers=False))
-        watcher.join(10)
-        records = decoded(outputs.collect(wait=1.0))
-    finally:
-        outputs.close()
+    result, records = run_until_outputs(run, pipeline, kafka, [f"{topic}.verdicts", f"{topic}.dlq"], len(values))
 
     assert result.exit_code == 0
     assert len(records) == len(values)
