@@ -8,3 +8,8 @@ demo:
 
 test:
 	@venv=$$(scripts/bootstrap full) && "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
+
+# Prints a table and writes JSON under bench/results/ (docs/benchmark.md); BENCH_ARGS=--quick for a smoke run.
+BENCH_ARGS ?=
+bench:
+	@venv=$$(scripts/bootstrap full) && "$$venv/bin/python" -m bench.pipeline_bench $(BENCH_ARGS)

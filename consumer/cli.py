@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 import consumer
 from consumer.config import ConfigError, Settings, load_settings
+from consumer.replay import replay
 
 app = typer.Typer(
     help="A streaming moderation consumer: Kafka in, policy verdicts and dead letters out.",
@@ -267,6 +268,9 @@ def policy_eval(
         console.print(f"[yellow]{o.example.id}[/] label {int(o.example.label)}: {o.rationale or o.error}")
     report.write_text(markdown_report(result, baseline), encoding="utf-8")
     console.print(f"report written to {report}")
+
+
+app.command()(replay)
 
 
 def main() -> None:

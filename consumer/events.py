@@ -95,6 +95,14 @@ class PolicyResult(BaseModel):
     latency_ms: float
 
 
+class ReplayInfo(BaseModel):
+    """Set on outputs of `safeguard-consumer replay`: which replay run produced them."""
+
+    run_id: str
+    started_at: datetime
+    policies: list[str] = Field(description="id@version of every policy in force for the replay")
+
+
 class Verdict(BaseModel):
     """The output for one input event: every applicable policy's result and the overall call."""
 
@@ -115,6 +123,7 @@ class Verdict(BaseModel):
     note: str | None = Field(default=None, description="e.g. why an event got no classification")
     latency_ms: float
     consumer_version: str
+    replay: ReplayInfo | None = Field(default=None, description="set when a replay produced this verdict")
 
 
 class OriginalRecord(BaseModel):
@@ -161,6 +170,7 @@ class DeadLetter(BaseModel):
     attempts: int = 1
     failed_at: datetime
     consumer_version: str
+    replay: ReplayInfo | None = Field(default=None, description="set when a replay produced this dead letter")
 
 
 def _b64(data: bytes | None) -> str | None:

@@ -75,9 +75,12 @@ class Pipeline:
         classifier: Classifier,
         policies: PolicyStore,
         source_factory: Callable[..., Source] = Source.connect,
+        sink_factory: Callable[..., Sink] | None = None,
         tracer_provider: TracerProvider | None = None,
     ):
-        """`tracer_provider`: where spans go; by default the one the OTEL_* variables describe."""
+        """`source_factory` and `sink_factory` replace the Kafka source and the at-least-once sink
+        (a replay reads assigned partitions and may write to a file); `tracer_provider`: where
+        spans go, by default the one the OTEL_* variables describe."""
         self.settings = settings
         self.classifier = classifier
         self.policies = policies
@@ -88,6 +91,7 @@ class Pipeline:
         self.conversations = Conversations(settings.chat)
         self.offenders = Offenders(settings.chat)
         self._source_factory = source_factory
+        self._sink_factory = sink_factory
         meter_provider, self.metrics_registry = telemetry.prometheus_meter_provider()
         self.telemetry = telemetry.Telemetry.create(
             settings.kafka.group_id,
@@ -134,7 +138,16 @@ class Pipeline:
         self._classifier_ready = True
         producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
         committer = None
-        if cfg.pipeline.delivery == "exactly_once":
+        if self._sink_factory is not None:
+            self.sink = self._sink_factory(
+                producer_config,
+                cfg.kafka.verdict_topic,
+                cfg.kafka.dead_letter_topic,
+                on_delivered=self.tracker.done,
+                on_fatal=self._fail_threadsafe,
+                delivery_retries=cfg.pipeline.delivery_retries,
+            )
+        elif cfg.pipeline.delivery == "exactly_once":
             self.sink = committer = TransactionalSink(
                 producer_config,
                 cfg.kafka.verdict_topic,

@@ -1,0 +1,205 @@
+"""The pipeline benchmark: every case side by side on one local broker and the same input.
+
+    python -m bench.pipeline_bench                 # 100k events, every case
+    python -m bench.pipeline_bench --quick         # a smoke run: 10k events, short engine cases
+    python -m bench.pipeline_bench --events 1000000 --cases ours   # one case, more events
+    python -m bench.pipeline_bench --memory        # peak RSS of ours at 100k and at 1M events
+
+It starts one Kafka broker (consumer.devkafka), writes the input once (realistic chat JSON,
+6 partitions), runs each case in its own process (so peak RSS and CPU time are per case),
+prints a table and writes everything to bench/results/<time>.json. docs/benchmark.md says
+what each case means and holds the last figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.workload import REPO, Spec, chat_events, produce_events
+from consumer.devkafka import KafkaBroker, create_topics
+
+PARTITIONS = 6
+KAFKA_CASES = ("raw", "hand", "peer", "ours", "engine-sat", "engine-half")
+ALL_CASES = (*KAFKA_CASES, "engine")
+PEER_PYTHON = Path.home() / ".cache" / "safeguard-consumer" / "bench-peer" / "bin" / "python"
+
+
+def run_case(python: str, module: str, args: list[str], timeout: float) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [python, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
+
+
+class Bench:
+    def __init__(self, bootstrap: str, args: argparse.Namespace):
+        self.bootstrap = bootstrap
+        self.args = args
+        self.run_id = uuid.uuid4().hex[:6]
+
+    def topic(self, name: str, events: list[tuple[bytes, bytes]] | None) -> str:
+        topic = f"bench-{self.run_id}-{name}"
+        create_topics(self.bootstrap, topic, partitions=PARTITIONS)
+        if events:
+            produce_events(self.bootstrap, topic, events)
+        return topic
+
+    def spec(self, case: str, input_topic: str, events: int, **options: Any) -> Spec:
+        out = f"bench-{self.run_id}-{case}-out"
+        dlq = f"bench-{self.run_id}-{case}-dlq"
+        create_topics(self.bootstrap, out, dlq, partitions=PARTITIONS)
+        if self.args.profile:
+            options["profile"] = str(self.args.results / f"profile-{case}-{self.run_id}.txt")
+        return Spec(self.bootstrap, input_topic, out, dlq, f"bench-{self.run_id}-{case}", events, options)
+
+    def kafka_case(self, case: str, spec: Spec) -> dict[str, Any]:
+        python, module, args = sys.executable, "bench.cases", [case, spec.to_json()]
+        if case == "peer":
+            python, module, args = self.args.peer_python, "bench.peer", [spec.to_json()]
+        print(f"  {case} ...", file=sys.stderr, flush=True)
+        return run_case(python, module, args, timeout=self.args.case_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=100_000, help="input events for cases 1-4 (default 100k)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 10k events, short engine cases")
+    parser.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma-separated, of {','.join(ALL_CASES)}")
+    parser.add_argument("--engine-bound-events", type=int, default=20_000, help="case 5 at saturation")
+    parser.add_argument("--half-load-s", type=float, default=10.0, help="case 5 at half load: seconds of input")
+    parser.add_argument("--engine-events", type=int, default=256, help="case 6: requests to the vLLM tiny model")
+    parser.add_argument("--memory", action="store_true", help="peak RSS of ours at 100k vs 1M events (slow)")
+    parser.add_argument("--profile", action="store_true", help="pyinstrument each case into bench/results/")
+    parser.add_argument("--peer-python", default=os.environ.get("SAFEGUARD_BENCH_PEER_PYTHON", str(PEER_PYTHON)),
+                        help="interpreter with requirements/bench.txt installed (Quix Streams)")
+    parser.add_argument("--case-timeout", type=float, default=1800)
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.events, args.engine_bound_events, args.half_load_s, args.engine_events = 10_000, 4_000, 4.0, 64
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = set(cases) - set(ALL_CASES)
+    if unknown:
+        parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    args.results.mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, Any] = {}
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
+    broker = KafkaBroker(data_dir)
+    try:
+        print("starting Kafka ...", file=sys.stderr, flush=True)
+        broker.start(timeout=120)
+        bench = Bench(broker.bootstrap, args)
+        if set(cases) & {"raw", "hand", "peer", "ours"}:
+            shared = bench.topic("input", chat_events(args.events))
+            for case in ("raw", "hand", "peer", "ours"):
+                if case in cases:
+                    results[case] = bench.kafka_case(case, bench.spec(case, shared, args.events))
+        if "engine-sat" in cases:
+            topic = bench.topic("backlog", chat_events(args.engine_bound_events, seed=9))
+            results["engine-sat"] = bench.kafka_case(
+                "engine-sat", bench.spec("engine-sat", topic, args.engine_bound_events)
+            )
+        if "engine-half" in cases:
+            from bench.cases import SimulatedEngine
+
+            count = int(SimulatedEngine().throughput / 2 * args.half_load_s)
+            topic = bench.topic("live", None)
+            results["engine-half"] = bench.kafka_case("engine-half", bench.spec("engine-half", topic, count))
+        if args.memory:
+            results["memory"] = memory_case(bench)
+        if "engine" in cases:
+            print("  engine (vLLM tiny model) ...", file=sys.stderr, flush=True)
+            spec = bench.spec("engine", bench.topic("engine", chat_events(args.engine_events, seed=5)),
+                              args.engine_events)
+            results["engine"] = run_case(sys.executable, "bench.engine_case", [spec.to_json()], args.case_timeout)
+    finally:
+        broker.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    summary = summarise(results)
+    stamp = time.strftime("%Y-%m-%dT%H%M%S")
+    path = args.results / f"pipeline-{stamp}.json"
+    meta = {"date": stamp, "events": args.events, "cpus": os.cpu_count(), "argv": sys.argv[1:]}
+    path.write_text(json.dumps({"meta": meta, "cases": results, "summary": summary}, indent=2))
+    print_table(results, summary, args.events)
+    print(f"\nwritten to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    return 0
+
+
+def memory_case(bench: Bench) -> dict[str, Any]:
+    """Peak RSS of ours at 100k and at 1M events: bounded memory means (nearly) the same."""
+    out: dict[str, Any] = {}
+    for count in (100_000, 1_000_000):
+        print(f"  memory: ours on {count} events ...", file=sys.stderr, flush=True)
+        topic = bench.topic(f"memory-{count}", None)
+        step = 100_000  # written in slices, so the parent never holds a million events at once
+        for start in range(0, count, step):
+            produce_events(bench.bootstrap, topic, chat_events(step, seed=start, start_id=start))
+        out[str(count)] = bench.kafka_case("ours", bench.spec(f"memory-{count}", topic, count))
+    small, large = out["100000"].get("peak_rss_mb"), out["1000000"].get("peak_rss_mb")
+    if small and large:
+        out["ratio_1m_to_100k"] = round(large / small, 3)
+    return out
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    def rate(case: str) -> float | None:
+        return results.get(case, {}).get("events_per_s")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    ours = rate("ours")
+    engine = results.get("engine", {})
+    return {
+        "ours/hand": ratio(ours, rate("hand")),
+        "ours/peer": ratio(ours, rate("peer")),
+        "ours/raw": ratio(ours, rate("raw")),
+        "hand/raw": ratio(rate("hand"), rate("raw")),
+        "peer/hand": ratio(rate("peer"), rate("hand")),
+        "utilisation_at_saturation": results.get("engine-sat", {}).get("utilisation"),
+        "p99_added_ms_at_half_load": results.get("engine-half", {}).get("p99_added_ms"),
+        "ours/engine-alone": ratio(engine.get("ours_per_s"), engine.get("engine_alone_per_s")),
+    }
+
+
+def print_table(results: dict[str, Any], summary: dict[str, Any], events: int) -> None:
+    print(f"\n{'case':<12} {'events':>8} {'events/s':>10} {'CPU µs/ev':>10} {'peak RSS MB':>12}  notes")
+    for case, r in results.items():
+        if case == "memory":
+            continue
+        if "error" in r:
+            print(f"{case:<12} failed: {r['error'][-300:]}")
+            continue
+        notes = []
+        for key in ("utilisation", "overfilled", "p50_in_consumer_ms", "p99_in_consumer_ms", "offered_per_s",
+                    "p50_e2e_ms", "p99_e2e_ms", "p99_engine_ms", "p99_added_ms", "avg_batch_size",
+                    "peak_in_flight", "engine_alone_per_s", "ours_per_s"):
+            if key in r:
+                notes.append(f"{key}={r[key]}")
+        print(f"{case:<12} {r.get('events', ''):>8} {r.get('events_per_s', ''):>10} "
+              f"{r.get('cpu_us_per_event', ''):>10} {r.get('peak_rss_mb', ''):>12}  {' '.join(notes)}")
+    if "memory" in results:
+        m = results["memory"]
+        print(f"memory: peak RSS 100k={m.get('100000', {}).get('peak_rss_mb')} MB, "
+              f"1M={m.get('1000000', {}).get('peak_rss_mb')} MB, ratio={m.get('ratio_1m_to_100k')}")
+    print("\n" + "  ".join(f"{k}={v}" for k, v in summary.items() if v is not None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
