@@ -12,4 +12,5 @@ test:
 # Prints a table and writes JSON under bench/results/ (docs/benchmark.md); BENCH_ARGS=--quick for a smoke run.
 BENCH_ARGS ?=
 bench:
-	@venv=$$(scripts/bootstrap full) && "$$venv/bin/python" -m bench.pipeline_bench $(BENCH_ARGS)
+	@venv=$$(scripts/bootstrap full) && peer=$$(scripts/bootstrap peer) && \
+	  "$$venv/bin/python" -m bench.pipeline_bench --peer-python "$$peer/bin/python" $(BENCH_ARGS)

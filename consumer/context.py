@@ -83,7 +83,8 @@ class Conversations:
     def observe(self, event: ContentEvent) -> ContentEvent:
         """Record the event in its conversation; return the view the classifier should see."""
         if not self.enabled or event.context_id is None:
-            return _pseudonymised(event, list(event.context))
+            # Authors only reach the prompt beside a context; without one there is nothing to hide.
+            return _pseudonymised(event, list(event.context)) if event.context else event
         kind = event.metadata.get("event_type", "create")
         now = self._timestamp(event)
         with self._lock:

@@ -321,9 +321,10 @@ class Pipeline:
 
     def _receive(self, received: Received) -> None:
         loop = asyncio.get_running_loop()
+        consumed = self.telemetry.consumed
         for message, ticket in received:
             self.consumed += 1
-            self.telemetry.consumed.add(1, {"messaging.destination.name": message.topic()})
+            consumed[message.topic()] += 1
             task = loop.create_task(self._process(message, ticket))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -408,11 +409,7 @@ class Pipeline:
         await self.sink.send_verdict(verdict, message.key(), ticket, telemetry.inject(span))
         self.verdicts += 1
         for result in results:
-            self.telemetry.verdicts.add(
-                1,
-                {"safeguard.policy.id": result.policy_id, "safeguard.violation": str(result.violation).lower(),
-                 "safeguard.action": result.action},
-            )  # fmt: skip
+            self.telemetry.verdicts[(result.policy_id, result.violation, result.action)] += 1
         self.telemetry.e2e_latency.record(verdict.latency_ms, {"safeguard.outcome": "verdict"})
 
     async def _classify(
@@ -423,7 +420,13 @@ class Pipeline:
             ClassifyRequest(event=event, policy=p, request_id=f"{event.event_id}/{p.id}", deadline=deadline)
             for p in policies
         ]
-        outcomes = await asyncio.gather(*(self._classify_one(r, span) for r in requests), return_exceptions=True)
+        if len(requests) == 1:  # the common case: no gather, whose tasks cost more than a cheap classification
+            try:
+                outcomes: list[object] = [await self._classify_one(requests[0], span)]
+            except Exception as exc:  # noqa: BLE001 - handled below, as gather would return it
+                outcomes = [exc]
+        else:
+            outcomes = await asyncio.gather(*(self._classify_one(r, span) for r in requests), return_exceptions=True)
         results = []
         for request, outcome in zip(requests, outcomes):
             if isinstance(outcome, BaseException):
@@ -449,40 +452,47 @@ class Pipeline:
         return results
 
     async def _classify_one(self, request: ClassifyRequest, event_span: Span) -> Classification:
-        """One (event, policy) classification, in a span that is a child of the event's."""
+        """One (event, policy) classification; with tracing on, in a child span of the event's."""
         t = self.telemetry
-        policy = {"safeguard.policy.id": request.policy.id}
         started = time.monotonic()
-        with t.tracer.start_as_current_span(
-            f"classify {request.policy.id}",
-            context=trace.set_span_in_context(event_span),
-            attributes={**policy, "safeguard.policy.version": request.policy.version},
-            record_exception=False,  # exception text can quote model output
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                result = await self.batcher.classify(request)
-                if not isinstance(result, Classification):
-                    raise ClassificationFailed(
-                        ErrorType.UNPARSEABLE_OUTPUT,
-                        f"classifier {self.classifier.name} returned {type(result).__name__}, not a Classification",
-                        raw_output=repr(result)[:2000],
-                    )
-            except ClassificationFailed as exc:
-                span.set_status(Status(StatusCode.ERROR, exc.error_type.value))
-                raise
-            span.set_attributes(
-                {"safeguard.model": result.model, "gen_ai.usage.input_tokens": result.prompt_tokens,
-                 "gen_ai.usage.output_tokens": result.completion_tokens,
-                 "safeguard.cached_tokens": result.cached_tokens, "safeguard.violation": result.violation}
-            )  # fmt: skip
-            if t.trace_content and result.reasoning:
-                span.set_attribute("safeguard.reasoning", result.reasoning)
-        t.engine_latency.record((time.monotonic() - started) * 1000, policy)
-        for kind, count in (("prompt", result.prompt_tokens), ("cached", result.cached_tokens),
-                            ("completion", result.completion_tokens)):  # fmt: skip
-            if count:
-                t.tokens.add(count, {**policy, "safeguard.token.kind": kind})
+        if not event_span.is_recording():
+            result = await self._checked(request)
+        else:
+            with t.tracer.start_as_current_span(
+                f"classify {request.policy.id}",
+                context=trace.set_span_in_context(event_span),
+                attributes={"safeguard.policy.id": request.policy.id, "safeguard.policy.version": request.policy.version},
+                record_exception=False,  # exception text can quote model output
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    result = await self._checked(request)
+                except ClassificationFailed as exc:
+                    span.set_status(Status(StatusCode.ERROR, exc.error_type.value))
+                    raise
+                span.set_attributes(
+                    {"safeguard.model": result.model, "gen_ai.usage.input_tokens": result.prompt_tokens,
+                     "gen_ai.usage.output_tokens": result.completion_tokens,
+                     "safeguard.cached_tokens": result.cached_tokens, "safeguard.violation": result.violation}
+                )  # fmt: skip
+                if t.trace_content and result.reasoning:
+                    span.set_attribute("safeguard.reasoning", result.reasoning)
+        t.engine_latency.record((time.monotonic() - started) * 1000, {"safeguard.policy.id": request.policy.id})
+        if result.prompt_tokens:
+            policy = request.policy.id
+            t.tokens[(policy, "prompt")] += result.prompt_tokens
+            t.tokens[(policy, "cached")] += result.cached_tokens
+            t.tokens[(policy, "completion")] += result.completion_tokens
+        return result
+
+    async def _checked(self, request: ClassifyRequest) -> Classification:
+        result = await self.batcher.classify(request)
+        if not isinstance(result, Classification):
+            raise ClassificationFailed(
+                ErrorType.UNPARSEABLE_OUTPUT,
+                f"classifier {self.classifier.name} returned {type(result).__name__}, not a Classification",
+                raw_output=repr(result)[:2000],
+            )
         return result
 
     async def _dead_letter(
@@ -510,7 +520,7 @@ class Pipeline:
         span.set_attribute("error.type", error_type.value)
         await self.sink.send_dead_letter(letter, message.key(), ticket, telemetry.inject(span))
         self.dead_letters += 1
-        self.telemetry.dead_letters.add(1, {"error.type": error_type.value})
+        self.telemetry.dead_letters[error_type.value] += 1
         self.telemetry.e2e_latency.record((time.monotonic() - started) * 1000, {"safeguard.outcome": "dead_letter"})
 
 

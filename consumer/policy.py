@@ -52,7 +52,7 @@ class Policy:
     patterns: tuple[str, ...] = ()
     path: Path | None = None
 
-    @property
+    @functools.cached_property
     def ref(self) -> str:
         return f"{self.id}@{self.version}"
 

@@ -67,6 +67,10 @@ class Sink:
         await self._send(self.dead_letter_topic, _encode(letter), key, ticket, headers)
 
     async def _send(self, topic: str, value: bytes, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+        try:
+            return self._produce(topic, value, key, ticket, headers, attempt=0)
+        except BufferError:
+            pass  # the fast path above is the common case; the retry loop costs more than a send
         # A full local queue (BufferError) means the broker is slower than we are: wait, never drop.
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(BufferError), wait=wait_exponential(multiplier=0.005, max=0.5)

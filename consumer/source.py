@@ -212,7 +212,12 @@ class Source:
         received: Received = []
         # Never ask for more than the window has room for, so it holds exactly (paused or not).
         room = max(1, min(POLL_BATCH, self._max_events - self._tracker.in_flight() - self._committer.pending()))
-        for message in self._consumer.consume(num_messages=room, timeout=POLL_TIMEOUT_S):
+        # Wait for the first record only, then take what is already fetched: a trickle of
+        # records is handed on at once instead of waiting out the timeout for a full batch.
+        messages = self._consumer.consume(num_messages=1, timeout=POLL_TIMEOUT_S)
+        if messages and room > 1:
+            messages += self._consumer.consume(num_messages=room - 1, timeout=0)
+        for message in messages:
             error = message.error()
             if error is not None:
                 self._on_message_error(error)

@@ -273,7 +273,11 @@ def test_learned_heads_survive_a_restart_and_are_discarded_when_the_policy_chang
         return cascade, verdicts
 
     first, _ = asyncio.run(run_stream(PolicyStore(folder), [text for text, _ in stream[:100]]))
-    assert first.heads("spam-scams")[0].examples == 5 + 100
+    # Every escalated event teaches the head; how many escalate depends on when the background
+    # refit makes the head confident, so count what was learned rather than assume all 100.
+    learned = first.counters["spam-scams"].learned
+    assert learned > 20
+    assert first.heads("spam-scams")[0].examples == 5 + learned
     assert (state / "spam-scams" / "lexical.npz").is_file()
 
     async def restarted():
@@ -283,7 +287,7 @@ def test_learned_heads_survive_a_restart_and_are_discarded_when_the_policy_chang
 
     again = asyncio.run(restarted())
     (stage,) = again.heads("spam-scams")
-    assert stage.examples == 105 and stage.calibrated  # reloaded, no reasoner verdict needed
+    assert stage.examples == 5 + learned and stage.calibrated  # reloaded, no reasoner verdict needed
 
     edited = (folder / "spam-scams.md").read_text().replace("repeated advertising", "repeated or off-topic ads")
     (folder / "spam-scams.md").write_text(edited)
