@@ -13,6 +13,16 @@ from consumer.devkafka import KafkaBroker
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Lines the fault suite reports (events, kills, duplicates, losses), printed at the end of the run.
+FAULT_FIGURES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FAULT_FIGURES:
+        terminalreporter.section("fault suite figures")
+        for line in FAULT_FIGURES:
+            terminalreporter.write_line(line)
+
 
 @pytest.fixture(scope="session")
 def kafka_broker():

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from tests.conftest import FAULT_FIGURES
 from tests.integration.test_faults import _start_consumer, _write_config
 from tests.kafka_helpers import (
     Collector,
@@ -71,7 +72,7 @@ def test_five_sigkills_during_20k_events_lose_nothing(kafka, policies_dir, tmp_p
     expected = {(p, o) for p, end in ends.items() for o in range(end)}
     lost = len(expected - set(covered))
     duplicates = sum(n - 1 for n in covered.values())
-    print(f"\n{delivery}: {total} events, {kills} kills, {duplicates} duplicates, {lost} lost")
+    FAULT_FIGURES.append(f"{delivery}: {total} events, {kills} SIGKILLs, {duplicates} duplicates, {lost} lost")
     assert lost == 0
     if delivery == "exactly_once":
         assert duplicates == 0  # exactly one committed output per input, as read_committed sees it
@@ -115,6 +116,9 @@ def test_misbehaving_classifier_ends_in_dead_letters_and_never_blocks_its_partit
         else:
             assert output["kind"] == "verdict"  # transient failures were retried; the rest flowed past the poison
     assert max(n for rid, n in classifier.attempts.items() if rid.startswith("e3/")) == 2  # e3 is 'transient'
+    kinds_seen = sorted(o["error"]["type"] for o in by_offset.values() if o["kind"] == "dead_letter")
+    FAULT_FIGURES.append(f"misbehaving classifier (10%): 200 events, {len(kinds_seen)} dead letters "
+                         f"({', '.join(f'{t} {kinds_seen.count(t)}' for t in sorted(set(kinds_seen)))}), 0 lost")
 
 
 def test_broker_restart_mid_stream_loses_nothing(kafka_broker, policies_dir):
@@ -143,6 +147,7 @@ def test_broker_restart_mid_stream_loses_nothing(kafka_broker, policies_dir):
     finally:
         outputs.close()
     assert set(covered_offsets(outputs.messages)) == {(p, o) for p, end in ends.items() for o in range(end)}
+    FAULT_FIGURES.append(f"broker restart mid-stream: {total} events, 0 lost")
 
 
 def _bad_records():
@@ -233,5 +238,7 @@ def test_output_topic_deleted_stops_the_consumer_and_a_restart_completes_the_wor
     outputs = Collector(kafka, f"{topic}.verdicts")
     try:
         assert {o for _, o in covered_offsets(outputs.until(50, timeout=30))} == set(range(100, 150))
+        FAULT_FIGURES.append("output topic deleted: stopped with exit 1 at 100 committed; after the topic "
+                             "returned, a restart finished 150 of 150, 0 lost")
     finally:
         outputs.close()

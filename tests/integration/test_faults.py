@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from consumer.classify import KeywordClassifier
-from tests.conftest import REPO
+from tests.conftest import FAULT_FIGURES, REPO
 from tests.kafka_helpers import (
     Collector,
     committed_offsets,
@@ -97,7 +97,7 @@ def test_sigkill_mid_stream_loses_nothing(kafka, policies_dir, tmp_path):
     assert set(covered) == expected  # every input offset has an output: nothing lost
     duplicates = sum(n - 1 for n in covered.values())
     assert duplicates <= 200 + 16  # at most one in-flight window redone after the kill
-    print(f"\nkill test: {total} events, {killed_at} outputs before SIGKILL, {duplicates} duplicates, 0 lost")
+    FAULT_FIGURES.append(f"one SIGKILL: {total} events, {killed_at} outputs before it, {duplicates} duplicates, 0 lost")
 
 
 def test_classifier_slower_than_max_poll_interval_causes_no_rebalance(kafka, policies_dir):
