@@ -180,6 +180,7 @@ class TelemetrySettings(_Section):
     trace_content: bool = Field(default=False, description="put message content in span attributes")
     statistics_interval_ms: int = Field(default=5000, ge=0, description="librdkafka stats (consumer lag); 0: off")
     heartbeat_timeout_s: float = Field(default=30.0, gt=0, description="/healthz fails when the loop stalls this long")
+    engine_health_interval_s: float = Field(default=10.0, gt=0, description="how often the engine's health is checked")
 
 
 class Settings(BaseSettings):

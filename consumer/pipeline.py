@@ -102,6 +102,7 @@ class Pipeline:
         self.health: HealthServer | None = None
         self._heartbeat = time.monotonic()
         self._classifier_ready = False
+        self._engine_problem: str | None = None
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fatal: str | None = None
@@ -279,8 +280,22 @@ class Pipeline:
     # -- health ---------------------------------------------------------------------------------
 
     async def _beat(self) -> None:
+        """Marks the loop alive every second, and asks the classifier for its health (an engine
+        whose core died) every `telemetry.engine_health_interval_s`, so /healthz fails and the
+        orchestrator restarts it."""
+        check_health = getattr(self.classifier, "check_health", None)
+        interval = self.settings.telemetry.engine_health_interval_s
+        next_check = time.monotonic() + interval
         while True:
             self._heartbeat = time.monotonic()
+            if check_health is not None and self._classifier_ready and self._heartbeat >= next_check:
+                next_check = self._heartbeat + interval
+                try:
+                    await check_health()
+                    self._engine_problem = None
+                except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+                    self._engine_problem = f"classifier {self.classifier.name} unhealthy: {type(exc).__name__}: {exc}"
+                    log.error("%s", self._engine_problem)
             await asyncio.sleep(1.0)
 
     def _alive(self) -> tuple[bool, str]:
@@ -291,6 +306,8 @@ class Pipeline:
             return False, f"event loop unresponsive for {stalled:.0f}s"
         if self._fatal:
             return False, f"stopping after a fatal error: {self._fatal}"
+        if self._engine_problem:
+            return False, self._engine_problem
         return True, "ok"
 
     def _ready(self) -> tuple[bool, str]:

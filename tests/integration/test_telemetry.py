@@ -139,3 +139,27 @@ def test_cascade_stage_shares_reach_the_metrics(kafka, policies_dir):
     assert decided.get("cache", 0) == 4  # the same message four more times: answered from the cache
     assert sum(decided.values()) == 5
     assert 'safeguard_rate="cache_hit"' in text
+
+
+def test_healthz_fails_when_the_engine_reports_itself_unhealthy(kafka, policies_dir):
+    from tests.plugins import SlowClassifier
+
+    class DyingEngine(SlowClassifier):
+        healthy = True
+
+        async def check_health(self) -> None:
+            if not self.healthy:
+                raise RuntimeError("engine core died")
+
+    topic, group = unique("health"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    settings = settings_for(kafka, group, topic, policies_dir, telemetry={"http_port": 0, "engine_health_interval_s": 0.5})
+    engine = DyingEngine()
+    pipeline = Pipeline(settings, engine, PolicyStore(settings.policies.directory))
+    with BackgroundPipeline(pipeline) as running:
+        wait_for(lambda: pipeline.health is not None and get(pipeline.health.port, "/healthz")[0] == 200, timeout=30,
+                 message="healthy")
+        engine.healthy = False
+        wait_for(lambda: get(pipeline.health.port, "/healthz")[0] == 503, timeout=10, message="/healthz to fail")
+        assert "engine core died" in get(pipeline.health.port, "/healthz")[1]
+        running.stop()
