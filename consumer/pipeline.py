@@ -199,6 +199,12 @@ class Pipeline:
         gauges.lag = lambda: self.source.lag
         gauges.policy_reloads = lambda: self.policies.reloads
         gauges.cascade = lambda: getattr(self.classifier, "counters", {})
+        b = self.batcher
+        gauges.batcher = lambda: {
+            "avg_batch_size": b.avg_batch_size, "avg_batch_tokens": b.avg_batch_tokens,
+            "in_flight_requests": b.in_flight, "in_flight_tokens": b.in_flight_tokens, "window": b.window,
+            "queued": b.queued, "avg_queue_wait_s": b.avg_queue_wait_s,
+        }  # fmt: skip
         watcher = PolicyWatcher(self.policies, cfg.policies.reload_interval_s)
         if cfg.policies.reload_interval_s > 0:
             watcher.start()

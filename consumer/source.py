@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",
     "partition.assignment.strategy": "cooperative-sticky",
+    # librdkafka prefetches up to this much per consumer (default 64 MiB); the in-flight window
+    # already bounds the work ahead, so a smaller prefetch bounds memory without costing speed.
+    "queued.max.messages.kbytes": 16384,
 }
 # What at-least-once rests on; user options cannot override these.
 CONSUMER_REQUIRED: dict[str, Any] = {"enable.auto.commit": False, "enable.auto.offset.store": False}

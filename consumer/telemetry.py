@@ -111,7 +111,7 @@ class Gauges:
 
     in_flight: Callable[[], int] = lambda: 0
     lag: Callable[[], dict[tuple[str, int], int]] = dict
-    batch_size: Callable[[], float] = lambda: 0.0
+    batcher: Callable[[], dict[str, float]] = dict  # figure name -> value
     policy_reloads: Callable[[], int] = lambda: 0
     cascade: Callable[[], dict[str, Any]] = dict  # policy id -> consumer.cascade PolicyCounters
 
@@ -162,7 +162,11 @@ class Telemetry:
         m.create_observable_gauge(
             "safeguard.consumer.lag", [self._observe_lag], description="messages behind the end, per partition"
         )
-        m.create_observable_gauge("safeguard.batch.size", [self._observe_batch], description="mean batch size")
+        m.create_observable_gauge(
+            "safeguard.batcher", [self._observe_batcher],
+            description="by figure: avg_batch_size, avg_batch_tokens, in_flight_requests, in_flight_tokens, "
+            "window, queued, avg_queue_wait_s",
+        )  # fmt: skip
         m.create_observable_counter(
             "safeguard.cascade.decided", [self._observe_decided], description="events decided, by policy and stage"
         )
@@ -259,8 +263,9 @@ class Telemetry:
     def _observe_reloads(self, _: CallbackOptions) -> Iterable[Observation]:
         yield Observation(self.gauges.policy_reloads())
 
-    def _observe_batch(self, _: CallbackOptions) -> Iterable[Observation]:
-        yield Observation(self.gauges.batch_size())
+    def _observe_batcher(self, _: CallbackOptions) -> Iterable[Observation]:
+        for figure, value in self.gauges.batcher().items():
+            yield Observation(value, {"safeguard.figure": figure})
 
 
 def prometheus_meter_provider() -> tuple[MeterProvider, Any]:
