@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from consumer.events import ContentEvent, ErrorType
@@ -79,6 +80,12 @@ class Classifier(Protocol):
     async def close(self) -> None: ...
 
 
+# A classifier may also offer `classify_now(request) -> Classification | None`: an answer it
+# can give at once, without waiting (a keyword match, a cache hit), or None to be asked
+# through the batcher. The pipeline then skips the batcher and its queueing for that request.
+ClassifyNow = Callable[[ClassifyRequest], "Classification | None"]
+
+
 class KeywordClassifier:
     """Flags content matching any of a policy's `patterns` (case-insensitive regular expressions).
 
@@ -99,6 +106,9 @@ class KeywordClassifier:
         return Capacity(max_sequences=self._max_concurrency)
 
     async def classify(self, request: ClassifyRequest) -> Classification:
+        return self.classify_now(request)
+
+    def classify_now(self, request: ClassifyRequest) -> Classification:
         policy = request.policy
         patterns = self._compiled.get(policy.ref)
         if patterns is None:

@@ -33,7 +33,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 import consumer
 from consumer import telemetry
 from consumer.batcher import Batcher
-from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyRequest
+from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyNow, ClassifyRequest
 from consumer.config import Settings
 from consumer.context import SEVERITY, Conversations, Offenders
 from consumer.decode import DecodeError, Decoder
@@ -83,6 +83,7 @@ class Pipeline:
         spans go, by default the one the OTEL_* variables describe."""
         self.settings = settings
         self.classifier = classifier
+        self._classify_now: ClassifyNow | None = getattr(classifier, "classify_now", None)
         self.policies = policies
         # The router reads the store per event, so a reload applies to the next event routed.
         self.router = Router(settings.policies, policies.get)
@@ -509,7 +510,9 @@ class Pipeline:
         return result
 
     async def _checked(self, request: ClassifyRequest) -> Classification:
-        result = await self.batcher.classify(request)
+        result = self._classify_now(request) if self._classify_now is not None else None
+        if result is None:
+            result = await self.batcher.classify(request)
         if not isinstance(result, Classification):
             raise ClassificationFailed(
                 ErrorType.UNPARSEABLE_OUTPUT,

@@ -132,6 +132,19 @@ class CascadeClassifier:
         inner = self.reasoner.capacity()
         return Capacity(max_sequences=inner.max_sequences + self.settings.max_concurrency, max_tokens=inner.max_tokens)
 
+    def classify_now(self, request: ClassifyRequest) -> Classification | None:
+        """A cache hit, answered without queueing; None sends the request through `classify`."""
+        policy = request.policy
+        if not self.settings.plan_for(policy.id).cache:
+            return None
+        cached = self.cache.get(cache_key(policy, request.event.content))
+        if cached is not None:
+            counters = self._counters(policy.id)
+            counters.requests += 1
+            counters.cache_hits += 1
+            counters.decided["cache"] += 1
+        return cached
+
     async def classify(self, request: ClassifyRequest) -> Classification:
         policy = request.policy
         plan = self.settings.plan_for(policy.id)
