@@ -26,11 +26,11 @@ from typing import Any
 
 from bench.cases import batcher_figures, build_pipeline, run_until_done
 from bench.workload import REPO, Spec, chat_events, report
-from consumer.classify import Capacity, Classification, ClassifyRequest
 from consumer.engine import EngineSettings, make_vllm_classifier
 from consumer.events import ContentEvent
 from consumer.policy import load_policy
-from tests.engine.conftest import TINY_MODEL_VERSION, _cache_root, build_tiny_gpt_oss
+from tests.engine.conftest import TINY_MODEL_VERSION, _cache_root, build_tiny_gpt_oss, tiny_engine_settings
+from tests.engine.shared import SharedEngine
 
 WARM_UP = 8
 
@@ -38,44 +38,7 @@ WARM_UP = 8
 def engine_settings() -> EngineSettings:
     """tests/engine/conftest.py's settings, but one engine request per event."""
     model = build_tiny_gpt_oss(_cache_root() / "models" / TINY_MODEL_VERSION)
-    return EngineSettings(
-        model=str(model),
-        served_model_name="tiny-gpt-oss",
-        dtype="bfloat16",
-        max_model_len=2048,
-        max_num_seqs=8,
-        max_num_batched_tokens=2048,
-        kv_cache_memory_bytes=256 << 20,
-        enforce_eager=True,
-        async_scheduling=False,
-        skip_tokenizer_init=True,
-        max_tokens=16,
-        temperature=1.0,
-        request_timeout_s=600,
-        max_unparseable_retries=0,
-        max_engine_retries=0,
-        retry_backoff_s=0.1,
-    )
-
-
-class LentEngine:
-    """The started classifier, lent to the pipeline: the pipeline must not stop the engine."""
-
-    def __init__(self, engine: Any):
-        self._engine = engine
-        self.name = engine.name
-
-    async def start(self) -> None:
-        return None
-
-    def capacity(self) -> Capacity:
-        return self._engine.capacity()
-
-    async def classify(self, request: ClassifyRequest) -> Classification:
-        return await self._engine.classify(request)
-
-    async def close(self) -> None:
-        return None
+    return tiny_engine_settings(model, request_timeout_s=600, max_unparseable_retries=0, max_engine_retries=0)
 
 
 async def engine_alone(classifier: Any, prompts: list[list[int]], concurrency: int | None = None) -> float:
@@ -126,7 +89,7 @@ async def run(spec: Spec) -> dict[str, Any]:
         await engine_alone(classifier, prompts[:WARM_UP])
         all_at_once_s = await engine_alone(classifier, prompts)
         bounded_s = await engine_alone(classifier, prompts, classifier.capacity().max_sequences)
-        meter, pipeline = build_pipeline(spec, LentEngine(classifier))
+        meter, pipeline = build_pipeline(spec, SharedEngine(classifier))
         await run_until_done(spec, meter, pipeline)
     finally:
         await classifier.close()

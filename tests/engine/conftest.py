@@ -75,26 +75,32 @@ def tiny_model() -> Path:
     return build_tiny_gpt_oss(_cache_root() / "models" / TINY_MODEL_VERSION)
 
 
+def tiny_engine_settings(model: Path, **overrides: object) -> EngineSettings:
+    """The CPU settings that run the tiny model (DESIGN.md); the benchmark reuses them."""
+    settings: dict[str, object] = {
+        "model": str(model),
+        "served_model_name": "tiny-gpt-oss",
+        "dtype": "bfloat16",
+        "max_model_len": 2048,
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 2048,
+        "kv_cache_memory_bytes": 256 << 20,
+        "enforce_eager": True,
+        "async_scheduling": False,
+        "skip_tokenizer_init": True,
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "request_timeout_s": 60,
+        "max_unparseable_retries": 1,
+        "max_engine_retries": 1,
+        "retry_backoff_s": 0.1,
+    }
+    return EngineSettings(**(settings | overrides))
+
+
 @pytest.fixture(scope="session")
 def engine_settings(tiny_model: Path) -> EngineSettings:
-    return EngineSettings(
-        model=str(tiny_model),
-        served_model_name="tiny-gpt-oss",
-        dtype="bfloat16",
-        max_model_len=2048,
-        max_num_seqs=8,
-        max_num_batched_tokens=2048,
-        kv_cache_memory_bytes=256 << 20,
-        enforce_eager=True,
-        async_scheduling=False,
-        skip_tokenizer_init=True,
-        max_tokens=16,
-        temperature=1.0,
-        request_timeout_s=60,
-        max_unparseable_retries=1,
-        max_engine_retries=1,
-        retry_backoff_s=0.1,
-    )
+    return tiny_engine_settings(tiny_model)
 
 
 @pytest.fixture(scope="session")
