@@ -140,16 +140,7 @@ class Pipeline:
         self._classifier_ready = True
         producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
         committer = None
-        if self._sink_factory is not None:
-            self.sink = self._sink_factory(
-                producer_config,
-                cfg.kafka.verdict_topic,
-                cfg.kafka.dead_letter_topic,
-                on_delivered=self.tracker.done,
-                on_fatal=self._fail_threadsafe,
-                delivery_retries=cfg.pipeline.delivery_retries,
-            )
-        elif cfg.pipeline.delivery == "exactly_once":
+        if cfg.pipeline.delivery == "exactly_once" and self._sink_factory is None:
             self.sink = committer = TransactionalSink(
                 producer_config,
                 cfg.kafka.verdict_topic,
@@ -160,7 +151,7 @@ class Pipeline:
                 max_records=cfg.pipeline.transaction_max_records,
             )
         else:
-            self.sink = Sink(
+            self.sink = (self._sink_factory or Sink)(
                 producer_config,
                 cfg.kafka.verdict_topic,
                 cfg.kafka.dead_letter_topic,
