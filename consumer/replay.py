@@ -55,7 +55,7 @@ from consumer.pipeline import Pipeline, RunResult
 from consumer.policy import PolicyError, PolicyStore, load_policy
 from consumer.route import Router, RoutingError
 from consumer.sink import Headers, Sink
-from consumer.source import POLL_BATCH, POLL_TIMEOUT_S, Received
+from consumer.source import POLL_BATCH, POLL_TIMEOUT_S, Received, close_consumer
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,7 @@ class ReplaySource:
             self._on_fatal(f"replay source failed: {exc}")
         finally:
             self._save()
-            try:
-                self._consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("consumer close: %s", exc)
+            close_consumer(self._consumer)
 
     def _poll_once(self) -> Received:
         room = min(POLL_BATCH, self._max_events - self._tracker.in_flight())

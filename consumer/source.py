@@ -206,10 +206,7 @@ class Source:
             self._on_fatal(f"source failed: {exc}")
         finally:
             self._commit()
-            try:
-                self._consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("consumer close: %s", exc)
+            close_consumer(self._consumer)
 
     def _poll_once(self) -> Received:
         received: Received = []
@@ -289,6 +286,14 @@ class Source:
 
 def _names(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
+def close_consumer(consumer: KafkaConsumerLike) -> None:
+    """Leave the group and release the client; a failure here is logged, never raised."""
+    try:
+        consumer.close()
+    except (KafkaException, RuntimeError) as exc:
+        log.warning("consumer close: %s", exc)
 
 
 def read_tail(config: dict[str, Any], ranges: list[tuple[str, int, int, int]], timeout: float = 30.0) -> list[Message]:
