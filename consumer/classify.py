@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from consumer.policy import PolicyStore
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one is made per (record, policy), and frozen costs 3x to build
 class ClassifyRequest:
     event: ContentEvent
     policy: Policy

@@ -271,7 +271,12 @@ def create_topics(bootstrap: str, *names: str, partitions: int = 1, timeout: flo
 def _cluster_id() -> str:
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # As Kafka's own Uuid.randomUuid: never one starting with "-", which the storage tool's
+    # argument parser takes for an option (1 start in 64 failed before).
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _terminate(pid: int, timeout: float) -> None:

@@ -1,7 +1,8 @@
 """The offset tracker: owns "an offset is committed only after its output was delivered".
 
-Every consumed record is `track`ed; when the broker acknowledges the record's verdict or
-dead letter, it is marked `done`. Classification finishes out of order, so the commit
+Every consumed record is tracked (`track_many`, one poll batch at a time); when the broker
+acknowledges the record's verdict or dead letter, it is marked done (`done_many`, one batch
+of delivery reports at a time: one lock per batch, not per record). Classification finishes out of order, so the commit
 position of a partition is one past the highest offset below which every record is done.
 The tracker also counts what is in flight (records and bytes), which is the window the
 source pauses on.
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 TopicPartitionKey = tuple[str, int]
 
@@ -21,16 +24,16 @@ TopicPartitionKey = tuple[str, int]
 @dataclass
 class _PartitionState:
     epoch: int
-    pending: deque[int] = field(default_factory=deque)  # tracked offsets, in consumption order
-    done: set[int] = field(default_factory=set)
-    sizes: dict[int, int] = field(default_factory=dict)
+    pending: deque[int] = field(default_factory=deque)  # tracked offsets not yet committable, in order
+    undone: dict[int, int] = field(default_factory=dict)  # offset -> size, of records not yet done
     position: int | None = None  # next offset to commit (last done contiguous + 1)
     committed: int | None = None
 
 
-@dataclass(frozen=True)
-class Ticket:
-    """Identifies one tracked record; a ticket from before a revoke is ignored after it."""
+class Ticket(NamedTuple):
+    """Identifies one tracked record; a ticket from before a revoke is ignored after it.
+
+    A tuple, not a dataclass: one is made per record on the hot path."""
 
     topic: str
     partition: int
@@ -48,32 +51,44 @@ class OffsetTracker:
         self._idle = threading.Condition(self._lock)
 
     def track(self, topic: str, partition: int, offset: int, size: int) -> Ticket:
+        return self.track_many([(topic, partition, offset, size)])[0]
+
+    def track_many(self, records: Iterable[tuple[str, int, int, int]]) -> list[Ticket]:
+        """Track (topic, partition, offset, size) records in consumption order; one ticket each."""
+        tickets = []
         with self._lock:
-            state = self._partitions.get((topic, partition))
-            if state is None:
-                self._epochs += 1
-                state = self._partitions[(topic, partition)] = _PartitionState(epoch=self._epochs)
-            state.pending.append(offset)
-            state.sizes[offset] = size
-            self._events += 1
-            self._bytes += size
-            return Ticket(topic, partition, offset, state.epoch)
+            partitions = self._partitions
+            for topic, partition, offset, size in records:
+                state = partitions.get((topic, partition))
+                if state is None:
+                    self._epochs += 1
+                    state = partitions[(topic, partition)] = _PartitionState(epoch=self._epochs)
+                state.pending.append(offset)
+                state.undone[offset] = size
+                self._events += 1
+                self._bytes += size
+                tickets.append(Ticket(topic, partition, offset, state.epoch))
+        return tickets
 
     def done(self, ticket: Ticket) -> None:
+        self.done_many((ticket,))
+
+    def done_many(self, tickets: Iterable[Ticket]) -> None:
+        """Mark records delivered; tickets of revoked partitions and repeats are ignored."""
         with self._lock:
-            state = self._partitions.get((ticket.topic, ticket.partition))
-            if state is None or state.epoch != ticket.epoch or ticket.offset not in state.sizes:
-                return  # the partition was revoked meanwhile; the new owner redoes the record
-            if ticket.offset in state.done:
-                return
-            state.done.add(ticket.offset)
-            self._events -= 1
-            self._bytes -= state.sizes[ticket.offset]
-            while state.pending and state.pending[0] in state.done:
-                offset = state.pending.popleft()
-                state.done.discard(offset)
-                del state.sizes[offset]
-                state.position = offset + 1
+            partitions = self._partitions
+            for ticket in tickets:
+                state = partitions.get((ticket.topic, ticket.partition))
+                if state is None or state.epoch != ticket.epoch:
+                    continue  # the partition was revoked meanwhile; the new owner redoes the record
+                size = state.undone.pop(ticket.offset, None)
+                if size is None:
+                    continue  # done already
+                self._events -= 1
+                self._bytes -= size
+                pending, undone = state.pending, state.undone
+                while pending and pending[0] not in undone:
+                    state.position = pending.popleft() + 1
             self._idle.notify_all()
 
     def is_current(self, ticket: Ticket) -> bool:
@@ -89,9 +104,8 @@ class OffsetTracker:
                 state = self._partitions.pop(key, None)
                 if state is None:
                     continue
-                unfinished = [o for o in state.pending if o not in state.done]
-                self._events -= len(unfinished)
-                self._bytes -= sum(state.sizes[o] for o in unfinished)
+                self._events -= len(state.undone)
+                self._bytes -= sum(state.undone.values())
             self._idle.notify_all()
 
     def commit_positions(self, partitions: list[TopicPartitionKey] | None = None) -> dict[TopicPartitionKey, int]:
@@ -121,6 +135,11 @@ class OffsetTracker:
         with self._lock:
             return self._bytes
 
+    def wait_for_room(self, max_events: int, max_bytes: int, timeout: float) -> bool:
+        """Block until fewer than `max_events` records and `max_bytes` are in flight, or `timeout` passes."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._events < max_events and self._bytes < max_bytes, timeout=timeout)
+
     def wait_until_drained(self, timeout: float, partitions: list[TopicPartitionKey] | None = None) -> bool:
         """Block until nothing (of `partitions`) is in flight or `timeout` passes; True if drained."""
         with self._idle:
@@ -129,4 +148,4 @@ class OffsetTracker:
     def _count_locked(self, partitions: list[TopicPartitionKey] | None) -> int:
         if partitions is None:
             return self._events
-        return sum(len(s.pending) - len(s.done) for k in partitions if (s := self._partitions.get(k)) is not None)
+        return sum(len(s.undone) for k in partitions if (s := self._partitions.get(k)) is not None)

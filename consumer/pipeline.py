@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import orjson
 from confluent_kafka import Message, TopicPartition
@@ -30,31 +29,24 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
 
-import consumer
-from consumer import telemetry
+from consumer import telemetry, verdict
 from consumer.batcher import Batcher
 from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyNow, ClassifyRequest
 from consumer.config import Settings
-from consumer.context import SEVERITY, Conversations, Offenders
+from consumer.context import Conversations, Offenders
 from consumer.decode import DecodeError, Decoder
-from consumer.events import (
-    ContentEvent,
-    DeadLetter,
-    DeadLetterError,
-    ErrorType,
-    OriginalRecord,
-    PolicyResult,
-    SourceRecord,
-    Verdict,
-)
+from consumer.events import ContentEvent, ErrorType
 from consumer.health import HealthServer
 from consumer.offsets import OffsetTracker, Ticket
-from consumer.policy import Policy, PolicyStore, PolicyWatcher, most_severe
+from consumer.policy import PolicyStore, PolicyWatcher, most_severe
 from consumer.route import Router
 from consumer.sink import Sink, TransactionalSink
 from consumer.source import Received, Source, read_tail
 
 log = logging.getLogger(__name__)
+
+# How often delivery reports are served while no records arrive: the added delivery latency.
+SINK_SERVE_INTERVAL_S = 0.005
 
 
 @dataclass
@@ -99,6 +91,7 @@ class Pipeline:
             meter_provider,
             tracer_provider or telemetry.tracer_provider_from_env(),
             trace_content=settings.telemetry.trace_content,
+            registry=self.metrics_registry,
         )
         self.health: HealthServer | None = None
         self._heartbeat = time.monotonic()
@@ -155,7 +148,7 @@ class Pipeline:
                 producer_config,
                 cfg.kafka.verdict_topic,
                 cfg.kafka.dead_letter_topic,
-                on_delivered=self.tracker.done,
+                on_delivered=self.tracker.done_many,
                 on_fatal=self._fail_threadsafe,
                 delivery_retries=cfg.pipeline.delivery_retries,
             )
@@ -201,6 +194,7 @@ class Pipeline:
         if cfg.policies.reload_interval_s > 0:
             watcher.start()
         await asyncio.to_thread(self.sink.start)
+        serving = self._loop.create_task(self._serve_sink(), name="sink")
         self.batcher.start()
         self.source.start()
         log.info("consuming %s as group %s", ",".join(cfg.kafka.input_topics), cfg.kafka.group_id)
@@ -208,7 +202,7 @@ class Pipeline:
         await self._stopping.wait()
         if cfg.policies.reload_interval_s > 0:
             watcher.stop()
-        await self._shutdown()
+        await self._shutdown(serving)
         heartbeat.cancel()
         if self.health is not None:
             self.health.stop()
@@ -217,7 +211,7 @@ class Pipeline:
             return RunResult(1, self.consumed, self.verdicts, self.dead_letters, self._fatal)
         return RunResult(0, self.consumed, self.verdicts, self.dead_letters)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, serving: asyncio.Task[None]) -> None:
         deadline = time.monotonic() + self.settings.pipeline.shutdown_deadline_s
         self.source.stop_accepting()
         if not self._fatal:
@@ -228,6 +222,8 @@ class Pipeline:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        serving.cancel()  # the flush below serves what is left
+        await asyncio.gather(serving, return_exceptions=True)
         await self.batcher.close()
         undelivered = await asyncio.to_thread(self.sink.flush, max(1.0, deadline - time.monotonic()))
         if undelivered:
@@ -237,6 +233,12 @@ class Pipeline:
         await self.classifier.close()
         log.info("stopped: consumed %d, verdicts %d, dead letters %d",
                  self.consumed, self.verdicts, self.dead_letters)
+
+    async def _serve_sink(self) -> None:
+        """Delivery reports, between batches of records (`_receive` serves after each batch too)."""
+        while True:
+            self.sink.serve()
+            await asyncio.sleep(SINK_SERVE_INTERVAL_S)
 
     # -- chat state -----------------------------------------------------------------------------
 
@@ -335,145 +337,136 @@ class Pipeline:
     # -- one record -----------------------------------------------------------------------------
 
     def _receive(self, received: Received) -> None:
+        """A poll batch, on the loop. Each record is decided at once when every answer is at
+        hand (a decode error, a keyword match, a cascade cache hit): no task, no await. The
+        others wait for the batcher in a task of their own."""
         loop = asyncio.get_running_loop()
         consumed = self.telemetry.consumed
+        self.consumed += len(received)
         for message, ticket in received:
-            self.consumed += 1
             consumed[message.topic()] += 1
-            task = loop.create_task(self._process(message, ticket))
+            record = _Record(message, ticket, self.telemetry.record_span(message))
+            try:
+                waiting = self._decide_now(record)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
+                self._internal_error(record, exc)
+                waiting = None
+            if waiting is None:
+                record.span.end()
+                continue
+            task = loop.create_task(self._decide_later(record, *waiting))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        self.sink.serve()
 
-    async def _process(self, message: Message, ticket: Ticket) -> None:
-        started = time.monotonic()
-        span = self.telemetry.event_span(
-            telemetry.extract(message.headers()), message.topic(), message.partition(), message.offset(), message.key()
-        )
+    def _decide_now(self, record: _Record) -> tuple[list[ClassifyRequest], list[Classification | None]] | None:
+        """Decode, keep the conversation, route and ask for instant answers. Returns None when
+        the record's output was sent, else its requests and the answers found so far."""
+        message, span = record.message, record.span
+        topic = message.topic()
         try:
-            await self._decide(message, ticket, span, started)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
-            log.exception("unexpected error on %s[%d]@%d", message.topic(), message.partition(), message.offset())
-            await self._dead_letter(
-                message, ticket, span, started, ErrorType.CLASSIFIER_ERROR, f"internal error: {type(exc).__name__}"
-            )
-        finally:
-            span.end()
-
-    async def _decide(self, message: Message, ticket: Ticket, span: Span, started: float) -> None:
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        try:
-            event = self.decoder.decode(message.value(), fallback_event_id=f"{topic}-{partition}-{offset}")
+            event = self.decoder.decode(message.value(), fallback_event_id=f"{topic}-{message.partition()}-{message.offset()}")
         except DecodeError as exc:
-            await self._dead_letter(message, ticket, span, started, exc.error_type, str(exc))
-            return
-        span.set_attribute("safeguard.event_id", event.event_id)
-        if self.telemetry.trace_content:
-            span.set_attribute("safeguard.content", event.content)
+            self._dead_letter(record, exc.error_type, str(exc))
+            return None
+        record.event = event
+        if record.traced:
+            span.set_attribute("safeguard.event_id", event.event_id)
+            if self.telemetry.trace_content:
+                span.set_attribute("safeguard.content", event.content)
         # What the classifier sees: the conversation so far, authors pseudonymised.
         view = self.conversations.observe(event)
         if event.metadata.get("event_type") == "delete":
-            await self._send_verdict(message, ticket, span, started, event, [], note="deleted: left the conversation")
-            return
+            self._send_verdict(record, [], note="deleted: left the conversation")
+            return None
         policies = self.router.policies_for(topic, event)
         if not policies:
-            await self._dead_letter(
-                message, ticket, span, started, ErrorType.NO_POLICY, "no route or default policy matches", event
-            )
-            return
+            self._dead_letter(record, ErrorType.NO_POLICY, "no route or default policy matches")
+            return None
+        deadline = record.started + self.settings.pipeline.classify_timeout_s
+        requests = [ClassifyRequest(view, policy, f"{event.event_id}/{policy.id}", deadline) for policy in policies]
         try:
-            results = await self._classify(view, policies, span, started)
-        except ClassificationFailed as exc:
-            await self._dead_letter(
-                message, ticket, span, started, exc.error_type, str(exc), event, exc.raw_output, exc.attempts
-            )
-            return
-        await self._send_verdict(message, ticket, span, started, event, results)
+            answers = [self._answer_now(request, record) for request in requests]
+        except Exception as exc:  # noqa: BLE001 - a failing classifier costs this record only
+            self._conclude(record, requests, [exc])
+            return None
+        if None in answers:
+            return requests, answers
+        self._conclude(record, requests, answers)
+        return None
 
-    async def _send_verdict(
-        self,
-        message: Message,
-        ticket: Ticket,
-        span: Span,
-        started: float,
-        event: ContentEvent,
-        results: list[PolicyResult],
-        note: str | None = None,
+    async def _decide_later(
+        self, record: _Record, requests: list[ClassifyRequest], answers: list[Classification | None]
     ) -> None:
-        violation = any(r.violation for r in results)
-        action, offences = self.offenders.record(
-            event.community_id, event.author_id, violation, most_severe([r.action for r in results])
-        )
-        verdict = Verdict(
-            event_id=event.event_id,
-            source=_source_record(message),
-            violation=violation,
-            action=action,
-            severity=SEVERITY.get(action, "low"),
-            results=results,
-            author_id=event.author_id,
-            community_id=event.community_id,
-            context_id=event.context_id,
-            offender_violations=offences if self.offenders.enabled and event.author_id else None,
-            note=note,
-            latency_ms=(time.monotonic() - started) * 1000,
-            consumer_version=consumer.__version__,
-        )
-        span.set_attributes({"safeguard.violation": verdict.violation, "safeguard.action": verdict.action})
-        await self.sink.send_verdict(verdict, message.key(), ticket, telemetry.inject(span))
-        self.verdicts += 1
-        for result in results:
-            self.telemetry.verdicts[(result.policy_id, result.violation, result.action)] += 1
-        self.telemetry.e2e_latency.record(verdict.latency_ms, {"safeguard.outcome": "verdict"})
+        """Wait for the answers that need the batcher (the engine), then send the output."""
+        try:
+            missing = [i for i, answer in enumerate(answers) if answer is None]
+            outcomes: list[object]
+            if len(missing) == 1:  # the common case: no gather, whose tasks cost more than a cheap classification
+                try:
+                    outcomes = [await self._classify_later(requests[missing[0]], record.span)]
+                except Exception as exc:  # noqa: BLE001 - handled in _conclude, as gather would return it
+                    outcomes = [exc]
+            else:
+                outcomes = await asyncio.gather(
+                    *(self._classify_later(requests[i], record.span) for i in missing), return_exceptions=True
+                )
+            completed: list[object] = list(answers)
+            for i, outcome in zip(missing, outcomes):
+                completed[i] = outcome
+            self._conclude(record, requests, completed)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
+            self._internal_error(record, exc)
+        finally:
+            record.span.end()
 
-    async def _classify(
-        self, event: ContentEvent, policies: list[Policy], span: Span, started: float
-    ) -> list[PolicyResult]:
-        deadline = started + self.settings.pipeline.classify_timeout_s
-        requests = [
-            ClassifyRequest(event=event, policy=p, request_id=f"{event.event_id}/{p.id}", deadline=deadline)
-            for p in policies
-        ]
-        if len(requests) == 1:  # the common case: no gather, whose tasks cost more than a cheap classification
-            try:
-                outcomes: list[object] = [await self._classify_one(requests[0], span)]
-            except Exception as exc:  # noqa: BLE001 - handled below, as gather would return it
-                outcomes = [exc]
-        else:
-            outcomes = await asyncio.gather(*(self._classify_one(r, span) for r in requests), return_exceptions=True)
+    def _conclude(self, record: _Record, requests: list[ClassifyRequest], outcomes: list[object]) -> None:
+        """The verdict from every policy's classification, or a dead letter for the first failure."""
+        latency_ms = (time.monotonic() - record.started) * 1000
         results = []
         for request, outcome in zip(requests, outcomes):
             if isinstance(outcome, BaseException):
-                if isinstance(outcome, ClassificationFailed):
-                    raise outcome
-                raise ClassificationFailed(ErrorType.CLASSIFIER_ERROR, f"{type(outcome).__name__}: {outcome}")
-            results.append(
-                PolicyResult(
-                    policy_id=request.policy.id,
-                    policy_version=request.policy.version,
-                    violation=outcome.violation,
-                    category=outcome.category,
-                    rule_ids=outcome.rule_ids,
-                    confidence=outcome.confidence,
-                    rationale=outcome.rationale,
-                    action=request.policy.action_for(outcome.violation, outcome.category),
-                    reasoning=outcome.reasoning,
-                    model=outcome.model,
-                    stage=outcome.stage,
-                    latency_ms=(time.monotonic() - started) * 1000,
+                failure = outcome if isinstance(outcome, ClassificationFailed) else ClassificationFailed(
+                    ErrorType.CLASSIFIER_ERROR, f"{type(outcome).__name__}: {outcome}"
                 )
-            )
-        return results
+                self._dead_letter(record, failure.error_type, str(failure), failure.raw_output, failure.attempts)
+                return
+            assert isinstance(outcome, Classification)
+            results.append(verdict.policy_result(request.policy, outcome, latency_ms))
+        self._send_verdict(record, results)
 
-    async def _classify_one(self, request: ClassifyRequest, event_span: Span) -> Classification:
-        """One (event, policy) classification; with tracing on, in a child span of the event's."""
-        t = self.telemetry
+    def _answer_now(self, request: ClassifyRequest, record: _Record) -> Classification | None:
+        """The classifier's instant answer (`classify_now`), or None if it needs the batcher."""
+        if self._classify_now is None:
+            return None
+        started_ns = time.time_ns() if record.traced else 0
+        started = time.monotonic()
+        try:
+            result = self._classify_now(request)
+            if result is not None and type(result) is not Classification:
+                self._check(result)
+        except Exception as exc:
+            if record.traced:
+                failure = exc.error_type.value if isinstance(exc, ClassificationFailed) else None
+                self._classify_span(request, record.span, started_ns, failure)
+            raise
+        if result is None:
+            return None
+        if record.traced:
+            self._classify_span(request, record.span, started_ns, result=result)
+        self._count_classification(request, result, started)
+        return result
+
+    async def _classify_later(self, request: ClassifyRequest, event_span: Span) -> Classification:
+        """One (event, policy) classification through the batcher; with tracing on, in a child
+        span of the event's, current while the classifier runs."""
         started = time.monotonic()
         if not event_span.is_recording():
-            result = await self._checked(request)
+            result = self._check(await self.batcher.classify(request))
         else:
-            with t.tracer.start_as_current_span(
+            with self.telemetry.tracer.start_as_current_span(
                 f"classify {request.policy.id}",
                 context=trace.set_span_in_context(event_span),
                 attributes={"safeguard.policy.id": request.policy.id, "safeguard.policy.version": request.policy.version},
@@ -481,29 +474,45 @@ class Pipeline:
                 set_status_on_exception=False,
             ) as span:
                 try:
-                    result = await self._checked(request)
+                    result = self._check(await self.batcher.classify(request))
                 except ClassificationFailed as exc:
                     span.set_status(Status(StatusCode.ERROR, exc.error_type.value))
                     raise
-                span.set_attributes(
-                    {"safeguard.model": result.model, "gen_ai.usage.input_tokens": result.prompt_tokens,
-                     "gen_ai.usage.output_tokens": result.completion_tokens,
-                     "safeguard.cached_tokens": result.cached_tokens, "safeguard.violation": result.violation}
-                )  # fmt: skip
-                if t.trace_content and result.reasoning:
-                    span.set_attribute("safeguard.reasoning", result.reasoning)
-        t.engine_latency.record((time.monotonic() - started) * 1000, {"safeguard.policy.id": request.policy.id})
-        if result.prompt_tokens:
-            policy = request.policy.id
-            t.tokens[(policy, "prompt")] += result.prompt_tokens
-            t.tokens[(policy, "cached")] += result.cached_tokens
-            t.tokens[(policy, "completion")] += result.completion_tokens
+                self._describe(span, result)
+        self._count_classification(request, result, started)
         return result
 
-    async def _checked(self, request: ClassifyRequest) -> Classification:
-        result = self._classify_now(request) if self._classify_now is not None else None
-        if result is None:
-            result = await self.batcher.classify(request)
+    def _classify_span(
+        self,
+        request: ClassifyRequest,
+        event_span: Span,
+        started_ns: int,
+        failure: str | None = None,
+        result: Classification | None = None,
+    ) -> None:
+        """The child span of a classification that answered at once, recorded after the fact."""
+        span = self.telemetry.tracer.start_span(
+            f"classify {request.policy.id}",
+            context=trace.set_span_in_context(event_span),
+            attributes={"safeguard.policy.id": request.policy.id, "safeguard.policy.version": request.policy.version},
+            start_time=started_ns,
+        )
+        if failure is not None:
+            span.set_status(Status(StatusCode.ERROR, failure))
+        if result is not None:
+            self._describe(span, result)
+        span.end()
+
+    def _describe(self, span: Span, result: Classification) -> None:
+        span.set_attributes(
+            {"safeguard.model": result.model, "gen_ai.usage.input_tokens": result.prompt_tokens,
+             "gen_ai.usage.output_tokens": result.completion_tokens,
+             "safeguard.cached_tokens": result.cached_tokens, "safeguard.violation": result.violation}
+        )  # fmt: skip
+        if self.telemetry.trace_content and result.reasoning:
+            span.set_attribute("safeguard.reasoning", result.reasoning)
+
+    def _check(self, result: object) -> Classification:
         if not isinstance(result, Classification):
             raise ClassificationFailed(
                 ErrorType.UNPARSEABLE_OUTPUT,
@@ -512,43 +521,89 @@ class Pipeline:
             )
         return result
 
-    async def _dead_letter(
+    def _count_classification(self, request: ClassifyRequest, result: Classification, started: float) -> None:
+        t = self.telemetry
+        policy = request.policy.id
+        t.engine_latency.record((time.monotonic() - started) * 1000, policy)
+        if result.prompt_tokens:
+            t.tokens[(policy, "prompt")] += result.prompt_tokens
+            t.tokens[(policy, "cached")] += result.cached_tokens
+            t.tokens[(policy, "completion")] += result.completion_tokens
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _send_verdict(self, record: _Record, results: list[verdict.Document], note: str | None = None) -> None:
+        event, message, span = record.event, record.message, record.span
+        assert event is not None
+        violation = any(r["violation"] for r in results)
+        action, offences = self.offenders.record(
+            event.community_id, event.author_id, violation, most_severe([r["action"] for r in results])
+        )
+        latency_ms = (time.monotonic() - record.started) * 1000
+        document = verdict.verdict(
+            event.event_id,
+            verdict.source_of(message),
+            violation,
+            action,
+            results,
+            author_id=event.author_id,
+            community_id=event.community_id,
+            context_id=event.context_id,
+            offender_violations=offences if self.offenders.enabled and event.author_id else None,
+            note=note,
+            latency_ms=latency_ms,
+        )
+        if record.traced:
+            span.set_attributes({"safeguard.violation": violation, "safeguard.action": action})
+        self.sink.send_verdict(document, message.key(), record.ticket, telemetry.inject(span))
+        self.verdicts += 1
+        counts = self.telemetry.verdicts
+        for result in results:
+            counts[(result["policy_id"], result["violation"], result["action"])] += 1
+        self.telemetry.e2e_latency.record(latency_ms, "verdict")
+
+    def _dead_letter(
         self,
-        message: Message,
-        ticket: Ticket,
-        span: Span,
-        started: float,
+        record: _Record,
         error_type: ErrorType,
         reason: str,
-        event: ContentEvent | None = None,
         raw_output: str | None = None,
         attempts: int = 1,
     ) -> None:
-        letter = DeadLetter(
-            error=DeadLetterError(type=error_type, message=reason, raw_output=raw_output),
-            source=_source_record(message),
-            original=OriginalRecord.capture(message.key(), message.value(), message.headers()),
-            event_id=event.event_id if event else None,
-            attempts=attempts,
-            failed_at=datetime.now(timezone.utc),
-            consumer_version=consumer.__version__,
-        )
-        span.set_status(Status(StatusCode.ERROR, error_type.value))
-        span.set_attribute("error.type", error_type.value)
-        await self.sink.send_dead_letter(letter, message.key(), ticket, telemetry.inject(span))
+        event_id = record.event.event_id if record.event is not None else None
+        letter = verdict.dead_letter(record.message, error_type, reason, event_id, raw_output, attempts)
+        span = record.span
+        if record.traced:
+            span.set_status(Status(StatusCode.ERROR, error_type.value))
+            span.set_attribute("error.type", error_type.value)
+        self.sink.send_dead_letter(letter, record.message.key(), record.ticket, telemetry.inject(span))
         self.dead_letters += 1
         self.telemetry.dead_letters[error_type.value] += 1
-        self.telemetry.e2e_latency.record((time.monotonic() - started) * 1000, {"safeguard.outcome": "dead_letter"})
+        self.telemetry.e2e_latency.record((time.monotonic() - record.started) * 1000, "dead_letter")
+
+    def _internal_error(self, record: _Record, exc: Exception) -> None:
+        message = record.message
+        log.error("unexpected error on %s[%d]@%d", message.topic(), message.partition(), message.offset(),
+                  exc_info=exc)  # fmt: skip
+        try:
+            self._dead_letter(record, ErrorType.CLASSIFIER_ERROR, f"internal error: {type(exc).__name__}")
+        except Exception as again:  # noqa: BLE001 - no output possible: stop before committing past it
+            self._fail(f"cannot send a dead letter for {message.topic()}[{message.partition()}]@{message.offset()}: "
+                       f"{type(again).__name__}: {again}")  # fmt: skip
 
 
-def _source_record(message: Message) -> SourceRecord:
-    ts_type, ts = message.timestamp()
-    return SourceRecord(
-        topic=message.topic(),
-        partition=message.partition(),
-        offset=message.offset(),
-        timestamp_ms=ts if ts_type else None,
-    )
+class _Record:
+    """One record on its way through the pipeline."""
+
+    __slots__ = ("message", "ticket", "span", "traced", "started", "event")
+
+    def __init__(self, message: Message, ticket: Ticket, span: Span):
+        self.message = message
+        self.ticket = ticket
+        self.span = span
+        self.traced = span.is_recording()
+        self.started = time.monotonic()
+        self.event: ContentEvent | None = None
 
 
 class BackgroundPipeline:

@@ -64,6 +64,8 @@ class Policy:
 
 
 def most_severe(actions: list[str]) -> str:
+    if len(actions) == 1:
+        return actions[0]
     return max(actions, key=lambda a: ACTIONS.index(a) if a in ACTIONS else 0, default="allow")
 
 

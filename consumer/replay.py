@@ -49,12 +49,12 @@ from rich.text import Text
 from consumer.backtest import Outputs, compare, markdown, tables
 from consumer.classify import Classifier, build_classifier
 from consumer.config import ConfigError, Settings, format_validation_error, load_settings
-from consumer.events import DeadLetter, ReplayInfo, Verdict
+from consumer.events import ReplayInfo
 from consumer.offsets import OffsetTracker, Ticket, TopicPartitionKey
 from consumer.pipeline import Pipeline, RunResult
 from consumer.policy import PolicyError, PolicyStore, load_policy
 from consumer.route import Router, RoutingError
-from consumer.sink import Headers, Sink
+from consumer.sink import Document, Headers, Sink
 from consumer.source import POLL_BATCH, POLL_TIMEOUT_S, Received, close_consumer
 
 log = logging.getLogger(__name__)
@@ -418,7 +418,7 @@ class JsonlSink:
 
     SYNC_INTERVAL_S = 0.1
 
-    def __init__(self, path: Path, on_delivered: Callable[[Ticket], None], on_fatal: Callable[[str], None]):
+    def __init__(self, path: Path, on_delivered: Callable[[list[Ticket]], None], on_fatal: Callable[[str], None]):
         self.path = path
         self._file = open(path, "ab")
         self._on_delivered = on_delivered
@@ -432,14 +432,14 @@ class JsonlSink:
     def start(self) -> None:
         self._thread.start()
 
-    async def send_verdict(self, verdict: BaseModel, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
         self._write(verdict, ticket)
 
-    async def send_dead_letter(self, letter: BaseModel, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
         self._write(letter, ticket)
 
-    def _write(self, model: BaseModel, ticket: Ticket) -> None:
-        line = orjson.dumps(model.model_dump(mode="json")) + b"\n"
+    def _write(self, document: Document, ticket: Ticket) -> None:
+        line = orjson.dumps(document) + b"\n"
         with self._lock:
             if self.failed:
                 return
@@ -461,8 +461,7 @@ class JsonlSink:
                 self._fail(f"cannot write {self.path}: {exc.strerror}")
                 return
             synced, self._written = self._written, []
-        for ticket in synced:
-            self._on_delivered(ticket)
+        self._on_delivered(synced)
 
     def _fail(self, reason: str) -> None:
         self.failed = reason
@@ -472,6 +471,9 @@ class JsonlSink:
     def _serve(self) -> None:
         while not self._stop.wait(self.SYNC_INTERVAL_S):
             self._sync()
+
+    def serve(self) -> None:
+        return None  # the sink's own thread syncs the file
 
     def flush(self, timeout: float) -> int:
         """Sync what was written; returns how many outputs are still undelivered."""
@@ -493,6 +495,7 @@ class ReplayOutput:
     def __init__(self, inner: Sink | JsonlSink, info: ReplayInfo):
         self._inner = inner
         self._info = info
+        self._stamp = info.model_dump(mode="json")
         self._headers: Headers = [
             ("safeguard-replay", info.run_id.encode()),
             ("safeguard-replay-policies", ",".join(info.policies).encode()),
@@ -502,14 +505,15 @@ class ReplayOutput:
     def start(self) -> None:
         self._inner.start()
 
-    async def send_verdict(self, verdict: Verdict, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self.violations += verdict.violation
-        stamped = verdict.model_copy(update={"replay": self._info})
-        await self._inner.send_verdict(stamped, key, ticket, headers + self._headers)
+    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+        self.violations += verdict["violation"]
+        self._inner.send_verdict({**verdict, "replay": self._stamp}, key, ticket, headers + self._headers)
 
-    async def send_dead_letter(self, letter: DeadLetter, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        stamped = letter.model_copy(update={"replay": self._info})
-        await self._inner.send_dead_letter(stamped, key, ticket, headers + self._headers)
+    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+        self._inner.send_dead_letter({**letter, "replay": self._stamp}, key, ticket, headers + self._headers)
+
+    def serve(self) -> None:
+        self._inner.serve()
 
     def flush(self, timeout: float) -> int:
         return self._inner.flush(timeout)
@@ -573,9 +577,11 @@ class ReplayProgress:
         }
         self.done_this_run: Counter[int] = Counter()
 
-    def delivered(self, ticket: Ticket) -> None:
-        self.done_this_run[ticket.partition] += 1
-        self.progress.advance(self._tasks[ticket.partition])
+    def delivered(self, tickets: list[Ticket]) -> None:
+        by_partition = Counter(ticket.partition for ticket in tickets)
+        for partition, count in by_partition.items():
+            self.done_this_run[partition] += count
+            self.progress.advance(self._tasks[partition], count)
 
     def complete(self) -> None:
         for partition, task in self._tasks.items():
@@ -689,13 +695,13 @@ class Replay:
         verdict_topic: str,
         dead_letter_topic: str,
         *,
-        on_delivered: Callable[[Ticket], None],
+        on_delivered: Callable[[list[Ticket]], None],
         on_fatal: Callable[[str], None],
         delivery_retries: int,
     ) -> ReplayOutput:
-        def delivered(ticket: Ticket) -> None:
-            on_delivered(ticket)
-            self.progress.delivered(ticket)
+        def delivered(tickets: list[Ticket]) -> None:
+            on_delivered(tickets)
+            self.progress.delivered(tickets)
 
         inner: Sink | JsonlSink
         if self.output_file is not None:

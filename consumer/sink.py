@@ -1,33 +1,44 @@
 """The sink: owns "every output is delivered, or the consumer stops".
 
-Two sinks share one interface (`send_verdict`, `send_dead_letter`, `start`, `flush`, `close`):
-`Sink` for at-least-once, `TransactionalSink` for exactly-once (below).
+Two sinks share one interface (`send_verdict`, `send_dead_letter`, `start`, `serve`,
+`flush`, `close`): `Sink` for at-least-once, `TransactionalSink` for exactly-once (below).
+Outputs arrive as JSON-ready documents (`consumer.verdict` builds them) and are sent at
+once, from the event loop, without awaiting anything: the pipeline decides most records
+synchronously.
 
 Verdicts and dead letters go through one idempotent producer (`acks=all`), keyed like the
-input record so they land in the matching partition order downstream. A delivery report is
-served on the sink's own thread; on success the record's ticket is handed to `on_delivered`
-(the offset tracker then lets its offset be committed). A retriable delivery error re-sends
-the record up to `delivery_retries` times; anything else is fatal: `on_fatal` is called and
-the record is never marked delivered, so its offset is never committed.
+input record so they land in the matching partition order downstream. Delivery reports are
+served by `serve`, which the pipeline calls on its event loop after each batch of records
+and every few milliseconds: reports served on a thread of their own would take the GIL from
+the loop once per record. The tickets of the delivered records go to `on_delivered` a batch
+at a time (the offset tracker then lets their offsets be committed). A retriable delivery
+error sends the record again (through the backlog) up to `delivery_retries` times; anything
+else is fatal: `on_fatal` is called and the record is never marked delivered, so its offset
+is never committed.
+
+When librdkafka's local queue is full (the broker is slower than we are), outputs wait in
+order in a backlog that `serve` produces from as room frees up; nothing is dropped, and the
+source's in-flight window bounds how many can wait.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
-from pydantic import BaseModel
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from consumer.offsets import OffsetTracker, Ticket, TopicPartitionKey
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes | None]]
+Document = dict[str, Any]  # a JSON-ready output: a verdict or a dead letter
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
@@ -36,6 +47,8 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "compression.type": "lz4",
 }
 
+_Output = tuple[str, bytes, bytes | None, Headers]
+
 
 class Sink:
     def __init__(
@@ -43,7 +56,7 @@ class Sink:
         producer_config: dict[str, Any],
         verdict_topic: str,
         dead_letter_topic: str,
-        on_delivered: Callable[[Ticket], None],
+        on_delivered: Callable[[list[Ticket]], None],
         on_fatal: Callable[[str], None],
         delivery_retries: int = 3,
     ):
@@ -53,50 +66,65 @@ class Sink:
         self._on_delivered = on_delivered
         self._on_fatal = on_fatal
         self._delivery_retries = delivery_retries
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve_reports, name="sink-delivery", daemon=True)
+        self._delivered: deque[Ticket] = deque()  # filled by delivery reports, emptied by `serve`
+        self._backlog: deque[tuple[_Output, Ticket, int]] = deque()  # (output, ticket, attempt)
+        self._backlog_lock = threading.Lock()
         self.failed: str | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        return None
 
-    async def send_verdict(self, verdict: BaseModel, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        await self._send(self.verdict_topic, _encode(verdict), key, ticket, headers)
+    def serve(self) -> None:
+        """Serve delivery reports, hand on the delivered tickets and produce from the backlog."""
+        self._producer.poll(0)
+        self._hand_on_delivered()
+        if self._backlog:
+            self._produce_backlog()
 
-    async def send_dead_letter(self, letter: BaseModel, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        await self._send(self.dead_letter_topic, _encode(letter), key, ticket, headers)
+    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+        self._send((self.verdict_topic, orjson.dumps(verdict), key, headers), ticket)
 
-    async def _send(self, topic: str, value: bytes, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        try:
-            return self._produce(topic, value, key, ticket, headers, attempt=0)
-        except BufferError:
-            pass  # the fast path above is the common case; the retry loop costs more than a send
-        # A full local queue (BufferError) means the broker is slower than we are: wait, never drop.
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(BufferError), wait=wait_exponential(multiplier=0.005, max=0.5)
-        ):
-            with attempt:
-                self._produce(topic, value, key, ticket, headers, attempt=0)
+    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+        self._send((self.dead_letter_topic, orjson.dumps(letter), key, headers), ticket)
 
-    def _produce(self, topic: str, value: bytes, key: bytes | None, ticket: Ticket, headers: Headers, attempt: int) -> None:
-        def report(err: KafkaError | None, _msg: Any) -> None:
+    def _send(self, output: _Output, ticket: Ticket) -> None:
+        if not self._backlog:
+            try:
+                return self._produce(output, ticket, 0)
+            except BufferError:
+                pass
+        with self._backlog_lock:
+            self._backlog.append((output, ticket, 0))
+
+    def _produce(self, output: _Output, ticket: Ticket, attempt: int) -> None:
+        topic, value, key, headers = output
+
+        def report(err: KafkaError | None, _msg: Any) -> None:  # one per output: it carries the ticket
             if err is None:
-                self._on_delivered(ticket)
+                self._delivered.append(ticket)  # a deque: safe whichever thread serves reports
             elif err.retriable() and attempt < self._delivery_retries:
                 log.warning("retrying delivery to %s after %s (attempt %d)", topic, err.str(), attempt + 1)
-                self._resend(topic, value, key, ticket, headers, attempt + 1)
+                with self._backlog_lock:  # sent again by the next `serve`
+                    self._backlog.append((output, ticket, attempt + 1))
             else:
                 self._fail(f"delivery to topic {topic!r} failed: {err.str()}")
 
         self._producer.produce(topic, value=value, key=key, headers=headers or None, on_delivery=report)
 
-    def _resend(self, topic: str, value: bytes, key: bytes | None, ticket: Ticket, headers: Headers, attempt: int) -> None:
-        # Runs on the delivery thread, which may block: serve reports until the queue has room.
-        while True:
-            try:
-                return self._produce(topic, value, key, ticket, headers, attempt)
-            except BufferError:
-                self._producer.poll(0.05)
+    def _produce_backlog(self) -> None:
+        with self._backlog_lock:
+            while self._backlog:
+                output, ticket, attempt = self._backlog[0]
+                try:
+                    self._produce(output, ticket, attempt)
+                except BufferError:
+                    return
+                self._backlog.popleft()
+
+    def _hand_on_delivered(self) -> None:
+        delivered = self._delivered
+        if delivered:
+            self._on_delivered([delivered.popleft() for _ in range(len(delivered))])
 
     def _on_client_error(self, err: KafkaError) -> None:
         if err.fatal() or err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
@@ -110,39 +138,30 @@ class Sink:
             log.error("%s", reason)
             self._on_fatal(reason)
 
-    def _serve_reports(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.1)
-
     def flush(self, timeout: float) -> int:
-        """Wait for outstanding deliveries; returns how many are still undelivered."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        """Wait for outstanding deliveries (retries included); returns how many are still undelivered."""
+        deadline = time.monotonic() + timeout
         try:
-            return self._producer.flush(timeout)
+            while len(self) and time.monotonic() < deadline:
+                self._produce_backlog()
+                self._producer.flush(min(0.1, max(0.0, deadline - time.monotonic())))
+                self._hand_on_delivered()
         except KafkaException as exc:
             self._fail(f"flush failed: {exc}")
-            return len(self._producer)
+        self._hand_on_delivered()
+        return len(self)
 
     def close(self) -> None:
         """Release the producer's connections; call after `flush`."""
         self._producer.close()
 
     def __len__(self) -> int:
-        return len(self._producer)
+        return len(self._producer) + len(self._backlog)
 
 
 def _producer(options: dict[str, Any], **extra: Any) -> Producer:
     # Idempotence and acks=all are what "delivered" means here: user options cannot turn them off.
     return Producer({**PRODUCER_DEFAULTS, **options, **extra, "enable.idempotence": True, "acks": "all"})
-
-
-def _encode(model: BaseModel) -> bytes:
-    return orjson.dumps(model.model_dump(mode="json"))
-
-
-_Output = tuple[str, bytes, bytes | None, Headers]
 
 
 class TransactionalSink:
@@ -188,11 +207,11 @@ class TransactionalSink:
         self._producer.init_transactions(timeout)
         self._producer.begin_transaction()
 
-    async def send_verdict(self, verdict: BaseModel, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._hold(ticket, (self.verdict_topic, _encode(verdict), key, headers))
+    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+        self._hold(ticket, (self.verdict_topic, orjson.dumps(verdict), key, headers))
 
-    async def send_dead_letter(self, letter: BaseModel, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._hold(ticket, (self.dead_letter_topic, _encode(letter), key, headers))
+    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+        self._hold(ticket, (self.dead_letter_topic, orjson.dumps(letter), key, headers))
 
     def _hold(self, ticket: Ticket, output: _Output) -> None:
         with self._lock:
@@ -200,6 +219,9 @@ class TransactionalSink:
                 return  # revoked meanwhile: the new owner produces this output
             self._held[ticket] = output
         self._tracker.done(ticket)
+
+    def serve(self) -> None:
+        return None  # outputs are produced by `commit`, on the poll thread
 
     def due(self) -> bool:
         return len(self._held) >= self._max_records

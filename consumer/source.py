@@ -2,9 +2,12 @@
 
 A confluent-kafka consumer is polled on its own thread, so a slow classifier can never let
 `max.poll.interval.ms` expire. Each record is registered with the offset tracker before it
-is handed on. When the in-flight window (records or bytes) is full, every assigned
-partition is paused; polling goes on (serving rebalances and keeping the membership alive)
-and the partitions resume once the window has drained to half. Commits also happen on this
+is handed on. When the in-flight window (records or bytes) is full, the poll thread first
+waits up to `PAUSE_AFTER_S` for it to drain, since pausing has a price: librdkafka drops
+what it prefetched and takes a fetch round trip (hundreds of milliseconds) to resume. A
+window still full after that means a slow classifier: every assigned partition is paused;
+polling goes on (serving rebalances and keeping the membership alive) and the partitions
+resume once the window has drained to half. Commits also happen on this
 thread, every `commit_interval_s`, of the positions the tracker allows.
 
 Rebalances use cooperative-sticky assignment. On revoke, the revoked partitions' in-flight
@@ -40,6 +43,9 @@ CONSUMER_REQUIRED: dict[str, Any] = {"enable.auto.commit": False, "enable.auto.o
 
 POLL_BATCH = 500
 POLL_TIMEOUT_S = 0.1
+# How long a full window may hold the poll thread (rebalance callbacks wait as long) before
+# the partitions are paused instead.
+PAUSE_AFTER_S = 0.5
 
 
 class KafkaConsumerLike(Protocol):
@@ -133,6 +139,7 @@ class Source:
         self._commit_interval_s = commit_interval_s
         self._revoke_drain_s = revoke_drain_s
         self._paused = False
+        self._full_since: float | None = None
         self._accepting = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="source-poll", daemon=True)
@@ -194,10 +201,12 @@ class Source:
         next_commit = time.monotonic() + self._commit_interval_s
         try:
             while not self._stop.is_set():
-                self._apply_backpressure()
-                received = self._poll_once()
-                if received:
-                    self._deliver(received)
+                if self._apply_backpressure():
+                    received = self._poll_once()
+                    if received:
+                        self._deliver(received)
+                else:
+                    self._tracker.wait_for_room(self._max_events - self._committer.pending(), self._max_bytes, 0.01)
                 if time.monotonic() >= next_commit or self._committer.due():
                     self._commit()
                     next_commit = time.monotonic() + self._commit_interval_s
@@ -238,9 +247,19 @@ class Source:
             raise KafkaException(error)
         log.warning("consumer: %s", error.str())
 
-    def _apply_backpressure(self) -> None:
+    def _apply_backpressure(self) -> bool:
+        """Pause or resume the assigned partitions by the window; False: the window is full but
+        not yet for `PAUSE_AFTER_S`, so wait for room before polling again."""
         events, size = self._tracker.in_flight() + self._committer.pending(), self._tracker.in_flight_bytes
         full = events >= self._max_events or size >= self._max_bytes
+        if not full:
+            self._full_since = None
+        elif self._accepting and not self._paused:
+            now = time.monotonic()
+            if self._full_since is None:
+                self._full_since = now
+            if now - self._full_since < PAUSE_AFTER_S:
+                return False
         if not self._accepting or full:
             if not self._paused:
                 self._consumer.pause(self._consumer.assignment())
@@ -248,6 +267,7 @@ class Source:
         elif self._paused and events <= self._max_events // 2 and size <= self._max_bytes // 2:
             self._consumer.resume(self._consumer.assignment())
             self._paused = False
+        return True
 
     def _commit(self, partitions: list[TopicPartitionKey] | None = None) -> None:
         self._committer.commit(self._consumer, partitions)

@@ -1,0 +1,107 @@
+"""The outputs as documents: what `Verdict` and `DeadLetter` (consumer.events) serialise to.
+
+Verdicts are built as plain dicts, ready for orjson, because building and dumping the
+pydantic models costs more than the rest of a cheaply decided record's handling. The
+models stay the contract: `tests/unit/test_verdict.py` checks that every document here
+validates as its model and dumps back to itself, so the two cannot drift apart. Dead
+letters are rare and go through their model.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from confluent_kafka import Message
+
+import consumer
+from consumer.classify import Classification
+from consumer.context import SEVERITY
+from consumer.events import SCHEMA_VERSION, DeadLetter, DeadLetterError, ErrorType, OriginalRecord, SourceRecord
+from consumer.policy import Policy
+
+Document = dict[str, Any]
+
+
+def source_of(message: Message) -> Document:
+    """The input record's coordinates (`SourceRecord`)."""
+    ts_type, ts = message.timestamp()
+    return {
+        "topic": message.topic(),
+        "partition": message.partition(),
+        "offset": message.offset(),
+        "timestamp_ms": ts if ts_type else None,
+    }
+
+
+def policy_result(policy: Policy, outcome: Classification, latency_ms: float) -> Document:
+    """One policy's decision (`PolicyResult`), its action from the policy's actions map."""
+    return {
+        "policy_id": policy.id,
+        "policy_version": policy.version,
+        "violation": outcome.violation,
+        "category": outcome.category,
+        "rule_ids": list(outcome.rule_ids),
+        "confidence": outcome.confidence,
+        "rationale": outcome.rationale,
+        "action": policy.action_for(outcome.violation, outcome.category),
+        "reasoning": outcome.reasoning,
+        "model": outcome.model,
+        "stage": outcome.stage,
+        "latency_ms": latency_ms,
+    }
+
+
+def verdict(
+    event_id: str,
+    source: Document,
+    violation: bool,
+    action: str,
+    results: list[Document],
+    author_id: str | None,
+    community_id: str | None,
+    context_id: str | None,
+    offender_violations: int | None,
+    note: str | None,
+    latency_ms: float,
+) -> Document:
+    """The output for one event (`Verdict`); the severity follows from the action."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "verdict",
+        "event_id": event_id,
+        "source": source,
+        "violation": violation,
+        "action": action,
+        "severity": SEVERITY.get(action, "low"),
+        "results": results,
+        "author_id": author_id,
+        "community_id": community_id,
+        "context_id": context_id,
+        "offender_violations": offender_violations,
+        "note": note,
+        "latency_ms": latency_ms,
+        "consumer_version": consumer.__version__,
+        "replay": None,
+    }
+
+
+def dead_letter(
+    message: Message,
+    error_type: ErrorType,
+    reason: str,
+    event_id: str | None = None,
+    raw_output: str | None = None,
+    attempts: int = 1,
+) -> Document:
+    """A record that gets no verdict (`DeadLetter`), with its original bytes."""
+    letter = DeadLetter(
+        error=DeadLetterError(type=error_type, message=reason, raw_output=raw_output),
+        source=SourceRecord.model_validate(source_of(message)),
+        original=OriginalRecord.capture(message.key(), message.value(), message.headers()),
+        event_id=event_id,
+        attempts=attempts,
+        failed_at=datetime.now(timezone.utc),
+        consumer_version=consumer.__version__,
+    )
+    return letter.model_dump(mode="json")

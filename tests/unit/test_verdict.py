@@ -1,0 +1,77 @@
+"""The output documents are the pydantic contracts' JSON, exactly (consumer.verdict)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from consumer import verdict
+from consumer.classify import Classification
+from consumer.events import DeadLetter, ErrorType, Verdict
+from consumer.policy import Policy
+
+
+class FakeMessage:
+    """The part of a confluent_kafka.Message the documents read."""
+
+    def __init__(self, key=b"k", value=b'{"x": 1}', headers=None, timestamp=(1, 1_764_000_000_000)):
+        self._key, self._value, self._headers, self._timestamp = key, value, headers, timestamp
+
+    def topic(self): return "chat"  # noqa: E704
+    def partition(self): return 3  # noqa: E704
+    def offset(self): return 42  # noqa: E704
+    def key(self): return self._key  # noqa: E704
+    def value(self): return self._value  # noqa: E704
+    def headers(self): return self._headers  # noqa: E704
+    def timestamp(self): return self._timestamp  # noqa: E704
+
+
+POLICY = Policy(id="chat-harassment", version="abc123", text="...", actions={"violation": "delete", "threats": "timeout"})
+
+OUTCOMES = [
+    Classification(violation=False, model="keyword"),
+    Classification(violation=True, category="threats", rule_ids=["H2", "H3"], confidence="high",
+                   rationale="a threat", reasoning="because", model="gpt-oss-safeguard-20b", stage="reasoner",
+                   prompt_tokens=700, cached_tokens=600, completion_tokens=40),
+    Classification(violation=True, model="lexical", stage="lexical"),
+]
+
+
+def roundtrip(model, document):
+    """What a consumer of the topic sees: the bytes parsed, validated and dumped back."""
+    return model.model_validate(orjson.loads(orjson.dumps(document))).model_dump(mode="json")
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+@pytest.mark.parametrize("timestamp", [(1, 1_764_000_000_000), (0, -1)])
+def test_a_verdict_document_is_exactly_the_verdict_models_json(outcome, timestamp):
+    result = verdict.policy_result(POLICY, outcome, latency_ms=1.5)
+    document = verdict.verdict(
+        "e1", verdict.source_of(FakeMessage(timestamp=timestamp)), outcome.violation,
+        result["action"], [result], author_id="u1", community_id=None, context_id="c1",
+        offender_violations=2 if outcome.violation else None, note=None, latency_ms=2.25,
+    )
+    assert roundtrip(Verdict, document) == document
+    assert document["severity"] == {"allow": "none", "delete": "medium", "timeout": "high"}[result["action"]]
+    assert document["source"]["timestamp_ms"] == (timestamp[1] if timestamp[0] else None)
+
+
+def test_a_verdict_without_results_and_a_note_keeps_to_the_model():
+    document = verdict.verdict("e2", verdict.source_of(FakeMessage()), False, "allow", [], None, None, None, None,
+                               "deleted: left the conversation", 0.1)
+    assert roundtrip(Verdict, document) == document
+
+
+def test_a_policy_result_takes_its_action_from_the_policy():
+    assert verdict.policy_result(POLICY, OUTCOMES[1], 1.0)["action"] == "timeout"  # by category
+    assert verdict.policy_result(POLICY, OUTCOMES[2], 1.0)["action"] == "delete"  # by violation
+    assert verdict.policy_result(POLICY, OUTCOMES[0], 1.0)["action"] == "allow"
+
+
+def test_a_dead_letter_document_keeps_the_original_bytes():
+    message = FakeMessage(key=None, value=b"\xff\x00", headers=[("traceparent", b"00-x"), ("empty", None)])
+    document = verdict.dead_letter(message, ErrorType.INVALID_ENCODING, "not UTF-8", raw_output=None)
+    letter = DeadLetter.model_validate(orjson.loads(orjson.dumps(document)))
+    assert letter.original.value_bytes() == b"\xff\x00" and letter.original.key_bytes() is None
+    assert letter.original.headers[1] == ("empty", None)
+    assert roundtrip(DeadLetter, document) == document
