@@ -1,7 +1,10 @@
 """Decode and validate: input record bytes -> ContentEvent, or a `DecodeError` with its error type.
 
-Checks run cheapest first: size, then JSON (orjson), then encoding (only looked at when
-JSON parsing failed, to tell bad UTF-8 from bad JSON), then the schema (pydantic). A
+Checks run cheapest first: size, then JSON and the schema in one pass (pydantic's
+`model_validate_json`, the common case). Only a record that fails it is looked at again,
+step by step, to tell why: JSON (pydantic's parser, so both passes agree on what JSON is),
+encoding (bad UTF-8 or bad JSON), a missing `event_id` (filled in from the record's
+coordinates), the schema. A
 configured field mapping reads foreign envelopes, e.g. an Osprey-style action:
 `{"send_time": .., "data": {"action_id": .., "data": {"text": ..}}}` with
 `{event_id: data.action_id, content: data.data.text, created_at: send_time}`.
@@ -11,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from consumer.events import ContentEvent, ErrorType
 
@@ -69,9 +72,14 @@ class Decoder:
                 ErrorType.PAYLOAD_TOO_LARGE,
                 f"value is {len(value)} bytes; pipeline.max_payload_bytes is {self.max_payload_bytes}",
             )
+        if not self._mapping:
+            try:
+                return ContentEvent.model_validate_json(value)
+            except ValidationError:
+                pass  # told apart below
         try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
+            doc = from_json(value)
+        except ValueError as exc:
             try:
                 value.decode("utf-8")
             except UnicodeDecodeError as uexc:

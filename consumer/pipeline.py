@@ -15,6 +15,7 @@ nothing past what was delivered is committed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -130,6 +131,9 @@ class Pipeline:
         heartbeat = self._loop.create_task(self._beat(), name="heartbeat")
 
         await self.classifier.start()
+        # What is loaded by now (a model's Python objects above all) lives as long as the
+        # process: out of the collector's sight, full collections stay short.
+        gc.freeze()
         self._classifier_ready = True
         producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
         committer = None

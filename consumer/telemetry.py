@@ -297,29 +297,27 @@ class LatencyHistogram:
         self.description = description
         self.label = label
         self.bounds = bounds
-        self._counts: dict[str, list[int]] = {}  # label value -> count per bucket, the last one +Inf
-        self._sums: Counter[str] = Counter()
+        # label value -> [count per bucket..., count above the last bound, sum of the values]
+        self._series: dict[str, list[float]] = {}
 
     def record(self, value: float, label_value: str) -> None:
-        counts = self._counts.get(label_value)
-        if counts is None:
-            counts = self._counts[label_value] = [0] * (len(self.bounds) + 1)
-        counts[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
-        self._sums[label_value] += value
-
-    def count(self, label_value: str | None = None) -> int:
-        return sum(sum(c) for v, c in list(self._counts.items()) if label_value in (None, v))
+        series = self._series.get(label_value)
+        if series is None:
+            series = self._series[label_value] = [0] * (len(self.bounds) + 2)
+        series[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
+        series[-1] += value
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import HistogramMetricFamily
 
         family = HistogramMetricFamily(self.name, self.description, labels=[self.label])
-        for label_value, counts in list(self._counts.items()):
+        for label_value, series in list(self._series.items()):
+            series = list(series)
             cumulative, buckets = 0, []
-            for bound, count in zip((*self.bounds, float("inf")), counts):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
-            family.add_metric([label_value], buckets, self._sums[label_value])
+            for bound, count in zip((*self.bounds, float("inf")), series[:-1]):
+                cumulative += int(count)
+                buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), cumulative))  # le="5.0", as before
+            family.add_metric([label_value], buckets, series[-1])
         yield family
 
 

@@ -40,3 +40,22 @@ def test_json_logs_carry_the_current_trace_and_span_ids():
     assert entry["message"] == "hello world" and entry["level"] == "INFO"
     assert entry["trace_id"] == f"{span.get_span_context().trace_id:032x}"
     assert entry["span_id"] == f"{span.get_span_context().span_id:016x}"
+
+
+def test_latency_histogram_exposes_cumulative_prometheus_buckets():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    histogram = telemetry.LatencyHistogram("demo_duration_milliseconds", "demo", "outcome", bounds=(5, 10))
+    for value in (1, 5, 7, 10, 12):  # a value equal to a bound belongs to that bound's bucket
+        histogram.record(value, "verdict")
+    histogram.record(3, "dead_letter")
+    registry = CollectorRegistry()
+    registry.register(histogram)
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+             for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")}
+    assert lines['demo_duration_milliseconds_bucket{le="5.0",outcome="verdict"}'] == 2
+    assert lines['demo_duration_milliseconds_bucket{le="10.0",outcome="verdict"}'] == 4
+    assert lines['demo_duration_milliseconds_bucket{le="+Inf",outcome="verdict"}'] == 5
+    assert lines['demo_duration_milliseconds_count{outcome="verdict"}'] == 5
+    assert lines['demo_duration_milliseconds_sum{outcome="verdict"}'] == 35
+    assert lines['demo_duration_milliseconds_count{outcome="dead_letter"}'] == 1
