@@ -2,12 +2,14 @@
 
 Every consumed record is tracked (`track_many`, one poll batch at a time); when the broker
 acknowledges the record's verdict or dead letter, it is marked done (`done_many`, one batch
-of delivery reports at a time: one lock per batch, not per record). Classification finishes out of order, so the commit
-position of a partition is one past the highest offset below which every record is done.
+of delivery reports at a time: one lock per batch, not per record). Classification finishes
+out of order, so the commit position of a partition is one past the highest offset below
+which every record is done.
 The tracker also counts what is in flight (records and bytes), which is the window the
 source pauses on.
 
-Thread-safe: the poll thread tracks and commits, the producer's delivery thread marks done.
+Thread-safe: the poll thread tracks and commits; the event loop marks done as it serves the
+producer's delivery reports (a replay's file sink, from its sync thread).
 """
 
 from __future__ import annotations

@@ -1,7 +1,12 @@
 """The loop on one screen: consume -> decode -> route -> batch+classify -> produce -> commit.
 
-Each step is delegated to its stage module; this module only wires them together and owns
-the shutdown order that the at-least-once guarantee needs:
+Each step is delegated to its stage module; this module only wires them together. The poll
+thread hands the event loop a batch of records at a time; a record whose answers are at
+hand (a decode error, a keyword match, a cascade cache hit: the classifier's `classify_now`)
+is decided and its output sent within that call, and only a record that needs the batcher
+(the engine) gets a task of its own. Delivery reports are served on the loop too.
+
+This module also owns the shutdown order that the at-least-once guarantee needs:
 
 1. stop handing on new records (the source keeps polling, so the group membership holds);
 2. let in-flight records finish, up to `pipeline.shutdown_deadline_s`;

@@ -57,6 +57,24 @@ def test_requests_of_one_policy_share_the_policy_prefix(renderer, policy) -> Non
     assert len(prefix) > 400  # the sample policy sits in the guide's 400-600 token range
 
 
+@pytest.mark.parametrize(
+    "rendered_event",
+    [event("gg everyone"), event(INJECTION, ["earlier", INJECTION], author_id="u9"), event("ünïcödé 🎮 " * 40)],
+)
+def test_rendering_with_the_cached_prefix_equals_rendering_the_whole_conversation(
+    renderer, policy, rendered_event
+) -> None:
+    from openai_harmony import Conversation, Role
+
+    from consumer.engine.prompt import _user_message
+
+    whole = renderer.encoding.render_conversation_for_completion(
+        Conversation.from_messages([*renderer._policy_messages(policy), _user_message(rendered_event)]), Role.ASSISTANT
+    )
+    assert renderer.render(policy, rendered_event) == whole
+    assert renderer.render(policy, rendered_event) == whole  # the second time from the cache
+
+
 def test_prefix_carries_effort_and_policy_but_no_date(renderer, policy) -> None:
     text = renderer.preview(policy).text
     assert text.startswith("<|start|>system<|message|>")

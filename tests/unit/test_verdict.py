@@ -17,22 +17,47 @@ class FakeMessage:
     def __init__(self, key=b"k", value=b'{"x": 1}', headers=None, timestamp=(1, 1_764_000_000_000)):
         self._key, self._value, self._headers, self._timestamp = key, value, headers, timestamp
 
-    def topic(self): return "chat"  # noqa: E704
-    def partition(self): return 3  # noqa: E704
-    def offset(self): return 42  # noqa: E704
-    def key(self): return self._key  # noqa: E704
-    def value(self): return self._value  # noqa: E704
-    def headers(self): return self._headers  # noqa: E704
-    def timestamp(self): return self._timestamp  # noqa: E704
+    def topic(self):
+        return "chat"
+
+    def partition(self):
+        return 3
+
+    def offset(self):
+        return 42
+
+    def key(self):
+        return self._key
+
+    def value(self):
+        return self._value
+
+    def headers(self):
+        return self._headers
+
+    def timestamp(self):
+        return self._timestamp
 
 
-POLICY = Policy(id="chat-harassment", version="abc123", text="...", actions={"violation": "delete", "threats": "timeout"})
+POLICY = Policy(
+    id="chat-harassment", version="abc123", text="...", actions={"violation": "delete", "threats": "timeout"}
+)
 
 OUTCOMES = [
     Classification(violation=False, model="keyword"),
-    Classification(violation=True, category="threats", rule_ids=["H2", "H3"], confidence="high",
-                   rationale="a threat", reasoning="because", model="gpt-oss-safeguard-20b", stage="reasoner",
-                   prompt_tokens=700, cached_tokens=600, completion_tokens=40),
+    Classification(
+        violation=True,
+        category="threats",
+        rule_ids=["H2", "H3"],
+        confidence="high",
+        rationale="a threat",
+        reasoning="because",
+        model="gpt-oss-safeguard-20b",
+        stage="reasoner",
+        prompt_tokens=700,
+        cached_tokens=600,
+        completion_tokens=40,
+    ),
     Classification(violation=True, model="lexical", stage="lexical"),
 ]
 
@@ -47,9 +72,17 @@ def roundtrip(model, document):
 def test_a_verdict_document_is_exactly_the_verdict_models_json(outcome, timestamp):
     result = verdict.policy_result(POLICY, outcome, latency_ms=1.5)
     document = verdict.verdict(
-        "e1", verdict.source_of(FakeMessage(timestamp=timestamp)), outcome.violation,
-        result["action"], [result], author_id="u1", community_id=None, context_id="c1",
-        offender_violations=2 if outcome.violation else None, note=None, latency_ms=2.25,
+        "e1",
+        verdict.source_of(FakeMessage(timestamp=timestamp)),
+        outcome.violation,
+        result["action"],
+        [result],
+        author_id="u1",
+        community_id=None,
+        context_id="c1",
+        offender_violations=2 if outcome.violation else None,
+        note=None,
+        latency_ms=2.25,
     )
     assert roundtrip(Verdict, document) == document
     assert document["severity"] == {"allow": "none", "delete": "medium", "timeout": "high"}[result["action"]]
@@ -57,8 +90,19 @@ def test_a_verdict_document_is_exactly_the_verdict_models_json(outcome, timestam
 
 
 def test_a_verdict_without_results_and_a_note_keeps_to_the_model():
-    document = verdict.verdict("e2", verdict.source_of(FakeMessage()), False, "allow", [], None, None, None, None,
-                               "deleted: left the conversation", 0.1)
+    document = verdict.verdict(
+        "e2",
+        verdict.source_of(FakeMessage()),
+        False,
+        "allow",
+        [],
+        None,
+        None,
+        None,
+        None,
+        "deleted: left the conversation",
+        0.1,
+    )
     assert roundtrip(Verdict, document) == document
 
 
