@@ -174,6 +174,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "peer/hand": ratio(rate("peer"), rate("hand")),
         "utilisation_at_saturation": results.get("engine-sat", {}).get("utilisation"),
         "p99_added_ms_at_half_load": results.get("engine-half", {}).get("p99_added_ms"),
+        "p99_added_in_consumer_ms_at_half_load": results.get("engine-half", {}).get("p99_added_in_consumer_ms"),
         "ours/engine-alone": ratio(engine.get("ours_per_s"), engine.get("engine_alone_per_s")),
     }
 
@@ -188,7 +189,8 @@ def print_table(results: dict[str, Any], summary: dict[str, Any], events: int) -
             continue
         notes = []
         for key in ("utilisation", "overfilled", "p50_in_consumer_ms", "p99_in_consumer_ms", "offered_per_s",
-                    "p50_e2e_ms", "p99_e2e_ms", "p99_engine_ms", "p99_added_ms", "avg_batch_size",
+                    "p50_e2e_ms", "p99_e2e_ms", "p99_engine_ms", "p99_added_ms", "p99_added_in_consumer_ms",
+                    "p99_before_consumer_ms", "avg_batch_size",
                     "peak_in_flight", "engine_alone_per_s", "ours_per_s"):
             if key in r:
                 notes.append(f"{key}={r[key]}")

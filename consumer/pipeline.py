@@ -20,6 +20,7 @@ nothing past what was delivered is committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 # How often delivery reports are served while no records arrive: the added delivery latency.
 SINK_SERVE_INTERVAL_S = 0.005
+# How often the producer is served while no output awaits a report.
+SINK_IDLE_SERVE_S = 0.5
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Pipeline:
         self._classifier_ready = False
         self._engine_problem: str | None = None
         self._stopping: asyncio.Event | None = None
+        self._outputs_sent: asyncio.Event | None = None  # set when an output was sent: reports to serve
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fatal: str | None = None
         self._stop_requested = False
@@ -122,6 +126,7 @@ class Pipeline:
         cfg = self.settings
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        self._outputs_sent = asyncio.Event()
         if self._stop_requested:
             self._stopping.set()
         if install_signal_handlers:
@@ -244,8 +249,16 @@ class Pipeline:
                  self.consumed, self.verdicts, self.dead_letters)
 
     async def _serve_sink(self) -> None:
-        """Delivery reports, between batches of records (`_receive` serves after each batch too)."""
+        """Delivery reports, between batches of records (`_receive` serves after each batch
+        too): every SINK_SERVE_INTERVAL_S while any are awaited, else every SINK_IDLE_SERVE_S
+        (the producer's client errors, such as failed authentication, come the same way)."""
+        assert self._outputs_sent is not None
         while True:
+            if not self.sink.awaiting_reports():
+                self._outputs_sent.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SINK_IDLE_SERVE_S):
+                        await self._outputs_sent.wait()
             self.sink.serve()
             await asyncio.sleep(SINK_SERVE_INTERVAL_S)
 
@@ -565,6 +578,7 @@ class Pipeline:
         if record.traced:
             span.set_attributes({"safeguard.violation": violation, "safeguard.action": action})
         self.sink.send_verdict(document, message.key(), record.ticket, telemetry.inject(span))
+        self._outputs_sent.set()  # type: ignore[union-attr]
         self.verdicts += 1
         counts = self.telemetry.verdicts
         for result in results:
@@ -586,6 +600,7 @@ class Pipeline:
             span.set_status(Status(StatusCode.ERROR, error_type.value))
             span.set_attribute("error.type", error_type.value)
         self.sink.send_dead_letter(letter, record.message.key(), record.ticket, telemetry.inject(span))
+        self._outputs_sent.set()  # type: ignore[union-attr]
         self.dead_letters += 1
         self.telemetry.dead_letters[error_type.value] += 1
         self.telemetry.e2e_latency.record((time.monotonic() - record.started) * 1000, "dead_letter")

@@ -472,6 +472,9 @@ class JsonlSink:
         while not self._stop.wait(self.SYNC_INTERVAL_S):
             self._sync()
 
+    def awaiting_reports(self) -> bool:
+        return False
+
     def serve(self) -> None:
         return None  # the sink's own thread syncs the file
 
@@ -511,6 +514,9 @@ class ReplayOutput:
 
     def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
         self._inner.send_dead_letter({**letter, "replay": self._stamp}, key, ticket, headers + self._headers)
+
+    def awaiting_reports(self) -> bool:
+        return self._inner.awaiting_reports()
 
     def serve(self) -> None:
         self._inner.serve()

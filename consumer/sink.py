@@ -1,7 +1,7 @@
 """The sink: owns "every output is delivered, or the consumer stops".
 
-Two sinks share one interface (`send_verdict`, `send_dead_letter`, `start`, `serve`,
-`flush`, `close`): `Sink` for at-least-once, `TransactionalSink` for exactly-once (below).
+Two sinks share one interface (`send_verdict`, `send_dead_letter`, `start`,
+`awaiting_reports`, `serve`, `flush`, `close`): `Sink` for at-least-once, `TransactionalSink` for exactly-once (below).
 Outputs arrive as JSON-ready documents (`consumer.verdict` builds them) and are sent at
 once, from the event loop, without awaiting anything: the pipeline decides most records
 synchronously.
@@ -73,6 +73,10 @@ class Sink:
 
     def start(self) -> None:
         return None
+
+    def awaiting_reports(self) -> bool:
+        """True while outputs wait to be produced or for their delivery reports to be served."""
+        return len(self) > 0
 
     def serve(self) -> None:
         """Serve delivery reports, hand on the delivered tickets and produce from the backlog."""
@@ -220,6 +224,9 @@ class TransactionalSink:
             self._held[ticket] = output
         self._tracker.done(ticket)
 
+    def awaiting_reports(self) -> bool:
+        return False
+
     def serve(self) -> None:
         return None  # outputs are produced by `commit`, on the poll thread
 
@@ -236,7 +243,8 @@ class TransactionalSink:
                 del self._held[ticket]
             self._tracker.forget(partitions)
 
-    def commit(self, consumer: Any, partitions: list[TopicPartitionKey] | None) -> None:
+    def commit(self, consumer: Any, partitions: list[TopicPartitionKey] | None, wait: bool = True) -> None:
+        """Always completes before returning: a transaction has no asynchronous commit."""
         with self._lock:
             if self.failed:
                 return

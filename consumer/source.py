@@ -8,7 +8,9 @@ what it prefetched and takes a fetch round trip (hundreds of milliseconds) to re
 window still full after that means a slow classifier: every assigned partition is paused;
 polling goes on (serving rebalances and keeping the membership alive) and the partitions
 resume once the window has drained to half. Commits also happen on this
-thread, every `commit_interval_s`, of the positions the tracker allows.
+thread, every `commit_interval_s`, of the positions the tracker allows: asynchronously, so a
+slow broker round trip never holds up polling (their results come back within `consume`);
+on revoke and on close synchronously.
 
 Rebalances use cooperative-sticky assignment. On revoke, the revoked partitions' in-flight
 records get up to `revoke_drain_s` to finish, what completed is committed, and the rest is
@@ -68,7 +70,9 @@ Received = list[tuple[Message, Ticket]]
 class Committer(Protocol):
     """Makes the tracker's positions durable; runs on the poll thread."""
 
-    def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None) -> None: ...
+    def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None, wait: bool = True) -> None:
+        """`wait` False: the commit may complete later (a periodic commit)."""
+        ...
 
     def forget(self, partitions: list[TopicPartitionKey]) -> None: ...
 
@@ -87,18 +91,28 @@ class OffsetCommitter:
     def __init__(self, tracker: OffsetTracker):
         self._tracker = tracker
 
-    def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None) -> None:
+    def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None, wait: bool = True) -> None:
         positions = self._tracker.commit_positions(partitions)
         if not positions:
             return
         offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
         try:
-            consumer.commit(offsets=offsets, asynchronous=False)
+            # Asynchronous: the outcome reaches `committed` (librdkafka's commit callback).
+            consumer.commit(offsets=offsets, asynchronous=not wait)
+            if not wait:
+                return
         except KafkaException as exc:
             # Not fatal: the positions stay pending and the next commit retries them.
             log.warning("commit failed, will retry: %s", exc.args[0] if exc.args else exc)
             return
         self._tracker.mark_committed(positions)
+
+    def committed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's commit callback (served within `consume`): what the broker accepted."""
+        if error is not None:
+            log.warning("commit failed, will retry: %s", error.str())  # the positions stay pending
+            return
+        self._tracker.mark_committed({(tp.topic, tp.partition): tp.offset for tp in partitions if tp.error is None})
 
     def forget(self, partitions: list[TopicPartitionKey]) -> None:
         self._tracker.forget(partitions)
@@ -159,12 +173,20 @@ class Source:
         config = {**CONSUMER_DEFAULTS, **options, **CONSUMER_REQUIRED}
         config.update({"bootstrap.servers": bootstrap_servers, "group.id": group_id})
         holder: list[Source] = []
+        config["on_commit"] = lambda error, partitions: holder[0].on_commit(error, partitions) if holder else None
         if statistics_interval_ms:
             config["statistics.interval.ms"] = statistics_interval_ms
             config["stats_cb"] = lambda stats: holder[0].on_statistics(stats) if holder else None
         source = cls(Consumer(config), **kwargs)
         holder.append(source)
         return source
+
+    def on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's commit callback, for the committer that asked (a transactional sink
+        commits through its producer and never gets one)."""
+        committed = getattr(self._committer, "committed", None)
+        if committed is not None:
+            committed(error, partitions)
 
     def on_statistics(self, stats_json: str) -> None:
         """librdkafka's statistics: keep the consumer lag of each assigned partition."""
@@ -208,7 +230,7 @@ class Source:
                 else:
                     self._tracker.wait_for_room(self._max_events - self._committer.pending(), self._max_bytes, 0.01)
                 if time.monotonic() >= next_commit or self._committer.due():
-                    self._commit()
+                    self._commit(wait=False)
                     next_commit = time.monotonic() + self._commit_interval_s
         except Exception as exc:  # noqa: BLE001 - the poll thread must report, never die silently
             log.exception("source stopped")
@@ -269,8 +291,8 @@ class Source:
             self._paused = False
         return True
 
-    def _commit(self, partitions: list[TopicPartitionKey] | None = None) -> None:
-        self._committer.commit(self._consumer, partitions)
+    def _commit(self, partitions: list[TopicPartitionKey] | None = None, wait: bool = True) -> None:
+        self._committer.commit(self._consumer, partitions, wait)
 
     # -- rebalance callbacks (run on the poll thread, inside consume) ------------------------
 
