@@ -68,10 +68,7 @@ class Conversations:
         self._clock = clock
         self._channels: OrderedDict[str, deque[_Entry]] = OrderedDict()
         self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return self._settings.context_messages > 0
+        self.enabled = settings.context_messages > 0  # read per event: an attribute, not a property
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -160,13 +157,10 @@ class Offenders:
     def __init__(self, settings: ChatSettings, clock=time.time):
         self._settings = settings
         self._thresholds = sorted(settings.offender_thresholds, key=lambda t: t.violations)
+        self.enabled = bool(self._thresholds)
         self._clock = clock
         self._violations: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
         self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._thresholds)
 
     def __len__(self) -> int:
         return len(self._violations)
