@@ -195,6 +195,7 @@ class Pipeline:
         )
         gauges = self.telemetry.gauges
         gauges.in_flight = self.tracker.in_flight
+        gauges.held_back = lambda: getattr(self.sink, "held_back", 0)
         gauges.lag = lambda: self.source.lag
         gauges.policy_reloads = lambda: self.policies.reloads
         gauges.cascade = lambda: getattr(self.classifier, "counters", {})

@@ -69,6 +69,7 @@ class Sink:
         self._delivered: deque[Ticket] = deque()  # filled by delivery reports, emptied by `serve`
         self._backlog: deque[tuple[_Output, Ticket, int]] = deque()  # (output, ticket, attempt)
         self._backlog_lock = threading.Lock()
+        self.held_back = 0  # outputs that met a full local queue and waited in the backlog
         self.failed: str | None = None
 
     def start(self) -> None:
@@ -99,6 +100,7 @@ class Sink:
                 pass
         with self._backlog_lock:
             self._backlog.append((output, ticket, 0))
+        self.held_back += 1
 
     def _produce(self, output: _Output, ticket: Ticket, attempt: int) -> None:
         topic, value, key, headers = output

@@ -114,6 +114,7 @@ class Gauges:
     """Callbacks the observable instruments read at scrape time (set by the pipeline)."""
 
     in_flight: Callable[[], int] = lambda: 0
+    held_back: Callable[[], int] = lambda: 0
     lag: Callable[[], dict[tuple[str, int], int]] = dict
     batcher: Callable[[], dict[str, float]] = dict  # figure name -> value
     policy_reloads: Callable[[], int] = lambda: 0
@@ -161,6 +162,10 @@ class Telemetry:
             "safeguard.policy.reloads", [self._observe_reloads], description="policy sets reloaded"
         )
         m.create_observable_gauge("safeguard.in_flight", [self._observe_in_flight], description="records in flight")
+        m.create_observable_counter(
+            "safeguard.outputs.held_back", [self._observe_held_back],
+            description="outputs that waited for room in the producer's queue: the broker is slower than the consumer",
+        )  # fmt: skip
         m.create_observable_gauge(
             "safeguard.consumer.lag", [self._observe_lag], description="messages behind the end, per partition"
         )
@@ -250,6 +255,9 @@ class Telemetry:
     def _observe_tokens(self, _: CallbackOptions) -> Iterable[Observation]:
         for (policy, kind), count in list(self.tokens.items()):
             yield Observation(count, {"safeguard.policy.id": policy, "safeguard.token.kind": kind})
+
+    def _observe_held_back(self, _: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self.gauges.held_back())
 
     def _observe_in_flight(self, _: CallbackOptions) -> Iterable[Observation]:
         yield Observation(self.gauges.in_flight())

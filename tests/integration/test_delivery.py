@@ -90,3 +90,25 @@ def test_bad_records_become_dead_letters_with_their_original_bytes(kafka, polici
         assert base64.b64decode(letter["original"]["value_b64"]) == original
         assert base64.b64decode(letter["original"]["key_b64"]) == b"k%d" % offset
         assert [(n, base64.b64decode(v)) for n, v in letter["original"]["headers"]] == [("origin", b"\x00\x01binary")]
+
+
+def test_a_full_producer_queue_holds_outputs_back_in_order_and_loses_none(kafka, policies_dir):
+    """librdkafka's local queue capped at 5 messages: most sends meet BufferError and wait in the
+    sink's backlog, which the loop produces from as reports come back."""
+    topic, group = unique("backlog"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq", partitions=1)
+    produce(kafka, topic, (event_json(i) for i in range(500)))
+    settings = settings_for(kafka, group, topic, policies_dir,
+                            kafka={"producer": {"queue.buffering.max.messages": 5}})  # fmt: skip
+
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        verdicts = read_all(kafka, f"{topic}.verdicts", expected=500, timeout=90)
+        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == end_offsets(kafka, topic, 1), timeout=30,
+                 message="commits at end")
+        held_back = running.pipeline.sink.held_back
+        result = running.stop()
+
+    assert result.exit_code == 0
+    assert held_back > 0  # the backlog was used
+    # One input partition, one output partition: the backlog kept the order of the input.
+    assert [v["source"]["offset"] for v in decoded(verdicts)] == list(range(500))
