@@ -260,8 +260,15 @@ class Pipeline:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SINK_IDLE_SERVE_S):
                         await self._outputs_sent.wait()
-            self.sink.serve()
+            self._serve()
             await asyncio.sleep(SINK_SERVE_INTERVAL_S)
+
+    def _serve(self) -> None:
+        try:
+            self.sink.serve()
+        except Exception as exc:  # noqa: BLE001 - unserved reports would stall every commit: stop instead
+            log.exception("serving the producer failed")
+            self._fail(f"serving the producer failed: {type(exc).__name__}: {exc}")
 
     # -- chat state -----------------------------------------------------------------------------
 
@@ -380,7 +387,7 @@ class Pipeline:
             task = loop.create_task(self._decide_later(record, *waiting))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self.sink.serve()
+        self._serve()
 
     def _decide_now(self, record: _Record) -> tuple[list[ClassifyRequest], list[Classification | None]] | None:
         """Decode, keep the conversation, route and ask for instant answers. Returns None when

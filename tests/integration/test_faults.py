@@ -13,6 +13,9 @@ import pytest
 import yaml
 
 from consumer.classify import KeywordClassifier
+from consumer.pipeline import BackgroundPipeline, Pipeline
+from consumer.policy import PolicyStore
+from consumer.sink import Sink
 from tests.conftest import FAULT_FIGURES, REPO
 from tests.kafka_helpers import (
     Collector,
@@ -176,4 +179,26 @@ def test_fatal_delivery_error_stops_with_exit_1_and_commits_nothing(kafka, polic
         wait_for(lambda: running.result is not None, timeout=60, message="the consumer to stop by itself")
     assert running.result.exit_code == 1
     assert topic + ".verdicts" in running.result.reason
+    assert committed_offsets(kafka, group, topic, 1) == {0: -1001}  # OFFSET_INVALID: nothing committed
+
+
+def test_a_failure_serving_delivery_reports_stops_with_exit_1_and_commits_nothing(kafka, policies_dir):
+    """Reports that cannot be handed on would stall every commit: the consumer must stop, not hang."""
+    topic, group = unique("unserved"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    produce(kafka, topic, (event_json(i) for i in range(20)))
+    settings = settings_for(kafka, group, topic, policies_dir)
+
+    def sink_with_a_broken_hand_over(*args, on_delivered, **kwargs) -> Sink:
+        def explode(tickets) -> None:
+            raise RuntimeError("a bug downstream of the delivery reports")
+
+        return Sink(*args, on_delivered=explode, **kwargs)
+
+    pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory),
+                        sink_factory=sink_with_a_broken_hand_over)  # fmt: skip
+    with BackgroundPipeline(pipeline) as running:
+        wait_for(lambda: running.result is not None, timeout=60, message="the consumer to stop by itself")
+    assert running.result.exit_code == 1
+    assert "serving the producer failed" in running.result.reason
     assert committed_offsets(kafka, group, topic, 1) == {0: -1001}  # OFFSET_INVALID: nothing committed
