@@ -143,7 +143,7 @@ def _pseudonymised(event: ContentEvent, context: list[ContextMessage]) -> Conten
             return None
         return names.setdefault(author, f"user-{len(names) + 1}")
 
-    # Built anew rather than model_copy'd: a third cheaper, and this runs for every event with context.
+    # Built anew rather than model_copy'd, which costs more; this runs for every event with context.
     renamed = [
         ContextMessage(content=m.content, author_id=name(m.author_id), event_id=m.event_id, created_at=m.created_at)
         for m in context

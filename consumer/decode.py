@@ -4,8 +4,8 @@ Checks run cheapest first: size, then JSON and the schema in one pass (pydantic'
 `model_validate_json`, the common case). Only a record that fails it is looked at again,
 step by step, to tell why: JSON (pydantic's parser, so both passes agree on what JSON is),
 encoding (bad UTF-8 or bad JSON), a missing `event_id` (filled in from the record's
-coordinates), the schema. A
-configured field mapping reads foreign envelopes, e.g. an Osprey-style action:
+coordinates), the schema. A configured field mapping (which always takes the step-by-step
+way) reads foreign envelopes, e.g. an Osprey-style action:
 `{"send_time": .., "data": {"action_id": .., "data": {"text": ..}}}` with
 `{event_id: data.action_id, content: data.data.text, created_at: send_time}`.
 """

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from confluent_kafka import Message, TopicPartition
@@ -475,7 +476,7 @@ class Pipeline:
         started = time.monotonic()
         try:
             result = self._classify_now(request)
-            if result is not None and type(result) is not Classification:
+            if result is not None:
                 self._check(result)
         except Exception as exc:
             if record.traced:
@@ -497,9 +498,7 @@ class Pipeline:
             result = self._check(await self.batcher.classify(request))
         else:
             with self.telemetry.tracer.start_as_current_span(
-                f"classify {request.policy.id}",
-                context=trace.set_span_in_context(event_span),
-                attributes={"safeguard.policy.id": request.policy.id, "safeguard.policy.version": request.policy.version},
+                **_classify_span_options(request, event_span),
                 record_exception=False,  # exception text can quote model output
                 set_status_on_exception=False,
             ) as span:
@@ -521,12 +520,7 @@ class Pipeline:
         result: Classification | None = None,
     ) -> None:
         """The child span of a classification that answered at once, recorded after the fact."""
-        span = self.telemetry.tracer.start_span(
-            f"classify {request.policy.id}",
-            context=trace.set_span_in_context(event_span),
-            attributes={"safeguard.policy.id": request.policy.id, "safeguard.policy.version": request.policy.version},
-            start_time=started_ns,
-        )
+        span = self.telemetry.tracer.start_span(**_classify_span_options(request, event_span), start_time=started_ns)
         if failure is not None:
             span.set_status(Status(StatusCode.ERROR, failure))
         if result is not None:
@@ -622,6 +616,15 @@ class Pipeline:
         except Exception as again:  # noqa: BLE001 - no output possible: stop before committing past it
             self._fail(f"cannot send a dead letter for {message.topic()}[{message.partition()}]@{message.offset()}: "
                        f"{type(again).__name__}: {again}")  # fmt: skip
+
+
+def _classify_span_options(request: ClassifyRequest, event_span: Span) -> dict[str, Any]:
+    """Name, parent and attributes of a classification's span, a child of the event's."""
+    return {
+        "name": f"classify {request.policy.id}",
+        "context": trace.set_span_in_context(event_span),
+        "attributes": {"safeguard.policy.id": request.policy.id, "safeguard.policy.version": request.policy.version},
+    }
 
 
 class _Record:

@@ -232,6 +232,9 @@ class TransactionalSink:
     def serve(self) -> None:
         return None  # outputs are produced by `commit`, on the poll thread
 
+    def committed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        return None  # offsets go through the transaction, never through a consumer commit
+
     def due(self) -> bool:
         return len(self._held) >= self._max_records
 

@@ -7,10 +7,10 @@ waits up to `PAUSE_AFTER_S` for it to drain, since pausing has a price: librdkaf
 what it prefetched and takes a fetch round trip (hundreds of milliseconds) to resume. A
 window still full after that means a slow classifier: every assigned partition is paused;
 polling goes on (serving rebalances and keeping the membership alive) and the partitions
-resume once the window has drained to half. Commits also happen on this
-thread, every `commit_interval_s`, of the positions the tracker allows: asynchronously, so a
-slow broker round trip never holds up polling (their results come back within `consume`);
-on revoke and on close synchronously.
+resume once the window has drained to half. Commits also happen on this thread, every
+`commit_interval_s`, of the positions the tracker allows: asynchronously, so a slow broker
+round trip never holds up polling (their results come back within `consume`); on revoke and
+on close synchronously.
 
 Rebalances use cooperative-sticky assignment. On revoke, the revoked partitions' in-flight
 records get up to `revoke_drain_s` to finish, what completed is committed, and the rest is
@@ -72,6 +72,10 @@ class Committer(Protocol):
 
     def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None, wait: bool = True) -> None:
         """`wait` False: the commit may complete later (a periodic commit)."""
+        ...
+
+    def committed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's commit callback, served within `consume`, for a commit that did not wait."""
         ...
 
     def forget(self, partitions: list[TopicPartitionKey]) -> None: ...
@@ -182,11 +186,7 @@ class Source:
         return source
 
     def on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """librdkafka's commit callback, for the committer that asked (a transactional sink
-        commits through its producer and never gets one)."""
-        committed = getattr(self._committer, "committed", None)
-        if committed is not None:
-            committed(error, partitions)
+        self._committer.committed(error, partitions)
 
     def on_statistics(self, stats_json: str) -> None:
         """librdkafka's statistics: keep the consumer lag of each assigned partition."""

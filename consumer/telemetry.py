@@ -207,31 +207,29 @@ class Telemetry:
         return created
 
     def record_span(self, message: Any) -> Span:
-        """The span of one consumed record (`event_span`), under the producer's trace context."""
-        headers = message.headers()
-        if self.provider is None and not headers:
-            return trace.INVALID_SPAN  # the common untraced case, without a context to extract
-        return self.event_span(extract(headers), message.topic(), message.partition(), message.offset(), message.key())
-
-    def event_span(self, parent: Context, topic: str, partition: int, offset: int, key: bytes | None) -> Span:
-        """The span of one record, consume to output; a child of the producer's context.
+        """The span of one consumed record, consume to output; a child of the producer's context.
 
         With tracing off, the producer's own (non-recording) span stands in, so the outputs
-        still carry the producer's trace context on, at no cost.
+        still carry the producer's trace context on, at no cost (and a record without headers
+        costs no context at all).
         """
+        headers = message.headers()
         if self.provider is None:
-            return trace.get_current_span(parent)
+            return trace.get_current_span(extract(headers)) if headers else trace.INVALID_SPAN
+        topic, key = message.topic(), message.key()
         attributes: dict[str, Any] = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
             "messaging.destination.name": topic,
-            "messaging.destination.partition.id": str(partition),
-            "messaging.kafka.offset": offset,
+            "messaging.destination.partition.id": str(message.partition()),
+            "messaging.kafka.offset": message.offset(),
             "messaging.consumer.group.name": self.group,
         }
         if key is not None:
             attributes["messaging.kafka.message.key"] = key.decode("utf-8", "replace")
-        return self.tracer.start_span(f"process {topic}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes)
+        return self.tracer.start_span(
+            f"process {topic}", context=extract(headers), kind=SpanKind.CONSUMER, attributes=attributes
+        )
 
     def shutdown(self) -> None:
         if self.provider is not None:
