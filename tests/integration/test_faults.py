@@ -107,7 +107,9 @@ def test_classifier_slower_than_max_poll_interval_causes_no_rebalance(kafka, pol
     topic, group = unique("slow"), unique("group")
     create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq", partitions=2)
     total = 12
-    produce(kafka, topic, (event_json(i) for i in range(total)))
+    # Keyed, so both partitions get records: an unkeyed batch may all go to one partition,
+    # and a partition without records has nothing to commit.
+    produce(kafka, topic, (event_json(i) for i in range(total)), keys=(b"c%d" % i for i in range(total)))
     # Each classification takes longer than max.poll.interval.ms; polling must go on regardless.
     settings = settings_for(
         kafka, group, topic, policies_dir,
@@ -119,8 +121,9 @@ def test_classifier_slower_than_max_poll_interval_causes_no_rebalance(kafka, pol
     try:
         with running_pipeline(settings, classifier) as running:
             outputs.until(total, timeout=90)
-            wait_for(lambda: sum(committed_offsets(kafka, group, topic, 2).values()) == total, timeout=30,
-                     message="all commits")
+            ends = end_offsets(kafka, topic, 2)
+            assert all(ends.values()) and sum(ends.values()) == total
+            wait_for(lambda: committed_offsets(kafka, group, topic, 2) == ends, timeout=30, message="all commits")
             rebalances = running.pipeline.source.rebalances
             result = running.stop()
         outputs.collect(wait=1.0)
