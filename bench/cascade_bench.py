@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from consumer.cascade import CascadeSettings, make_cascade
 from consumer.classify import Capacity, Classification, Classifier, ClassifyRequest
+from consumer.classify.cascade import CascadeSettings, make_cascade
 from consumer.events import ContentEvent
 from consumer.policy import PolicyStore
 

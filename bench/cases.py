@@ -29,10 +29,10 @@ from bench.workload import REPO, Meter, Spec, chat_events, instant_verdict, repo
 from consumer.classify import Capacity, Classification, ClassifyRequest
 from consumer.config import load_settings
 from consumer.events import ContentEvent
-from consumer.pipeline import Pipeline
+from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.kafka.source import CONSUMER_DEFAULTS, Source
+from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
-from consumer.sink import PRODUCER_DEFAULTS
-from consumer.source import CONSUMER_DEFAULTS, Source
 
 COMMIT_EVERY = 1000
 CONSUMER = {**CONSUMER_DEFAULTS, "enable.auto.commit": False}

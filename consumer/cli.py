@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
 import consumer
 from consumer.config import ConfigError, Settings, load_settings
-from consumer.replay import replay
+from consumer.replay.run import replay
 
 app = typer.Typer(
     help="A streaming moderation consumer: Kafka in, policy verdicts and dead letters out.",
@@ -50,11 +51,11 @@ def run(
     bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
 ) -> None:
     """Consume the input topics and publish a verdict or a dead letter for every record."""
-    from consumer.classify import build_classifier
-    from consumer.pipeline import Pipeline
+    from consumer.classify.factory import build_classifier
+    from consumer.pipeline.pipeline import Pipeline
+    from consumer.pipeline.telemetry import TelemetryError, configure_logging
     from consumer.policy import PolicyError, PolicyStore
-    from consumer.route import Router, RoutingError
-    from consumer.telemetry import TelemetryError, configure_logging
+    from consumer.policy.route import Router, RoutingError
 
     overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
     settings = _settings(config, overrides)
@@ -94,7 +95,7 @@ def demo(
     from rich.console import Console
 
     from consumer.demo import ENGINES, default_policies_dir, run_demo
-    from consumer.devkafka import DevKafkaError
+    from consumer.kafka.devkafka import DevKafkaError
 
     if engine != "auto" and engine not in ENGINES:
         raise _config_exit(f"--engine must be auto, {', '.join(ENGINES)}; not {engine!r}")
@@ -130,7 +131,7 @@ def dev_kafka_start(
     data_dir: Optional[Path] = typer.Option(None, help="Data folder; under the cache folder by default."),
 ) -> None:
     """Fetch Kafka's jars (first time), start a broker in the background, print its bootstrap address."""
-    from consumer.devkafka import DevKafkaError, start_detached
+    from consumer.kafka.devkafka import DevKafkaError, start_detached
 
     try:
         state = start_detached(port=port, data_dir=data_dir)
@@ -143,7 +144,7 @@ def dev_kafka_start(
 @dev_kafka_app.command("stop")
 def dev_kafka_stop() -> None:
     """Stop the background broker; leaves no process behind."""
-    from consumer.devkafka import stop_detached
+    from consumer.kafka.devkafka import stop_detached
 
     typer.echo("stopped" if stop_detached() else "not running")
 
@@ -151,7 +152,7 @@ def dev_kafka_stop() -> None:
 @dev_kafka_app.command("status")
 def dev_kafka_status() -> None:
     """Print the bootstrap address of the running broker, or exit 1 if none runs."""
-    from consumer.devkafka import running_broker
+    from consumer.kafka.devkafka import running_broker
 
     state = running_broker()
     if state is None:
@@ -209,7 +210,7 @@ def policy_render(
     except PolicyError as exc:
         raise _config_exit(str(exc)) from None
     try:
-        from consumer.engine.prompt import PromptRenderer
+        from consumer.classify.engine.prompt import PromptRenderer
     except ImportError as exc:
         typer.echo(f"error: rendering needs openai_harmony (the engine stack, docs/engine.md): {exc}", err=True)
         raise typer.Exit(1) from None
@@ -231,9 +232,10 @@ def policy_eval(
     from rich.console import Console
     from rich.table import Table
 
-    from consumer.classify import build_classifier
-    from consumer.evaluate import DataError, evaluate, load_examples, markdown_report
+    from consumer.classify.evaluate import evaluate, markdown_report
+    from consumer.classify.factory import build_classifier
     from consumer.policy import PolicyError, PolicyStore, load_policy
+    from consumer.policy.examples import DataError, load_examples
 
     settings = _settings(config)
     try:

@@ -1,6 +1,6 @@
 """`safeguard-consumer demo`: the whole data path on a laptop, in one command.
 
-Starts a private Kafka broker (`consumer.devkafka`), creates the topics, produces the bundled
+Starts a private Kafka broker (`consumer.kafka.devkafka`), creates the topics, produces the bundled
 sample stream (Discord-style chat across servers and channels, and marketplace reviews, plus
 a few malformed records), runs the consumer on it, shows the verdicts as they arrive, prints
 a summary, writes the verdicts to a JSONL file, and stops everything it started, also on
@@ -27,10 +27,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from consumer.classify import Classifier, build_classifier
+from consumer.classify import Classifier
+from consumer.classify.factory import build_classifier
 from consumer.config import Settings, load_settings
-from consumer.devkafka import KafkaBroker, cache_dir, create_topics
-from consumer.pipeline import BackgroundPipeline, Pipeline
+from consumer.kafka.devkafka import KafkaBroker, cache_dir, create_topics
+from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
 from consumer.policy import PolicyStore
 
 CHAT_TOPIC, REVIEW_TOPIC = "demo.chat", "demo.reviews"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.devkafka import KafkaBroker
+from consumer.kafka.devkafka import KafkaBroker
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from consumer.devkafka import create_topics  # noqa: F401 - re-exported for the tests
+from consumer.kafka.devkafka import create_topics  # noqa: F401 - re-exported for the tests
 
 
 def unique(prefix: str) -> str:

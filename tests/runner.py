@@ -6,7 +6,7 @@ from pathlib import Path
 
 from consumer.classify import Classifier
 from consumer.config import Settings, load_settings
-from consumer.pipeline import BackgroundPipeline, Pipeline
+from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
 from consumer.policy import PolicyStore
 
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from consumer.engine import EngineSettings
+from consumer.classify.engine import EngineSettings
 
 T = TypeVar("T")
 
@@ -122,7 +122,7 @@ def classifier(engine_settings: EngineSettings, run: Callable[..., Any]) -> Iter
     # Part of the CPU configuration recorded as working (DESIGN.md); vLLM 0.32's AsyncLLM
     # still runs its engine core in a spawned child process, whatever the variable says.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from consumer.engine import make_vllm_classifier
+    from consumer.classify.engine import make_vllm_classifier
 
     classifier = make_vllm_classifier(engine_settings)
     run(classifier.start())

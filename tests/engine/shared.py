@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from consumer.classify import Capacity, Classification, ClassifyRequest
-from consumer.pipeline import Pipeline, RunResult
+from consumer.pipeline.pipeline import Pipeline, RunResult
 from tests.kafka_helpers import Collector, decoded
 
 

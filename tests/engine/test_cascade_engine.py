@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("vllm", reason="engine tests need vLLM: install requirements/engine-cpu.txt (docs/engine.md)")
 pytest.importorskip("sklearn", reason="the cascade needs scikit-learn: install requirements/cascade.txt")
 
-from consumer.cascade import CascadeSettings, make_cascade  # noqa: E402
-from consumer.pipeline import Pipeline  # noqa: E402
+from consumer.classify.cascade import CascadeSettings, make_cascade  # noqa: E402
+from consumer.pipeline.pipeline import Pipeline  # noqa: E402
 from consumer.policy import PolicyStore  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.engine.shared import SharedEngine, run_until_outputs  # noqa: E402

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
+
 import pytest
 
-from consumer.pipeline import Pipeline
+from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
 from tests.conftest import REPO
 from tests.engine.shared import SharedEngine, run_until_outputs

@@ -47,7 +47,7 @@ def test_context_reaches_the_prompt_pseudonymised_and_survives_a_restart(kafka, 
         assert [m.author_id for m in last.event.context] == ["user-1", "user-2", "user-3"]
         assert last.event.author_id == "user-1"  # the same person as the first speaker
         try:
-            from consumer.engine.prompt import PromptRenderer
+            from consumer.classify.engine.prompt import PromptRenderer
         except ImportError:
             pass  # the prompt rendering itself is covered where openai_harmony is installed
         else:

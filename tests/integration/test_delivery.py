@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from consumer.classify import KeywordClassifier
+from consumer.classify.keyword import KeywordClassifier
 from tests.kafka_helpers import (
     committed_offsets,
     create_topics,

@@ -81,7 +81,7 @@ def test_five_sigkills_during_20k_events_lose_nothing(kafka, policies_dir, tmp_p
 
 
 def test_misbehaving_classifier_ends_in_dead_letters_and_never_blocks_its_partition(kafka, policies_dir):
-    from consumer.pipeline import BackgroundPipeline, Pipeline
+    from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
     from consumer.policy import PolicyStore
     from tests.plugins import FlakyClassifier
     from tests.runner import settings_for
@@ -122,7 +122,7 @@ def test_misbehaving_classifier_ends_in_dead_letters_and_never_blocks_its_partit
 
 
 def test_broker_restart_mid_stream_loses_nothing(kafka_broker, policies_dir):
-    from consumer.classify import KeywordClassifier
+    from consumer.classify.keyword import KeywordClassifier
     from tests.runner import running_pipeline, settings_for
 
     kafka = kafka_broker.bootstrap
@@ -175,7 +175,7 @@ def _bad_records():
 def test_property_based_bad_input_ends_as_verdicts_or_dead_letters(kafka, policies_dir):
     from hypothesis import HealthCheck, given, settings
 
-    from consumer.classify import KeywordClassifier
+    from consumer.classify.keyword import KeywordClassifier
     from tests.kafka_helpers import decoded
     from tests.runner import running_pipeline, settings_for
 
@@ -212,7 +212,7 @@ def test_property_based_bad_input_ends_as_verdicts_or_dead_letters(kafka, polici
 def test_output_topic_deleted_stops_the_consumer_and_a_restart_completes_the_work(kafka, policies_dir):
     from confluent_kafka.admin import AdminClient
 
-    from consumer.classify import KeywordClassifier
+    from consumer.classify.keyword import KeywordClassifier
     from tests.runner import running_pipeline, settings_for
 
     topic, group = unique("deleted"), unique("group")

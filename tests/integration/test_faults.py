@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from consumer.classify import KeywordClassifier
-from consumer.pipeline import BackgroundPipeline, Pipeline
+from consumer.classify.keyword import KeywordClassifier
+from consumer.kafka.sink import Sink
+from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
 from consumer.policy import PolicyStore
-from consumer.sink import Sink
 from tests.conftest import FAULT_FIGURES, REPO
 from tests.kafka_helpers import (
     Collector,

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from consumer.classify import KeywordClassifier
+from consumer.classify.keyword import KeywordClassifier
 from tests.conftest import REPO
 from tests.kafka_helpers import Collector, create_topics, decoded, event_json, produce, unique, wait_for
 from tests.runner import running_pipeline, settings_for

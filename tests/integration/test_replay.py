@@ -17,8 +17,8 @@ from confluent_kafka import Producer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from consumer.classify import KeywordClassifier
-from consumer.replay import (
+from consumer.classify.keyword import KeywordClassifier
+from consumer.replay.run import (
     Bound,
     Checkpoint,
     Replay,

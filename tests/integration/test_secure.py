@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer.classify import KeywordClassifier
-from consumer.devkafka import KafkaBroker, SecureListener, free_port
+from consumer.classify.keyword import KeywordClassifier
+from consumer.kafka.devkafka import KafkaBroker, SecureListener, free_port
 from tests.kafka_helpers import Collector, committed_offsets, create_topics, event_json, produce, unique, wait_for
 from tests.runner import running_pipeline, settings_for
 

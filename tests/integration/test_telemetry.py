@@ -10,8 +10,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from consumer.classify import KeywordClassifier
-from consumer.pipeline import BackgroundPipeline, Pipeline
+from consumer.classify.keyword import KeywordClassifier
+from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
 from consumer.policy import PolicyStore
 from tests.kafka_helpers import Collector, create_topics, event_json, produce, unique, wait_for
 from tests.runner import settings_for
@@ -120,7 +120,7 @@ def test_metrics_count_the_run_and_readyz_turns_ready_after_assignment(kafka, po
 
 def test_cascade_stage_shares_reach_the_metrics(kafka, policies_dir):
     pytest.importorskip("sklearn", reason="the cascade's lexical stage needs scikit-learn (requirements/cascade.txt)")
-    from consumer.cascade import CascadeSettings, make_cascade
+    from consumer.classify.cascade import CascadeSettings, make_cascade
 
     topic, group = unique("cascade-metrics"), unique("group")
     create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("openai_harmony", reason="the answer reader needs openai_harmony (oss-harmony)")
 
-from consumer.engine.answer import Answer, CompletionReader, UnparseableAnswer, parse_answer
-from consumer.engine.vocab import harmony_encoding
+from consumer.classify.engine.answer import Answer, CompletionReader, UnparseableAnswer, parse_answer
+from consumer.classify.engine.vocab import harmony_encoding
 
 ANALYSIS = (
     '<|channel|>analysis<|message|>The user tells another player to uninstall and "kys". '

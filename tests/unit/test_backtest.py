@@ -2,7 +2,7 @@
 
 from rich.console import Console
 
-from consumer.backtest import Outputs, compare, markdown, tables
+from consumer.replay.backtest import Outputs, compare, markdown, tables
 
 TOPIC = "chat"
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from consumer.batcher import Batcher
 from consumer.classify import Capacity, Classification, ClassificationFailed, ClassifyRequest
 from consumer.events import ContentEvent, ErrorType
+from consumer.pipeline.batcher import Batcher
 from consumer.policy import Policy
 
 POLICY_A = Policy(id="a", version="1", text="Flag insults.\n" * 20)

@@ -17,8 +17,8 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the cascade needs scikit-learn: install requirements/cascade.txt")
 
-from consumer.cascade import CascadeSettings, make_cascade  # noqa: E402
 from consumer.classify import Capacity, Classification, ClassificationFailed, Classifier, ClassifyRequest  # noqa: E402
+from consumer.classify.cascade import CascadeSettings, make_cascade  # noqa: E402
 from consumer.events import ContentEvent, ErrorType  # noqa: E402
 from consumer.policy import Policy, PolicyStore  # noqa: E402
 from tests.conftest import REPO  # noqa: E402

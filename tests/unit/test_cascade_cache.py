@@ -1,7 +1,7 @@
 """The verdict cache: repeated content hits, an edited policy misses, size and age are bounded."""
 
-from consumer.cascade.cache import VerdictCache, cache_key, normalise
 from consumer.classify import Classification
+from consumer.classify.cascade.cache import VerdictCache, cache_key, normalise
 from consumer.policy import parse_policy
 from tests.conftest import REPO
 

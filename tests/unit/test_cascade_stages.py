@@ -12,11 +12,11 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the cascade needs scikit-learn: install requirements/cascade.txt")
 
-from consumer.cascade.examples import section_examples, training_set  # noqa: E402
-from consumer.cascade.lexical import LexicalFeatures  # noqa: E402
-from consumer.cascade.stage import LearnedStage, StageRules  # noqa: E402
-from consumer.evaluate import load_examples  # noqa: E402
+from consumer.classify.cascade.examples import section_examples, training_set  # noqa: E402
+from consumer.classify.cascade.lexical import LexicalFeatures  # noqa: E402
+from consumer.classify.cascade.stage import LearnedStage, StageRules  # noqa: E402
 from consumer.policy import load_policy  # noqa: E402
+from consumer.policy.examples import load_examples  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 RULES = StageRules(min_examples=40, min_per_class=10, calibration="auto", refit_every=25, max_learned=5000)
@@ -40,7 +40,7 @@ def test_examples_come_from_the_policy_section_and_the_file_beside_it():
     section = section_examples(policy.text)
     assert len(section) == 5
     # the content keeps its own arrow; the label is after the last one
-    assert section[0] == ("FREE NITRO for everyone who joins -> discord-gift.xyz/claim", 1)
+    assert (section[0].content, section[0].label) == ("FREE NITRO for everyone who joins -> discord-gift.xyz/claim", 1)
     data = training_set(policy)
     file_rows = len((REPO / "policies" / "spam-scams.examples.jsonl").read_text().splitlines())
     assert len(data.texts) == 5 + file_rows and 50 <= file_rows <= 100
@@ -81,7 +81,7 @@ def test_a_trained_stage_decides_only_above_its_target_precision(policy_name, he
 def test_a_stage_with_too_few_examples_is_not_calibrated_and_decides_nothing():
     async def scenario():
         only_the_section = section_examples(load_policy(REPO / "policies" / "spam-scams.md").text)
-        texts, labels = [t for t, _ in only_the_section], [y for _, y in only_the_section]
+        texts, labels = [e.content for e in only_the_section], [e.label for e in only_the_section]
         stage = await trained("spam-scams", texts, labels)
         return stage, await stage.decide("FREE NITRO for everyone who joins -> discord-gift.xyz/claim", 0.6)
 

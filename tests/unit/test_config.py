@@ -87,7 +87,7 @@ def test_redact_keeps_ordinary_options():
 
 def test_the_example_config_is_valid_and_routes_to_real_policies():
     from consumer.policy import PolicyStore
-    from consumer.route import Router
+    from consumer.policy.route import Router
 
     settings = load_settings(REPO / "deploy" / "config.example.yaml")
     Router(settings.policies, PolicyStore(settings.policies.directory).get)  # raises if a route names a missing policy

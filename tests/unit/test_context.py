@@ -2,8 +2,9 @@
 
 from datetime import datetime, timedelta, timezone
 
-from consumer.context import ChatSettings, Conversations, Offenders
+from consumer.config.chat import ChatSettings
 from consumer.events import ContentEvent
+from consumer.pipeline.chat import Conversations, Offenders
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 

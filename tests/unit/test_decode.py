@@ -3,8 +3,8 @@
 import orjson
 import pytest
 
-from consumer.decode import DecodeError, Decoder
 from consumer.events import ErrorType
+from consumer.pipeline.decode import DecodeError, Decoder
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.decode import DecodeError, Decoder
 from consumer.events import ContentEvent
+from consumer.pipeline.decode import DecodeError, Decoder
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(),

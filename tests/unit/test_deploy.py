@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 import yaml
 
+from consumer.classify.engine.settings import EngineSettings
 from consumer.config import load_settings
-from consumer.engine.settings import EngineSettings
 from consumer.policy import PolicyStore
-from consumer.route import Router
+from consumer.policy.route import Router
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -2,9 +2,10 @@
 
 import asyncio
 
-from consumer.classify import KeywordClassifier
-from consumer.evaluate import changed, evaluate, load_examples, markdown_report
+from consumer.classify.evaluate import changed, evaluate, markdown_report
+from consumer.classify.keyword import KeywordClassifier
 from consumer.policy import parse_policy
+from consumer.policy.examples import load_examples
 from tests.conftest import REPO
 
 POLICY_TEXT = (REPO / "policies" / "chat-harassment.md").read_text()

@@ -1,6 +1,6 @@
 """The offset tracker commits only the contiguous delivered prefix of each partition."""
 
-from consumer.offsets import OffsetTracker
+from consumer.kafka.offsets import OffsetTracker
 
 
 def test_commit_position_waits_for_the_lowest_unfinished_offset():

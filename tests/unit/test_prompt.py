@@ -1,6 +1,6 @@
 """Harmony prompts: a shared policy prefix, no per-request text, user content only as text.
 
-Also the offline vocabulary the prompts are encoded with (consumer.engine.vocab).
+Also the offline vocabulary the prompts are encoded with (consumer.classify.engine.vocab).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("openai_harmony", reason="prompt rendering needs openai_harmony (oss-harmony)")
 
-from consumer.engine import vocab
-from consumer.engine.prompt import CONTEXT_PREAMBLE, PromptRenderer, user_text
+from consumer.classify.engine import vocab
+from consumer.classify.engine.prompt import CONTEXT_PREAMBLE, PromptRenderer, user_text
 from consumer.events import ContentEvent, ContextMessage
 from consumer.policy import Policy, load_policy
 
@@ -66,7 +66,7 @@ def test_rendering_with_the_cached_prefix_equals_rendering_the_whole_conversatio
 ) -> None:
     from openai_harmony import Conversation, Role
 
-    from consumer.engine.prompt import _user_message
+    from consumer.classify.engine.prompt import _user_message
 
     whole = renderer.encoding.render_conversation_for_completion(
         Conversation.from_messages([*renderer._policy_messages(policy), _user_message(rendered_event)]), Role.ASSISTANT

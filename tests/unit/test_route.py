@@ -3,7 +3,7 @@
 from consumer.config import PolicySettings
 from consumer.events import ContentEvent
 from consumer.policy import Policy
-from consumer.route import Router, RoutingError
+from consumer.policy.route import Router, RoutingError
 
 POLICIES = {pid: Policy(id=pid, version="v1", text="...") for pid in ("harassment", "spam", "reviews", "fallback")}
 

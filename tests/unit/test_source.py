@@ -11,8 +11,8 @@ import time
 
 from confluent_kafka import TopicPartition
 
-from consumer.offsets import OffsetTracker
-from consumer.source import PAUSE_AFTER_S, Source
+from consumer.kafka.offsets import OffsetTracker
+from consumer.kafka.source import PAUSE_AFTER_S, Source
 
 
 class FakeMessage:
@@ -124,7 +124,7 @@ def test_periodic_commits_do_not_wait_and_the_one_on_close_does():
 def test_the_commit_callback_marks_what_the_broker_accepted_and_a_failure_leaves_it_pending():
     from confluent_kafka import KafkaError
 
-    from consumer.source import OffsetCommitter
+    from consumer.kafka.source import OffsetCommitter
 
     tracker = OffsetTracker()
     tracker.done_many(tracker.track_many([("chat", 0, 0, 1), ("chat", 1, 0, 1)]))

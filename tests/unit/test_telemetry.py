@@ -6,7 +6,7 @@ import orjson
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from consumer import telemetry
+from consumer.pipeline import telemetry
 
 
 def test_exporter_follows_otel_traces_exporter(monkeypatch):

@@ -1,13 +1,13 @@
-"""The output documents are the pydantic contracts' JSON, exactly (consumer.verdict)."""
+"""The output documents are the pydantic contracts' JSON, exactly (consumer.pipeline.outputs)."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from consumer import verdict
 from consumer.classify import Classification
 from consumer.events import DeadLetter, ErrorType, Verdict
+from consumer.pipeline import outputs as verdict
 from consumer.policy import Policy
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from consumer.cascade.settings import CascadeSettings, PolicyOverrides
+from consumer.config.cascade import CascadeSettings, PolicyOverrides
 
 if TYPE_CHECKING:
-    from consumer.cascade.cascade import CascadeClassifier
     from consumer.classify import Classifier
+    from consumer.classify.cascade.cascade import CascadeClassifier
     from consumer.policy import PolicyStore
 
 __all__ = ["CascadeSettings", "CascadeUnavailable", "PolicyOverrides", "make_cascade"]
@@ -34,9 +34,9 @@ def make_cascade(settings: CascadeSettings, reasoner: Classifier | None, policie
     # The current policies plus the cascade-wide plan, which policies added later get.
     plans = [settings.plan_for(pid) for pid in policies.get()] + [settings.plan_for("")]
     try:
-        from consumer.cascade.cascade import CascadeClassifier
-        from consumer.cascade.embedding import EmbeddingFeatures
-        from consumer.cascade.lexical import LexicalFeatures
+        from consumer.classify.cascade.cascade import CascadeClassifier
+        from consumer.classify.cascade.embedding import EmbeddingFeatures
+        from consumer.classify.cascade.lexical import LexicalFeatures
     except ImportError as exc:
         raise CascadeUnavailable(
             f"classifier kind 'cascade' needs scikit-learn ({exc}): install requirements/cascade.txt"

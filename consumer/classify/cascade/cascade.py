@@ -28,11 +28,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from consumer.cascade.cache import CacheKey, VerdictCache, cache_key
-from consumer.cascade.examples import training_set
-from consumer.cascade.settings import CascadeSettings, PolicyPlan
-from consumer.cascade.stage import Decision, Featurizer, LearnedStage, StageRules
 from consumer.classify import Capacity, Classification, ClassificationFailed, Classifier, ClassifyRequest
+from consumer.classify.cascade.cache import CacheKey, VerdictCache, cache_key
+from consumer.classify.cascade.examples import training_set
+from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, StageRules
+from consumer.config.cascade import CascadeSettings, PolicyPlan
 from consumer.events import ErrorType
 from consumer.policy import Policy, PolicyStore
 

@@ -31,7 +31,7 @@ from openai_harmony import (
     SystemContent,
 )
 
-from consumer.engine.vocab import harmony_encoding
+from consumer.classify.engine.vocab import harmony_encoding
 from consumer.events import ContentEvent
 from consumer.policy import Policy
 

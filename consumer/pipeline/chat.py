@@ -12,44 +12,33 @@ conversations (least recently used are dropped), each message's text cut to
 `Offenders` counts each author's violations per community over a rolling window; crossing a
 configured threshold upgrades the verdict's action (e.g. delete -> timeout -> escalate).
 
-Both rebuild their state after a restart or a partition assignment by reading back a
-bounded tail of a topic (`rebuild`), so no external store is needed. Events arrive keyed by
+`rebuild` restores both after a restart or a partition assignment by reading back a bounded
+tail of the input topics (conversations) and of the verdict topic (offender counts), so no
+external store is needed. Events arrive keyed by
 channel, so one consumer sees a whole channel; offender counts are per consumer instance
 (key by community to make them global).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from confluent_kafka import TopicPartition
 
+from consumer.config.chat import ChatSettings
 from consumer.events import ContentEvent, ContextMessage
-from consumer.policy import ACTIONS
+from consumer.kafka.ranges import read_ranges
+from consumer.pipeline.decode import DecodeError
+from consumer.policy.actions import rank
 
-
-class OffenderThreshold(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    violations: int = Field(ge=1, description="violations within the window")
-    action: str = Field(description="the action at least taken from this count on")
-
-
-class ChatSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    context_messages: int = Field(default=0, ge=0, description="history per conversation; 0: off")
-    context_seconds: float = Field(default=900.0, gt=0)
-    max_channels: int = Field(default=10_000, ge=1)
-    max_message_chars: int = Field(default=500, ge=1)
-    rebuild_records: int = Field(default=200, ge=0, description="input records read back per assigned partition")
-    offender_window_s: float = Field(default=86_400.0, gt=0)
-    offender_thresholds: list[OffenderThreshold] = Field(default_factory=list)
-    max_authors: int = Field(default=100_000, ge=1)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -190,7 +179,7 @@ class Offenders:
         if not violation:
             return action, count
         for threshold in self._thresholds:
-            if count >= threshold.violations and _severity(threshold.action) > _severity(action):
+            if count >= threshold.violations and rank(threshold.action) > rank(action):
                 action = threshold.action
         return action, count
 
@@ -203,8 +192,40 @@ class Offenders:
                             at=at / 1000 if at else None)
 
 
-def _severity(action: str) -> int:
-    return ACTIONS.index(action) if action in ACTIONS else 0
-
-
-SEVERITY = {"allow": "none", "flag": "low", "delete": "medium", "timeout": "high", "escalate": "critical"}
+def rebuild(
+    consumer: Any,
+    partitions: list[TopicPartition],
+    conversations: Conversations,
+    offenders: Offenders,
+    decode: Callable[[bytes | None], ContentEvent],
+    client: dict[str, Any],
+    verdict_topic: str,
+    tail: int,
+) -> None:
+    """Read back the last `tail` records so conversations and offender counts survive restarts:
+    the input before each assigned partition's committed offset, and the verdict topic's end
+    (its verdicts about the assigned partitions). `consumer` is the group consumer that was
+    just assigned `partitions`."""
+    if not tail or not (conversations.enabled or offenders.enabled):
+        return
+    assigned = {(tp.topic, tp.partition) for tp in partitions}
+    if conversations.enabled:
+        committed = consumer.committed(partitions, timeout=10)
+        ranges = [(tp.topic, tp.partition, tp.offset - tail, tp.offset) for tp in committed if tp.offset > 0]
+        for message in read_ranges(client, ranges):
+            try:
+                conversations.remember(decode(message.value()))
+            except DecodeError:
+                continue
+    if offenders.enabled:
+        metadata = consumer.list_topics(verdict_topic, timeout=10)
+        ranges = []
+        for partition in metadata.topics[verdict_topic].partitions if verdict_topic in metadata.topics else ():
+            _, high = consumer.get_watermark_offsets(TopicPartition(verdict_topic, partition), timeout=10)
+            ranges.append((verdict_topic, partition, high - tail, high))
+        verdicts = (orjson.loads(m.value()) for m in read_ranges(client, ranges))
+        offenders.replay(
+            v for v in verdicts if (v.get("source", {}).get("topic"), v.get("source", {}).get("partition")) in assigned
+        )
+    log.info("rebuilt chat state for %d partitions: %d conversations, %d authors",
+             len(partitions), len(conversations), len(offenders))  # fmt: skip

@@ -2,7 +2,7 @@
 
 Two sinks share one interface (`send_verdict`, `send_dead_letter`, `start`,
 `awaiting_reports`, `serve`, `flush`, `close`): `Sink` for at-least-once, `TransactionalSink` for exactly-once (below).
-Outputs arrive as JSON-ready documents (`consumer.verdict` builds them) and are sent at
+Outputs arrive as JSON-ready documents (`consumer.pipeline.outputs` builds them) and are sent at
 once, from the event loop, without awaiting anything: the pipeline decides most records
 synchronously.
 
@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from consumer.offsets import OffsetTracker, Ticket, TopicPartitionKey
+from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from consumer.cascade.settings import CascadeSettings
-from consumer.context import ChatSettings
+from consumer.config.cascade import CascadeSettings
+from consumer.config.chat import ChatSettings
 
 _SECRET_KEY = re.compile(r"password|secret|(^|[._])key($|[._])|token|credential", re.IGNORECASE)
 
@@ -194,7 +194,7 @@ class Settings(BaseSettings):
     policies: PolicySettings = Field(default_factory=PolicySettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     engine: dict[str, Any] = Field(
-        default_factory=dict, description="vLLM engine settings (consumer.engine.EngineSettings), for kind=vllm"
+        default_factory=dict, description="vLLM engine settings (consumer.classify.engine.EngineSettings), for kind=vllm"
     )
     log: LogSettings = Field(default_factory=LogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)

@@ -31,25 +31,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from confluent_kafka import Message, TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
 
-from consumer import telemetry, verdict
-from consumer.batcher import Batcher
 from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyNow, ClassifyRequest
 from consumer.config import Settings
-from consumer.context import Conversations, Offenders
-from consumer.decode import DecodeError, Decoder
 from consumer.events import ContentEvent, ErrorType
-from consumer.health import HealthServer
-from consumer.offsets import OffsetTracker, Ticket
+from consumer.kafka.offsets import OffsetTracker, Ticket
+from consumer.kafka.sink import Sink, TransactionalSink
+from consumer.kafka.source import Received, Source
+from consumer.pipeline import outputs, telemetry
+from consumer.pipeline.batcher import Batcher
+from consumer.pipeline.chat import Conversations, Offenders, rebuild
+from consumer.pipeline.decode import DecodeError, Decoder
+from consumer.pipeline.http import HealthServer
 from consumer.policy import PolicyStore, PolicyWatcher, most_severe
-from consumer.route import Router
-from consumer.sink import Sink, TransactionalSink
-from consumer.source import Received, Source, read_tail
+from consumer.policy.route import Router
 
 log = logging.getLogger(__name__)
 
@@ -273,40 +272,15 @@ class Pipeline:
 
     # -- chat state -----------------------------------------------------------------------------
 
-    def _rebuild_chat_state(self, consumer_: object, partitions: list) -> None:
-        """Read back a bounded tail so conversations and offender counts survive restarts.
-
-        Runs on the poll thread before the partitions' first records are handed on.
-        """
+    def _rebuild_chat_state(self, consumer_: Any, partitions: list[TopicPartition]) -> None:
+        """On the poll thread, before the partitions' first records are handed on."""
         cfg = self.settings
-        tail = cfg.chat.rebuild_records
-        if not tail or not (self.conversations.enabled or self.offenders.enabled):
-            return
-        client = cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
-        assigned = {(tp.topic, tp.partition) for tp in partitions}
-        if self.conversations.enabled:
-            committed = consumer_.committed(partitions, timeout=10)  # type: ignore[attr-defined]
-            ranges = [(tp.topic, tp.partition, tp.offset - tail, tp.offset) for tp in committed if tp.offset > 0]
-            for message in read_tail(client, ranges):
-                try:
-                    self.conversations.remember(self.decoder.decode(message.value(), "rebuild"))
-                except DecodeError:
-                    continue
-        if self.offenders.enabled:
-            topic = cfg.kafka.verdict_topic
-            metadata = consumer_.list_topics(topic, timeout=10)  # type: ignore[attr-defined]
-            ranges = []
-            for partition in metadata.topics[topic].partitions if topic in metadata.topics else ():
-                _, high = consumer_.get_watermark_offsets(  # type: ignore[attr-defined]
-                    TopicPartition(topic, partition), timeout=10
-                )
-                ranges.append((topic, partition, high - tail, high))
-            verdicts = (orjson.loads(m.value()) for m in read_tail(client, ranges))
-            self.offenders.replay(
-                v for v in verdicts if (v.get("source", {}).get("topic"), v.get("source", {}).get("partition")) in assigned
-            )
-        log.info("rebuilt chat state for %d partitions: %d conversations, %d authors",
-                 len(partitions), len(self.conversations), len(self.offenders))
+        rebuild(
+            consumer_, partitions, self.conversations, self.offenders,
+            decode=lambda value: self.decoder.decode(value, "rebuild"),
+            client=cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers},
+            verdict_topic=cfg.kafka.verdict_topic, tail=cfg.chat.rebuild_records,
+        )  # fmt: skip
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -465,7 +439,7 @@ class Pipeline:
                 self._dead_letter(record, failure.error_type, str(failure), failure.raw_output, failure.attempts)
                 return
             assert isinstance(outcome, Classification)
-            results.append(verdict.policy_result(request.policy, outcome, latency_ms))
+            results.append(outputs.policy_result(request.policy, outcome, latency_ms))
         self._send_verdict(record, results)
 
     def _answer_now(self, request: ClassifyRequest, record: _Record) -> Classification | None:
@@ -556,7 +530,7 @@ class Pipeline:
 
     # -- outputs --------------------------------------------------------------------------------
 
-    def _send_verdict(self, record: _Record, results: list[verdict.Document], note: str | None = None) -> None:
+    def _send_verdict(self, record: _Record, results: list[outputs.Document], note: str | None = None) -> None:
         event, message, span = record.event, record.message, record.span
         assert event is not None
         violation = any(r["violation"] for r in results)
@@ -564,9 +538,9 @@ class Pipeline:
             event.community_id, event.author_id, violation, most_severe([r["action"] for r in results])
         )
         latency_ms = (time.monotonic() - record.started) * 1000
-        document = verdict.verdict(
+        document = outputs.verdict(
             event.event_id,
-            verdict.source_of(message),
+            outputs.source_of(message),
             violation,
             action,
             results,
@@ -596,7 +570,7 @@ class Pipeline:
         attempts: int = 1,
     ) -> None:
         event_id = record.event.event_id if record.event is not None else None
-        letter = verdict.dead_letter(record.message, error_type, reason, event_id, raw_output, attempts)
+        letter = outputs.dead_letter(record.message, error_type, reason, event_id, raw_output, attempts)
         span = record.span
         if record.traced:
             span.set_status(Status(StatusCode.ERROR, error_type.value))

@@ -8,7 +8,7 @@ input record headers, so each event's span is a child of the producer's, and wri
 the verdict and dead-letter headers, so downstream consumers continue the trace.
 
 Metrics are OpenTelemetry instruments read by a Prometheus reader, beside two latency
-histograms counted in plain Python (`LatencyHistogram`) in the same registry; `consumer.health`
+histograms counted in plain Python (`LatencyHistogram`) in the same registry; `consumer.pipeline.http`
 serves them on `/metrics`. Content and reasoning never become span attributes unless
 `telemetry.trace_content` is set.
 """
@@ -118,7 +118,7 @@ class Gauges:
     lag: Callable[[], dict[tuple[str, int], int]] = dict
     batcher: Callable[[], dict[str, float]] = dict  # figure name -> value
     policy_reloads: Callable[[], int] = lambda: 0
-    cascade: Callable[[], dict[str, Any]] = dict  # policy id -> consumer.cascade PolicyCounters
+    cascade: Callable[[], dict[str, Any]] = dict  # policy id -> consumer.classify.cascade PolicyCounters
 
 
 @dataclass

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import SGDClassifier
 from sklearn.model_selection import StratifiedKFold
 
-from consumer.cascade.calibrate import Calibrator, Method, calibration_error, fit_calibrator
+from consumer.classify.cascade.calibrate import Calibrator, Method, calibration_error, fit_calibrator
 
 log = logging.getLogger(__name__)
 

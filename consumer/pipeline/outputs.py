@@ -16,9 +16,9 @@ from confluent_kafka import Message
 
 import consumer
 from consumer.classify import Classification
-from consumer.context import SEVERITY
 from consumer.events import SCHEMA_VERSION, DeadLetter, DeadLetterError, ErrorType, OriginalRecord, SourceRecord
 from consumer.policy import Policy
+from consumer.policy.actions import SEVERITY
 
 Document = dict[str, Any]
 

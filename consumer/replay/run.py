@@ -4,12 +4,12 @@
 same stages as the live consumer (decode, route, batcher, classifier, dead letters; the
 `Pipeline` itself), with two parts swapped in:
 
-- `ReplaySource` in the role of `consumer.source.Source`: partitions are *assigned*, under a
+- `ReplaySource` in the role of `consumer.kafka.source.Source`: partitions are *assigned*, under a
   group id of the replay's own that never commits, so the live group's committed offsets are
   never touched; it hands on only records inside the window and, instead of committing,
   moves a `Checkpoint` file; it stops the pipeline once every partition reached END and every
   output was delivered.
-- `ReplayOutput` in the role of `consumer.sink.Sink`: stamps each output with `replay`
+- `ReplayOutput` in the role of `consumer.kafka.sink.Sink`: stamps each output with `replay`
   (run id, start time, the `id@version` of every policy in force) and hands it to the Kafka
   `Sink` (an output topic) or to `JsonlSink` (a file).
 
@@ -46,16 +46,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from consumer.backtest import Outputs, compare, markdown, tables
-from consumer.classify import Classifier, build_classifier
+from consumer.classify import Classifier
+from consumer.classify.factory import build_classifier
 from consumer.config import ConfigError, Settings, format_validation_error, load_settings
 from consumer.events import ReplayInfo
-from consumer.offsets import OffsetTracker, Ticket, TopicPartitionKey
-from consumer.pipeline import Pipeline, RunResult
+from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
+from consumer.kafka.sink import Document, Headers, Sink
+from consumer.kafka.source import POLL_BATCH, POLL_TIMEOUT_S, Received, close_consumer
+from consumer.pipeline.pipeline import Pipeline, RunResult
 from consumer.policy import PolicyError, PolicyStore, load_policy
-from consumer.route import Router, RoutingError
-from consumer.sink import Document, Headers, Sink
-from consumer.source import POLL_BATCH, POLL_TIMEOUT_S, Received, close_consumer
+from consumer.policy.route import Router, RoutingError
+from consumer.replay.backtest import Outputs, compare, markdown, tables
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class Checkpoint(BaseModel):
 
 
 class ReplaySource:
-    """Reads a fixed window of one topic for a `Pipeline`, in the role of `consumer.source.Source`.
+    """Reads a fixed window of one topic for a `Pipeline`, in the role of `consumer.kafka.source.Source`.
 
     Guarantees:
     - the live consumer group is never joined and no offset is ever committed: partitions
@@ -410,7 +411,7 @@ def replay_consumer_config(bootstrap_servers: str, group_id: str, options: dict[
 class JsonlSink:
     """Writes outputs to a JSON Lines file; owns "delivered means on disk".
 
-    Same interface as `consumer.sink.Sink`. Lines are appended as they come; every
+    Same interface as `consumer.kafka.sink.Sink`. Lines are appended as they come; every
     `SYNC_INTERVAL_S` the sink's thread flushes and fsyncs the file and only then reports
     the written outputs delivered. A write or sync error is fatal (`on_fatal`) and what was
     not synced is never reported delivered.

@@ -1,9 +1,9 @@
 """`VllmClassifier`: gpt-oss-safeguard on vLLM's in-process asynchronous engine.
 
-One request's path: the harmony prompt (consumer.engine.prompt) goes to `AsyncLLM.generate`
+One request's path: the harmony prompt (consumer.classify.engine.prompt) goes to `AsyncLLM.generate`
 as token ids; generated tokens stream back as deltas into a harmony `StreamableParser`,
 which splits them into the analysis and final channels; the final channel is parsed into a
-verdict (consumer.engine.answer).
+verdict (consumer.classify.engine.answer).
 
 Failures end in `ClassificationFailed`:
 - an engine error or a timed-out attempt is retried with exponential backoff (tenacity) up
@@ -38,10 +38,10 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from consumer.classify import Capacity, Classification, ClassificationFailed, ClassifyRequest
-from consumer.engine.answer import Answer, Channels, CompletionReader, UnparseableAnswer, parse_answer
-from consumer.engine.prompt import PromptError, PromptRenderer
-from consumer.engine.settings import EngineSettings
-from consumer.engine.vocab import harmony_encoding
+from consumer.classify.engine.answer import Answer, Channels, CompletionReader, UnparseableAnswer, parse_answer
+from consumer.classify.engine.prompt import PromptError, PromptRenderer
+from consumer.classify.engine.settings import EngineSettings
+from consumer.classify.engine.vocab import harmony_encoding
 from consumer.events import ErrorType
 
 log = logging.getLogger(__name__)

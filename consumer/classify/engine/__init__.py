@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from consumer.engine.settings import EngineSettings
+from consumer.classify.engine.settings import EngineSettings
 
 if TYPE_CHECKING:
-    from consumer.engine.vllm_engine import VllmClassifier
+    from consumer.classify.engine.vllm_engine import VllmClassifier
 
 __all__ = ["EngineSettings", "EngineUnavailable", "make_vllm_classifier"]
 
@@ -25,7 +25,7 @@ class EngineUnavailable(RuntimeError):
 def make_vllm_classifier(settings: EngineSettings) -> VllmClassifier:
     """A `VllmClassifier` for `settings`, not yet started (call `await classifier.start()`)."""
     try:
-        from consumer.engine.vllm_engine import VllmClassifier
+        from consumer.classify.engine.vllm_engine import VllmClassifier
     except ImportError as exc:
         raise EngineUnavailable(
             f"classifier kind 'vllm' needs vLLM and openai_harmony ({exc}); on a GPU install vllm, "

@@ -9,24 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import orjson
 
 from consumer.classify import ClassificationFailed, Classifier, ClassifyRequest
 from consumer.events import ContentEvent
 from consumer.policy import Policy
-
-
-class DataError(ValueError):
-    """A labelled-data file that cannot be read; the message names the line."""
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    content: str
-    label: bool
+from consumer.policy.examples import Example
 
 
 @dataclass(frozen=True)
@@ -82,29 +69,6 @@ class Evaluation:
     @property
     def disagreements(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.predicted is not o.example.label]
-
-
-def load_examples(path: Path) -> list[Example]:
-    """JSONL, one `{"content": str, "label": 0|1, "id"?: str}` a line (`violation` also accepted for label)."""
-    examples = []
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not JSON ({exc})") from None
-        label = row.get("label", row.get("violation")) if isinstance(row, dict) else None
-        if not isinstance(row, dict) or not isinstance(row.get("content"), str) or label not in (0, 1, True, False):
-            raise DataError(f"{path}:{number}: needs a string `content` and a `label` of 0 or 1")
-        examples.append(Example(id=str(row.get("id", number)), content=row["content"], label=bool(label)))
-    if not examples:
-        raise DataError(f"{path}: no examples")
-    return examples
 
 
 async def evaluate(classifier: Classifier, policy: Policy, examples: list[Example], concurrency: int = 32) -> Evaluation:

@@ -1,0 +1,81 @@
+"""The boundary between the pipeline and any engine: the `Classifier` Protocol.
+
+The pipeline hands a classifier one (event, policy) request at a time, as many concurrently
+as the classifier's `capacity()` allows, and gets back a `Classification` or a
+`ClassificationFailed` naming the dead-letter error type. This module holds the contract only
+and imports no implementation. Implementations: `keyword` (deterministic pattern matching
+from the policy's `patterns`), `engine` (gpt-oss-safeguard on vLLM), `cascade` (cheap stages
+in front of a reasoner), and any user class loaded by `plugin`; `factory` builds the one the
+configuration names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from consumer.events import ContentEvent, ErrorType
+from consumer.policy import Policy
+
+
+@dataclass(slots=True)  # not frozen: one is made per (record, policy), and frozen costs 3x to build
+class ClassifyRequest:
+    event: ContentEvent
+    policy: Policy
+    request_id: str
+    deadline: float | None = None  # time.monotonic() after which the request is abandoned
+
+
+@dataclass
+class Classification:
+    violation: bool
+    category: str | None = None
+    rule_ids: list[str] = field(default_factory=list)
+    confidence: str | None = None
+    rationale: str | None = None
+    reasoning: str | None = None
+    model: str = "unknown"
+    stage: str | None = None  # which stage of a cascade decided: cache, lexical, embedding, reasoner, undecided
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ClassificationFailed(Exception):
+    """A request that cannot produce a verdict; becomes a dead letter of `error_type`."""
+
+    def __init__(self, error_type: ErrorType, message: str, raw_output: str | None = None, attempts: int = 1):
+        super().__init__(message)
+        self.error_type = error_type
+        self.raw_output = raw_output
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How much work the classifier can hold at once; the batcher never exceeds it."""
+
+    max_sequences: int
+    max_tokens: int | None = None  # KV-cache tokens, when the engine knows them
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    def capacity(self) -> Capacity: ...
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        """Classify one request; raise ClassificationFailed when no verdict is possible."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# A classifier may also offer `classify_now(request) -> Classification | None`: an answer it
+# can give at once, without waiting (a keyword match, a cache hit), or None to be asked
+# through the batcher. The pipeline then skips the batcher and its queueing for that request.
+ClassifyNow = Callable[[ClassifyRequest], "Classification | None"]

@@ -1,0 +1,37 @@
+"""The classifier the configuration's `classifier` section names."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from consumer.classify import Classifier
+from consumer.classify.keyword import KeywordClassifier
+from consumer.classify.plugin import load_plugin
+from consumer.config import ConfigError, Settings, format_validation_error
+from consumer.policy import PolicyStore
+
+
+def build_classifier(settings: Settings, policies: PolicyStore) -> Classifier:
+    """The classifier the `classifier` section names; raises ConfigError naming the key at fault."""
+    c = settings.classifier
+    try:
+        if c.kind == "keyword":
+            return KeywordClassifier(**c.options)
+        if c.kind == "plugin":
+            assert c.factory is not None
+            return load_plugin(c.factory, c.options)
+        if c.kind == "vllm":
+            return _vllm(settings)
+        from consumer.classify.cascade import make_cascade
+
+        return make_cascade(settings.cascade, _vllm(settings) if c.reasoner == "vllm" else None, policies)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, None).replace("\n  ", "\n  engine.")) from None
+    except (ImportError, TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"classifier ({c.kind}): {exc}") from None
+
+
+def _vllm(settings: Settings) -> Classifier:
+    from consumer.classify.engine import EngineSettings, make_vllm_classifier
+
+    return make_vllm_classifier(EngineSettings(**settings.engine))

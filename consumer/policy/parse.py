@@ -1,0 +1,136 @@
+"""A policy file: Markdown with YAML front matter, parsed into a `Policy`.
+
+A policy's version is the hash of its file's bytes, so every verdict names exactly the text
+that produced it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ReasoningEffort = Literal["low", "medium", "high"]
+REASONING_EFFORTS = ("low", "medium", "high")
+OUTPUT_TIERS = ("binary", "category", "rich")  # bare 0/1; + policy_category; + rule_ids, confidence, rationale
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message starts with `file:line:`."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    id: str
+    version: str
+    text: str
+    title: str = ""
+    reasoning_effort: ReasoningEffort = "low"
+    output: str = "rich"
+    categories: dict[str, str] = field(default_factory=dict)
+    actions: dict[str, str] = field(default_factory=dict)
+    patterns: tuple[str, ...] = ()
+    path: Path | None = None
+
+    @functools.cached_property
+    def ref(self) -> str:
+        return f"{self.id}@{self.version}"
+
+    def action_for(self, violation: bool, category: str | None) -> str:
+        """The platform action for a result: by category, else by `violation`/`safe`."""
+        if category and category in self.actions:
+            return self.actions[category]
+        return self.actions.get("violation" if violation else "safe", "flag" if violation else "allow")
+
+
+def policy_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def parse_policy(data: bytes, path: Path | None = None) -> Policy:
+    """Parse a policy file's bytes; raises PolicyError naming the file and line."""
+    where = str(path) if path else "<policy>"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{where}:1: not UTF-8 ({exc.reason})") from None
+    if not text.startswith("---"):
+        raise PolicyError(f"{where}:1: missing YAML front matter (a first line of ---)")
+    end = text.find("\n---", 3)
+    if end < 0:
+        raise PolicyError(f"{where}:1: front matter is not closed by a line of ---")
+    try:
+        meta = yaml.safe_load(text[3:end]) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", 0) + 2
+        raise PolicyError(f"{where}:{line}: front matter is not valid YAML") from None
+    if not isinstance(meta, dict):
+        raise PolicyError(f"{where}:2: front matter must be a mapping")
+    body = text[end + 4 :].lstrip("\n").rstrip() + "\n"
+
+    def need_str(key: str, default: str | None = None) -> str:
+        value = meta.get(key, default)
+        if not isinstance(value, str) or not value.strip():
+            raise PolicyError(f"{where}:{_meta_line(text, key)}: `{key}` must be a non-empty string")
+        return value.strip()
+
+    policy_id = need_str("id")
+    effort = need_str("reasoning_effort", "low")
+    if effort not in REASONING_EFFORTS:
+        raise PolicyError(
+            f"{where}:{_meta_line(text, 'reasoning_effort')}: `reasoning_effort` must be one of "
+            f"{', '.join(REASONING_EFFORTS)}, not {effort!r}"
+        )
+    categories = _str_map(meta.get("categories", {}), "categories", where, text)
+    actions = _str_map(meta.get("actions", {}), "actions", where, text)
+    patterns = meta.get("patterns", [])
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise PolicyError(f"{where}:{_meta_line(text, 'patterns')}: `patterns` must be a list of strings")
+    return Policy(
+        id=policy_id,
+        version=policy_version(data),
+        text=body,
+        title=str(meta.get("title", policy_id)),
+        reasoning_effort=effort,  # type: ignore[arg-type]
+        output=str(meta.get("output", "rich")),
+        categories=categories,
+        actions=actions,
+        patterns=tuple(patterns),
+        path=path,
+    )
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}:0: cannot read ({exc.strerror})") from None
+    return parse_policy(data, path)
+
+
+def _str_map(value: Any, key: str, where: str, text: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where}:{_meta_line(text, key)}: `{key}` must be a mapping")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _entry_line(text: str, section: str, key: str) -> int:
+    """The line of `key:` inside the front-matter mapping `section`, else the section's line."""
+    start = _meta_line(text, section)
+    for number, line in enumerate(text.splitlines()[start:], start=start + 1):
+        if line and not line[0].isspace():
+            break
+        if line.strip().startswith(f"{key}:"):
+            return number
+    return start
+
+
+def _meta_line(text: str, key: str) -> int:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.startswith(f"{key}:"):
+            return number
+    return 1

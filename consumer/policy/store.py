@@ -1,0 +1,129 @@
+"""The policies in force: one directory of policy files, reloaded when they change."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from consumer.policy.parse import Policy, PolicyError, parse_policy
+from consumer.policy.validate import DEFAULT_MAX_TOKENS, validate_policy
+
+log = logging.getLogger(__name__)
+
+
+class PolicyStore:
+    """The policies in force, from one directory; `reload()` picks up edits.
+
+    A file whose new content does not validate keeps its previous version in force (and is
+    reported through `on_reload`); a new file that does not validate is not loaded; a deleted
+    file's policy is withdrawn. The policies dict is replaced atomically, so an event sees
+    either the old or the new set, never a mix.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        on_reload: Callable[[dict[str, Policy], list[str]], None] | None = None,
+    ):
+        self.directory = directory
+        self.max_tokens = max_tokens
+        self._on_reload = on_reload
+        self._fingerprint: tuple = ()
+        self._by_path: dict[Path, Policy] = {}
+        self.current: dict[str, Policy] = {}
+        self.reloads = 0
+        errors = self._load(strict=True)
+        if errors:
+            raise PolicyError(errors[0])
+
+    def get(self) -> dict[str, Policy]:
+        return self.current
+
+    def reload(self) -> bool:
+        """Re-read the directory if any file changed; True if the policies in force changed."""
+        if self._snapshot() == self._fingerprint:
+            return False
+        before = {pid: p.version for pid, p in self.current.items()}
+        errors = self._load(strict=False)
+        after = {pid: p.version for pid, p in self.current.items()}
+        for error in errors:
+            log.error("policy reload: %s (the previous version stays in force)", error)
+        if before == after:
+            return False
+        self.reloads += 1
+        log.info("policies reloaded: %s", ", ".join(f"{pid}@{v}" for pid, v in sorted(after.items())))
+        if self._on_reload:
+            self._on_reload(self.current, errors)
+        return True
+
+    def _snapshot(self) -> tuple:
+        entries = []
+        for path in sorted(self.directory.glob("*.md")):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            entries.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(entries)
+
+    def _load(self, strict: bool) -> list[str]:
+        if not self.directory.is_dir():
+            return [f"{self.directory}:0: policies directory does not exist"]
+        self._fingerprint = self._snapshot()
+        errors: list[str] = []
+        by_path: dict[Path, Policy] = {}
+        for path in sorted(self.directory.glob("*.md")):
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                errors.append(f"{path}:0: cannot read ({exc.strerror})")
+                continue
+            problems = [p for p in validate_policy(data, path, self.max_tokens) if p.severity == "error"]
+            if problems:
+                errors.extend(str(p) for p in problems)
+                if path in self._by_path:
+                    by_path[path] = self._by_path[path]  # keep the last good version
+                continue
+            by_path[path] = parse_policy(data, path)
+        by_id: dict[str, Policy] = {}
+        for path, policy in by_path.items():
+            if policy.id in by_id:
+                errors.append(f"{path}:2: policy id {policy.id!r} is also used by {by_id[policy.id].path}")
+                continue
+            by_id[policy.id] = policy
+        if strict and errors:
+            return errors
+        self._by_path = by_path
+        self.current = by_id
+        return errors
+
+
+class PolicyWatcher:
+    """Polls a PolicyStore for changes every `interval_s` on a daemon thread.
+
+    Polling (not inotify) on purpose: Kubernetes ConfigMap volumes swap a symlink, which
+    file-event watchers miss or see as deletions.
+    """
+
+    def __init__(self, store: PolicyStore, interval_s: float):
+        self._store = store
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="policy-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._store.reload()
+            except Exception:  # noqa: BLE001 - a reload must never stop the consumer
+                log.exception("policy reload failed; the previous policies stay in force")
