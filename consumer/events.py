@@ -15,6 +15,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 
+# The shapes outputs travel in before they are bytes on the wire.
+Headers = list[tuple[str, bytes | None]]  # Kafka record headers
+Document = dict[str, Any]  # a JSON-ready output: a verdict or a dead letter
+
 
 def _int_id_to_str(value: Any) -> Any:
     # Chat platforms use integer ids (Discord snowflakes); accept them as their decimal text.

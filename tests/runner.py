@@ -1,13 +1,20 @@
-"""Build an in-process pipeline for tests against the real broker."""
+"""Run the consumer for tests against the real broker: in process (a Pipeline) or as a subprocess."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
 
 from consumer.classify import Classifier
 from consumer.config import Settings, load_settings
 from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
 from consumer.policy import PolicyStore
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def settings_for(bootstrap: str, group: str, topic: str, policies_dir: Path, **sections: dict) -> Settings:
@@ -31,3 +38,34 @@ def settings_for(bootstrap: str, group: str, topic: str, policies_dir: Path, **s
 
 def running_pipeline(settings: Settings, classifier: Classifier) -> BackgroundPipeline:
     return BackgroundPipeline(Pipeline(settings, classifier, PolicyStore(settings.policies.directory)))
+
+
+def write_config(path: Path, bootstrap: str, group: str, topic: str, policies_dir: Path, **extra: dict) -> Path:
+    """A YAML config for `safeguard-consumer run` in a subprocess (start_consumer)."""
+    config = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "group_id": group,
+            "input_topics": [topic],
+            "verdict_topic": f"{topic}.verdicts",
+            "dead_letter_topic": f"{topic}.dlq",
+            # A killed member is noticed after the session timeout: keep it at the broker's minimum.
+            "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+        },
+        "policies": {"directory": str(policies_dir), "default": "chat-harassment"},
+        "pipeline": {"commit_interval_s": 0.2, "max_in_flight_events": 200},
+        "telemetry": {"http_port": 0},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_consumer(config: Path, log: Path) -> subprocess.Popen:
+    """`python -m consumer run` on `config`, its output appended to `log`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "consumer", "run", "--config", str(config)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip

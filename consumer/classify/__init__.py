@@ -11,9 +11,9 @@ configuration names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from consumer.events import ContentEvent, ErrorType
 from consumer.policy import Policy
@@ -75,7 +75,26 @@ class Classifier(Protocol):
     async def close(self) -> None: ...
 
 
-# A classifier may also offer `classify_now(request) -> Classification | None`: an answer it
-# can give at once, without waiting (a keyword match, a cache hit), or None to be asked
-# through the batcher. The pipeline then skips the batcher and its queueing for that request.
-ClassifyNow = Callable[[ClassifyRequest], "Classification | None"]
+# What a classifier may offer besides the contract, each a Protocol of its own so that the
+# pipeline asks with isinstance, once, and a plugin implements only what it has.
+
+
+@runtime_checkable
+class AnswersAtOnce(Protocol):
+    def classify_now(self, request: ClassifyRequest) -> Classification | None:
+        """An answer the classifier can give without waiting (a keyword match, a cache hit), or
+        None to be asked through the batcher. The pipeline then skips the batcher and its
+        queueing for that request."""
+        ...
+
+
+@runtime_checkable
+class ReportsHealth(Protocol):
+    async def check_health(self) -> None:
+        """Raise when the classifier can no longer answer (an engine whose core died)."""
+        ...
+
+
+@runtime_checkable
+class CountsDecisions(Protocol):
+    counters: Mapping[str, Any]  # policy id -> what decided how often, for the metrics

@@ -93,7 +93,7 @@ class PipelineSettings(_Section):
     adaptive_latency_target_ms: float | None = Field(
         default=None,
         gt=0,
-        description="classifier latency target; when set, the in-flight window follows it (AIMD) below the capacity",
+        description="classifier latency target; when set, the batcher's concurrency limit follows it (AIMD) below the capacity",
     )
     classify_timeout_s: float = Field(default=120.0, gt=0, description="per-request deadline")
     delivery_retries: int = Field(default=3, ge=0, description="re-sends after a retriable delivery error")

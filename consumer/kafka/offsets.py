@@ -1,12 +1,12 @@
 """The offset tracker: owns "an offset is committed only after its output was delivered".
 
-Every consumed record is tracked (`track_many`, one poll batch at a time); when the broker
+Every consumed record is tracked (`track`) as the poll thread hands it on; when the broker
 acknowledges the record's verdict or dead letter, it is marked done (`done_many`, one batch
 of delivery reports at a time: one lock per batch, not per record). Classification finishes
 out of order, so the commit position of a partition is one past the highest offset below
 which every record is done.
-The tracker also counts what is in flight (records and bytes), which is the window the
-source pauses on.
+The tracker also counts what is in flight (records and bytes): the intake limit
+(`pipeline.max_in_flight_*`) that the source pauses on.
 
 Thread-safe: the poll thread tracks and commits; the event loop marks done as it serves the
 producer's delivery reports (a replay's file sink, from its sync thread).

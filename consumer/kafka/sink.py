@@ -33,12 +33,10 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
+from consumer.events import Document, Headers
 from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
 
 log = logging.getLogger(__name__)
-
-Headers = list[tuple[str, bytes | None]]
-Document = dict[str, Any]  # a JSON-ready output: a verdict or a dead letter
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,

@@ -2,7 +2,7 @@
 
 Guarantees:
 - **Capacity.** Requests started and not yet finished (retries and their back-off included)
-  never exceed the in-flight window: at most `Capacity.max_sequences`, and, when the
+  never exceed the concurrency limit: at most `Capacity.max_sequences`, and, when the
   classifier reports `Capacity.max_tokens` (its KV-cache tokens), at most that many estimated
   tokens. A request too large for the token bound on its own starts only when nothing else is
   in flight, so it is never starved; the engine then decides (it rejects or preempts).
@@ -14,10 +14,10 @@ Guarantees:
   oldest request has waited longest, and its requests are started in that order, so requests
   sharing a policy prefix reach the engine together and find it in vLLM's prefix cache.
   Within a policy, requests start in arrival order.
-- **Adaptive window** (`latency_target_s` set): the window starts at the capacity and follows
-  the observed classifier latency by AIMD: each request finishing within the target widens
-  it by about one request per window of completions; one finishing later halves it, at most
-  once per window of completions. It never exceeds the capacity nor falls below one. Use it
+- **Adaptive concurrency limit** (`latency_target_s` set): the limit starts at the capacity and
+  follows the observed classifier latency by AIMD: each request finishing within the target
+  raises it by about one request per limit's worth of completions; one finishing later halves
+  it, at most once per limit's worth of completions. It never exceeds the capacity nor falls below one. Use it
   when the engine is shared or its speed varies (long reasoning, mixed policies) and a
   latency bound matters more than the last few percent of throughput.
 
@@ -70,7 +70,7 @@ class Batcher:
     """Micro-batches classification requests and keeps them within the classifier's capacity.
 
     The guarantees are in this module's docstring: the in-flight bound (requests and
-    estimated tokens), when a batch closes, grouping by policy, the adaptive window.
+    estimated tokens), when a batch closes, grouping by policy, the adaptive concurrency limit.
     """
 
     def __init__(
@@ -96,7 +96,7 @@ class Batcher:
         capacity = classifier.capacity()
         self._max_sequences = capacity.max_sequences
         self._max_tokens = capacity.max_tokens
-        self._window = float(capacity.max_sequences)
+        self._limit = float(capacity.max_sequences)
         self._completions_since_decrease = 0
         self._prefix_tokens: dict[str, int] = {}
         self._queues: dict[str, deque[_Pending]] = {}
@@ -121,16 +121,13 @@ class Batcher:
         self.started = 0
         self.queue_wait_total_s = 0.0
         self.last_queue_wait_s = 0.0
-        self.completed = 0
-        self.latency_total_s = 0.0
-        self.last_latency_s = 0.0
 
     # -- metrics ---------------------------------------------------------------------------
 
     @property
-    def window(self) -> int:
+    def concurrency_limit(self) -> int:
         """Requests allowed in flight now: the capacity, or less in adaptive mode."""
-        return max(1, int(self._window))
+        return max(1, int(self._limit))
 
     @property
     def avg_batch_size(self) -> float:
@@ -143,10 +140,6 @@ class Batcher:
     @property
     def avg_queue_wait_s(self) -> float:
         return self.queue_wait_total_s / self.started if self.started else 0.0
-
-    @property
-    def avg_latency_s(self) -> float:
-        return self.latency_total_s / self.completed if self.completed else 0.0
 
     # -- interface -------------------------------------------------------------------------
 
@@ -223,7 +216,7 @@ class Batcher:
                 raise
 
     async def _start(self, item: _Pending) -> None:
-        """Start one request as soon as the window has room for it."""
+        """Start one request as soon as the concurrency limit has room for it."""
         loop = asyncio.get_running_loop()
         held = item.tokens + self._completion_tokens
         while not self._fits(held):
@@ -281,7 +274,7 @@ class Batcher:
         return batch
 
     def _fits(self, tokens: int) -> bool:
-        if self.in_flight >= self.window:
+        if self.in_flight >= self.concurrency_limit:
             return False
         return self._max_tokens is None or self.in_flight == 0 or self.in_flight_tokens + tokens <= self._max_tokens
 
@@ -305,9 +298,6 @@ class Batcher:
     def _finish(self, held: int, latency_s: float) -> None:
         self.in_flight -= 1
         self.in_flight_tokens -= held
-        self.completed += 1
-        self.last_latency_s = latency_s
-        self.latency_total_s += latency_s
         if self._latency_target_s is not None:
             self._adapt(latency_s)
         space = self._space
@@ -317,13 +307,13 @@ class Batcher:
     def _adapt(self, latency_s: float) -> None:
         self._completions_since_decrease += 1
         if latency_s > self._latency_target_s:  # type: ignore[operator]
-            # One decrease per window of completions: the requests that finish late together
-            # were all started under the old window, and one halving answers them all.
-            if self._completions_since_decrease >= self._window:
-                self._window = max(1.0, self._window * AIMD_DECREASE)
+            # One decrease per limit's worth of completions: the requests that finish late
+            # together were all started under the old limit, and one halving answers them all.
+            if self._completions_since_decrease >= self._limit:
+                self._limit = max(1.0, self._limit * AIMD_DECREASE)
                 self._completions_since_decrease = 0
         else:
-            self._window = min(float(self._max_sequences), self._window + 1.0 / self._window)
+            self._limit = min(float(self._max_sequences), self._limit + 1.0 / self._limit)
 
     async def _classify_with_retries(self, request: ClassifyRequest) -> Classification:
         attempts = 0

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 Check = Callable[[], tuple[bool, str]]
 
 
-class HealthServer:
+class HttpServer:
     def __init__(self, host: str, port: int, registry: Any, alive: Check, ready: Check):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

@@ -2,7 +2,7 @@
 
 Verdicts are built as plain dicts, ready for orjson, because building and dumping the
 pydantic models costs more than the rest of a cheaply decided record's handling. The
-models stay the contract: `tests/unit/test_verdict.py` checks that every document here
+models stay the contract: `tests/unit/pipeline/test_outputs.py` checks that every document here
 validates as its model and dumps back to itself, so the two cannot drift apart. Dead
 letters are rare and go through their model.
 """
@@ -10,17 +10,22 @@ letters are rare and go through their model.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 
 from confluent_kafka import Message
 
 import consumer
 from consumer.classify import Classification
-from consumer.events import SCHEMA_VERSION, DeadLetter, DeadLetterError, ErrorType, OriginalRecord, SourceRecord
+from consumer.events import (
+    SCHEMA_VERSION,
+    DeadLetter,
+    DeadLetterError,
+    Document,
+    ErrorType,
+    OriginalRecord,
+    SourceRecord,
+)
 from consumer.policy import Policy
 from consumer.policy.actions import SEVERITY
-
-Document = dict[str, Any]
 
 
 def source_of(message: Message) -> Document:

@@ -36,7 +36,15 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
 
-from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyNow, ClassifyRequest
+from consumer.classify import (
+    AnswersAtOnce,
+    Classification,
+    ClassificationFailed,
+    Classifier,
+    ClassifyRequest,
+    CountsDecisions,
+    ReportsHealth,
+)
 from consumer.config import Settings
 from consumer.events import ContentEvent, ErrorType
 from consumer.kafka.offsets import OffsetTracker, Ticket
@@ -46,7 +54,7 @@ from consumer.pipeline import outputs, telemetry
 from consumer.pipeline.batcher import Batcher
 from consumer.pipeline.chat import Conversations, Offenders, rebuild
 from consumer.pipeline.decode import DecodeError, Decoder
-from consumer.pipeline.http import HealthServer
+from consumer.pipeline.http import HttpServer
 from consumer.policy import PolicyStore, PolicyWatcher, most_severe
 from consumer.policy.route import Router
 
@@ -84,7 +92,7 @@ class Pipeline:
         spans go, by default the one the OTEL_* variables describe."""
         self.settings = settings
         self.classifier = classifier
-        self._classify_now: ClassifyNow | None = getattr(classifier, "classify_now", None)
+        self._classify_now = classifier.classify_now if isinstance(classifier, AnswersAtOnce) else None
         self.policies = policies
         # The router reads the store per event, so a reload applies to the next event routed.
         self.router = Router(settings.policies, policies.get)
@@ -102,7 +110,7 @@ class Pipeline:
             trace_content=settings.telemetry.trace_content,
             registry=self.metrics_registry,
         )
-        self.health: HealthServer | None = None
+        self.http: HttpServer | None = None
         self._heartbeat = time.monotonic()
         self._classifier_ready = False
         self._engine_problem: str | None = None
@@ -134,10 +142,10 @@ class Pipeline:
                 self._loop.add_signal_handler(sig, self._stopping.set)
 
         if cfg.telemetry.http_port is not None:
-            self.health = HealthServer(
+            self.http = HttpServer(
                 cfg.telemetry.http_host, cfg.telemetry.http_port, self.metrics_registry, self._alive, self._ready
             )
-            self.health.start()
+            self.http.start()
         heartbeat = self._loop.create_task(self._beat(), name="heartbeat")
 
         await self.classifier.start()
@@ -198,11 +206,12 @@ class Pipeline:
         gauges.held_back = lambda: getattr(self.sink, "held_back", 0)
         gauges.lag = lambda: self.source.lag
         gauges.policy_reloads = lambda: self.policies.reloads
-        gauges.cascade = lambda: getattr(self.classifier, "counters", {})
+        if isinstance(self.classifier, CountsDecisions):
+            gauges.cascade = lambda: self.classifier.counters  # type: ignore[attr-defined]
         b = self.batcher
         gauges.batcher = lambda: {
             "avg_batch_size": b.avg_batch_size, "avg_batch_tokens": b.avg_batch_tokens,
-            "in_flight_requests": b.in_flight, "in_flight_tokens": b.in_flight_tokens, "window": b.window,
+            "in_flight_requests": b.in_flight, "in_flight_tokens": b.in_flight_tokens, "concurrency_limit": b.concurrency_limit,
             "queued": b.queued, "avg_queue_wait_s": b.avg_queue_wait_s,
         }  # fmt: skip
         watcher = PolicyWatcher(self.policies, cfg.policies.reload_interval_s)
@@ -219,8 +228,8 @@ class Pipeline:
             watcher.stop()
         await self._shutdown(serving)
         heartbeat.cancel()
-        if self.health is not None:
-            self.health.stop()
+        if self.http is not None:
+            self.http.stop()
         self.telemetry.shutdown()
         if self._fatal:
             return RunResult(1, self.consumed, self.verdicts, self.dead_letters, self._fatal)
@@ -288,7 +297,7 @@ class Pipeline:
         """Marks the loop alive every second, and asks the classifier for its health (an engine
         whose core died) every `telemetry.engine_health_interval_s`, so /healthz fails and the
         orchestrator restarts it."""
-        check_health = getattr(self.classifier, "check_health", None)
+        check_health = self.classifier.check_health if isinstance(self.classifier, ReportsHealth) else None
         interval = self.settings.telemetry.engine_health_interval_s
         next_check = time.monotonic() + interval
         while True:

@@ -36,8 +36,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import Span, SpanKind
 
 import consumer
+from consumer.events import Headers
 
-Headers = list[tuple[str, bytes | None]]
 _TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
 
@@ -172,7 +172,7 @@ class Telemetry:
         m.create_observable_gauge(
             "safeguard.batcher", [self._observe_batcher],
             description="by figure: avg_batch_size, avg_batch_tokens, in_flight_requests, in_flight_tokens, "
-            "window, queued, avg_queue_wait_s",
+            "concurrency_limit, queued, avg_queue_wait_s",
         )  # fmt: skip
         m.create_observable_counter(
             "safeguard.cascade.decided", [self._observe_decided], description="events decided, by policy and stage"

@@ -28,7 +28,6 @@ class Policy:
     id: str
     version: str
     text: str
-    title: str = ""
     reasoning_effort: ReasoningEffort = "low"
     output: str = "rich"
     categories: dict[str, str] = field(default_factory=dict)
@@ -94,7 +93,6 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
         id=policy_id,
         version=policy_version(data),
         text=body,
-        title=str(meta.get("title", policy_id)),
         reasoning_effort=effort,  # type: ignore[arg-type]
         output=str(meta.get("output", "rich")),
         categories=categories,

@@ -86,8 +86,8 @@ def test_metrics_count_the_run_and_readyz_turns_ready_after_assignment(kafka, po
     outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
     try:
         with BackgroundPipeline(pipeline) as running:
-            wait_for(lambda: pipeline.health is not None, timeout=30, message="the health server")
-            port = pipeline.health.port
+            wait_for(lambda: pipeline.http is not None, timeout=30, message="the HTTP server")
+            port = pipeline.http.port
             assert get(port, "/healthz")[0] == 200
             wait_for(lambda: get(port, "/readyz")[0] == 200, timeout=60, message="/readyz to turn ready")
             outputs.until(12, timeout=60)
@@ -114,7 +114,7 @@ def test_metrics_count_the_run_and_readyz_turns_ready_after_assignment(kafka, po
     assert value("safeguard_event_duration_milliseconds_count") == 12
     assert value("safeguard_classify_duration_milliseconds_count") == 10
     # The keyword classifier answers at once (classify_now), so the batcher is idle but exported.
-    assert value("safeguard_batcher", 'safeguard_figure="window"') >= 1
+    assert value("safeguard_batcher", 'safeguard_figure="concurrency_limit"') >= 1
     assert value("safeguard_batcher", 'safeguard_figure="in_flight_requests"') == 0
 
 
@@ -132,8 +132,8 @@ def test_cascade_stage_shares_reach_the_metrics(kafka, policies_dir):
     try:
         with BackgroundPipeline(pipeline) as running:
             outputs.until(5, timeout=60)
-            wait_for(lambda: pipeline.health is not None, timeout=10, message="health server")
-            text = get(pipeline.health.port, "/metrics")[1]
+            wait_for(lambda: pipeline.http is not None, timeout=10, message="HTTP server")
+            text = get(pipeline.http.port, "/metrics")[1]
             running.stop()
     finally:
         outputs.close()
@@ -160,9 +160,9 @@ def test_healthz_fails_when_the_engine_reports_itself_unhealthy(kafka, policies_
     engine = DyingEngine()
     pipeline = Pipeline(settings, engine, PolicyStore(settings.policies.directory))
     with BackgroundPipeline(pipeline) as running:
-        wait_for(lambda: pipeline.health is not None and get(pipeline.health.port, "/healthz")[0] == 200, timeout=30,
+        wait_for(lambda: pipeline.http is not None and get(pipeline.http.port, "/healthz")[0] == 200, timeout=30,
                  message="healthy")
         engine.healthy = False
-        wait_for(lambda: get(pipeline.health.port, "/healthz")[0] == 503, timeout=10, message="/healthz to fail")
-        assert "engine core died" in get(pipeline.health.port, "/healthz")[1]
+        wait_for(lambda: get(pipeline.http.port, "/healthz")[0] == 503, timeout=10, message="/healthz to fail")
+        assert "engine core died" in get(pipeline.http.port, "/healthz")[1]
         running.stop()

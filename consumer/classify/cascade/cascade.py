@@ -28,7 +28,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from consumer.classify import Capacity, Classification, ClassificationFailed, Classifier, ClassifyRequest
+from consumer.classify import (
+    Capacity,
+    Classification,
+    ClassificationFailed,
+    Classifier,
+    ClassifyRequest,
+    ReportsHealth,
+)
 from consumer.classify.cascade.cache import CacheKey, VerdictCache, cache_key
 from consumer.classify.cascade.examples import training_set
 from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, StageRules
@@ -181,6 +188,11 @@ class CascadeClassifier:
             return verdict
         finally:
             del self._in_flight[key]
+
+    async def check_health(self) -> None:
+        """The reasoner's health, where it reports one: the cheap stages have none to lose."""
+        if isinstance(self.reasoner, ReportsHealth):
+            await self.reasoner.check_health()
 
     async def close(self) -> None:
         for task in list(self._shadows):

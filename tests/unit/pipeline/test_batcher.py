@@ -178,16 +178,16 @@ def test_requests_of_one_policy_start_together_oldest_policy_first():
 def test_adaptive_window_narrows_when_latency_passes_the_target_and_widens_when_it_recovers():
     recorder = Recorder(max_sequences=32, latency_s=0.03)
     batcher = Batcher(recorder, max_batch_size=32, max_wait_s=0.001, timeout_s=5, latency_target_s=0.01)
-    assert batcher.window == 32
+    assert batcher.concurrency_limit == 32
 
     async def scenario() -> tuple[int, int]:
         batcher.start()
         await asyncio.gather(*(batcher.classify(request(i)) for i in range(300)))
-        narrowed = batcher.window
+        narrowed = batcher.concurrency_limit
         recorder.latency_s = 0.0
         await asyncio.gather(*(batcher.classify(request(i)) for i in range(300, 1500)))
         await batcher.close()
-        return narrowed, batcher.window
+        return narrowed, batcher.concurrency_limit
 
     narrowed, recovered = asyncio.run(scenario())
     assert narrowed <= 4, "slow answers must halve the window repeatedly"
@@ -199,7 +199,7 @@ def test_adaptive_window_stays_at_capacity_while_latency_is_within_the_target():
     recorder = Recorder(max_sequences=8, latency_s=0.001)
     batcher = Batcher(recorder, max_batch_size=8, max_wait_s=0.001, timeout_s=5, latency_target_s=1.0)
     asyncio.run(classify_all(batcher, [request(i) for i in range(100)]))
-    assert batcher.window == 8 and recorder.peak == 8
+    assert batcher.concurrency_limit == 8 and recorder.peak == 8
 
 
 class Flaky(Recorder):

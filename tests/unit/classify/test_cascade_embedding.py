@@ -22,8 +22,8 @@ from consumer.classify.cascade.stage import LearnedStage, StageRules  # noqa: E4
 from consumer.policy import PolicyStore, load_policy  # noqa: E402
 from consumer.policy.examples import load_examples  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
-from tests.unit.test_cascade import LabelReasoner, policy_dir, request  # noqa: E402
-from tests.unit.test_cascade_stages import TARGET, binomial_cdf  # noqa: E402
+from tests.unit.classify.test_cascade import LabelReasoner, policy_dir, request  # noqa: E402
+from tests.unit.classify.test_cascade_stages import TARGET, binomial_cdf  # noqa: E402
 
 
 def test_the_embedding_stage_decides_only_above_its_target_precision(record_property):
