@@ -27,7 +27,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyNow, ClassifyRequest
 from consumer.config import Settings
 from consumer.events import ContentEvent, ErrorType
+from consumer.kafka import roles
 from consumer.kafka.offsets import OffsetTracker, Ticket
 from consumer.kafka.sink import Sink, TransactionalSink
 from consumer.kafka.source import Received, Source
@@ -75,13 +75,20 @@ class Pipeline:
         settings: Settings,
         classifier: Classifier,
         policies: PolicyStore,
-        source_factory: Callable[..., Source] = Source.connect,
-        sink_factory: Callable[..., Sink] | None = None,
+        source_factory: roles.SourceFactory = Source.connect,
+        sink_factory: roles.SinkFactory | None = None,
         tracer_provider: TracerProvider | None = None,
     ):
         """`source_factory` and `sink_factory` replace the Kafka source and the at-least-once sink
-        (a replay reads assigned partitions and may write to a file); `tracer_provider`: where
-        spans go, by default the one the OTEL_* variables describe."""
+        (a replay reads assigned partitions and may write to a file); each is called with the
+        options built from the settings and what the pipeline wires it to (`consumer.kafka.roles`).
+        Exactly-once needs the transactional sink, which both sends the outputs and commits the
+        offsets in one transaction: a replaced sink cannot, so `sink_factory` with
+        `pipeline.delivery: exactly_once` is refused (ValueError) rather than run at-least-once.
+        `tracer_provider`: where spans go, by default the one the OTEL_* variables describe."""
+        if sink_factory is not None and settings.pipeline.delivery == "exactly_once":
+            raise ValueError("pipeline.delivery exactly_once needs the transactional sink; a sink_factory cannot "
+                             "join the offsets' transaction")  # fmt: skip
         self.settings = settings
         self.classifier = classifier
         self._classify_now: ClassifyNow | None = getattr(classifier, "classify_now", None)
@@ -93,7 +100,8 @@ class Pipeline:
         self.conversations = Conversations(settings.chat)
         self.offenders = Offenders(settings.chat)
         self._source_factory = source_factory
-        self._sink_factory = sink_factory
+        self._sink_factory = sink_factory or Sink.open
+        self.source: roles.RecordSource | None = None  # built by `run`
         meter_provider, self.metrics_registry = telemetry.prometheus_meter_provider()
         self.telemetry = telemetry.Telemetry.create(
             settings.kafka.group_id,
@@ -146,8 +154,9 @@ class Pipeline:
         gc.freeze()
         self._classifier_ready = True
         producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
-        committer = None
-        if cfg.pipeline.delivery == "exactly_once" and self._sink_factory is None:
+        committer: roles.Committer | None = None
+        self.sink: roles.OutputSink
+        if cfg.pipeline.delivery == "exactly_once":  # the constructor refused a sink factory for it
             self.sink = committer = TransactionalSink(
                 producer_config,
                 cfg.kafka.verdict_topic,
@@ -158,13 +167,11 @@ class Pipeline:
                 max_records=cfg.pipeline.transaction_max_records,
             )
         else:
-            self.sink = (self._sink_factory or Sink)(
-                producer_config,
-                cfg.kafka.verdict_topic,
-                cfg.kafka.dead_letter_topic,
-                on_delivered=self.tracker.done_many,
-                on_fatal=self._fail_threadsafe,
-                delivery_retries=cfg.pipeline.delivery_retries,
+            self.sink = self._sink_factory(
+                roles.SinkOptions(
+                    producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic, cfg.pipeline.delivery_retries
+                ),
+                roles.SinkWiring(on_delivered=self.tracker.done_many, on_fatal=self._fail_threadsafe),
             )
         self.batcher = Batcher(
             self.classifier,
@@ -178,24 +185,28 @@ class Pipeline:
             ),
         )
         self.source = self._source_factory(
-            cfg.kafka.bootstrap_servers,
-            cfg.kafka.group_id,
-            cfg.kafka.consumer_options,
-            topics=cfg.kafka.input_topics,
-            tracker=self.tracker,
-            deliver=self._receive_threadsafe,
-            on_fatal=self._fail_threadsafe,
-            max_in_flight_events=cfg.pipeline.max_in_flight_events,
-            max_in_flight_bytes=cfg.pipeline.max_in_flight_bytes,
-            commit_interval_s=cfg.pipeline.commit_interval_s,
-            revoke_drain_s=cfg.pipeline.revoke_drain_s,
-            statistics_interval_ms=cfg.telemetry.statistics_interval_ms,
-            committer=committer,
-            on_assigned=self._rebuild_chat_state,
+            roles.SourceOptions(
+                bootstrap_servers=cfg.kafka.bootstrap_servers,
+                group_id=cfg.kafka.group_id,
+                client=cfg.kafka.consumer_options,
+                topics=tuple(cfg.kafka.input_topics),
+                max_in_flight_events=cfg.pipeline.max_in_flight_events,
+                max_in_flight_bytes=cfg.pipeline.max_in_flight_bytes,
+                commit_interval_s=cfg.pipeline.commit_interval_s,
+                revoke_drain_s=cfg.pipeline.revoke_drain_s,
+                statistics_interval_ms=cfg.telemetry.statistics_interval_ms,
+            ),
+            roles.SourceWiring(
+                tracker=self.tracker,
+                deliver=self._receive_threadsafe,
+                on_fatal=self._fail_threadsafe,
+                committer=committer,
+                on_assigned=self._rebuild_chat_state,
+            ),
         )
         gauges = self.telemetry.gauges
         gauges.in_flight = self.tracker.in_flight
-        gauges.held_back = lambda: getattr(self.sink, "held_back", 0)
+        gauges.held_back = lambda: self.sink.held_back
         gauges.lag = lambda: self.source.lag
         gauges.policy_reloads = lambda: self.policies.reloads
         gauges.cascade = lambda: getattr(self.classifier, "counters", {})
@@ -318,7 +329,7 @@ class Pipeline:
     def _ready(self) -> tuple[bool, str]:
         if not self._classifier_ready:
             return False, f"classifier {self.classifier.name} starting"
-        source = getattr(self, "source", None)
+        source = self.source
         if source is None or not source.assigned:
             return False, "waiting for a partition assignment"
         return True, f"ok: {len(source.assigned)} partitions assigned"

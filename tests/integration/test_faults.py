@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from consumer.classify.keyword import KeywordClassifier
+from consumer.kafka.roles import SinkOptions, SinkWiring
 from consumer.kafka.sink import Sink
 from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
 from consumer.policy import PolicyStore
@@ -192,11 +194,11 @@ def test_a_failure_serving_delivery_reports_stops_with_exit_1_and_commits_nothin
     produce(kafka, topic, (event_json(i) for i in range(20)))
     settings = settings_for(kafka, group, topic, policies_dir)
 
-    def sink_with_a_broken_hand_over(*args, on_delivered, **kwargs) -> Sink:
+    def sink_with_a_broken_hand_over(options: SinkOptions, wiring: SinkWiring) -> Sink:
         def explode(tickets) -> None:
             raise RuntimeError("a bug downstream of the delivery reports")
 
-        return Sink(*args, on_delivered=explode, **kwargs)
+        return Sink.open(options, dataclasses.replace(wiring, on_delivered=explode))
 
     pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory),
                         sink_factory=sink_with_a_broken_hand_over)  # fmt: skip
