@@ -15,6 +15,7 @@ spec and prints `RESULT {json}` as its last line. The orchestrator is bench.pipe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import sys
 import threading
@@ -29,6 +30,7 @@ from bench.workload import REPO, Meter, Spec, chat_events, instant_verdict, repo
 from consumer.classify import Capacity, Classification, ClassifyRequest
 from consumer.config import load_settings
 from consumer.events import ContentEvent
+from consumer.kafka.roles import SourceOptions, SourceWiring
 from consumer.kafka.sink import PRODUCER_DEFAULTS
 from consumer.kafka.source import CONSUMER_DEFAULTS, Source
 from consumer.pipeline.pipeline import Pipeline
@@ -220,12 +222,12 @@ def build_pipeline(spec: Spec, classifier: Any) -> tuple[Meter, Pipeline]:
     )
     meter = Meter()
 
-    def metered_source(*args: Any, deliver: Any, **kwargs: Any) -> Source:
+    def metered_source(options: SourceOptions, wiring: SourceWiring) -> Source:
         def first_then_deliver(received: Any) -> None:
             meter.first_record()
-            deliver(received)
+            wiring.deliver(received)
 
-        return Source.connect(*args, deliver=first_then_deliver, **kwargs)
+        return Source.connect(options, dataclasses.replace(wiring, deliver=first_then_deliver))
 
     return meter, Pipeline(settings, classifier, PolicyStore(settings.policies.directory), source_factory=metered_source)
 

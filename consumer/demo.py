@@ -31,7 +31,8 @@ from consumer.classify import Classifier
 from consumer.classify.factory import build_classifier
 from consumer.config import Settings, load_settings
 from consumer.kafka.devkafka import KafkaBroker, cache_dir, create_topics
-from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
+from consumer.pipeline.background import BackgroundPipeline
+from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
 
 CHAT_TOPIC, REVIEW_TOPIC = "demo.chat", "demo.reviews"

@@ -11,7 +11,8 @@ import yaml
 
 from consumer.classify import Classifier
 from consumer.config import Settings, load_settings
-from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
+from consumer.pipeline.background import BackgroundPipeline
+from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,19 +8,38 @@ group and commits nothing, so it never disturbs the consumers of the same topics
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+
+from consumer.kafka.poll import POLL_BATCH
+
+# (topic, partition, start, end): the records [start, end) of one partition
+OffsetSpan = tuple[str, int, int, int]
 
 
-def read_ranges(config: dict[str, Any], ranges: list[tuple[str, int, int, int]], timeout: float = 30.0) -> list[Message]:
+def read_ranges(config: dict[str, Any], ranges: list[OffsetSpan], timeout: float = 30.0) -> list[Message]:
     """Records [start, end) of each (topic, partition, start, end), read with an assigned consumer
     that belongs to no group and commits nothing; start is clamped to the earliest retained offset."""
+    return list(iter_ranges(config, ranges, timeout))
+
+
+def iter_ranges(
+    config: dict[str, Any],
+    ranges: list[OffsetSpan],
+    timeout: float | None = None,
+    group_id: str = "safeguard-tail-reader",
+) -> Iterator[Message]:
+    """`read_ranges` as the records arrive, for reads too long to hold in memory (a whole topic).
+
+    Without `timeout`, reads until every range is done; with it, stops at the deadline with
+    what was read. `group_id` only names the reader: it never joins the group nor commits."""
     wanted = [r for r in ranges if r[3] > r[2]]
     if not wanted:
-        return []
-    reader = Consumer({**config, "group.id": "safeguard-tail-reader", "enable.auto.commit": False,
-                       "enable.partition.eof": False})  # fmt: skip
+        return
+    reader = Consumer({**config, "group.id": group_id, "enable.auto.commit": False,
+                       "enable.partition.eof": True})  # fmt: skip
     try:
         assignment, remaining = [], {}
         for topic, partition, start, end in wanted:
@@ -30,21 +49,23 @@ def read_ranges(config: dict[str, Any], ranges: list[tuple[str, int, int, int]],
                 assignment.append(TopicPartition(topic, partition, start))
                 remaining[(topic, partition)] = end
         reader.assign(assignment)
-        found: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while remaining and time.monotonic() < deadline:
-            for message in reader.consume(500, timeout=0.5):
-                if message.error() is not None:
-                    continue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while remaining and (deadline is None or time.monotonic() < deadline):
+            for message in reader.consume(POLL_BATCH, timeout=0.5):
                 key = (message.topic(), message.partition())
                 end = remaining.get(key)
+                error = message.error()
+                if error is not None:
+                    # End of the partition at or past END: what is left below END are transaction markers.
+                    if error.code() == KafkaError._PARTITION_EOF and end is not None and message.offset() >= end:
+                        del remaining[key]
+                    continue
                 if end is None or message.offset() >= end:
                     continue
-                found.append(message)
+                yield message
             # By position, not by last offset seen: transaction markers occupy offsets too.
             for (topic, partition), end in list(remaining.items()):
                 if reader.position([TopicPartition(topic, partition)])[0].offset >= end:
                     del remaining[(topic, partition)]
-        return found
     finally:
         reader.close()

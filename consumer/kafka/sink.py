@@ -1,7 +1,7 @@
 """The sink: owns "every output is delivered, or the consumer stops".
 
-Two sinks share one interface (`send_verdict`, `send_dead_letter`, `start`,
-`awaiting_reports`, `serve`, `flush`, `close`): `Sink` for at-least-once, `TransactionalSink` for exactly-once (below).
+Two sinks play the `OutputSink` role (`consumer.kafka.roles`): `Sink` for at-least-once,
+`TransactionalSink` for exactly-once (below).
 Outputs arrive as JSON-ready documents (`consumer.pipeline.outputs` builds them) and are sent at
 once, from the event loop, without awaiting anything: the pipeline decides most records
 synchronously.
@@ -18,7 +18,7 @@ is never committed.
 
 When librdkafka's local queue is full (the broker is slower than we are), outputs wait in
 order in a backlog that `serve` produces from as room frees up; nothing is dropped, and the
-source's in-flight window bounds how many can wait.
+source's intake limit bounds how many can wait.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from consumer.events import Document, Headers
 from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
+from consumer.kafka.roles import SinkOptions, SinkWiring
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ class Sink:
         self._backlog_lock = threading.Lock()
         self.held_back = 0  # outputs that met a full local queue and waited in the backlog
         self.failed: str | None = None
+
+    @classmethod
+    def open(cls, options: SinkOptions, wiring: SinkWiring) -> Sink:
+        """A `SinkFactory`: the at-least-once sink the pipeline uses unless it is given another."""
+        return cls(options.producer_config, options.verdict_topic, options.dead_letter_topic,
+                   wiring.on_delivered, wiring.on_fatal, options.delivery_retries)  # fmt: skip
 
     def start(self) -> None:
         return None
@@ -205,6 +212,7 @@ class TransactionalSink:
         self._lock = threading.Lock()
         self.failed: str | None = None
         self.transactions = 0
+        self.held_back = 0  # outputs are held for the transaction, never for want of room
 
     def start(self, timeout: float = 60.0) -> None:
         # Fences any earlier instance with the same transactional.id and aborts its open transaction.

@@ -2,12 +2,13 @@
 
 A confluent-kafka consumer is polled on its own thread, so a slow classifier can never let
 `max.poll.interval.ms` expire. Each record is registered with the offset tracker before it
-is handed on. When the in-flight window (records or bytes) is full, the poll thread first
-waits up to `PAUSE_AFTER_S` for it to drain, since pausing has a price: librdkafka drops
+is handed on. When the intake limit (`pipeline.max_in_flight_*`, records or bytes) is
+reached, the poll thread first waits up to `PAUSE_AFTER_S` for room, since pausing has a
+price: librdkafka drops
 what it prefetched and takes a fetch round trip (hundreds of milliseconds) to resume. A
-window still full after that means a slow classifier: every assigned partition is paused;
+limit still reached after that means a slow classifier: every assigned partition is paused;
 polling goes on (serving rebalances and keeping the membership alive) and the partitions
-resume once the window has drained to half. Commits also happen on this thread, every
+resume once half the limit has drained. Commits also happen on this thread, every
 `commit_interval_s`, of the positions the tracker allows: asynchronously, so a slow broker
 round trip never holds up polling (their results come back within `consume`); on revoke and
 on close synchronously.
@@ -15,77 +16,40 @@ on close synchronously.
 Rebalances use cooperative-sticky assignment. On revoke, the revoked partitions' in-flight
 records get up to `revoke_drain_s` to finish, what completed is committed, and the rest is
 forgotten (the new owner reads it again). On assign, reading starts from committed offsets.
+
+The poll thread's lifecycle (start, stop accepting, close, the loop) is `PollingSource`'s
+(`consumer.kafka.poll`), shared with the replay's source.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
+from consumer.kafka.offsets import OffsetTracker, TopicPartitionKey
+from consumer.kafka.poll import POLL_BATCH, POLL_TIMEOUT_S, PollingSource
+from consumer.kafka.roles import Committer, KafkaConsumerLike, Received, SourceOptions, SourceWiring
 
 log = logging.getLogger(__name__)
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",
     "partition.assignment.strategy": "cooperative-sticky",
-    # librdkafka prefetches up to this much per consumer (default 64 MiB); the in-flight window
+    # librdkafka prefetches up to this much per consumer (default 64 MiB); the intake limit
     # already bounds the work ahead, so a smaller prefetch bounds memory without costing speed.
     "queued.max.messages.kbytes": 16384,
 }
 # What at-least-once rests on; user options cannot override these.
 CONSUMER_REQUIRED: dict[str, Any] = {"enable.auto.commit": False, "enable.auto.offset.store": False}
 
-POLL_BATCH = 500
-POLL_TIMEOUT_S = 0.1
-# How long a full window may hold the poll thread (rebalance callbacks wait as long) before
+# How long a full intake limit may hold the poll thread (rebalance callbacks wait as long) before
 # the partitions are paused instead.
 PAUSE_AFTER_S = 0.5
-
-
-class KafkaConsumerLike(Protocol):
-    """The part of confluent_kafka.Consumer the source uses; tests may pass a real one or a double."""
-
-    def subscribe(self, topics: list[str], on_assign: Any = ..., on_revoke: Any = ..., on_lost: Any = ...) -> None: ...
-    def consume(self, num_messages: int = ..., timeout: float = ...) -> list[Message]: ...
-    def assignment(self) -> list[TopicPartition]: ...
-    def incremental_assign(self, partitions: list[TopicPartition]) -> None: ...
-    def pause(self, partitions: list[TopicPartition]) -> None: ...
-    def resume(self, partitions: list[TopicPartition]) -> None: ...
-    def commit(self, offsets: list[TopicPartition], asynchronous: bool = ...) -> Any: ...
-    def consumer_group_metadata(self) -> Any: ...
-    def close(self) -> None: ...
-
-
-Received = list[tuple[Message, Ticket]]
-
-
-class Committer(Protocol):
-    """Makes the tracker's positions durable; runs on the poll thread."""
-
-    def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None, wait: bool = True) -> None:
-        """`wait` False: the commit may complete later (a periodic commit)."""
-        ...
-
-    def committed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """librdkafka's commit callback, served within `consume`, for a commit that did not wait."""
-        ...
-
-    def forget(self, partitions: list[TopicPartitionKey]) -> None: ...
-
-    def due(self) -> bool:
-        """True when a commit should happen before the next interval (a size bound)."""
-        ...
-
-    def pending(self) -> int:
-        """Records done but held back until their commit; they count in the in-flight window."""
-        ...
 
 
 class OffsetCommitter:
@@ -127,7 +91,10 @@ class OffsetCommitter:
         return 0
 
 
-class Source:
+class Source(PollingSource):
+    """Reads the input topics as a member of the consumer group (`RecordSource`); commits
+    through its `Committer`: the group's offsets (at-least-once) or a transaction (exactly-once)."""
+
     def __init__(
         self,
         consumer: KafkaConsumerLike,
@@ -144,43 +111,31 @@ class Source:
     ):
         """`on_assigned` runs on the poll thread after an assignment, before any of its records
         are handed on (state rebuilds)."""
-        self._consumer = consumer
+        super().__init__(consumer, tracker, deliver, on_fatal, max_in_flight_events, max_in_flight_bytes,
+                         persist_interval_s=commit_interval_s, thread_name="source-poll")  # fmt: skip
         self._committer = committer or OffsetCommitter(tracker)
         self._on_assigned = on_assigned
         self._topics = topics
-        self._tracker = tracker
-        self._deliver = deliver
-        self._on_fatal = on_fatal
-        self._max_events = max_in_flight_events
-        self._max_bytes = max_in_flight_bytes
-        self._commit_interval_s = commit_interval_s
         self._revoke_drain_s = revoke_drain_s
         self._paused = False
         self._full_since: float | None = None
-        self._accepting = True
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="source-poll", daemon=True)
-        self.assigned: set[TopicPartitionKey] = set()
-        self.rebalances = 0
-        self.lag: dict[TopicPartitionKey, int] = {}  # from librdkafka statistics, when enabled
+        self.rebalances = 0  # `lag` comes from librdkafka statistics, when enabled
 
     @classmethod
-    def connect(
-        cls,
-        bootstrap_servers: str,
-        group_id: str,
-        options: dict[str, Any],
-        statistics_interval_ms: int = 0,
-        **kwargs: Any,
-    ) -> Source:
-        config = {**CONSUMER_DEFAULTS, **options, **CONSUMER_REQUIRED}
-        config.update({"bootstrap.servers": bootstrap_servers, "group.id": group_id})
+    def connect(cls, options: SourceOptions, wiring: SourceWiring) -> Source:
+        """A `SourceFactory`: a source on a new confluent-kafka consumer in `options.group_id`."""
+        config = {**CONSUMER_DEFAULTS, **options.client, **CONSUMER_REQUIRED}
+        config.update({"bootstrap.servers": options.bootstrap_servers, "group.id": options.group_id})
         holder: list[Source] = []
         config["on_commit"] = lambda error, partitions: holder[0].on_commit(error, partitions) if holder else None
-        if statistics_interval_ms:
-            config["statistics.interval.ms"] = statistics_interval_ms
+        if options.statistics_interval_ms:
+            config["statistics.interval.ms"] = options.statistics_interval_ms
             config["stats_cb"] = lambda stats: holder[0].on_statistics(stats) if holder else None
-        source = cls(Consumer(config), **kwargs)
+        source = cls(
+            Consumer(config), list(options.topics), wiring.tracker, wiring.deliver, wiring.on_fatal,
+            options.max_in_flight_events, options.max_in_flight_bytes, options.commit_interval_s,
+            options.revoke_drain_s, wiring.committer, wiring.on_assigned,
+        )  # fmt: skip
         holder.append(source)
         return source
 
@@ -198,49 +153,34 @@ class Source:
                     lag[key] = p["consumer_lag"]
         self.lag = lag
 
-    def start(self) -> None:
-        self._consumer.subscribe(
-            self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
-        self._thread.start()
-
-    def stop_accepting(self) -> None:
-        """Stop handing on new records (shutdown); polling and commits go on until `close`."""
-        self._accepting = False
-
     def close(self, timeout: float = 30.0) -> None:
         """Commit what was delivered and leave the group; call after the sink has flushed."""
-        self._accepting = False
         self._revoke_drain_s = 0.0  # leaving: nothing more will complete
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        super().close(timeout)
 
     # -- the poll thread -------------------------------------------------------------------
 
-    def _run(self) -> None:
-        next_commit = time.monotonic() + self._commit_interval_s
-        try:
-            while not self._stop.is_set():
-                if self._apply_backpressure():
-                    received = self._poll_once()
-                    if received:
-                        self._deliver(received)
-                else:
-                    self._tracker.wait_for_room(self._max_events - self._committer.pending(), self._max_bytes, 0.01)
-                if time.monotonic() >= next_commit or self._committer.due():
-                    self._commit(wait=False)
-                    next_commit = time.monotonic() + self._commit_interval_s
-        except Exception as exc:  # noqa: BLE001 - the poll thread must report, never die silently
-            log.exception("source stopped")
-            self._on_fatal(f"source failed: {exc}")
-        finally:
-            self._commit()
-            close_consumer(self._consumer)
+    def _begin(self) -> None:
+        self._consumer.subscribe(
+            self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    def _step(self) -> Received:
+        if self._apply_backpressure():
+            return self._poll_once()
+        self._tracker.wait_for_room(self._max_events - self._committer.pending(), self._max_bytes, 0.01)
+        return []
+
+    def _due(self) -> bool:
+        return self._committer.due()
+
+    def _persist(self, final: bool) -> None:
+        # Periodic commits do not wait: a slow broker round trip never holds up polling.
+        self._commit(wait=final)
 
     def _poll_once(self) -> Received:
         received: Received = []
-        # Never ask for more than the window has room for, so it holds exactly (paused or not).
+        # Never ask for more than the intake limit has room for, so it holds exactly (paused or not).
         room = max(1, min(POLL_BATCH, self._max_events - self._tracker.in_flight() - self._committer.pending()))
         # Wait for the first record only, then take what is already fetched: a trickle of
         # records is handed on at once instead of waiting out the timeout for a full batch.
@@ -269,7 +209,7 @@ class Source:
         log.warning("consumer: %s", error.str())
 
     def _apply_backpressure(self) -> bool:
-        """Pause or resume the assigned partitions by the window; False: the window is full but
+        """Pause or resume the assigned partitions by the intake limit; False: the limit is reached but
         not yet for `PAUSE_AFTER_S`, so wait for room before polling again."""
         events, size = self._tracker.in_flight() + self._committer.pending(), self._tracker.in_flight_bytes
         full = events >= self._max_events or size >= self._max_bytes
@@ -328,10 +268,3 @@ class Source:
 def _names(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
 
-
-def close_consumer(consumer: KafkaConsumerLike) -> None:
-    """Leave the group and release the client; a failure here is logged, never raised."""
-    try:
-        consumer.close()
-    except (KafkaException, RuntimeError) as exc:
-        log.warning("consumer close: %s", exc)

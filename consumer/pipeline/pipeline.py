@@ -1,6 +1,8 @@
 """The loop on one screen: consume -> decode -> route -> batch+classify -> produce -> commit.
 
-Each step is delegated to its stage module; this module only wires them together. The poll
+Each step is delegated to its stage module (source and sink in `consumer.kafka`; decode,
+chat, classify_step with the batcher, outputs here; health and http for the probes); this
+module wires them together and holds the record's path through them. The poll
 thread hands the event loop a batch of records at a time; a record whose answers are at
 hand (a decode error, a keyword match, a cascade cache hit: the classifier's `classify_now`)
 is decided and its output sent within that call, and only a record that needs the batcher
@@ -25,35 +27,33 @@ import gc
 import logging
 import signal
 import socket
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Message, TopicPartition
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
 
 from consumer.classify import (
-    AnswersAtOnce,
     Classification,
     ClassificationFailed,
     Classifier,
     ClassifyRequest,
     CountsDecisions,
-    ReportsHealth,
 )
 from consumer.config import Settings
 from consumer.events import ContentEvent, ErrorType
+from consumer.kafka import roles
 from consumer.kafka.offsets import OffsetTracker, Ticket
 from consumer.kafka.sink import Sink, TransactionalSink
 from consumer.kafka.source import Received, Source
 from consumer.pipeline import outputs, telemetry
 from consumer.pipeline.batcher import Batcher
 from consumer.pipeline.chat import Conversations, Offenders, rebuild
+from consumer.pipeline.classify_step import ClassifyStep
 from consumer.pipeline.decode import DecodeError, Decoder
+from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
 from consumer.policy import PolicyStore, PolicyWatcher, most_severe
 from consumer.policy.route import Router
@@ -83,16 +83,22 @@ class Pipeline:
         settings: Settings,
         classifier: Classifier,
         policies: PolicyStore,
-        source_factory: Callable[..., Source] = Source.connect,
-        sink_factory: Callable[..., Sink] | None = None,
+        source_factory: roles.SourceFactory = Source.connect,
+        sink_factory: roles.SinkFactory | None = None,
         tracer_provider: TracerProvider | None = None,
     ):
         """`source_factory` and `sink_factory` replace the Kafka source and the at-least-once sink
-        (a replay reads assigned partitions and may write to a file); `tracer_provider`: where
-        spans go, by default the one the OTEL_* variables describe."""
+        (a replay reads assigned partitions and may write to a file); each is called with the
+        options built from the settings and what the pipeline wires it to (`consumer.kafka.roles`).
+        Exactly-once needs the transactional sink, which both sends the outputs and commits the
+        offsets in one transaction: a replaced sink cannot, so `sink_factory` with
+        `pipeline.delivery: exactly_once` is refused (ValueError) rather than run at-least-once.
+        `tracer_provider`: where spans go, by default the one the OTEL_* variables describe."""
+        if sink_factory is not None and settings.pipeline.delivery == "exactly_once":
+            raise ValueError("pipeline.delivery exactly_once needs the transactional sink; a sink_factory cannot "
+                             "join the offsets' transaction")  # fmt: skip
         self.settings = settings
         self.classifier = classifier
-        self._classify_now = classifier.classify_now if isinstance(classifier, AnswersAtOnce) else None
         self.policies = policies
         # The router reads the store per event, so a reload applies to the next event routed.
         self.router = Router(settings.policies, policies.get)
@@ -101,7 +107,8 @@ class Pipeline:
         self.conversations = Conversations(settings.chat)
         self.offenders = Offenders(settings.chat)
         self._source_factory = source_factory
-        self._sink_factory = sink_factory
+        self._sink_factory = sink_factory or Sink.open
+        self.source: roles.RecordSource | None = None  # built by `run`
         meter_provider, self.metrics_registry = telemetry.prometheus_meter_provider()
         self.telemetry = telemetry.Telemetry.create(
             settings.kafka.group_id,
@@ -111,9 +118,10 @@ class Pipeline:
             registry=self.metrics_registry,
         )
         self.http: HttpServer | None = None
-        self._heartbeat = time.monotonic()
-        self._classifier_ready = False
-        self._engine_problem: str | None = None
+        self.health = Health(
+            classifier, settings.telemetry.heartbeat_timeout_s, settings.telemetry.engine_health_interval_s,
+            fatal=lambda: self._fatal, assigned=lambda: None if self.source is None else len(self.source.assigned),
+        )  # fmt: skip
         self._stopping: asyncio.Event | None = None
         self._outputs_sent: asyncio.Event | None = None  # set when an output was sent: reports to serve
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -143,19 +151,20 @@ class Pipeline:
 
         if cfg.telemetry.http_port is not None:
             self.http = HttpServer(
-                cfg.telemetry.http_host, cfg.telemetry.http_port, self.metrics_registry, self._alive, self._ready
+                cfg.telemetry.http_host, cfg.telemetry.http_port, self.metrics_registry, self.health.alive, self.health.ready
             )
             self.http.start()
-        heartbeat = self._loop.create_task(self._beat(), name="heartbeat")
+        heartbeat = self._loop.create_task(self.health.beat(), name="heartbeat")
 
         await self.classifier.start()
         # What is loaded by now (a model's Python objects above all) lives as long as the
         # process: out of the collector's sight, full collections stay short.
         gc.freeze()
-        self._classifier_ready = True
+        self.health.classifier_ready = True
         producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
-        committer = None
-        if cfg.pipeline.delivery == "exactly_once" and self._sink_factory is None:
+        committer: roles.Committer | None = None
+        self.sink: roles.OutputSink
+        if cfg.pipeline.delivery == "exactly_once":  # the constructor refused a sink factory for it
             self.sink = committer = TransactionalSink(
                 producer_config,
                 cfg.kafka.verdict_topic,
@@ -166,13 +175,11 @@ class Pipeline:
                 max_records=cfg.pipeline.transaction_max_records,
             )
         else:
-            self.sink = (self._sink_factory or Sink)(
-                producer_config,
-                cfg.kafka.verdict_topic,
-                cfg.kafka.dead_letter_topic,
-                on_delivered=self.tracker.done_many,
-                on_fatal=self._fail_threadsafe,
-                delivery_retries=cfg.pipeline.delivery_retries,
+            self.sink = self._sink_factory(
+                roles.SinkOptions(
+                    producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic, cfg.pipeline.delivery_retries
+                ),
+                roles.SinkWiring(on_delivered=self.tracker.done_many, on_fatal=self._fail_threadsafe),
             )
         self.batcher = Batcher(
             self.classifier,
@@ -185,25 +192,30 @@ class Pipeline:
                 cfg.pipeline.adaptive_latency_target_ms / 1000 if cfg.pipeline.adaptive_latency_target_ms else None
             ),
         )
+        self.classify = ClassifyStep(self.classifier, self.batcher, self.telemetry)
         self.source = self._source_factory(
-            cfg.kafka.bootstrap_servers,
-            cfg.kafka.group_id,
-            cfg.kafka.consumer_options,
-            topics=cfg.kafka.input_topics,
-            tracker=self.tracker,
-            deliver=self._receive_threadsafe,
-            on_fatal=self._fail_threadsafe,
-            max_in_flight_events=cfg.pipeline.max_in_flight_events,
-            max_in_flight_bytes=cfg.pipeline.max_in_flight_bytes,
-            commit_interval_s=cfg.pipeline.commit_interval_s,
-            revoke_drain_s=cfg.pipeline.revoke_drain_s,
-            statistics_interval_ms=cfg.telemetry.statistics_interval_ms,
-            committer=committer,
-            on_assigned=self._rebuild_chat_state,
+            roles.SourceOptions(
+                bootstrap_servers=cfg.kafka.bootstrap_servers,
+                group_id=cfg.kafka.group_id,
+                client=cfg.kafka.consumer_options,
+                topics=tuple(cfg.kafka.input_topics),
+                max_in_flight_events=cfg.pipeline.max_in_flight_events,
+                max_in_flight_bytes=cfg.pipeline.max_in_flight_bytes,
+                commit_interval_s=cfg.pipeline.commit_interval_s,
+                revoke_drain_s=cfg.pipeline.revoke_drain_s,
+                statistics_interval_ms=cfg.telemetry.statistics_interval_ms,
+            ),
+            roles.SourceWiring(
+                tracker=self.tracker,
+                deliver=self._receive_threadsafe,
+                on_fatal=self._fail_threadsafe,
+                committer=committer,
+                on_assigned=self._rebuild_chat_state,
+            ),
         )
         gauges = self.telemetry.gauges
         gauges.in_flight = self.tracker.in_flight
-        gauges.held_back = lambda: getattr(self.sink, "held_back", 0)
+        gauges.held_back = lambda: self.sink.held_back
         gauges.lag = lambda: self.source.lag
         gauges.policy_reloads = lambda: self.policies.reloads
         if isinstance(self.classifier, CountsDecisions):
@@ -291,47 +303,6 @@ class Pipeline:
             verdict_topic=cfg.kafka.verdict_topic, tail=cfg.chat.rebuild_records,
         )  # fmt: skip
 
-    # -- health ---------------------------------------------------------------------------------
-
-    async def _beat(self) -> None:
-        """Marks the loop alive every second, and asks the classifier for its health (an engine
-        whose core died) every `telemetry.engine_health_interval_s`, so /healthz fails and the
-        orchestrator restarts it."""
-        check_health = self.classifier.check_health if isinstance(self.classifier, ReportsHealth) else None
-        interval = self.settings.telemetry.engine_health_interval_s
-        next_check = time.monotonic() + interval
-        while True:
-            self._heartbeat = time.monotonic()
-            if check_health is not None and self._classifier_ready and self._heartbeat >= next_check:
-                next_check = self._heartbeat + interval
-                try:
-                    await check_health()
-                    self._engine_problem = None
-                except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
-                    self._engine_problem = f"classifier {self.classifier.name} unhealthy: {type(exc).__name__}: {exc}"
-                    log.error("%s", self._engine_problem)
-            await asyncio.sleep(1.0)
-
-    def _alive(self) -> tuple[bool, str]:
-        if not self._classifier_ready:
-            return True, "starting"  # loading a model may hold the loop; the startup probe covers it
-        stalled = time.monotonic() - self._heartbeat
-        if stalled > self.settings.telemetry.heartbeat_timeout_s:
-            return False, f"event loop unresponsive for {stalled:.0f}s"
-        if self._fatal:
-            return False, f"stopping after a fatal error: {self._fatal}"
-        if self._engine_problem:
-            return False, self._engine_problem
-        return True, "ok"
-
-    def _ready(self) -> tuple[bool, str]:
-        if not self._classifier_ready:
-            return False, f"classifier {self.classifier.name} starting"
-        source = getattr(self, "source", None)
-        if source is None or not source.assigned:
-            return False, "waiting for a partition assignment"
-        return True, f"ok: {len(source.assigned)} partitions assigned"
-
     # -- from the stage threads ---------------------------------------------------------------
 
     def _receive_threadsafe(self, received: Received) -> None:
@@ -400,7 +371,7 @@ class Pipeline:
         deadline = record.started + self.settings.pipeline.classify_timeout_s
         requests = [ClassifyRequest(view, policy, f"{event.event_id}/{policy.id}", deadline) for policy in policies]
         try:
-            answers = [self._answer_now(request, record) for request in requests]
+            answers = [self.classify.now(request, record.span) for request in requests]
         except Exception as exc:  # noqa: BLE001 - a failing classifier costs this record only
             self._conclude(record, requests, [exc])
             return None
@@ -418,12 +389,12 @@ class Pipeline:
             outcomes: list[object]
             if len(missing) == 1:  # the common case: no gather, whose tasks cost more than a cheap classification
                 try:
-                    outcomes = [await self._classify_later(requests[missing[0]], record.span)]
+                    outcomes = [await self.classify.later(requests[missing[0]], record.span)]
                 except Exception as exc:  # noqa: BLE001 - handled in _conclude, as gather would return it
                     outcomes = [exc]
             else:
                 outcomes = await asyncio.gather(
-                    *(self._classify_later(requests[i], record.span) for i in missing), return_exceptions=True
+                    *(self.classify.later(requests[i], record.span) for i in missing), return_exceptions=True
                 )
             completed: list[object] = list(answers)
             for i, outcome in zip(missing, outcomes):
@@ -450,92 +421,6 @@ class Pipeline:
             assert isinstance(outcome, Classification)
             results.append(outputs.policy_result(request.policy, outcome, latency_ms))
         self._send_verdict(record, results)
-
-    def _answer_now(self, request: ClassifyRequest, record: _Record) -> Classification | None:
-        """The classifier's instant answer (`classify_now`), or None if it needs the batcher."""
-        if self._classify_now is None:
-            return None
-        started_ns = time.time_ns() if record.traced else 0
-        started = time.monotonic()
-        try:
-            result = self._classify_now(request)
-            if result is not None:
-                self._check(result)
-        except Exception as exc:
-            if record.traced:
-                failure = exc.error_type.value if isinstance(exc, ClassificationFailed) else None
-                self._classify_span(request, record.span, started_ns, failure)
-            raise
-        if result is None:
-            return None
-        if record.traced:
-            self._classify_span(request, record.span, started_ns, result=result)
-        self._count_classification(request, result, started)
-        return result
-
-    async def _classify_later(self, request: ClassifyRequest, event_span: Span) -> Classification:
-        """One (event, policy) classification through the batcher; with tracing on, in a child
-        span of the event's, current while the classifier runs."""
-        started = time.monotonic()
-        if not event_span.is_recording():
-            result = self._check(await self.batcher.classify(request))
-        else:
-            with self.telemetry.tracer.start_as_current_span(
-                **_classify_span_options(request, event_span),
-                record_exception=False,  # exception text can quote model output
-                set_status_on_exception=False,
-            ) as span:
-                try:
-                    result = self._check(await self.batcher.classify(request))
-                except ClassificationFailed as exc:
-                    span.set_status(Status(StatusCode.ERROR, exc.error_type.value))
-                    raise
-                self._describe(span, result)
-        self._count_classification(request, result, started)
-        return result
-
-    def _classify_span(
-        self,
-        request: ClassifyRequest,
-        event_span: Span,
-        started_ns: int,
-        failure: str | None = None,
-        result: Classification | None = None,
-    ) -> None:
-        """The child span of a classification that answered at once, recorded after the fact."""
-        span = self.telemetry.tracer.start_span(**_classify_span_options(request, event_span), start_time=started_ns)
-        if failure is not None:
-            span.set_status(Status(StatusCode.ERROR, failure))
-        if result is not None:
-            self._describe(span, result)
-        span.end()
-
-    def _describe(self, span: Span, result: Classification) -> None:
-        span.set_attributes(
-            {"safeguard.model": result.model, "gen_ai.usage.input_tokens": result.prompt_tokens,
-             "gen_ai.usage.output_tokens": result.completion_tokens,
-             "safeguard.cached_tokens": result.cached_tokens, "safeguard.violation": result.violation}
-        )  # fmt: skip
-        if self.telemetry.trace_content and result.reasoning:
-            span.set_attribute("safeguard.reasoning", result.reasoning)
-
-    def _check(self, result: object) -> Classification:
-        if not isinstance(result, Classification):
-            raise ClassificationFailed(
-                ErrorType.UNPARSEABLE_OUTPUT,
-                f"classifier {self.classifier.name} returned {type(result).__name__}, not a Classification",
-                raw_output=repr(result)[:2000],
-            )
-        return result
-
-    def _count_classification(self, request: ClassifyRequest, result: Classification, started: float) -> None:
-        t = self.telemetry
-        policy = request.policy.id
-        t.engine_latency.record((time.monotonic() - started) * 1000, policy)
-        if result.prompt_tokens:
-            t.tokens[(policy, "prompt")] += result.prompt_tokens
-            t.tokens[(policy, "cached")] += result.cached_tokens
-            t.tokens[(policy, "completion")] += result.completion_tokens
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -601,15 +486,6 @@ class Pipeline:
                        f"{type(again).__name__}: {again}")  # fmt: skip
 
 
-def _classify_span_options(request: ClassifyRequest, event_span: Span) -> dict[str, Any]:
-    """Name, parent and attributes of a classification's span, a child of the event's."""
-    return {
-        "name": f"classify {request.policy.id}",
-        "context": trace.set_span_in_context(event_span),
-        "attributes": {"safeguard.policy.id": request.policy.id, "safeguard.policy.version": request.policy.version},
-    }
-
-
 class _Record:
     """One record on its way through the pipeline."""
 
@@ -622,33 +498,3 @@ class _Record:
         self.traced = span.is_recording()
         self.started = time.monotonic()
         self.event: ContentEvent | None = None
-
-
-class BackgroundPipeline:
-    """Runs a Pipeline on its own thread and asyncio loop (the demo, in-process tests)."""
-
-    def __init__(self, pipeline: Pipeline):
-        self.pipeline = pipeline
-        self.result: RunResult | None = None
-        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
-
-    def _run(self) -> None:
-        self.result = asyncio.run(self.pipeline.run(install_signal_handlers=False))
-
-    def start(self) -> BackgroundPipeline:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 60.0) -> RunResult:
-        self.pipeline.stop()
-        self._thread.join(timeout)
-        if self._thread.is_alive() or self.result is None:
-            raise RuntimeError("the pipeline did not stop in time")
-        return self.result
-
-    def __enter__(self) -> BackgroundPipeline:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread.is_alive():
-            self.stop()

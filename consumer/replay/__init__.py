@@ -1,0 +1,26 @@
+"""Replay: run the pipeline over a fixed offset range of a historical topic, and backtest a policy change.
+
+`safeguard-consumer replay` (the command is in `consumer.cli`) reads the records of one topic
+between START and END through the same stages as the live consumer (decode, route, batcher,
+classifier, dead letters; the `Pipeline` itself), with its two Kafka roles played by others
+(`consumer.kafka.roles`):
+
+- the `RecordSource` is `ReplaySource` (`source`): partitions are *assigned*, under a group
+  id of the replay's own that never commits, so the live group's committed offsets are
+  never touched; it hands on only records inside the offset range and, instead of
+  committing, moves a `Checkpoint` file (`checkpoint`); it stops the pipeline once every
+  partition reached END and every output was delivered;
+- the `OutputSink` is `ReplayOutput` (`outputs`): stamps each output with `replay` (run id,
+  start time, the `id@version` of every policy in force) and hands it to the Kafka `Sink`
+  (an output topic) or to `JsonlSink` (a file).
+
+The offset range is fixed when a replay starts (`bounds`): START and END resolve to offsets
+per partition (`offsets_for_times` for times, the high watermark for `now`), so a replay of
+a live topic ends. It is stored in the checkpoint, and `--resume` continues the same range
+with the same policy versions after an interruption without reclassifying what was
+delivered. `run` puts one replay together; `backtest` compares its outputs with a baseline's.
+"""
+
+
+class ReplayError(ValueError):
+    """A replay that cannot start as asked; the CLI exits with code 2 and prints this."""

@@ -9,16 +9,35 @@ the policies the replay ran. A flip is a change of `violation` for one (record, 
 dead letter on either side, are counted apart and never counted as flips.
 
 Reports carry event ids, coordinates, categories, actions and rationales, never content.
+
+`backtest` puts it together for the replay command: it reads both sides back (a JSON Lines
+file, or a topic through the bounded reader of `consumer.kafka.ranges`), compares them over
+the replay's offset ranges, prints the tables and writes the Markdown report.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+from confluent_kafka import Consumer, KafkaException
+from rich.console import Console
 from rich.table import Table
+
+from consumer.config import Settings
+from consumer.kafka.ranges import iter_ranges
+from consumer.replay import ReplayError
+from consumer.replay.bounds import Bound, resolve_ranges
+from consumer.replay.checkpoint import Checkpoint
+from consumer.replay.source import replay_consumer_config
+
+# Verdict timestamps come from the producing clock, which may lag the input's producer.
+CLOCK_SLACK = timedelta(hours=1)
 
 RecordKey = tuple[str, int, int]  # the input record: topic, partition, offset
 Direction = Literal["flagged", "cleared"]
@@ -275,3 +294,64 @@ def _one_line(text: str | None, limit: int = 300) -> str:
         return "(no rationale)"
     text = " ".join(text.split())
     return text[:limit] + ("…" if len(text) > limit else "")
+
+
+# -- reading outputs back ----------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, "rb") as lines:
+        for line in lines:
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict):
+                yield record
+
+
+def read_topic(settings: Settings, topic: str, since: datetime | None) -> Iterator[dict[str, Any]]:
+    """Every JSON object in `topic` from `since` (from the start when None) up to its end as of now."""
+    config = replay_consumer_config(settings.kafka.bootstrap_servers, f"safeguard-replay-read-{topic}",
+                                    settings.kafka.consumer_options)  # fmt: skip
+    probe = Consumer(config)
+    try:
+        ranges = resolve_ranges(probe, topic, None, Bound.since(since), Bound("now"))
+    except KafkaException as exc:
+        raise ReplayError(f"cannot read the offsets of {topic!r}: {exc}") from None
+    finally:
+        probe.close()
+    spans = [(topic, partition, r.start, r.end) for partition, r in ranges.items()]
+    for message in iter_ranges(config, spans, group_id=config["group.id"]):
+        try:
+            record = orjson.loads(message.value() or b"")
+        except orjson.JSONDecodeError:
+            continue  # not an output of this project
+        if isinstance(record, dict):
+            yield record
+
+
+def backtest(
+    settings: Settings, checkpoint: Checkpoint, candidate: Path | str, baseline: str, report: Path, console: Console
+) -> None:
+    """Compare the replay's outputs (a file, or a topic filtered to this run) with `baseline`
+    (a file or topic) over the replay's offset ranges; print the tables and write the Markdown."""
+    in_ranges = lambda key: checkpoint.covers(*key)  # noqa: E731
+    if isinstance(candidate, Path):
+        after = Outputs.collect(read_jsonl(candidate), in_ranges)
+    else:
+        mine = (r for r in read_topic(settings, candidate, checkpoint.started_at - CLOCK_SLACK)
+                if (r.get("replay") or {}).get("run_id") == checkpoint.run_id)  # fmt: skip
+        after = Outputs.collect(mine, in_ranges)
+    if Path(baseline).is_file():
+        before = Outputs.collect(read_jsonl(Path(baseline)), in_ranges)
+    else:
+        # Outputs are produced after their input, so the baseline's start is near the ranges'.
+        oldest = None if after.oldest_ms is None else datetime.fromtimestamp(after.oldest_ms / 1000, timezone.utc)
+        before = Outputs.collect(read_topic(settings, baseline, oldest and oldest - CLOCK_SLACK), in_ranges)
+    result = compare(before, after)
+    for table in tables(result):
+        console.print(table)
+    report.write_text(markdown(result, baseline, f"replay {checkpoint.run_id} ({', '.join(checkpoint.policies)})"),
+                      encoding="utf-8")  # fmt: skip
+    console.print(f"backtest report written to {report}")

@@ -3,6 +3,7 @@ slow it past max.poll.interval, hand partitions over, lose the output topic; los
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import time
@@ -11,8 +12,10 @@ from collections import Counter
 import pytest
 
 from consumer.classify.keyword import KeywordClassifier
+from consumer.kafka.roles import SinkOptions, SinkWiring
 from consumer.kafka.sink import Sink
-from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
+from consumer.pipeline.background import BackgroundPipeline
+from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
 from tests.conftest import FAULT_FIGURES
 from tests.kafka_helpers import (
@@ -87,7 +90,8 @@ def test_five_sigkills_during_20k_events_lose_nothing(kafka, policies_dir, tmp_p
 
 
 def test_misbehaving_classifier_ends_in_dead_letters_and_never_blocks_its_partition(kafka, policies_dir):
-    from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
+    from consumer.pipeline.background import BackgroundPipeline
+    from consumer.pipeline.pipeline import Pipeline
     from consumer.policy import PolicyStore
     from tests.plugins import FlakyClassifier
     from tests.runner import settings_for
@@ -379,11 +383,11 @@ def test_a_failure_serving_delivery_reports_stops_with_exit_1_and_commits_nothin
     produce(kafka, topic, (event_json(i) for i in range(20)))
     settings = settings_for(kafka, group, topic, policies_dir)
 
-    def sink_with_a_broken_hand_over(*args, on_delivered, **kwargs) -> Sink:
+    def sink_with_a_broken_hand_over(options: SinkOptions, wiring: SinkWiring) -> Sink:
         def explode(tickets) -> None:
             raise RuntimeError("a bug downstream of the delivery reports")
 
-        return Sink(*args, on_delivered=explode, **kwargs)
+        return Sink.open(options, dataclasses.replace(wiring, on_delivered=explode))
 
     pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory),
                         sink_factory=sink_with_a_broken_hand_over)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Replay against the real broker: an exact window, untouched live offsets, resume without redoing."""
+"""Replay against the real broker: an exact offset range, untouched live offsets, resume without redoing."""
 
 from __future__ import annotations
 
@@ -18,18 +18,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from consumer.classify.keyword import KeywordClassifier
-from consumer.replay.run import (
-    Bound,
-    Checkpoint,
-    Replay,
-    ReplayResult,
-    check_resumable,
-    keep_delivered_lines,
-    plan_replay,
-    replay,
-    replay_policies,
-    replay_settings,
-)
+from consumer.cli import replay
+from consumer.replay.bounds import Bound
+from consumer.replay.checkpoint import Checkpoint
+from consumer.replay.outputs import keep_delivered_lines
+from consumer.replay.run import Replay, ReplayResult, check_resumable, plan_replay, replay_policies, replay_settings
 from tests.conftest import REPO
 from tests.kafka_helpers import (
     committed_offsets,
@@ -81,8 +74,8 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def test_a_time_window_yields_exactly_its_records_and_stops_at_end_while_producers_write(kafka, policies_dir, tmp_path):
-    topic = unique("window")
+def test_a_time_range_yields_exactly_its_records_and_stops_at_end_while_producers_write(kafka, policies_dir, tmp_path):
+    topic = unique("range")
     create_topics(kafka, topic, partitions=2)
     keys = lambda n: (b"k%d" % i for i in range(n))  # noqa: E731
     produce(kafka, topic, (event_json(i, event_id=f"before-{i}") for i in range(40)), keys=keys(40))
@@ -127,13 +120,13 @@ def test_a_time_window_yields_exactly_its_records_and_stops_at_end_while_produce
     outputs = lines(output)
     assert sorted(v["event_id"] for v in outputs) == sorted(f"in-{i}" for i in range(120))
     assert {(v["source"]["partition"], v["source"]["offset"]) for v in outputs} == {
-        (p, o) for p, w in checkpoint.window.items() for o in range(w.start, w.end)
+        (p, o) for p, w in checkpoint.ranges.items() for o in range(w.start, w.end)
     }
     assert {v["replay"]["run_id"] for v in outputs} == {checkpoint.run_id}
     assert store.get()["chat-harassment"].ref in checkpoint.policies and len(checkpoint.policies) == 4
     assert all(v["replay"]["policies"] == checkpoint.policies for v in outputs)
     saved = Checkpoint.load(path)
-    assert saved.complete and all(w.next == w.end for w in saved.window.values())
+    assert saved.complete and all(w.next == w.end for w in saved.ranges.values())
 
 
 def test_a_replay_never_touches_the_live_groups_offsets_and_backtests_a_policy_edit(kafka, policies_dir, tmp_path):
@@ -193,7 +186,7 @@ def test_a_replay_never_touches_the_live_groups_offsets_and_backtests_a_policy_e
     assert "Flips by category and action (20 in all)" in result.output
 
 
-def test_interrupted_and_resumed_classifies_every_record_of_the_window_once(kafka, policies_dir, tmp_path):
+def test_interrupted_and_resumed_classifies_every_record_of_the_range_once(kafka, policies_dir, tmp_path):
     topic, total, rate = unique("resume"), 300, 150.0
     create_topics(kafka, topic, partitions=3)
     produce(kafka, topic, (event_json(i) for i in range(total)), keys=(b"c%d" % i for i in range(total)))
@@ -225,7 +218,7 @@ def test_interrupted_and_resumed_classifies_every_record_of_the_window_once(kafk
     outputs = lines(output)
     assert len(outputs) == total
     assert sorted((v["source"]["partition"], v["source"]["offset"]) for v in outputs) == sorted(
-        (p, o) for p, w in checkpoint.window.items() for o in range(w.start, w.end)
+        (p, o) for p, w in checkpoint.ranges.items() for o in range(w.start, w.end)
     )
     assert {v["replay"]["run_id"] for v in outputs} == {checkpoint.run_id}
     # The token bucket starts empty and holds a tenth of a second: 300 records take >= ~1.9 s at 150/s.

@@ -11,7 +11,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from consumer.classify.keyword import KeywordClassifier
-from consumer.pipeline.pipeline import BackgroundPipeline, Pipeline
+from consumer.pipeline.background import BackgroundPipeline
+from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
 from tests.kafka_helpers import Collector, create_topics, event_json, produce, unique, wait_for
 from tests.runner import settings_for

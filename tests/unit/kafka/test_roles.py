@@ -1,0 +1,87 @@
+"""Each implementation plays the role it is handed in: Protocols of `consumer.kafka.roles`."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from consumer.events import ReplayInfo
+from consumer.kafka.offsets import OffsetTracker
+from consumer.kafka.roles import Committer, OutputSink, RecordSource
+from consumer.kafka.sink import Sink, TransactionalSink
+from consumer.kafka.source import OffsetCommitter, Source
+from consumer.replay.bounds import OffsetRange
+from consumer.replay.checkpoint import Checkpoint
+from consumer.replay.outputs import JsonlSink, ReplayOutput
+from consumer.replay.source import ReplaySource
+from tests.protocols import role_problems
+
+# Never contacted: librdkafka connects only when something is produced.
+PRODUCER = {"bootstrap.servers": "127.0.0.1:9"}
+
+
+def ignore(*_args: object) -> None:
+    return None
+
+
+def group_source() -> Source:
+    return Source(object(), ["chat"], OffsetTracker(), ignore, ignore, max_in_flight_events=10,
+                  max_in_flight_bytes=1 << 20, commit_interval_s=1.0, revoke_drain_s=0.0)  # fmt: skip
+
+
+def replay_source(tmp_path) -> ReplaySource:
+    checkpoint = Checkpoint(run_id="r", topic="chat", output="file:out", policies=[],
+                            started_at=datetime.now(timezone.utc), ranges={0: OffsetRange(start=0, end=5, next=0)})  # fmt: skip
+    return ReplaySource(object(), checkpoint, tmp_path / "cp.json", OffsetTracker(), ignore, ignore, ignore,
+                        max_in_flight_events=10, max_in_flight_bytes=1 << 20, save_interval_s=1.0)  # fmt: skip
+
+
+def test_both_sources_play_the_record_source_role(tmp_path):
+    assert role_problems(group_source(), RecordSource) == []
+    assert role_problems(replay_source(tmp_path), RecordSource) == []
+
+
+def test_every_sink_plays_the_output_sink_role(tmp_path):
+    sink = Sink(PRODUCER, "verdicts", "dlq", ignore, ignore)
+    transactional = TransactionalSink(PRODUCER, "verdicts", "dlq", OffsetTracker(), "tx", ignore)
+    jsonl = JsonlSink(tmp_path / "out.jsonl", ignore, ignore)
+    stamped = ReplayOutput(jsonl, ReplayInfo(run_id="r", started_at=datetime.now(timezone.utc), policies=[]))
+    try:
+        for output in (sink, transactional, jsonl, stamped):
+            assert role_problems(output, OutputSink) == [], type(output).__name__
+    finally:
+        sink.close()
+        transactional.close()
+        jsonl.close()
+
+
+def test_both_committers_play_the_committer_role():
+    transactional = TransactionalSink(PRODUCER, "verdicts", "dlq", OffsetTracker(), "tx", ignore)
+    try:
+        assert role_problems(OffsetCommitter(OffsetTracker()), Committer) == []
+        assert role_problems(transactional, Committer) == []
+    finally:
+        transactional.close()
+
+
+class Incomplete:
+    held_back = 0
+
+    def start(self, timeout: float) -> None:  # a required parameter the role does not pass
+        return None
+
+
+def test_the_check_finds_what_is_missing_or_called_differently():
+    problems = role_problems(Incomplete(), OutputSink)
+    assert any(p.startswith("start") for p in problems)
+    assert "no method flush" in problems and "no method send_verdict" in problems
+    assert not any("held_back" in p for p in problems)
+
+
+@pytest.mark.parametrize("role", [RecordSource, OutputSink, Committer])
+def test_the_roles_module_declares_members_to_check(role):
+    from tests.protocols import protocol_members
+
+    attributes, methods = protocol_members(role)
+    assert methods  # an empty Protocol would make every check above pass
