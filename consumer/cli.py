@@ -23,9 +23,11 @@ app = typer.Typer(
 dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", no_args_is_help=True)
 schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", no_args_is_help=True)
 policy_app = typer.Typer(help="Write, check and measure policies.", no_args_is_help=True)
+topics_app = typer.Typer(help="The Kafka topics the configuration names.", no_args_is_help=True)
 app.add_typer(dev_kafka_app, name="dev-kafka")
 app.add_typer(policy_app, name="policy")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(topics_app, name="topics")
 
 EXIT_CONFIG = 2
 
@@ -45,35 +47,51 @@ def _config_exit(message: str) -> typer.Exit:
     return typer.Exit(EXIT_CONFIG)
 
 
+EXIT_UNREACHABLE = 1
+
+
 @app.command()
 def run(
     config: Optional[Path] = ConfigOption,
     bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
 ) -> None:
-    """Consume the input topics and publish a verdict or a dead letter for every record."""
-    from consumer.classify.factory import build_classifier
+    """Consume the input topics and publish a verdict or a dead letter for every record.
+
+    Before the first poll it runs the pre-flight of `check-config --connect`: exit 2 for a bad
+    configuration or a missing output topic, exit 1 when no broker answers within
+    kafka.startup_timeout_s."""
+    from consumer.kafka.admin import TopicProblem, Unreachable
+    from consumer.pipeline.http import PortInUse
     from consumer.pipeline.pipeline import Pipeline
+    from consumer.pipeline.preflight import connect_and_check, describe, prepare
     from consumer.pipeline.telemetry import TelemetryError, configure_logging
-    from consumer.policy import PolicyError, PolicyStore
-    from consumer.policy.route import Router, RoutingError
 
     overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
     settings = _settings(config, overrides)
     configure_logging(settings.log.level, settings.log.format == "json")
+    log = logging.getLogger("consumer.cli")
     try:
-        policies = PolicyStore(settings.policies.directory, settings.policies.max_tokens)
-        Router(settings.policies, policies.get)  # fails early on routes naming unknown policies
-    except (PolicyError, RoutingError) as exc:
-        raise _config_exit(str(exc)) from None
-    try:
-        classifier = build_classifier(settings, policies)
+        prepared = prepare(settings)
     except ConfigError as exc:
         raise _config_exit(str(exc)) from None
+    log.info("%s", describe(settings, prepared))
     try:
-        pipeline = Pipeline(settings, classifier, policies)
+        for warning in connect_and_check(settings):
+            log.warning("%s", warning)
+    except Unreachable as exc:
+        log.error("%s", exc)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    except TopicProblem as exc:
+        raise _config_exit(str(exc).replace("--config FILE", f"--config {config}" if config else "")) from None
+    assert prepared.classifier is not None
+    try:
+        pipeline = Pipeline(settings, prepared.classifier, prepared.policies)
     except TelemetryError as exc:
         raise _config_exit(str(exc)) from None
-    result = asyncio.run(pipeline.run())
+    try:
+        result = asyncio.run(pipeline.run())
+    except PortInUse as exc:
+        raise _config_exit(str(exc)) from None
     typer.echo(
         f"consumed {result.consumed}, verdicts {result.verdicts}, dead letters {result.dead_letters}",
         err=True,
@@ -108,15 +126,67 @@ def demo(
 
 
 @app.command("check-config")
-def check_config(config: Optional[Path] = ConfigOption) -> None:
-    """Validate the configuration and print it with secrets hidden."""
+def check_config(
+    config: Optional[Path] = ConfigOption,
+    connect: bool = typer.Option(False, "--connect", help="Also check the brokers, the topics and the permissions."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only problems, not the configuration."),
+) -> None:
+    """The pre-flight of `run`: validate the configuration, load the policies, resolve the routes,
+    have librdkafka check its options and build the classifier (a vLLM engine: its settings
+    only); print the configuration with secrets hidden. Exit 2 naming the key on a problem
+    (exit 1 when --connect finds no broker)."""
     from consumer.config import redact
+    from consumer.kafka.admin import TopicProblem, Unreachable
+    from consumer.pipeline.preflight import connect_and_check, describe, prepare
 
     settings = _settings(config)
-    data = settings.model_dump(mode="json")
-    for client in ("common", "consumer", "producer"):
-        data["kafka"][client] = redact(data["kafka"][client])
-    typer.echo(json.dumps(data, indent=2))
+    try:
+        prepared = prepare(settings, build_engine=False)
+    except ConfigError as exc:
+        raise _config_exit(str(exc)) from None
+    if not quiet:
+        typer.echo(json.dumps(redact(settings.model_dump(mode="json")), indent=2))
+    typer.echo(describe(settings, prepared).replace("starting: ", "would start: ", 1), err=True)
+    if connect:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            warnings = connect_and_check(settings)
+        except Unreachable as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_UNREACHABLE) from None
+        except TopicProblem as exc:
+            raise _config_exit(str(exc).replace("--config FILE", f"--config {config}" if config else "")) from None
+        for warning in warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        typer.echo(f"brokers {settings.kafka.bootstrap_servers}: reachable; topics present and permitted", err=True)
+
+
+@topics_app.command("create")
+def topics_create(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    partitions: int = typer.Option(6, min=1, help="Partitions of each new topic: the most consumers that help."),
+    replication: Optional[int] = typer.Option(None, min=1, help="Replication factor; default min(3, brokers)."),
+) -> None:
+    """Create the named input topics and the verdict and dead-letter topics (sized for the
+    largest dead letter, pipeline.max_payload_bytes); existing topics are left as they are."""
+    from consumer.kafka.admin import Unreachable, connect, create_topics, plan_topics
+
+    overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
+    settings = _settings(config, overrides)
+    try:
+        cluster = connect(settings)
+    except Unreachable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    plans = plan_topics(settings, partitions)
+    create_topics(cluster, plans, replication)
+    for plan in plans:
+        typer.echo(f"{plan.name} ({plan.role}): {plan.outcome}")
+    skipped = [t for t in settings.kafka.input_topics if t.startswith("^")]
+    if skipped:
+        typer.echo(f"not created (regular expressions): {', '.join(skipped)}", err=True)
+    raise typer.Exit(1 if any(p.outcome.startswith("failed") for p in plans) else 0)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from consumer.kafka.client_logs import BrokerLink, client_options
 from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class Source:
         self.assigned: set[TopicPartitionKey] = set()
         self.rebalances = 0
         self.lag: dict[TopicPartitionKey, int] = {}  # from librdkafka statistics, when enabled
+        self.link: BrokerLink | None = None  # the brokers' reachability, when `connect` was given one
 
     @classmethod
     def connect(
@@ -171,16 +173,21 @@ class Source:
         group_id: str,
         options: dict[str, Any],
         statistics_interval_ms: int = 0,
+        link: BrokerLink | None = None,
         **kwargs: Any,
     ) -> Source:
+        """`link` hears the client's connection failures and signs of life (its logs and
+        errors go through the structured logger either way)."""
         config = {**CONSUMER_DEFAULTS, **options, **CONSUMER_REQUIRED}
         config.update({"bootstrap.servers": bootstrap_servers, "group.id": group_id})
+        config.update(client_options("consumer", link))
         holder: list[Source] = []
         config["on_commit"] = lambda error, partitions: holder[0].on_commit(error, partitions) if holder else None
         if statistics_interval_ms:
             config["statistics.interval.ms"] = statistics_interval_ms
             config["stats_cb"] = lambda stats: holder[0].on_statistics(stats) if holder else None
         source = cls(Consumer(config), **kwargs)
+        source.link = link
         holder.append(source)
         return source
 
@@ -190,6 +197,8 @@ class Source:
     def on_statistics(self, stats_json: str) -> None:
         """librdkafka's statistics: keep the consumer lag of each assigned partition."""
         stats = orjson.loads(stats_json)
+        if self.link is not None:
+            self.link.on_statistics(stats)
         lag = {}
         for topic, topic_stats in stats.get("topics", {}).items():
             for partition, p in topic_stats.get("partitions", {}).items():

@@ -47,6 +47,7 @@ from consumer.classify import (
 )
 from consumer.config import Settings
 from consumer.events import ContentEvent, ErrorType
+from consumer.kafka.client_logs import BrokerLink, ClientLogger
 from consumer.kafka.offsets import OffsetTracker, Ticket
 from consumer.kafka.sink import Sink, TransactionalSink
 from consumer.kafka.source import Received, Source
@@ -110,7 +111,18 @@ class Pipeline:
             trace_content=settings.telemetry.trace_content,
             registry=self.metrics_registry,
         )
+        self.telemetry.expect(
+            [t for t in settings.kafka.input_topics if not t.startswith("^")],
+            policies.get().values(),
+            [e.value for e in ErrorType],
+        )
+        for outcome in ("verdict", "dead_letter"):
+            self.telemetry.e2e_latency.expect(outcome)
+        for policy_id in policies.get():
+            self.telemetry.engine_latency.expect(policy_id)
         self.http: HttpServer | None = None
+        # The brokers' reachability after start: one WARNING per change, and /readyz.
+        self.link = BrokerLink(settings.kafka.bootstrap_servers)
         self._heartbeat = time.monotonic()
         self._classifier_ready = False
         self._engine_problem: str | None = None
@@ -153,7 +165,8 @@ class Pipeline:
         # process: out of the collector's sight, full collections stay short.
         gc.freeze()
         self._classifier_ready = True
-        producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
+        producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
+                                                         "logger": ClientLogger("producer", self.link)}
         committer = None
         if cfg.pipeline.delivery == "exactly_once" and self._sink_factory is None:
             self.sink = committer = TransactionalSink(
@@ -200,6 +213,7 @@ class Pipeline:
             statistics_interval_ms=cfg.telemetry.statistics_interval_ms,
             committer=committer,
             on_assigned=self._rebuild_chat_state,
+            link=self.link,
         )
         gauges = self.telemetry.gauges
         gauges.in_flight = self.tracker.in_flight
@@ -328,6 +342,8 @@ class Pipeline:
         if not self._classifier_ready:
             return False, f"classifier {self.classifier.name} starting"
         source = getattr(self, "source", None)
+        if not self.link.up:
+            return False, f"brokers unreachable: {self.link.reason}"
         if source is None or not source.assigned:
             return False, "waiting for a partition assignment"
         return True, f"ok: {len(source.assigned)} partitions assigned"
@@ -357,6 +373,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         consumed = self.telemetry.consumed
         self.consumed += len(received)
+        self.link.alive()  # records arrived: the brokers answer
         for message, ticket in received:
             consumed[message.topic()] += 1
             record = _Record(message, ticket, self.telemetry.record_span(message))
@@ -531,7 +548,7 @@ class Pipeline:
     def _count_classification(self, request: ClassifyRequest, result: Classification, started: float) -> None:
         t = self.telemetry
         policy = request.policy.id
-        t.engine_latency.record((time.monotonic() - started) * 1000, policy)
+        t.engine_latency.record(time.monotonic() - started, policy)
         if result.prompt_tokens:
             t.tokens[(policy, "prompt")] += result.prompt_tokens
             t.tokens[(policy, "cached")] += result.cached_tokens
@@ -568,7 +585,7 @@ class Pipeline:
         counts = self.telemetry.verdicts
         for result in results:
             counts[(result["policy_id"], result["violation"], result["action"])] += 1
-        self.telemetry.e2e_latency.record(latency_ms, "verdict")
+        self.telemetry.e2e_latency.record(latency_ms / 1000, "verdict")
 
     def _dead_letter(
         self,
@@ -588,12 +605,13 @@ class Pipeline:
         self._outputs_sent.set()  # type: ignore[union-attr]
         self.dead_letters += 1
         self.telemetry.dead_letters[error_type.value] += 1
-        self.telemetry.e2e_latency.record((time.monotonic() - record.started) * 1000, "dead_letter")
+        self.telemetry.e2e_latency.record(time.monotonic() - record.started, "dead_letter")
 
     def _internal_error(self, record: _Record, exc: Exception) -> None:
         message = record.message
-        log.error("unexpected error on %s[%d]@%d", message.topic(), message.partition(), message.offset(),
-                  exc_info=exc)  # fmt: skip
+        with trace.use_span(record.span, end_on_exit=False):  # the log line carries the record's trace id
+            log.error("unexpected error on %s[%d]@%d", message.topic(), message.partition(), message.offset(),
+                      exc_info=exc)  # fmt: skip
         try:
             self._dead_letter(record, ErrorType.CLASSIFIER_ERROR, f"internal error: {type(exc).__name__}")
         except Exception as again:  # noqa: BLE001 - no output possible: stop before committing past it
