@@ -282,7 +282,8 @@ def policy_render(
     try:
         from consumer.classify.engine.prompt import PromptRenderer
     except ImportError as exc:
-        typer.echo(f"error: rendering needs openai_harmony (the engine stack, docs/engine.md): {exc}", err=True)
+        typer.echo(f"error: rendering needs openai_harmony ({exc}): `scripts/bootstrap core` installs it, or "
+                   "pip install -r requirements/harmony.txt (not beside vLLM, which brings its own)", err=True)
         raise typer.Exit(1) from None
     event = ContentEvent(event_id="preview", content=content) if content else None
     preview = PromptRenderer().preview(loaded, event)
