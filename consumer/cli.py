@@ -15,21 +15,25 @@ import consumer
 from consumer.config import ConfigError, Settings, load_settings
 from consumer.replay.run import replay
 
+# Plain help (rich_markup_mode None): Typer's rich panels print `<bool>` beside every flag.
 app = typer.Typer(
     help="A streaming moderation consumer: Kafka in, policy verdicts and dead letters out.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
-dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", no_args_is_help=True)
-schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", no_args_is_help=True)
-policy_app = typer.Typer(help="Write, check and measure policies.", no_args_is_help=True)
-topics_app = typer.Typer(help="The Kafka topics the configuration names.", no_args_is_help=True)
+_SUBCOMMANDS: dict = {"no_args_is_help": True, "rich_markup_mode": None}
+dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", **_SUBCOMMANDS)
+schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", **_SUBCOMMANDS)
+policy_app = typer.Typer(help="Write, check and measure policies.", **_SUBCOMMANDS)
+topics_app = typer.Typer(help="The Kafka topics the configuration names.", **_SUBCOMMANDS)
 app.add_typer(dev_kafka_app, name="dev-kafka")
 app.add_typer(policy_app, name="policy")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(topics_app, name="topics")
 
 EXIT_CONFIG = 2
+DISAGREEMENTS_SHOWN = 20  # on the terminal; the report lists them all
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file; SAFEGUARD_* env vars override it.")
 
@@ -301,9 +305,10 @@ def policy_eval(
 ) -> None:
     """Run the configured classifier over labelled examples: precision, recall, F1, disagreements."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from consumer.classify.evaluate import evaluate, markdown_report
+    from consumer.classify.evaluate import changed, evaluate, markdown_report, training_overlap
     from consumer.classify.factory import build_classifier
     from consumer.policy import PolicyError, PolicyStore, load_policy
     from consumer.policy.examples import DataError, load_examples
@@ -336,9 +341,34 @@ def policy_eval(
         table.add_column(column, justify="right")
     table.add_row(f"{result.precision:.3f}", f"{result.recall:.3f}", f"{result.f1:.3f}",
                   *(str(n) for n in (result.tp, result.fp, result.fn, result.tn, result.failed)))
+    if baseline is not None:
+        table.add_row(f"{baseline.precision:.3f}", f"{baseline.recall:.3f}", f"{baseline.f1:.3f}",
+                      *(str(n) for n in (baseline.tp, baseline.fp, baseline.fn, baseline.tn, baseline.failed)),
+                      style="dim")  # fmt: skip
+        table.caption = f"dim: --against {against} ({baseline.policy.id}@{baseline.policy.version})"
     console.print(table)
-    for o in result.disagreements[:20]:
-        console.print(f"[yellow]{o.example.id}[/] label {int(o.example.label)}: {o.rationale or o.error}")
+    overlap = training_overlap(current, examples)
+    if overlap:
+        console.print(f"[bold red]warning:[/] {overlap} of {len(examples)} examples are the policy's own training "
+                      "examples (its EXAMPLES section or examples file): their score measures memory, not the policy")
+    shown = result.disagreements[:DISAGREEMENTS_SHOWN]
+    if result.disagreements:
+        more = len(result.disagreements) - len(shown)
+        console.print(f"{len(result.disagreements)} disagreements" + (f", the first {len(shown)} here (all in the report):"
+                                                                       if more else ":"))
+    for o in shown:
+        console.print(f"[yellow]{escape(o.example.id)}[/] label {int(o.example.label)}: "
+                      f"{escape(o.rationale or o.error or '')}", highlight=False)
+    if baseline is not None:
+        flips = changed(baseline, result)
+        console.print(f"{len(flips)} examples changed their answer from --against to this version"
+                      + (":" if flips else "."))
+        for before, after in flips[:DISAGREEMENTS_SHOWN]:
+            mark = "fixed" if after.predicted is after.example.label else "broken"
+            console.print(f"  [yellow]{escape(after.example.id)}[/] label {int(after.example.label)}: "
+                          f"{int(bool(before.predicted))} -> {int(bool(after.predicted))} ({mark})")
+        if len(flips) > DISAGREEMENTS_SHOWN:
+            console.print(f"  ... {len(flips) - DISAGREEMENTS_SHOWN} more in the report")
     report.write_text(markdown_report(result, baseline), encoding="utf-8")
     console.print(f"report written to {report}")
 
