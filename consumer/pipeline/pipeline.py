@@ -301,7 +301,8 @@ class Pipeline:
         rebuild(
             consumer_, partitions, self.conversations, self.offenders,
             decode=lambda value: self.decoder.decode(value, "rebuild"),
-            client=cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers},
+            client=cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
+                                                 "logger": ClientLogger("rebuild", self.link)},
             verdict_topic=cfg.kafka.verdict_topic, tail=cfg.chat.rebuild_records,
         )  # fmt: skip
 
