@@ -17,19 +17,25 @@ from consumer.config import ConfigError, Settings, load_settings
 if TYPE_CHECKING:
     from rich.console import Console
 
+# Plain help (rich_markup_mode None): Typer's rich panels print `<bool>` beside every flag.
 app = typer.Typer(
     help="A streaming moderation consumer: Kafka in, policy verdicts and dead letters out.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
-dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", no_args_is_help=True)
-schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", no_args_is_help=True)
-policy_app = typer.Typer(help="Write, check and measure policies.", no_args_is_help=True)
+_SUBCOMMANDS: dict = {"no_args_is_help": True, "rich_markup_mode": None}
+dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", **_SUBCOMMANDS)
+schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", **_SUBCOMMANDS)
+policy_app = typer.Typer(help="Write, check and measure policies.", **_SUBCOMMANDS)
+topics_app = typer.Typer(help="The Kafka topics the configuration names.", **_SUBCOMMANDS)
 app.add_typer(dev_kafka_app, name="dev-kafka")
 app.add_typer(policy_app, name="policy")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(topics_app, name="topics")
 
 EXIT_CONFIG = 2  # a bad command line, configuration, policy or checkpoint
+DISAGREEMENTS_SHOWN = 20  # on the terminal; the report lists them all
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file; SAFEGUARD_* env vars override it.")
 
@@ -47,35 +53,51 @@ def _config_exit(message: str) -> typer.Exit:
     return typer.Exit(EXIT_CONFIG)
 
 
+EXIT_UNREACHABLE = 1
+
+
 @app.command()
 def run(
     config: Optional[Path] = ConfigOption,
     bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
 ) -> None:
-    """Consume the input topics and publish a verdict or a dead letter for every record."""
-    from consumer.classify.factory import build_classifier
+    """Consume the input topics and publish a verdict or a dead letter for every record.
+
+    Before the first poll it runs the pre-flight of `check-config --connect`: exit 2 for a bad
+    configuration or a missing output topic, exit 1 when no broker answers within
+    kafka.startup_timeout_s."""
+    from consumer.kafka.admin import TopicProblem, Unreachable
+    from consumer.pipeline.http import PortInUse
     from consumer.pipeline.pipeline import Pipeline
+    from consumer.pipeline.preflight import connect_and_check, describe, prepare
     from consumer.pipeline.telemetry import TelemetryError, configure_logging
-    from consumer.policy import PolicyError, PolicyStore
-    from consumer.policy.route import Router, RoutingError
 
     overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
     settings = _settings(config, overrides)
     configure_logging(settings.log.level, settings.log.format == "json")
+    log = logging.getLogger("consumer.cli")
     try:
-        policies = PolicyStore(settings.policies.directory, settings.policies.max_tokens)
-        Router(settings.policies, policies.get)  # fails early on routes naming unknown policies
-    except (PolicyError, RoutingError) as exc:
-        raise _config_exit(str(exc)) from None
-    try:
-        classifier = build_classifier(settings, policies)
+        prepared = prepare(settings)
     except ConfigError as exc:
         raise _config_exit(str(exc)) from None
+    log.info("%s", describe(settings, prepared))
     try:
-        pipeline = Pipeline(settings, classifier, policies)
+        for warning in connect_and_check(settings):
+            log.warning("%s", warning)
+    except Unreachable as exc:
+        log.error("%s", exc)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    except TopicProblem as exc:
+        raise _config_exit(str(exc).replace("--config FILE", f"--config {config}" if config else "")) from None
+    assert prepared.classifier is not None
+    try:
+        pipeline = Pipeline(settings, prepared.classifier, prepared.policies)
     except TelemetryError as exc:
         raise _config_exit(str(exc)) from None
-    result = asyncio.run(pipeline.run())
+    try:
+        result = asyncio.run(pipeline.run())
+    except PortInUse as exc:
+        raise _config_exit(str(exc)) from None
     typer.echo(
         f"consumed {result.consumed}, verdicts {result.verdicts}, dead letters {result.dead_letters}",
         err=True,
@@ -110,15 +132,67 @@ def demo(
 
 
 @app.command("check-config")
-def check_config(config: Optional[Path] = ConfigOption) -> None:
-    """Validate the configuration and print it with secrets hidden."""
+def check_config(
+    config: Optional[Path] = ConfigOption,
+    connect: bool = typer.Option(False, "--connect", help="Also check the brokers, the topics and the permissions."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only problems, not the configuration."),
+) -> None:
+    """The pre-flight of `run`: validate the configuration, load the policies, resolve the routes,
+    have librdkafka check its options and build the classifier (a vLLM engine: its settings
+    only); print the configuration with secrets hidden. Exit 2 naming the key on a problem
+    (exit 1 when --connect finds no broker)."""
     from consumer.config import redact
+    from consumer.kafka.admin import TopicProblem, Unreachable
+    from consumer.pipeline.preflight import connect_and_check, describe, prepare
 
     settings = _settings(config)
-    data = settings.model_dump(mode="json")
-    for client in ("common", "consumer", "producer"):
-        data["kafka"][client] = redact(data["kafka"][client])
-    typer.echo(json.dumps(data, indent=2))
+    try:
+        prepared = prepare(settings, build_engine=False)
+    except ConfigError as exc:
+        raise _config_exit(str(exc)) from None
+    if not quiet:
+        typer.echo(json.dumps(redact(settings.model_dump(mode="json")), indent=2))
+    typer.echo(describe(settings, prepared).replace("starting: ", "would start: ", 1), err=True)
+    if connect:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            warnings = connect_and_check(settings)
+        except Unreachable as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_UNREACHABLE) from None
+        except TopicProblem as exc:
+            raise _config_exit(str(exc).replace("--config FILE", f"--config {config}" if config else "")) from None
+        for warning in warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        typer.echo(f"brokers {settings.kafka.bootstrap_servers}: reachable; topics present and permitted", err=True)
+
+
+@topics_app.command("create")
+def topics_create(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    partitions: int = typer.Option(6, min=1, help="Partitions of each new topic: the most consumers that help."),
+    replication: Optional[int] = typer.Option(None, min=1, help="Replication factor; default min(3, brokers)."),
+) -> None:
+    """Create the named input topics and the verdict and dead-letter topics (sized for the
+    largest dead letter, pipeline.max_payload_bytes); existing topics are left as they are."""
+    from consumer.kafka.admin import Unreachable, connect, create_topics, plan_topics
+
+    overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
+    settings = _settings(config, overrides)
+    try:
+        cluster = connect(settings)
+    except Unreachable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    plans = plan_topics(settings, partitions)
+    create_topics(cluster, plans, replication)
+    for plan in plans:
+        typer.echo(f"{plan.name} ({plan.role}): {plan.outcome}")
+    skipped = [t for t in settings.kafka.input_topics if t.startswith("^")]
+    if skipped:
+        typer.echo(f"not created (regular expressions): {', '.join(skipped)}", err=True)
+    raise typer.Exit(1 if any(p.outcome.startswith("failed") for p in plans) else 0)
 
 
 @app.command()
@@ -214,7 +288,8 @@ def policy_render(
     try:
         from consumer.classify.engine.prompt import PromptRenderer
     except ImportError as exc:
-        typer.echo(f"error: rendering needs openai_harmony (the engine stack, docs/engine.md): {exc}", err=True)
+        typer.echo(f"error: rendering needs openai_harmony ({exc}): `scripts/bootstrap core` installs it, or "
+                   "pip install -r requirements/harmony.txt (not beside vLLM, which brings its own)", err=True)
         raise typer.Exit(1) from None
     event = ContentEvent(event_id="preview", content=content) if content else None
     preview = PromptRenderer().preview(loaded, event)
@@ -232,9 +307,10 @@ def policy_eval(
 ) -> None:
     """Run the configured classifier over labelled examples: precision, recall, F1, disagreements."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from consumer.classify.evaluate import evaluate, markdown_report
+    from consumer.classify.evaluate import changed, evaluate, markdown_report, training_overlap
     from consumer.classify.factory import build_classifier
     from consumer.policy import PolicyError, PolicyStore, load_policy
     from consumer.policy.examples import DataError, load_examples
@@ -267,9 +343,34 @@ def policy_eval(
         table.add_column(column, justify="right")
     table.add_row(f"{result.precision:.3f}", f"{result.recall:.3f}", f"{result.f1:.3f}",
                   *(str(n) for n in (result.tp, result.fp, result.fn, result.tn, result.failed)))
+    if baseline is not None:
+        table.add_row(f"{baseline.precision:.3f}", f"{baseline.recall:.3f}", f"{baseline.f1:.3f}",
+                      *(str(n) for n in (baseline.tp, baseline.fp, baseline.fn, baseline.tn, baseline.failed)),
+                      style="dim")  # fmt: skip
+        table.caption = f"dim: --against {against} ({baseline.policy.id}@{baseline.policy.version})"
     console.print(table)
-    for o in result.disagreements[:20]:
-        console.print(f"[yellow]{o.example.id}[/] label {int(o.example.label)}: {o.rationale or o.error}")
+    overlap = training_overlap(current, examples)
+    if overlap:
+        console.print(f"[bold red]warning:[/] {overlap} of {len(examples)} examples are the policy's own training "
+                      "examples (its EXAMPLES section or examples file): their score measures memory, not the policy")
+    shown = result.disagreements[:DISAGREEMENTS_SHOWN]
+    if result.disagreements:
+        more = len(result.disagreements) - len(shown)
+        console.print(f"{len(result.disagreements)} disagreements" + (f", the first {len(shown)} here (all in the report):"
+                                                                       if more else ":"))
+    for o in shown:
+        console.print(f"[yellow]{escape(o.example.id)}[/] label {int(o.example.label)}: "
+                      f"{escape(o.rationale or o.error or '')}", highlight=False)
+    if baseline is not None:
+        flips = changed(baseline, result)
+        console.print(f"{len(flips)} examples changed their answer from --against to this version"
+                      + (":" if flips else "."))
+        for before, after in flips[:DISAGREEMENTS_SHOWN]:
+            mark = "fixed" if after.predicted is after.example.label else "broken"
+            console.print(f"  [yellow]{escape(after.example.id)}[/] label {int(after.example.label)}: "
+                          f"{int(bool(before.predicted))} -> {int(bool(after.predicted))} ({mark})")
+        if len(flips) > DISAGREEMENTS_SHOWN:
+            console.print(f"  ... {len(flips) - DISAGREEMENTS_SHOWN} more in the report")
     report.write_text(markdown_report(result, baseline), encoding="utf-8")
     console.print(f"report written to {report}")
 

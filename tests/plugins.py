@@ -79,3 +79,29 @@ class FlakyClassifier:
 
     async def close(self) -> None:
         return None
+
+
+class UnserialisableClassifier:
+    """Answers with a rationale no JSON encoder takes: a bug on the output path, which must
+    cost that record only (a dead letter) and log one ERROR inside the record's span."""
+
+    name = "unserialisable"
+
+    async def start(self) -> None:
+        return None
+
+    def capacity(self) -> Capacity:
+        return Capacity(max_sequences=8)
+
+    def classify_now(self, request: ClassifyRequest) -> Classification:
+        return Classification(violation=False, rationale=object(), model=self.name)  # type: ignore[arg-type]
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        return self.classify_now(request)
+
+    async def close(self) -> None:
+        return None
+
+
+def unserialisable() -> UnserialisableClassifier:
+    return UnserialisableClassifier()

@@ -86,6 +86,25 @@ async def evaluate(classifier: Classifier, policy: Policy, examples: list[Exampl
     return Evaluation(policy, list(await asyncio.gather(*(one(e) for e in examples))))
 
 
+def training_overlap(policy: Policy, examples: list[Example]) -> int:
+    """How many evaluation examples the classifier may have learned from: the policy's own
+    EXAMPLES section and its `<name>.examples.jsonl` (the cascade trains on both), compared by
+    normalised content. A score on them measures memory, not the policy."""
+    from consumer.policy.examples import examples_path, load_examples, section_examples
+
+    def norm(text: str) -> str:
+        return " ".join(text.casefold().split())
+
+    seen = {norm(e.content) for e in section_examples(policy.text)}
+    path = examples_path(policy)
+    if path is not None:
+        try:
+            seen.update(norm(e.content) for e in load_examples(path))
+        except (OSError, ValueError):
+            pass  # an unreadable training file is the cascade's problem, not the evaluation's
+    return sum(norm(e.content) in seen for e in examples)
+
+
 def changed(before: Evaluation, after: Evaluation) -> list[tuple[Outcome, Outcome]]:
     """Examples whose prediction differs between two evaluations of the same data."""
     return [(b, a) for b, a in zip(before.outcomes, after.outcomes) if b.predicted is not a.predicted]

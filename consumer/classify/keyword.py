@@ -41,7 +41,7 @@ class KeywordClassifier:
                     violation=True,
                     category=next(iter(policy.categories), None),
                     confidence="high",
-                    rationale=f"matched pattern {pattern.pattern!r}",
+                    rationale=f"matched pattern /{pattern.pattern}/",  # as written, not repr's doubled backslashes
                     model=self.name,
                 )
         return Classification(violation=False, rationale="no pattern matched", model=self.name)

@@ -8,6 +8,7 @@ so a secret such as `sasl.password` cannot leak through an error or a log line.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,7 +20,18 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from consumer.config.cascade import CascadeSettings
 from consumer.config.chat import ChatSettings
 
-_SECRET_KEY = re.compile(r"password|secret|(^|[._])key($|[._])|token|credential", re.IGNORECASE)
+# Any key whose name looks like a secret, misspellings included (`sasl.pasword` is still a
+# password): hiding a harmless value costs nothing, printing a password costs a rotation.
+_SECRET_KEY = re.compile(
+    r"pass|pasw|pswd|pwd|secret|secr|(^|[._-])key($|[._-])|api.?key|token($|[._-])|credential|jaas|private|oauth",
+    re.IGNORECASE,
+)
+# SAFEGUARD_* variables read by the scripts and tests, not settings.
+TOOL_VARIABLES = frozenset(
+    {"SAFEGUARD_CACHE_DIR", "SAFEGUARD_VENV", "SAFEGUARD_KEEP_KAFKA_DATA", "SAFEGUARD_BENCH_PEER_PYTHON",
+     "SAFEGUARD_BOOTSTRAP_REPOINT"}
+)  # fmt: skip
+ENV_PREFIX = "SAFEGUARD_"
 
 
 class ConfigError(Exception):
@@ -39,6 +51,9 @@ class KafkaSettings(_Section):
     )
     verdict_topic: str = "verdicts"
     dead_letter_topic: str = "dead-letters"
+    startup_timeout_s: float = Field(
+        default=30.0, gt=0, description="brokers unreachable this long at start: one ERROR line and exit 1"
+    )
     common: dict[str, Any] = Field(
         default_factory=dict, description="librdkafka options for both clients (security.protocol, sasl.*, ssl.*)"
     )
@@ -216,6 +231,9 @@ class Settings(BaseSettings):
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Read the YAML file (if any), apply the environment and `overrides`, validate."""
+    unknown = unknown_environment_keys()
+    if unknown:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(unknown))
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -231,10 +249,11 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         data = loaded or {}
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
+    from_environment = environment_keys()
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, path)) from None
+        raise ConfigError(format_validation_error(exc, path, from_environment)) from None
     except SettingsError as exc:
         # e.g. a SAFEGUARD_* variable holding a list or mapping that is not valid JSON
         raise ConfigError(f"environment: {exc}") from None
@@ -246,21 +265,77 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     return settings
 
 
-def format_validation_error(exc: ValidationError, path: Path | None) -> str:
-    source = f"{path}: " if path else ""
+def format_validation_error(
+    exc: ValidationError, path: Path | None, from_environment: dict[str, str] | None = None
+) -> str:
+    """One line per problem, each naming where the key came from: the environment variable
+    that set it, else the file."""
     lines = []
     for error in exc.errors(include_input=False, include_url=False):
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        parts = [str(part) for part in error["loc"]]
+        key = ".".join(parts) or "(top level)"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        variable = _variable_for(parts, from_environment or {})
+        source = f"environment variable {variable}: " if variable else (f"{path}: " if path else "")
         lines.append(f"{source}{key}: {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def redact(options: dict[str, Any]) -> dict[str, Any]:
-    """A copy of librdkafka options safe to log: secret values replaced."""
-    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in options.items()}
+def environment_keys(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Dotted settings key (lower case) -> the SAFEGUARD_* variable that sets it."""
+    environ = os.environ if environ is None else environ
+    keys = {}
+    for name in environ:
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in TOOL_VARIABLES:
+            keys[".".join(upper[len(ENV_PREFIX) :].lower().split("__"))] = name
+    return keys
+
+
+def unknown_environment_keys(environ: dict[str, str] | None = None) -> list[str]:
+    """A problem line for each SAFEGUARD_* variable that names no setting (pydantic-settings
+    would ignore it silently: a typo must not fall back to a default)."""
+    problems = []
+    for dotted, name in sorted(environment_keys(environ).items()):
+        model: type[BaseModel] = Settings
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts):
+            field = model.model_fields.get(part)
+            if field is None:
+                known = ", ".join(model.model_fields)
+                where = ".".join(parts[:depth]) or "the top level"
+                problems.append(f"environment variable {name}: unknown key {'.'.join(parts[: depth + 1])!r} "
+                                f"(keys of {where}: {known})")  # fmt: skip
+                break
+            annotation = field.annotation
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                break  # a scalar, list or mapping (librdkafka options): the value is pydantic's to check
+            model = annotation
+    return problems
+
+
+def _variable_for(parts: list[str], from_environment: dict[str, str]) -> str | None:
+    for depth in range(len(parts), 0, -1):
+        variable = from_environment.get(".".join(parts[:depth]).lower())
+        if variable:
+            return variable
+    return None
+
+
+def looks_secret(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key))
+
+
+def redact(options: Any) -> Any:
+    """A copy safe to print or log: the value of every key that looks like a secret replaced,
+    at any depth (librdkafka options, plugin options, engine settings)."""
+    if isinstance(options, dict):
+        return {k: ("***" if looks_secret(str(k)) and v not in (None, "") else redact(v)) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact(v) for v in options]
+    return options
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

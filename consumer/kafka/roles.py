@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError, Message, TopicPartition
 from consumer.events import Document, Headers
 
 if TYPE_CHECKING:
+    from consumer.kafka.client_logs import BrokerLink
     from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
 
 # A poll batch handed to the pipeline: each record with its offset tracker ticket.
@@ -140,6 +141,7 @@ class SourceWiring:
     on_fatal: Callable[[str], None]
     committer: Committer | None = None  # None: commit the tracker's positions to the group
     on_assigned: Callable[[Any, list[TopicPartition]], None] | None = None  # state rebuilds on assignment
+    link: BrokerLink | None = None  # hears the client's connection failures and signs of life
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from consumer.kafka.client_logs import BrokerLink, client_options
 from consumer.kafka.offsets import OffsetTracker, TopicPartitionKey
 from consumer.kafka.poll import POLL_BATCH, POLL_TIMEOUT_S, PollingSource
 from consumer.kafka.roles import Committer, KafkaConsumerLike, Received, SourceOptions, SourceWiring
@@ -120,12 +121,16 @@ class Source(PollingSource):
         self._paused = False
         self._full_since: float | None = None
         self.rebalances = 0  # `lag` comes from librdkafka statistics, when enabled
+        self.link: BrokerLink | None = None  # the brokers' reachability, when the wiring has one
 
     @classmethod
     def connect(cls, options: SourceOptions, wiring: SourceWiring) -> Source:
-        """A `SourceFactory`: a source on a new confluent-kafka consumer in `options.group_id`."""
+        """A `SourceFactory`: a source on a new confluent-kafka consumer in `options.group_id`.
+        The client's logs go through the structured logger; `wiring.link` hears its connection
+        failures and signs of life."""
         config = {**CONSUMER_DEFAULTS, **options.client, **CONSUMER_REQUIRED}
         config.update({"bootstrap.servers": options.bootstrap_servers, "group.id": options.group_id})
+        config.update(client_options("consumer", wiring.link))
         holder: list[Source] = []
         config["on_commit"] = lambda error, partitions: holder[0].on_commit(error, partitions) if holder else None
         if options.statistics_interval_ms:
@@ -136,6 +141,7 @@ class Source(PollingSource):
             options.max_in_flight_events, options.max_in_flight_bytes, options.commit_interval_s,
             options.revoke_drain_s, wiring.committer, wiring.on_assigned,
         )  # fmt: skip
+        source.link = wiring.link
         holder.append(source)
         return source
 
@@ -145,6 +151,8 @@ class Source(PollingSource):
     def on_statistics(self, stats_json: str) -> None:
         """librdkafka's statistics: keep the consumer lag of each assigned partition."""
         stats = orjson.loads(stats_json)
+        if self.link is not None:
+            self.link.on_statistics(stats)
         lag = {}
         for topic, topic_stats in stats.get("topics", {}).items():
             for partition, p in topic_stats.get("partitions", {}).items():

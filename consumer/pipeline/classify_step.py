@@ -109,7 +109,7 @@ class ClassifyStep:
     def _count_classification(self, request: ClassifyRequest, result: Classification, started: float) -> None:
         t = self._telemetry
         policy = request.policy.id
-        t.engine_latency.record((time.monotonic() - started) * 1000, policy)
+        t.engine_latency.record(time.monotonic() - started, policy)
         if result.prompt_tokens:
             t.tokens[(policy, "prompt")] += result.prompt_tokens
             t.tokens[(policy, "cached")] += result.cached_tokens

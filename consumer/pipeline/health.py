@@ -3,7 +3,8 @@
 - alive: the event loop beats every second (a wedged loop is restarted by the orchestrator),
   no fatal error is being handled, and the classifier reports no problem (an engine whose
   core died): asked every `telemetry.engine_health_interval_s` where it can tell;
-- ready: the classifier has started and the consumer has partitions assigned.
+- ready: the classifier has started, the brokers answer, and the consumer has partitions
+  assigned.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from consumer.classify import Classifier, ReportsHealth
+from consumer.kafka.client_logs import BrokerLink
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +30,17 @@ class Health:
         engine_health_interval_s: float,
         fatal: Callable[[], str | None],
         assigned: Callable[[], int | None],
+        link: BrokerLink,
     ):
         """`fatal`: the fatal error being handled, if any; `assigned`: partitions assigned, None
-        before the source exists."""
+        before the source exists; `link`: whether the brokers answer."""
         self.classifier = classifier
         self.classifier_ready = False  # set by the pipeline once the classifier started
         self._heartbeat_timeout_s = heartbeat_timeout_s
         self._interval_s = engine_health_interval_s
         self._fatal = fatal
         self._assigned = assigned
+        self._link = link
         self._heartbeat = time.monotonic()
         self._engine_problem: str | None = None
 
@@ -74,6 +78,8 @@ class Health:
     def ready(self) -> tuple[bool, str]:
         if not self.classifier_ready:
             return False, f"classifier {self.classifier.name} starting"
+        if not self._link.up:
+            return False, f"brokers unreachable: {self._link.reason}"
         assigned = self._assigned()
         if not assigned:
             return False, "waiting for a partition assignment"

@@ -12,6 +12,7 @@ a probe never waits for the event loop.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -21,6 +22,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
+
+
+class PortInUse(Exception):
+    """`telemetry.http_port` is taken (another consumer on this host?): a configuration error."""
 
 
 class HttpServer:
@@ -46,7 +51,15 @@ class HttpServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes are not news
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUse(
+                f"telemetry.http_port: port {port} on {host} is already in use (another consumer on this "
+                "host?); choose another port, 0 for any free one, or null to serve no metrics",
+            ) from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="health-http", daemon=True)
 

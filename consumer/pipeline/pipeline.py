@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Message, TopicPartition
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, Status, StatusCode
 
@@ -45,6 +46,7 @@ from consumer.classify import (
 from consumer.config import Settings
 from consumer.events import ContentEvent, ErrorType
 from consumer.kafka import roles
+from consumer.kafka.client_logs import BrokerLink, ClientLogger
 from consumer.kafka.offsets import OffsetTracker, Ticket
 from consumer.kafka.sink import Sink, TransactionalSink
 from consumer.kafka.source import Received, Source
@@ -117,10 +119,22 @@ class Pipeline:
             trace_content=settings.telemetry.trace_content,
             registry=self.metrics_registry,
         )
+        self.telemetry.expect(
+            [t for t in settings.kafka.input_topics if not t.startswith("^")],
+            policies.get().values(),
+            [e.value for e in ErrorType],
+        )
+        for outcome in ("verdict", "dead_letter"):
+            self.telemetry.e2e_latency.expect(outcome)
+        for policy_id in policies.get():
+            self.telemetry.engine_latency.expect(policy_id)
         self.http: HttpServer | None = None
+        # The brokers' reachability after start: one WARNING per change, and /readyz.
+        self.link = BrokerLink(settings.kafka.bootstrap_servers)
         self.health = Health(
             classifier, settings.telemetry.heartbeat_timeout_s, settings.telemetry.engine_health_interval_s,
             fatal=lambda: self._fatal, assigned=lambda: None if self.source is None else len(self.source.assigned),
+            link=self.link,
         )  # fmt: skip
         self._stopping: asyncio.Event | None = None
         self._outputs_sent: asyncio.Event | None = None  # set when an output was sent: reports to serve
@@ -161,7 +175,8 @@ class Pipeline:
         # process: out of the collector's sight, full collections stay short.
         gc.freeze()
         self.health.classifier_ready = True
-        producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
+        producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
+                                                         "logger": ClientLogger("producer", self.link)}
         committer: roles.Committer | None = None
         self.sink: roles.OutputSink
         if cfg.pipeline.delivery == "exactly_once":  # the constructor refused a sink factory for it
@@ -211,6 +226,7 @@ class Pipeline:
                 on_fatal=self._fail_threadsafe,
                 committer=committer,
                 on_assigned=self._rebuild_chat_state,
+                link=self.link,
             ),
         )
         gauges = self.telemetry.gauges
@@ -299,7 +315,8 @@ class Pipeline:
         rebuild(
             consumer_, partitions, self.conversations, self.offenders,
             decode=lambda value: self.decoder.decode(value, "rebuild"),
-            client=cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers},
+            client=cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
+                                                 "logger": ClientLogger("rebuild", self.link)},
             verdict_topic=cfg.kafka.verdict_topic, tail=cfg.chat.rebuild_records,
         )  # fmt: skip
 
@@ -328,6 +345,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         consumed = self.telemetry.consumed
         self.consumed += len(received)
+        self.link.alive()  # records arrived: the brokers answer
         for message, ticket in received:
             consumed[message.topic()] += 1
             record = _Record(message, ticket, self.telemetry.record_span(message))
@@ -453,7 +471,7 @@ class Pipeline:
         counts = self.telemetry.verdicts
         for result in results:
             counts[(result["policy_id"], result["violation"], result["action"])] += 1
-        self.telemetry.e2e_latency.record(latency_ms, "verdict")
+        self.telemetry.e2e_latency.record(latency_ms / 1000, "verdict")
 
     def _dead_letter(
         self,
@@ -473,12 +491,13 @@ class Pipeline:
         self._outputs_sent.set()  # type: ignore[union-attr]
         self.dead_letters += 1
         self.telemetry.dead_letters[error_type.value] += 1
-        self.telemetry.e2e_latency.record((time.monotonic() - record.started) * 1000, "dead_letter")
+        self.telemetry.e2e_latency.record(time.monotonic() - record.started, "dead_letter")
 
     def _internal_error(self, record: _Record, exc: Exception) -> None:
         message = record.message
-        log.error("unexpected error on %s[%d]@%d", message.topic(), message.partition(), message.offset(),
-                  exc_info=exc)  # fmt: skip
+        with trace.use_span(record.span, end_on_exit=False):  # the log line carries the record's trace id
+            log.error("unexpected error on %s[%d]@%d", message.topic(), message.partition(), message.offset(),
+                      exc_info=exc)  # fmt: skip
         try:
             self._dead_letter(record, ErrorType.CLASSIFIER_ERROR, f"internal error: {type(exc).__name__}")
         except Exception as again:  # noqa: BLE001 - no output possible: stop before committing past it

@@ -39,7 +39,19 @@ import consumer
 from consumer.events import Headers
 
 _TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
-LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
+# Seconds, Prometheus's base unit.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The batcher's figures (`Gauges.batcher` keys), one gauge each: (name, unit, description).
+BATCHER_FIGURES = {
+    "avg_batch_size": ("safeguard.batcher.batch_size", "", "requests per micro-batch, recent average"),
+    "avg_batch_tokens": ("safeguard.batcher.batch_tokens", "", "estimated prompt tokens per micro-batch, recent average"),
+    "in_flight_requests": ("safeguard.batcher.in_flight_requests", "", "requests the classifier holds"),
+    "in_flight_tokens": ("safeguard.batcher.in_flight_tokens", "", "estimated KV-cache tokens of the requests in flight"),
+    "concurrency_limit": ("safeguard.batcher.concurrency_limit", "", "requests the batcher lets the classifier hold"),
+    "queued": ("safeguard.batcher.queued_requests", "", "requests waiting for a micro-batch"),
+    "avg_queue_wait_s": ("safeguard.batcher.queue_wait", "s", "time a request waits for its micro-batch, recent average"),
+}
+TOKEN_KINDS = ("prompt", "cached", "completion")
 
 
 class TelemetryError(ValueError):
@@ -153,10 +165,10 @@ class Telemetry:
             "safeguard.tokens", [self._observe_tokens], description="tokens by kind: prompt, cached, completion"
         )
         self.e2e_latency = LatencyHistogram(
-            "safeguard_event_duration_milliseconds", "consumed to output sent", "safeguard_outcome"
+            "safeguard_event_duration_seconds", "consumed to output sent", "safeguard_outcome"
         )
         self.engine_latency = LatencyHistogram(
-            "safeguard_classify_duration_milliseconds", "one classification, queue wait included", "safeguard_policy_id"
+            "safeguard_classify_duration_seconds", "one classification, queue wait included", "safeguard_policy_id"
         )
         m.create_observable_counter(
             "safeguard.policy.reloads", [self._observe_reloads], description="policy sets reloaded"
@@ -169,18 +181,16 @@ class Telemetry:
         m.create_observable_gauge(
             "safeguard.consumer.lag", [self._observe_lag], description="messages behind the end, per partition"
         )
-        m.create_observable_gauge(
-            "safeguard.batcher", [self._observe_batcher],
-            description="by figure: avg_batch_size, avg_batch_tokens, in_flight_requests, in_flight_tokens, "
-            "concurrency_limit, queued, avg_queue_wait_s",
-        )  # fmt: skip
+        for figure, (name, unit, description) in BATCHER_FIGURES.items():
+            m.create_observable_gauge(name, [self._batcher_figure(figure)], unit=unit, description=description)
         m.create_observable_counter(
             "safeguard.cascade.decided", [self._observe_decided], description="events decided, by policy and stage"
         )
-        m.create_observable_gauge(
-            "safeguard.cascade.rate", [self._observe_rates],
-            description="per policy: cache_hit, escalation and shadow_disagreement rates",
-        )  # fmt: skip
+        for kind in ("cache_hit", "escalation", "shadow_disagreement"):
+            m.create_observable_gauge(
+                f"safeguard.cascade.{kind}_ratio", [self._cascade_rate(kind)],
+                description=f"per policy: the {kind.replace('_', ' ')} rate (0 to 1)",
+            )  # fmt: skip
         m.create_observable_gauge(
             "safeguard.cascade.calibration_error", [self._observe_calibration],
             description="expected calibration error of each learned stage, per policy",
@@ -269,11 +279,12 @@ class Telemetry:
             for stage, count in counters.decided.items():
                 yield Observation(count, {"safeguard.policy.id": policy, "safeguard.stage": stage})
 
-    def _observe_rates(self, _: CallbackOptions) -> Iterable[Observation]:
-        for policy, c in self.gauges.cascade().items():
-            for kind, rate in (("cache_hit", c.cache_hit_rate), ("escalation", c.escalation_rate),
-                               ("shadow_disagreement", c.shadow_disagreement_rate)):  # fmt: skip
-                yield Observation(rate, {"safeguard.policy.id": policy, "safeguard.rate": kind})
+    def _cascade_rate(self, kind: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            for policy, c in self.gauges.cascade().items():
+                yield Observation(getattr(c, f"{kind}_rate"), {"safeguard.policy.id": policy})
+
+        return observe
 
     def _observe_calibration(self, _: CallbackOptions) -> Iterable[Observation]:
         for policy, c in self.gauges.cascade().items():
@@ -284,9 +295,29 @@ class Telemetry:
     def _observe_reloads(self, _: CallbackOptions) -> Iterable[Observation]:
         yield Observation(self.gauges.policy_reloads())
 
-    def _observe_batcher(self, _: CallbackOptions) -> Iterable[Observation]:
-        for figure, value in self.gauges.batcher().items():
-            yield Observation(value, {"safeguard.figure": figure})
+    def _batcher_figure(self, figure: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            value = self.gauges.batcher().get(figure)
+            if value is not None:
+                yield Observation(value)
+
+        return observe
+
+    def expect(self, topics: Iterable[str], policies: Iterable[Any], error_types: Iterable[str]) -> None:
+        """Every counter's series at 0 from the start, so a rate() or an alert on a series that
+        has not happened yet (no dead letter so far) works: the named input topics, each
+        policy's verdict outcomes and token kinds, every dead-letter error.type."""
+        for topic in topics:
+            self.consumed.setdefault(topic, 0)
+        for error_type in error_types:
+            self.dead_letters.setdefault(error_type, 0)
+        for policy in policies:
+            outcomes = {(False, policy.action_for(False, None)), (True, policy.action_for(True, None))}
+            outcomes.update((True, policy.action_for(True, category)) for category in policy.categories)
+            for violation, action in outcomes:
+                self.verdicts.setdefault((policy.id, violation, action), 0)
+            for kind in TOKEN_KINDS:
+                self.tokens.setdefault((policy.id, kind), 0)
 
 
 class LatencyHistogram:
@@ -298,7 +329,7 @@ class LatencyHistogram:
     on the event loop only; a scrape reads the lists as they are.
     """
 
-    def __init__(self, name: str, description: str, label: str, bounds: tuple[float, ...] = LATENCY_BUCKETS_MS):
+    def __init__(self, name: str, description: str, label: str, bounds: tuple[float, ...] = LATENCY_BUCKETS_S):
         self.name = name
         self.description = description
         self.label = label
@@ -313,6 +344,10 @@ class LatencyHistogram:
         series[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
         series[-1] += value
 
+    def expect(self, label_value: str) -> None:
+        """The series at 0 before its first observation."""
+        self._series.setdefault(label_value, [0] * (len(self.bounds) + 2))
+
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import HistogramMetricFamily
 
@@ -322,7 +357,7 @@ class LatencyHistogram:
             cumulative, buckets = 0, []
             for bound, count in zip((*self.bounds, float("inf")), series[:-1]):
                 cumulative += int(count)
-                buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), cumulative))  # le="5.0", as before
+                buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), cumulative))
             family.add_metric([label_value], buckets, series[-1])
         yield family
 
@@ -334,7 +369,8 @@ def prometheus_meter_provider() -> tuple[MeterProvider, Any]:
 
     # A registry of its own, so two pipelines in one process (tests) do not share series.
     registry = CollectorRegistry()
-    reader = PrometheusMetricReader(registry=registry)
+    # No otel_scope_* labels on every series: one scope (this consumer) says nothing.
+    reader = PrometheusMetricReader(registry=registry, scope_info_enabled=False)
     return MeterProvider(metric_readers=[reader]), registry
 
 

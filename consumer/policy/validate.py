@@ -15,7 +15,15 @@ import yaml
 from consumer.policy.actions import ACTIONS
 from consumer.policy.examples import HEADING as _HEADING
 from consumer.policy.examples import SectionExample, section_examples
-from consumer.policy.parse import OUTPUT_TIERS, Policy, PolicyError, _entry_line, _meta_line, parse_policy
+from consumer.policy.parse import (
+    OUTPUT_TIERS,
+    REASONING_EFFORTS,
+    Policy,
+    PolicyError,
+    _entry_line,
+    _meta_line,
+    parse_policy,
+)
 
 REQUIRED_SECTIONS = ("INSTRUCTIONS", "DEFINITIONS", "VIOLATES", "SAFE", "EXAMPLES")
 SWEET_SPOT_TOKENS = (400, 600)
@@ -52,6 +60,10 @@ def validate_policy(data: bytes, path: Path, max_tokens: int = DEFAULT_MAX_TOKEN
     try:
         policy = parse_policy(data, path)
     except PolicyError as exc:
+        # The parser stops at the first problem; an author wants them all at once.
+        found = _front_matter_problems(data, where)
+        if found:
+            return found
         location, _, message = str(exc).partition(": ")
         line = int(location.rsplit(":", 1)[-1]) if location.rsplit(":", 1)[-1].isdigit() else 1
         return [Problem(where, line, "error", message)]
@@ -112,6 +124,50 @@ def validate_policy(data: bytes, path: Path, max_tokens: int = DEFAULT_MAX_TOKEN
         problems.append(Problem(where, body_start + 1, "error", f"{tokens} tokens; the maximum is {max_tokens}"))
     elif not low <= tokens <= high:
         problems.append(Problem(where, body_start + 1, "warning", f"{tokens} tokens; {low}-{high} works best"))
+    return sorted(problems, key=lambda p: p.line)
+
+
+def _front_matter_problems(data: bytes, where: str) -> list[Problem]:
+    """Every problem of a front matter that parses as YAML (else [], and the parser's error stands)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return []
+    end = text.find("\n---", 3)
+    if not text.startswith("---") or end < 0:
+        return []
+    try:
+        meta = yaml.safe_load(text[3:end]) or {}
+    except yaml.YAMLError:
+        return []
+    if not isinstance(meta, dict):
+        return []
+    problems = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(Problem(where, _meta_line(text, key), "error", message))
+
+    for key, default in (("id", None), ("reasoning_effort", "low")):
+        value = meta.get(key, default)
+        if not isinstance(value, str) or not value.strip():
+            problem(key, f"`{key}` must be a non-empty string")
+        elif key == "reasoning_effort" and value.strip() not in REASONING_EFFORTS:
+            problem(key, f"`reasoning_effort` must be one of {', '.join(REASONING_EFFORTS)}, not {value.strip()!r}")
+    for key in ("categories", "actions"):
+        if not isinstance(meta.get(key, {}), dict):
+            problem(key, f"`{key}` must be a mapping")
+    patterns = meta.get("patterns", [])
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        problem("patterns", "`patterns` must be a list of strings")
+    output = meta.get("output", "rich")
+    if str(output) not in OUTPUT_TIERS:
+        problem("output", f"`output` must be one of {', '.join(OUTPUT_TIERS)}, not {output!r}")
+    actions = meta.get("actions", {})
+    if isinstance(actions, dict):
+        for key, action in actions.items():
+            if str(action) not in ACTIONS:
+                problems.append(Problem(where, _entry_line(text, "actions", str(key)), "error",
+                                        f"action {action!r} for {key!r} is not one of {', '.join(ACTIONS)}"))  # fmt: skip
     return sorted(problems, key=lambda p: p.line)
 
 

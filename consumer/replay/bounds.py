@@ -82,8 +82,22 @@ def resolve_ranges(
             return {p: marks[p][low_high[bound.kind]] for p in chosen}
         return {p: min(max(bound.value, marks[p][0]), marks[p][1]) for p in chosen}
 
+    if _backwards(start, end):
+        raise ReplayError("--from is after --to: the range is empty; swap them")
     starts, ends = offsets(start), offsets(end)
+    backwards = [p for p in chosen if ends[p] < starts[p]]
+    if backwards:
+        # An empty replay with exit 0 looks like "nothing changed": say the range is upside down.
+        where = f" ({topic}[{backwards[0]}]: {starts[backwards[0]]} > {ends[backwards[0]]})"
+        raise ReplayError(f"--from is after --to{where}: the range is empty; swap them")
     return {p: OffsetRange(start=starts[p], end=max(starts[p], ends[p]), next=starts[p]) for p in chosen}
+
+
+def _backwards(start: Bound, end: Bound) -> bool:
+    """Bounds that are in the wrong order whatever the topic holds."""
+    if start.kind == end.kind and start.kind in ("offset", "time"):
+        return start.value > end.value
+    return (start.kind == "now" and end.kind != "now") or (end.kind == "earliest" and start.kind != "earliest")
 
 
 def parse_rate(text: str) -> float:

@@ -182,7 +182,7 @@ def test_a_replay_never_touches_the_live_groups_offsets_and_backtests_a_policy_e
     assert "| flagged | chat-harassment | harassment | allow | delete | 10 |" in text
     assert "| cleared | chat-harassment | harassment | delete | allow | 10 |" in text
     assert "- only in the candidate: 6" in text
-    assert "matched pattern 'everyone hates you'" in text and "no pattern matched" in text
+    assert "matched pattern /everyone hates you/" in text and "no pattern matched" in text
     assert "Flips by category and action (20 in all)" in result.output
 
 

@@ -103,7 +103,7 @@ def test_metrics_count_the_run_and_readyz_turns_ready_after_assignment(kafka, po
 
     def value(name: str, *labels: str) -> float:
         found = [float(line.rsplit(" ", 1)[1]) for line in lines
-                 if line.startswith(name + "{") and all(label in line for label in labels)]
+                 if line.startswith((name + "{", name + " ")) and all(label in line for label in labels)]
         assert found, f"{name} {labels} not in metrics:\\n" + "\\n".join(lines)
         return sum(found)
 
@@ -112,11 +112,13 @@ def test_metrics_count_the_run_and_readyz_turns_ready_after_assignment(kafka, po
     assert value("safeguard_verdicts_total", 'safeguard_violation="false"') == 7
     assert value("safeguard_dead_letters_total", 'error_type="invalid_json"') == 1
     assert value("safeguard_dead_letters_total", 'error_type="invalid_encoding"') == 1
-    assert value("safeguard_event_duration_milliseconds_count") == 12
-    assert value("safeguard_classify_duration_milliseconds_count") == 10
+    assert value("safeguard_dead_letters_total", 'error_type="no_policy"') == 0  # present before it happens
+    assert value("safeguard_event_duration_seconds_count") == 12
+    assert value("safeguard_classify_duration_seconds_count") == 10
     # The keyword classifier answers at once (classify_now), so the batcher is idle but exported.
-    assert value("safeguard_batcher", 'safeguard_figure="concurrency_limit"') >= 1
-    assert value("safeguard_batcher", 'safeguard_figure="in_flight_requests"') == 0
+    assert value("safeguard_batcher_concurrency_limit") >= 1
+    assert value("safeguard_batcher_in_flight_requests") == 0
+    assert "otel_scope" not in text
 
 
 def test_cascade_stage_shares_reach_the_metrics(kafka, policies_dir):
@@ -142,7 +144,7 @@ def test_cascade_stage_shares_reach_the_metrics(kafka, policies_dir):
                for line in text.splitlines() if line.startswith("safeguard_cascade_decided")}
     assert decided.get("cache", 0) == 4  # the same message four more times: answered from the cache
     assert sum(decided.values()) == 5
-    assert 'safeguard_rate="cache_hit"' in text
+    assert "safeguard_cascade_cache_hit_ratio{" in text
 
 
 def test_healthz_fails_when_the_engine_reports_itself_unhealthy(kafka, policies_dir):

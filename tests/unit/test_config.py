@@ -62,12 +62,47 @@ def test_cli_exits_2_naming_the_key_without_the_secret(tmp_path):
     assert "hunter2-secret" not in result.stderr + result.stdout
 
 
-def test_cli_exits_2_for_a_missing_policies_directory(tmp_path):
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_cli_exits_2_for_a_missing_policies_directory(tmp_path, command):
     path = tmp_path / "c.yaml"
     path.write_text(f"policies:\n  directory: {tmp_path / 'nowhere'}\n")
-    result = run_cli("run", "--config", str(path))
+    result = run_cli(command, "--config", str(path))
     assert result.returncode == 2
-    assert "policies directory does not exist" in result.stderr
+    assert "policies.directory" in result.stderr and "does not exist" in result.stderr
+
+
+def test_a_misspelled_environment_section_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("SAFEGUARD_KAFAK__GROUP_ID", "x")
+    with pytest.raises(ConfigError) as error:
+        load_settings(None)
+    assert "SAFEGUARD_KAFAK__GROUP_ID" in str(error.value)
+    assert "'kafak'" in str(error.value)
+
+
+def test_a_misspelled_environment_key_is_blamed_on_the_variable_not_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("kafka:\n  group_id: from-file\n")
+    monkeypatch.setenv("SAFEGUARD_KAFKA__GROUPID", "x")
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    message = str(error.value)
+    assert "SAFEGUARD_KAFKA__GROUPID" in message and "kafka.groupid" in message
+    assert str(path) not in message
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("pipeline:\n  commit_interval_s: 1\n")
+    monkeypatch.setenv("SAFEGUARD_PIPELINE__COMMIT_INTERVAL_S", "soon")
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    assert "environment variable SAFEGUARD_PIPELINE__COMMIT_INTERVAL_S: pipeline.commit_interval_s" in str(error.value)
+
+
+def test_the_scripts_own_variables_are_not_settings(monkeypatch):
+    monkeypatch.setenv("SAFEGUARD_CACHE_DIR", "/tmp/x")
+    monkeypatch.setenv("SAFEGUARD_KEEP_KAFKA_DATA", "1")
+    load_settings(None)
 
 
 def test_check_config_hides_secrets(tmp_path):
@@ -77,6 +112,17 @@ def test_check_config_hides_secrets(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "hunter2-secret" not in result.stdout
     assert '"linger.ms": 7' in result.stdout
+
+
+def test_redact_hides_misspelled_and_nested_secrets_but_not_token_budgets():
+    data = {"kafka": {"consumer": {"sasl.pasword": "hunter2", "sasl.jaas.config": "j", "fetch.wait.max.ms": 5}},
+            "classifier": {"options": {"api_key": "k", "nested": {"client_secret": "s"}}},
+            "policies": {"max_tokens": 1500}, "pipeline": {"max_batch_tokens": 8192}}
+    assert redact(data) == {
+        "kafka": {"consumer": {"sasl.pasword": "***", "sasl.jaas.config": "***", "fetch.wait.max.ms": 5}},
+        "classifier": {"options": {"api_key": "***", "nested": {"client_secret": "***"}}},
+        "policies": {"max_tokens": 1500}, "pipeline": {"max_batch_tokens": 8192},
+    }  # fmt: skip
 
 
 def test_redact_keeps_ordinary_options():

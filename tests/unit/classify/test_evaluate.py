@@ -37,3 +37,27 @@ def test_comparing_two_versions_lists_the_examples_that_changed():
     report = markdown_report(after, before)
     assert "- `a3` label 1: 0 -> 1" in report
     assert "recall 0.500 -> 0.750" in report
+
+
+def test_evaluating_on_the_policys_own_examples_is_flagged():
+    from consumer.classify.evaluate import training_overlap
+    from consumer.policy.examples import Example, section_examples
+
+    policy = parse_policy(POLICY_TEXT.encode())
+    own = [Example(f"s{i}", e.content, bool(e.label)) for i, e in enumerate(section_examples(policy.text))]
+    assert own and training_overlap(policy, own) == len(own)
+    assert training_overlap(policy, load_examples(DATA)) == 0
+
+
+def test_eval_on_the_terminal_counts_what_it_shows_and_compares_with_against(tmp_path):
+    from tests.unit.test_config import run_cli
+
+    edited = tmp_path / "chat-harassment.md"
+    edited.write_text(POLICY_TEXT.replace("patterns:", "patterns:\n  - \"everyone hates you\"", 1))
+    result = run_cli("policy", "eval", str(edited), "--data", str(DATA),
+                     "--against", str(REPO / "policies" / "chat-harassment.md"), "--report", str(tmp_path / "r.md"))
+    assert result.returncode == 0, result.stderr
+    assert "disagreements:" in result.stdout
+    assert "1 examples changed their answer from --against to this version" in result.stdout
+    assert "a3 label 1: 0 -> 1 (fixed)" in result.stdout
+    assert "\\\\b" not in result.stdout  # rationales quote patterns as written

@@ -45,17 +45,17 @@ def test_json_logs_carry_the_current_trace_and_span_ids():
 def test_latency_histogram_exposes_cumulative_prometheus_buckets():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    histogram = telemetry.LatencyHistogram("demo_duration_milliseconds", "demo", "outcome", bounds=(5, 10))
-    for value in (1, 5, 7, 10, 12):  # a value equal to a bound belongs to that bound's bucket
+    histogram = telemetry.LatencyHistogram("demo_duration_seconds", "demo", "outcome", bounds=(0.005, 0.01))
+    for value in (0.001, 0.005, 0.007, 0.01, 0.012):  # a value equal to a bound belongs to that bound's bucket
         histogram.record(value, "verdict")
-    histogram.record(3, "dead_letter")
+    histogram.record(0.003, "dead_letter")
     registry = CollectorRegistry()
     registry.register(histogram)
     lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
              for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")}
-    assert lines['demo_duration_milliseconds_bucket{le="5.0",outcome="verdict"}'] == 2
-    assert lines['demo_duration_milliseconds_bucket{le="10.0",outcome="verdict"}'] == 4
-    assert lines['demo_duration_milliseconds_bucket{le="+Inf",outcome="verdict"}'] == 5
-    assert lines['demo_duration_milliseconds_count{outcome="verdict"}'] == 5
-    assert lines['demo_duration_milliseconds_sum{outcome="verdict"}'] == 35
-    assert lines['demo_duration_milliseconds_count{outcome="dead_letter"}'] == 1
+    assert lines['demo_duration_seconds_bucket{le="0.005",outcome="verdict"}'] == 2
+    assert lines['demo_duration_seconds_bucket{le="0.01",outcome="verdict"}'] == 4
+    assert lines['demo_duration_seconds_bucket{le="+Inf",outcome="verdict"}'] == 5
+    assert lines['demo_duration_seconds_count{outcome="verdict"}'] == 5
+    assert abs(lines['demo_duration_seconds_sum{outcome="verdict"}'] - 0.035) < 1e-9
+    assert lines['demo_duration_seconds_count{outcome="dead_letter"}'] == 1

@@ -99,3 +99,16 @@ def test_validate_command_prints_file_line_problems_and_exits_1_on_errors(tmp_pa
     assert f"{broken}:18: error: missing section `## SAFE`" in result.stdout
     assert "5 policies checked, 1 errors" in result.stderr
     assert run_cli("policy", "validate", str(REPO / "policies")).returncode == 0
+
+
+def test_validate_reports_every_front_matter_error_at_once(tmp_path):
+    from consumer.policy import validate_policy
+
+    text = ("---\nid: ''\nreasoning_effort: extreme\ncategories: [a]\nactions: {violation: nuke}\n"
+            "patterns: notalist\noutput: verbose\n---\n## INSTRUCTIONS\nx\n")
+    problems = validate_policy(text.encode(), tmp_path / "p.md")
+    messages = " | ".join(p.message for p in problems)
+    assert len(problems) == 6, messages
+    for key in ("`id`", "`reasoning_effort`", "`categories`", "`patterns`", "`output`", "'nuke'"):
+        assert key in messages
+    assert [p.line for p in problems] == sorted(p.line for p in problems) and problems[0].line == 2

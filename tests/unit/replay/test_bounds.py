@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import pytest
 
 from consumer.replay import ReplayError
-from consumer.replay.bounds import Bound, TokenBucket, parse_rate
+from consumer.replay.bounds import Bound, TokenBucket, parse_rate, resolve_ranges
 
 
 def test_bounds_are_earliest_now_an_offset_or_a_time_in_utc_when_unzoned():
@@ -43,3 +44,24 @@ def test_the_token_bucket_starts_empty_and_holds_a_tenth_of_a_second():
     assert bucket.take(50, timeout=0) == 0
     bucket.refund(3)  # three of those records did not come
     assert bucket.take(50, timeout=0) == 3
+
+
+class TopicDouble:
+    """The metadata calls resolve_ranges makes, for one topic of two partitions holding 10..20."""
+
+    def list_topics(self, topic, timeout):
+        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None, 1: None})})
+
+    def get_watermark_offsets(self, tp, timeout):
+        return (10, 20)
+
+
+@pytest.mark.parametrize("start, end", [("now", "earliest"), ("15", "12"), ("now", "12"), ("2026-02-01", "2026-01-01")])
+def test_a_backwards_range_is_an_error_not_an_empty_run(start, end):
+    with pytest.raises(ReplayError, match="--from is after --to"):
+        resolve_ranges(TopicDouble(), "t", None, Bound.parse(start), Bound.parse(end))
+
+
+def test_a_forward_range_resolves():
+    ranges = resolve_ranges(TopicDouble(), "t", None, Bound.parse("earliest"), Bound.parse("now"))
+    assert {p: (r.start, r.end) for p, r in ranges.items()} == {0: (10, 20), 1: (10, 20)}

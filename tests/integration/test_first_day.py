@@ -1,0 +1,235 @@
+"""An operator's first day, against the real broker: clear start-up, real pre-flight,
+conventional metrics and logs. Each test is one promise of the README."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+from opentelemetry.sdk.trace import TracerProvider
+
+from consumer.classify.keyword import KeywordClassifier
+from consumer.kafka.devkafka import free_port
+from consumer.pipeline.background import BackgroundPipeline
+from consumer.pipeline.pipeline import Pipeline
+from consumer.pipeline.telemetry import JsonLogFormatter
+from consumer.policy import PolicyStore
+from tests.kafka_helpers import (
+    Collector,
+    committed_offsets,
+    create_topics,
+    decoded,
+    event_json,
+    produce,
+    unique,
+    wait_for,
+)
+from tests.runner import settings_for, write_config
+
+pytestmark = pytest.mark.kafka
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )  # fmt: skip
+    return result, time.monotonic() - started
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_the_readme_run_section_on_a_fresh_broker_produces_verdicts(kafka, tmp_path):
+    """`topics create` then `run`, both on deploy/config.example.yaml as the README says."""
+    example = str(REPO / "deploy" / "config.example.yaml")
+    group = unique("readme")
+    env = {"SAFEGUARD_KAFKA__GROUP_ID": group, "SAFEGUARD_TELEMETRY__HTTP_PORT": "0"}
+    created, _ = cli("topics", "create", "--config", example, "--bootstrap-servers", kafka, env=env)
+    assert created.returncode == 0, created.stderr
+    assert "verdicts (verdicts): created" in created.stdout or "verdicts (verdicts): exists" in created.stdout
+    again, _ = cli("topics", "create", "--config", example, "--bootstrap-servers", kafka, env=env)
+    assert again.returncode == 0 and "created" not in again.stdout  # idempotent
+
+    produce(kafka, "chat-messages", [event_json(i, "kys" if i == 0 else None) for i in range(5)])
+    outputs = Collector(kafka, "verdicts")
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "consumer", "run", "--config", example, "--bootstrap-servers", kafka],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        verdicts = decoded(outputs.until(5, timeout=90))
+    finally:
+        process.terminate()
+        assert process.wait(60) == 0
+        outputs.close()
+    assert sorted(v["event_id"] for v in verdicts if v["source"]["topic"] == "chat-messages")[-5:] == [
+        f"e{i}" for i in range(5)
+    ]
+    start = next(orjson.loads(line) for line in log.read_text().splitlines() if "starting: classifier" in line)
+    assert "chat-harassment@" in start["message"] and "delivery at_least_once" in start["message"]
+
+
+def test_a_missing_output_topic_exits_2_naming_it_before_anything_is_consumed(kafka, policies_dir, tmp_path):
+    topic, group = unique("no-output"), unique("group")
+    create_topics(kafka, topic, f"{topic}.dlq")  # no verdict topic
+    produce(kafka, topic, (event_json(i) for i in range(10)))
+    config = write_config(tmp_path / "c.yaml", kafka, group, topic, policies_dir)
+    result, seconds = cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert f"kafka.verdict_topic: topic '{topic}.verdicts' does not exist" in result.stderr
+    assert f"safeguard-consumer topics create --config {config}" in result.stderr
+    assert committed_offsets(kafka, group, topic, 1) == {0: -1001}  # OFFSET_INVALID: nothing committed
+    assert seconds < 30
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{free}", "kafak-misspelled.invalid:9092"])
+def test_unreachable_brokers_at_start_exit_1_with_one_error_line(policies_dir, tmp_path, address):
+    address = address.format(free=free_port())
+    config = write_config(tmp_path / "c.yaml", address, "g", "t", policies_dir)
+    data = yaml.safe_load(config.read_text())
+    data["kafka"]["startup_timeout_s"] = 5
+    config.write_text(yaml.safe_dump(data))
+    result, seconds = cli("run", "--config", str(config))
+    lines = result.stderr.splitlines()
+    errors = [orjson.loads(line) for line in lines if line.startswith("{") and '"ERROR"' in line]
+    assert result.returncode == 1
+    assert seconds < 5 + 10
+    assert len(lines) < 20, result.stderr
+    assert len(errors) == 1 and address in errors[0]["message"] and "unreachable" in errors[0]["message"]
+
+
+def test_check_config_connect_checks_brokers_topics_and_permissions(kafka, policies_dir, tmp_path):
+    topic = unique("connect")
+    config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir)
+    missing, _ = cli("check-config", "--quiet", "--connect", "--config", str(config))
+    assert missing.returncode == 2 and f"topic '{topic}' does not exist" in missing.stderr
+    created, _ = cli("topics", "create", "--config", str(config), "--partitions", "2")
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.count("created (2 partitions, replication 1)") == 3
+    present, _ = cli("check-config", "--quiet", "--connect", "--config", str(config))
+    assert present.returncode == 0, present.stderr
+    assert "reachable; topics present and permitted" in present.stderr
+
+
+def test_a_busy_metrics_port_is_one_line_naming_telemetry_http_port(kafka, policies_dir, tmp_path):
+    topic = unique("busy")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.yaml", kafka, unique("group"), topic, policies_dir,
+                              telemetry={"http_port": port})  # fmt: skip
+        result, _ = cli("run", "--config", str(config))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and "telemetry.http_port" in errors[0] and str(port) in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_metrics_follow_prometheus_conventions_and_every_counter_starts_at_0(kafka, policies_dir, tmp_path):
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: scripts/bootstrap installs Debian's prometheus package"
+    topic = unique("conventions")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    settings = settings_for(kafka, unique("group"), topic, policies_dir)
+    pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory))
+    with BackgroundPipeline(pipeline) as running:
+        wait_for(lambda: pipeline.http is not None and get(pipeline.http.port, "/readyz")[0] == 200, timeout=60,
+                 message="ready")  # fmt: skip
+        before = get(pipeline.http.port, "/metrics")[1]  # nothing consumed yet
+        produce(kafka, topic, [event_json(0, "kys"), b"{bad"])
+        wait_for(lambda: pipeline.consumed == 2 and pipeline.tracker.in_flight() == 0, timeout=30, message="2 records")
+        after = get(pipeline.http.port, "/metrics")[1]
+        running.stop()
+    for name in ("safeguard_dead_letters_total", "safeguard_events_consumed_total", "safeguard_verdicts_total",
+                 "safeguard_tokens_total", "safeguard_event_duration_seconds_count"):  # fmt: skip
+        assert f"\n{name}{{" in before, f"{name} absent before its first increment"
+    assert 'safeguard_dead_letters_total{error_type="classifier_error"} 0.0' in after
+    assert "otel_scope" not in after and "milliseconds" not in after and "safeguard_figure" not in after
+    for text in (before, after):
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
+
+
+def test_a_per_record_error_log_carries_the_record_trace_id(kafka, policies_dir):
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    topic = unique("traced-log")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    produce(kafka, topic, [event_json(0)])
+    settings = settings_for(kafka, unique("group"), topic, policies_dir,
+                            classifier={"kind": "plugin", "factory": "tests.plugins:unserialisable"})  # fmt: skip
+    from consumer.classify.factory import build_classifier
+
+    store = PolicyStore(settings.policies.directory)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLogFormatter())
+    logger = logging.getLogger("consumer.pipeline.pipeline")
+    logger.addHandler(handler)
+    try:
+        pipeline = Pipeline(settings, build_classifier(settings, store), store, tracer_provider=provider)
+        with BackgroundPipeline(pipeline) as running:
+            wait_for(lambda: pipeline.dead_letters == 1, timeout=60, message="the dead letter")
+            running.stop()
+    finally:
+        logger.removeHandler(handler)
+    errors = [orjson.loads(line) for line in stream.getvalue().splitlines() if '"ERROR"' in line]
+    spans = [s for s in exporter.get_finished_spans() if s.name == f"process {topic}"]
+    assert len(errors) == 1 and len(spans) == 1
+    assert errors[0]["trace_id"] == f"{spans[0].context.trace_id:032x}"
+    assert errors[0]["span_id"] == f"{spans[0].context.span_id:016x}"
+
+
+def test_an_outage_after_start_is_one_warning_each_way_and_readyz_follows(kafka_broker, policies_dir, caplog):
+    kafka = kafka_broker.bootstrap
+    topic = unique("outage")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    settings = settings_for(kafka, unique("group"), topic, policies_dir,
+                            telemetry={"http_port": 0, "statistics_interval_ms": 500})  # fmt: skip
+    pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory))
+    caplog.set_level(logging.INFO)
+    with BackgroundPipeline(pipeline) as running:
+        wait_for(lambda: pipeline.http is not None and get(pipeline.http.port, "/readyz")[0] == 200, timeout=60,
+                 message="ready")  # fmt: skip
+        kafka_broker.stop()
+        try:
+            wait_for(lambda: get(pipeline.http.port, "/readyz")[0] == 503, timeout=60, message="/readyz to fail")
+            time.sleep(5)  # librdkafka retries many times meanwhile
+            assert "brokers unreachable" in get(pipeline.http.port, "/readyz")[1]
+        finally:
+            kafka_broker.start(timeout=120)
+        wait_for(lambda: get(pipeline.http.port, "/readyz")[0] == 200, timeout=90, message="/readyz to recover")
+        assert running.stop().exit_code == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([w for w in warnings if w.startswith("brokers unreachable")]) == 1, warnings
+    assert len([w for w in warnings if w.startswith("brokers reachable again")]) == 1, warnings
+    librdkafka = [r for r in caplog.records if r.name == "consumer.kafka.librdkafka"]
+    assert len(librdkafka) < 40, [r.getMessage() for r in librdkafka]

@@ -1,0 +1,79 @@
+"""`check-config` is the pre-flight of `run`: what `run` rejects before its first poll,
+`check-config` rejects too, with exit 2 naming the key and never a secret's value."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.unit.test_config import run_cli
+
+SECRET = "hunter2-do-not-print"
+
+
+def config(tmp_path: Path, policies_dir: Path | None = None, **sections: dict) -> Path:
+    policies = {"directory": str(policies_dir or REPO / "policies"), "default": "chat-harassment",
+                **sections.pop("policies", {})}
+    data = {"policies": policies,
+            # Nothing listens here: `run` must stop on the configuration before it connects.
+            "kafka": {"bootstrap_servers": "127.0.0.1:1", "startup_timeout_s": 1, **sections.pop("kafka", {})},
+            **sections}  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def both(path: Path) -> list:
+    return [run_cli("check-config", "--config", str(path)), run_cli("run", "--config", str(path))]
+
+
+def test_a_misspelled_librdkafka_option_is_named_and_its_secret_hidden(tmp_path):
+    path = config(tmp_path, kafka={"consumer": {"sasl.pasword": SECRET}})
+    for result in both(path):
+        assert result.returncode == 2, result.stderr
+        assert "kafka.consumer.sasl.pasword: not a librdkafka option" in result.stderr
+        assert SECRET not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_mistyped_librdkafka_value_is_named(tmp_path):
+    path = config(tmp_path, kafka={"consumer": {"fetch.wait.max.ms": "soon"}})
+    for result in both(path):
+        assert result.returncode == 2
+        assert "kafka.consumer.fetch.wait.max.ms" in result.stderr
+        assert len(result.stderr.splitlines()) <= 3
+
+
+def test_an_invalid_policy_file_fails_check_config_as_it_fails_run(tmp_path):
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    (policies / "broken.md").write_text("---\nid: broken\nreasoning_effort: extreme\n---\nno sections\n")
+    for result in both(config(tmp_path, policies)):
+        assert result.returncode == 2
+        assert "policies.directory" in result.stderr and "broken.md" in result.stderr
+
+
+def test_a_route_naming_an_unknown_policy_fails_check_config(tmp_path):
+    path = config(tmp_path, policies={"routes": [{"policies": ["nope"]}]})
+    for result in both(path):
+        assert result.returncode == 2
+        assert "nope" in result.stderr and "policies.routes" in result.stderr
+
+
+def test_check_config_prints_the_configuration_and_what_run_would_start(tmp_path):
+    result = run_cli("check-config", "--config", str(config(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert '"bootstrap_servers": "127.0.0.1:1"' in result.stdout
+    assert "would start: classifier keyword" in result.stderr and "chat-harassment@" in result.stderr
+
+
+@pytest.mark.parametrize("command", [("check-config", "--connect"), ("run",)])
+def test_unreachable_brokers_exit_1_with_one_line(tmp_path, command):
+    result = run_cli(*command, "--config", str(config(tmp_path)))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "unreachable" in line]
+    assert len(errors) == 1 and "127.0.0.1:1" in errors[0]
