@@ -46,6 +46,7 @@ from consumer.decode import DecodeError, Decoder
 from consumer.events import ContentEvent, ErrorType
 from consumer.health import HealthServer
 from consumer.offsets import OffsetTracker, Ticket
+from consumer.output_budget import OutputBudget
 from consumer.policy import PolicyStore, PolicyWatcher, most_severe
 from consumer.route import Router
 from consumer.sink import Sink, TransactionalSink
@@ -114,8 +115,6 @@ class Pipeline:
         self._stop_requested = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.consumed = 0
-        self.verdicts = 0
-        self.dead_letters = 0
 
     def stop(self) -> None:
         """Ask the pipeline to drain and stop; safe to call from any thread."""
@@ -133,6 +132,12 @@ class Pipeline:
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stopping.set)
+        producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
+        budget = OutputBudget(producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic)
+        await asyncio.to_thread(budget.load)
+        problem = budget.check(cfg.pipeline.max_payload_bytes)
+        if problem:  # a configuration error: nothing consumed, before anything started
+            return RunResult(2, 0, 0, 0, problem)
 
         if cfg.telemetry.http_port is not None:
             self.health = HealthServer(
@@ -146,7 +151,6 @@ class Pipeline:
         # process: out of the collector's sight, full collections stay short.
         gc.freeze()
         self._classifier_ready = True
-        producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers}
         committer = None
         if cfg.pipeline.delivery == "exactly_once" and self._sink_factory is None:
             self.sink = committer = TransactionalSink(
@@ -157,6 +161,7 @@ class Pipeline:
                 transactional_id=cfg.pipeline.transactional_id or f"{cfg.kafka.group_id}-{socket.gethostname()}",
                 on_fatal=self._fail_threadsafe,
                 max_records=cfg.pipeline.transaction_max_records,
+                budget=budget,
             )
         else:
             self.sink = (self._sink_factory or Sink)(
@@ -166,6 +171,7 @@ class Pipeline:
                 on_delivered=self.tracker.done_many,
                 on_fatal=self._fail_threadsafe,
                 delivery_retries=cfg.pipeline.delivery_retries,
+                budget=budget,
             )
         self.batcher = Batcher(
             self.classifier,
@@ -223,9 +229,11 @@ class Pipeline:
         if self.health is not None:
             self.health.stop()
         self.telemetry.shutdown()
+        # Only what the broker acknowledged (or, exactly once, what a committed transaction holds).
+        verdicts, dead_letters = self.sink.verdicts_delivered, self.sink.dead_letters_delivered
         if self._fatal:
-            return RunResult(1, self.consumed, self.verdicts, self.dead_letters, self._fatal)
-        return RunResult(0, self.consumed, self.verdicts, self.dead_letters)
+            return RunResult(1, self.consumed, verdicts, dead_letters, self._fatal)
+        return RunResult(0, self.consumed, verdicts, dead_letters)
 
     async def _shutdown(self, serving: asyncio.Task[None]) -> None:
         deadline = time.monotonic() + self.settings.pipeline.shutdown_deadline_s
@@ -247,8 +255,8 @@ class Pipeline:
         await asyncio.to_thread(self.source.close)
         self.sink.close()
         await self.classifier.close()
-        log.info("stopped: consumed %d, verdicts %d, dead letters %d",
-                 self.consumed, self.verdicts, self.dead_letters)
+        log.info("stopped: consumed %d; delivered verdicts %d, dead letters %d",
+                 self.consumed, self.sink.verdicts_delivered, self.sink.dead_letters_delivered)
 
     async def _serve_sink(self) -> None:
         """Delivery reports, between batches of records (`_receive` serves after each batch
@@ -579,9 +587,8 @@ class Pipeline:
         )
         if record.traced:
             span.set_attributes({"safeguard.violation": violation, "safeguard.action": action})
-        self.sink.send_verdict(document, message.key(), record.ticket, telemetry.inject(span))
+        self.sink.send_verdict(document, message, record.ticket, telemetry.inject(span))
         self._outputs_sent.set()  # type: ignore[union-attr]
-        self.verdicts += 1
         counts = self.telemetry.verdicts
         for result in results:
             counts[(result["policy_id"], result["violation"], result["action"])] += 1
@@ -601,9 +608,8 @@ class Pipeline:
         if record.traced:
             span.set_status(Status(StatusCode.ERROR, error_type.value))
             span.set_attribute("error.type", error_type.value)
-        self.sink.send_dead_letter(letter, record.message.key(), record.ticket, telemetry.inject(span))
+        self.sink.send_dead_letter(letter, record.message, record.ticket, telemetry.inject(span))
         self._outputs_sent.set()  # type: ignore[union-attr]
-        self.dead_letters += 1
         self.telemetry.dead_letters[error_type.value] += 1
         self.telemetry.e2e_latency.record((time.monotonic() - record.started) * 1000, "dead_letter")
 

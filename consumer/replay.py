@@ -39,7 +39,7 @@ from typing import Any, Literal, Optional
 
 import orjson
 import typer
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
@@ -51,6 +51,7 @@ from consumer.classify import Classifier, build_classifier
 from consumer.config import ConfigError, Settings, format_validation_error, load_settings
 from consumer.events import ReplayInfo
 from consumer.offsets import OffsetTracker, Ticket, TopicPartitionKey
+from consumer.output_budget import OutputBudget
 from consumer.pipeline import Pipeline, RunResult
 from consumer.policy import PolicyError, PolicyStore, load_policy
 from consumer.route import Router, RoutingError
@@ -424,7 +425,9 @@ class JsonlSink:
         self._on_delivered = on_delivered
         self._on_fatal = on_fatal
         self._lock = threading.Lock()
-        self._written: list[Ticket] = []
+        self._written: list[tuple[Ticket, bool]] = []  # (ticket, is a dead letter)
+        self.verdicts_delivered = 0  # synced to disk
+        self.dead_letters_delivered = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="jsonl-sync", daemon=True)
         self.failed: str | None = None
@@ -432,13 +435,13 @@ class JsonlSink:
     def start(self) -> None:
         self._thread.start()
 
-    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._write(verdict, ticket)
+    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        self._write(verdict, ticket, letter=False)
 
-    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._write(letter, ticket)
+    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        self._write(letter, ticket, letter=True)
 
-    def _write(self, document: Document, ticket: Ticket) -> None:
+    def _write(self, document: Document, ticket: Ticket, letter: bool) -> None:
         line = orjson.dumps(document) + b"\n"
         with self._lock:
             if self.failed:
@@ -448,7 +451,7 @@ class JsonlSink:
             except OSError as exc:
                 self._fail(f"cannot write {self.path}: {exc.strerror}")
                 return
-            self._written.append(ticket)
+            self._written.append((ticket, letter))
 
     def _sync(self) -> None:
         with self._lock:
@@ -461,7 +464,10 @@ class JsonlSink:
                 self._fail(f"cannot write {self.path}: {exc.strerror}")
                 return
             synced, self._written = self._written, []
-        self._on_delivered(synced)
+        letters = sum(letter for _, letter in synced)
+        self.verdicts_delivered += len(synced) - letters
+        self.dead_letters_delivered += letters
+        self._on_delivered([ticket for ticket, _ in synced])
 
     def _fail(self, reason: str) -> None:
         self.failed = reason
@@ -508,12 +514,20 @@ class ReplayOutput:
     def start(self) -> None:
         self._inner.start()
 
-    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
         self.violations += verdict["violation"]
-        self._inner.send_verdict({**verdict, "replay": self._stamp}, key, ticket, headers + self._headers)
+        self._inner.send_verdict({**verdict, "replay": self._stamp}, record, ticket, headers + self._headers)
 
-    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._inner.send_dead_letter({**letter, "replay": self._stamp}, key, ticket, headers + self._headers)
+    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        self._inner.send_dead_letter({**letter, "replay": self._stamp}, record, ticket, headers + self._headers)
+
+    @property
+    def verdicts_delivered(self) -> int:
+        return self._inner.verdicts_delivered
+
+    @property
+    def dead_letters_delivered(self) -> int:
+        return self._inner.dead_letters_delivered
 
     def awaiting_reports(self) -> bool:
         return self._inner.awaiting_reports()
@@ -704,6 +718,7 @@ class Replay:
         on_delivered: Callable[[list[Ticket]], None],
         on_fatal: Callable[[str], None],
         delivery_retries: int,
+        budget: OutputBudget,
     ) -> ReplayOutput:
         def delivered(tickets: list[Ticket]) -> None:
             on_delivered(tickets)
@@ -713,7 +728,8 @@ class Replay:
         if self.output_file is not None:
             inner = JsonlSink(self.output_file, delivered, on_fatal)
         else:
-            inner = Sink(producer_config, verdict_topic, dead_letter_topic, delivered, on_fatal, delivery_retries)
+            inner = Sink(producer_config, verdict_topic, dead_letter_topic, delivered, on_fatal, delivery_retries,
+                         budget)  # fmt: skip
         self.output = ReplayOutput(inner, self.info)
         return self.output
 

@@ -83,6 +83,7 @@ def verdict(
         "latency_ms": latency_ms,
         "consumer_version": consumer.__version__,
         "replay": None,
+        "truncated": None,
     }
 
 

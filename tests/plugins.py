@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import random
 
 from consumer.classify import Capacity, Classification, ClassifyRequest
 
@@ -79,3 +81,30 @@ class FlakyClassifier:
 
     async def close(self) -> None:
         return None
+
+
+class LongRationaleClassifier:
+    """Flags content containing "explain" with a rationale of `rationale_bytes` of random text
+    (which lz4 cannot shrink, so the broker sees its full size); instant."""
+
+    name = "long-rationale-test"
+
+    def __init__(self, rationale_bytes: int = 1_500_000):
+        self.rationale_bytes = rationale_bytes
+
+    async def start(self) -> None:
+        return None
+
+    def capacity(self) -> Capacity:
+        return Capacity(max_sequences=64)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        if "explain" not in request.event.content:
+            return Classification(violation=False, model=self.name)
+        noise = random.Random(request.event.event_id).randbytes(self.rationale_bytes)
+        rationale = base64.b64encode(noise).decode()[: self.rationale_bytes]
+        return Classification(violation=True, category="test", rationale=rationale, model=self.name)
+
+    async def close(self) -> None:
+        return None
+
