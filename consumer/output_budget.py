@@ -66,7 +66,8 @@ class OutputTooLarge(Exception):
 
 
 class OutputRefused(Exception):
-    """The broker refused a record's minimal dead letter: the topic itself is the problem."""
+    """Nothing smaller is left for a record (its minimal dead letter was refused, or no dead
+    letter fits the budget at all): the topic itself is the problem."""
 
 
 class Output(NamedTuple):

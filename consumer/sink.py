@@ -331,9 +331,6 @@ class TransactionalSink:
     def due(self) -> bool:
         return len(self._held) >= self._max_records
 
-    def pending(self) -> int:
-        return len(self._held)
-
     def forget(self, partitions: list[TopicPartitionKey]) -> None:
         with self._lock:
             revoked = set(partitions)

@@ -2,15 +2,18 @@
 
 A confluent-kafka consumer is polled on its own thread, so a slow classifier can never let
 `max.poll.interval.ms` expire. Each record is registered with the offset tracker before it
-is handed on. When the in-flight window (records or bytes) is full, the poll thread first
+is handed on. The in-flight window counts records consumed and not yet committed, the
+delivered ones too: a crash redoes them all, so the window bounds the duplicates a crash
+can cause. When the window (records or bytes) is full, the poll thread first
 waits up to `PAUSE_AFTER_S` for it to drain, since pausing has a price: librdkafka drops
 what it prefetched and takes a fetch round trip (hundreds of milliseconds) to resume. A
 window still full after that means a slow classifier: every assigned partition is paused;
 polling goes on (serving rebalances and keeping the membership alive) and the partitions
-resume once the window has drained to half. Commits also happen on this thread, every
-`commit_interval_s`, of the positions the tracker allows: asynchronously, so a slow broker
-round trip never holds up polling (their results come back within `consume`); on revoke and
-on close synchronously.
+resume once the window has drained to half. Commits also happen on this thread, of the
+positions the tracker allows: every `commit_interval_s` and whenever half the window is
+committable, asynchronously, so a slow broker round trip never holds up polling (their
+results come back within `consume`); on revoke, on close and while the window is full
+synchronously (no `consume` serves a result then).
 
 Rebalances use cooperative-sticky assignment. On revoke, the revoked partitions' in-flight
 records get up to `revoke_drain_s` to finish, what completed is committed, and the rest is
@@ -84,16 +87,15 @@ class Committer(Protocol):
         """True when a commit should happen before the next interval (a size bound)."""
         ...
 
-    def pending(self) -> int:
-        """Records done but held back until their commit; they count in the in-flight window."""
-        ...
-
 
 class OffsetCommitter:
-    """At-least-once: commits the positions of delivered records to the consumer group."""
+    """At-least-once: commits the positions of delivered records to the consumer group, every
+    interval and whenever `commit_at` delivered records wait (half the window)."""
 
-    def __init__(self, tracker: OffsetTracker):
+    def __init__(self, tracker: OffsetTracker, commit_at: int):
         self._tracker = tracker
+        self._commit_at = commit_at
+        self._committing = False  # an asynchronous commit awaits its result
 
     def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None, wait: bool = True) -> None:
         positions = self._tracker.commit_positions(partitions)
@@ -104,6 +106,7 @@ class OffsetCommitter:
             # Asynchronous: the outcome reaches `committed` (librdkafka's commit callback).
             consumer.commit(offsets=offsets, asynchronous=not wait)
             if not wait:
+                self._committing = True
                 return
         except KafkaException as exc:
             # Not fatal: the positions stay pending and the next commit retries them.
@@ -113,6 +116,7 @@ class OffsetCommitter:
 
     def committed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """librdkafka's commit callback (served within `consume`): what the broker accepted."""
+        self._committing = False
         if error is not None:
             log.warning("commit failed, will retry: %s", error.str())  # the positions stay pending
             return
@@ -122,10 +126,7 @@ class OffsetCommitter:
         self._tracker.forget(partitions)
 
     def due(self) -> bool:
-        return False
-
-    def pending(self) -> int:
-        return 0
+        return not self._committing and self._tracker.committable() >= self._commit_at
 
 
 class Source:
@@ -146,7 +147,7 @@ class Source:
         """`on_assigned` runs on the poll thread after an assignment, before any of its records
         are handed on (state rebuilds)."""
         self._consumer = consumer
-        self._committer = committer or OffsetCommitter(tracker)
+        self._committer = committer or OffsetCommitter(tracker, commit_at=max(1, max_in_flight_events // 2))
         self._on_assigned = on_assigned
         self._topics = topics
         self._tracker = tracker
@@ -228,7 +229,9 @@ class Source:
                     if received:
                         self._deliver(received)
                 else:
-                    self._tracker.wait_for_room(self._max_events - self._committer.pending(), self._max_bytes, 0.01)
+                    if self._tracker.committable():
+                        self._commit()  # delivered records hold the full window: free it, waiting
+                    self._tracker.wait_for_room(self._max_events, self._max_bytes, 0.01)
                 if time.monotonic() >= next_commit or self._committer.due():
                     self._commit(wait=False)
                     next_commit = time.monotonic() + self._commit_interval_s
@@ -242,7 +245,7 @@ class Source:
     def _poll_once(self) -> Received:
         received: Received = []
         # Never ask for more than the window has room for, so it holds exactly (paused or not).
-        room = max(1, min(POLL_BATCH, self._max_events - self._tracker.in_flight() - self._committer.pending()))
+        room = max(1, min(POLL_BATCH, self._max_events - self._tracker.uncommitted()))
         # Wait for the first record only, then take what is already fetched: a trickle of
         # records is handed on at once instead of waiting out the timeout for a full batch.
         messages = self._consumer.consume(num_messages=1, timeout=POLL_TIMEOUT_S)
@@ -272,7 +275,7 @@ class Source:
     def _apply_backpressure(self) -> bool:
         """Pause or resume the assigned partitions by the window; False: the window is full but
         not yet for `PAUSE_AFTER_S`, so wait for room before polling again."""
-        events, size = self._tracker.in_flight() + self._committer.pending(), self._tracker.in_flight_bytes
+        events, size = self._tracker.uncommitted(), self._tracker.in_flight_bytes
         full = events >= self._max_events or size >= self._max_bytes
         if not full:
             self._full_since = None

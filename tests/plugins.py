@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import time
 
 from consumer.classify import Capacity, Classification, ClassifyRequest
 
@@ -108,3 +109,37 @@ class LongRationaleClassifier:
     async def close(self) -> None:
         return None
 
+
+class _StallBeforeCommit:
+    """A transactional producer whose `commit_transaction` first flushes (the outputs are then
+    on the broker, in the open transaction), writes `marker`, and never returns."""
+
+    def __init__(self, producer: object, marker: str):
+        self._producer = producer
+        self._marker = marker
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._producer, name)
+
+    def commit_transaction(self, *args: object) -> None:
+        self._producer.flush()  # type: ignore[attr-defined]
+        with open(self._marker, "w") as out:
+            out.write("a transaction with outputs is open")
+        time.sleep(3600)
+
+
+def stall_in_transaction(marker: str):
+    """The keyword classifier, in a process whose first transaction with outputs stalls just
+    before its commit (exactly-once), so that a test can SIGKILL it with the transaction open."""
+    from consumer import sink
+    from consumer.classify import KeywordClassifier
+
+    commit = sink.TransactionalSink._commit_transaction
+
+    def stalled(self, consumer, batch, offsets):  # type: ignore[no-untyped-def]
+        if batch:
+            self._producer = _StallBeforeCommit(self._producer, marker)
+        return commit(self, consumer, batch, offsets)
+
+    sink.TransactionalSink._commit_transaction = stalled  # type: ignore[method-assign]
+    return KeywordClassifier()
