@@ -102,7 +102,7 @@ async def run(spec: Spec) -> dict[str, Any]:
         ours_per_s=result["events_per_s"],
         max_num_seqs=classifier.capacity().max_sequences,
         kv_cache_tokens=classifier.capacity().max_tokens,
-        dead_letters=pipeline.dead_letters,
+        dead_letters=pipeline.sink.dead_letters_delivered,
     )
     return result
 

@@ -38,6 +38,7 @@ class ErrorType(str, enum.Enum):
     NO_POLICY = "no_policy"
     CLASSIFIER_ERROR = "classifier_error"
     UNPARSEABLE_OUTPUT = "unparseable_output"
+    OUTPUT_REJECTED = "output_rejected"
 
 
 class ContextMessage(BaseModel):
@@ -107,6 +108,16 @@ class ReplayInfo(BaseModel):
     policies: list[str] = Field(description="id@version of every policy in force for the replay")
 
 
+class VerdictTruncation(BaseModel):
+    """What was cut from a verdict so that it fits the verdict topic (consumer.kafka.budget)."""
+
+    cut: list[Literal["key", "reasoning", "rationale", "results"]] = Field(
+        description="in the order cut: the record key (replaced by its sha256), reasoning, rationales, whole results"
+    )
+    original_bytes: int = Field(description="key, value and headers of the verdict before it was cut")
+    results_omitted: int = Field(default=0, description="policy results left out, those without a violation first")
+
+
 class Verdict(BaseModel):
     """The output for one input event: every applicable policy's result and the overall call."""
 
@@ -128,16 +139,33 @@ class Verdict(BaseModel):
     latency_ms: float
     consumer_version: str
     replay: ReplayInfo | None = Field(default=None, description="set when a replay produced this verdict")
+    truncated: VerdictTruncation | None = Field(
+        default=None, description="set when the verdict was cut to fit its topic"
+    )
+
+
+class CutField(BaseModel):
+    """A field of the original record cut short so that the dead letter fits its topic."""
+
+    size: int = Field(description="bytes of the whole field: the value or key, or the JSON of the headers array")
+    kept: int = Field(description="bytes of it still in the dead letter, a prefix")
+    sha256: str = Field(description="hex digest of the whole field's bytes")
 
 
 class OriginalRecord(BaseModel):
-    """The failed input record, byte for byte: key, value and header values in base64."""
+    """The failed input record, byte for byte (key, value and header values in base64), or, when
+    `truncated`, abbreviated: fetch the full record at the dead letter's `source` coordinates
+    while the topic retains it, and check it against the cut fields' sha256."""
 
     key_b64: str | None
     value_b64: str | None
     headers: list[tuple[str, str | None]] = Field(
         default_factory=list, description="(name, base64 value) in the original order"
     )
+    truncated: bool = Field(default=False, description="true when a field below was cut to fit the dead-letter topic")
+    value_cut: CutField | None = None
+    key_cut: CutField | None = None
+    headers_cut: CutField | None = Field(default=None, description="the headers are cut whole: `headers` is empty")
 
     @classmethod
     def capture(

@@ -148,3 +148,25 @@ class Collector:
 def covered_offsets(messages: list) -> list[tuple[int, int]]:
     """(partition, offset) of the input record behind each verdict or dead letter."""
     return [(d["source"]["partition"], d["source"]["offset"]) for d in decoded(messages)]
+
+
+def create_topic(bootstrap: str, name: str, partitions: int = 1, config: dict[str, str] | None = None) -> None:
+    """One topic with topic-level settings (e.g. max.message.bytes), visible when this returns."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    topic = NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})
+    admin.create_topics([topic])[name].result(30)
+    wait_for(lambda: len(admin.list_topics(name, timeout=5).topics[name].partitions) == partitions, timeout=30,
+             message=f"topic {name} visible")  # fmt: skip
+
+
+def set_topic_config(bootstrap: str, name: str, **settings: str) -> None:
+    """Change topic-level settings of an existing topic (incremental: the others stay)."""
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+    entries = [ConfigEntry(k.replace("_", "."), v, incremental_operation=AlterConfigOpType.SET) for k, v in settings.items()]
+    resource = ConfigResource(ResourceType.TOPIC, name, incremental_configs=entries)
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept until the futures resolve
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import random
+import time
 
 from consumer.classify import Capacity, Classification, ClassifyRequest
 
@@ -105,3 +108,64 @@ class UnserialisableClassifier:
 
 def unserialisable() -> UnserialisableClassifier:
     return UnserialisableClassifier()
+
+
+class LongRationaleClassifier:
+    """Flags content containing "explain" with a rationale of `rationale_bytes` of random text
+    (which lz4 cannot shrink, so the broker sees its full size); instant."""
+
+    name = "long-rationale-test"
+
+    def __init__(self, rationale_bytes: int = 1_500_000):
+        self.rationale_bytes = rationale_bytes
+
+    async def start(self) -> None:
+        return None
+
+    def capacity(self) -> Capacity:
+        return Capacity(max_sequences=64)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        if "explain" not in request.event.content:
+            return Classification(violation=False, model=self.name)
+        noise = random.Random(request.event.event_id).randbytes(self.rationale_bytes)
+        rationale = base64.b64encode(noise).decode()[: self.rationale_bytes]
+        return Classification(violation=True, category="test", rationale=rationale, model=self.name)
+
+    async def close(self) -> None:
+        return None
+
+
+class _StallBeforeCommit:
+    """A transactional producer whose `commit_transaction` first flushes (the outputs are then
+    on the broker, in the open transaction), writes `marker`, and never returns."""
+
+    def __init__(self, producer: object, marker: str):
+        self._producer = producer
+        self._marker = marker
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._producer, name)
+
+    def commit_transaction(self, *args: object) -> None:
+        self._producer.flush()  # type: ignore[attr-defined]
+        with open(self._marker, "w") as out:
+            out.write("a transaction with outputs is open")
+        time.sleep(3600)
+
+
+def stall_in_transaction(marker: str):
+    """The keyword classifier, in a process whose first transaction with outputs stalls just
+    before its commit (exactly-once), so that a test can SIGKILL it with the transaction open."""
+    from consumer.classify.keyword import KeywordClassifier
+    from consumer.kafka import sink
+
+    commit = sink.TransactionalSink._commit_transaction
+
+    def stalled(self, consumer, batch, offsets):  # type: ignore[no-untyped-def]
+        if batch:
+            self._producer = _StallBeforeCommit(self._producer, marker)
+        return commit(self, consumer, batch, offsets)
+
+    sink.TransactionalSink._commit_transaction = stalled  # type: ignore[method-assign]
+    return KeywordClassifier()

@@ -5,8 +5,10 @@ acknowledges the record's verdict or dead letter, it is marked done (`done_many`
 of delivery reports at a time: one lock per batch, not per record). Classification finishes
 out of order, so the commit position of a partition is one past the highest offset below
 which every record is done.
-The tracker also counts what is in flight (records and bytes): the intake limit
-(`pipeline.max_in_flight_*`) that the source pauses on.
+The tracker also counts the intake limit (`pipeline.max_in_flight_*`) that the source pauses
+on: records tracked but not yet committed (`uncommitted`), the undone ones and the done ones
+alike, since a crash redoes both; and the bytes of the undone ones, which the process still
+holds.
 
 Thread-safe: the poll thread tracks and commits; the event loop marks done as it serves the
 producer's delivery reports (a replay's file sink, from its sync thread).
@@ -28,6 +30,7 @@ class _PartitionState:
     epoch: int
     pending: deque[int] = field(default_factory=deque)  # tracked offsets not yet committable, in order
     undone: dict[int, int] = field(default_factory=dict)  # offset -> size, of records not yet done
+    committable: deque[int] = field(default_factory=deque)  # done, below `position`, not yet committed
     position: int | None = None  # next offset to commit (last done contiguous + 1)
     committed: int | None = None
 
@@ -50,6 +53,8 @@ class OffsetTracker:
         self._epochs = 0
         self._events = 0
         self._bytes = 0
+        self._uncommitted = 0  # tracked records not yet committed: what the intake limit counts
+        self._committable = 0  # of those, the done ones below their partition's position
         self._idle = threading.Condition(self._lock)
 
     def track(self, topic: str, partition: int, offset: int, size: int) -> Ticket:
@@ -70,6 +75,7 @@ class OffsetTracker:
                 self._events += 1
                 self._bytes += size
                 tickets.append(Ticket(topic, partition, offset, state.epoch))
+            self._uncommitted += len(tickets)
         return tickets
 
     def done(self, ticket: Ticket) -> None:
@@ -90,7 +96,10 @@ class OffsetTracker:
                 self._bytes -= size
                 pending, undone = state.pending, state.undone
                 while pending and pending[0] not in undone:
-                    state.position = pending.popleft() + 1
+                    offset = pending.popleft()
+                    state.committable.append(offset)
+                    self._committable += 1
+                    state.position = offset + 1
             self._idle.notify_all()
 
     def is_current(self, ticket: Ticket) -> bool:
@@ -108,6 +117,8 @@ class OffsetTracker:
                     continue
                 self._events -= len(state.undone)
                 self._bytes -= sum(state.undone.values())
+                self._uncommitted -= len(state.pending) + len(state.committable)
+                self._committable -= len(state.committable)
             self._idle.notify_all()
 
     def commit_positions(self, partitions: list[TopicPartitionKey] | None = None) -> dict[TopicPartitionKey, int]:
@@ -125,8 +136,15 @@ class OffsetTracker:
         with self._lock:
             for key, position in positions.items():
                 state = self._partitions.get(key)
-                if state is not None:
-                    state.committed = position
+                if state is None:
+                    continue
+                state.committed = position
+                committable = state.committable
+                while committable and committable[0] < position:
+                    committable.popleft()
+                    self._uncommitted -= 1
+                    self._committable -= 1
+            self._idle.notify_all()
 
     def in_flight(self, partitions: list[TopicPartitionKey] | None = None) -> int:
         with self._lock:
@@ -137,10 +155,21 @@ class OffsetTracker:
         with self._lock:
             return self._bytes
 
+    def uncommitted(self) -> int:
+        """Records tracked and not yet committed, done or not: what a crash now would redo."""
+        return self._uncommitted  # one int, read without the lock: the intake limit is a heuristic between polls
+
+    def committable(self) -> int:
+        """Records done and below their partition's commit position, not yet committed."""
+        return self._committable
+
     def wait_for_room(self, max_events: int, max_bytes: int, timeout: float) -> bool:
-        """Block until fewer than `max_events` records and `max_bytes` are in flight, or `timeout` passes."""
+        """Block until fewer than `max_events` records are uncommitted and fewer than `max_bytes`
+        in flight, or `timeout` passes."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._events < max_events and self._bytes < max_bytes, timeout=timeout)
+            return self._idle.wait_for(
+                lambda: self._uncommitted < max_events and self._bytes < max_bytes, timeout=timeout
+            )
 
     def wait_until_drained(self, timeout: float, partitions: list[TopicPartitionKey] | None = None) -> bool:
         """Block until nothing (of `partitions`) is in flight or `timeout` passes; True if drained."""

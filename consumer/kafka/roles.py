@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError, Message, TopicPartition
 from consumer.events import Document, Headers
 
 if TYPE_CHECKING:
+    from consumer.kafka.budget import OutputBudget
     from consumer.kafka.client_logs import BrokerLink
     from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
 
@@ -65,10 +66,6 @@ class Committer(Protocol):
         """True when a commit should happen before the next interval (a size bound)."""
         ...
 
-    def pending(self) -> int:
-        """Records done but held back until their commit; they count against the intake limit."""
-        ...
-
 
 class RecordSource(Protocol):
     """Hands the pipeline records from its own poll thread, each registered with the offset
@@ -95,10 +92,16 @@ class OutputSink(Protocol):
     is marked done only once its output is delivered (or, exactly-once, held for the transaction)."""
 
     held_back: int  # outputs that had to wait for room (a full producer queue)
+    verdicts_delivered: int  # acknowledged by the broker (exactly-once: in committed transactions)
+    dead_letters_delivered: int
 
     def start(self) -> None: ...
-    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None: ...
-    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None: ...
+
+    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        """The verdict of the input `record` (keyed like it; a dead letter of it if it cannot fit)."""
+        ...
+
+    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None: ...
 
     def awaiting_reports(self) -> bool:
         """True while outputs wait for delivery reports that `serve` would hand on."""
@@ -160,6 +163,7 @@ class SinkWiring:
 
     on_delivered: Callable[[list[Ticket]], None]  # tickets of delivered outputs, a batch at a time
     on_fatal: Callable[[str], None]
+    budget: OutputBudget  # what fits each output topic; cuts what does not
 
 
 SourceFactory = Callable[[SourceOptions, SourceWiring], RecordSource]

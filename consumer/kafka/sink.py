@@ -7,14 +7,19 @@ once, from the event loop, without awaiting anything: the pipeline decides most 
 synchronously.
 
 Verdicts and dead letters go through one idempotent producer (`acks=all`), keyed like the
-input record so they land in the matching partition order downstream. Delivery reports are
+input record so they land in the matching partition order downstream. Every output is
+fitted to its topic's size budget before it is sent (`consumer.kafka.budget`). Delivery reports are
 served by `serve`, which the pipeline calls on its event loop after each batch of records
 and every few milliseconds: reports served on a thread of their own would take the GIL from
 the loop once per record. The tickets of the delivered records go to `on_delivered` a batch
-at a time (the offset tracker then lets their offsets be committed). A retriable delivery
-error sends the record again (through the backlog) up to `delivery_retries` times; anything
-else is fatal: `on_fatal` is called and the record is never marked delivered, so its offset
-is never committed.
+at a time (the offset tracker then lets their offsets be committed). A delivery error that
+concerns one record only (its size, an invalid record) sends that record a smaller output
+(`OutputBudget.smaller`: a verdict trimmed again, then a dead letter, then a minimal one). A
+retriable delivery error sends the record again (through the backlog) up to
+`delivery_retries` times; anything else concerns the topic and is fatal: `on_fatal` is
+called with a message naming the topic, the record and what to do, and the record is never
+marked delivered, so its offset is never committed. Only acknowledged outputs are counted
+(`verdicts_delivered`, `dead_letters_delivered`).
 
 When librdkafka's local queue is full (the broker is slower than we are), outputs wait in
 order in a backlog that `serve` produces from as room frees up; nothing is dropped, and the
@@ -30,10 +35,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer.events import Document, Headers
+from consumer.kafka.budget import Output, OutputBudget, OutputRefused
 from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
 from consumer.kafka.roles import SinkOptions, SinkWiring
 
@@ -46,7 +51,35 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "compression.type": "lz4",
 }
 
-_Output = tuple[str, bytes, bytes | None, Headers]
+# Delivery errors that concern one record only: it gets a smaller output instead.
+SIZE_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE})
+RECORD_ERRORS = SIZE_ERRORS | {KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG}
+_CREATE = "create the topic (or correct kafka.verdict_topic/dead_letter_topic)"
+_OWN_ID = "give each instance its own pipeline.transactional_id"
+_WHAT_TO_DO = {
+    KafkaError.UNKNOWN_TOPIC_OR_PART: _CREATE,
+    KafkaError._UNKNOWN_TOPIC: _CREATE,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: "grant this client's principal WRITE on the topic",
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "grant this client's principal the cluster permissions producing needs",
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "grant WRITE on the transactional id",
+    KafkaError._FENCED: _OWN_ID,
+    KafkaError.PRODUCER_FENCED: _OWN_ID,
+    KafkaError.INVALID_PRODUCER_EPOCH: _OWN_ID,
+}
+
+
+def refusal(output: Output, error: KafkaError | str) -> str:
+    """The one message a fatal delivery error stops the consumer with: topic, record, what to do."""
+    record = output.record
+    if isinstance(error, KafkaError):
+        what, reason = _WHAT_TO_DO.get(error.code(), "fix what the broker names"), error.str()
+    else:
+        what, reason = "raise the topic's max.message.bytes", error
+    return (
+        f"topic {output.topic!r} refused the {output.kind.replace('_', ' ')} of "
+        f"{record.topic()}[{record.partition()}]@{record.offset()}: {reason}. To go on: {what}, then restart; "
+        f"nothing past the last delivered record was committed, so it is read again."
+    )
 
 
 class Sink:
@@ -58,24 +91,30 @@ class Sink:
         on_delivered: Callable[[list[Ticket]], None],
         on_fatal: Callable[[str], None],
         delivery_retries: int = 3,
+        budget: OutputBudget | None = None,
     ):
-        self._producer = _producer(producer_config, error_cb=self._on_client_error)
+        """`budget`: the output topics' size budgets, loaded; by default read here."""
+        self.budget = budget or _loaded_budget(producer_config, verdict_topic, dead_letter_topic)
+        self._producer = _producer(producer_config, self.budget, error_cb=self._on_client_error)
         self.verdict_topic = verdict_topic
         self.dead_letter_topic = dead_letter_topic
         self._on_delivered = on_delivered
         self._on_fatal = on_fatal
         self._delivery_retries = delivery_retries
         self._delivered: deque[Ticket] = deque()  # filled by delivery reports, emptied by `serve`
-        self._backlog: deque[tuple[_Output, Ticket, int]] = deque()  # (output, ticket, attempt)
+        self._backlog: deque[tuple[Output, Ticket, int]] = deque()  # (output, ticket, attempt)
         self._backlog_lock = threading.Lock()
+        self._refused: deque[tuple[Output, Ticket, KafkaError]] = deque()  # per-record refusals, for `serve`
         self.held_back = 0  # outputs that met a full local queue and waited in the backlog
+        self.verdicts_delivered = 0
+        self.dead_letters_delivered = 0
         self.failed: str | None = None
 
     @classmethod
     def open(cls, options: SinkOptions, wiring: SinkWiring) -> Sink:
         """A `SinkFactory`: the at-least-once sink the pipeline uses unless it is given another."""
         return cls(options.producer_config, options.verdict_topic, options.dead_letter_topic,
-                   wiring.on_delivered, wiring.on_fatal, options.delivery_retries)  # fmt: skip
+                   wiring.on_delivered, wiring.on_fatal, options.delivery_retries, wiring.budget)  # fmt: skip
 
     def start(self) -> None:
         return None
@@ -87,17 +126,25 @@ class Sink:
     def serve(self) -> None:
         """Serve delivery reports, hand on the delivered tickets and produce from the backlog."""
         self._producer.poll(0)
+        if self._refused:
+            self._send_smaller()
         self._hand_on_delivered()
         if self._backlog:
             self._produce_backlog()
 
-    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._send((self.verdict_topic, orjson.dumps(verdict), key, headers), ticket)
+    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        """`record`: the input record; the output is keyed like it."""
+        self._send(self.budget.verdict(verdict, record, headers), ticket)
 
-    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._send((self.dead_letter_topic, orjson.dumps(letter), key, headers), ticket)
+    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        try:
+            output = self.budget.dead_letter(letter, record, headers)
+        except OutputRefused as exc:
+            self._fail(refusal(Output(self.dead_letter_topic, b"", None, [], letter, record, "dead_letter"), str(exc)))
+            return
+        self._send(output, ticket)
 
-    def _send(self, output: _Output, ticket: Ticket) -> None:
+    def _send(self, output: Output, ticket: Ticket) -> None:
         if not self._backlog:
             try:
                 return self._produce(output, ticket, 0)
@@ -107,20 +154,45 @@ class Sink:
             self._backlog.append((output, ticket, 0))
         self.held_back += 1
 
-    def _produce(self, output: _Output, ticket: Ticket, attempt: int) -> None:
-        topic, value, key, headers = output
-
+    def _produce(self, output: Output, ticket: Ticket, attempt: int) -> None:
         def report(err: KafkaError | None, _msg: Any) -> None:  # one per output: it carries the ticket
             if err is None:
                 self._delivered.append(ticket)  # a deque: safe whichever thread serves reports
+                if output.kind == "verdict":
+                    self.verdicts_delivered += 1
+                else:
+                    self.dead_letters_delivered += 1
+            elif err.code() in RECORD_ERRORS:
+                self._refused.append((output, ticket, err))  # a smaller output, sent by the next `serve`
             elif err.retriable() and attempt < self._delivery_retries:
-                log.warning("retrying delivery to %s after %s (attempt %d)", topic, err.str(), attempt + 1)
+                log.warning("retrying delivery to %s after %s (attempt %d)", output.topic, err.str(), attempt + 1)
                 with self._backlog_lock:  # sent again by the next `serve`
                     self._backlog.append((output, ticket, attempt + 1))
             else:
-                self._fail(f"delivery to topic {topic!r} failed: {err.str()}")
+                self._fail(refusal(output, err))
 
-        self._producer.produce(topic, value=value, key=key, headers=headers or None, on_delivery=report)
+        try:
+            self._producer.produce(
+                output.topic, value=output.value, key=output.key, headers=output.headers or None, on_delivery=report
+            )
+        except KafkaException as exc:  # librdkafka's own checks (its message.max.bytes), before sending
+            if exc.args[0].code() not in RECORD_ERRORS:
+                raise
+            self._refused.append((output, ticket, exc.args[0]))
+
+    def _send_smaller(self) -> None:
+        """Send each refused record its next, smaller output; stop when nothing smaller is left."""
+        while self._refused:
+            output, ticket, err = self._refused.popleft()
+            try:
+                smaller = self.budget.smaller(output, err.str(), size=err.code() in SIZE_ERRORS)
+            except OutputRefused:
+                self._fail(refusal(output, err))
+                return
+            log.warning("topic %r refused the %s of %s[%d]@%d (%s); sending a %d-byte %s instead",
+                        output.topic, output.kind, output.record.topic(), output.record.partition(),
+                        output.record.offset(), err.str(), len(smaller.value), smaller.kind)  # fmt: skip
+            self._send(smaller, ticket)
 
     def _produce_backlog(self) -> None:
         with self._backlog_lock:
@@ -153,7 +225,8 @@ class Sink:
         """Wait for outstanding deliveries (retries included); returns how many are still undelivered."""
         deadline = time.monotonic() + timeout
         try:
-            while len(self) and time.monotonic() < deadline:
+            while len(self) and time.monotonic() < deadline and not self.failed:
+                self._send_smaller()
                 self._produce_backlog()
                 self._producer.flush(min(0.1, max(0.0, deadline - time.monotonic())))
                 self._hand_on_delivered()
@@ -167,12 +240,21 @@ class Sink:
         self._producer.close()
 
     def __len__(self) -> int:
-        return len(self._producer) + len(self._backlog)
+        return len(self._producer) + len(self._backlog) + len(self._refused)
 
 
-def _producer(options: dict[str, Any], **extra: Any) -> Producer:
+def _loaded_budget(producer_config: dict[str, Any], verdict_topic: str, dead_letter_topic: str) -> OutputBudget:
+    budget = OutputBudget(producer_config, verdict_topic, dead_letter_topic)
+    budget.load()
+    return budget
+
+
+def _producer(options: dict[str, Any], budget: OutputBudget, **extra: Any) -> Producer:
     # Idempotence and acks=all are what "delivered" means here: user options cannot turn them off.
-    return Producer({**PRODUCER_DEFAULTS, **options, **extra, "enable.idempotence": True, "acks": "all"})
+    # A batch of several outputs must fit the smaller output topic's limit, or the broker refuses all of it.
+    batch = min(int(options.get("batch.size", budget.batch_size())), budget.batch_size())
+    return Producer({**PRODUCER_DEFAULTS, **options, **extra, "batch.size": batch, "enable.idempotence": True,
+                     "acks": "all"})  # fmt: skip
 
 
 class TransactionalSink:
@@ -186,7 +268,9 @@ class TransactionalSink:
     `read_committed` readers together or not at all. Outputs of records above a gap wait for
     the next commit, so a crash never exposes an output whose offset is not committed.
 
-    An abortable error aborts the transaction and retries it with the same outputs; a fenced
+    An abortable error aborts the transaction and retries it with the same outputs. An output
+    the broker refused for a reason of its own record (size, an invalid record) aborts it too,
+    and the transaction is retried with that record's smaller output in its place. A fenced
     (zombie) instance or any other fatal error stops the consumer without committing.
     """
 
@@ -200,32 +284,41 @@ class TransactionalSink:
         on_fatal: Callable[[str], None],
         max_records: int = 1000,
         commit_attempts: int = 3,
+        budget: OutputBudget | None = None,
     ):
-        self._producer = _producer(producer_config, **{"transactional.id": transactional_id})
+        self.budget = budget or _loaded_budget(producer_config, verdict_topic, dead_letter_topic)
+        self._producer = _producer(producer_config, self.budget, **{"transactional.id": transactional_id})
         self.verdict_topic = verdict_topic
         self.dead_letter_topic = dead_letter_topic
         self._tracker = tracker
         self._on_fatal = on_fatal
         self._max_records = max_records
         self._commit_attempts = commit_attempts
-        self._held: dict[Ticket, _Output] = {}
+        self._held: dict[Ticket, Output] = {}
         self._lock = threading.Lock()
         self.failed: str | None = None
         self.transactions = 0
         self.held_back = 0  # outputs are held for the transaction, never for want of room
+        self.verdicts_delivered = 0  # of committed transactions
+        self.dead_letters_delivered = 0
 
     def start(self, timeout: float = 60.0) -> None:
         # Fences any earlier instance with the same transactional.id and aborts its open transaction.
         self._producer.init_transactions(timeout)
         self._producer.begin_transaction()
 
-    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._hold(ticket, (self.verdict_topic, orjson.dumps(verdict), key, headers))
+    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        self._hold(ticket, self.budget.verdict(verdict, record, headers))
 
-    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._hold(ticket, (self.dead_letter_topic, orjson.dumps(letter), key, headers))
+    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        try:
+            output = self.budget.dead_letter(letter, record, headers)
+        except OutputRefused as exc:
+            self._fail(refusal(Output(self.dead_letter_topic, b"", None, [], letter, record, "dead_letter"), str(exc)))
+            return
+        self._hold(ticket, output)
 
-    def _hold(self, ticket: Ticket, output: _Output) -> None:
+    def _hold(self, ticket: Ticket, output: Output) -> None:
         with self._lock:
             if not self._tracker.is_current(ticket):
                 return  # revoked meanwhile: the new owner produces this output
@@ -243,9 +336,6 @@ class TransactionalSink:
 
     def due(self) -> bool:
         return len(self._held) >= self._max_records
-
-    def pending(self) -> int:
-        return len(self._held)
 
     def forget(self, partitions: list[TopicPartitionKey]) -> None:
         with self._lock:
@@ -267,35 +357,86 @@ class TransactionalSink:
                 key=lambda t: (t.topic, t.partition, t.offset),
             )
             offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
-            for attempt in range(1, self._commit_attempts + 1):
+            attempt = 0
+            while True:
                 try:
-                    self._commit_transaction(consumer, batch, offsets)
-                    break
+                    refused = self._commit_transaction(consumer, batch, offsets)
                 except KafkaException as exc:
                     error: KafkaError = exc.args[0]
+                    attempt += 1
                     if error.txn_requires_abort() and attempt < self._commit_attempts:
                         log.warning("transaction aborted (%s); retrying it with the same outputs", error.str())
-                        self._producer.abort_transaction()
-                        self._producer.begin_transaction()
+                        self._restart_transaction()
                         continue
-                    self.failed = f"exactly-once commit failed: {error.str()}"
-                    log.error("%s", self.failed)
-                    self._on_fatal(self.failed)
+                    self._fail(f"exactly-once commit failed: {error.str()}")
+                    return
+                if not refused:
+                    break
+                # Each smaller output is one step down (verdict, dead letter, minimal), so this ends.
+                self._restart_transaction()
+                if not self._replace_refused(refused):
                     return
             for ticket in batch:
-                del self._held[ticket]
+                if self._held.pop(ticket).kind == "verdict":
+                    self.verdicts_delivered += 1
+                else:
+                    self.dead_letters_delivered += 1
             self._tracker.mark_committed(positions)
             self.transactions += 1
 
-    def _commit_transaction(self, consumer: Any, batch: list[Ticket], offsets: list[TopicPartition]) -> None:
+    def _restart_transaction(self) -> None:
+        self._producer.abort_transaction()
+        self._producer.begin_transaction()
+
+    def _replace_refused(self, refused: dict[Ticket, KafkaError]) -> bool:
+        """Put each refused record's smaller output in its place; False (and stop) when an error
+        concerns the topic or nothing smaller is left."""
+        for ticket, err in refused.items():
+            output = self._held[ticket]
+            try:
+                if err.code() not in RECORD_ERRORS:
+                    raise OutputRefused(err.str())
+                self._held[ticket] = self.budget.smaller(output, err.str(), size=err.code() in SIZE_ERRORS)
+            except OutputRefused:
+                self._fail(refusal(output, err))
+                return False
+            log.warning("topic %r refused the %s of %s[%d]@%d (%s); the transaction is retried with a %s",
+                        output.topic, output.kind, ticket.topic, ticket.partition, ticket.offset, err.str(),
+                        self._held[ticket].kind)  # fmt: skip
+        return True
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        log.error("%s", reason)
+        self._on_fatal(reason)
+
+    def _commit_transaction(
+        self, consumer: Any, batch: list[Ticket], offsets: list[TopicPartition]
+    ) -> dict[Ticket, KafkaError]:
+        """Produce the batch's outputs and commit them with the offsets; or, when the broker
+        refused some outputs, commit nothing and return them with their errors."""
+        refused: dict[Ticket, KafkaError] = {}
         for ticket in batch:
-            topic, value, key, headers = self._held[ticket]
+            output = self._held[ticket]
+
+            def report(err: KafkaError | None, _msg: Any, ticket: Ticket = ticket) -> None:
+                if err is not None:
+                    refused[ticket] = err
+
             while True:
                 try:
-                    self._producer.produce(topic, value=value, key=key, headers=headers or None)
+                    self._producer.produce(output.topic, value=output.value, key=output.key,
+                                           headers=output.headers or None, on_delivery=report)  # fmt: skip
                     break
                 except BufferError:
                     self._producer.poll(0.05)
+                except KafkaException as exc:  # librdkafka's own checks, before sending
+                    refused[ticket] = exc.args[0]
+                    break
+        # Delivery reports first: a refused output must not be committed, even as part of a batch.
+        self._producer.flush()
+        if refused:
+            return refused
         self._producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata())
         for attempt in range(self._commit_attempts):
             try:
@@ -306,6 +447,7 @@ class TransactionalSink:
                 if not exc.args[0].retriable() or attempt == self._commit_attempts - 1:
                     raise
         self._producer.begin_transaction()
+        return refused
 
     def flush(self, timeout: float) -> int:
         """Outputs still held (they are produced by the final commit, on close)."""

@@ -2,16 +2,18 @@
 
 A confluent-kafka consumer is polled on its own thread, so a slow classifier can never let
 `max.poll.interval.ms` expire. Each record is registered with the offset tracker before it
-is handed on. When the intake limit (`pipeline.max_in_flight_*`, records or bytes) is
-reached, the poll thread first waits up to `PAUSE_AFTER_S` for room, since pausing has a
-price: librdkafka drops
+is handed on. The intake limit (`pipeline.max_in_flight_*`) counts records consumed and not
+yet committed, the delivered ones too: a crash redoes them all, so the limit bounds the
+duplicates a crash can cause. When it is reached (records or bytes), the poll thread first
+waits up to `PAUSE_AFTER_S` for room, since pausing has a price: librdkafka drops
 what it prefetched and takes a fetch round trip (hundreds of milliseconds) to resume. A
 limit still reached after that means a slow classifier: every assigned partition is paused;
 polling goes on (serving rebalances and keeping the membership alive) and the partitions
-resume once half the limit has drained. Commits also happen on this thread, every
-`commit_interval_s`, of the positions the tracker allows: asynchronously, so a slow broker
-round trip never holds up polling (their results come back within `consume`); on revoke and
-on close synchronously.
+resume once half the limit has drained. Commits also happen on this thread, of the
+positions the tracker allows: every `commit_interval_s` and whenever half the limit is
+committable, asynchronously, so a slow broker round trip never holds up polling (their
+results come back within `consume`); on revoke, on close and while the limit is reached
+synchronously (no `consume` serves a result then).
 
 Rebalances use cooperative-sticky assignment. On revoke, the revoked partitions' in-flight
 records get up to `revoke_drain_s` to finish, what completed is committed, and the rest is
@@ -54,10 +56,13 @@ PAUSE_AFTER_S = 0.5
 
 
 class OffsetCommitter:
-    """At-least-once: commits the positions of delivered records to the consumer group."""
+    """At-least-once: commits the positions of delivered records to the consumer group, every
+    interval and whenever `commit_at` delivered records wait (half the window)."""
 
-    def __init__(self, tracker: OffsetTracker):
+    def __init__(self, tracker: OffsetTracker, commit_at: int):
         self._tracker = tracker
+        self._commit_at = commit_at
+        self._committing = False  # an asynchronous commit awaits its result
 
     def commit(self, consumer: KafkaConsumerLike, partitions: list[TopicPartitionKey] | None, wait: bool = True) -> None:
         positions = self._tracker.commit_positions(partitions)
@@ -68,6 +73,7 @@ class OffsetCommitter:
             # Asynchronous: the outcome reaches `committed` (librdkafka's commit callback).
             consumer.commit(offsets=offsets, asynchronous=not wait)
             if not wait:
+                self._committing = True
                 return
         except KafkaException as exc:
             # Not fatal: the positions stay pending and the next commit retries them.
@@ -77,6 +83,7 @@ class OffsetCommitter:
 
     def committed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """librdkafka's commit callback (served within `consume`): what the broker accepted."""
+        self._committing = False
         if error is not None:
             log.warning("commit failed, will retry: %s", error.str())  # the positions stay pending
             return
@@ -86,10 +93,7 @@ class OffsetCommitter:
         self._tracker.forget(partitions)
 
     def due(self) -> bool:
-        return False
-
-    def pending(self) -> int:
-        return 0
+        return not self._committing and self._tracker.committable() >= self._commit_at
 
 
 class Source(PollingSource):
@@ -114,7 +118,7 @@ class Source(PollingSource):
         are handed on (state rebuilds)."""
         super().__init__(consumer, tracker, deliver, on_fatal, max_in_flight_events, max_in_flight_bytes,
                          persist_interval_s=commit_interval_s, thread_name="source-poll")  # fmt: skip
-        self._committer = committer or OffsetCommitter(tracker)
+        self._committer = committer or OffsetCommitter(tracker, commit_at=max(1, max_in_flight_events // 2))
         self._on_assigned = on_assigned
         self._topics = topics
         self._revoke_drain_s = revoke_drain_s
@@ -176,7 +180,9 @@ class Source(PollingSource):
     def _step(self) -> Received:
         if self._apply_backpressure():
             return self._poll_once()
-        self._tracker.wait_for_room(self._max_events - self._committer.pending(), self._max_bytes, 0.01)
+        if self._tracker.committable():
+            self._commit()  # delivered records hold the full intake limit: free it, waiting
+        self._tracker.wait_for_room(self._max_events, self._max_bytes, 0.01)
         return []
 
     def _due(self) -> bool:
@@ -189,7 +195,7 @@ class Source(PollingSource):
     def _poll_once(self) -> Received:
         received: Received = []
         # Never ask for more than the intake limit has room for, so it holds exactly (paused or not).
-        room = max(1, min(POLL_BATCH, self._max_events - self._tracker.in_flight() - self._committer.pending()))
+        room = max(1, min(POLL_BATCH, self._max_events - self._tracker.uncommitted()))
         # Wait for the first record only, then take what is already fetched: a trickle of
         # records is handed on at once instead of waiting out the timeout for a full batch.
         messages = self._consumer.consume(num_messages=1, timeout=POLL_TIMEOUT_S)
@@ -219,7 +225,7 @@ class Source(PollingSource):
     def _apply_backpressure(self) -> bool:
         """Pause or resume the assigned partitions by the intake limit; False: the limit is reached but
         not yet for `PAUSE_AFTER_S`, so wait for room before polling again."""
-        events, size = self._tracker.in_flight() + self._committer.pending(), self._tracker.in_flight_bytes
+        events, size = self._tracker.uncommitted(), self._tracker.in_flight_bytes
         full = events >= self._max_events or size >= self._max_bytes
         if not full:
             self._full_since = None

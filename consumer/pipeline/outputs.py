@@ -9,34 +9,14 @@ letters are rare and go through their model.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
-from confluent_kafka import Message
-
 import consumer
 from consumer.classify import Classification
 from consumer.events import (
     SCHEMA_VERSION,
-    DeadLetter,
-    DeadLetterError,
     Document,
-    ErrorType,
-    OriginalRecord,
-    SourceRecord,
 )
 from consumer.policy import Policy
 from consumer.policy.actions import SEVERITY
-
-
-def source_of(message: Message) -> Document:
-    """The input record's coordinates (`SourceRecord`)."""
-    ts_type, ts = message.timestamp()
-    return {
-        "topic": message.topic(),
-        "partition": message.partition(),
-        "offset": message.offset(),
-        "timestamp_ms": ts if ts_type else None,
-    }
 
 
 def policy_result(policy: Policy, outcome: Classification, latency_ms: float) -> Document:
@@ -88,25 +68,5 @@ def verdict(
         "latency_ms": latency_ms,
         "consumer_version": consumer.__version__,
         "replay": None,
+        "truncated": None,
     }
-
-
-def dead_letter(
-    message: Message,
-    error_type: ErrorType,
-    reason: str,
-    event_id: str | None = None,
-    raw_output: str | None = None,
-    attempts: int = 1,
-) -> Document:
-    """A record that gets no verdict (`DeadLetter`), with its original bytes."""
-    letter = DeadLetter(
-        error=DeadLetterError(type=error_type, message=reason, raw_output=raw_output),
-        source=SourceRecord.model_validate(source_of(message)),
-        original=OriginalRecord.capture(message.key(), message.value(), message.headers()),
-        event_id=event_id,
-        attempts=attempts,
-        failed_at=datetime.now(timezone.utc),
-        consumer_version=consumer.__version__,
-    )
-    return letter.model_dump(mode="json")

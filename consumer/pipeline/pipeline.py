@@ -45,7 +45,8 @@ from consumer.classify import (
 )
 from consumer.config import Settings
 from consumer.events import ContentEvent, ErrorType
-from consumer.kafka import roles
+from consumer.kafka import records, roles
+from consumer.kafka.budget import OutputBudget
 from consumer.kafka.client_logs import BrokerLink, ClientLogger
 from consumer.kafka.offsets import OffsetTracker, Ticket
 from consumer.kafka.sink import Sink, TransactionalSink
@@ -143,8 +144,6 @@ class Pipeline:
         self._stop_requested = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.consumed = 0
-        self.verdicts = 0
-        self.dead_letters = 0
 
     def stop(self) -> None:
         """Ask the pipeline to drain and stop; safe to call from any thread."""
@@ -162,6 +161,13 @@ class Pipeline:
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stopping.set)
+        producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
+                                                         "logger": ClientLogger("producer", self.link)}
+        budget = OutputBudget(producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic)
+        await asyncio.to_thread(budget.load)
+        problem = budget.check(cfg.pipeline.max_payload_bytes)
+        if problem:  # a configuration error: nothing consumed, before anything started
+            return RunResult(2, 0, 0, 0, problem)
 
         if cfg.telemetry.http_port is not None:
             self.http = HttpServer(
@@ -175,8 +181,6 @@ class Pipeline:
         # process: out of the collector's sight, full collections stay short.
         gc.freeze()
         self.health.classifier_ready = True
-        producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
-                                                         "logger": ClientLogger("producer", self.link)}
         committer: roles.Committer | None = None
         self.sink: roles.OutputSink
         if cfg.pipeline.delivery == "exactly_once":  # the constructor refused a sink factory for it
@@ -188,13 +192,14 @@ class Pipeline:
                 transactional_id=cfg.pipeline.transactional_id or f"{cfg.kafka.group_id}-{socket.gethostname()}",
                 on_fatal=self._fail_threadsafe,
                 max_records=cfg.pipeline.transaction_max_records,
+                budget=budget,
             )
         else:
             self.sink = self._sink_factory(
                 roles.SinkOptions(
                     producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic, cfg.pipeline.delivery_retries
                 ),
-                roles.SinkWiring(on_delivered=self.tracker.done_many, on_fatal=self._fail_threadsafe),
+                roles.SinkWiring(on_delivered=self.tracker.done_many, on_fatal=self._fail_threadsafe, budget=budget),
             )
         self.batcher = Batcher(
             self.classifier,
@@ -259,9 +264,11 @@ class Pipeline:
         if self.http is not None:
             self.http.stop()
         self.telemetry.shutdown()
+        # Only what the broker acknowledged (or, exactly once, what a committed transaction holds).
+        verdicts, dead_letters = self.sink.verdicts_delivered, self.sink.dead_letters_delivered
         if self._fatal:
-            return RunResult(1, self.consumed, self.verdicts, self.dead_letters, self._fatal)
-        return RunResult(0, self.consumed, self.verdicts, self.dead_letters)
+            return RunResult(1, self.consumed, verdicts, dead_letters, self._fatal)
+        return RunResult(0, self.consumed, verdicts, dead_letters)
 
     async def _shutdown(self, serving: asyncio.Task[None]) -> None:
         deadline = time.monotonic() + self.settings.pipeline.shutdown_deadline_s
@@ -283,8 +290,8 @@ class Pipeline:
         await asyncio.to_thread(self.source.close)
         self.sink.close()
         await self.classifier.close()
-        log.info("stopped: consumed %d, verdicts %d, dead letters %d",
-                 self.consumed, self.verdicts, self.dead_letters)
+        log.info("stopped: consumed %d; delivered verdicts %d, dead letters %d",
+                 self.consumed, self.sink.verdicts_delivered, self.sink.dead_letters_delivered)
 
     async def _serve_sink(self) -> None:
         """Delivery reports, between batches of records (`_receive` serves after each batch
@@ -452,7 +459,7 @@ class Pipeline:
         latency_ms = (time.monotonic() - record.started) * 1000
         document = outputs.verdict(
             event.event_id,
-            outputs.source_of(message),
+            records.source_of(message),
             violation,
             action,
             results,
@@ -465,9 +472,8 @@ class Pipeline:
         )
         if record.traced:
             span.set_attributes({"safeguard.violation": violation, "safeguard.action": action})
-        self.sink.send_verdict(document, message.key(), record.ticket, telemetry.inject(span))
+        self.sink.send_verdict(document, message, record.ticket, telemetry.inject(span))
         self._outputs_sent.set()  # type: ignore[union-attr]
-        self.verdicts += 1
         counts = self.telemetry.verdicts
         for result in results:
             counts[(result["policy_id"], result["violation"], result["action"])] += 1
@@ -482,14 +488,13 @@ class Pipeline:
         attempts: int = 1,
     ) -> None:
         event_id = record.event.event_id if record.event is not None else None
-        letter = outputs.dead_letter(record.message, error_type, reason, event_id, raw_output, attempts)
+        letter = records.dead_letter(record.message, error_type, reason, event_id, raw_output, attempts)
         span = record.span
         if record.traced:
             span.set_status(Status(StatusCode.ERROR, error_type.value))
             span.set_attribute("error.type", error_type.value)
-        self.sink.send_dead_letter(letter, record.message.key(), record.ticket, telemetry.inject(span))
+        self.sink.send_dead_letter(letter, record.message, record.ticket, telemetry.inject(span))
         self._outputs_sent.set()  # type: ignore[union-attr]
-        self.dead_letters += 1
         self.telemetry.dead_letters[error_type.value] += 1
         self.telemetry.e2e_latency.record(time.monotonic() - record.started, "dead_letter")
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+from confluent_kafka import Message
 
 from consumer.durable import replacing
 from consumer.events import Document, Headers, ReplayInfo
@@ -36,7 +37,9 @@ class JsonlSink:
         self._on_delivered = on_delivered
         self._on_fatal = on_fatal
         self._lock = threading.Lock()
-        self._written: list[Ticket] = []
+        self._written: list[tuple[Ticket, bool]] = []  # (ticket, is a dead letter)
+        self.verdicts_delivered = 0  # synced to disk
+        self.dead_letters_delivered = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="jsonl-sync", daemon=True)
         self.failed: str | None = None
@@ -45,13 +48,13 @@ class JsonlSink:
     def start(self) -> None:
         self._thread.start()
 
-    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._write(verdict, ticket)
+    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        self._write(verdict, ticket, letter=False)
 
-    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._write(letter, ticket)
+    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        self._write(letter, ticket, letter=True)
 
-    def _write(self, document: Document, ticket: Ticket) -> None:
+    def _write(self, document: Document, ticket: Ticket, letter: bool) -> None:
         line = orjson.dumps(document) + b"\n"
         with self._lock:
             if self.failed:
@@ -61,7 +64,7 @@ class JsonlSink:
             except OSError as exc:
                 self._fail(f"cannot write {self.path}: {exc.strerror}")
                 return
-            self._written.append(ticket)
+            self._written.append((ticket, letter))
 
     def _sync(self) -> None:
         with self._lock:
@@ -74,7 +77,10 @@ class JsonlSink:
                 self._fail(f"cannot write {self.path}: {exc.strerror}")
                 return
             synced, self._written = self._written, []
-        self._on_delivered(synced)
+        letters = sum(letter for _, letter in synced)
+        self.verdicts_delivered += len(synced) - letters
+        self.dead_letters_delivered += letters
+        self._on_delivered([ticket for ticket, _ in synced])
 
     def _fail(self, reason: str) -> None:
         self.failed = reason
@@ -121,15 +127,23 @@ class ReplayOutput:
     def held_back(self) -> int:
         return self._inner.held_back
 
+    @property
+    def verdicts_delivered(self) -> int:
+        return self._inner.verdicts_delivered
+
+    @property
+    def dead_letters_delivered(self) -> int:
+        return self._inner.dead_letters_delivered
+
     def start(self) -> None:
         self._inner.start()
 
-    def send_verdict(self, verdict: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
         self.violations += verdict["violation"]
-        self._inner.send_verdict({**verdict, "replay": self._stamp}, key, ticket, headers + self._headers)
+        self._inner.send_verdict({**verdict, "replay": self._stamp}, record, ticket, headers + self._headers)
 
-    def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
-        self._inner.send_dead_letter({**letter, "replay": self._stamp}, key, ticket, headers + self._headers)
+    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        self._inner.send_dead_letter({**letter, "replay": self._stamp}, record, ticket, headers + self._headers)
 
     def awaiting_reports(self) -> bool:
         return self._inner.awaiting_reports()

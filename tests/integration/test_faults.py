@@ -338,8 +338,10 @@ def test_two_consumers_split_partitions_and_stopping_one_hands_over_without_loss
     outputs = Collector(kafka, f"{topic}.verdicts")
     try:
         with running_pipeline(settings, KeywordClassifier()) as a, running_pipeline(settings, KeywordClassifier()) as b:
-            wait_for(lambda: len(a.pipeline.source.assigned) == 2 and len(b.pipeline.source.assigned) == 2,
-                     timeout=60, message="two members with two partitions each")
+            # Each pipeline has a source once it has read its output topics' size budgets.
+            wait_for(lambda: len(getattr(a.pipeline, "source", ()) and a.pipeline.source.assigned) == 2
+                     and len(getattr(b.pipeline, "source", ()) and b.pipeline.source.assigned) == 2,
+                     timeout=60, message="two members with two partitions each")  # fmt: skip
             assert a.pipeline.source.assigned.isdisjoint(b.pipeline.source.assigned)
             outputs.until(first_batch, timeout=60)
             assert b.stop().exit_code == 0

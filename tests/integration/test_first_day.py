@@ -197,7 +197,8 @@ def test_a_per_record_error_log_carries_the_record_trace_id(kafka, policies_dir)
     try:
         pipeline = Pipeline(settings, build_classifier(settings, store), store, tracer_provider=provider)
         with BackgroundPipeline(pipeline) as running:
-            wait_for(lambda: pipeline.dead_letters == 1, timeout=60, message="the dead letter")
+            wait_for(lambda: hasattr(pipeline, "sink") and pipeline.sink.dead_letters_delivered == 1, timeout=60,
+                     message="the dead letter")
             running.stop()
     finally:
         logger.removeHandler(handler)

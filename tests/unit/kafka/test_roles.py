@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from consumer.events import ReplayInfo
+from consumer.kafka.budget import OutputBudget
 from consumer.kafka.offsets import OffsetTracker
 from consumer.kafka.roles import Committer, OutputSink, RecordSource
 from consumer.kafka.sink import Sink, TransactionalSink
@@ -19,6 +20,8 @@ from tests.protocols import role_problems
 
 # Never contacted: librdkafka connects only when something is produced.
 PRODUCER = {"bootstrap.servers": "127.0.0.1:9"}
+# Kafka's default limits, never read from a broker (there is none at PRODUCER's address).
+UNREAD = OutputBudget(PRODUCER, "verdicts", "dlq")
 
 
 def ignore(*_args: object) -> None:
@@ -43,8 +46,8 @@ def test_both_sources_play_the_record_source_role(tmp_path):
 
 
 def test_every_sink_plays_the_output_sink_role(tmp_path):
-    sink = Sink(PRODUCER, "verdicts", "dlq", ignore, ignore)
-    transactional = TransactionalSink(PRODUCER, "verdicts", "dlq", OffsetTracker(), "tx", ignore)
+    sink = Sink(PRODUCER, "verdicts", "dlq", ignore, ignore, budget=UNREAD)
+    transactional = TransactionalSink(PRODUCER, "verdicts", "dlq", OffsetTracker(), "tx", ignore, budget=UNREAD)
     jsonl = JsonlSink(tmp_path / "out.jsonl", ignore, ignore)
     stamped = ReplayOutput(jsonl, ReplayInfo(run_id="r", started_at=datetime.now(timezone.utc), policies=[]))
     try:
@@ -57,9 +60,9 @@ def test_every_sink_plays_the_output_sink_role(tmp_path):
 
 
 def test_both_committers_play_the_committer_role():
-    transactional = TransactionalSink(PRODUCER, "verdicts", "dlq", OffsetTracker(), "tx", ignore)
+    transactional = TransactionalSink(PRODUCER, "verdicts", "dlq", OffsetTracker(), "tx", ignore, budget=UNREAD)
     try:
-        assert role_problems(OffsetCommitter(OffsetTracker()), Committer) == []
+        assert role_problems(OffsetCommitter(OffsetTracker(), commit_at=1), Committer) == []
         assert role_problems(transactional, Committer) == []
     finally:
         transactional.close()

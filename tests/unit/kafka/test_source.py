@@ -128,7 +128,7 @@ def test_the_commit_callback_marks_what_the_broker_accepted_and_a_failure_leaves
 
     tracker = OffsetTracker()
     tracker.done_many(tracker.track_many([("chat", 0, 0, 1), ("chat", 1, 0, 1)]))
-    committer = OffsetCommitter(tracker)
+    committer = OffsetCommitter(tracker, commit_at=1)
     committer.committed(KafkaError(KafkaError.REQUEST_TIMED_OUT), [TopicPartition("chat", 0, 1)])
     assert tracker.commit_positions() == {("chat", 0): 1, ("chat", 1): 1}
     committer.committed(None, [TopicPartition("chat", 0, 1)])

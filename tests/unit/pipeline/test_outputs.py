@@ -7,6 +7,7 @@ import pytest
 
 from consumer.classify import Classification
 from consumer.events import DeadLetter, ErrorType, Verdict
+from consumer.kafka import records
 from consumer.pipeline import outputs as verdict
 from consumer.policy import Policy
 
@@ -73,7 +74,7 @@ def test_a_verdict_document_is_exactly_the_verdict_models_json(outcome, timestam
     result = verdict.policy_result(POLICY, outcome, latency_ms=1.5)
     document = verdict.verdict(
         "e1",
-        verdict.source_of(FakeMessage(timestamp=timestamp)),
+        records.source_of(FakeMessage(timestamp=timestamp)),
         outcome.violation,
         result["action"],
         [result],
@@ -92,7 +93,7 @@ def test_a_verdict_document_is_exactly_the_verdict_models_json(outcome, timestam
 def test_a_verdict_without_results_and_a_note_keeps_to_the_model():
     document = verdict.verdict(
         "e2",
-        verdict.source_of(FakeMessage()),
+        records.source_of(FakeMessage()),
         False,
         "allow",
         [],
@@ -114,7 +115,7 @@ def test_a_policy_result_takes_its_action_from_the_policy():
 
 def test_a_dead_letter_document_keeps_the_original_bytes():
     message = FakeMessage(key=None, value=b"\xff\x00", headers=[("traceparent", b"00-x"), ("empty", None)])
-    document = verdict.dead_letter(message, ErrorType.INVALID_ENCODING, "not UTF-8", raw_output=None)
+    document = records.dead_letter(message, ErrorType.INVALID_ENCODING, "not UTF-8", raw_output=None)
     letter = DeadLetter.model_validate(orjson.loads(orjson.dumps(document)))
     assert letter.original.value_bytes() == b"\xff\x00" and letter.original.key_bytes() is None
     assert letter.original.headers[1] == ("empty", None)
