@@ -918,6 +918,7 @@ def replay(
     compare_with: Optional[str] = typer.Option(None, "--compare", help="Baseline verdicts: a topic or a JSONL file."),
     report: Optional[Path] = typer.Option(None, help="Backtest Markdown report; default backtest-RUN.md."),
     bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    priority: str = typer.Option("low", help="live or low: a remote reasoner's priority on a shared fleet."),
 ) -> None:
     """Replay a window of a topic through the pipeline, and backtest a policy change with --compare."""
     console, status = Console(), Console(stderr=True)
@@ -945,7 +946,10 @@ def replay(
                                      _partitions(partitions))  # fmt: skip
             checkpoint.save(path)
         limit = parse_rate(rate) if rate else None
-        classifier = build_classifier(settings, policies)
+        if priority not in ("live", "low"):
+            raise ReplayError(f"--priority must be live or low, not {priority!r}")
+        # Low by default: on a fleet shared with the live consumer, a replay must not slow live traffic.
+        classifier = build_classifier(settings, policies, priority=priority)
     except (ConfigError, PolicyError, RoutingError, ReplayError) as exc:
         raise _exit(str(exc)) from None
     except ValidationError as exc:

@@ -71,6 +71,7 @@ class RemoteClassifier:
         self._token_ids: TokenIdShape | None = None
         self._chat: ChatShape | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[httpx.Response]] = set()
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -112,8 +113,13 @@ class RemoteClassifier:
         return self._token_ids.renderer
 
     async def close(self) -> None:
+        """Stop: waiting requests fail at once, in-flight ones are cancelled (the server aborts them)."""
         self._closing = True
         self.fleet.close()
+        for task in list(self._in_flight):
+            task.cancel()
+        if self._in_flight:
+            await asyncio.wait(self._in_flight, timeout=5)
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -218,9 +224,20 @@ class RemoteClassifier:
         if limit <= 0:
             raise EndpointFailed(f"deadline passed before attempt {attempt_id} started")
         url = endpoint.settings.url + prepared.path
+        # The POST runs as a task of ours so that close() can cancel it; the caller's own
+        # cancellation still cancels it too (shield-free await).
+        post = asyncio.ensure_future(self._client.post(url, json=prepared.body, headers=self._headers[endpoint.name]))
+        self._in_flight.add(post)
+        post.add_done_callback(self._in_flight.discard)
         try:
             async with asyncio.timeout(limit):
-                response = await self._client.post(url, json=prepared.body, headers=self._headers[endpoint.name])
+                response = await post
+        except asyncio.CancelledError:
+            post.cancel()
+            current = asyncio.current_task()
+            if self._closing and current is not None and not current.cancelling():
+                raise NoEndpoint("the remote classifier closed during the request") from None
+            raise
         except TimeoutError:
             # Leaving the request closes its connection, which vLLM takes as an abort.
             self._endpoint_failed(endpoint, f"attempt ran past its {limit:.3f} s limit")
@@ -239,7 +256,8 @@ class RemoteClassifier:
                 raise EndpointFailed(f"{endpoint.name}: {exc}") from None
         detail = _error_message(response)
         if status == 400 and "priority" in prepared.body and "priority" in detail.lower():
-            # The server does not schedule by priority: stop asking; this endpoint now gets a share.
+            # An older vLLM without priority scheduling refuses the field: stop sending it; low
+            # traffic now takes a share of this endpoint instead.
             log.warning("endpoint %s refuses request priorities; low traffic takes a share there", endpoint.name)
             endpoint.sends_priority = False
             raise EndpointFailed(f"{endpoint.name} refused the priority field")
@@ -346,7 +364,7 @@ def parse_server_load(text: str) -> ServerLoad | None:
     kv: list[float] = []
     try:
         for family in text_string_to_metric_families(text):
-            field = _LOAD_METRICS.get(family.name)
+            field = _LOAD_METRICS.get(family.name.removesuffix("_total"))
             if field is None:
                 continue
             for sample in family.samples:

@@ -60,7 +60,7 @@ class Endpoint:
         self.ceiling = settings.max_concurrency
         self.limit = float(settings.max_concurrency)
         self.outstanding = 0
-        self.sends_priority = settings.sends_priority
+        self.sends_priority = settings.priority_scheduling
         self.max_model_len: int | None = None
         self.load: ServerLoad | None = None
         self.down_until = 0.0
@@ -68,6 +68,7 @@ class Endpoint:
         # Figures.
         self.completed = 0
         self.failed = 0
+        self.peak_outstanding = 0
         self._latency_target_s = fleet.latency_target_ms / 1000 if fleet.latency_target_ms else None
         self._kv_high = fleet.kv_cache_high
         self._completions_since_decrease = 0
@@ -140,6 +141,7 @@ class Fleet:
             chosen = self._pick(now, avoid)
             if chosen is not None:
                 chosen.outstanding += 1
+                chosen.peak_outstanding = max(chosen.peak_outstanding, chosen.outstanding)
                 return chosen
             wake = [e.down_until for e in self.endpoints if not e.up(now)]
             timeout = (min(wake) - now) if wake else None

@@ -41,10 +41,11 @@ class EndpointSettings(BaseModel):
         description="vLLM's Prometheus endpoint; default <server root>/metrics for api=completions, none for chat. "
         "Running and waiting requests and KV-cache use there steer the endpoint's concurrency",
     )
-    priority_scheduling: bool | None = Field(
-        default=None,
-        description="send vLLM's `priority` field (the server runs --scheduling-policy priority); default: "
-        "yes for api=completions, no for chat. A server that refuses it is detected and not asked again",
+    priority_scheduling: bool = Field(
+        default=False,
+        description="the server runs vLLM's --scheduling-policy priority: low traffic carries `priority` and may "
+        "use the whole limit; otherwise it takes engine.low_priority_share of it. The server cannot be asked "
+        "(vLLM 0.32 accepts and ignores the field under fcfs), so say it here",
     )
 
     @field_validator("url")
@@ -67,10 +68,6 @@ class EndpointSettings(BaseModel):
             return None
         root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
         return f"{root}/metrics"
-
-    @property
-    def sends_priority(self) -> bool:
-        return self.priority_scheduling if self.priority_scheduling is not None else self.api == "completions"
 
 
 class RemoteSettings(BaseModel):

@@ -41,6 +41,7 @@ class Reply:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    prompt_token_ids: list[int] | None = None  # what the server says it received (vLLM's return_token_ids)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class TokenIdShape:
             prompt_tokens=int(usage.get("prompt_tokens") or prepared.prompt_tokens or 0),
             cached_tokens=int(details.get("cached_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or len(token_ids)),
+            prompt_token_ids=choice.get("prompt_token_ids"),
         )
 
 
