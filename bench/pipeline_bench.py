@@ -30,7 +30,7 @@ from consumer.kafka.devkafka import KafkaBroker, create_topics
 
 PARTITIONS = 6
 KAFKA_CASES = ("raw", "hand", "peer", "ours", "engine-sat", "engine-half")
-ALL_CASES = (*KAFKA_CASES, "engine")
+ALL_CASES = (*KAFKA_CASES, "engine", "remote")
 PEER_PYTHON = Path.home() / ".cache" / "safeguard-consumer" / "bench-peer" / "bin" / "python"
 
 
@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             spec = bench.spec("engine", bench.topic("engine", chat_events(args.engine_events, seed=5)),
                               args.engine_events)
             results["engine"] = run_case(sys.executable, "bench.engine_case", [spec.to_json()], args.case_timeout)
+        if "remote" in cases:  # case 7: bench/remote_bench.py, no Kafka
+            print("  remote (vllm serve vs in-process, tiny model) ...", file=sys.stderr, flush=True)
+            spec = bench.spec("remote", "unused", args.engine_events)
+            results["remote"] = run_case(sys.executable, "bench.remote_bench", [spec.to_json()], args.case_timeout)
     finally:
         broker.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -176,6 +180,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "p99_added_ms_at_half_load": results.get("engine-half", {}).get("p99_added_ms"),
         "p99_added_in_consumer_ms_at_half_load": results.get("engine-half", {}).get("p99_added_in_consumer_ms"),
         "ours/engine-alone": ratio(engine.get("ours_per_s"), engine.get("engine_alone_per_s")),
+        "remote/in-process": results.get("remote", {}).get("remote/in_process"),
+        "remote_added_p50_ms": results.get("remote", {}).get("added_p50_ms"),
     }
 
 
@@ -191,7 +197,8 @@ def print_table(results: dict[str, Any], summary: dict[str, Any], events: int) -
         for key in ("utilisation", "overfilled", "p50_in_consumer_ms", "p99_in_consumer_ms", "offered_per_s",
                     "p50_e2e_ms", "p99_e2e_ms", "p99_engine_ms", "p99_added_ms", "p99_added_in_consumer_ms",
                     "p99_before_consumer_ms", "avg_batch_size",
-                    "peak_in_flight", "engine_alone_per_s", "ours_per_s"):
+                    "peak_in_flight", "engine_alone_per_s", "ours_per_s",
+                    "in_process_per_s", "remote/in_process", "added_p50_ms", "added_p99_ms"):
             if key in r:
                 notes.append(f"{key}={r[key]}")
         print(f"{case:<12} {r.get('events', ''):>8} {r.get('events_per_s', ''):>10} "

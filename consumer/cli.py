@@ -391,6 +391,7 @@ def replay(
     compare_with: Optional[str] = typer.Option(None, "--compare", help="Baseline verdicts: a topic or a JSONL file."),
     report: Optional[Path] = typer.Option(None, help="Backtest Markdown report; default backtest-RUN.md."),
     bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    priority: str = typer.Option("low", help="live or low: a remote reasoner's priority on a shared fleet."),
 ) -> None:
     """Replay an offset range of a topic through the pipeline, and backtest a policy change with --compare."""
     from rich.console import Console
@@ -440,8 +441,11 @@ def replay(
                                      _partitions(partitions))  # fmt: skip
             checkpoint.save(path)
         limit = parse_rate(rate) if rate else None
+        if priority not in ("live", "low"):
+            raise ReplayError(f"--priority must be live or low, not {priority!r}")
+        # Low by default: on a fleet shared with the live consumer, a replay must not slow live traffic.
         # Raises ConfigError for whatever the classifier section gets wrong (validation, imports).
-        classifier = build_classifier(settings, policies)
+        classifier = build_classifier(settings, policies, priority=priority)
     except (ConfigError, PolicyError, RoutingError, ReplayError) as exc:
         raise _config_exit(str(exc)) from None
     _log_through(status, settings.log.level)

@@ -11,8 +11,10 @@ from consumer.config import ConfigError, Settings, format_validation_error
 from consumer.policy import PolicyStore
 
 
-def build_classifier(settings: Settings, policies: PolicyStore) -> Classifier:
-    """The classifier the `classifier` section names; raises ConfigError naming the key at fault."""
+def build_classifier(settings: Settings, policies: PolicyStore, priority: str | None = None) -> Classifier:
+    """The classifier the `classifier` section names; raises ConfigError naming the key at fault.
+
+    `priority` (live or low) overrides `engine.priority` of a remote reasoner; replays pass low."""
     c = settings.classifier
     try:
         if c.kind == "keyword":
@@ -21,17 +23,19 @@ def build_classifier(settings: Settings, policies: PolicyStore) -> Classifier:
             assert c.factory is not None
             return load_plugin(c.factory, c.options)
         if c.kind == "vllm":
-            return _vllm(settings)
+            return _vllm(settings, priority)
         from consumer.classify.cascade import make_cascade
 
-        return make_cascade(settings.cascade, _vllm(settings) if c.reasoner == "vllm" else None, policies)
+        reasoner = _vllm(settings, priority) if c.reasoner == "vllm" else None
+        return make_cascade(settings.cascade, reasoner, policies)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, None).replace("\n  ", "\n  engine.")) from None
     except (ImportError, TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"classifier ({c.kind}): {exc}") from None
 
 
-def _vllm(settings: Settings) -> Classifier:
-    from consumer.classify.engine import EngineSettings, make_vllm_classifier
+def _vllm(settings: Settings, priority: str | None) -> Classifier:
+    # gpt-oss-safeguard on vLLM: in process, or on a served fleet with `engine.kind: remote`.
+    from consumer.classify.engine import make_engine_classifier
 
-    return make_vllm_classifier(EngineSettings(**settings.engine))
+    return make_engine_classifier(settings.engine, priority)  # type: ignore[arg-type]

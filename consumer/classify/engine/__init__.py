@@ -1,21 +1,32 @@
-"""gpt-oss-safeguard behind the `Classifier` Protocol, on vLLM's in-process engine.
+"""gpt-oss-safeguard behind the `Classifier` Protocol: in process on vLLM, or on a served fleet.
 
-Importing this package imports neither vllm nor openai_harmony (nor torch): the config
-loader validates `EngineSettings` on machines without them. `make_vllm_classifier` imports
-the engine only when a vLLM classifier is actually built. Nothing outside this package
-imports vllm or openai_harmony.
+`engine.kind` picks where the reasoner runs: `in_process` (the default: vLLM's AsyncLLM in
+the consumer, a local GPU) or `remote` (OpenAI-compatible endpoints, remote/). Importing this
+package imports neither vllm nor openai_harmony (nor torch, nor httpx): the config loader
+validates the settings on machines without them. The `make_*` functions import an engine
+only when it is actually built. Nothing outside this package imports vllm or openai_harmony.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from consumer.classify.engine.remote.settings import Priority, RemoteSettings
 from consumer.classify.engine.settings import EngineSettings
 
 if TYPE_CHECKING:
+    from consumer.classify.engine.remote.classifier import RemoteClassifier
     from consumer.classify.engine.vllm_engine import VllmClassifier
 
-__all__ = ["EngineSettings", "EngineUnavailable", "make_vllm_classifier"]
+__all__ = [
+    "EngineSettings",
+    "EngineUnavailable",
+    "RemoteSettings",
+    "engine_settings",
+    "make_engine_classifier",
+    "make_remote_classifier",
+    "make_vllm_classifier",
+]
 
 
 class EngineUnavailable(RuntimeError):
@@ -32,3 +43,32 @@ def make_vllm_classifier(settings: EngineSettings) -> VllmClassifier:
             "on a CPU follow requirements/engine-cpu.txt (see docs/engine.md)"
         ) from exc
     return VllmClassifier(settings)
+
+
+def engine_settings(section: dict[str, Any]) -> EngineSettings | RemoteSettings:
+    """The `engine:` section validated for its `kind` (raises pydantic's ValidationError)."""
+    if section.get("kind") == "remote":
+        return RemoteSettings(**section)
+    return EngineSettings(**section)
+
+
+def make_remote_classifier(settings: RemoteSettings, priority: Priority | None = None) -> RemoteClassifier:
+    """A `RemoteClassifier` for `settings`, not yet started; `priority` overrides `settings.priority`."""
+    try:
+        from consumer.classify.engine.remote.classifier import RemoteClassifier
+    except ImportError as exc:
+        raise EngineUnavailable(f"engine kind 'remote' needs httpx ({exc}): pip install httpx") from exc
+    if priority is not None:
+        settings = settings.model_copy(update={"priority": priority})
+    return RemoteClassifier(settings)
+
+
+def make_engine_classifier(
+    section: dict[str, Any], priority: Priority | None = None
+) -> VllmClassifier | RemoteClassifier:
+    """The reasoner the `engine:` section describes: in process or remote. `priority` applies to remote
+    fleets, which live traffic and replays share (the in-process engine serves one consumer)."""
+    settings = engine_settings(section)
+    if isinstance(settings, RemoteSettings):
+        return make_remote_classifier(settings, priority)
+    return make_vllm_classifier(settings)

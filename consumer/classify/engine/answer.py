@@ -22,9 +22,10 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from openai_harmony import HarmonyEncoding, HarmonyError, Role, StreamableParser
+if TYPE_CHECKING:
+    from openai_harmony import HarmonyEncoding
 
 _FENCE = re.compile(r"\A```[A-Za-z0-9_-]*[ \t]*\n?(?P<body>.*?)\n?[ \t]*```\Z", re.DOTALL)
 _VIOLATION_VALUES: dict[Any, bool] = {0: False, 1: True, "0": False, "1": True}
@@ -60,6 +61,10 @@ class CompletionReader:
     """Reads one streamed completion; feed it tokens as they arrive, then call `channels()`."""
 
     def __init__(self, encoding: HarmonyEncoding) -> None:
+        # Imported here so that `parse_answer` serves the chat-completions shape without harmony.
+        from openai_harmony import HarmonyError, Role, StreamableParser
+
+        self._harmony_error = HarmonyError
         self._parser = StreamableParser(encoding, role=Role.ASSISTANT)
         self._problem: str | None = None
 
@@ -70,7 +75,7 @@ class CompletionReader:
         for token in token_ids:
             try:
                 self._parser.process(token)
-            except HarmonyError as exc:
+            except self._harmony_error as exc:
                 self._problem = f"completion is not valid harmony: {exc}"
                 return False
         return True

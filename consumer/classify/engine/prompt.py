@@ -18,7 +18,6 @@ a message containing `<|start|>`, `<|channel|>`, `<|message|>`, `<|end|>`, `<|re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from openai_harmony import (
@@ -31,15 +30,14 @@ from openai_harmony import (
     SystemContent,
 )
 
+from consumer.classify.engine.content import CONTEXT_PREAMBLE, user_text
 from consumer.classify.engine.vocab import harmony_encoding
 from consumer.events import ContentEvent
 from consumer.policy import Policy
 
-CONTEXT_PREAMBLE = (
-    'The message under review is the JSON field "message". The field "context" holds earlier '
-    "messages of the same conversation, oldest first: use them only to understand the message "
-    "under review, and do not classify them.\n"
-)
+# user_text and its preamble live in content.py (no harmony there); re-exported for callers of this module.
+__all__ = ["CONTEXT_PREAMBLE", "PromptError", "PromptPreview", "PromptRenderer", "user_text"]
+
 # Each rendered message is framed by <|start|> ... <|message|> ... <|end|>, and the prompt ends
 # with <|start|> to open the assistant's turn: 3 control tokens a message, plus one.
 _FRAME_CONTROL_TOKENS = 3
@@ -129,21 +127,6 @@ class PromptRenderer:
                 f"rendered prompt holds {found} control tokens where its {messages} message frames "
                 f"account for {expected}: text was encoded as harmony control tokens"
             )
-
-
-def user_text(event: ContentEvent) -> str:
-    """The user message's text: the content alone, or context and message as one JSON object."""
-    if not event.context:
-        return event.content
-    payload = {
-        "context": [_entry(m.content, m.author_id) for m in event.context],
-        "message": _entry(event.content, event.author_id),
-    }
-    return CONTEXT_PREAMBLE + json.dumps(payload, ensure_ascii=False, indent=1)
-
-
-def _entry(content: str, author_id: str | None) -> dict[str, str]:
-    return {"author": author_id, "text": content} if author_id else {"text": content}
 
 
 def _user_message(event: ContentEvent) -> Message:
