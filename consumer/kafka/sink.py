@@ -97,6 +97,10 @@ class Sink:
     def send_dead_letter(self, letter: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
         self._send((self.dead_letter_topic, orjson.dumps(letter), key, headers), ticket)
 
+    def send(self, topic: str, document: Document, key: bytes | None, ticket: Ticket, headers: Headers) -> None:
+        """Another output of the record to another topic (a review item): the same guarantee."""
+        self._send((topic, orjson.dumps(document), key, headers), ticket)
+
     def _send(self, output: _Output, ticket: Ticket) -> None:
         if not self._backlog:
             try:

@@ -54,6 +54,7 @@ def policy_result(policy: Policy, outcome: Classification, latency_ms: float) ->
         "model": outcome.model,
         "stage": outcome.stage,
         "latency_ms": latency_ms,
+        "review": None,
     }
 
 
@@ -88,6 +89,8 @@ def verdict(
         "latency_ms": latency_ms,
         "consumer_version": consumer.__version__,
         "replay": None,
+        "decided_by": "machine",
+        "supersedes": None,
     }
 
 

@@ -45,7 +45,7 @@ from consumer.classify import (
 from consumer.config import Settings
 from consumer.events import ContentEvent, ErrorType
 from consumer.kafka import roles
-from consumer.kafka.offsets import OffsetTracker, Ticket
+from consumer.kafka.offsets import OffsetTracker, OutputJoin, Ticket
 from consumer.kafka.sink import Sink, TransactionalSink
 from consumer.kafka.source import Received, Source
 from consumer.pipeline import outputs, telemetry
@@ -57,6 +57,7 @@ from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
 from consumer.policy import PolicyStore, PolicyWatcher, most_severe
 from consumer.policy.route import Router
+from consumer.review.desk import ReviewDesk
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,13 @@ class Pipeline:
             trace_content=settings.telemetry.trace_content,
             registry=self.metrics_registry,
         )
+        # Human review runs with the pipeline's own Kafka sink (not in replays, which pass a sink).
+        self.reviews = ReviewDesk(
+            settings, classifier, policies.get, lambda value: self.decoder.decode(value, "appeal"),
+            enabled=settings.review.enabled and sink_factory is None,
+            meter=self.telemetry.meter, registry=self.metrics_registry,
+        )  # fmt: skip
+        self.outputs_done = OutputJoin(self.tracker.done_many)  # a verdict and its review items
         self.http: HttpServer | None = None
         self.health = Health(
             classifier, settings.telemetry.heartbeat_timeout_s, settings.telemetry.engine_health_interval_s,
@@ -179,7 +187,7 @@ class Pipeline:
                 roles.SinkOptions(
                     producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic, cfg.pipeline.delivery_retries
                 ),
-                roles.SinkWiring(on_delivered=self.tracker.done_many, on_fatal=self._fail_threadsafe),
+                roles.SinkWiring(on_delivered=self.outputs_done.done_many, on_fatal=self._fail_threadsafe),
             )
         self.batcher = Batcher(
             self.classifier,
@@ -230,6 +238,7 @@ class Pipeline:
         if cfg.policies.reload_interval_s > 0:
             watcher.start()
         await asyncio.to_thread(self.sink.start)
+        await asyncio.to_thread(self.reviews.start, self._loop, self._fail_threadsafe)
         serving = self._loop.create_task(self._serve_sink(), name="sink")
         self.batcher.start()
         self.source.start()
@@ -265,6 +274,7 @@ class Pipeline:
         if undelivered:
             log.warning("%d outputs undelivered at shutdown; their records were not committed", undelivered)
         await asyncio.to_thread(self.source.close)
+        await asyncio.to_thread(self.reviews.stop)
         self.sink.close()
         await self.classifier.close()
         log.info("stopped: consumed %d, verdicts %d, dead letters %d",
@@ -420,6 +430,13 @@ class Pipeline:
                 return
             assert isinstance(outcome, Classification)
             results.append(outputs.policy_result(request.policy, outcome, latency_ms))
+        assert record.event is not None
+        source = lambda: outputs.source_of(record.message)  # noqa: E731 - built only when a review needs it
+        items = self.reviews.open(record.event, requests[0].event, source, results, outcomes,  # type: ignore[arg-type]
+                                  [r.policy for r in requests])  # fmt: skip
+        if items:
+            self._send_review_items(record, items)
+        self.reviews.remember(requests, record.event, source, record.message.key(), results)
         self._send_verdict(record, results)
 
     # -- outputs --------------------------------------------------------------------------------
@@ -427,7 +444,8 @@ class Pipeline:
     def _send_verdict(self, record: _Record, results: list[outputs.Document], note: str | None = None) -> None:
         event, message, span = record.event, record.message, record.span
         assert event is not None
-        violation = any(r["violation"] for r in results)
+        # An undecided result is a guess awaiting a person: it holds, and it is no found violation.
+        violation = any(r["violation"] for r in results if r["stage"] != "undecided")
         action, offences = self.offenders.record(
             event.community_id, event.author_id, violation, most_severe([r["action"] for r in results])
         )
@@ -454,6 +472,14 @@ class Pipeline:
         for result in results:
             counts[(result["policy_id"], result["violation"], result["action"])] += 1
         self.telemetry.e2e_latency.record(latency_ms, "verdict")
+
+    def _send_review_items(self, record: _Record, items: list[Any]) -> None:
+        """Review items go with the verdict under the record's ticket: done when all are delivered."""
+        self.outputs_done.expect(record.ticket, 1 + len(items))
+        headers = telemetry.inject(record.span)
+        key = record.message.key()
+        for item in items:
+            self.sink.send(self.settings.review.topic, item.model_dump(mode="json"), key, record.ticket, headers)  # type: ignore[attr-defined]
 
     def _dead_letter(
         self,
