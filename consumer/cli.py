@@ -25,6 +25,9 @@ app = typer.Typer(
 dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", no_args_is_help=True)
 schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", no_args_is_help=True)
 policy_app = typer.Typer(help="Write, check and measure policies.", no_args_is_help=True)
+review_app = typer.Typer(help="Human review: open reviews, decisions as labelled data, the Coop bridge.",
+                         no_args_is_help=True)  # fmt: skip
+app.add_typer(review_app, name="review")
 app.add_typer(dev_kafka_app, name="dev-kafka")
 app.add_typer(policy_app, name="policy")
 app.add_typer(schemas_app, name="schemas")
@@ -359,6 +362,43 @@ def replay(
         except ReplayError as exc:
             raise _config_exit(str(exc)) from None
     raise typer.Exit(result.exit_code)
+
+
+@review_app.command("export")
+def review_export(
+    policy: str = typer.Option(..., "--policy", help="The policy id whose decisions to export."),
+    out: Path = typer.Option(..., "--out", help="The JSONL file to write (policy eval's --data format)."),
+    version: Optional[str] = typer.Option(None, help="Only decisions on this policy version."),
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+) -> None:
+    """Write moderators' decisions on a policy as labelled examples for `policy eval`."""
+    from consumer.review.export import export_decisions
+
+    settings = _settings(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    client = settings.kafka.consumer_options | {"bootstrap.servers": settings.kafka.bootstrap_servers}
+    count = export_decisions(client, settings.review.topic, settings.review.decisions_topic, policy, out, version)
+    typer.echo(f"{count} decided reviews of {policy} written to {out}")
+
+
+@review_app.command("pending")
+def review_pending(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    limit: int = typer.Option(50, help="How many to list."),
+) -> None:
+    """List the reviews that await a person (review id, reason, policy, what the machine said, content)."""
+    from consumer.review.export import read_state
+
+    settings = _settings(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    client = settings.kafka.consumer_options | {"bootstrap.servers": settings.kafka.bootstrap_servers}
+    pending = read_state(client, settings.review.topic, settings.review.decisions_topic).pending()
+    for item in pending[:limit]:
+        guess = "violation" if item.machine.violation else "safe"
+        typer.echo(f"{item.review_id}  {item.reason.value:<14} {item.policy_id:<18} machine: {guess} "
+                   f"({item.machine.stage}, {item.machine.confidence})  {item.event.content[:60]!r}")  # fmt: skip
+    typer.echo(f"{len(pending)} reviews await a person; post decisions to {settings.review.decisions_topic} "
+               "keyed by review_id", err=True)  # fmt: skip
 
 
 def _partitions(text: str | None) -> list[int] | None:

@@ -124,6 +124,7 @@ class ReviewLoop:
                     log.debug("closing a review consumer failed", exc_info=True)
         if self._producer is not None:
             self._producer.flush(5)
+            self._producer.close()
 
     def submit(self, item: ReviewItem, key: bytes | None) -> None:
         """A review item opened outside any input record's commit (a shadow disagreement); any thread."""
@@ -279,6 +280,7 @@ class ReviewLoop:
             self.duplicates += 1
             return []  # this event's appeal review is open or decided already
         self.appeals_opened += 1
+        self.state.add_item(item, key)  # a second appeal in the same batch finds it open
         return [(self.review.topic, orjson.dumps(item.model_dump(mode="json")), key)]
 
     # -- delivery and commits ------------------------------------------------------------------
