@@ -401,6 +401,30 @@ def review_pending(
                "keyed by review_id", err=True)  # fmt: skip
 
 
+@review_app.command("coop-bridge")
+def review_coop_bridge(config: Optional[Path] = ConfigOption) -> None:
+    """Send review items to ROOST's Coop and turn its signed action webhooks into decisions (review.coop)."""
+    import signal
+    import threading
+
+    from consumer.review.coop import CoopBridge
+
+    settings = _settings(config)
+    try:
+        bridge = CoopBridge(settings)
+    except ValueError as exc:
+        raise _config_exit(str(exc)) from None
+    logging.basicConfig(level=settings.log.level, format="%(name)s: %(message)s")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    bridge.start()
+    typer.echo(f"Coop bridge: webhooks on http://{settings.review.coop.webhook_host}:{bridge.port}/, "
+               f"review items from {settings.review.topic} to {settings.review.coop.url}", err=True)  # fmt: skip
+    stopping.wait()
+    bridge.stop()
+
+
 def _partitions(text: str | None) -> list[int] | None:
     from consumer.replay import ReplayError
 

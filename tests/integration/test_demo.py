@@ -3,7 +3,6 @@
 import io
 
 import orjson
-
 import pytest
 from rich.console import Console
 
