@@ -168,3 +168,23 @@ def test_a_shadow_disagreement_opens_a_review_with_both_answers():
     assert item.machine.stage == "lexical" and item.machine.violation
     assert item.second_opinion is not None and item.second_opinion.violation is False
     assert opener.disagreement("e9/chat-harassment", event, POLICY.id, reasoner) is None  # once
+
+
+def test_the_metrics_show_open_reviews_agreement_and_decision_latency():
+    from prometheus_client import generate_latest
+
+    from consumer.pipeline.telemetry import prometheus_meter_provider
+    from consumer.review import metrics
+
+    provider, registry = prometheus_meter_provider()
+    state = ReviewState()
+    metrics.register(provider.get_meter("test"), state, registry)
+    item, decision = item_and_decision(False)
+    state.add_item(item)
+    assert 'safeguard_review_open{' in generate_latest(registry).decode()
+    state.add_decision(decision, ("d", 0, 0))
+    lines = generate_latest(registry).decode().splitlines()
+    agreed = [line for line in lines if line.startswith("safeguard_review_decisions_total{")]
+    assert len(agreed) == 1 and 'agreed="false"' in agreed[0] and 'stage="undecided"' in agreed[0]
+    assert "safeguard_review_decision_latency_seconds_sum 300.0" in lines
+    assert not any(line.startswith("safeguard_review_open{") for line in lines)
