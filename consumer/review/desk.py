@@ -97,7 +97,12 @@ class ReviewDesk:
         if not self.enabled:
             return
         self.review_loop = ReviewLoop(self._settings, self.state, self._policies, self._decode, self._decided, on_fatal)
-        self.review_loop.start()
+        try:
+            self.review_loop.start()
+        except Exception as exc:  # noqa: BLE001 - e.g. a review topic missing: stop with the reason, exit 1
+            log.error("the review loop cannot start: %s", exc)
+            on_fatal(f"the review loop cannot start: {type(exc).__name__}: {exc}")
+            return
         if isinstance(self._classifier, ReportsDisagreements) and self.opener.remembers:
             self._classifier.on_disagreement = self._disagreement
 

@@ -108,7 +108,9 @@ class ReviewLoop:
                  time.monotonic() - started, sum(self.state.open_reviews().values()), self.state.decisions)  # fmt: skip
         self._applier = Consumer({**self._client, "group.id": self._group_id, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest"})  # fmt: skip
-        self._applier.subscribe([self.review.decisions_topic, self.review.appeals_topic])
+        # Appeals are read only where they open reviews (review.when).
+        topics = [self.review.decisions_topic] + ([self.review.appeals_topic] if self.review.opens("appeal") else [])
+        self._applier.subscribe(topics)
         self._thread = threading.Thread(target=self._run, name="review-loop", daemon=True)
         self._thread.start()
 
