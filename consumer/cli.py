@@ -29,6 +29,9 @@ dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 
 schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", **_SUBCOMMANDS)
 policy_app = typer.Typer(help="Write, check and measure policies.", **_SUBCOMMANDS)
 topics_app = typer.Typer(help="The Kafka topics the configuration names.", **_SUBCOMMANDS)
+review_app = typer.Typer(help="Human review: open reviews, decisions as labelled data, the Coop bridge.",
+                         **_SUBCOMMANDS)  # fmt: skip
+app.add_typer(review_app, name="review")
 app.add_typer(dev_kafka_app, name="dev-kafka")
 app.add_typer(policy_app, name="policy")
 app.add_typer(schemas_app, name="schemas")
@@ -464,6 +467,67 @@ def replay(
         except ReplayError as exc:
             raise _config_exit(str(exc)) from None
     raise typer.Exit(result.exit_code)
+
+
+@review_app.command("export")
+def review_export(
+    policy: str = typer.Option(..., "--policy", help="The policy id whose decisions to export."),
+    out: Path = typer.Option(..., "--out", help="The JSONL file to write (policy eval's --data format)."),
+    version: Optional[str] = typer.Option(None, help="Only decisions on this policy version."),
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+) -> None:
+    """Write moderators' decisions on a policy as labelled examples for `policy eval`."""
+    from consumer.review.export import export_decisions
+
+    settings = _settings(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    client = settings.kafka.consumer_options | {"bootstrap.servers": settings.kafka.bootstrap_servers}
+    count = export_decisions(client, settings.review.topic, settings.review.decisions_topic, policy, out, version)
+    typer.echo(f"{count} decided reviews of {policy} written to {out}")
+
+
+@review_app.command("pending")
+def review_pending(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    limit: int = typer.Option(50, help="How many to list."),
+) -> None:
+    """List the reviews that await a person (review id, reason, policy, what the machine said, content)."""
+    from consumer.review.export import read_state
+
+    settings = _settings(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    client = settings.kafka.consumer_options | {"bootstrap.servers": settings.kafka.bootstrap_servers}
+    pending = read_state(client, settings.review.topic, settings.review.decisions_topic).pending()
+    for item in pending[:limit]:
+        guess = "violation" if item.machine.violation else "safe"
+        typer.echo(f"{item.review_id}  {item.reason.value:<14} {item.policy_id:<18} machine: {guess} "
+                   f"({item.machine.stage}, {item.machine.confidence})  {item.event.content[:60]!r}")  # fmt: skip
+    typer.echo(f"{len(pending)} reviews await a person; post decisions to {settings.review.decisions_topic} "
+               "keyed by review_id", err=True)  # fmt: skip
+
+
+@review_app.command("coop-bridge")
+def review_coop_bridge(config: Optional[Path] = ConfigOption) -> None:
+    """Send review items to ROOST's Coop and turn its signed action webhooks into decisions (review.coop)."""
+    import signal
+    import threading
+
+    from consumer.review.coop import CoopBridge
+
+    settings = _settings(config)
+    try:
+        bridge = CoopBridge(settings)
+    except ValueError as exc:
+        raise _config_exit(str(exc)) from None
+    logging.basicConfig(level=settings.log.level, format="%(name)s: %(message)s")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    bridge.start()
+    typer.echo(f"Coop bridge: webhooks on http://{settings.review.coop.webhook_host}:{bridge.port}/, "
+               f"review items from {settings.review.topic} to {settings.review.coop.url}", err=True)  # fmt: skip
+    stopping.wait()
+    bridge.stop()
 
 
 def _partitions(text: str | None) -> list[int] | None:

@@ -3,8 +3,9 @@
 Starts a private Kafka broker (`consumer.kafka.devkafka`), creates the topics, produces the bundled
 sample stream (Discord-style chat across servers and channels, and marketplace reviews, plus
 a few malformed records), runs the consumer on it, shows the verdicts as they arrive, prints
-a summary, writes the verdicts to a JSONL file, and stops everything it started, also on
-Ctrl-C.
+a summary, writes the verdicts and the review items to JSONL files, and stops everything it
+started, also on Ctrl-C. Results the engine could not decide are shown as awaiting review
+(held), not as violations, and the summary says how many await a person and where they are.
 
 The engine is the best one available: gpt-oss-safeguard on vLLM behind the cascade where a
 GPU and vLLM are present; otherwise the cascade's cheap stages alone, on CPU, trained from
@@ -37,6 +38,7 @@ from consumer.policy import PolicyStore
 
 CHAT_TOPIC, REVIEW_TOPIC = "demo.chat", "demo.reviews"
 VERDICT_TOPIC, DEAD_LETTER_TOPIC = "demo.verdicts", "demo.dead-letters"
+REVIEW_ITEMS, DECISIONS, APPEALS = "demo.review-items", "demo.review-decisions", "demo.review-appeals"
 MALFORMED = [b'{"event_id": "broken-1", "content": ', b'{"event_id": "no-content"}', b"\xff\xfe not utf-8"]
 
 
@@ -49,6 +51,9 @@ class DemoSummary:
     by_policy: Counter[tuple[str, str]] = field(default_factory=Counter)
     seconds: float = 0.0
     verdicts_file: Path | None = None
+    awaiting_review: Counter[tuple[str, str]] = field(default_factory=Counter)  # (policy, reason)
+    review_items: int = 0
+    review_file: Path | None = None
 
     @property
     def events_per_second(self) -> float:
@@ -126,6 +131,10 @@ def _settings(bootstrap: str, policies_dir: Path, engine: str, model: str, state
         "classifier.kind": "keyword" if engine == "keyword" else "cascade",
         "classifier.reasoner": "vllm" if engine == "vllm" else "none",
         "cascade.state_dir": str(state_dir / "cascade"),
+        "review.enabled": True,
+        "review.topic": REVIEW_ITEMS,
+        "review.decisions_topic": DECISIONS,
+        "review.appeals_topic": APPEALS,
     }
     if engine == "vllm":
         overrides["engine.model"] = model
@@ -142,7 +151,7 @@ def _run(
     timeout_s: float,
 ) -> DemoSummary:
     create_topics(bootstrap, CHAT_TOPIC, partitions=3)
-    create_topics(bootstrap, REVIEW_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC)
+    create_topics(bootstrap, REVIEW_TOPIC, VERDICT_TOPIC, DEAD_LETTER_TOPIC, REVIEW_ITEMS, DECISIONS, APPEALS)
     events = sample_events()
     contents = {e["event_id"]: e["content"] for e in events}
     produced = _produce(bootstrap, events)
@@ -151,18 +160,30 @@ def _run(
     reader = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "safeguard-demo-reader", "auto.offset.reset": "earliest"}
     )
-    reader.subscribe([VERDICT_TOPIC, DEAD_LETTER_TOPIC])
+    reader.subscribe([VERDICT_TOPIC, DEAD_LETTER_TOPIC, REVIEW_ITEMS])
     out_path = cache_dir() / "demo" / "verdicts.jsonl"
+    review_path = out_path.with_name("review-items.jsonl")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     first_output: float | None = None
     rows: list[tuple[str, ...]] = []
-    with BackgroundPipeline(pipeline), open(out_path, "wb") as out, Live(console=console, refresh_per_second=8) as live:
-        while summary.verdicts + sum(summary.dead_letters.values()) < produced:
+    with (
+        BackgroundPipeline(pipeline),
+        open(out_path, "wb") as out,
+        open(review_path, "wb") as review_out,
+        Live(console=console, refresh_per_second=8) as live,
+    ):
+        # Until every record has its output and every review the verdicts announce has its item.
+        while (summary.verdicts + sum(summary.dead_letters.values()) < produced
+               or summary.review_items < sum(summary.awaiting_review.values())):  # fmt: skip
             if time.monotonic() - started > timeout_s:
                 raise TimeoutError(f"the demo did not finish within {timeout_s:.0f}s")
             for message in reader.consume(200, timeout=0.2):
                 if message.error() is not None:
+                    continue
+                if message.topic() == REVIEW_ITEMS:
+                    review_out.write(message.value() + b"\n")
+                    summary.review_items += 1
                     continue
                 first_output = first_output or time.monotonic()
                 out.write(message.value() + b"\n")
@@ -172,6 +193,7 @@ def _run(
         summary.seconds = time.monotonic() - (first_output or started)
     reader.close()
     summary.verdicts_file = out_path
+    summary.review_file = review_path
     _print_summary(console, summary)
     return summary
 
@@ -194,18 +216,24 @@ def _record(output: dict, contents: dict[str, str], summary: DemoSummary) -> tup
         summary.dead_letters[output["error"]["type"]] += 1
         return ("(unreadable record)", "-", f"dead letter: {output['error']['type']}", "", output["error"]["message"][:60])
     summary.verdicts += 1
-    flagged = [r for r in output["results"] if r["violation"]]
+    pending = [r for r in output["results"] if r.get("review")]
+    for result in pending:
+        summary.awaiting_review[(result["policy_id"], result["review"]["reason"])] += 1
     for result in output["results"]:
-        summary.by_policy[(result["policy_id"], result["category"] or ("violation" if result["violation"] else "safe"))] += 1
-    shown = flagged[0] if flagged else output["results"][0]
+        if result.get("stage") == "undecided":
+            summary.by_policy[(result["policy_id"], "(needs review)")] += 1
+        else:
+            summary.by_policy[(result["policy_id"], result["category"] or ("violation" if result["violation"] else "safe"))] += 1
+    flagged = [r for r in output["results"] if r["violation"] and r.get("stage") != "undecided"]
+    shown = flagged[0] if flagged else (pending[0] if pending else output["results"][0])
     content = contents.get(output["event_id"], "")
-    return (
-        content[:48],
-        shown["policy_id"],
-        f"VIOLATION: {output['action']}" if output["violation"] else "ok",
-        shown.get("stage") or shown["model"],
-        (shown["rationale"] or "")[:60],
-    )
+    if output["violation"]:
+        verdict = f"VIOLATION: {output['action']}"
+    elif pending:
+        verdict = f"needs review: {output['action']}"
+    else:
+        verdict = "ok"
+    return (content[:48], shown["policy_id"], verdict, shown.get("stage") or shown["model"], (shown["rationale"] or "")[:60])
 
 
 def _live_table(rows: list[tuple[str, ...]], summary: DemoSummary) -> Table:
@@ -214,7 +242,8 @@ def _live_table(rows: list[tuple[str, ...]], summary: DemoSummary) -> Table:
     for column in ("message", "policy", "verdict", "stage", "rationale"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*row, style="red" if row[2].startswith("VIOLATION") else None)
+        style = "red" if row[2].startswith("VIOLATION") else "yellow" if row[2].startswith("needs review") else None
+        table.add_row(*row, style=style)
     return table
 
 
@@ -234,3 +263,9 @@ def _print_summary(console: Console, summary: DemoSummary) -> None:
     )
     console.print(f"engine: {summary.engine}")
     console.print(f"verdicts and dead letters written to {summary.verdicts_file}")
+    waiting = sum(summary.awaiting_review.values())
+    reasons = ", ".join(f"{policy} {reason}: {n}" for (policy, reason), n in sorted(summary.awaiting_review.items()))
+    console.print(f"{waiting} results await a person's review ({reasons or 'none'}); they hold, they are not violations")
+    console.print(f"their review items are in {summary.review_file}; against your own Kafka: "
+                  "`safeguard-consumer review pending --config FILE` lists them, and decisions posted to "
+                  "review.decisions_topic come back as corrected verdicts (README: Human review)")  # fmt: skip

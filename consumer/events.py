@@ -1,4 +1,5 @@
-"""Event contracts: what comes in (ContentEvent), what goes out (Verdict, DeadLetter).
+"""Event contracts: what comes in (ContentEvent), what goes out (Verdict, DeadLetter), and the
+human review loop's records (ReviewItem out; ReviewDecision and Appeal in).
 
 These pydantic models are the single source of the JSON Schemas under `schemas/`
 (`safeguard-consumer schemas export`); a test fails when the two drift apart.
@@ -11,7 +12,7 @@ import enum
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -39,6 +40,10 @@ class ErrorType(str, enum.Enum):
     CLASSIFIER_ERROR = "classifier_error"
     UNPARSEABLE_OUTPUT = "unparseable_output"
     OUTPUT_REJECTED = "output_rejected"
+    # the review loop's inputs (decisions and appeals topics)
+    UNKNOWN_REVIEW = "unknown_review"
+    CONFLICTING_DECISION = "conflicting_decision"
+    APPEAL_NOT_FOUND = "appeal_not_found"
 
 
 class ContextMessage(BaseModel):
@@ -81,6 +86,24 @@ class SourceRecord(BaseModel):
     timestamp_ms: int | None = None
 
 
+class ReviewReason(str, enum.Enum):
+    """Why a person should look at a result; the values are `review.reason`."""
+
+    UNDECIDED = "undecided"  # no stage reached the target precision and no reasoner decided
+    LOW_CONFIDENCE = "low_confidence"  # the reasoner's confidence is below review.min_confidence
+    DISAGREEMENT = "disagreement"  # a shadow check disagreed with a cheap stage
+    APPEAL = "appeal"  # a user appealed the verdict
+    SAMPLED = "sampled"  # review.sample_fraction of decided results, for quality control
+
+
+class ReviewStatus(BaseModel):
+    """A result's place in human review: `pending` on the machine verdict, `decided` on the corrected one."""
+
+    status: Literal["pending", "decided"]
+    reason: ReviewReason
+    review_id: str
+
+
 class PolicyResult(BaseModel):
     """One policy's decision on one event."""
 
@@ -95,9 +118,11 @@ class PolicyResult(BaseModel):
     reasoning: str | None = Field(default=None, description="analysis channel; only when enabled")
     model: str
     stage: str | None = Field(
-        default=None, description="which stage decided: cache, lexical, embedding, reasoner or undecided (a cascade)"
+        default=None,
+        description="which stage decided: cache, lexical, embedding, reasoner or undecided (a cascade), human",
     )
     latency_ms: float
+    review: ReviewStatus | None = Field(default=None, description="set when a person should look, or has looked")
 
 
 class ReplayInfo(BaseModel):
@@ -116,6 +141,12 @@ class VerdictTruncation(BaseModel):
     )
     original_bytes: int = Field(description="key, value and headers of the verdict before it was cut")
     results_omitted: int = Field(default=0, description="policy results left out, those without a violation first")
+class Supersedes(BaseModel):
+    """The machine verdict a corrected verdict replaces: undo or confirm what it asked for."""
+
+    event_id: str
+    source: SourceRecord
+    review_id: str
 
 
 class Verdict(BaseModel):
@@ -142,6 +173,8 @@ class Verdict(BaseModel):
     truncated: VerdictTruncation | None = Field(
         default=None, description="set when the verdict was cut to fit its topic"
     )
+    decided_by: Literal["machine", "human"] = "machine"
+    supersedes: Supersedes | None = Field(default=None, description="set on a corrected verdict (decided_by human)")
 
 
 class CutField(BaseModel):
@@ -209,8 +242,110 @@ def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
+# -- human review -------------------------------------------------------------------------------
+
+
+class ReviewContextMessage(BaseModel):
+    """An earlier message of the conversation, as the model saw it: the author as a pseudonym."""
+
+    author: str | None = Field(default=None, description="user-1, user-2, ...: stable within the conversation")
+    content: str
+
+
+class ReviewEvent(BaseModel):
+    """The event under review, as the model saw it."""
+
+    event_id: str
+    content: str
+    content_type: str | None = None
+    author: str | None = Field(default=None, description="the author's pseudonym in the conversation")
+    created_at: datetime | None = None
+    context: list[ReviewContextMessage] = Field(default_factory=list, description="earlier messages, oldest first")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class MachineResult(BaseModel):
+    """What the machine answered for the policy under review."""
+
+    violation: bool
+    category: str | None = None
+    rule_ids: list[str] = Field(default_factory=list)
+    confidence: str | None = None
+    rationale: str | None = None
+    stage: str | None = None
+    model: str
+    action: str = Field(description="the action the machine verdict asked for on this policy's account")
+
+
+class ReviewItem(BaseModel):
+    """One (event, policy) a person should decide; self-contained: everything a reviewer needs,
+    and everything the consumer needs to issue the corrected verdict long after."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["review_item"] = "review_item"
+    review_id: str
+    reason: ReviewReason
+    created_at: datetime
+    policy_id: str
+    policy_version: str
+    event: ReviewEvent
+    machine: MachineResult
+    source: SourceRecord = Field(description="the input record's coordinates")
+    author_id: str | None = Field(default=None, description="for the corrected verdict; not shown to the model")
+    community_id: str | None = None
+    context_id: str | None = None
+    other_results: list[PolicyResult] = Field(
+        default_factory=list, description="the machine verdict's results for the other policies, which stand"
+    )
+    appeal: str | None = Field(default=None, description="the appellant's reason, for reason appeal")
+    second_opinion: MachineResult | None = Field(
+        default=None, description="for reason disagreement: the reasoner's answer that disagreed with `machine`"
+    )
+    truncated: list[Literal["key", "reasoning", "rationale", "context", "content"]] | None = Field(
+        default=None,
+        description="what was cut, in order, to fit the review topic (consumer.kafka.budget); the whole "
+        "record is at `source` while the input topic retains it",
+    )
+
+
+class ReviewDecision(BaseModel):
+    """A moderator's answer to one review item; applied once per `review_id`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    review_id: str = Field(min_length=1)
+    violation: bool
+    category: str | None = None
+    rule_ids: list[str] = Field(default_factory=list)
+    note: str | None = None
+    reviewer_id: Id = Field(min_length=1)
+    decided_at: datetime
+
+
+class Appeal(BaseModel):
+    """A user's appeal of a verdict: names the event by id or by its source coordinates."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    event_id: Id | None = None
+    source: SourceRecord | None = None
+    policy_id: str | None = Field(default=None, description="the policy appealed; default: the one that acted")
+    reason: str = Field(min_length=1, max_length=4000)
+    appellant_id: Id | None = None
+    appealed_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _names_the_event(self) -> Appeal:
+        if self.event_id is None and self.source is None:
+            raise ValueError("an appeal needs event_id or source")
+        return self
+
+
 EXPORTED_MODELS: dict[str, type[BaseModel]] = {
     "content-event": ContentEvent,
     "verdict": Verdict,
     "dead-letter": DeadLetter,
+    "review-item": ReviewItem,
+    "review-decision": ReviewDecision,
+    "appeal": Appeal,
 }

@@ -11,7 +11,7 @@ configuration names.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -93,6 +93,22 @@ class ReportsHealth(Protocol):
     async def check_health(self) -> None:
         """Raise when the classifier can no longer answer (an engine whose core died)."""
         ...
+
+
+@runtime_checkable
+class LearnsFromReview(Protocol):
+    async def learn_from_review(self, request: ClassifyRequest, answer: Classification, heads: bool = True) -> None:
+        """A person's answer for this (event, policy): from now on the same content is answered
+        with it, and with `heads` the learned stages take it as a label weighted above the
+        reasoner's (False when the answer is replayed at start and the heads saved it already)."""
+        ...
+
+
+@runtime_checkable
+class ReportsDisagreements(Protocol):
+    # Called on the event loop when a shadow check's reasoner answer disagrees with the cheap
+    # verdict already given: (request, cheap verdict, reasoner verdict).
+    on_disagreement: Callable[[ClassifyRequest, Classification, Classification], None] | None
 
 
 @runtime_checkable

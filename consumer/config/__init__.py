@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from consumer.config.cascade import CascadeSettings
 from consumer.config.chat import ChatSettings
+from consumer.config.review import ReviewSettings
 
 # Any key whose name looks like a secret, misspellings included (`sasl.pasword` is still a
 # password): hiding a harmless value costs nothing, printing a password costs a rotation.
@@ -215,6 +216,15 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
     cascade: CascadeSettings = Field(default_factory=CascadeSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
+
+    @model_validator(mode="after")
+    def _review_needs_at_least_once(self) -> Settings:
+        # A record with a verdict and review items is done when the last output is delivered;
+        # the transactional sink holds one output per record (consumer.kafka.sink).
+        if self.review.enabled and self.pipeline.delivery == "exactly_once":
+            raise ValueError("review.enabled needs pipeline.delivery at_least_once (exactly_once is not supported yet)")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -77,7 +77,7 @@ class Output(NamedTuple):
     headers: Headers
     document: Document  # the verdict or dead letter, uncut
     record: Message  # the input record
-    kind: str  # "verdict", "dead_letter" or "minimal" (a dead letter without original bytes)
+    kind: str  # "verdict", "review_item", "dead_letter" or "minimal" (a dead letter without original bytes)
     refits: int = 0  # how often the broker refused this record's outputs for their size
 
 
@@ -183,8 +183,22 @@ class OutputBudget:
         try:
             value, key = self._trim_verdict(document, key, headers)
         except OutputTooLarge as exc:
-            return self._rejected_verdict(document, record, headers, str(exc), refits=0)
+            return self._rejected("verdict", document, record, headers, str(exc), refits=0)
         return Output(topic, value, key, headers, document, record, "verdict")
+
+    def review_item(self, topic: str, document: Document, record: Message, headers: Headers) -> Output:
+        """A review item as it will be sent: whole, or with its longest texts cut to `topic`'s
+        budget (named in its `truncated`), or, when even that cannot fit, an `output_rejected`
+        dead letter, so the record still ends in an output that says why no review opened."""
+        value = orjson.dumps(document)
+        key = record.key()
+        if len(value) + len(key or b"") + headers_size(headers) <= self.budget(topic):  # the common case
+            return Output(topic, value, key, headers, document, record, "review_item")
+        try:
+            value, key = self._trim_review_item(topic, document, key, headers)
+        except OutputTooLarge as exc:
+            return self._rejected("review_item", document, record, headers, str(exc), refits=0)
+        return Output(topic, value, key, headers, document, record, "review_item")
 
     def dead_letter(self, document: Document, record: Message, headers: Headers) -> Output:
         """The dead letter as it will be sent: whole, or abbreviated to the topic's budget."""
@@ -208,9 +222,13 @@ class OutputBudget:
             self.refresh(refused.topic)
         if refused.kind == "verdict" and size and refused.refits == 0:
             return self.verdict(refused.document, refused.record, refused.headers)._replace(refits=refits)
-        if refused.kind == "verdict":
-            return self._rejected_verdict(refused.document, refused.record, refused.headers,
-                                          f"the broker refused it: {reason}", refits)  # fmt: skip
+        if refused.kind == "review_item" and size and refused.refits == 0:
+            return self.review_item(refused.topic, refused.document, refused.record, refused.headers)._replace(
+                refits=refits
+            )
+        if refused.kind in ("verdict", "review_item"):
+            return self._rejected(refused.kind, refused.document, refused.record, refused.headers,
+                                  f"the broker refused it: {reason}", refits)  # fmt: skip
         if refused.kind == "dead_letter":
             try:
                 value, key = self._abbreviate(refused.document, refused.record.key(), refused.headers, minimal=True)
@@ -219,10 +237,13 @@ class OutputBudget:
             return refused._replace(value=value, key=key, kind="minimal", refits=refits)
         raise OutputRefused(reason)
 
-    def _rejected_verdict(self, document: Document, record: Message, headers: Headers, why: str, refits: int) -> Output:
+    def _rejected(
+        self, kind: str, document: Document, record: Message, headers: Headers, why: str, refits: int
+    ) -> Output:
+        what = kind.replace("_", " ")
         letter = dead_letter(
-            record, ErrorType.OUTPUT_REJECTED, f"this record's verdict could not be delivered: {why}",
-            event_id=document.get("event_id"),
+            record, ErrorType.OUTPUT_REJECTED, f"this record's {what} could not be delivered: {why}",
+            event_id=document.get("event_id") or (document.get("event") or {}).get("event_id"),
         )  # fmt: skip
         return self.dead_letter(letter, record, headers)._replace(refits=refits)
 
@@ -265,6 +286,44 @@ class OutputBudget:
         value = orjson.dumps(trimmed)
         if len(value) > room + _CUT_RESERVE:
             raise OutputTooLarge(f"a verdict of {original_bytes} bytes cannot be cut to {room + _CUT_RESERVE}")
+        return value, fitted_key
+
+    def _trim_review_item(
+        self, topic: str, document: Document, key: bytes | None, headers: Headers
+    ) -> tuple[bytes, bytes | None]:
+        """Cut, in order, until the item fits: the machine answers' reasoning and rationales, the
+        conversation context (oldest messages first), then the content itself. The item's
+        `source` lets a reviewer fetch the whole record while the topic retains it."""
+        fitted_key = self._fit_key(topic, key)
+        room = self.budget(topic) - len(fitted_key or b"") - headers_size(headers) - _CUT_RESERVE
+        event = dict(document["event"])
+        context = list(event.get("context") or [])
+        event["context"] = context
+        answers = [dict(document["machine"])] + [dict(r) for r in document.get("other_results") or []]
+        second = dict(document["second_opinion"]) if document.get("second_opinion") else None
+        item = {**document, "event": event, "machine": answers[0], "other_results": answers[1:]}
+        if second is not None:
+            item["second_opinion"] = second
+            answers.append(second)
+        cut: list[str] = ["key"] if fitted_key != key else []
+        size = len(orjson.dumps(item))
+        for field in ("reasoning", "rationale"):
+            if size > room and _cut_texts(answers, field, size - room):
+                cut.append(field)
+                size = len(orjson.dumps(item))
+        if size > room and context:
+            while context and size > room:
+                size -= len(orjson.dumps(context.pop(0))) + 1
+            cut.append("context")
+            size = len(orjson.dumps(item))
+        if size > room:
+            content = event["content"].encode()
+            event["content"] = content[: max(0, len(content) - (size - room))].decode(errors="ignore")
+            cut.append("content")
+        item["truncated"] = cut
+        value = orjson.dumps(item)
+        if len(value) > room + _CUT_RESERVE:
+            raise OutputTooLarge(f"a review item cannot be cut below {len(value)} bytes; the budget is {room}")
         return value, fitted_key
 
     def _abbreviate(

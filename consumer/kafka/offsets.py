@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -180,3 +180,38 @@ class OffsetTracker:
         if partitions is None:
             return self._events
         return sum(len(s.undone) for k in partitions if (s := self._partitions.get(k)) is not None)
+
+
+class OutputJoin:
+    """A record with several outputs (a verdict and its review items) is done when the last of
+    them is delivered: `expect` says how many before they are sent; `done_many` (the sink's
+    delivery reports) passes a ticket on to the tracker only then. Records with one output go
+    straight through."""
+
+    def __init__(self, done_many: Callable[[Iterable[Ticket]], None]):
+        self._done_many = done_many
+        self._waiting: dict[Ticket, int] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, ticket: Ticket, outputs: int) -> None:
+        if outputs > 1:
+            with self._lock:
+                self._waiting[ticket] = self._waiting.get(ticket, 1) + outputs - 1
+
+    def done_many(self, tickets: Iterable[Ticket]) -> None:
+        if not self._waiting:
+            self._done_many(tickets)
+            return
+        ready = []
+        with self._lock:
+            for ticket in tickets:
+                left = self._waiting.get(ticket)
+                if left is None:
+                    ready.append(ticket)
+                elif left <= 1:
+                    del self._waiting[ticket]
+                    ready.append(ticket)
+                else:
+                    self._waiting[ticket] = left - 1
+        if ready:
+            self._done_many(ready)

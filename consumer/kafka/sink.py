@@ -144,6 +144,11 @@ class Sink:
             return
         self._send(output, ticket)
 
+    def send_review_item(self, topic: str, item: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        """Another output of `record` (a review item) under the same ticket and the same guarantee:
+        fitted to `topic`'s budget, or an `output_rejected` dead letter when it cannot fit."""
+        self._send(self.budget.review_item(topic, item, record, headers), ticket)
+
     def _send(self, output: Output, ticket: Ticket) -> None:
         if not self._backlog:
             try:
@@ -160,7 +165,7 @@ class Sink:
                 self._delivered.append(ticket)  # a deque: safe whichever thread serves reports
                 if output.kind == "verdict":
                     self.verdicts_delivered += 1
-                else:
+                elif output.kind != "review_item":
                     self.dead_letters_delivered += 1
             elif err.code() in RECORD_ERRORS:
                 self._refused.append((output, ticket, err))  # a smaller output, sent by the next `serve`

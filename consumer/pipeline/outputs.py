@@ -34,6 +34,7 @@ def policy_result(policy: Policy, outcome: Classification, latency_ms: float) ->
         "model": outcome.model,
         "stage": outcome.stage,
         "latency_ms": latency_ms,
+        "review": None,
     }
 
 
@@ -69,4 +70,6 @@ def verdict(
         "consumer_version": consumer.__version__,
         "replay": None,
         "truncated": None,
+        "decided_by": "machine",
+        "supersedes": None,
     }

@@ -48,7 +48,7 @@ from consumer.events import ContentEvent, ErrorType
 from consumer.kafka import records, roles
 from consumer.kafka.budget import OutputBudget
 from consumer.kafka.client_logs import BrokerLink, ClientLogger
-from consumer.kafka.offsets import OffsetTracker, Ticket
+from consumer.kafka.offsets import OffsetTracker, OutputJoin, Ticket
 from consumer.kafka.sink import Sink, TransactionalSink
 from consumer.kafka.source import Received, Source
 from consumer.pipeline import outputs, telemetry
@@ -60,6 +60,7 @@ from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
 from consumer.policy import PolicyStore, PolicyWatcher, most_severe
 from consumer.policy.route import Router
+from consumer.review.desk import ReviewDesk
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,13 @@ class Pipeline:
             self.telemetry.e2e_latency.expect(outcome)
         for policy_id in policies.get():
             self.telemetry.engine_latency.expect(policy_id)
+        # Human review runs with the pipeline's own Kafka sink (not in replays, which pass a sink).
+        self.reviews = ReviewDesk(
+            settings, classifier, policies.get, lambda value: self.decoder.decode(value, "appeal"),
+            enabled=settings.review.enabled and sink_factory is None,
+            meter=self.telemetry.meter, registry=self.metrics_registry,
+        )  # fmt: skip
+        self.outputs_done = OutputJoin(self.tracker.done_many)  # a verdict and its review items
         self.http: HttpServer | None = None
         # The brokers' reachability after start: one WARNING per change, and /readyz.
         self.link = BrokerLink(settings.kafka.bootstrap_servers)
@@ -164,7 +172,10 @@ class Pipeline:
         producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
                                                          "logger": ClientLogger("producer", self.link)}
         budget = OutputBudget(producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic)
-        await asyncio.to_thread(budget.load)
+        output_topics = [cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic]
+        if self.reviews.enabled:
+            output_topics.append(cfg.review.topic)
+        await asyncio.to_thread(budget.load, output_topics)
         problem = budget.check(cfg.pipeline.max_payload_bytes)
         if problem:  # a configuration error: nothing consumed, before anything started
             return RunResult(2, 0, 0, 0, problem)
@@ -199,7 +210,7 @@ class Pipeline:
                 roles.SinkOptions(
                     producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic, cfg.pipeline.delivery_retries
                 ),
-                roles.SinkWiring(on_delivered=self.tracker.done_many, on_fatal=self._fail_threadsafe, budget=budget),
+                roles.SinkWiring(on_delivered=self.outputs_done.done_many, on_fatal=self._fail_threadsafe, budget=budget),
             )
         self.batcher = Batcher(
             self.classifier,
@@ -251,6 +262,7 @@ class Pipeline:
         if cfg.policies.reload_interval_s > 0:
             watcher.start()
         await asyncio.to_thread(self.sink.start)
+        await asyncio.to_thread(self.reviews.start, self._loop, self._fail_threadsafe)
         serving = self._loop.create_task(self._serve_sink(), name="sink")
         self.batcher.start()
         self.source.start()
@@ -288,6 +300,7 @@ class Pipeline:
         if undelivered:
             log.warning("%d outputs undelivered at shutdown; their records were not committed", undelivered)
         await asyncio.to_thread(self.source.close)
+        await asyncio.to_thread(self.reviews.stop)
         self.sink.close()
         await self.classifier.close()
         log.info("stopped: consumed %d; delivered verdicts %d, dead letters %d",
@@ -445,6 +458,13 @@ class Pipeline:
                 return
             assert isinstance(outcome, Classification)
             results.append(outputs.policy_result(request.policy, outcome, latency_ms))
+        assert record.event is not None
+        source = lambda: records.source_of(record.message)  # noqa: E731 - built only when a review needs it
+        items = self.reviews.open(record.event, requests[0].event, source, results, outcomes,  # type: ignore[arg-type]
+                                  [r.policy for r in requests])  # fmt: skip
+        if items:
+            self._send_review_items(record, items)
+        self.reviews.remember(requests, record.event, source, record.message.key(), results)
         self._send_verdict(record, results)
 
     # -- outputs --------------------------------------------------------------------------------
@@ -452,7 +472,8 @@ class Pipeline:
     def _send_verdict(self, record: _Record, results: list[outputs.Document], note: str | None = None) -> None:
         event, message, span = record.event, record.message, record.span
         assert event is not None
-        violation = any(r["violation"] for r in results)
+        # An undecided result is a guess awaiting a person: it holds, and it is no found violation.
+        violation = any(r["violation"] for r in results if r["stage"] != "undecided")
         action, offences = self.offenders.record(
             event.community_id, event.author_id, violation, most_severe([r["action"] for r in results])
         )
@@ -478,6 +499,16 @@ class Pipeline:
         for result in results:
             counts[(result["policy_id"], result["violation"], result["action"])] += 1
         self.telemetry.e2e_latency.record(latency_ms / 1000, "verdict")
+
+    def _send_review_items(self, record: _Record, items: list[Any]) -> None:
+        """Review items go with the verdict under the record's ticket: done when all are delivered."""
+        self.outputs_done.expect(record.ticket, 1 + len(items))
+        headers = telemetry.inject(record.span)
+        sink = self.sink
+        assert isinstance(sink, Sink)  # the review desk is enabled only with the pipeline's own Kafka sink
+        for item in items:
+            sink.send_review_item(self.settings.review.topic, item.model_dump(mode="json"), record.message,
+                                  record.ticket, headers)  # fmt: skip
 
     def _dead_letter(
         self,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-ACTIONS = ("allow", "flag", "delete", "timeout", "escalate")  # in rising severity
+# In rising severity. `hold`: keep the content back until a person decides (a result awaiting review).
+ACTIONS = ("allow", "hold", "flag", "delete", "timeout", "escalate")
 # The verdict's `severity` field for each action.
-SEVERITY = {"allow": "none", "flag": "low", "delete": "medium", "timeout": "high", "escalate": "critical"}
+SEVERITY = {"allow": "none", "hold": "low", "flag": "low", "delete": "medium", "timeout": "high", "escalate": "critical"}
 
 
 def rank(action: str) -> int:

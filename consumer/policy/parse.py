@@ -45,6 +45,11 @@ class Policy:
             return self.actions[category]
         return self.actions.get("violation" if violation else "safe", "flag" if violation else "allow")
 
+    @property
+    def review_action(self) -> str:
+        """The action for a result a person must decide first (`actions: {review: ...}`): hold by default."""
+        return self.actions.get("review", "hold")
+
 
 def policy_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]

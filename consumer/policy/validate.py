@@ -87,9 +87,10 @@ def validate_policy(data: bytes, path: Path, max_tokens: int = DEFAULT_MAX_TOKEN
             problems.append(
                 Problem(where, line, "error", f"action {action!r} for {key!r} is not one of {', '.join(ACTIONS)}")
             )
-        if key not in policy.categories and key not in ("violation", "safe"):
+        if key not in policy.categories and key not in ("violation", "safe", "review"):
             problems.append(
-                Problem(where, line, "error", f"`actions` key {key!r} is neither a category nor 'violation'/'safe'")
+                Problem(where, line, "error",
+                        f"`actions` key {key!r} is neither a category nor 'violation'/'safe'/'review'")
             )
     for pattern in policy.patterns:
         try:

@@ -2,6 +2,7 @@
 
 import io
 
+import orjson
 import pytest
 from rich.console import Console
 
@@ -14,6 +15,7 @@ def test_demo_classifies_every_sample_and_dead_letters_the_malformed_ones():
     output = io.StringIO()
     summary = run_demo(default_policies_dir(), Console(file=output, width=120), timeout_s=180)
     events = sample_events()
+    contents = {e["event_id"]: e["content"] for e in events}
     assert summary.produced == len(events) + len(MALFORMED)
     assert summary.verdicts == len(events)
     assert summary.dead_letters == {"invalid_json": 1, "schema_violation": 1, "invalid_encoding": 1}
@@ -30,3 +32,11 @@ def test_demo_classifies_every_sample_and_dead_letters_the_malformed_ones():
     text = output.getvalue()
     assert "engine: the cascade's cheap stages on CPU" in text and "much weaker than gpt-oss-safeguard" in text
     assert "stopped the local Kafka broker" in text
+    # Results the cheap stages cannot decide await a person: held, not shown as violations.
+    outputs = [orjson.loads(line) for line in lines]
+    nice = next(o for o in outputs if o.get("event_id") and contents.get(o["event_id"]) == "nice build!")
+    assert nice["action"] == "hold" and nice["violation"] is False
+    assert {r["review"]["status"] for r in nice["results"]} == {"pending"}
+    assert summary.awaiting_review and summary.review_items == sum(summary.awaiting_review.values())
+    assert f"{summary.review_items} results await a person's review" in " ".join(text.split())
+    assert "review pending" in text

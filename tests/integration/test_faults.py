@@ -339,9 +339,8 @@ def test_two_consumers_split_partitions_and_stopping_one_hands_over_without_loss
     try:
         with running_pipeline(settings, KeywordClassifier()) as a, running_pipeline(settings, KeywordClassifier()) as b:
             # Each pipeline has a source once it has read its output topics' size budgets.
-            wait_for(lambda: len(getattr(a.pipeline, "source", ()) and a.pipeline.source.assigned) == 2
-                     and len(getattr(b.pipeline, "source", ()) and b.pipeline.source.assigned) == 2,
-                     timeout=60, message="two members with two partitions each")  # fmt: skip
+            wait_for(lambda: all(p.source is not None and len(p.source.assigned) == 2 for p in (a.pipeline, b.pipeline)),
+                     timeout=60, message="two members with two partitions each")
             assert a.pipeline.source.assigned.isdisjoint(b.pipeline.source.assigned)
             outputs.until(first_batch, timeout=60)
             assert b.stop().exit_code == 0

@@ -42,6 +42,10 @@ class VerdictCache:
     Least recently used entries go first when full; an expired entry is never returned.
     A returned verdict is a copy marked `model="cascade:cache"` with no token counts: the
     cache spent none.
+
+    A person's decision is pinned (`pin`): it answers before any machine verdict, never
+    expires, and is never replaced by one (`model="cascade:cache:human"`); pinned entries are
+    bounded by `max_entries` too, least recently used first.
     """
 
     def __init__(self, max_entries: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
@@ -49,11 +53,17 @@ class VerdictCache:
         self._ttl_s = ttl_s
         self._clock = clock
         self._entries: OrderedDict[CacheKey, tuple[float, Classification]] = OrderedDict()
+        self._pinned: OrderedDict[CacheKey, Classification] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: CacheKey) -> Classification | None:
+        if self._pinned:
+            human = self._pinned.get(key)
+            if human is not None:
+                self._pinned.move_to_end(key)
+                return dataclasses.replace(human, model="cascade:cache:human", stage="cache")
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -66,7 +76,17 @@ class VerdictCache:
             verdict, model="cascade:cache", stage="cache", reasoning=None, prompt_tokens=0, cached_tokens=0, completion_tokens=0
         )
 
+    def pin(self, key: CacheKey, verdict: Classification) -> None:
+        """A person's answer for this content: it wins over every machine verdict from now on."""
+        self._pinned[key] = verdict
+        self._pinned.move_to_end(key)
+        self._entries.pop(key, None)
+        while len(self._pinned) > self._max_entries:
+            self._pinned.popitem(last=False)
+
     def put(self, key: CacheKey, verdict: Classification) -> None:
+        if key in self._pinned:
+            return  # a person decided this content
         self._entries[key] = (self._clock(), verdict)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:

@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,9 @@ from consumer.policy import Policy, PolicyStore
 log = logging.getLogger(__name__)
 
 STAGES = ("cache", "lexical", "embedding", "reasoner", "undecided")
+# How many reasoner labels one person's decision is worth to the heads: it is learned this
+# many times (a weight by repetition; the heads' online updates take no sample weights).
+HUMAN_LABEL_WEIGHT = 3
 
 
 @dataclass
@@ -59,6 +63,7 @@ class PolicyCounters:
     coalesced: int = 0  # copies that waited for an identical request already in flight
     escalations: int = 0
     learned: int = 0  # reasoner verdicts the heads learned from
+    learned_human: int = 0  # people's decisions the heads learned from (each HUMAN_LABEL_WEIGHT times)
     shadow_sent: int = 0
     shadow_disagreed: int = 0
     shadow_skipped: int = 0  # sampled, but the reasoner was saturated
@@ -116,6 +121,8 @@ class CascadeClassifier:
         self._reasoner_slots: asyncio.Semaphore | None = None
         self._shadows: set[asyncio.Task[None]] = set()
         self._shadow_ticks: dict[str, int] = {}
+        # ReportsDisagreements: set by the pipeline when disagreements open reviews.
+        self.on_disagreement: Callable[[ClassifyRequest, Classification, Classification], None] | None = None
 
     # -- Classifier Protocol -----------------------------------------------------------------
 
@@ -313,7 +320,29 @@ class CascadeClassifier:
             counters.shadow_disagreed += 1
             if key is not None:
                 self.cache.put(key, verdict)  # later copies get the reasoner's answer
+            if self.on_disagreement is not None:
+                self.on_disagreement(request, cheap, verdict)
         await self._learn(request.policy, request.event.content, verdict, counters)
+
+    # -- learning from people ------------------------------------------------------------------
+
+    async def learn_from_review(self, request: ClassifyRequest, answer: Classification, heads: bool = True) -> None:
+        """LearnsFromReview: the cache answers this content with the person's answer from now on
+        (under the same policy version), and the heads learn it HUMAN_LABEL_WEIGHT times."""
+        policy = request.policy
+        if self.settings.plan_for(policy.id).cache:
+            self.cache.pin(cache_key(policy, request.event.content), answer)
+        if not heads:
+            return
+        counters = self._counters(policy.id)
+        current = self._heads.get(policy.id)
+        if current is None or current.policy_version != policy.version:
+            return
+        for _ in range(HUMAN_LABEL_WEIGHT):
+            for stage in current.stages:
+                await stage.learn(request.event.content, int(answer.violation))
+        counters.learned_human += 1
+        self._record_calibration(policy.id, current)
 
     # -- heads per policy ----------------------------------------------------------------------
 

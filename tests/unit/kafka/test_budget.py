@@ -9,12 +9,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from datetime import datetime, timezone
 
 import orjson
 import pytest
 
 from consumer.classify import Classification
-from consumer.events import DeadLetter, ErrorType, Verdict
+from consumer.events import (
+    DeadLetter,
+    ErrorType,
+    MachineResult,
+    ReviewContextMessage,
+    ReviewEvent,
+    ReviewItem,
+    SourceRecord,
+    Verdict,
+)
 from consumer.kafka import records
 from consumer.kafka.budget import (
     MIN_DEAD_LETTER_BYTES,
@@ -181,3 +191,50 @@ def test_a_dead_letter_topic_too_small_for_any_dead_letter_is_a_start_up_error()
     assert problem and "kafka.dead_letter_topic 'out.dlq'" in problem and "max.message.bytes" in problem
     assert budget(verdict_max=1500).check(max_payload_bytes=1 << 20).startswith("kafka.verdict_topic")
     assert budget().check(max_payload_bytes=1 << 20) is None  # the defaults agree: abbreviation covers the rest
+
+
+def a_review_item(content: str, context: int = 0, rationale: str = "why") -> dict:
+    item = ReviewItem(
+        review_id="r1", reason="undecided", created_at=datetime(2026, 12, 1, tzinfo=timezone.utc),
+        policy_id=POLICY.id, policy_version=POLICY.version,
+        event=ReviewEvent(event_id="e1", content=content,
+                          context=[ReviewContextMessage(author="user-2", content="x" * 2000) for _ in range(context)]),
+        machine=MachineResult(violation=True, rationale=rationale, stage="undecided", model="lexical", action="hold"),
+        source=SourceRecord.model_validate(records.source_of(FakeMessage())),
+    )  # fmt: skip
+    return item.model_dump(mode="json")
+
+
+def review_budget(review_max: int) -> OutputBudget:
+    loaded = OutputBudget({}, "out.verdicts", "out.dlq", describe=lambda topics: {t: review_max for t in topics})
+    loaded.load(["out.review"])
+    return loaded
+
+
+def test_a_review_item_that_fits_is_sent_whole():
+    item = a_review_item("you are awful")
+    output = review_budget(100_000).review_item("out.review", item, FakeMessage(), TRACE)
+    assert output.kind == "review_item" and orjson.loads(output.value) == item
+
+
+def test_a_review_item_too_large_is_cut_rationale_then_context_then_content_and_stays_valid():
+    item = a_review_item("y" * 300_000, context=20, rationale="r" * 50_000)
+    fitted = review_budget(100_000)
+    output = fitted.review_item("out.review", item, FakeMessage(), TRACE)
+    document = orjson.loads(output.value)
+    assert output.kind == "review_item" and size_of(output) <= fitted.budget("out.review")
+    assert document["truncated"] == ["rationale", "context", "content"]
+    assert document["review_id"] == "r1" and document["source"] == item["source"]  # the whole record's address
+    assert document["event"]["content"] == "y" * len(document["event"]["content"])  # a prefix of the content
+    valid_against_schema("review-item", output.value)
+
+
+def test_a_refused_review_item_is_refitted_once_then_becomes_an_output_rejected_dead_letter():
+    fitted = review_budget(100_000)
+    output = fitted.review_item("out.review", a_review_item("hello"), FakeMessage(), TRACE)
+    again = fitted.smaller(output, "Broker: Message size too large", size=True)
+    assert again.kind == "review_item" and again.refits == 1
+    rejected = fitted.smaller(again, "Broker: Message size too large", size=True)
+    letter = orjson.loads(rejected.value)
+    assert rejected.kind == "dead_letter" and rejected.topic == "out.dlq"
+    assert letter["error"]["type"] == "output_rejected" and "review item" in letter["error"]["message"]

@@ -25,7 +25,7 @@ def test_front_matter_errors_name_their_line(tmp_path):
     text = GOOD.replace("reasoning_effort: low", "reasoning_effort: extreme")
     assert problems(text, tmp_path) == ["4: error: `reasoning_effort` must be one of low, medium, high, not 'extreme'"]
     text = GOOD.replace("  harassment: delete", "  harassment: ban")
-    assert problems(text, tmp_path) == ["10: error: action 'ban' for 'harassment' is not one of allow, flag, delete, timeout, escalate"]
+    assert problems(text, tmp_path) == ["10: error: action 'ban' for 'harassment' is not one of allow, hold, flag, delete, timeout, escalate"]
     assert problems("no front matter\n", tmp_path) == ["1: error: missing YAML front matter (a first line of ---)"]
 
 

@@ -1,0 +1,142 @@
+"""Decisions: reading a moderator's answer and turning it into a corrected verdict.
+
+The corrected verdict is built from the review item alone (it is self-contained), never from
+memory of the machine verdict, so a decision taken days later, after restarts, yields the same
+output: the same event and source coordinates, `decided_by: "human"`, the reviewer's answer
+as the reviewed policy's result, the other policies' results as the machine gave them, and
+`supersedes` naming the machine verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import TypeVar
+
+import orjson
+from confluent_kafka import Message
+from pydantic import BaseModel, ValidationError
+
+import consumer
+from consumer.classify import Classification
+from consumer.events import (
+    DeadLetter,
+    DeadLetterError,
+    Document,
+    ErrorType,
+    OriginalRecord,
+    PolicyResult,
+    ReviewDecision,
+    ReviewItem,
+    ReviewStatus,
+    SourceRecord,
+    Supersedes,
+    Verdict,
+)
+from consumer.policy import Policy, most_severe
+from consumer.policy.actions import SEVERITY
+
+HUMAN = "human"
+M = TypeVar("M", bound=BaseModel)
+
+
+class RejectedInput(Exception):
+    """A decision or appeal that cannot be applied; becomes a dead letter of `error_type`."""
+
+    def __init__(self, error_type: ErrorType, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def parse(model: type[M], value: bytes | None) -> M:
+    """A decision or an appeal from a record's value; RejectedInput names what is wrong (fields, not values)."""
+    if value is None:
+        raise RejectedInput(ErrorType.INVALID_JSON, "empty record")
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        raise RejectedInput(ErrorType.INVALID_JSON, "not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+                           for e in exc.errors(include_input=False, include_url=False))  # fmt: skip
+        raise RejectedInput(ErrorType.SCHEMA_VIOLATION, f"not a {model.__name__}: {fields}") from None
+
+
+def human_result(item: ReviewItem, decision: ReviewDecision, policy: Policy | None) -> PolicyResult:
+    """The reviewer's answer as the policy's result; its action from the policy's actions map in
+    force now (the item's own version when the policy is gone)."""
+    if policy is not None:
+        action = policy.action_for(decision.violation, decision.category)
+    else:
+        action = "flag" if decision.violation else "allow"
+    latency_ms = max(0.0, (decision.decided_at - item.created_at).total_seconds() * 1000)
+    return PolicyResult(
+        policy_id=item.policy_id,
+        policy_version=item.policy_version,
+        violation=decision.violation,
+        category=decision.category,
+        rule_ids=decision.rule_ids,
+        confidence=None,
+        rationale=decision.note,
+        action=action,
+        model=HUMAN,
+        stage=HUMAN,
+        latency_ms=latency_ms,
+        review=ReviewStatus(status="decided", reason=item.reason, review_id=item.review_id),
+    )
+
+
+def corrected_verdict(
+    item: ReviewItem, decision: ReviewDecision, policies: Callable[[], Mapping[str, Policy]]
+) -> Document:
+    """The verdict that replaces the machine's for the reviewed event."""
+    results = [*item.other_results, human_result(item, decision, policies().get(item.policy_id))]
+    # Results still awaiting a person do not count as found violations (they hold).
+    decided = [r for r in results if not (r.review and r.review.status == "pending" and r.stage == "undecided")]
+    action = most_severe([r.action for r in results])
+    latency_ms = max(0.0, (datetime.now(timezone.utc) - item.created_at).total_seconds() * 1000)
+    verdict = Verdict(
+        event_id=item.event.event_id,
+        source=item.source,
+        violation=any(r.violation for r in decided),
+        action=action,
+        severity=SEVERITY.get(action, "low"),
+        results=results,
+        author_id=item.author_id,
+        community_id=item.community_id,
+        context_id=item.context_id,
+        note=f"decided by a person ({item.reason.value} review {item.review_id})",
+        latency_ms=latency_ms,
+        consumer_version=consumer.__version__,
+        decided_by="human",
+        supersedes=Supersedes(event_id=item.event.event_id, source=item.source, review_id=item.review_id),
+    )
+    return verdict.model_dump(mode="json")
+
+
+def as_classification(decision: ReviewDecision) -> Classification:
+    """The decision as a classifier's answer, for the cache and the heads."""
+    return Classification(
+        violation=decision.violation,
+        category=decision.category if decision.violation else (decision.category or "safe"),
+        rule_ids=list(decision.rule_ids),
+        rationale=decision.note,
+        model=HUMAN,
+        stage=HUMAN,
+    )
+
+
+def dead_letter(message: Message, error_type: ErrorType, reason: str) -> Document:
+    """A decision or appeal record that could not be applied, with its original bytes."""
+    ts_type, ts = message.timestamp()
+    letter = DeadLetter(
+        error=DeadLetterError(type=error_type, message=reason),
+        source=SourceRecord(topic=message.topic(), partition=message.partition(), offset=message.offset(),
+                            timestamp_ms=ts if ts_type else None),  # fmt: skip
+        original=OriginalRecord.capture(message.key(), message.value(), message.headers()),
+        failed_at=datetime.now(timezone.utc),
+        consumer_version=consumer.__version__,
+    )
+    return letter.model_dump(mode="json")

@@ -1,0 +1,330 @@
+"""The review loop: moderators' decisions and users' appeals back into the stream.
+
+A second consumer inside the consumer process, on a thread of its own, next to the data
+path and independent of it:
+
+- the **follower** (an assigned consumer of every partition of the review topic and the
+  decisions topic, in no group, committing nothing) keeps `ReviewState`: it reads both topics
+  from their earliest retained offsets at start (a bounded read, up to the end offsets found
+  at start) and follows them from then on. Every decision it reads for a known item teaches
+  the classifier (`on_decided`): at start only the cache (the heads saved theirs), then
+  also the heads. No external store: the topics are the state.
+- the **applier** (a member of group `review.group_id`, subscribed to the decisions and
+  appeals topics) turns each decision into a corrected verdict and each appeal into a review
+  item, and commits a record's offset only after its output (or its dead letter) was
+  delivered: a poll batch is produced, flushed, and then committed. A crash in between
+  re-reads the batch: a corrected verdict may then be sent twice (at least once), never lost.
+
+Which decision counts: the first one read for a review id (decisions are keyed by review id,
+so one review's decisions sit in one partition, in order). Before applying a decision the
+applier lets the follower read its partition up to that decision, so both agree which was
+first. Later decisions with the same answer change nothing; with another answer they become
+`conflicting_decision` dead letters; a decision for a review id no item carries becomes an
+`unknown_review` dead letter, a malformed one `invalid_json` or `schema_violation`, an appeal
+whose verdict cannot be found `appeal_not_found`. None of them stops the loop.
+
+Disagreement reviews (a shadow check disagreed after the verdict was sent) are handed in by
+`submit` and produced by this loop's producer: they are not part of any input record's
+commit, so a crash before they are delivered loses them (the shadow check is a sample).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from consumer.config import Settings
+from consumer.events import Appeal, ContentEvent, Document, ErrorType, ReviewDecision, ReviewItem
+from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.policy import Policy
+from consumer.review.appeals import appeal_item
+from consumer.review.decisions import RejectedInput, corrected_verdict, dead_letter, parse
+from consumer.review.state import Decided, ReviewState
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT_S = 0.2
+FLUSH_TIMEOUT_S = 30.0
+_Output = tuple[str, bytes, bytes | None]  # topic, value, key
+
+
+class ReviewLoop:
+    """Owns "a decision or appeal is committed only after its output was delivered", and "one
+    corrected verdict per review id"."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: ReviewState,
+        policies: Callable[[], Mapping[str, Policy]],
+        decode: Callable[[bytes], ContentEvent],
+        on_decided: Callable[[Decided, bool], None],
+        on_fatal: Callable[[str], None],
+    ):
+        """`on_decided(decided, live)`: a decision read by the follower, on its thread; `live`
+        False while the state is rebuilt at start. `decode` reads an input record (appeals)."""
+        self.settings = settings
+        self.review = settings.review
+        self.state = state
+        self._policies = policies
+        self._decode = decode
+        self._on_decided = on_decided
+        self._on_fatal = on_fatal
+        kafka = settings.kafka
+        self._client = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers}
+        self._producer_config = {**PRODUCER_DEFAULTS, **kafka.producer_options,
+                                 "bootstrap.servers": kafka.bootstrap_servers}  # fmt: skip
+        self._group_id = self.review.group_id or f"{kafka.group_id}.review"
+        self._submitted: deque[_Output] = deque()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._follower: Consumer | None = None
+        self._applier: Consumer | None = None
+        self._producer: Producer | None = None
+        self.failed: str | None = None
+        self.applied = 0  # corrected verdicts sent
+        self.duplicates = 0
+        self.appeals_opened = 0
+        self.dead_letters = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Rebuild the state from the topics (blocking), then follow and apply on a thread."""
+        self._producer = Producer(self._producer_config)
+        self._follower = Consumer({**self._client, "group.id": f"{self._group_id}.follower",
+                                   "enable.auto.commit": False, "enable.partition.eof": False})  # fmt: skip
+        ends = self._assign_follower()
+        started = time.monotonic()
+        self._follow_until(ends)
+        log.info("review state rebuilt in %.1fs: %d open reviews, %d decided",
+                 time.monotonic() - started, sum(self.state.open_reviews().values()), self.state.decisions)  # fmt: skip
+        self._applier = Consumer({**self._client, "group.id": self._group_id, "enable.auto.commit": False,
+                                  "auto.offset.reset": "earliest"})  # fmt: skip
+        # Appeals are read only where they open reviews (review.when).
+        topics = [self.review.decisions_topic] + ([self.review.appeals_topic] if self.review.opens("appeal") else [])
+        self._applier.subscribe(topics)
+        self._thread = threading.Thread(target=self._run, name="review-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for client in (self._applier, self._follower):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001 - closing what may have failed already
+                    log.debug("closing a review consumer failed", exc_info=True)
+        if self._producer is not None:
+            self._producer.flush(5)
+            self._producer.close()
+
+    def submit(self, item: ReviewItem, key: bytes | None) -> None:
+        """A review item opened outside any input record's commit (a shadow disagreement); any thread."""
+        self._submitted.append((self.review.topic, orjson.dumps(item.model_dump(mode="json")), key))
+
+    # -- the follower --------------------------------------------------------------------------
+
+    def _assign_follower(self) -> dict[tuple[str, int], int]:
+        """Assign every partition of both topics from the earliest offset; returns the end offsets now."""
+        assert self._follower is not None
+        assignment, ends = [], {}
+        for topic in (self.review.topic, self.review.decisions_topic):
+            metadata = self._follower.list_topics(topic, timeout=10).topics.get(topic)
+            if metadata is None or metadata.error is not None:
+                raise RuntimeError(f"review topic {topic!r} is not available: "
+                                   f"{metadata.error if metadata else 'unknown'}")  # fmt: skip
+            for partition in metadata.partitions:
+                low, high = self._follower.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+                assignment.append(TopicPartition(topic, partition, low))
+                if high > low:
+                    ends[(topic, partition)] = high
+        self._follower.assign(assignment)
+        self._live = False
+        return ends
+
+    def _follow(self, timeout: float) -> None:
+        assert self._follower is not None
+        for message in self._follower.consume(500, timeout=timeout):
+            if message.error() is not None:
+                continue
+            self._read_state(message)
+
+    def _follow_until(self, targets: dict[tuple[str, int], int]) -> None:
+        """Read until each (topic, partition) position reaches its target offset."""
+        assert self._follower is not None
+        left = dict(targets)
+        while left and not self._stopping.is_set():
+            self._follow(POLL_TIMEOUT_S)
+            positions = self._follower.position([TopicPartition(t, p) for t, p in left])
+            for tp in positions:
+                if tp.offset >= left[(tp.topic, tp.partition)]:
+                    del left[(tp.topic, tp.partition)]
+        self._live = True
+
+    def _read_state(self, message: Message) -> None:
+        value = message.value()
+        if message.topic() == self.review.topic:
+            try:
+                item = ReviewItem.model_validate_json(value or b"")
+            except ValueError:
+                log.warning("unreadable review item at %s[%d]@%d", message.topic(), message.partition(), message.offset())
+                return
+            decided = self.state.add_item(item, message.key())
+        else:
+            try:
+                decision = parse(ReviewDecision, value)
+            except RejectedInput:
+                return  # the applier dead-letters it
+            one = self.state.add_decision(decision, (message.topic(), message.partition(), message.offset()))
+            decided = [one] if one is not None else []
+        for d in decided:
+            try:
+                self._on_decided(d, self._live)
+            except Exception:  # noqa: BLE001 - teaching is an improvement, never a reason to stop
+                log.exception("learning from review %s failed", d.item.review_id)
+
+    # -- the applier ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._applier is not None
+        try:
+            while not self._stopping.is_set():
+                self._follow(0)
+                messages = [m for m in self._applier.consume(100, timeout=POLL_TIMEOUT_S) if self._readable(m)]
+                outputs: list[_Output] = []
+                while self._submitted:
+                    outputs.append(self._submitted.popleft())
+                for message in messages:
+                    outputs.extend(self._handle(message))
+                if outputs and not self._deliver(outputs):
+                    return
+                if messages:
+                    self._commit(messages)
+        except Exception as exc:  # noqa: BLE001 - the loop must report, not vanish
+            log.exception("review loop failed")
+            self._fail(f"review loop failed: {type(exc).__name__}: {exc}")
+
+    def _readable(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return True
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("review consumer: %s", error.str())
+        return False
+
+    def _handle(self, message: Message) -> list[_Output]:
+        try:
+            if message.topic() == self.review.decisions_topic:
+                return self._decision(message)
+            return self._appeal(message)
+        except RejectedInput as exc:
+            self.dead_letters += 1
+            log.info("review input %s[%d]@%d rejected: %s", message.topic(), message.partition(), message.offset(),
+                     exc.error_type.value)  # fmt: skip
+            letter = dead_letter(message, exc.error_type, str(exc))
+            return [(self.settings.kafka.dead_letter_topic, orjson.dumps(letter), message.key())]
+
+    def _decision(self, message: Message) -> list[_Output]:
+        decision = parse(ReviewDecision, message.value())
+        at = (message.topic(), message.partition(), message.offset())
+        # The follower must have read this partition up to here: then both agree which decision was first.
+        self._follow_until({(at[0], at[1]): at[2] + 1})
+        applied = self.state.applied(decision.review_id)
+        if applied is None and not self.state.known(decision.review_id):
+            self._catch_up_items()
+            applied = self.state.applied(decision.review_id)
+        if applied is None:
+            self.state.drop_orphan(decision.review_id, at)
+            raise RejectedInput(ErrorType.UNKNOWN_REVIEW,
+                                f"no review item {decision.review_id!r} on {self.review.topic}")  # fmt: skip
+        if applied.at != at:
+            first = applied.decision
+            if (first.violation, first.category) == (decision.violation, decision.category):
+                self.duplicates += 1
+                return []
+            raise RejectedInput(ErrorType.CONFLICTING_DECISION, f"review {decision.review_id!r} was decided already "
+                                f"at {applied.at[0]}[{applied.at[1]}]@{applied.at[2]} with another answer")  # fmt: skip
+        item = self.state.item(decision.review_id)
+        if item is None:
+            raise RejectedInput(ErrorType.UNKNOWN_REVIEW, f"review item {decision.review_id!r} is no longer held "
+                                "(review.max_items)")  # fmt: skip
+        verdict = corrected_verdict(item, decision, self._policies)
+        self.applied += 1
+        return [(self.settings.kafka.verdict_topic, orjson.dumps(verdict), self.state.key(decision.review_id))]
+
+    def _catch_up_items(self) -> None:
+        """Read the review topic to its end now: a decision may follow its item closely."""
+        assert self._follower is not None
+        ends = {}
+        for tp in self._follower.assignment():
+            if tp.topic == self.review.topic:
+                low, high = self._follower.get_watermark_offsets(tp, timeout=10)
+                if high > low:
+                    ends[(tp.topic, tp.partition)] = high
+        self._follow_until(ends)
+
+    def _appeal(self, message: Message) -> list[_Output]:
+        appeal = parse(Appeal, message.value())
+        kafka = self.settings.kafka
+        item, key = appeal_item(self._client, kafka.verdict_topic, appeal, self.review.appeal_search_records,
+                                self._decode)  # fmt: skip
+        if self.state.known(item.review_id):
+            self.duplicates += 1
+            return []  # this event's appeal review is open or decided already
+        self.appeals_opened += 1
+        self.state.add_item(item, key)  # a second appeal in the same batch finds it open
+        return [(self.review.topic, orjson.dumps(item.model_dump(mode="json")), key)]
+
+    # -- delivery and commits ------------------------------------------------------------------
+
+    def _deliver(self, outputs: list[_Output]) -> bool:
+        """Produce and wait for every delivery report; False (and fatal) if any failed."""
+        assert self._producer is not None
+        errors: list[str] = []
+
+        def report(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err.str())
+
+        for topic, value, key in outputs:
+            while True:
+                try:
+                    self._producer.produce(topic, value=value, key=key, on_delivery=report)
+                    break
+                except BufferError:
+                    self._producer.poll(0.1)
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while len(self._producer) and time.monotonic() < deadline:
+            self._producer.flush(0.5)
+        if errors or len(self._producer):
+            self._fail(f"review outputs not delivered: {errors[0] if errors else 'timed out'}")
+            return False
+        return True
+
+    def _commit(self, messages: list[Message]) -> None:
+        assert self._applier is not None
+        positions: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic(), m.partition())
+            positions[key] = max(positions.get(key, 0), m.offset() + 1)
+        self._applier.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False)
+
+    def _fail(self, reason: str) -> None:
+        if self.failed is None:
+            self.failed = reason
+            log.error("%s", reason)
+            self._on_fatal(reason)
+
+    def counters(self) -> Document:
+        return {"applied": self.applied, "duplicates": self.duplicates, "appeals_opened": self.appeals_opened,
+                "dead_letters": self.dead_letters}  # fmt: skip

@@ -1,0 +1,63 @@
+"""The review loop's metrics, read from `ReviewState` at scrape time (registered by the pipeline).
+
+- `safeguard_review_open{policy, reason}`: review items without a decision;
+- `safeguard_review_decisions_total{policy, stage, agreed}`: decisions, and whether the person
+  agreed with the machine stage that answered;
+- `safeguard_review_disagreement_right_total{policy, stage, side}`: for disagreement reviews,
+  which side the person found right (`cheap`: the stage, `reasoner`: the shadow check);
+- `safeguard_review_decision_latency_seconds`: review item created to decision taken (histogram).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from consumer.review.state import LATENCY_BUCKETS_S, ReviewState
+
+
+def register(meter: Meter, state: ReviewState, registry: Any = None) -> None:
+    def open_reviews(_: CallbackOptions) -> Iterable[Observation]:
+        for (policy, reason), count in state.open_reviews().items():
+            yield Observation(count, {"policy": policy, "reason": reason})
+
+    def decisions(_: CallbackOptions) -> Iterable[Observation]:
+        for (policy, stage, agreed), count in list(state.agreement.items()):
+            yield Observation(count, {"policy": policy, "stage": stage, "agreed": str(agreed).lower()})
+
+    def right(_: CallbackOptions) -> Iterable[Observation]:
+        for (policy, stage, side), count in list(state.disagreement_right.items()):
+            yield Observation(count, {"policy": policy, "stage": stage, "side": side})
+
+    meter.create_observable_gauge("safeguard.review.open", [open_reviews], description="reviews awaiting a person")
+    meter.create_observable_counter(
+        "safeguard.review.decisions", [decisions], description="decisions, and whether the person agreed with the machine"
+    )
+    meter.create_observable_counter(
+        "safeguard.review.disagreement_right", [right],
+        description="disagreement reviews: which side the person found right",
+    )  # fmt: skip
+    if registry is not None:
+        registry.register(_LatencyCollector(state))
+
+
+class _LatencyCollector:
+    """Decision latency as a Prometheus histogram, from the counts the state keeps."""
+
+    def __init__(self, state: ReviewState):
+        self._state = state
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+
+        counts = list(self._state.latency_buckets)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), counts):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), cumulative))
+        yield HistogramMetricFamily(
+            "safeguard_review_decision_latency_seconds", "review item created to decision taken",
+            buckets=buckets, sum_value=self._state.latency_sum_s,
+        )  # fmt: skip

@@ -1,0 +1,72 @@
+"""What a person's decision teaches the cascade, and how it reports a shadow disagreement."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the cascade needs scikit-learn: install requirements/cascade.txt")
+
+from consumer.classify import Classification, LearnsFromReview, ReportsDisagreements  # noqa: E402
+from consumer.classify.cascade import CascadeSettings, make_cascade  # noqa: E402
+from consumer.classify.cascade.cascade import HUMAN_LABEL_WEIGHT  # noqa: E402
+from consumer.policy import PolicyStore  # noqa: E402
+from tests.unit.classify.test_cascade import LabelReasoner, policy_dir, request  # noqa: E402
+
+CLEAR_SPAM = "FREE NITRO for 3 months!! claim here -> discord-nitro.gift/claim"
+
+
+def test_a_decision_answers_the_same_content_from_then_on_and_teaches_the_heads_weighted(tmp_path):
+    store = PolicyStore(policy_dir(tmp_path))
+    policy = store.get()["spam-scams"]
+    hard = "anyone up for a trade? dm me"
+
+    async def scenario():
+        cascade = make_cascade(CascadeSettings(shadow_fraction=0), None, store)
+        assert isinstance(cascade, LearnsFromReview)
+        await cascade.start()
+        before = await cascade.classify(request(policy, hard))
+        human = Classification(violation=True, category="scam", model="human", stage="human")
+        await cascade.learn_from_review(request(policy, hard), human)
+        after = await cascade.classify(request(policy, "Anyone up for a   trade? DM me", 1))
+        at_once = cascade.classify_now(request(policy, hard, 2))
+        counters = cascade.counters["spam-scams"]
+        await cascade.close()
+        return before, after, at_once, counters, cascade
+
+    before, after, at_once, counters, cascade = asyncio.run(scenario())
+    assert before.stage == "undecided"
+    assert after.violation and after.model == "cascade:cache:human" and after.category == "scam"
+    assert at_once is not None and at_once.model == "cascade:cache:human"
+    assert counters.learned_human == 1
+    assert all(stage.examples >= HUMAN_LABEL_WEIGHT for stage in cascade.heads("spam-scams"))
+    # A machine verdict never replaces a person's answer in the cache.
+    from consumer.classify.cascade.cache import cache_key
+
+    cascade.cache.put(cache_key(policy, hard), Classification(violation=False, model="m"))
+    assert cascade.cache.get(cache_key(policy, hard)).violation is True
+
+
+def test_a_shadow_check_that_disagrees_is_reported_with_both_answers(tmp_path):
+    store = PolicyStore(policy_dir(tmp_path))
+    policy = store.get()["spam-scams"]
+    reported = []
+
+    async def scenario():
+        cascade = make_cascade(CascadeSettings(shadow_fraction=1.0), LabelReasoner({CLEAR_SPAM: 0}), store)
+        assert isinstance(cascade, ReportsDisagreements)
+        cascade.on_disagreement = lambda req, cheap, reasoner: reported.append((req.request_id, cheap, reasoner))
+        await cascade.start()
+        verdict = await cascade.classify(request(policy, CLEAR_SPAM))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if reported:
+                break
+        await cascade.close()
+        return verdict
+
+    verdict = asyncio.run(scenario())
+    assert verdict.stage == "lexical" and verdict.violation
+    ((request_id, cheap, reasoner),) = reported
+    assert request_id == "e0/spam-scams" and cheap.violation and not reasoner.violation and reasoner.stage == "reasoner"
