@@ -249,6 +249,7 @@ class MachineResult(BaseModel):
     stage: str | None = None
     model: str
     action: str = Field(description="the action the machine verdict asked for on this policy's account")
+    reasoning: str | None = Field(default=None, description="the reasoner's analysis channel, where kept")
 
 
 class ReviewItem(BaseModel):
@@ -274,6 +275,11 @@ class ReviewItem(BaseModel):
     appeal: str | None = Field(default=None, description="the appellant's reason, for reason appeal")
     second_opinion: MachineResult | None = Field(
         default=None, description="for reason disagreement: the reasoner's answer that disagreed with `machine`"
+    )
+    author_violations: int | None = Field(
+        default=None,
+        description="the author's violations in this community within chat.offender_window_s before this event; "
+        "null when offender counting is off",
     )
 
 
