@@ -25,7 +25,7 @@ app = typer.Typer(
 dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", no_args_is_help=True)
 schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", no_args_is_help=True)
 policy_app = typer.Typer(help="Write, check and measure policies.", no_args_is_help=True)
-review_app = typer.Typer(help="Human review: open reviews, decisions as labelled data, the Coop bridge.",
+review_app = typer.Typer(help="Human review: open reviews, the review console, labelled data, the Coop bridge.",
                          no_args_is_help=True)  # fmt: skip
 app.add_typer(review_app, name="review")
 app.add_typer(dev_kafka_app, name="dev-kafka")
@@ -423,6 +423,36 @@ def review_coop_bridge(config: Optional[Path] = ConfigOption) -> None:
                f"review items from {settings.review.topic} to {settings.review.coop.url}", err=True)  # fmt: skip
     stopping.wait()
     bridge.stop()
+
+
+@review_app.command("console")
+def review_console(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+) -> None:
+    """Serve the review console: the review queue on a web page, decisions to the decisions topic (review.console)."""
+    import signal
+    import threading
+
+    from consumer.console.server import ConsoleError, ReviewConsole
+
+    settings = _settings(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    logging.basicConfig(level=settings.log.level, format="%(name)s: %(message)s")
+    try:
+        console = ReviewConsole(settings)
+        console.start()
+    except (ConsoleError, RuntimeError, OSError) as exc:
+        raise _config_exit(str(exc)) from None
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    identity = settings.review.console
+    who = f"{len(identity.reviewers)} reviewers with tokens" if identity.identity == "tokens" \
+        else f"reviewers named by the {identity.header} header"
+    typer.echo(f"review console on {console.url} ({who}); items from {settings.review.topic}, decisions to "
+               f"{settings.review.decisions_topic}", err=True)  # fmt: skip
+    stopping.wait()
+    console.stop()
 
 
 def _partitions(text: str | None) -> list[int] | None:
