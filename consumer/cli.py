@@ -434,6 +434,8 @@ def review_console(
     import signal
     import threading
 
+    from confluent_kafka import KafkaException
+
     from consumer.console.server import ConsoleError, ReviewConsole
 
     settings = _settings(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
@@ -441,8 +443,8 @@ def review_console(
     try:
         console = ReviewConsole(settings)
         console.start()
-    except (ConsoleError, RuntimeError, OSError) as exc:
-        raise _config_exit(str(exc)) from None
+    except (ConsoleError, KafkaException, RuntimeError, OSError) as exc:  # settings, topics, broker, port
+        raise _config_exit(f"the review console cannot start: {exc}") from None
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
