@@ -235,3 +235,13 @@ def test_skip_writes_nothing_and_a_decision_the_broker_did_not_take_keeps_the_it
     again = client.post("/item/rv-1", data={"csrf": form_token(page.text), "verdict": "safe"})
     assert again.status_code == 303 and [d.violation for d in writer.written] == [False]
     assert "skipped" in client.get("/next").text  # only what this session skipped is left
+
+
+def test_the_console_command_refuses_to_start_without_a_way_to_name_reviewers():
+    from typer.testing import CliRunner
+
+    from consumer.cli import app
+
+    result = CliRunner().invoke(app, ["review", "console", "--bootstrap-servers", "127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "review.console.reviewers is empty: nobody could sign in" in result.output
