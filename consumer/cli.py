@@ -29,7 +29,7 @@ dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 
 schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", **_SUBCOMMANDS)
 policy_app = typer.Typer(help="Write, check and measure policies.", **_SUBCOMMANDS)
 topics_app = typer.Typer(help="The Kafka topics the configuration names.", **_SUBCOMMANDS)
-review_app = typer.Typer(help="Human review: open reviews, decisions as labelled data, the Coop bridge.",
+review_app = typer.Typer(help="Human review: open reviews, the review console, labelled data, the Coop bridge.",
                          **_SUBCOMMANDS)  # fmt: skip
 app.add_typer(review_app, name="review")
 app.add_typer(dev_kafka_app, name="dev-kafka")
@@ -528,6 +528,38 @@ def review_coop_bridge(config: Optional[Path] = ConfigOption) -> None:
                f"review items from {settings.review.topic} to {settings.review.coop.url}", err=True)  # fmt: skip
     stopping.wait()
     bridge.stop()
+
+
+@review_app.command("console")
+def review_console(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+) -> None:
+    """Serve the review console: the review queue on a web page, decisions to the decisions topic (review.console)."""
+    import signal
+    import threading
+
+    from confluent_kafka import KafkaException
+
+    from consumer.console.server import ConsoleError, ReviewConsole
+
+    settings = _settings(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    logging.basicConfig(level=settings.log.level, format="%(name)s: %(message)s")
+    try:
+        console = ReviewConsole(settings)
+        console.start()
+    except (ConsoleError, KafkaException, RuntimeError, OSError) as exc:  # settings, topics, broker, port
+        raise _config_exit(f"the review console cannot start: {exc}") from None
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    identity = settings.review.console
+    who = f"{len(identity.reviewers)} reviewers with tokens" if identity.identity == "tokens" \
+        else f"reviewers named by the {identity.header} header"
+    typer.echo(f"review console on {console.url} ({who}); items from {settings.review.topic}, decisions to "
+               f"{settings.review.decisions_topic}", err=True)  # fmt: skip
+    stopping.wait()
+    console.stop()
 
 
 def _partitions(text: str | None) -> list[int] | None:

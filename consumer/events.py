@@ -275,6 +275,7 @@ class MachineResult(BaseModel):
     stage: str | None = None
     model: str
     action: str = Field(description="the action the machine verdict asked for on this policy's account")
+    reasoning: str | None = Field(default=None, description="the reasoner's analysis channel, where kept")
 
 
 class ReviewItem(BaseModel):
@@ -305,6 +306,11 @@ class ReviewItem(BaseModel):
         default=None,
         description="what was cut, in order, to fit the review topic (consumer.kafka.budget); the whole "
         "record is at `source` while the input topic retains it",
+    )
+    author_violations: int | None = Field(
+        default=None,
+        description="the author's violations in this community within chat.offender_window_s before this event; "
+        "null when offender counting is off",
     )
 
 

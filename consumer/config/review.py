@@ -1,10 +1,13 @@
-"""Settings of human review (`review:`) and of the bridge to ROOST's Coop (`review.coop`)."""
+"""Settings of human review (`review:`), of the bridge to ROOST's Coop (`review.coop`) and of the
+review console (`review.console`, in console.py)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from consumer.config.console import ConsoleSettings
 
 Reason = Literal["undecided", "low_confidence", "disagreement", "appeal", "sampled"]
 REASONS: tuple[Reason, ...] = ("undecided", "low_confidence", "disagreement", "appeal", "sampled")
@@ -62,6 +65,7 @@ class ReviewSettings(BaseModel):
     )
     max_items: int = Field(default=1_000_000, ge=1, description="review items held in memory (oldest decided go first)")
     coop: CoopSettings = Field(default_factory=CoopSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     def opens(self, reason: str) -> bool:
         return self.enabled and reason in self.when

@@ -183,6 +183,15 @@ class Offenders:
                 action = threshold.action
         return action, count
 
+    def count(self, community_id: str | None, author_id: str | None, at: float | None = None) -> int | None:
+        """The author's violations in the window so far, without counting anything; None when off."""
+        if not self.enabled or author_id is None:
+            return None
+        now = at if at is not None else self._clock()
+        with self._lock:
+            times = self._violations.get((community_id or "", author_id), ())
+            return sum(1 for t in times if now - t <= self._settings.offender_window_s)
+
     def replay(self, verdicts: Iterable[dict]) -> None:
         """Count earlier verdicts again (a rebuild from the verdict topic's tail)."""
         for verdict in verdicts:

@@ -463,6 +463,10 @@ class Pipeline:
         items = self.reviews.open(record.event, requests[0].event, source, results, outcomes,  # type: ignore[arg-type]
                                   [r.policy for r in requests])  # fmt: skip
         if items:
+            # What a reviewer is shown of the author's history: the violations before this event.
+            offences = self.offenders.count(record.event.community_id, record.event.author_id)
+            for item in items:
+                item.author_violations = offences
             self._send_review_items(record, items)
         self.reviews.remember(requests, record.event, source, record.message.key(), results)
         self._send_verdict(record, results)

@@ -28,6 +28,8 @@ class Policy:
     id: str
     version: str
     text: str
+    title: str | None = None  # shown to reviewers (the review console)
+    sensitive: bool = False  # reviewers see its content only after a click (the review console)
     reasoning_effort: ReasoningEffort = "low"
     output: str = "rich"
     categories: dict[str, str] = field(default_factory=dict)
@@ -91,6 +93,12 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
         )
     categories = _str_map(meta.get("categories", {}), "categories", where, text)
     actions = _str_map(meta.get("actions", {}), "actions", where, text)
+    title = meta.get("title")
+    if title is not None and (not isinstance(title, str) or not title.strip()):
+        raise PolicyError(f"{where}:{_meta_line(text, 'title')}: `title` must be a non-empty string")
+    sensitive = meta.get("sensitive", False)
+    if not isinstance(sensitive, bool):
+        raise PolicyError(f"{where}:{_meta_line(text, 'sensitive')}: `sensitive` must be true or false")
     patterns = meta.get("patterns", [])
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise PolicyError(f"{where}:{_meta_line(text, 'patterns')}: `patterns` must be a list of strings")
@@ -98,6 +106,8 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
         id=policy_id,
         version=policy_version(data),
         text=body,
+        title=title.strip() if title else None,
+        sensitive=sensitive,
         reasoning_effort=effort,  # type: ignore[arg-type]
         output=str(meta.get("output", "rich")),
         categories=categories,

@@ -108,6 +108,7 @@ def appeal_item(
         raise RejectedInput(ErrorType.APPEAL_NOT_FOUND, "the appealed input record no longer decodes") from None
     others = [r for r in results if r is not result]
     item = review_item(ReviewReason.APPEAL, result, recorded_event(event), source, event, others, appeal=appeal.reason)
+    item.author_violations = verdict.get("offender_violations")
     return item, records_read[0].key()
 
 

@@ -106,6 +106,7 @@ def machine_result(result: Document) -> MachineResult:
         stage=result.get("stage"),
         model=result["model"],
         action=result["action"],
+        reasoning=result.get("reasoning"),
     )
 
 

@@ -81,3 +81,13 @@ def test_offender_memory_is_bounded():
     for i in range(10_000):
         offenders.record("g", f"author-{i}", True, "delete", at=i)
     assert len(offenders) == 100
+
+
+def test_an_authors_count_for_a_reviewer_is_read_without_counting():
+    offenders = Offenders(ChatSettings(offender_window_s=100, offender_thresholds=[{"violations": 3, "action": "timeout"}]))
+    assert offenders.count("guild", "troll", at=0) == 0 and offenders.count("guild", None) is None
+    for t in (0, 10):
+        offenders.record("guild", "troll", True, "delete", at=t)
+    assert offenders.count("guild", "troll", at=20) == 2 == offenders.count("guild", "troll", at=20)
+    assert offenders.count("guild", "troll", at=105) == 1  # the first left the window
+    assert Offenders(ChatSettings()).count("guild", "troll") is None  # counting is off

@@ -96,7 +96,7 @@ def test_validate_command_prints_file_line_problems_and_exits_1_on_errors(tmp_pa
     broken.write_text(GOOD.replace("## SAFE (0)", "## NOT SAFE"))
     result = run_cli("policy", "validate", str(REPO / "policies"), str(broken))
     assert result.returncode == 1
-    assert f"{broken}:18: error: missing section `## SAFE`" in result.stdout
+    assert f"{broken}:20: error: missing section `## SAFE`" in result.stdout
     assert "5 policies checked, 1 errors" in result.stderr
     assert run_cli("policy", "validate", str(REPO / "policies")).returncode == 0
 
@@ -112,3 +112,13 @@ def test_validate_reports_every_front_matter_error_at_once(tmp_path):
     for key in ("`id`", "`reasoning_effort`", "`categories`", "`patterns`", "`output`", "'nuke'"):
         assert key in messages
     assert [p.line for p in problems] == sorted(p.line for p in problems) and problems[0].line == 2
+
+
+def test_title_and_sensitive_come_from_the_front_matter(tmp_path):
+    policy = parse_policy(GOOD.encode())
+    assert policy.title == "Harassment and hate in community chat" and policy.sensitive is True
+    plain = parse_policy(GOOD.replace("sensitive: true\n", "").encode())
+    assert plain.sensitive is False
+    assert problems(GOOD.replace("sensitive: true", "sensitive: maybe"), tmp_path) == [
+        "18: error: `sensitive` must be true or false"
+    ]

@@ -1,0 +1,45 @@
+"""Settings of the review console (`review.console`): where it listens and who may use it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+
+class Reviewer(BaseModel):
+    """One person allowed to review; the id names them on every decision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200)
+    token: SecretStr = Field(description="what they sign in with; keep it in the environment or a secret file")
+
+
+class ConsoleSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="the console listens here; put a TLS proxy in front for others")
+    port: int = Field(default=8095, ge=0, le=65535, description="0: any free port (printed at start)")
+    identity: Literal["tokens", "header"] = Field(
+        default="tokens",
+        description="tokens: reviewers sign in with a token from `reviewers`; header: a proxy in front of the console "
+        "authenticates them and names them in `header`",
+    )
+    reviewers: list[Reviewer] = Field(
+        default_factory=list, description="tokens: who may sign in; header: if set, the only names the header may carry"
+    )
+    header: str = Field(default="X-Forwarded-User", description="identity header: the header the proxy sets")
+    lease_s: float = Field(default=300.0, gt=0, description="how long an item shown to one reviewer is kept from others")
+    session_idle_s: float = Field(default=12 * 3600.0, gt=0, description="a session unused this long signs out")
+    secure_cookie: bool = Field(default=False, description="mark the session cookie Secure (behind HTTPS)")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ConsoleSettings:
+        ids = [r.id for r in self.reviewers]
+        if len(set(ids)) != len(ids):
+            raise ValueError("review.console.reviewers: reviewer ids must be distinct")
+        tokens = [r.token.get_secret_value() for r in self.reviewers]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("review.console.reviewers: tokens must be distinct")
+        return self

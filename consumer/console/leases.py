@@ -1,0 +1,98 @@
+"""Leases: one review item in front of one reviewer at a time.
+
+`Leases` owns "two sessions never hold the same review at the same time". A session that is
+shown an item holds a lease on it for `review.console.lease_s` from the last time it looked
+(every view renews it); a lease that ran out is free for the next session that asks. A
+session holds one lease at a time: asking for another item gives up the one it had.
+
+What holds, and where: the leases live in the memory of one console process. Run one console
+per review team (it serves hundreds of reviewers: each request is a few dictionary look-ups).
+Two console processes on the same topics do not see each other's leases and may show the
+same item to two people; the decisions topic still settles it (the first decision read for a
+review counts; a second with another answer becomes a `conflicting_decision` dead letter), so
+no item is decided twice, but someone's time is wasted. A restart forgets the leases: items
+shown then are free again, which costs at most one lease period of double work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Lease:
+    review_id: str
+    session_id: str
+    reviewer_id: str
+    expires_at: float
+
+
+class Leases:
+    """Thread-safe; `clock` is monotonic seconds (injected by the tests)."""
+
+    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic):
+        self.lease_s = lease_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._by_review: dict[str, Lease] = {}
+        self._by_session: dict[str, str] = {}
+
+    def holder(self, review_id: str) -> Lease | None:
+        """The live lease on a review, if any."""
+        with self._lock:
+            return self._live(review_id, self._clock())
+
+    def claim(self, review_id: str, session_id: str, reviewer_id: str) -> bool:
+        """Take or renew the lease for this session; False if another session holds it."""
+        with self._lock:
+            now = self._clock()
+            current = self._live(review_id, now)
+            if current is not None and current.session_id != session_id:
+                return False
+            previous = self._by_session.get(session_id)
+            if previous is not None and previous != review_id:
+                self._drop(previous, session_id)
+            self._by_review[review_id] = Lease(review_id, session_id, reviewer_id, now + self.lease_s)
+            self._by_session[session_id] = review_id
+            return True
+
+    def claim_first(self, review_ids: Iterable[str], session_id: str, reviewer_id: str) -> str | None:
+        """The first of `review_ids` (in their order) no other session holds, now leased to this one."""
+        for review_id in review_ids:
+            if self.claim(review_id, session_id, reviewer_id):
+                return review_id
+        return None
+
+    def release(self, review_id: str, session_id: str) -> None:
+        """Give the review back (decided or skipped); a lease held by another session stays."""
+        with self._lock:
+            self._drop(review_id, session_id)
+
+    def held_by_others(self, session_id: str) -> set[str]:
+        with self._lock:
+            now = self._clock()
+            return {rid for rid, lease in self._by_review.items() if lease.expires_at > now and lease.session_id != session_id}
+
+    def live(self) -> int:
+        with self._lock:
+            now = self._clock()
+            return sum(1 for lease in self._by_review.values() if lease.expires_at > now)
+
+    def _live(self, review_id: str, now: float) -> Lease | None:
+        lease = self._by_review.get(review_id)
+        if lease is None:
+            return None
+        if lease.expires_at <= now:
+            self._drop(review_id, lease.session_id)
+            return None
+        return lease
+
+    def _drop(self, review_id: str, session_id: str) -> None:
+        lease = self._by_review.get(review_id)
+        if lease is not None and lease.session_id == session_id:
+            del self._by_review[review_id]
+        if self._by_session.get(session_id) == review_id:
+            del self._by_session[session_id]
