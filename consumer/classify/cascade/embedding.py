@@ -39,6 +39,7 @@ class EmbeddingFeatures:
     """Unit-length sentence embeddings, computed in micro-batches on one worker thread at a time."""
 
     name = "embedding"
+    instant = False  # a transformer: asked off the event loop, in micro-batches
 
     def __init__(self, model: str | None = None, device: str | None = None):
         self._model_ref = model
@@ -106,6 +107,12 @@ class EmbeddingFeatures:
             )
             self.encode_s += time.perf_counter() - started
             self.sentences += len(texts)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def transform(self, texts: list[str]) -> np.ndarray:
+        if self._encoder is None:
+            self._encoder = self._load()
+        vectors = self._encoder.encode(texts, batch_size=MAX_BATCH, normalize_embeddings=True, convert_to_numpy=True)
         return np.asarray(vectors, dtype=np.float32)
 
     def new_model(self) -> SGDClassifier:
