@@ -342,7 +342,7 @@ def test_a_batch_decided_at_once_gets_the_answers_one_at_a_time_would(tmp_path):
                 outcomes.append(exc)
         return cascade, outcomes
 
-    (batched, at_once), (single, one_by_one) = asyncio.run(scenario(True)), asyncio.run(scenario(False))
+    (batched, at_once), (_, one_by_one) = asyncio.run(scenario(True)), asyncio.run(scenario(False))
     assert None not in at_once  # without a reasoner, the lexical stage answers everything on the loop
     for a, b in zip(at_once, one_by_one):
         assert isinstance(a, Classification) and isinstance(b, Classification)
