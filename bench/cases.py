@@ -8,6 +8,9 @@ spec and prints `RESULT {json}` as its last line. The orchestrator is bench.pipe
   (ContentEvent), an instant verdict, produce keyed like the input, flush and commit every
   COMMIT_EVERY records (at least once, like ours);
 - ours: safeguard-consumer's Pipeline with an instant classifier;
+- keyword, cascade-lexical, cascade-embedding: the Pipeline with the classifiers users run
+  without a GPU: `classifier.kind: keyword`, and the cascade with `reasoner: none` (cache
+  and lexical stage; cache, lexical and embedding stages), trained from the policy's examples;
 - engine-sat / engine-half: ours against SimulatedEngine, on a backlog (saturation) and on a
   live stream at half the engine's throughput.
 """
@@ -361,7 +364,36 @@ def run_engine_half_load(spec: Spec) -> dict[str, Any]:
     )
 
 
+def cpu_classifier(name: str) -> Any:
+    """The classifier of a case that runs what a CPU-only user runs (`safeguard-consumer run`)."""
+    if name == "keyword":
+        from consumer.classify.keyword import KeywordClassifier
+
+        return KeywordClassifier()
+    from consumer.classify.cascade import CascadeSettings, make_cascade
+
+    settings = CascadeSettings(lexical=True, embedding=name == "cascade-embedding")
+    return make_cascade(settings, None, PolicyStore(REPO / "policies"))
+
+
+def cascade_figures(classifier: Any) -> dict[str, Any]:
+    """What decided the cascade's answers: the share per stage, all policies together."""
+    counters = getattr(classifier, "counters", None)
+    if not counters:
+        return {}
+    decided: dict[str, int] = {}
+    for c in counters.values():
+        for stage, n in c.decided.items():
+            decided[stage] = decided.get(stage, 0) + n
+    total = sum(decided.values()) or 1
+    return {f"decided_{stage}": round(n / total, 3) for stage, n in decided.items() if n}
+
+
 def run_case(name: str, spec: Spec) -> dict[str, Any]:
+    if name in ("keyword", "cascade-lexical", "cascade-embedding"):
+        classifier = cpu_classifier(name)
+        meter, pipeline = run_ours(spec, classifier)
+        return meter.result(spec.events, **batcher_figures(pipeline), **cascade_figures(classifier))
     if name == "raw":
         return run_loop(spec, transform=False)
     if name == "hand":

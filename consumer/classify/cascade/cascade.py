@@ -13,6 +13,10 @@ What it guarantees, per request:
   fails: nothing is answered that no stage can back with a calibrated probability;
 - identical content (after normalisation) under the same policy version is sent to the
   reasoner once, even when the copies arrive together;
+- a poll batch is decided a batch at a time (`classify_now_many`): per policy, one pass of
+  cache keys, then per stage whose features are cheap enough for the event loop (the
+  lexical stage) one vectorisation, one matrix product and one calibration call for every
+  request still open; what remains goes through `classify` without repeating those stages;
 - heads are trained from the policy's examples when the policy is first seen, retrained from
   scratch when its version (or examples file) changes, and learn from every reasoner verdict.
 
@@ -25,7 +29,7 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +95,20 @@ class _Heads:
     stages: list[LearnedStage]
 
 
+@dataclass(slots=True)
+class _Open:
+    """What `classify_now_many` found for a request it leaves to `classify`: the stages it
+    already asked, so that `classify` asks only the others."""
+
+    request: ClassifyRequest
+    asked: int  # how many of the policy's stages gave `best` already
+    best: tuple[LearnedStage, Decision] | None
+
+
+# Requests `classify_now_many` left open that `classify` has not taken yet (at most about the
+# intake limit; beyond this many the oldest are forgotten, which costs them their stages again).
+MAX_OPEN = 20_000
+
 class CascadeClassifier:
     name = "cascade"
 
@@ -123,6 +141,7 @@ class CascadeClassifier:
         self._shadow_ticks: dict[str, int] = {}
         # ReportsDisagreements: set by the pipeline when disagreements open reviews.
         self.on_disagreement: Callable[[ClassifyRequest, Classification, Classification], None] | None = None
+        self._open: dict[int, _Open] = {}  # id(request) -> what its batch found
 
     # -- Classifier Protocol -----------------------------------------------------------------
 
@@ -159,13 +178,115 @@ class CascadeClassifier:
             counters.decided["cache"] += 1
         return cached
 
+    def classify_now_many(self, requests: Sequence[ClassifyRequest]) -> list[Classification | ClassificationFailed | None]:
+        """The batch's answers from the cache and the stages cheap enough for the event loop;
+        None for a request that needs a slower stage or the reasoner (`classify` takes it from
+        where this left off), or whose policy's heads are not trained yet."""
+        answers: list[Classification | ClassificationFailed | None] = [None] * len(requests)
+        by_policy: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_policy.setdefault(request.policy.ref, []).append(i)
+        for indices in by_policy.values():
+            policy = requests[indices[0]].policy
+            heads = self._heads.get(policy.id)
+            if heads is None or heads.policy_version != policy.version:
+                continue  # trained in `classify`, off the loop
+            self._decide_now(requests, indices, heads, answers)
+        return answers
+
+    def _decide_now(
+        self, requests: Sequence[ClassifyRequest], indices: list[int], heads: _Heads,
+        answers: list[Classification | ClassificationFailed | None],
+    ) -> None:  # fmt: skip
+        """One policy's share of a batch: cache, then each instant stage once for all still open."""
+        policy = requests[indices[0]].policy
+        plan = self.settings.plan_for(policy.id)
+        counters = self._counters(policy.id)
+        # Copies of one content share one decision: open[key] lists the requests behind it.
+        open_: dict[CacheKey | int, list[int]] = {}
+        keys: dict[CacheKey | int, CacheKey | None] = {}
+        for i in indices:
+            if not plan.cache:
+                open_[i] = [i]
+                keys[i] = None
+                continue
+            key = cache_key(policy, requests[i].event.content)
+            copies = open_.get(key)
+            if copies is not None:
+                copies.append(i)
+                continue
+            cached = self.cache.get(key)
+            if cached is not None:
+                counters.requests += 1
+                counters.cache_hits += 1
+                counters.decided["cache"] += 1
+                answers[i] = cached
+            elif key in self._in_flight:
+                continue  # `classify` waits for the identical request already asked
+            else:
+                open_[key] = [i]
+                keys[key] = key
+        best: dict[CacheKey | int, tuple[LearnedStage, Decision]] = {}
+        asked = 0
+        for stage in heads.stages:
+            if not open_:
+                break
+            if not getattr(plan, stage.name):
+                asked += 1
+                continue
+            if not stage.featurizer.instant:
+                break  # this stage and the rest are asked in `classify`, off the loop
+            asked += 1
+            pending = list(open_)
+            decisions = stage.decide_many([requests[open_[k][0]].event.content for k in pending], plan.target_precision)
+            if decisions is None:
+                continue
+            for k, decision in zip(pending, decisions):
+                if decision.decided:
+                    verdict = _cheap_verdict(stage.name, decision, plan.target_precision)
+                    first, *copies = open_.pop(k)
+                    counters.requests += 1 + len(copies)
+                    counters.decided[stage.name] += 1
+                    if keys[k] is not None:
+                        counters.cache_misses += 1
+                        self.cache.put(keys[k], verdict)
+                    self._maybe_shadow(requests[first], plan, counters, verdict, keys[k])
+                    answers[first] = verdict
+                    for i in copies:
+                        counters.coalesced += 1
+                        counters.decided["cache"] += 1
+                        answers[i] = _as_copy(verdict)
+                elif k not in best or decision.confidence > best[k][1].confidence:
+                    best[k] = (stage, decision)
+        finished = asked == len(heads.stages)
+        for k, waiting in open_.items():
+            if finished and self.reasoner is None:
+                counters.requests += len(waiting)
+                counters.cache_misses += keys[k] is not None
+                for i in waiting:
+                    try:
+                        answers[i] = self._undecided(policy, plan, counters, best.get(k))
+                    except ClassificationFailed as exc:
+                        answers[i] = exc
+                continue
+            # The first of the copies carries what was found; the others wait for it in `classify`.
+            self._remember_open(_Open(requests[waiting[0]], asked, best.get(k)))
+
+    def _remember_open(self, found: _Open) -> None:
+        self._open[id(found.request)] = found
+        if len(self._open) > MAX_OPEN:
+            del self._open[next(iter(self._open))]
+
     async def classify(self, request: ClassifyRequest) -> Classification:
         policy = request.policy
         plan = self.settings.plan_for(policy.id)
         counters = self._counters(policy.id)
         counters.requests += 1
+        found = self._open.pop(id(request), None)
+        if found is not None and found.request is not request:
+            found = None  # another request that reused a forgotten one's id
         if not plan.cache:
-            return await self._decide(request, plan, counters, None)
+            return await self._decide(request, plan, counters, None, found)
         key = cache_key(policy, request.event.content)
         cached = self.cache.get(key)
         if cached is not None:
@@ -184,7 +305,7 @@ class CascadeClassifier:
         future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
-            verdict = await self._decide(request, plan, counters, key)
+            verdict = await self._decide(request, plan, counters, key, found)
         except BaseException as exc:
             future.set_exception(exc if isinstance(exc, ClassificationFailed) else ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR, f"identical request failed: {type(exc).__name__}"))
@@ -215,11 +336,15 @@ class CascadeClassifier:
     # -- the cascade ---------------------------------------------------------------------------
 
     async def _decide(
-        self, request: ClassifyRequest, plan: PolicyPlan, counters: PolicyCounters, key: CacheKey | None
-    ) -> Classification:
+        self, request: ClassifyRequest, plan: PolicyPlan, counters: PolicyCounters, key: CacheKey | None,
+        found: _Open | None = None,
+    ) -> Classification:  # fmt: skip
         heads = await self._heads_for(request.policy)
         best: tuple[LearnedStage, Decision] | None = None
-        for stage in heads.stages:
+        asked = 0
+        if found is not None and self._heads.get(request.policy.id) is heads:
+            best, asked = found.best, found.asked  # the stages its poll batch asked already
+        for stage in heads.stages[asked:]:
             if not getattr(plan, stage.name):
                 continue
             decision = await stage.decide(request.event.content, plan.target_precision)
@@ -400,6 +525,13 @@ class CascadeClassifier:
         """The learned stages in force for a policy (empty before its first request)."""
         heads = self._heads.get(policy_id)
         return list(heads.stages) if heads else []
+
+
+def _as_copy(verdict: Classification) -> Classification:
+    """A verdict as answered to a copy of its content: from the cache, having spent nothing."""
+    return dataclasses.replace(
+        verdict, model="cascade:cache", stage="cache", reasoning=None, prompt_tokens=0, cached_tokens=0, completion_tokens=0
+    )
 
 
 def _cheap_verdict(stage: str, decision: Decision, target: float) -> Classification:

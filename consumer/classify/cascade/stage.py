@@ -44,8 +44,15 @@ class Featurizer(Protocol):
 
     name: str
     signature: str  # names the feature space; saved rows from another space are discarded
+    # Cheap enough to run on the event loop a poll batch at a time (`transform`); a featurizer
+    # that is not (a transformer model) is only asked through `features`, off the loop.
+    instant: bool
 
     async def features(self, texts: list[str]) -> Any: ...
+
+    def transform(self, texts: list[str]) -> Any:
+        """`features`, synchronously, on the calling thread."""
+        ...
 
     def new_model(self) -> SGDClassifier: ...
 
@@ -109,14 +116,17 @@ class LearnedStage:
         fitted = self._fitted
         if fitted is None:
             return None
-        row = await self.featurizer.features([text])
-        # The linear score without decision_function's input validation, which costs ten
-        # times the dot product on a one-row matrix.
-        score = np.asarray(row @ fitted.model.coef_.T).ravel() + fitted.model.intercept_
-        p = float(fitted.calibrator(score)[0])
-        violation = p >= 0.5
-        confidence = p if violation else 1.0 - p
-        return Decision(violation, confidence, confidence >= target_precision)
+        return _decisions(fitted, await self.featurizer.features([text]), target_precision)[0]
+
+    def decide_many(self, texts: list[str], target_precision: float) -> list[Decision] | None:
+        """`decide` for a batch, on the calling thread: one vectorisation, one matrix product and
+        one calibration call for all of them (None: not calibrated). Only for an `instant`
+        featurizer: the lexical stage's cost per text falls from about 0.5 ms alone to about
+        94 µs in a batch of a hundred (measured: `consumer/classify/cascade/lexical.py`)."""
+        fitted = self._fitted
+        if fitted is None:
+            return None
+        return _decisions(fitted, self.featurizer.transform(texts), target_precision)
 
     async def learn(self, text: str, label: int) -> None:
         """Take one reasoner verdict as a label."""
@@ -221,6 +231,18 @@ class LearnedStage:
         for i, label in enumerate(labels):
             self._learned.append((rows[i : i + 1], int(label)))
         return True
+
+
+def _decisions(fitted: _Fitted, rows: Any, target_precision: float) -> list[Decision]:
+    # The linear score without decision_function's input validation, which costs ten times
+    # the product itself on a small matrix.
+    scores = np.asarray(rows @ fitted.model.coef_.T).ravel() + fitted.model.intercept_
+    decisions = []
+    for p in fitted.calibrator(scores).tolist():
+        violation = p >= 0.5
+        confidence = p if violation else 1.0 - p
+        decisions.append(Decision(violation, confidence, confidence >= target_precision))
+    return decisions
 
 
 def _stack(parts: list[Any]) -> Any:

@@ -318,3 +318,70 @@ def test_a_policy_edit_while_running_retrains_the_heads_from_the_examples(tmp_pa
     examples = 5 + len((REPO / "policies" / "spam-scams.examples.jsonl").read_text().splitlines())
     assert old.version != new.version
     assert learned > examples and after == examples
+
+
+def test_a_batch_decided_at_once_gets_the_answers_one_at_a_time_would(tmp_path):
+    """`classify_now_many` (a poll batch) answers as `classify` does request by request: same
+    verdicts, copies of one content decided once, failures returned per request."""
+    store = PolicyStore(policy_dir(tmp_path))
+    policy = store.get()["spam-scams"]
+    texts = [text for text, _ in chat_stream(120, 0.3, seed=5)]
+    texts += [texts[0], texts[0].upper(), texts[1]]  # copies inside the batch
+
+    async def scenario(batch: bool, undecided: str = "answer"):
+        cascade = make_cascade(CascadeSettings(undecided=undecided), None, store)
+        await cascade.start()
+        requests = [request(policy, text, i) for i, text in enumerate(texts)]
+        if batch:
+            return cascade, cascade.classify_now_many(requests)
+        outcomes: list[object] = []
+        for r in requests:
+            try:
+                outcomes.append(await cascade.classify(r))
+            except ClassificationFailed as exc:
+                outcomes.append(exc)
+        return cascade, outcomes
+
+    (batched, at_once), (_, one_by_one) = asyncio.run(scenario(True)), asyncio.run(scenario(False))
+    assert None not in at_once  # without a reasoner, the lexical stage answers everything on the loop
+    for a, b in zip(at_once, one_by_one):
+        assert isinstance(a, Classification) and isinstance(b, Classification)
+        assert (a.violation, a.confidence, a.stage if a.stage != "cache" else b.stage) == (b.violation, b.confidence, b.stage)
+    counters = batched.counters["spam-scams"]
+    assert counters.requests == len(texts)
+    assert sum(counters.decided.values()) == len(texts)
+    assert counters.decided["lexical"] + counters.decided["undecided"] < len(texts)  # the copies were not scored
+    _, failed = asyncio.run(scenario(True, undecided="dead_letter"))
+    assert any(isinstance(f, ClassificationFailed) for f in failed)
+    assert all(isinstance(f, ClassificationFailed) == (b.stage == "undecided") for f, b in zip(failed, one_by_one))
+
+
+def test_a_batch_leaves_what_needs_the_reasoner_to_classify_without_scoring_it_twice(tmp_path):
+    store = PolicyStore(policy_dir(tmp_path))
+    policy = store.get()["spam-scams"]
+    stream = chat_stream(60, 0.3, seed=9)
+    reasoner = LabelReasoner(dict(stream))
+
+    async def scenario():
+        cascade = make_cascade(CascadeSettings(shadow_fraction=0), reasoner, store)
+        await cascade.start()
+        requests = [request(policy, text, i) for i, (text, _) in enumerate(stream)]
+        answers = cascade.classify_now_many(requests)
+        stage = cascade.heads(policy.id)[0]
+        scored = []
+        original = stage.decide
+
+        async def counting(text: str, target: float):
+            scored.append(text)
+            return await original(text, target)
+
+        stage.decide = counting  # type: ignore[method-assign]
+        later = [await cascade.classify(r) for r, a in zip(requests, answers) if a is None]
+        await cascade.close()
+        return answers, later, scored
+
+    answers, later, scored = asyncio.run(scenario())
+    assert answers.count(None) == len(later) == len(reasoner.asked) > 0
+    assert scored == []  # the lexical stage was asked once, in the batch
+    assert all(v.stage == "reasoner" for v in later)
+    assert all(a.stage == "lexical" for a in answers if a is not None)

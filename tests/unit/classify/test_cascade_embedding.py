@@ -64,3 +64,25 @@ def test_a_cascade_with_the_embedding_stage_names_it_in_the_verdict(tmp_path):
     cascade, verdict = asyncio.run(scenario())
     assert [s.name for s in cascade.heads("spam-scams")] == ["embedding"]
     assert verdict.model == "cascade:embedding" and verdict.violation is True and float(verdict.confidence) >= 0.95
+
+
+def test_the_static_embedding_stage_decides_only_above_its_target_precision_and_keeps_its_table(record_property):
+    from consumer.classify.cascade.static import StaticEmbeddingFeatures, default_cache_dir
+
+    async def scenario():
+        policy = load_policy(REPO / "policies" / "chat-harassment.md")
+        data = training_set(policy)
+        features = StaticEmbeddingFeatures()  # distilled once from the packaged MiniLM, then read back
+        stage = LearnedStage(features, StageRules(40, 10, "auto", 25, 5000), data.version)
+        await stage.train(data.texts, data.labels)
+        examples = load_examples(REPO / "tests" / "data" / "cascade-harassment-heldout.jsonl")
+        decisions = stage.decide_many([e.content for e in examples], TARGET)  # instant: on the loop, at once
+        return [(d, e.label) for d, e in zip(decisions, examples)]
+
+    outcomes = asyncio.run(scenario())
+    decided = [d.violation == label for d, label in outcomes if d.decided]
+    correct, n = sum(decided), len(decided)
+    record_property("precision_of_decided", round(correct / n, 3))
+    assert n >= 10
+    assert binomial_cdf(correct, n, TARGET) > 0.05
+    assert list(default_cache_dir().glob("*.npy"))

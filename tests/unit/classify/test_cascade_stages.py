@@ -105,3 +105,15 @@ def test_calibrated_confidence_is_capped_by_the_number_of_examples():
     assert stage.calibrated
     assert max(d.confidence for d in decisions if d.violation) <= 11 / 12 + 1e-9
     assert not any(d.decided for d in decisions)
+
+
+def test_the_lexical_stage_makes_the_character_ngrams_scikit_learn_would():
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    from consumer.classify.cascade.lexical import char_wb_2_5
+
+    reference = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5)).build_analyzer()
+    texts = [e.content for e in load_examples(REPO / "policies" / "spam-scams.examples.jsonl")]
+    texts += ["", " ", "a", "ab", "x  y\tz\n", "ÀÉ İstanbul ǅ", "🎉🎉 ok", "fr33 n1tro!!", "w" * 40]
+    for text in texts:
+        assert char_wb_2_5(text) == reference(text), text
