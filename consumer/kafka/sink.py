@@ -137,12 +137,9 @@ class Sink:
         self._send(self.budget.verdict(verdict, record, headers), ticket)
 
     def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
-        try:
-            output = self.budget.dead_letter(letter, record, headers)
-        except OutputRefused as exc:
-            self._fail(refusal(Output(self.dead_letter_topic, b"", None, [], letter, record, "dead_letter"), str(exc)))
-            return
-        self._send(output, ticket)
+        output = fit_dead_letter(self.budget, letter, record, headers, self._fail)
+        if output is not None:
+            self._send(output, ticket)
 
     def send_review_item(self, topic: str, item: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
         """Another output of `record` (a review item) under the same ticket and the same guarantee:
@@ -248,6 +245,17 @@ class Sink:
         return len(self._producer) + len(self._backlog) + len(self._refused)
 
 
+def fit_dead_letter(
+    budget: OutputBudget, letter: Document, record: Message, headers: Headers, fail: Callable[[str], None]
+) -> Output | None:
+    """The dead letter fitted to its topic; None, after `fail`, when no dead letter can fit it at all."""
+    try:
+        return budget.dead_letter(letter, record, headers)
+    except OutputRefused as exc:
+        fail(refusal(Output(budget.dead_letter_topic, b"", None, [], letter, record, "dead_letter"), str(exc)))
+        return None
+
+
 def _loaded_budget(producer_config: dict[str, Any], verdict_topic: str, dead_letter_topic: str) -> OutputBudget:
     budget = OutputBudget(producer_config, verdict_topic, dead_letter_topic)
     budget.load()
@@ -315,12 +323,9 @@ class TransactionalSink:
         self._hold(ticket, self.budget.verdict(verdict, record, headers))
 
     def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
-        try:
-            output = self.budget.dead_letter(letter, record, headers)
-        except OutputRefused as exc:
-            self._fail(refusal(Output(self.dead_letter_topic, b"", None, [], letter, record, "dead_letter"), str(exc)))
-            return
-        self._hold(ticket, output)
+        output = fit_dead_letter(self.budget, letter, record, headers, self._fail)
+        if output is not None:
+            self._hold(ticket, output)
 
     def _hold(self, ticket: Ticket, output: Output) -> None:
         with self._lock:

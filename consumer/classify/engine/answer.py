@@ -22,7 +22,9 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from consumer.classify import Classification
 
 if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding
@@ -55,6 +57,33 @@ class Channels:
     final: str | None
     analysis: str
     problem: str | None
+
+
+class Finished(Protocol):
+    """A finished completion, in process or from a server: its channels and token counts."""
+
+    channels: Channels
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+def classification(answer: Answer, finished: Finished, model: str, keep_reasoning: bool) -> Classification:
+    """The pipeline's `Classification` of a parsed answer, with the completion's token counts and
+    its reasoning (the analysis channel) where `keep_reasoning` asks for it."""
+    analysis = finished.channels.analysis
+    return Classification(
+        violation=answer.violation,
+        category=answer.category,
+        rule_ids=answer.rule_ids,
+        confidence=answer.confidence,
+        rationale=answer.rationale,
+        reasoning=analysis if keep_reasoning and analysis else None,
+        model=model,
+        prompt_tokens=finished.prompt_tokens,
+        cached_tokens=finished.cached_tokens,
+        completion_tokens=finished.completion_tokens,
+    )
 
 
 class CompletionReader:

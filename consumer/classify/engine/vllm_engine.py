@@ -38,7 +38,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from consumer.classify import Capacity, Classification, ClassificationFailed, ClassifyRequest
-from consumer.classify.engine.answer import Answer, Channels, CompletionReader, UnparseableAnswer, parse_answer
+from consumer.classify.engine.answer import Channels, CompletionReader, UnparseableAnswer, classification, parse_answer
 from consumer.classify.engine.prompt import PromptError, PromptRenderer
 from consumer.classify.engine.settings import EngineSettings
 from consumer.classify.engine.vocab import harmony_encoding
@@ -154,7 +154,8 @@ class VllmClassifier:
             problem = completion.channels.problem
             if problem is None and completion.channels.final is not None:
                 try:
-                    return self._classification(parse_answer(completion.channels.final), completion)
+                    return classification(parse_answer(completion.channels.final), completion, self.settings.model_name,
+                                          self.settings.keep_reasoning)  # fmt: skip
                 except UnparseableAnswer as exc:
                     problem = str(exc)
             # The problem text may quote model output, which can echo content: not logged.
@@ -281,19 +282,4 @@ class VllmClassifier:
             prompt_tokens=len(prompt),
             cached_tokens=cached_tokens,
             attempts=1,
-        )
-
-    def _classification(self, answer: Answer, completion: Completion) -> Classification:
-        analysis = completion.channels.analysis
-        return Classification(
-            violation=answer.violation,
-            category=answer.category,
-            rule_ids=answer.rule_ids,
-            confidence=answer.confidence,
-            rationale=answer.rationale,
-            reasoning=analysis if self.settings.keep_reasoning and analysis else None,
-            model=self.settings.model_name,
-            prompt_tokens=completion.prompt_tokens,
-            cached_tokens=completion.cached_tokens,
-            completion_tokens=completion.completion_tokens,
         )

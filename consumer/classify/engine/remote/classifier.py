@@ -33,7 +33,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_none
 
 from consumer.classify import Capacity, Classification, ClassificationFailed, ClassifyRequest
-from consumer.classify.engine.answer import UnparseableAnswer, parse_answer
+from consumer.classify.engine.answer import UnparseableAnswer, classification, parse_answer
 from consumer.classify.engine.remote.fleet import Endpoint, Fleet, NoEndpoint, ServerLoad
 from consumer.classify.engine.remote.settings import RemoteSettings
 from consumer.classify.engine.remote.shapes import BadReply, ChatShape, Prepared, PromptTooLong, Reply, TokenIdShape
@@ -331,19 +331,8 @@ class RemoteClassifier:
 
     def _classification(self, reply: Reply) -> Classification:
         assert reply.channels.final is not None
-        answer = parse_answer(reply.channels.final)
-        analysis = reply.channels.analysis
-        return Classification(
-            violation=answer.violation,
-            category=answer.category,
-            rule_ids=answer.rule_ids,
-            confidence=answer.confidence,
-            rationale=answer.rationale,
-            reasoning=analysis if self.settings.keep_reasoning and analysis else None,
-            model=self.settings.model_name,
-            prompt_tokens=reply.prompt_tokens,
-            cached_tokens=reply.cached_tokens,
-            completion_tokens=reply.completion_tokens,
+        return classification(
+            parse_answer(reply.channels.final), reply, self.settings.model_name, self.settings.keep_reasoning
         )
 
 
