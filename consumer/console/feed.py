@@ -18,6 +18,7 @@ from typing import Any
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer.events import ReviewDecision, ReviewItem
+from consumer.kafka.ranges import assign_from_earliest
 from consumer.review.decisions import RejectedInput, parse
 from consumer.review.state import ReviewState
 
@@ -68,19 +69,7 @@ class ReviewFeed:
 
     def _assign(self) -> dict[tuple[str, int], int]:
         assert self._consumer is not None
-        assignment, ends = [], {}
-        for topic in (self.review_topic, self.decisions_topic):
-            metadata = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if metadata is None or metadata.error is not None:
-                raise RuntimeError(f"review topic {topic!r} is not available: "
-                                   f"{metadata.error if metadata else 'unknown'}")  # fmt: skip
-            for partition in metadata.partitions:
-                low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-                assignment.append(TopicPartition(topic, partition, low))
-                if high > low:
-                    ends[(topic, partition)] = high
-        self._consumer.assign(assignment)
-        return ends
+        return assign_from_earliest(self._consumer, (self.review_topic, self.decisions_topic))
 
     def _follow(self) -> None:
         try:

@@ -69,3 +69,21 @@ def iter_ranges(
                     del remaining[(topic, partition)]
     finally:
         reader.close()
+
+
+def assign_from_earliest(consumer: Any, topics: tuple[str, ...] | list[str]) -> dict[tuple[str, int], int]:
+    """Assign every partition of `topics` to `consumer` (no group) from its earliest offset, to
+    read the topics whole and then follow them; returns the end offsets, now, of the partitions
+    that hold records. A topic that cannot be described raises RuntimeError naming it."""
+    assignment, ends = [], {}
+    for topic in topics:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise RuntimeError(f"topic {topic!r} is not available: {metadata.error if metadata else 'unknown'}")
+        for partition in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            assignment.append(TopicPartition(topic, partition, low))
+            if high > low:
+                ends[(topic, partition)] = high
+    consumer.assign(assignment)
+    return ends

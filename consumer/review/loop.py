@@ -42,6 +42,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from consumer.config import Settings
 from consumer.events import Appeal, ContentEvent, Document, ErrorType, ReviewDecision, ReviewItem
+from consumer.kafka.ranges import assign_from_earliest
 from consumer.kafka.sink import PRODUCER_DEFAULTS
 from consumer.policy import Policy
 from consumer.review.appeals import appeal_item
@@ -137,18 +138,7 @@ class ReviewLoop:
     def _assign_follower(self) -> dict[tuple[str, int], int]:
         """Assign every partition of both topics from the earliest offset; returns the end offsets now."""
         assert self._follower is not None
-        assignment, ends = [], {}
-        for topic in (self.review.topic, self.review.decisions_topic):
-            metadata = self._follower.list_topics(topic, timeout=10).topics.get(topic)
-            if metadata is None or metadata.error is not None:
-                raise RuntimeError(f"review topic {topic!r} is not available: "
-                                   f"{metadata.error if metadata else 'unknown'}")  # fmt: skip
-            for partition in metadata.partitions:
-                low, high = self._follower.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-                assignment.append(TopicPartition(topic, partition, low))
-                if high > low:
-                    ends[(topic, partition)] = high
-        self._follower.assign(assignment)
+        ends = assign_from_earliest(self._follower, (self.review.topic, self.review.decisions_topic))
         self._live = False
         return ends
 
