@@ -32,10 +32,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import Span, Status, StatusCode
 
 from consumer.classify import (
     Classification,
@@ -45,11 +44,11 @@ from consumer.classify import (
     CountsDecisions,
 )
 from consumer.config import Settings
-from consumer.events import ContentEvent, ErrorType
+from consumer.events import ErrorType
 from consumer.kafka import records, roles
 from consumer.kafka.budget import OutputBudget
 from consumer.kafka.client_logs import BrokerLink, ClientLogger
-from consumer.kafka.offsets import OffsetTracker, OutputJoin, Ticket
+from consumer.kafka.offsets import OffsetTracker, OutputJoin
 from consumer.kafka.sink import Sink, TransactionalSink
 from consumer.kafka.source import Received, Source
 from consumer.pipeline import outputs, telemetry
@@ -59,7 +58,8 @@ from consumer.pipeline.classify_step import ClassifyStep
 from consumer.pipeline.decode import DecodeError, Decoder
 from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
-from consumer.policy import PolicyStore, PolicyWatcher, most_severe
+from consumer.pipeline.output_step import OutputStep, Record
+from consumer.policy import PolicyStore, PolicyWatcher
 from consumer.policy.route import Router
 from consumer.review.desk import ReviewDesk
 
@@ -225,6 +225,8 @@ class Pipeline:
             ),
         )
         self.classify = ClassifyStep(self.classifier, self.batcher, self.telemetry)
+        self.output = OutputStep(self.sink, self.offenders, self.telemetry, self.outputs_done, cfg.review.topic,
+                                 sent=self._outputs_sent.set)  # fmt: skip
         self.source = self._source_factory(
             roles.SourceOptions(
                 bootstrap_servers=cfg.kafka.bootstrap_servers,
@@ -368,10 +370,10 @@ class Pipeline:
         consumed = self.telemetry.consumed
         self.consumed += len(received)
         self.link.alive()  # records arrived: the brokers answer
-        asking: list[tuple[_Record, list[ClassifyRequest]]] = []
+        asking: list[tuple[Record, list[ClassifyRequest]]] = []
         for message, ticket in received:
             consumed[message.topic()] += 1
-            record = _Record(message, ticket, self.telemetry.record_span(message))
+            record = Record(message, ticket, self.telemetry.record_span(message))
             try:
                 requests = self._prepare(record)
             except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
@@ -385,7 +387,7 @@ class Pipeline:
             self._decide_now(asking)
         self._serve()
 
-    def _prepare(self, record: _Record) -> list[ClassifyRequest] | None:
+    def _prepare(self, record: Record) -> list[ClassifyRequest] | None:
         """Decode, keep the conversation, route. Returns None when the record's output was sent
         already (a dead letter, a deletion), else its requests, one per policy."""
         message, span = record.message, record.span
@@ -393,7 +395,7 @@ class Pipeline:
         try:
             event = self.decoder.decode(message.value(), fallback_event_id=f"{topic}-{message.partition()}-{message.offset()}")
         except DecodeError as exc:
-            self._dead_letter(record, exc.error_type, str(exc))
+            self.output.dead_letter(record, exc.error_type, str(exc))
             return None
         record.event = event
         if record.traced:
@@ -403,16 +405,16 @@ class Pipeline:
         # What the classifier sees: the conversation so far, authors pseudonymised.
         view = self.conversations.observe(event)
         if event.metadata.get("event_type") == "delete":
-            self._send_verdict(record, [], note="deleted: left the conversation")
+            self.output.verdict(record, [], note="deleted: left the conversation")
             return None
         policies = self.router.policies_for(topic, event)
         if not policies:
-            self._dead_letter(record, ErrorType.NO_POLICY, "no route or default policy matches")
+            self.output.dead_letter(record, ErrorType.NO_POLICY, "no route or default policy matches")
             return None
         deadline = record.started + self.settings.pipeline.classify_timeout_s
         return [ClassifyRequest(view, policy, f"{event.event_id}/{policy.id}", deadline) for policy in policies]
 
-    def _decide_now(self, asking: list[tuple[_Record, list[ClassifyRequest]]]) -> None:
+    def _decide_now(self, asking: list[tuple[Record, list[ClassifyRequest]]]) -> None:
         """Ask once for the instant answers of a batch's requests; send the output of every record
         whose answers are all at hand, and start a task for each of the others."""
         requests = [request for _, rs in asking for request in rs]
@@ -436,7 +438,7 @@ class Pipeline:
                 self._internal_error(record, exc)
             record.span.end()
 
-    async def _decide_later(self, record: _Record, requests: list[ClassifyRequest], answers: list[object]) -> None:
+    async def _decide_later(self, record: Record, requests: list[ClassifyRequest], answers: list[object]) -> None:
         """Wait for the answers that need the batcher (the engine), then send the output."""
         try:
             missing = [i for i, answer in enumerate(answers) if answer is None]
@@ -461,7 +463,7 @@ class Pipeline:
         finally:
             record.span.end()
 
-    def _conclude(self, record: _Record, requests: list[ClassifyRequest], outcomes: list[object]) -> None:
+    def _conclude(self, record: Record, requests: list[ClassifyRequest], outcomes: list[object]) -> None:
         """The verdict from every policy's classification, or a dead letter for the first failure."""
         latency_ms = (time.monotonic() - record.started) * 1000
         results = []
@@ -470,7 +472,7 @@ class Pipeline:
                 failure = outcome if isinstance(outcome, ClassificationFailed) else ClassificationFailed(
                     ErrorType.CLASSIFIER_ERROR, f"{type(outcome).__name__}: {outcome}"
                 )
-                self._dead_letter(record, failure.error_type, str(failure), failure.raw_output, failure.attempts)
+                self.output.dead_letter(record, failure.error_type, str(failure), failure.raw_output, failure.attempts)
                 return
             assert isinstance(outcome, Classification)
             results.append(outputs.policy_result(request.policy, outcome, latency_ms))
@@ -483,93 +485,17 @@ class Pipeline:
             offences = self.offenders.count(record.event.community_id, record.event.author_id)
             for item in items:
                 item.author_violations = offences
-            self._send_review_items(record, items)
+            self.output.review_items(record, items)
         self.reviews.remember(requests, record.event, source, record.message.key(), results)
-        self._send_verdict(record, results)
+        self.output.verdict(record, results)
 
-    # -- outputs --------------------------------------------------------------------------------
-
-    def _send_verdict(self, record: _Record, results: list[outputs.Document], note: str | None = None) -> None:
-        event, message, span = record.event, record.message, record.span
-        assert event is not None
-        # An undecided result is a guess awaiting a person: it holds, and it is no found violation.
-        violation = any(r["violation"] for r in results if r["stage"] != "undecided")
-        action, offences = self.offenders.record(
-            event.community_id, event.author_id, violation, most_severe([r["action"] for r in results])
-        )
-        latency_ms = (time.monotonic() - record.started) * 1000
-        document = outputs.verdict(
-            event.event_id,
-            records.source_of(message),
-            violation,
-            action,
-            results,
-            author_id=event.author_id,
-            community_id=event.community_id,
-            context_id=event.context_id,
-            offender_violations=offences if self.offenders.enabled and event.author_id else None,
-            note=note,
-            latency_ms=latency_ms,
-        )
-        if record.traced:
-            span.set_attributes({"safeguard.violation": violation, "safeguard.action": action})
-        self.sink.send_verdict(document, message, record.ticket, telemetry.inject(span))
-        self._outputs_sent.set()  # type: ignore[union-attr]
-        counts = self.telemetry.verdicts
-        for result in results:
-            counts[(result["policy_id"], result["violation"], result["action"])] += 1
-        self.telemetry.e2e_latency.record(latency_ms / 1000, "verdict")
-
-    def _send_review_items(self, record: _Record, items: list[Any]) -> None:
-        """Review items go with the verdict under the record's ticket: done when all are delivered."""
-        self.outputs_done.expect(record.ticket, 1 + len(items))
-        headers = telemetry.inject(record.span)
-        sink = self.sink
-        assert isinstance(sink, Sink)  # the review desk is enabled only with the pipeline's own Kafka sink
-        for item in items:
-            sink.send_review_item(self.settings.review.topic, item.model_dump(mode="json"), record.message,
-                                  record.ticket, headers)  # fmt: skip
-
-    def _dead_letter(
-        self,
-        record: _Record,
-        error_type: ErrorType,
-        reason: str,
-        raw_output: str | None = None,
-        attempts: int = 1,
-    ) -> None:
-        event_id = record.event.event_id if record.event is not None else None
-        letter = records.dead_letter(record.message, error_type, reason, event_id, raw_output, attempts)
-        span = record.span
-        if record.traced:
-            span.set_status(Status(StatusCode.ERROR, error_type.value))
-            span.set_attribute("error.type", error_type.value)
-        self.sink.send_dead_letter(letter, record.message, record.ticket, telemetry.inject(span))
-        self._outputs_sent.set()  # type: ignore[union-attr]
-        self.telemetry.dead_letters[error_type.value] += 1
-        self.telemetry.e2e_latency.record(time.monotonic() - record.started, "dead_letter")
-
-    def _internal_error(self, record: _Record, exc: Exception) -> None:
+    def _internal_error(self, record: Record, exc: Exception) -> None:
         message = record.message
         with trace.use_span(record.span, end_on_exit=False):  # the log line carries the record's trace id
             log.error("unexpected error on %s[%d]@%d", message.topic(), message.partition(), message.offset(),
                       exc_info=exc)  # fmt: skip
         try:
-            self._dead_letter(record, ErrorType.CLASSIFIER_ERROR, f"internal error: {type(exc).__name__}")
+            self.output.dead_letter(record, ErrorType.CLASSIFIER_ERROR, f"internal error: {type(exc).__name__}")
         except Exception as again:  # noqa: BLE001 - no output possible: stop before committing past it
             self._fail(f"cannot send a dead letter for {message.topic()}[{message.partition()}]@{message.offset()}: "
                        f"{type(again).__name__}: {again}")  # fmt: skip
-
-
-class _Record:
-    """One record on its way through the pipeline."""
-
-    __slots__ = ("message", "ticket", "span", "traced", "started", "event")
-
-    def __init__(self, message: Message, ticket: Ticket, span: Span):
-        self.message = message
-        self.ticket = ticket
-        self.span = span
-        self.traced = span.is_recording()
-        self.started = time.monotonic()
-        self.event: ContentEvent | None = None

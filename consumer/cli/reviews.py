@@ -1,0 +1,109 @@
+"""Commands for human review: `review pending`, `export`, `coop-bridge`, `console`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from consumer.cli.app import (
+    ConfigOption,
+    config_exit,
+    review_app,
+    settings_or_exit,
+)
+
+
+@review_app.command("export")
+def review_export(
+    policy: str = typer.Option(..., "--policy", help="The policy id whose decisions to export."),
+    out: Path = typer.Option(..., "--out", help="The JSONL file to write (policy eval's --data format)."),
+    version: Optional[str] = typer.Option(None, help="Only decisions on this policy version."),
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+) -> None:
+    """Write moderators' decisions on a policy as labelled examples for `policy eval`."""
+    from consumer.review.export import export_decisions
+
+    settings = settings_or_exit(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    client = settings.kafka.consumer_options | {"bootstrap.servers": settings.kafka.bootstrap_servers}
+    count = export_decisions(client, settings.review.topic, settings.review.decisions_topic, policy, out, version)
+    typer.echo(f"{count} decided reviews of {policy} written to {out}")
+
+
+@review_app.command("pending")
+def review_pending(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    limit: int = typer.Option(50, help="How many to list."),
+) -> None:
+    """List the reviews that await a person (review id, reason, policy, what the machine said, content)."""
+    from consumer.review.export import read_state
+
+    settings = settings_or_exit(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    client = settings.kafka.consumer_options | {"bootstrap.servers": settings.kafka.bootstrap_servers}
+    pending = read_state(client, settings.review.topic, settings.review.decisions_topic).pending()
+    for item in pending[:limit]:
+        guess = "violation" if item.machine.violation else "safe"
+        typer.echo(f"{item.review_id}  {item.reason.value:<14} {item.policy_id:<18} machine: {guess} "
+                   f"({item.machine.stage}, {item.machine.confidence})  {item.event.content[:60]!r}")  # fmt: skip
+    typer.echo(f"{len(pending)} reviews await a person; post decisions to {settings.review.decisions_topic} "
+               "keyed by review_id", err=True)  # fmt: skip
+
+
+@review_app.command("coop-bridge")
+def review_coop_bridge(config: Optional[Path] = ConfigOption) -> None:
+    """Send review items to ROOST's Coop and turn its signed action webhooks into decisions (review.coop)."""
+    import signal
+    import threading
+
+    from consumer.review.coop import CoopBridge
+
+    settings = settings_or_exit(config)
+    try:
+        bridge = CoopBridge(settings)
+    except ValueError as exc:
+        raise config_exit(str(exc)) from None
+    logging.basicConfig(level=settings.log.level, format="%(name)s: %(message)s")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    bridge.start()
+    typer.echo(f"Coop bridge: webhooks on http://{settings.review.coop.webhook_host}:{bridge.port}/, "
+               f"review items from {settings.review.topic} to {settings.review.coop.url}", err=True)  # fmt: skip
+    stopping.wait()
+    bridge.stop()
+
+
+@review_app.command("console")
+def review_console(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+) -> None:
+    """Serve the review console: the review queue on a web page, decisions to the decisions topic (review.console)."""
+    import signal
+    import threading
+
+    from confluent_kafka import KafkaException
+
+    from consumer.console.server import ConsoleError, ReviewConsole
+
+    settings = settings_or_exit(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    logging.basicConfig(level=settings.log.level, format="%(name)s: %(message)s")
+    try:
+        console = ReviewConsole(settings)
+        console.start()
+    except (ConsoleError, KafkaException, RuntimeError, OSError) as exc:  # settings, topics, broker, port
+        raise config_exit(f"the review console cannot start: {exc}") from None
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    identity = settings.review.console
+    who = f"{len(identity.reviewers)} reviewers with tokens" if identity.identity == "tokens" \
+        else f"reviewers named by the {identity.header} header"
+    typer.echo(f"review console on {console.url} ({who}); items from {settings.review.topic}, decisions to "
+               f"{settings.review.decisions_topic}", err=True)  # fmt: skip
+    stopping.wait()
+    console.stop()

@@ -1,0 +1,114 @@
+"""The output step: a record's verdict (with its review items) or its dead letter, built,
+traced, counted and handed to the sink; the sink owns delivery, the tracker the commit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from confluent_kafka import Message
+from opentelemetry.trace import Span, Status, StatusCode
+
+from consumer.events import ContentEvent, Document, ErrorType, ReviewItem
+from consumer.kafka import records
+from consumer.kafka.offsets import OutputJoin, Ticket
+from consumer.kafka.roles import OutputSink
+from consumer.kafka.sink import Sink
+from consumer.pipeline import outputs
+from consumer.pipeline.chat import Offenders
+from consumer.pipeline.telemetry import Telemetry, inject
+from consumer.policy import most_severe
+
+
+class Record:
+    """One record on its way through the pipeline."""
+
+    __slots__ = ("message", "ticket", "span", "traced", "started", "event")
+
+    def __init__(self, message: Message, ticket: Ticket, span: Span):
+        self.message = message
+        self.ticket = ticket
+        self.span = span
+        self.traced = span.is_recording()
+        self.started = time.monotonic()
+        self.event: ContentEvent | None = None
+
+
+class OutputStep:
+    def __init__(
+        self,
+        sink: OutputSink,
+        offenders: Offenders,
+        telemetry: Telemetry,
+        outputs_done: OutputJoin,
+        review_topic: str,
+        sent: Callable[[], None],
+    ):
+        """`sent`: called after each output is handed to the sink (its reports are to be served)."""
+        self._sink = sink
+        self._offenders = offenders
+        self._telemetry = telemetry
+        self._outputs_done = outputs_done
+        self._review_topic = review_topic
+        self._sent = sent
+
+    def verdict(self, record: Record, results: list[Document], note: str | None = None) -> None:
+        """The record's verdict from its policies' results (none for a deletion, with `note`)."""
+        event, message, span = record.event, record.message, record.span
+        assert event is not None
+        # An undecided result is a guess awaiting a person: it holds, and it is no found violation.
+        violation = any(r["violation"] for r in results if r["stage"] != "undecided")
+        action, offences = self._offenders.record(
+            event.community_id, event.author_id, violation, most_severe([r["action"] for r in results])
+        )
+        latency_ms = (time.monotonic() - record.started) * 1000
+        document = outputs.verdict(
+            event.event_id,
+            records.source_of(message),
+            violation,
+            action,
+            results,
+            author_id=event.author_id,
+            community_id=event.community_id,
+            context_id=event.context_id,
+            offender_violations=offences if self._offenders.enabled and event.author_id else None,
+            note=note,
+            latency_ms=latency_ms,
+        )
+        if record.traced:
+            span.set_attributes({"safeguard.violation": violation, "safeguard.action": action})
+        self._sink.send_verdict(document, message, record.ticket, inject(span))
+        self._sent()
+        counts = self._telemetry.verdicts
+        for result in results:
+            counts[(result["policy_id"], result["violation"], result["action"])] += 1
+        self._telemetry.e2e_latency.record(latency_ms / 1000, "verdict")
+
+    def review_items(self, record: Record, items: list[ReviewItem]) -> None:
+        """Review items go with the verdict under the record's ticket: done when all are delivered."""
+        self._outputs_done.expect(record.ticket, 1 + len(items))
+        headers = inject(record.span)
+        sink = self._sink
+        assert isinstance(sink, Sink)  # the review desk is enabled only with the pipeline's own Kafka sink
+        for item in items:
+            sink.send_review_item(self._review_topic, item.model_dump(mode="json"), record.message,
+                                  record.ticket, headers)  # fmt: skip
+
+    def dead_letter(
+        self,
+        record: Record,
+        error_type: ErrorType,
+        reason: str,
+        raw_output: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        event_id = record.event.event_id if record.event is not None else None
+        letter = records.dead_letter(record.message, error_type, reason, event_id, raw_output, attempts)
+        span = record.span
+        if record.traced:
+            span.set_status(Status(StatusCode.ERROR, error_type.value))
+            span.set_attribute("error.type", error_type.value)
+        self._sink.send_dead_letter(letter, record.message, record.ticket, inject(span))
+        self._sent()
+        self._telemetry.dead_letters[error_type.value] += 1
+        self._telemetry.e2e_latency.record(time.monotonic() - record.started, "dead_letter")
