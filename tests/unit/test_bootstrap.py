@@ -21,10 +21,12 @@ def test_bootstrap_refuses_to_take_over_an_environment_of_another_checkout(tmp_p
     (env_dir / ".complete").touch()
     site = next(env_dir.glob("lib/python3*/site-packages"))
     (site / "other.pth").write_text(str(other) + "\n")  # as an editable install of that checkout
+    # CI's own run sets SAFEGUARD_BOOTSTRAP_REPOINT for the suite: this bootstrap must not inherit it.
+    environment = {k: v for k, v in os.environ.items() if k != "SAFEGUARD_BOOTSTRAP_REPOINT"}
+    environment.update(SAFEGUARD_CACHE_DIR=str(tmp_path / "cache"), SAFEGUARD_VENV=str(env_dir), PYTHON=sys.executable)
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "bootstrap"), "core"], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "SAFEGUARD_CACHE_DIR": str(tmp_path / "cache"), "SAFEGUARD_VENV": str(env_dir),
-             "PYTHON": sys.executable},
+        env=environment,
     )  # fmt: skip
     assert result.returncode == 1
     assert f"runs the checkout {other}" in result.stderr
