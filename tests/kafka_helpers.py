@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterable
 
@@ -170,3 +172,12 @@ def set_topic_config(bootstrap: str, name: str, **settings: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})  # kept until the futures resolve
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(30)
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of GET http://127.0.0.1:port/path (the consumer's /metrics, /healthz, /readyz)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()

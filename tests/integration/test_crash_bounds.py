@@ -33,7 +33,7 @@ from tests.runner import start_consumer, write_config
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
-WINDOW = 1000  # pipeline.max_in_flight_events
+INTAKE_LIMIT = 1000  # pipeline.max_in_flight_events
 COMMIT_INTERVAL_S = 30.0  # long: only the window bounds what a crash redoes
 
 
@@ -54,7 +54,7 @@ def test_sigkills_at_full_speed_duplicate_at_most_one_window_each(kafka, policie
     create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq", partitions=partitions)
     produce(kafka, topic, (event_json(i) for i in range(total)), keys=(b"c%d" % (i % 97) for i in range(total)))
     # The keyword classifier decides at once: the consumer runs as fast as it can.
-    config = _config(tmp_path, kafka, group, topic, policies_dir, max_in_flight_events=WINDOW,
+    config = _config(tmp_path, kafka, group, topic, policies_dir, max_in_flight_events=INTAKE_LIMIT,
                      commit_interval_s=COMMIT_INTERVAL_S)  # fmt: skip
     log = tmp_path / "consumer.log"
     rng = random.Random(21)
@@ -96,10 +96,10 @@ def test_sigkills_at_full_speed_duplicate_at_most_one_window_each(kafka, policie
     covered = Counter(covered_offsets(outputs.messages))
     lost = len({(p, o) for p, end in ends.items() for o in range(end)} - set(covered))
     duplicates = sum(n - 1 for n in covered.values())
-    FAULT_FIGURES.append(f"full speed, window {WINDOW}, commit interval {COMMIT_INTERVAL_S:.0f}s: {total} events, "
-                         f"{kills} SIGKILLs, {duplicates} duplicates (bound {kills * WINDOW}), {lost} lost")  # fmt: skip
+    FAULT_FIGURES.append(f"full speed, intake limit {INTAKE_LIMIT}, commit interval {COMMIT_INTERVAL_S:.0f}s: {total} events, "
+                         f"{kills} SIGKILLs, {duplicates} duplicates (bound {kills * INTAKE_LIMIT}), {lost} lost")  # fmt: skip
     assert lost == 0
-    assert duplicates <= kills * WINDOW
+    assert duplicates <= kills * INTAKE_LIMIT
 
 
 def test_a_sigkill_with_a_transaction_open_leaves_no_aborted_output_visible(kafka, policies_dir, tmp_path):

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import orjson
@@ -31,6 +30,7 @@ from tests.kafka_helpers import (
     create_topics,
     decoded,
     event_json,
+    http_get,
     produce,
     unique,
     wait_for,
@@ -49,14 +49,6 @@ def cli(*args: str, env: dict | None = None, timeout: float = 120) -> tuple[subp
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )  # fmt: skip
     return result, time.monotonic() - started
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_the_readme_run_section_on_a_fresh_broker_produces_verdicts(kafka, tmp_path):
@@ -157,12 +149,12 @@ def test_metrics_follow_prometheus_conventions_and_every_counter_starts_at_0(kaf
     settings = settings_for(kafka, unique("group"), topic, policies_dir)
     pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory))
     with BackgroundPipeline(pipeline) as running:
-        wait_for(lambda: pipeline.http is not None and get(pipeline.http.port, "/readyz")[0] == 200, timeout=60,
+        wait_for(lambda: pipeline.http is not None and http_get(pipeline.http.port, "/readyz")[0] == 200, timeout=60,
                  message="ready")  # fmt: skip
-        before = get(pipeline.http.port, "/metrics")[1]  # nothing consumed yet
+        before = http_get(pipeline.http.port, "/metrics")[1]  # nothing consumed yet
         produce(kafka, topic, [event_json(0, "kys"), b"{bad"])
         wait_for(lambda: pipeline.consumed == 2 and pipeline.tracker.in_flight() == 0, timeout=30, message="2 records")
-        after = get(pipeline.http.port, "/metrics")[1]
+        after = http_get(pipeline.http.port, "/metrics")[1]
         running.stop()
     for name in ("safeguard_dead_letters_total", "safeguard_events_consumed_total", "safeguard_verdicts_total",
                  "safeguard_tokens_total", "safeguard_event_duration_seconds_count"):  # fmt: skip
@@ -218,16 +210,16 @@ def test_an_outage_after_start_is_one_warning_each_way_and_readyz_follows(kafka_
     pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory))
     caplog.set_level(logging.INFO)
     with BackgroundPipeline(pipeline) as running:
-        wait_for(lambda: pipeline.http is not None and get(pipeline.http.port, "/readyz")[0] == 200, timeout=60,
+        wait_for(lambda: pipeline.http is not None and http_get(pipeline.http.port, "/readyz")[0] == 200, timeout=60,
                  message="ready")  # fmt: skip
         kafka_broker.stop()
         try:
-            wait_for(lambda: get(pipeline.http.port, "/readyz")[0] == 503, timeout=60, message="/readyz to fail")
+            wait_for(lambda: http_get(pipeline.http.port, "/readyz")[0] == 503, timeout=60, message="/readyz to fail")
             time.sleep(5)  # librdkafka retries many times meanwhile
-            assert "brokers unreachable" in get(pipeline.http.port, "/readyz")[1]
+            assert "brokers unreachable" in http_get(pipeline.http.port, "/readyz")[1]
         finally:
             kafka_broker.start(timeout=120)
-        wait_for(lambda: get(pipeline.http.port, "/readyz")[0] == 200, timeout=90, message="/readyz to recover")
+        wait_for(lambda: http_get(pipeline.http.port, "/readyz")[0] == 200, timeout=90, message="/readyz to recover")
         assert running.stop().exit_code == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len([w for w in warnings if w.startswith("brokers unreachable")]) == 1, warnings

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -14,7 +11,7 @@ from consumer.classify.keyword import KeywordClassifier
 from consumer.pipeline.background import BackgroundPipeline
 from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
-from tests.kafka_helpers import Collector, create_topics, event_json, produce, unique, wait_for
+from tests.kafka_helpers import Collector, create_topics, event_json, http_get, produce, unique, wait_for
 from tests.runner import settings_for
 
 pytestmark = pytest.mark.kafka
@@ -26,14 +23,6 @@ TRACEPARENT = f"00-{TRACE_ID:032x}-{PRODUCER_SPAN_ID:016x}-01".encode()
 
 def header(message, name: str) -> bytes | None:
     return dict(message.headers() or []).get(name)
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_event_spans_continue_the_producer_trace_and_outputs_carry_it_on(kafka, policies_dir):
@@ -89,12 +78,12 @@ def test_metrics_count_the_run_and_readyz_turns_ready_after_assignment(kafka, po
         with BackgroundPipeline(pipeline) as running:
             wait_for(lambda: pipeline.http is not None, timeout=30, message="the HTTP server")
             port = pipeline.http.port
-            assert get(port, "/healthz")[0] == 200
-            wait_for(lambda: get(port, "/readyz")[0] == 200, timeout=60, message="/readyz to turn ready")
+            assert http_get(port, "/healthz")[0] == 200
+            wait_for(lambda: http_get(port, "/readyz")[0] == 200, timeout=60, message="/readyz to turn ready")
             outputs.until(12, timeout=60)
-            wait_for(lambda: "safeguard_dead_letters_total" in get(port, "/metrics")[1], timeout=10,
+            wait_for(lambda: "safeguard_dead_letters_total" in http_get(port, "/metrics")[1], timeout=10,
                      message="metrics")
-            status, text = get(port, "/metrics")
+            status, text = http_get(port, "/metrics")
             running.stop()
     finally:
         outputs.close()
@@ -136,7 +125,7 @@ def test_cascade_stage_shares_reach_the_metrics(kafka, policies_dir):
         with BackgroundPipeline(pipeline) as running:
             outputs.until(5, timeout=60)
             wait_for(lambda: pipeline.http is not None, timeout=10, message="HTTP server")
-            text = get(pipeline.http.port, "/metrics")[1]
+            text = http_get(pipeline.http.port, "/metrics")[1]
             running.stop()
     finally:
         outputs.close()
@@ -163,9 +152,9 @@ def test_healthz_fails_when_the_engine_reports_itself_unhealthy(kafka, policies_
     engine = DyingEngine()
     pipeline = Pipeline(settings, engine, PolicyStore(settings.policies.directory))
     with BackgroundPipeline(pipeline) as running:
-        wait_for(lambda: pipeline.http is not None and get(pipeline.http.port, "/healthz")[0] == 200, timeout=30,
+        wait_for(lambda: pipeline.http is not None and http_get(pipeline.http.port, "/healthz")[0] == 200, timeout=30,
                  message="healthy")
         engine.healthy = False
-        wait_for(lambda: get(pipeline.http.port, "/healthz")[0] == 503, timeout=10, message="/healthz to fail")
-        assert "engine core died" in get(pipeline.http.port, "/healthz")[1]
+        wait_for(lambda: http_get(pipeline.http.port, "/healthz")[0] == 503, timeout=10, message="/healthz to fail")
+        assert "engine core died" in http_get(pipeline.http.port, "/healthz")[1]
         running.stop()
