@@ -30,15 +30,17 @@ from consumer.kafka.devkafka import KafkaBroker, create_topics
 
 PARTITIONS = 6
 STREAM_CASES = ("raw", "hand", "peer", "ours", "keyword", "cascade-lexical", "cascade-embedding")
+OUR_STREAM_CASES = ("ours", "keyword", "cascade-lexical", "cascade-embedding")
 KAFKA_CASES = (*STREAM_CASES, "engine-sat", "engine-half")
 ALL_CASES = (*KAFKA_CASES, "engine", "remote")
 PEER_PYTHON = Path.home() / ".cache" / "safeguard-consumer" / "bench-peer" / "bin" / "python"
 
 
-def run_case(python: str, module: str, args: list[str], timeout: float) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_case(python: str, module: str, args: list[str], timeout: float, root: Path = REPO) -> dict[str, Any]:
+    """One case in a process of its own, running the code of the checkout at `root`."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.run(
-        [python, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [python, "-m", module, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
@@ -67,12 +69,12 @@ class Bench:
             options["profile"] = str(self.args.results / f"profile-{case}-{self.run_id}.txt")
         return Spec(self.bootstrap, input_topic, out, dlq, f"bench-{self.run_id}-{case}", events, options)
 
-    def kafka_case(self, case: str, spec: Spec) -> dict[str, Any]:
+    def kafka_case(self, case: str, spec: Spec, root: Path = REPO) -> dict[str, Any]:
         python, module, args = sys.executable, "bench.cases", [case, spec.to_json()]
         if case == "peer":
             python, module, args = self.args.peer_python, "bench.peer", [spec.to_json()]
-        print(f"  {case} ...", file=sys.stderr, flush=True)
-        return run_case(python, module, args, timeout=self.args.case_timeout)
+        print(f"  {case}{'' if root == REPO else ' @ ' + str(root)} ...", file=sys.stderr, flush=True)
+        return run_case(python, module, args, timeout=self.args.case_timeout, root=root)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="pyinstrument each case into bench/results/")
     parser.add_argument("--peer-python", default=os.environ.get("SAFEGUARD_BENCH_PEER_PYTHON", str(PEER_PYTHON)),
                         help="interpreter with requirements/bench.txt installed (Quix Streams)")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="also run our stream cases (ours, keyword, cascade-*) from another checkout, e.g. "
+                             "`git worktree add /tmp/base main`, in the same alternating rounds: before/after "
+                             "ratios measured side by side (reported as CASE@baseline)")
     parser.add_argument("--case-timeout", type=float, default=1800)
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.engine_bound_events, args.half_load_s, args.engine_events = 10_000, 4_000, 4.0, 64
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "consumer" / "pipeline").is_dir():
+            parser.error(f"--baseline {args.baseline}: not a safeguard-consumer checkout")
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(ALL_CASES)
     if unknown:
@@ -116,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 for case in (c for c in STREAM_CASES if c in cases):
                     name = case if args.rounds == 1 else f"{case}-r{n}"
                     rounds.setdefault(case, []).append(bench.kafka_case(case, bench.spec(name, shared, args.events)))
+                    if args.baseline and case in OUR_STREAM_CASES:
+                        spec = bench.spec(f"{name}-baseline", shared, args.events)
+                        rounds.setdefault(f"{case}@baseline", []).append(bench.kafka_case(case, spec, args.baseline))
             for case, runs in rounds.items():
                 results[case] = median_run(runs)
         if "engine-sat" in cases:
@@ -209,6 +222,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "ours/engine-alone": ratio(engine.get("ours_per_s"), engine.get("engine_alone_per_s")),
         "remote/in-process": results.get("remote", {}).get("remote/in_process"),
         "remote_added_p50_ms": results.get("remote", {}).get("added_p50_ms"),
+        **{f"{case}/baseline": ratio(rate(case), rate(f"{case}@baseline")) for case in OUR_STREAM_CASES},
+        **{f"{case}_cpu/baseline_cpu": ratio(cpu(case), cpu(f"{case}@baseline")) for case in OUR_STREAM_CASES},
     }
 
 
@@ -225,7 +240,7 @@ def print_table(results: dict[str, Any], summary: dict[str, Any], events: int) -
                     "p50_e2e_ms", "p99_e2e_ms", "p99_engine_ms", "p99_added_ms", "p99_added_in_consumer_ms",
                     "p99_before_consumer_ms", "avg_batch_size", "decided_cache", "decided_lexical",
                     "decided_embedding", "decided_undecided", "rounds_events_per_s", "rounds_cpu_us_per_event",
-                    "peak_in_flight", "engine_alone_per_s", "ours_per_s",
+                    "peak_in_flight", "cpu_us_main", "cpu_us_poll", "cpu_us_librdkafka", "engine_alone_per_s", "ours_per_s",
                     "in_process_per_s", "remote/in_process", "added_p50_ms", "added_p99_ms"):
             if key in r:
                 notes.append(f"{key}={r[key]}".replace(" ", ""))

@@ -7,9 +7,11 @@ that the Quix Streams case can import it from its own environment.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -151,22 +153,27 @@ def instant_verdict(event_id: str, topic: str, partition: int, offset: int, time
 
 
 class Meter:
-    """Wall and CPU time from the first record in to the last output acknowledged, and peak RSS."""
+    """Wall and CPU time from the first record in to the last output acknowledged, and peak RSS;
+    the CPU also split by thread: the event loop's (main), the poll thread's, librdkafka's."""
 
     def __init__(self) -> None:
         self.first_wall: float | None = None
         self.first_cpu = 0.0
         self.end_wall = 0.0
         self.end_cpu = 0.0
+        self.first_threads: dict[str, float] = {}
+        self.end_threads: dict[str, float] = {}
 
     def first_record(self) -> None:
         if self.first_wall is None:
             self.first_cpu = time.process_time()
             self.first_wall = time.perf_counter()
+            self.first_threads = threads_cpu()
 
     def done(self) -> None:
         self.end_wall = time.perf_counter()
         self.end_cpu = time.process_time()
+        self.end_threads = threads_cpu()
 
     def result(self, events: int, **extra: Any) -> dict[str, Any]:
         assert self.first_wall is not None, "no record was read"
@@ -178,9 +185,35 @@ class Meter:
             "events_per_s": round(events / wall, 1),
             "cpu_s": round(cpu, 3),
             "cpu_us_per_event": round(cpu / events * 1e6, 1),
+            **{
+                f"cpu_us_{group}": round((spent - self.first_threads.get(group, 0.0)) / events * 1e6, 1)
+                for group, spent in self.end_threads.items()
+            },
             "peak_rss_mb": peak_rss_mb(),
             **extra,
         }
+
+
+def threads_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads so far, by group: main (the event loop, or a hand
+    loop), poll (the source's poll thread), librdkafka (its rdk:* threads), other. Threads that
+    ended meanwhile drop out of a group, so read a group's figure as a floor."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    groups: dict[str, float] = {"main": 0.0, "poll": 0.0, "librdkafka": 0.0, "other": 0.0}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", encoding="ascii", errors="replace") as stat:
+                text = stat.read()
+        except OSError:
+            continue  # the thread ended
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        name = names.get(int(tid), comm)
+        group = ("main" if name == "MainThread" else "poll" if name.endswith("-poll")
+                 else "librdkafka" if comm.startswith("rdk:") else "other")  # fmt: skip
+        groups[group] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return groups
 
 
 def peak_rss_mb() -> float:

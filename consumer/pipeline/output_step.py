@@ -56,11 +56,13 @@ class OutputStep:
         """The record's verdict from its policies' results (none for a deletion, with `note`)."""
         event, message, span = record.event, record.message, record.span
         assert event is not None
-        # An undecided result is a guess awaiting a person: it holds, and it is no found violation.
-        violation = any(r["violation"] for r in results if r["stage"] != "undecided")
-        action, offences = self._offenders.record(
-            event.community_id, event.author_id, violation, most_severe([r["action"] for r in results])
-        )
+        violation, actions = False, []
+        for result in results:  # one loop, no comprehensions: this runs for every record
+            # An undecided result is a guess awaiting a person: it holds, and it is no found violation.
+            if result["violation"] and result["stage"] != "undecided":
+                violation = True
+            actions.append(result["action"])
+        action, offences = self._offenders.record(event.community_id, event.author_id, violation, most_severe(actions))
         latency_ms = (time.monotonic() - record.started) * 1000
         document = outputs.verdict(
             event.event_id,

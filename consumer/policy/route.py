@@ -52,6 +52,9 @@ class Router:
 
     def policies_for(self, topic: str, event: ContentEvent) -> list[Policy]:
         policies = self._get_policies()
+        if not self._routes:  # the default alone, asked of every event
+            default = policies.get(self._default) if self._default else None
+            return [default] if default is not None else []
         chosen: dict[str, Policy] = {}
         for route in self._routes:
             if route.topic_match(topic) and route.field_match(event):

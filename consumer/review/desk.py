@@ -21,6 +21,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from confluent_kafka import Message
+
 from consumer.classify import (
     Classification,
     Classifier,
@@ -31,10 +33,11 @@ from consumer.classify import (
 from consumer.config import Settings
 from consumer.config.review import ReviewSettings
 from consumer.events import ContentEvent, Document, ReviewItem
+from consumer.kafka import records
 from consumer.policy import Policy
 from consumer.review import metrics
 from consumer.review.decisions import as_classification
-from consumer.review.items import ReviewOpener
+from consumer.review.items import ReviewOpener, hold_undecided
 from consumer.review.loop import ReviewLoop
 from consumer.review.state import Decided, ReviewState
 
@@ -70,24 +73,29 @@ class ReviewDesk:
     def open(
         self,
         event: ContentEvent,
-        view: ContentEvent,
-        source: Callable[[], Document],
+        requests: list[ClassifyRequest],
+        record: Message,
         results: list[Document],
         outcomes: list[Classification],
-        policies: list[Policy],
     ) -> list[ReviewItem]:
-        return self.opener.open(event, view, source, results, outcomes, policies)
+        """`requests`: the event's, one per result; `record`: the input record. Disabled, only
+        the undecided rule runs, and nothing is built: this is asked of every verdict."""
+        if not self.enabled:
+            hold_undecided(results, outcomes, (request.policy for request in requests))
+            return []
+        return self.opener.open(event, requests[0].event, lambda: records.source_of(record), results, outcomes,
+                                [request.policy for request in requests])  # fmt: skip
 
-    def remember(self, requests: list[ClassifyRequest], event: ContentEvent, source: Callable[[], Document],
-                 key: bytes | None, results: list[Document]) -> None:  # fmt: skip
+    def remember(self, requests: list[ClassifyRequest], event: ContentEvent, record: Message,
+                 results: list[Document]) -> None:  # fmt: skip
         """Cheap-stage decisions a shadow check may contradict (only when disagreements open reviews)."""
-        if not self.opener.remembers or self.review_loop is None:
+        if self.review_loop is None or not self.opener.remembers:
             return
         where = None
         for request, result in zip(requests, results):
             if result.get("stage") in ("lexical", "embedding"):
-                where = where or source()
-                self.opener.remember(request.request_id, event, where, key, results)
+                where = where or records.source_of(record)
+                self.opener.remember(request.request_id, event, where, record.key(), results)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

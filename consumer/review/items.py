@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -151,6 +151,14 @@ def pending(reason: ReviewReason, review_id: str) -> dict[str, Any]:
 RECENT_CHEAP_DECISIONS = 4096
 
 
+def hold_undecided(results: list[Document], outcomes: list[Classification], policies: Iterable[Policy]) -> None:
+    """An undecided result takes its policy's review action (hold by default), review enabled
+    or not: nothing downstream should punish on a guess."""
+    for result, outcome, policy in zip(results, outcomes, policies):
+        if outcome.stage == "undecided":
+            result["action"] = policy.review_action
+
+
 class ReviewOpener(ReviewRule):
     """On the event loop: marks the results a person should look at and builds their items."""
 
@@ -172,13 +180,12 @@ class ReviewOpener(ReviewRule):
 
         An undecided result takes the policy's review action (hold by default) whether or not
         review is enabled: nothing downstream should punish on a guess."""
+        hold_undecided(results, outcomes, policies)
+        if not self.settings.enabled:
+            return []
         items: list[tuple[int, ReviewReason]] = []
         where: Document | None = None
         for i, (result, outcome, policy) in enumerate(zip(results, outcomes, policies)):
-            if outcome.stage == "undecided":
-                result["action"] = policy.review_action
-            if not self.settings.enabled:
-                continue
             reason = self.reason_for(policy, outcome)
             if reason is None:
                 continue
