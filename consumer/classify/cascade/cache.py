@@ -22,13 +22,14 @@ from consumer.policy import Policy
 CacheKey = tuple[str, str, str]  # policy id, policy version, content hash
 
 _INVISIBLE = re.compile("[\u200b-\u200f\u2060-\u2064\ufeff\u00ad]")
-_SPACE = re.compile(r"\s+")
 
 
 def normalise(content: str) -> str:
     """NFKC, case-folded, without invisible characters, white space collapsed."""
-    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", content))
-    return _SPACE.sub(" ", text.casefold()).strip()
+    if not content.isascii():  # ASCII text is its own NFKC form and has no invisible characters
+        content = _INVISIBLE.sub("", unicodedata.normalize("NFKC", content))
+    # str.split() splits where `\s+` matches (both ask str.isspace), and drops the ends.
+    return " ".join(content.casefold().split())
 
 
 def cache_key(policy: Policy, content: str) -> CacheKey:

@@ -66,3 +66,17 @@ def test_entries_expire_after_the_ttl_and_the_least_recently_used_go_first():
     assert len(cache) == 2 and cache.get(b) is None and cache.get(a) is not None
     clock.now = 10.5
     assert cache.get(a) is None and cache.get(c) is None
+
+
+def test_normalising_ascii_text_the_short_way_gives_what_the_full_way_gives():
+    import re
+    import unicodedata
+
+    def full_way(content: str) -> str:  # NFKC, invisible characters out, case-folded, `\s+` collapsed
+        text = re.sub("[\u200b-\u200f\u2060-\u2064\ufeff\u00ad]", "", unicodedata.normalize("NFKC", content))
+        return re.sub(r"\s+", " ", text.casefold()).strip()
+
+    texts = ["  Free NITRO\t\tnow \n", "a\x1cb\x1fc\x0bd\x0ce", "", " ", "ﬁne ＦＵＬＬ\u00a0width\u3000space\u2028line",
+             "Straße İstanbul", "zero\u200bwidth\u00adsoft", "ok"]  # fmt: skip
+    for text in texts:
+        assert normalise(text) == full_way(text), repr(text)

@@ -107,13 +107,43 @@ def test_calibrated_confidence_is_capped_by_the_number_of_examples():
     assert not any(d.decided for d in decisions)
 
 
-def test_the_lexical_stage_makes_the_character_ngrams_scikit_learn_would():
+def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_documented():
+    """Every n-gram of scikit-learn's analyzers (word 1-2-grams, char_wb 2-5-grams), hashed one
+    by one as `consumer.classify.cascade.hashing` documents, gives the matrix the numpy code
+    builds for the whole batch at once."""
+    import numpy as np
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    from consumer.classify.cascade.lexical import char_wb_2_5
+    from consumer.classify.cascade.hashing import ngram_counts
 
-    reference = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5)).build_analyzer()
+    n_features = 1 << 10  # small: collisions happen, and must add up the same way
+    words = HashingVectorizer(ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b").build_analyzer()
+    chars = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5)).build_analyzer()
+    mask = (1 << 64) - 1
+
+    def column(gram: str) -> int:
+        h = 0
+        for c in gram:  # the polynomial hash, then MurmurHash3's 64-bit finaliser
+            h = (h * 0x100000001B3 + ord(c)) & mask
+        for shift, factor in ((33, 0xFF51AFD7ED558CCD), (33, 0xC4CEB9FE1A85EC53), (33, None)):
+            h ^= h >> shift
+            h = (h * factor) & mask if factor else h
+        return h & (n_features - 1)
+
+    def expected(text: str) -> np.ndarray:
+        row = np.zeros(2 * n_features)
+        for offset, analyzer in ((0, words), (n_features, chars)):
+            block = np.zeros(n_features)
+            for gram in analyzer(text):
+                block[column(gram)] += 1
+            norm = np.linalg.norm(block)
+            row[offset : offset + n_features] = block / norm if norm else block
+        return row
+
     texts = [e.content for e in load_examples(REPO / "policies" / "spam-scams.examples.jsonl")]
-    texts += ["", " ", "a", "ab", "x  y\tz\n", "ÀÉ İstanbul ǅ", "🎉🎉 ok", "fr33 n1tro!!", "w" * 40]
-    for text in texts:
-        assert char_wb_2_5(text) == reference(text), text
+    texts += ["", " ", "a", "ab", "x  y\tz\n", "ÀÉ İstanbul ǅ", "🎉🎉 ok", "fr33 n1tro!!", "w" * 40, "a\x00b c\x00",
+              "snake_case über-cool ½ ٣٤ x²", "lol lol lol lol", "\ud800 lone", "end."]  # fmt: skip
+    got = ngram_counts(texts, n_features).toarray()
+    for text, row in zip(texts, got):
+        assert np.allclose(row, expected(text)), repr(text)
+    assert ngram_counts([], n_features).shape == (0, 2 * n_features)

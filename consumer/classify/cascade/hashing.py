@@ -1,0 +1,162 @@
+"""Hashed n-gram counts for a batch of texts, computed in numpy: the lexical stage's features.
+
+The n-grams are scikit-learn's: word 1-2-grams of `(?u)\\b\\w+\\b` tokens, and "char_wb"
+character 2-5-grams (inside word boundaries, each word padded with one space either side),
+all lower-cased. What differs is how they are hashed. scikit-learn makes each n-gram a Python
+string and hashes it with MurmurHash3, about 150 ns an n-gram; a chat message has some 400
+of them. Here the batch becomes one array of code points and every n-gram's hash comes from
+prefix sums over it, no string made: the polynomial hash of a span, `h(a, b) = sum of
+cp[j] * P**(b - 1 - j)`, is `P**(b - 1) * (G[b] - G[a])` with `G[i] = sum of cp[j] * P**-j`
+for j < i (P is odd, so it has an inverse modulo 2**64 and uint64 arithmetic wraps as the
+modulus needs). A word bigram's hash follows from its two words' (the hash of "w1 w2").
+Each hash is then mixed (MurmurHash3's 64-bit finaliser) and its low bits pick the column.
+
+Measured on the bench's chat messages (about 75 characters), one core, the lexical stage's
+whole decision (features, product, calibration) in batches of 500: 9 µs a message, against
+78 µs with scikit-learn's HashingVectorizer; 161 µs for one message alone (numpy's per-call
+overhead), against 475 µs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+_P = np.uint64(0x100000001B3)  # FNV-1's 64-bit prime: odd, so invertible modulo 2**64
+_P_INVERSE = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+_SPACE = np.uint64(ord(" "))
+_BREAK = 0x110000  # between texts in the array of code points: above every code point
+# Texts hashed together at most: the arrays of a larger batch outgrow the CPU's caches
+# (measured, the lexical stage's decisions on chat messages: 500 at once cost 16 µs a message,
+# in chunks of 200 9 µs).
+CHUNK = 200
+_ASCII_WORD = np.array([chr(c).isalnum() or chr(c) == "_" for c in range(128)])
+
+
+def ngram_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
+    """Rows of l2-normalised n-gram counts: word 1-2-grams in columns [0, n_features), character
+    2-5-grams in [n_features, 2 * n_features), each block normalised on its own (as two
+    HashingVectorizers side by side). `n_features` must be a power of two."""
+    if n_features & (n_features - 1):
+        raise ValueError(f"n_features must be a power of two, not {n_features}")
+    if len(texts) <= CHUNK:
+        return _counts(texts, n_features)
+    return sp.vstack([_counts(texts[i : i + CHUNK], n_features) for i in range(0, len(texts), CHUNK)], format="csr")
+
+
+def _counts(texts: list[str], n_features: int) -> sp.csr_matrix:
+    bits = n_features.bit_length() - 1
+    word_rows, word_hashes = _word_ngrams(texts)
+    char_rows, char_hashes = _char_ngrams(texts)
+    rows = np.concatenate((word_rows, char_rows))
+    columns = _mixed(np.concatenate((word_hashes, char_hashes))) & np.uint64(n_features - 1)
+    columns[len(word_rows) :] += np.uint64(n_features)  # the character block
+    # One key per (row, column), sorted: equal keys are one n-gram counted several times.
+    keys = (rows.astype(np.uint64) << np.uint64(bits + 1)) | columns
+    keys.sort()
+    first = np.empty(len(keys), dtype=bool)
+    first[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, len(keys))).astype(np.float64)
+    keys = keys[starts]
+    rows = (keys >> np.uint64(bits + 1)).astype(np.int64)
+    columns = (keys & np.uint64(2 * n_features - 1)).astype(np.int32)
+    block = rows * 2 + (columns >= n_features)
+    norms = np.sqrt(np.bincount(block, weights=counts * counts, minlength=2 * len(texts)))
+    counts /= norms[block]
+    indptr = np.searchsorted(rows, np.arange(len(texts) + 1))
+    return sp.csr_matrix((counts, columns, indptr), shape=(len(texts), 2 * n_features))
+
+
+def _joined(pieces: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The pieces' code points in one array, a `_BREAK` between each two, and for each position
+    how many breaks come before it (the row of a span that starts there)."""
+    # surrogatepass: a lone surrogate (JSON allows "\ud800") is a code point like any other here.
+    cp = np.frombuffer("\x00".join(pieces).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+    at = np.cumsum([len(piece) + 1 for piece in pieces[:-1]], dtype=np.int64) - 1
+    cp[at] = _BREAK
+    breaks = np.zeros(len(cp) + 1, dtype=np.int64)
+    breaks[at + 1] = 1
+    return cp, np.cumsum(breaks)
+
+
+class _Spans:
+    """Polynomial hashes of any spans of one array of code points, from prefix sums."""
+
+    def __init__(self, cp: np.ndarray):
+        size = len(cp)
+        powers = np.full(size + 1, _P, dtype=np.uint64)
+        powers[:1] = 1
+        self.powers = np.cumprod(powers)  # P**i
+        inverse = np.full(size, _P_INVERSE, dtype=np.uint64)
+        inverse[:1] = 1
+        self._prefix = np.zeros(size + 1, dtype=np.uint64)
+        np.cumsum(cp * np.cumprod(inverse), out=self._prefix[1:])  # G
+
+    def hashes(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        return self.powers[end - 1] * (self._prefix[end] - self._prefix[start])
+
+
+def _word_ngrams(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, hash) of each word unigram and bigram. A word is a run of `\\w` characters:
+    str.isalnum() or "_", as the `re` module tells them."""
+    cp, breaks = _joined([text.lower() for text in texts])
+    word = np.zeros(len(cp), dtype=bool)
+    ascii_ = cp < 128
+    word[ascii_] = _ASCII_WORD[cp[ascii_]]
+    others = np.flatnonzero(~ascii_ & (cp != _BREAK))
+    if len(others):
+        values, inverse = np.unique(cp[others], return_inverse=True)
+        word[others] = np.array([chr(value).isalnum() for value in values.tolist()])[inverse]
+    before = np.concatenate(([False], word[:-1]))
+    after = np.concatenate((word[1:], [False]))
+    starts, ends = np.flatnonzero(word & ~before), np.flatnonzero(word & ~after) + 1
+    row = breaks[starts]
+    spans = _Spans(cp)
+    unigrams = spans.hashes(starts, ends)
+    # "w1 w2" hashes as h(w1) * P**(1 + |w2|) + ord(" ") * P**|w2| + h(w2).
+    same_text = row[1:] == row[:-1]
+    second_size = (ends - starts)[1:][same_text]
+    bigrams = (unigrams[:-1][same_text] * spans.powers[second_size + 1] + _SPACE * spans.powers[second_size]
+               + unigrams[1:][same_text])  # fmt: skip
+    return np.concatenate((row, row[:-1][same_text])), np.concatenate((unigrams, bigrams))
+
+
+def _char_ngrams(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, hash) of each character 2-5-gram inside word boundaries. In the text of the words
+    joined by single spaces, padded with a space either side, those are the spans with no
+    space inside (first and last characters apart) and no break between texts anywhere; a padded word
+    shorter than n then counts once whole, as scikit-learn counts it."""
+    padded = []
+    for text in texts:
+        words = text.lower().split()
+        padded.append(f" {' '.join(words)} " if words else "")
+    cp, breaks = _joined(padded)
+    size = len(cp)
+    spaces = np.zeros(size + 1, dtype=np.int64)
+    np.cumsum(cp == _SPACE, out=spaces[1:])
+    spans = _Spans(cp)
+    rows, hashes = [], []
+    for n in range(2, 6):
+        count = size - n + 1
+        if count <= 0:
+            break
+        start = np.flatnonzero(
+            (spaces[n - 1 : n - 1 + count] == spaces[1 : 1 + count]) & (breaks[n : n + count] == breaks[:count])
+        )
+        rows.append(breaks[start])
+        hashes.append(spans.hashes(start, start + n))
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+    return np.concatenate(rows), np.concatenate(hashes)
+
+
+def _mixed(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser: every bit of the hash moves the low bits kept."""
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
