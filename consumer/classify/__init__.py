@@ -19,12 +19,44 @@ from consumer.events import ContentEvent, ErrorType
 from consumer.policy import Policy
 
 
-@dataclass(slots=True)  # not frozen: one is made per (record, policy), and frozen costs 3x to build
+class EventView(Protocol):
+    """An event's view for the classifier, not built yet: `content` is at hand, the whole event
+    is built by calling it (once; later calls return the same event)."""
+
+    content: str
+
+    def __call__(self) -> ContentEvent: ...
+
+
 class ClassifyRequest:
-    event: ContentEvent
-    policy: Policy
-    request_id: str
-    deadline: float | None = None  # time.monotonic() after which the request is abandoned
+    """One (event, policy) classification.
+
+    `event` is the event as the classifier should see it: in a chat stream, with the
+    conversation's earlier messages as context and the authors pseudonymised
+    (`consumer.pipeline.chat`). Building that view costs more than a cheap stage's whole
+    decision, so the pipeline may hand over an `EventView` instead: it is built on the first
+    read of `event`. A classifier that needs the text alone reads `content`, which builds
+    nothing. `deadline`: time.monotonic() after which the request is abandoned.
+    """
+
+    __slots__ = ("_event", "content", "policy", "request_id", "deadline")  # one is made per (record, policy)
+
+    def __init__(self, event: ContentEvent | EventView, policy: Policy, request_id: str, deadline: float | None = None):
+        self._event = event
+        self.content = event.content
+        self.policy = policy
+        self.request_id = request_id
+        self.deadline = deadline
+
+    @property
+    def event(self) -> ContentEvent:
+        event = self._event
+        if not isinstance(event, ContentEvent):
+            event = self._event = event()
+        return event
+
+    def __repr__(self) -> str:
+        return f"ClassifyRequest({self.request_id!r}, policy={self.policy.ref!r})"
 
 
 @dataclass

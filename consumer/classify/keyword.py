@@ -42,7 +42,7 @@ class KeywordClassifier:
         if compiled is None:
             compiled = self._compiled[policy.ref] = _compile(policy.patterns)
         any_pattern, patterns = compiled
-        content = request.event.content
+        content = request.content
         if any_pattern is not None and any_pattern.search(content) is None:
             return _NO_MATCH  # most content: one search instead of one per pattern
         for pattern in patterns:

@@ -87,7 +87,9 @@ def margin(limit: int) -> int:
 
 
 def headers_size(headers: Headers | None) -> int:
-    return sum(len(name) + len(value or b"") for name, value in headers or ())
+    if not headers:  # the common case (no trace context to carry): no generator to run
+        return 0
+    return sum(len(name) + len(value or b"") for name, value in headers)
 
 
 class OutputBudget:

@@ -68,9 +68,15 @@ class Conversations:
 
     def observe(self, event: ContentEvent) -> ContentEvent:
         """Record the event in its conversation; return the view the classifier should see."""
+        view = self.observe_lazily(event)
+        return view if isinstance(view, ContentEvent) else view()
+
+    def observe_lazily(self, event: ContentEvent) -> ContentEvent | PseudonymisedView:
+        """`observe`, the view left unbuilt (an `EventView`): a classifier that reads the
+        content alone never pays for the context's copies."""
         if not self.enabled or event.context_id is None:
             # Authors only reach the prompt beside a context; without one there is nothing to hide.
-            return _pseudonymised(event, list(event.context)) if event.context else event
+            return PseudonymisedView(event, []) if event.context else event
         kind = event.metadata.get("event_type", "create")
         now = self._timestamp(event)
         with self._lock:
@@ -88,10 +94,7 @@ class Conversations:
             if kind == "edit":
                 _remove(history, event.event_id)  # the edited text replaces the original
             history.append(_Entry(event.event_id, event.author_id, event.content[: self._settings.max_message_chars], now))
-        context = list(event.context) + [
-            ContextMessage(content=e.content, author_id=e.author_id, event_id=e.event_id) for e in earlier
-        ]
-        return _pseudonymised(event, context)
+        return PseudonymisedView(event, earlier)
 
     def remember(self, event: ContentEvent) -> None:
         """Add history without classifying (a rebuild)."""
@@ -121,6 +124,29 @@ def _remove(history: deque[_Entry], event_id: str) -> None:
         history.remove(entry)
 
 
+class PseudonymisedView:
+    """An event with its context (what it carries, then the conversation's `earlier` messages)
+    and its authors replaced by per-conversation pseudonyms, in order of appearance: an
+    `EventView` (consumer.classify), built on the first call."""
+
+    __slots__ = ("_event", "_earlier", "_built", "content")
+
+    def __init__(self, event: ContentEvent, earlier: list[_Entry]):
+        self._event = event
+        self._earlier = earlier
+        self._built: ContentEvent | None = None
+        self.content = event.content
+
+    def __call__(self) -> ContentEvent:
+        if self._built is None:
+            event = self._event
+            context = list(event.context) + [
+                ContextMessage(content=e.content, author_id=e.author_id, event_id=e.event_id) for e in self._earlier
+            ]
+            self._built = _pseudonymised(event, context)
+        return self._built
+
+
 def _pseudonymised(event: ContentEvent, context: list[ContextMessage]) -> ContentEvent:
     """The event with authors replaced by per-conversation pseudonyms, in order of appearance."""
     if not context and event.author_id is None:
@@ -132,7 +158,7 @@ def _pseudonymised(event: ContentEvent, context: list[ContextMessage]) -> Conten
             return None
         return names.setdefault(author, f"user-{len(names) + 1}")
 
-    # Built anew rather than model_copy'd, which costs more; this runs for every event with context.
+    # Built anew rather than model_copy'd, which costs more.
     renamed = [
         ContextMessage(content=m.content, author_id=name(m.author_id), event_id=m.event_id, created_at=m.created_at)
         for m in context

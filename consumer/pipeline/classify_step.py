@@ -71,11 +71,11 @@ class ClassifyStep:
                 except ClassificationFailed as exc:
                     outcome = outcomes[i] = exc
             if isinstance(outcome, BaseException):
-                if event_spans[i].is_recording():
+                if traced and event_spans[i].is_recording():
                     failure = outcome.error_type.value if isinstance(outcome, ClassificationFailed) else None
                     self._classify_span(request, event_spans[i], started_ns, failure)
                 continue
-            if event_spans[i].is_recording():
+            if traced and event_spans[i].is_recording():
                 self._classify_span(request, event_spans[i], started_ns, result=outcome)
             answered[request.policy.id] += 1
             if outcome.prompt_tokens:

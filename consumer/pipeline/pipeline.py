@@ -411,7 +411,7 @@ class Pipeline:
             if self.telemetry.trace_content:
                 span.set_attribute("safeguard.content", event.content)
         # What the classifier sees: the conversation so far, authors pseudonymised.
-        view = self.conversations.observe(event)
+        view = self.conversations.observe_lazily(event)
         if event.metadata.get("event_type") == "delete":
             self.output.verdict(record, [], note="deleted: left the conversation")
             return None

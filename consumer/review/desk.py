@@ -81,7 +81,7 @@ class ReviewDesk:
         """`requests`: the event's, one per result; `record`: the input record. Disabled, only
         the undecided rule runs, and nothing is built: this is asked of every verdict."""
         if not self.enabled:
-            hold_undecided(results, outcomes, (request.policy for request in requests))
+            hold_undecided(results, outcomes, [request.policy for request in requests])
             return []
         return self.opener.open(event, requests[0].event, lambda: records.source_of(record), results, outcomes,
                                 [request.policy for request in requests])  # fmt: skip

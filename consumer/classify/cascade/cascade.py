@@ -170,7 +170,7 @@ class CascadeClassifier:
         policy = request.policy
         if not self.settings.plan_for(policy.id).cache:
             return None
-        cached = self.cache.get(cache_key(policy, request.event.content))
+        cached = self.cache.get(cache_key(policy, request.content))
         if cached is not None:
             counters = self._counters(policy.id)
             counters.requests += 1
@@ -210,7 +210,7 @@ class CascadeClassifier:
                 open_[i] = [i]
                 keys[i] = None
                 continue
-            key = cache_key(policy, requests[i].event.content)
+            key = cache_key(policy, requests[i].content)
             copies = open_.get(key)
             if copies is not None:
                 copies.append(i)
@@ -238,7 +238,7 @@ class CascadeClassifier:
                 break  # this stage and the rest are asked in `classify`, off the loop
             asked += 1
             pending = list(open_)
-            decisions = stage.decide_many([requests[open_[k][0]].event.content for k in pending], plan.target_precision)
+            decisions = stage.decide_many([requests[open_[k][0]].content for k in pending], plan.target_precision)
             if decisions is None:
                 continue
             for k, decision in zip(pending, decisions):
@@ -287,7 +287,7 @@ class CascadeClassifier:
             found = None  # another request that reused a forgotten one's id
         if not plan.cache:
             return await self._decide(request, plan, counters, None, found)
-        key = cache_key(policy, request.event.content)
+        key = cache_key(policy, request.content)
         cached = self.cache.get(key)
         if cached is not None:
             counters.cache_hits += 1
@@ -347,7 +347,7 @@ class CascadeClassifier:
         for stage in heads.stages[asked:]:
             if not getattr(plan, stage.name):
                 continue
-            decision = await stage.decide(request.event.content, plan.target_precision)
+            decision = await stage.decide(request.content, plan.target_precision)
             if decision is None:
                 continue
             if decision.decided:
@@ -366,7 +366,7 @@ class CascadeClassifier:
         counters.decided["reasoner"] += 1
         if key is not None:
             self.cache.put(key, verdict)
-        await self._learn(request.policy, request.event.content, verdict, counters)
+        await self._learn(request.policy, request.content, verdict, counters)
         return verdict
 
     async def _ask_reasoner(self, request: ClassifyRequest) -> Classification:
@@ -447,7 +447,7 @@ class CascadeClassifier:
                 self.cache.put(key, verdict)  # later copies get the reasoner's answer
             if self.on_disagreement is not None:
                 self.on_disagreement(request, cheap, verdict)
-        await self._learn(request.policy, request.event.content, verdict, counters)
+        await self._learn(request.policy, request.content, verdict, counters)
 
     # -- learning from people ------------------------------------------------------------------
 
@@ -456,7 +456,7 @@ class CascadeClassifier:
         (under the same policy version), and the heads learn it HUMAN_LABEL_WEIGHT times."""
         policy = request.policy
         if self.settings.plan_for(policy.id).cache:
-            self.cache.pin(cache_key(policy, request.event.content), answer)
+            self.cache.pin(cache_key(policy, request.content), answer)
         if not heads:
             return
         counters = self._counters(policy.id)
@@ -465,7 +465,7 @@ class CascadeClassifier:
             return
         for _ in range(HUMAN_LABEL_WEIGHT):
             for stage in current.stages:
-                await stage.learn(request.event.content, int(answer.violation))
+                await stage.learn(request.content, int(answer.violation))
         counters.learned_human += 1
         self._record_calibration(policy.id, current)
 

@@ -26,6 +26,24 @@ def test_window_keeps_the_last_messages_with_stable_pseudonyms():
     assert "alice" not in view.model_dump_json() and "bob" not in view.model_dump_json()
 
 
+def test_the_view_is_built_only_when_a_classifier_reads_the_event_and_then_once():
+    from consumer.classify import ClassifyRequest
+    from consumer.policy import Policy
+
+    conversations = Conversations(ChatSettings(context_messages=3, context_seconds=600))
+    conversations.observe_lazily(msg(0, "alice"))
+    view = conversations.observe_lazily(msg(1, "bob", seconds=1))
+    policies = [Policy(id=p, version="1", text="b") for p in ("a", "b")]
+    requests = [ClassifyRequest(view, policy, f"m1/{policy.id}") for policy in policies]
+    assert [r.content for r in requests] == ["text 1", "text 1"]  # what cheap stages read
+    assert view._built is None  # nothing built for them
+    event = requests[0].event
+    assert [m.author_id for m in event.context] == ["user-1"] and event.author_id == "user-2"
+    assert requests[1].event is event  # one view per event, whichever request builds it
+    plain = msg(2, "carol")
+    assert Conversations(ChatSettings()).observe_lazily(plain) is plain  # off, no context carried: nothing to hide
+
+
 def test_old_messages_expire_and_channels_are_separate():
     conversations = Conversations(ChatSettings(context_messages=10, context_seconds=60))
     conversations.observe(msg(0, "a", seconds=0))
