@@ -31,6 +31,7 @@ What it guarantees:
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import time
@@ -79,6 +80,10 @@ class Output(NamedTuple):
     record: Message  # the input record
     kind: str  # "verdict", "review_item", "dead_letter" or "minimal" (a dead letter without original bytes)
     refits: int = 0  # how often the broker refused this record's outputs for their size
+
+
+# A NamedTuple's own __new__ is a Python function: a frame per output. The tuple's is not.
+_new_output = functools.partial(tuple.__new__, Output)
 
 
 def margin(limit: int) -> int:
@@ -181,7 +186,7 @@ class OutputBudget:
         value = orjson.dumps(document)
         key = record.key()
         if len(value) + len(key or b"") + headers_size(headers) <= self.budget(topic):  # the common case
-            return Output(topic, value, key, headers, document, record, "verdict")
+            return _new_output((topic, value, key, headers, document, record, "verdict", 0))
         try:
             value, key = self._trim_verdict(document, key, headers)
         except OutputTooLarge as exc:

@@ -16,6 +16,7 @@ producer's delivery reports (a replay's file sink, from its sync thread).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -46,6 +47,10 @@ class Ticket(NamedTuple):
     epoch: int
 
 
+# A NamedTuple's own __new__ is a Python function: a frame per record. The tuple's is not.
+_new_ticket = functools.partial(tuple.__new__, Ticket)
+
+
 class OffsetTracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -74,7 +79,7 @@ class OffsetTracker:
                 state.undone[offset] = size
                 self._events += 1
                 self._bytes += size
-                tickets.append(Ticket(topic, partition, offset, state.epoch))
+                tickets.append(_new_ticket((topic, partition, offset, state.epoch)))
             self._uncommitted += len(tickets)
         return tickets
 
@@ -85,11 +90,11 @@ class OffsetTracker:
         """Mark records delivered; tickets of revoked partitions and repeats are ignored."""
         with self._lock:
             partitions = self._partitions
-            for ticket in tickets:
-                state = partitions.get((ticket.topic, ticket.partition))
-                if state is None or state.epoch != ticket.epoch:
+            for topic, partition, offset, epoch in tickets:
+                state = partitions.get((topic, partition))
+                if state is None or state.epoch != epoch:
                     continue  # the partition was revoked meanwhile; the new owner redoes the record
-                size = state.undone.pop(ticket.offset, None)
+                size = state.undone.pop(offset, None)
                 if size is None:
                     continue  # done already
                 self._events -= 1
