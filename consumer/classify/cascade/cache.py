@@ -8,7 +8,6 @@ text. Only the hash is kept, never the content.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 import time
@@ -17,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from consumer.classify import Classification
+from consumer.classify.cascade.verdicts import as_cached
 from consumer.policy import Policy
 
 CacheKey = tuple[str, str, str]  # policy id, policy version, content hash
@@ -64,7 +64,7 @@ class VerdictCache:
             human = self._pinned.get(key)
             if human is not None:
                 self._pinned.move_to_end(key)
-                return dataclasses.replace(human, model="cascade:cache:human", stage="cache")
+                return as_cached(human, model="cascade:cache:human")
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -73,9 +73,7 @@ class VerdictCache:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return dataclasses.replace(
-            verdict, model="cascade:cache", stage="cache", reasoning=None, prompt_tokens=0, cached_tokens=0, completion_tokens=0
-        )
+        return as_cached(verdict)
 
     def pin(self, key: CacheKey, verdict: Classification) -> None:
         """A person's answer for this content: it wins over every machine verdict from now on."""

@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from consumer.classify import (
@@ -41,7 +41,9 @@ from consumer.classify import (
     ClassifyRequest,
     ReportsHealth,
 )
+from consumer.classify.cascade import verdicts
 from consumer.classify.cascade.cache import CacheKey, VerdictCache, cache_key
+from consumer.classify.cascade.counters import PolicyCounters
 from consumer.classify.cascade.examples import training_set
 from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, StageRules
 from consumer.config.cascade import CascadeSettings, PolicyPlan
@@ -50,43 +52,9 @@ from consumer.policy import Policy, PolicyStore
 
 log = logging.getLogger(__name__)
 
-STAGES = ("cache", "lexical", "embedding", "reasoner", "undecided")
 # How many reasoner labels one person's decision is worth to the heads: it is learned this
 # many times (a weight by repetition; the heads' online updates take no sample weights).
 HUMAN_LABEL_WEIGHT = 3
-
-
-@dataclass
-class PolicyCounters:
-    """What the cascade did for one policy since start."""
-
-    requests: int = 0
-    decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
-    cache_hits: int = 0
-    cache_misses: int = 0
-    coalesced: int = 0  # copies that waited for an identical request already in flight
-    escalations: int = 0
-    learned: int = 0  # reasoner verdicts the heads learned from
-    learned_human: int = 0  # people's decisions the heads learned from (each HUMAN_LABEL_WEIGHT times)
-    shadow_sent: int = 0
-    shadow_disagreed: int = 0
-    shadow_skipped: int = 0  # sampled, but the reasoner was saturated
-    shadow_failed: int = 0
-    calibration_error: dict[str, float | None] = field(default_factory=dict)
-
-    @property
-    def escalation_rate(self) -> float:
-        return self.escalations / self.requests if self.requests else 0.0
-
-    @property
-    def cache_hit_rate(self) -> float:
-        looked_up = self.cache_hits + self.cache_misses
-        return self.cache_hits / looked_up if looked_up else 0.0
-
-    @property
-    def shadow_disagreement_rate(self) -> float:
-        answered = self.shadow_sent - self.shadow_failed
-        return self.shadow_disagreed / answered if answered > 0 else 0.0
 
 
 @dataclass
@@ -243,7 +211,7 @@ class CascadeClassifier:
                 continue
             for k, decision in zip(pending, decisions):
                 if decision.decided:
-                    verdict = _cheap_verdict(stage.name, decision, plan.target_precision)
+                    verdict = verdicts.cheap(stage.name, decision, plan.target_precision)
                     first, *copies = open_.pop(k)
                     counters.requests += 1 + len(copies)
                     counters.decided[stage.name] += 1
@@ -255,7 +223,7 @@ class CascadeClassifier:
                     for i in copies:
                         counters.coalesced += 1
                         counters.decided["cache"] += 1
-                        answers[i] = _as_copy(verdict)
+                        answers[i] = verdicts.as_cached(verdict)
                 elif k not in best or decision.confidence > best[k][1].confidence:
                     best[k] = (stage, decision)
         finished = asked == len(heads.stages)
@@ -299,9 +267,7 @@ class CascadeClassifier:
             verdict = await asyncio.shield(waiting)
             counters.coalesced += 1
             counters.decided["cache"] += 1
-            return dataclasses.replace(
-                verdict, model="cascade:cache", stage="cache", reasoning=None, prompt_tokens=0, cached_tokens=0, completion_tokens=0
-            )
+            return verdicts.as_cached(verdict)
         future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
@@ -352,7 +318,7 @@ class CascadeClassifier:
                 continue
             if decision.decided:
                 counters.decided[stage.name] += 1
-                verdict = _cheap_verdict(stage.name, decision, plan.target_precision)
+                verdict = verdicts.cheap(stage.name, decision, plan.target_precision)
                 if key is not None:
                     self.cache.put(key, verdict)
                 self._maybe_shadow(request, plan, counters, verdict, key)
@@ -391,15 +357,7 @@ class CascadeClassifier:
                 "and no reasoner is configured",
             )
         counters.decided["undecided"] += 1
-        return Classification(
-            violation=decision.violation,
-            category=None if decision.violation else "safe",
-            confidence=f"{decision.confidence:.3f}",
-            rationale=f"{stage.name} stage below target precision {plan.target_precision:g} "
-            f"(calibrated confidence {decision.confidence:.3f}); no reasoner configured",
-            model=f"cascade:{stage.name}:undecided",
-            stage="undecided",
-        )
+        return verdicts.undecided(stage.name, decision, plan.target_precision)
 
     async def _learn(self, policy: Policy, content: str, verdict: Classification, counters: PolicyCounters) -> None:
         heads = self._heads.get(policy.id)
@@ -525,24 +483,3 @@ class CascadeClassifier:
         """The learned stages in force for a policy (empty before its first request)."""
         heads = self._heads.get(policy_id)
         return list(heads.stages) if heads else []
-
-
-def _as_copy(verdict: Classification) -> Classification:
-    """A verdict as answered to a copy of its content: from the cache, having spent nothing."""
-    return dataclasses.replace(
-        verdict, model="cascade:cache", stage="cache", reasoning=None, prompt_tokens=0, cached_tokens=0, completion_tokens=0
-    )
-
-
-def _cheap_verdict(stage: str, decision: Decision, target: float) -> Classification:
-    return Classification(
-        violation=decision.violation,
-        # The heads are binary: they know whether, not which category. A violation without
-        # a category takes the policy's `violation` action (flag by default), not a
-        # category's (which may delete).
-        category=None if decision.violation else "safe",
-        confidence=f"{decision.confidence:.3f}",
-        rationale=f"{stage} stage, calibrated confidence {decision.confidence:.3f} >= target precision {target:g}",
-        model=f"cascade:{stage}",
-        stage=stage,
-    )
