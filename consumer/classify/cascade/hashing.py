@@ -3,8 +3,8 @@
 The n-grams are scikit-learn's: word 1-2-grams of `(?u)\\b\\w+\\b` tokens, and "char_wb"
 character 2-5-grams (inside word boundaries, each word padded with one space either side),
 all lower-cased. What differs is how they are hashed. scikit-learn makes each n-gram a Python
-string and hashes it with MurmurHash3, about 150 ns an n-gram; a chat message has some 400
-of them. Here the batch becomes one array of code points and every n-gram's hash comes from
+string and hashes it with MurmurHash3; a chat message of the bench has some 220 n-grams, and
+their features cost 73 µs. Here the batch becomes one array of code points and every n-gram's hash comes from
 prefix sums over it, no string made: the polynomial hash of a span, `h(a, b) = sum of
 cp[j] * P**(b - 1 - j)`, is `P**(b - 1) * (G[b] - G[a])` with `G[i] = sum of cp[j] * P**-j`
 for j < i (P is odd, so it has an inverse modulo 2**64 and uint64 arithmetic wraps as the
