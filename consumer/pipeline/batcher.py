@@ -38,6 +38,7 @@ queued, queue wait, classifier latency), read by whoever exports them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ class _Pending:
     tokens: int
     future: asyncio.Future[Classification]
     arrived: float
+    # The caller's context (its span above all): the request runs in it, so what the classifier
+    # and the retries log carries the record's trace ids.
+    context: contextvars.Context
 
 
 class Batcher:
@@ -150,7 +154,7 @@ class Batcher:
     async def classify(self, request: ClassifyRequest) -> Classification:
         loop = self._loop or asyncio.get_running_loop()
         tokens = self.estimate_tokens(request)
-        item = _Pending(request, tokens, loop.create_future(), loop.time())
+        item = _Pending(request, tokens, loop.create_future(), loop.time(), contextvars.copy_context())
         queue = self._queues.get(request.policy.ref)
         if queue is None:
             queue = self._queues[request.policy.ref] = deque()
@@ -232,7 +236,7 @@ class Batcher:
         self.in_flight_tokens += held
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self.peak_in_flight_tokens = max(self.peak_in_flight_tokens, self.in_flight_tokens)
-        task = loop.create_task(self._run(item, held, now))
+        task = loop.create_task(self._run(item, held, now), context=item.context)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 

@@ -264,3 +264,42 @@ def test_close_cancels_running_and_queued_requests():
     outcomes = asyncio.run(scenario())
     assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
     assert slow.concurrent == 0
+
+
+def test_a_request_runs_in_its_callers_context_so_the_retry_warning_carries_its_trace():
+    import logging
+
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from consumer.pipeline.telemetry import JsonLogFormatter
+
+    lines: list[str] = []
+
+    class Formatted(logging.Handler):  # formats at emit time, in the logging call's context
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(JsonLogFormatter().format(record))
+
+    class Failing(Recorder):
+        async def classify(self, req: ClassifyRequest) -> Classification:
+            raise RuntimeError("engine gone")
+
+    span = NonRecordingSpan(SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=False, trace_flags=TraceFlags(1)))
+    handler = Formatted(level=logging.WARNING)
+    logging.getLogger("consumer.pipeline.batcher").addHandler(handler)
+
+    async def scenario() -> None:
+        batcher = Batcher(Failing(), max_batch_size=4, max_wait_s=0.001, timeout_s=5, retries=0)
+        batcher.start()
+        try:
+            with trace.use_span(span, end_on_exit=False), pytest.raises(ClassificationFailed):
+                await batcher.classify(request(1))
+        finally:
+            await batcher.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        logging.getLogger("consumer.pipeline.batcher").removeHandler(handler)
+    assert len(lines) == 1 and "engine gone" in lines[0]
+    assert f'"trace_id":"{0xABC:032x}"' in lines[0] and f'"span_id":"{0xDEF:016x}"' in lines[0]
