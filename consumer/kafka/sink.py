@@ -241,8 +241,21 @@ class Sink:
         """Release the producer's connections; call after `flush`."""
         self._producer.close()
 
+    def brokers_answer(self, timeout: float) -> bool:
+        return brokers_answer(self._producer, timeout)
+
     def __len__(self) -> int:
         return len(self._producer) + len(self._backlog) + len(self._refused)
+
+
+def brokers_answer(producer: Producer, timeout: float) -> bool:
+    """A metadata round trip on the producer's own connections (no new client, no new log
+    lines): True when a broker answered within `timeout`. Blocking: call it off the loop."""
+    try:
+        producer.list_topics(timeout=timeout)
+    except KafkaException:
+        return False
+    return True
 
 
 def fit_dead_letter(
@@ -461,6 +474,9 @@ class TransactionalSink:
         """Nothing waits here: the held outputs are committed, or aborted, with the transaction
         that the source's final commit ends (on close), so none counts as undelivered."""
         return 0
+
+    def brokers_answer(self, timeout: float) -> bool:
+        return brokers_answer(self._producer, timeout)
 
     def close(self) -> None:
         # An open transaction without outputs is simply dropped; one that failed is aborted

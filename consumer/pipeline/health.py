@@ -3,8 +3,8 @@
 - alive: the event loop beats every second (a wedged loop is restarted by the orchestrator),
   no fatal error is being handled, and the classifier reports no problem (an engine whose
   core died): asked every `telemetry.engine_health_interval_s` where it can tell;
-- ready: the classifier has started, the brokers answer, and the consumer has partitions
-  assigned.
+- ready: the classifier has started, the brokers answer (after an outage: asked every few
+  seconds until they do), and the consumer has partitions assigned.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from consumer.classify import Classifier, ReportsHealth
 from consumer.kafka.client_logs import BrokerLink
 
 log = logging.getLogger(__name__)
+
+LINK_PROBE_INTERVAL_S = 5.0
+LINK_PROBE_TIMEOUT_S = 2.0
 
 
 class Health:
@@ -43,15 +46,25 @@ class Health:
         self._link = link
         self._heartbeat = time.monotonic()
         self._engine_problem: str | None = None
+        # Set by the pipeline once its sink exists: asks the brokers directly (blocking).
+        self.ask_brokers: Callable[[float], bool] | None = None
 
     async def beat(self) -> None:
         """Marks the loop alive every second and asks the classifier for its health every
-        `engine_health_interval_s`; runs until cancelled."""
+        `engine_health_interval_s`; runs until cancelled. While the brokers are unreachable it
+        asks them too, every `LINK_PROBE_INTERVAL_S`: the clients' statistics say when they
+        are back, but with statistics off only a record would, and none comes to a consumer
+        that is not ready."""
         classifier = self.classifier
         check_health = classifier.check_health if isinstance(classifier, ReportsHealth) else None
         next_check = time.monotonic() + self._interval_s
+        next_probe = 0.0
         while True:
             self._heartbeat = time.monotonic()
+            if not self._link.up and self.ask_brokers is not None and self._heartbeat >= next_probe:
+                next_probe = self._heartbeat + LINK_PROBE_INTERVAL_S
+                if await asyncio.to_thread(self.ask_brokers, LINK_PROBE_TIMEOUT_S):
+                    self._link.alive()
             if check_health is not None and self.classifier_ready and self._heartbeat >= next_check:
                 next_check = self._heartbeat + self._interval_s
                 try:

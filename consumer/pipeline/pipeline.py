@@ -273,6 +273,8 @@ class Pipeline:
         if cfg.policies.reload_interval_s > 0:
             watcher.start()
         await asyncio.to_thread(self.sink.start)
+        if isinstance(self.sink, (Sink, TransactionalSink)):
+            self.health.ask_brokers = self.sink.brokers_answer
         await asyncio.to_thread(self.reviews.start, self._loop, self._fail_threadsafe)
         serving = self._loop.create_task(self._serve_sink(), name="sink")
         self.batcher.start()

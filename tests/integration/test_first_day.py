@@ -201,12 +201,16 @@ def test_a_per_record_error_log_carries_the_record_trace_id(kafka, policies_dir)
     assert errors[0]["span_id"] == f"{spans[0].context.span_id:016x}"
 
 
-def test_an_outage_after_start_is_one_warning_each_way_and_readyz_follows(kafka_broker, policies_dir, caplog):
+@pytest.mark.parametrize("statistics_interval_ms", [500, 0], ids=["statistics", "no-statistics"])
+def test_an_outage_after_start_is_one_warning_each_way_and_readyz_follows(
+    kafka_broker, policies_dir, caplog, statistics_interval_ms
+):
+    """With statistics the clients tell when the brokers are back; without, the health beat asks them."""
     kafka = kafka_broker.bootstrap
     topic = unique("outage")
     create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
     settings = settings_for(kafka, unique("group"), topic, policies_dir,
-                            telemetry={"http_port": 0, "statistics_interval_ms": 500})  # fmt: skip
+                            telemetry={"http_port": 0, "statistics_interval_ms": statistics_interval_ms})  # fmt: skip
     pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory))
     caplog.set_level(logging.INFO)
     with BackgroundPipeline(pipeline) as running:
