@@ -145,6 +145,14 @@ class Batcher:
     def avg_queue_wait_s(self) -> float:
         return self.queue_wait_total_s / self.started if self.started else 0.0
 
+    def figures(self) -> dict[str, float]:
+        """What the metrics exporter shows of the batcher (`safeguard.batcher.*`)."""
+        return {
+            "avg_batch_size": self.avg_batch_size, "avg_batch_tokens": self.avg_batch_tokens,
+            "in_flight_requests": self.in_flight, "in_flight_tokens": self.in_flight_tokens,
+            "concurrency_limit": self.concurrency_limit, "queued": self.queued, "avg_queue_wait_s": self.avg_queue_wait_s,
+        }  # fmt: skip
+
     # -- interface -------------------------------------------------------------------------
 
     def start(self) -> None:
