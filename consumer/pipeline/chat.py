@@ -97,9 +97,9 @@ class Conversations:
         return PseudonymisedView(event, earlier)
 
     def remember(self, event: ContentEvent) -> None:
-        """Add history without classifying (a rebuild)."""
+        """Add history without classifying (a rebuild): no view is built."""
         if self.enabled and event.context_id is not None:
-            self.observe(event)
+            self.observe_lazily(event)
 
     def _channel(self, context_id: str) -> deque[_Entry]:
         history = self._channels.get(context_id)
