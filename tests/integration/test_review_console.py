@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -125,7 +125,9 @@ def answer(driver, key: str) -> None:
         try:
             shown = d.find_elements(By.ID, "item")
             return not shown or shown[0].get_attribute("data-review-id") != before
-        except StaleElementReferenceException:
+        except WebDriverException:
+            # The old page is being replaced: a stale element, or chromium's "Node with given id
+            # does not belong to the document" for the same race. Ask again; 10 s still bound it.
             return False
 
     WebDriverWait(driver, 10).until(moved)
