@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class Reviewer(BaseModel):
@@ -14,6 +15,16 @@ class Reviewer(BaseModel):
 
     id: str = Field(min_length=1, max_length=200)
     token: SecretStr = Field(description="what they sign in with; keep it in the environment or a secret file")
+
+    @field_validator("token")
+    @classmethod
+    def _not_blank(cls, token: SecretStr) -> SecretStr:
+        # Stored as compared: a token read from a file with a trailing newline must still sign in, and an
+        # unset shell variable (an empty token) must not sign in everyone.
+        stripped = token.get_secret_value().strip()
+        if not stripped:
+            raise ValueError("a reviewer's token must not be empty or blank")
+        return SecretStr(stripped)
 
 
 class ConsoleSettings(BaseModel):
@@ -30,9 +41,20 @@ class ConsoleSettings(BaseModel):
         default_factory=list, description="tokens: who may sign in; header: if set, the only names the header may carry"
     )
     header: str = Field(default="X-Forwarded-User", description="identity header: the header the proxy sets")
+    trusted_proxies: list[IPv4Network | IPv6Network] = Field(
+        default_factory=lambda: [IPv4Network("127.0.0.1/32"), IPv6Network("::1/128")],
+        description="identity header: the addresses (CIDRs) of the proxies whose header is believed; "
+        "a request from anywhere else is refused",
+    )
     lease_s: float = Field(default=300.0, gt=0, description="how long an item shown to one reviewer is kept from others")
     session_idle_s: float = Field(default=12 * 3600.0, gt=0, description="a session unused this long signs out")
     secure_cookie: bool = Field(default=False, description="mark the session cookie Secure (behind HTTPS)")
+    sign_in_attempts_per_minute: int = Field(
+        default=10, ge=1, description="refused sign-ins allowed per client address per minute; more are refused (429)"
+    )
+    read_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request's headers and body must arrive within this; a stalled one is closed"
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> ConsoleSettings:

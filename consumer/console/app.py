@@ -7,22 +7,33 @@ shows one item to one session at a time (`consumer.console.leases`); a decision 
 decisions topic before the next item shows (`consumer.console.writer`).
 
 Content is data: it reaches the page only through Jinja2's escaping (a review item whose
-content is `<script>` or a harmony control string shows as that text), the Content-Security-
-Policy allows scripts and styles from the console itself only (nothing inline), and no content,
-note or token is ever logged: log lines name review ids and reviewers.
+content is `<script>` or a harmony control string shows as that text; a bidirectional control
+character such as U+202E shows as the text `[U+202E]` instead of reordering the text around it),
+the Content-Security-Policy allows scripts and styles from the console itself only (nothing
+inline), and no content, note or token is ever logged: log lines name review ids and reviewers.
+
+Requests another site could make the browser send change nothing: every form carries a token
+(the sign-in form a pre-session one, checked against a SameSite cookie, and its Origin when the
+browser sends one); an item is taken (leased) only by a POST from its page or by `/next` when
+the browser says the reviewer navigated there (`Sec-Fetch-Site`/`Sec-Fetch-Dest`), never by an
+image or frame. A decision needs the item's lease, and the check that nobody decided it is
+atomic with the write (`Leases.begin_decision`).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -32,19 +43,23 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consumer.config.console import ConsoleSettings
-from consumer.console.identity import COOKIE, Identity, Session
+from consumer.console.identity import COOKIE, Identity, Session, SignInLimiter
 from consumer.console.leases import Leases
 from consumer.console.queue import author_decided_violations, dashboard, in_queue, policy_view, queues
 from consumer.console.writer import DecisionNotRecorded, DecisionWriter
-from consumer.events import ReviewDecision, ReviewReason
+from consumer.events import ReviewDecision, ReviewItem, ReviewReason
 from consumer.policy import Policy
 from consumer.review.state import ReviewState
+from consumer.review.web import BodyRefused, read_body
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 MAX_FORM_BYTES = 64 * 1024
 MAX_NOTE_CHARS = 2000
+LOGIN_COOKIE = "safeguard_console_login"  # the sign-in form's token, before there is a session
+# Characters that reorder the text around them (Unicode's Bidi_Control): shown, never obeyed.
+BIDI_MARKS = {c: f"[U+{c:04X}]" for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 REASONS = [r.value for r in ReviewReason]
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -55,6 +70,14 @@ SECURITY_HEADERS = [
 ]  # fmt: skip
 
 Handler = Callable[[Request, Session], Awaitable[Response]]
+
+
+def visible_controls(value: Any) -> Any:
+    """Every value a template prints: bidirectional controls as the text `[U+202E]` (plain text, so
+    it is as safe in an attribute as in a paragraph; autoescaping then applies as to any text)."""
+    if not isinstance(value, str) or isinstance(value, Markup):
+        return value
+    return value.translate(BIDI_MARKS)
 
 
 def ago(moment: datetime | None, now: datetime | None = None) -> str:
@@ -87,7 +110,8 @@ class ConsoleApp:
         self.identity = identity or Identity(settings)
         self.leases = leases or Leases(settings.lease_s)
         self._stale = stale
-        self.templates = Environment(loader=FileSystemLoader(HERE / "templates"),
+        self.sign_ins = SignInLimiter(settings.sign_in_attempts_per_minute)
+        self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), finalize=visible_controls,
                                      autoescape=select_autoescape(default=True, default_for_string=True))  # fmt: skip
         self.templates.filters["ago"] = ago
         app = Starlette(routes=[
@@ -96,22 +120,25 @@ class ConsoleApp:
             Route("/logout", self._authenticated(self.logout), methods=["POST"]),
             Route("/", self._authenticated(self.queue_page), methods=["GET"]),
             Route("/next", self._authenticated(self.next_item), methods=["GET"]),
-            Route("/item/{review_id}", self._authenticated(self.item_page), methods=["GET"]),
-            Route("/item/{review_id}", self._authenticated(self.decide), methods=["POST"]),
+            # `:path`: a review id is the producer's string and may hold a `/`.
+            Route("/item/{review_id:path}", self._authenticated(self.item_page), methods=["GET"]),
+            Route("/item/{review_id:path}", self._authenticated(self.decide), methods=["POST"]),
+            Route("/open/{review_id:path}", self._authenticated(self.open_item), methods=["POST"]),
             Route("/dashboard", self._authenticated(self.dashboard_page), methods=["GET"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
-        ])  # fmt: skip
+        ], exception_handlers={BodyRefused: self._body_refused})  # fmt: skip
         self.asgi: ASGIApp = _SecurityHeaders(app)
 
     # -- identity ------------------------------------------------------------------------------
 
     def _authenticated(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            session = self.identity.session(request.cookies, request.headers)
+            session = self.identity.session(request.cookies, request.headers.getlist(self.settings.header),
+                                            _client(request))  # fmt: skip
             if session is None:
                 return self._refuse(request)
             response = await handler(request, session)
-            if request.cookies.get(COOKIE) != session.id:
+            if not session.closed:  # every answer renews the cookie: it lives as long as the sliding session
                 self._set_cookie(response, session)
             return response
 
@@ -120,8 +147,20 @@ class ConsoleApp:
     def _refuse(self, request: Request) -> Response:
         wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         if self.identity.mode == "tokens":
-            return self._render("login.html", None, status=401, next=wanted, problem=None)
+            return self._login_page(401, wanted, None)
         return self._render("refused.html", None, status=401, header=self.settings.header)
+
+    def _login_page(self, status: int, wanted: str, problem: str | None) -> Response:
+        form_token = secrets.token_urlsafe(24)
+        response = self._render("login.html", None, status=status, next=wanted, problem=problem, form_token=form_token)
+        response.set_cookie(LOGIN_COOKIE, form_token, httponly=True, samesite="strict",
+                            secure=self.settings.secure_cookie, path="/login", max_age=3600)  # fmt: skip
+        return response
+
+    async def _body_refused(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, BodyRefused)
+        log.info("review console: a request from %s was refused: %s", _client(request), exc)
+        return Response(str(exc), status_code=exc.status, media_type="text/plain")
 
     def _set_cookie(self, response: Response, session: Session) -> None:
         response.set_cookie(COOKIE, session.id, httponly=True, samesite="strict", secure=self.settings.secure_cookie,
@@ -130,25 +169,36 @@ class ConsoleApp:
     async def login_form(self, request: Request) -> Response:
         if self.identity.mode != "tokens":
             return self._refuse(request)
-        return self._render("login.html", None, next=_local(request.query_params.get("next")), problem=None)
+        return self._login_page(200, _local(request.query_params.get("next")), None)
 
     async def login(self, request: Request) -> Response:
         if self.identity.mode != "tokens":
             return self._refuse(request)
-        form = await _form(request)
+        client = _client(request)
+        form = await self._form(request)
         wanted = _local(_one(form, "next"))
-        reviewer = self.identity.reviewer_for_token(_one(form, "token") or "")
+        expected, given = request.cookies.get(LOGIN_COOKIE), _one(form, "form_token")
+        if (not _same_origin(request) or not expected or not given
+                or not hmac.compare_digest(expected.encode(), given.encode())):  # fmt: skip
+            log.info("review console: a sign-in from %s without this console's form was refused", client)
+            return self._login_page(403, wanted, "This form was not sent from this console. Sign in here.")
+        if not self.sign_ins.allowed(client):
+            log.warning("review console: sign-ins from %s refused: too many unknown tokens in the last minute", client)
+            return self._login_page(429, wanted, "Too many attempts. Wait a minute.")
+        reviewer = self.identity.reviewer_for_token(_one(form, "token"))
         if reviewer is None:
-            log.info("review console: a sign-in with an unknown token was refused")
-            return self._render("login.html", None, status=401, next=wanted, problem="That token is not known.")
+            self.sign_ins.refused(client)
+            log.info("review console: a sign-in from %s with an unknown token was refused", client)
+            return self._login_page(401, wanted, "That token is not known.")
         session = self.identity.open(reviewer)
         log.info("review console: %s signed in", reviewer)
         response = RedirectResponse(wanted, status_code=303)
         self._set_cookie(response, session)
+        response.delete_cookie(LOGIN_COOKIE, path="/login")
         return response
 
     async def logout(self, request: Request, session: Session) -> Response:
-        form = await _form(request)
+        form = await self._form(request)
         if not session.form_token_ok(_one(form, "csrf")):
             return self._render("message.html", session, status=403, title="Refused",
                                 message="This form was not sent from this console.")  # fmt: skip
@@ -166,6 +216,9 @@ class ConsoleApp:
 
     async def next_item(self, request: Request, session: Session) -> Response:
         policy_id, reason = _queue_of(request)
+        if not _navigated(request):
+            return self._render("message.html", session, status=403, title="Refused",
+                                message="Items are handed out to pages opened in this console only.")  # fmt: skip
         if request.query_params.get("again"):
             session.skipped.clear()
         items = in_queue(self.state, policy_id, reason)
@@ -176,7 +229,7 @@ class ConsoleApp:
             skipped = sum(1 for i in items if i.review_id in session.skipped)
             return self._render("empty.html", session, policy_id=policy_id, reason=reason, others=others,
                                 skipped=skipped, queue=_query(policy_id, reason))  # fmt: skip
-        return RedirectResponse(f"/item/{review_id}{_query(policy_id, reason, lead='?')}", status_code=303)
+        return RedirectResponse(_item_url(review_id, policy_id, reason), status_code=303)
 
     async def item_page(self, request: Request, session: Session) -> Response:
         review_id = request.path_params["review_id"]
@@ -190,11 +243,16 @@ class ConsoleApp:
             return self._render("message.html", session, status=409, title="Decided already",
                                 message=f"This review was decided by {applied.decision.reviewer_id}.",
                                 next_url="/next" + _query(policy_id, reason, lead="?"))  # fmt: skip
-        if not self.leases.claim(review_id, session.id, session.reviewer_id):
+        holder = self.leases.holder(review_id)
+        if holder is not None and holder.session_id != session.id:
             return self._render("message.html", session, status=409, title="Someone is on it",
                                 message="Another reviewer has this item open. It comes back to the queue if "
                                         "they leave it.",
                                 next_url="/next" + _query(policy_id, reason, lead="?"))  # fmt: skip
+        if holder is None:  # a GET takes nothing (an image or a link from elsewhere could send it): ask
+            return self._render("open.html", session, item=item, queue=_query(policy_id, reason, lead="?"),
+                                policy_id=policy_id, reason=reason)  # fmt: skip
+        self.leases.claim(review_id, session.id, session.reviewer_id)  # looking again renews this session's hold
         policy = self.policies().get(item.policy_id)
         view = policy_view(policy, item)
         return self._render(
@@ -204,9 +262,24 @@ class ConsoleApp:
             problem=None,
         )  # fmt: skip
 
+    async def open_item(self, request: Request, session: Session) -> Response:
+        """Take the lease on one item, from the page that asked (a POST with the session's form token)."""
+        review_id = request.path_params["review_id"]
+        form = await self._form(request)
+        policy_id, reason = _one(form, "policy") or None, _one(form, "reason") or None
+        if not session.form_token_ok(_one(form, "csrf")):
+            return self._render("message.html", session, status=403, title="Refused",
+                                message="This form was not sent from this console.")  # fmt: skip
+        if self.state.item(review_id) is not None and not self.leases.claim(review_id, session.id, session.reviewer_id):
+            return self._render("message.html", session, status=409, title="Someone is on it",
+                                message="Another reviewer has this item open. It comes back to the queue if "
+                                        "they leave it.",
+                                next_url="/next" + _query(policy_id, reason, lead="?"))  # fmt: skip
+        return RedirectResponse(_item_url(review_id, policy_id, reason), status_code=303)
+
     async def decide(self, request: Request, session: Session) -> Response:
         review_id = request.path_params["review_id"]
-        form = await _form(request)
+        form = await self._form(request)
         policy_id, reason = _one(form, "policy") or None, _one(form, "reason") or None
         back = "/next" + _query(policy_id, reason, lead="?")
         if not session.form_token_ok(_one(form, "csrf")):
@@ -216,23 +289,33 @@ class ConsoleApp:
         if item is None:
             return self._render("message.html", session, status=404, title="No such review",
                                 message="This review is not (or no longer) held by the console.", next_url=back)  # fmt: skip
-        if self.state.applied(review_id) is not None:
-            self.leases.release(review_id, session.id)
-            return self._render("message.html", session, status=409, title="Decided already",
-                                message="Someone decided this review while it was open here.", next_url=back)  # fmt: skip
-        holder = self.leases.holder(review_id)
-        if holder is not None and holder.session_id != session.id:
-            return self._render("message.html", session, status=409, title="Someone is on it",
-                                message="Your hold on this item ran out and another reviewer has it now. "
-                                        "Nothing was recorded.", next_url=back)  # fmt: skip
         verdict = _one(form, "verdict")
+        if verdict not in ("violation", "safe", "skip"):
+            return self._render("message.html", session, status=400, title="No answer",
+                                message="Choose violation, safe or skip.", next_url=_item_url(review_id, None, None))  # fmt: skip
         if verdict == "skip":
             self.leases.release(review_id, session.id)
             session.skipped.add(review_id)
             return RedirectResponse(back, status_code=303)
-        if verdict not in ("violation", "safe"):
-            return self._render("message.html", session, status=400, title="No answer",
-                                message="Choose violation, safe or skip.", next_url=f"/item/{review_id}")  # fmt: skip
+        # From here until `end_decision` this session alone may write a decision on the review.
+        refused = self.leases.begin_decision(review_id, session.id, lambda: self.state.applied(review_id) is not None)
+        if refused == "decided":
+            self.leases.release(review_id, session.id)
+            return self._render("message.html", session, status=409, title="Decided already",
+                                message="Someone decided this review while it was open here. Nothing was recorded.",
+                                next_url=back)  # fmt: skip
+        if refused == "not held":
+            return self._render("message.html", session, status=409, title="Not yours",
+                                message="This item is not held for you (your hold ran out, or another reviewer "
+                                        "has it). Nothing was recorded.", next_url=back)  # fmt: skip
+        try:
+            return await self._record(session, item, form, verdict, policy_id, reason, back)
+        finally:
+            self.leases.end_decision(review_id)
+
+    async def _record(self, session: Session, item: ReviewItem, form: dict[str, list[str]], verdict: str,
+                      policy_id: str | None, reason: str | None, back: str) -> Response:  # fmt: skip
+        review_id = item.review_id
         policy = self.policies().get(item.policy_id)
         view = policy_view(policy, item)
         violation = verdict == "violation"
@@ -266,6 +349,12 @@ class ConsoleApp:
     async def dashboard_page(self, request: Request, session: Session) -> Response:
         return self._render("dashboard.html", session, board=dashboard(self.state, self.policies()))
 
+    async def _form(self, request: Request) -> dict[str, list[str]]:
+        """An url-encoded form (the only kind the console's pages send); BodyRefused when it is not
+        declared, too large or too slow."""
+        body = await read_body(request, MAX_FORM_BYTES, self.settings.read_timeout_s)
+        return parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+
     # -- rendering -----------------------------------------------------------------------------
 
     def _render(self, template: str, session: Session | None, status: int = 200, **context: Any) -> HTMLResponse:
@@ -295,14 +384,25 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-async def _form(request: Request) -> dict[str, list[str]]:
-    """An url-encoded form (the only kind the console's pages send); a larger body is cut off."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            return {}
-    return parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _same_origin(request: Request) -> bool:
+    """No Origin (an older browser; the form token still holds), or this console's own host."""
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+
+
+def _navigated(request: Request) -> bool:
+    """The browser says a person opened this page in this console (or typed or bookmarked it):
+    not an image, a frame or a page of another origin. Clients that send no Fetch Metadata pass."""
+    site, dest = request.headers.get("sec-fetch-site"), request.headers.get("sec-fetch-dest")
+    return site in (None, "same-origin", "none") and dest in (None, "document")
+
+
+def _item_url(review_id: str, policy_id: str | None, reason: str | None) -> str:
+    return f"/item/{quote(review_id, safe='')}{_query(policy_id, reason, lead='?')}"
 
 
 def _one(form: dict[str, list[str]], name: str) -> str | None:

@@ -5,6 +5,11 @@ shown an item holds a lease on it for `review.console.lease_s` from the last tim
 (every view renews it); a lease that ran out is free for the next session that asks. A
 session holds one lease at a time: asking for another item gives up the one it had.
 
+It also owns "one decision per review": a decision needs the review's lease, and
+`begin_decision` checks that nobody decided it and marks it in flight in one step under the
+lock, so of two concurrent decisions on one review (two reviewers, or one double-click) one is
+written and the other is told "decided already" before anything is written.
+
 What holds, and where: the leases live in the memory of one console process. Run one console
 per review team (it serves hundreds of reviewers: each request is a few dictionary look-ups).
 Two console processes on the same topics do not see each other's leases and may show the
@@ -20,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class Leases:
         self._lock = threading.Lock()
         self._by_review: dict[str, Lease] = {}
         self._by_session: dict[str, str] = {}
+        self._deciding: set[str] = set()
 
     def holder(self, review_id: str) -> Lease | None:
         """The live lease on a review, if any."""
@@ -70,6 +77,25 @@ class Leases:
         """Give the review back (decided or skipped); a lease held by another session stays."""
         with self._lock:
             self._drop(review_id, session_id)
+
+    def begin_decision(self, review_id: str, session_id: str,
+                       decided: Callable[[], bool]) -> Literal["decided", "not held"] | None:  # fmt: skip
+        """None: this session may write its decision now, and until `end_decision` no other may.
+        "decided": `decided()` says so or another decision is in flight; "not held": the session
+        has no live lease on the review."""
+        with self._lock:
+            if review_id in self._deciding or decided():
+                return "decided"
+            lease = self._live(review_id, self._clock())
+            if lease is None or lease.session_id != session_id:
+                return "not held"
+            self._deciding.add(review_id)
+            return None
+
+    def end_decision(self, review_id: str) -> None:
+        """The decision begun by this session was written (and applied to the state) or failed."""
+        with self._lock:
+            self._deciding.discard(review_id)
 
     def held_by_others(self, session_id: str) -> set[str]:
         with self._lock:

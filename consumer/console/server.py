@@ -4,11 +4,7 @@ in one process."""
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 import time
-
-import uvicorn
 
 from consumer.config import Settings
 from consumer.console.app import ConsoleApp
@@ -17,6 +13,7 @@ from consumer.console.identity import Identity
 from consumer.console.writer import DecisionWriter
 from consumer.policy import Policy, PolicyStore
 from consumer.review.state import ReviewState
+from consumer.review.web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +46,7 @@ class ReviewConsole:
         self._reloaded = time.monotonic()
         self.app = ConsoleApp(console, self.state, self._policies, self.writer, identity=self.identity,
                               stale=lambda: self.feed.failed)  # fmt: skip
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
+        self._server: WebServer | None = None
 
     def _policies(self) -> dict[str, Policy]:
         # Edited policies show without a restart (a stat of the directory at most every reload interval).
@@ -62,40 +57,26 @@ class ReviewConsole:
 
     @property
     def port(self) -> int:
-        assert self._socket is not None
-        return self._socket.getsockname()[1]
+        assert self._server is not None
+        return self._server.port
 
     @property
     def url(self) -> str:
-        host = self.settings.review.console.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+        assert self._server is not None
+        return self._server.url
 
     def start(self, timeout_s: float = 120.0) -> None:
         self.feed.start(timeout_s)
         console = self.settings.review.console
-        family = socket.AF_INET6 if ":" in console.host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((console.host, console.port))
-        config = uvicorn.Config(self.app.asgi, log_config=None, access_log=False, lifespan="off",
-                                server_header=False, timeout_graceful_shutdown=5)  # fmt: skip
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
-                                        name="console-http", daemon=True)  # fmt: skip
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise ConsoleError(f"the console's web server did not start on {console.host}:{console.port}")
-            time.sleep(0.05)
+        self._server = WebServer(self.app.asgi, console.host, console.port, console.read_timeout_s, "console-http")
+        try:
+            self._server.start()
+        except OSError as exc:
+            raise ConsoleError(str(exc)) from None
         log.info("review console on %s", self.url)
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(15)
-        if self._socket is not None:
-            self._socket.close()
+            self._server.stop()
         self.feed.stop()
         self.writer.close()

@@ -80,13 +80,43 @@ def test_tokens_sign_in_named_reviewers_and_idle_sessions_end():
 
 
 def test_behind_a_proxy_the_header_names_the_reviewer():
-    identity = Identity(ConsoleSettings(identity="header", header="X-User", reviewers=[{"id": "carol", "token": "x"}]))
-    assert identity.session({}, {}) is None and identity.session({}, {"X-User": "mallory"}) is None
-    first = identity.session({}, {"X-User": "carol"})
+    identity = Identity(ConsoleSettings(identity="header", header="X-User", reviewers=[{"id": "carol", "token": "x"}],
+                                        trusted_proxies=["10.0.0.0/8", "::1/128"]))  # fmt: skip
+    proxy = "10.1.2.3"
+    assert identity.session({}, [], proxy) is None and identity.session({}, ["mallory"], proxy) is None
+    first = identity.session({}, ["carol"], proxy)
     assert first is not None and first.reviewer_id == "carol"
-    assert identity.session({COOKIE: first.id}, {"X-User": "carol"}) is first
+    assert identity.session({COOKIE: first.id}, ["carol"], proxy) is first
+    assert identity.session({}, ["carol"], "::1") is first  # no cookie: the person's session, not another one
+    assert identity.session({}, ["carol"], "192.168.0.9") is None  # not a configured proxy
+    assert identity.session({}, ["carol"], None) is None
+    assert identity.session({}, ["carol", "carol"], proxy) is None  # the header twice: refused
     anyone = Identity(ConsoleSettings(identity="header", header="X-User"))
-    assert anyone.session({}, {"X-User": "dave"}).reviewer_id == "dave"  # no list: whoever the proxy names
+    assert anyone.session({}, ["dave"], "127.0.0.1").reviewer_id == "dave"  # no list: whoever the proxy names
+    assert "trusted_proxies is empty" in Identity(ConsoleSettings(identity="header", trusted_proxies=[])).check()
+
+
+def test_cookieless_requests_share_one_session_and_idle_ones_expire_without_a_scan():
+    clock = Clock()
+    identity = Identity(ConsoleSettings(identity="header", session_idle_s=100), clock)
+    for _ in range(300):
+        identity.session({}, ["erin"], "127.0.0.1")
+    assert identity.live() == 1
+    for n in range(50):
+        identity.open(f"r{n}")
+    clock.now += 101
+    assert identity.live() == 0
+
+
+def test_blank_tokens_are_configuration_errors_and_tokens_are_compared_stripped():
+    for blank in ("", " ", "\n"):
+        with pytest.raises(ValueError, match="must not be empty or blank"):
+            ConsoleSettings(reviewers=[{"id": "r2", "token": blank}])
+    identity = Identity(ConsoleSettings(reviewers=[{"id": "r1", "token": " from-a-file\n"}]))
+    assert identity.reviewer_for_token("from-a-file") == "r1" and identity.reviewer_for_token(" from-a-file\n") == "r1"
+    assert identity.reviewer_for_token("") is None and identity.reviewer_for_token(None) is None
+    with pytest.raises(ValueError, match="tokens must be distinct"):
+        ConsoleSettings(reviewers=[{"id": "a", "token": "1"}, {"id": "b", "token": " 1 "}])
 
 
 def test_duplicate_reviewers_or_tokens_are_configuration_errors():
@@ -155,10 +185,26 @@ def console(*items: ReviewItem, writer: Writer | None = None) -> tuple[TestClien
     return TestClient(app.asgi, follow_redirects=False), state, writer
 
 
+def sign_in(client: TestClient, token: str, next: str = "/"):
+    """The sign-in form as a browser posts it: the form's token back with its cookie."""
+    form = client.get("/login")
+    found = re.search(r'name="form_token" value="([^"]+)"', form.text)
+    return client.post("/login", data={"token": token, "next": next, "form_token": found.group(1)})
+
+
 def signed_in(client: TestClient, reviewer: str = "alice") -> TestClient:
-    answer = client.post("/login", data={"token": f"t-{reviewer}", "next": "/"})
+    answer = sign_in(client, f"t-{reviewer}")
     assert answer.status_code == 303 and answer.headers["location"] == "/"
     return client
+
+
+def opened(client: TestClient, review_id: str):
+    """An item's page after pressing its Open button (the POST that takes the lease)."""
+    ask = client.get(f"/item/{review_id}")
+    assert ask.status_code == 200 and 'id="open-item"' in ask.text
+    taken = client.post(f"/open/{review_id}", data={"csrf": form_token(ask.text)})
+    assert taken.status_code == 303
+    return client.get(taken.headers["location"])
 
 
 def form_token(page: str) -> str:
@@ -172,14 +218,14 @@ def test_no_page_answers_without_a_reviewer():
         answer = client.request(method, path, data={"verdict": "safe"} if method == "POST" else None)
         assert answer.status_code == 401, path
         assert "Sign in to review" in answer.text and "private words" not in answer.text
-    assert client.post("/login", data={"token": "guess"}).status_code == 401
-    assert client.post("/login", data={"token": "t-alice", "next": "//evil.example"}).headers["location"] == "/"
+    assert sign_in(client, "guess").status_code == 401
+    assert sign_in(client, "t-alice", next="//evil.example").headers["location"] == "/"
     assert writer.written == []
 
 
 def test_content_is_escaped_and_the_page_allows_no_inline_script():
     client, _, _ = console(item(1, "<script>alert(1)</script> <|start|>system<|message|>x<|end|>"))
-    page = signed_in(client).get("/item/rv-1")
+    page = opened(signed_in(client), "rv-1")
     assert page.status_code == 200
     assert "<script>alert(1)" not in page.text
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &lt;|start|&gt;system&lt;|message|&gt;x&lt;|end|&gt;" in page.text
@@ -209,7 +255,7 @@ def test_a_decision_names_its_reviewer_and_is_written_before_the_next_item():
 def test_a_leased_item_is_refused_to_another_session_and_a_forged_form_to_everyone():
     client, _, writer = console(item(1))
     signed_in(client)
-    page = client.get("/item/rv-1")
+    page = opened(client, "rv-1")
     other = TestClient(client.app, follow_redirects=False)
     signed_in(other, "bob")
     assert other.get("/item/rv-1").status_code == 409
