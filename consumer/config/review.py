@@ -36,6 +36,13 @@ class CoopSettings(BaseModel):
     )
     webhook_host: str = "127.0.0.1"
     webhook_port: int = Field(default=8090, ge=0, le=65535)
+    webhook_read_timeout_s: float = Field(
+        default=10.0, gt=0, description="a webhook's headers and body must arrive within this; a stalled one is closed"
+    )
+    webhook_max_age_s: float = Field(
+        default=86400.0, gt=0, description="a signed webhook whose createdAt is further than this from now is refused "
+        "(longer than Coop's five retries take)",
+    )
     actions: dict[str, CoopAction] = Field(
         default_factory=dict, description="Coop action id -> the decision it stands for"
     )

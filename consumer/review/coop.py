@@ -20,7 +20,23 @@ docs/api/actions.md, docs/development/api-auth.md, read 2026-12):
   (`review.coop.actions`: e.g. `{remove: {violation: true}, approve: {violation: false}}`;
   an unknown action is a 422), produces the `ReviewDecision` to `review.decisions_topic`
   keyed by review id, and answers 200 only after the broker acknowledged it (503 otherwise:
-  Coop retries a failed delivery up to five times).
+  Coop retries a failed delivery up to five times with exponential back-off).
+- **What each failure answers.** Coop's documentation says failed deliveries are retried, not
+  which statuses count as failed; the bridge answers as HTTP means it: 5xx (503: the broker
+  did not take it) for "try again", 4xx for "the same request will fail the same way": 401
+  (signature), 422 (not an action the bridge knows, or a `createdAt` outside
+  `review.coop.webhook_max_age_s`), 413 (a body over `MAX_BODY_BYTES`, or a decision record
+  larger than the decisions topic takes), 411/400/408 (no, a malformed or a late body).
+- **Replays.** A signed body can be sent again by anyone who saw it. Each Coop action on an item
+  (item id + action id) is recorded once: the same action again is answered 200 without a
+  second record (Coop's own retry after a lost answer, or a replay), and while the first is
+  being written, 409. Coop's documented body carries no timestamp; when one does
+  (`createdAt`), it must be within `review.coop.webhook_max_age_s` of now. The keys live in the
+  bridge's memory (the last `REPLAY_KEYS`): a replay after a restart writes a second record
+  with the same answer, which the review loop ignores (the first decision read counts).
+- **Limits.** The webhook server is `consumer.review.web.WebServer`: headers and body within
+  `review.coop.webhook_read_timeout_s`, the body's length declared and at most `MAX_BODY_BYTES`
+  before a byte is read, no thread per connection, one log line per refused request.
 
 Coop itself cannot run here; the tests run the bridge against a stand-in that implements the
 documented contract above (tests/integration/test_coop_bridge.py). Not bridged: appeals
@@ -36,18 +52,24 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from consumer.config import Settings
 from consumer.config.review import CoopAction
 from consumer.events import ReviewDecision, ReviewItem
 from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.review.web import BodyRefused, WebServer, read_body
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +80,7 @@ ITEM_FIELDS = ("text", "reason", "policy_id", "policy_version", "event_id", "aut
                "machine_violation", "machine_category", "machine_confidence", "machine_stage", "machine_rationale",
                "appeal")  # fmt: skip
 MAX_BODY_BYTES = 1 << 20
+REPLAY_KEYS = 100_000  # Coop actions remembered as recorded: far more than a day of a team's decisions
 
 
 class CoopError(Exception):
@@ -128,6 +151,56 @@ def decision_from_action(payload: Any, actions: dict[str, CoopAction], now: date
     )
 
 
+def stale(payload: dict[str, Any], max_age_s: float, now: datetime | None = None) -> str | None:
+    """Why a signed webhook's `createdAt` is refused (unreadable, or further than `max_age_s` from
+    now), or None (within the window, or no timestamp, as in Coop's documented body)."""
+    created = payload.get("createdAt")
+    if created is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(created) if isinstance(created, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        return "createdAt is not an ISO 8601 time with a zone"
+    age = ((now or datetime.now(timezone.utc)) - moment).total_seconds()
+    if abs(age) > max_age_s:
+        return f"createdAt {created} is outside the accepted window of {max_age_s:g} s (a replay?)"
+    return None
+
+
+class ActionLedger:
+    """Owns "each Coop action on an item is recorded once": `reserve` before writing, then
+    `recorded` or `failed`. Thread-safe; remembers the last `REPLAY_KEYS` recorded actions."""
+
+    def __init__(self, capacity: int = REPLAY_KEYS):
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._recorded: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._writing: set[tuple[str, str]] = set()
+
+    def reserve(self, key: tuple[str, str]) -> Literal["recorded", "writing"] | None:
+        """None: the caller writes it now; otherwise what became of the earlier one."""
+        with self._lock:
+            if key in self._recorded:
+                return "recorded"
+            if key in self._writing:
+                return "writing"
+            self._writing.add(key)
+            return None
+
+    def recorded(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._writing.discard(key)
+            self._recorded[key] = None
+            while len(self._recorded) > self._capacity:
+                self._recorded.popitem(last=False)
+
+    def failed(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._writing.discard(key)
+
+
 class CoopClient:
     """Coop's Submit Items API."""
 
@@ -174,7 +247,8 @@ class CoopBridge:
         self._producer_lock = threading.Lock()
         self._sleep = sleep
         self._stopping = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
+        self.ledger = ActionLedger()
+        self._server: WebServer | None = None
         self._threads: list[threading.Thread] = []
         self.sent = 0
         self.decisions = 0
@@ -183,22 +257,21 @@ class CoopBridge:
     @property
     def port(self) -> int:
         assert self._server is not None
-        return self._server.server_address[1]
+        return self._server.port
 
     def start(self) -> None:
-        self._server = ThreadingHTTPServer((self.coop.webhook_host, self.coop.webhook_port), self._handler())
-        self._threads = [
-            threading.Thread(target=self._server.serve_forever, name="coop-webhooks", daemon=True),
-            threading.Thread(target=self._send_items, name="coop-items", daemon=True),
-        ]
+        app = Starlette(routes=[Route("/{path:path}", self._webhook, methods=["POST"])])
+        self._server = WebServer(app, self.coop.webhook_host, self.coop.webhook_port, self.coop.webhook_read_timeout_s,
+                                 "coop-webhooks")  # fmt: skip
+        self._server.start()
+        self._threads = [threading.Thread(target=self._send_items, name="coop-items", daemon=True)]
         for thread in self._threads:
             thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
         for thread in self._threads:
             thread.join(30)
         self._producer.flush(10)
@@ -245,30 +318,16 @@ class CoopBridge:
 
     # -- Coop's webhooks -> decisions ----------------------------------------------------------
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        bridge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the http.server name
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES:
-                    return self._answer(413, "body too large")
-                body = self.rfile.read(length)
-                status, message = bridge.receive(body, self.headers.get(SIGNATURE_HEADER))
-                self._answer(status, message)
-
-            def _answer(self, status: int, message: str) -> None:
-                data = orjson.dumps({"status": status, "message": message})
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server signature
-                log.debug("coop webhook: " + format, *args)
-
-        return Handler
+    async def _webhook(self, request: Request) -> JSONResponse:
+        try:
+            body = await read_body(request, MAX_BODY_BYTES, self.coop.webhook_read_timeout_s)
+        except BodyRefused as exc:
+            self.rejected += 1
+            client = request.client.host if request.client else "unknown"
+            log.info("coop webhook from %s refused (%d): %s", client, exc.status, exc)
+            return _answer(exc.status, str(exc))
+        status, message = await run_in_threadpool(self.receive, body, request.headers.get(SIGNATURE_HEADER))
+        return _answer(status, message)
 
     def receive(self, body: bytes, signature: str | None) -> tuple[int, str]:
         """One webhook: (HTTP status, message). 200 only once the decision is on the topic."""
@@ -276,21 +335,56 @@ class CoopBridge:
             self.rejected += 1
             return 401, "the Coop-Signature does not verify"
         try:
-            decision = decision_from_action(orjson.loads(body), self.coop.actions)
+            payload = orjson.loads(body)
+            decision = decision_from_action(payload, self.coop.actions)
         except (orjson.JSONDecodeError, ValueError) as exc:
             self.rejected += 1
             return 422, str(exc)
-        errors: list[str] = []
+        problem = stale(payload, self.coop.webhook_max_age_s)
+        if problem:
+            self.rejected += 1
+            log.warning("coop webhook for %s refused: %s", decision.review_id, problem)
+            return 422, problem
+        key = (payload["item"]["id"], payload["action"]["id"])
+        earlier = self.ledger.reserve(key)
+        if earlier == "recorded":
+            return 200, f"action {key[1]} on {key[0]} was recorded before; not recorded twice"
+        if earlier == "writing":
+            return 409, f"action {key[1]} on {key[0]} is being recorded; ask again for its outcome"
+        status, message = self._produce(decision)
+        if status == 200:
+            self.ledger.recorded(key)
+            self.decisions += 1
+        else:
+            self.ledger.failed(key)
+        return status, message
+
+    def _produce(self, decision: ReviewDecision) -> tuple[int, str]:
+        errors: list[KafkaError] = []
 
         def report(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
-                errors.append(err.str())
+                errors.append(err)
 
         with self._producer_lock:
-            self._producer.produce(self.settings.review.decisions_topic, key=decision.review_id.encode(),
-                                   value=orjson.dumps(decision.model_dump(mode="json")), on_delivery=report)  # fmt: skip
-            left = self._producer.flush(15)
+            try:
+                self._producer.produce(self.settings.review.decisions_topic, key=decision.review_id.encode(),
+                                       value=orjson.dumps(decision.model_dump(mode="json")), on_delivery=report)  # fmt: skip
+            except KafkaException as exc:  # refused before sending: too large for the producer, or its queue full
+                errors.append(exc.args[0])
+            except BufferError:
+                return 503, "the bridge's producer queue is full; try again"
+            left = self._producer.flush(15) if not errors else 0
+        if errors and errors[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+            log.warning("coop webhook for %s refused: the decision record is too large for %s", decision.review_id,
+                        self.settings.review.decisions_topic)  # fmt: skip
+            return 413, "the decision record is larger than the decisions topic takes; sending it again will not help"
         if left or errors:
+            log.warning("coop webhook for %s: the decision was not delivered: %s", decision.review_id,
+                        errors[0].str() if errors else "not acknowledged in time")  # fmt: skip
             return 503, "the decision could not be delivered; try again"
-        self.decisions += 1
         return 200, f"decision for {decision.review_id} recorded"
+
+
+def _answer(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"status": status, "message": message}, status_code=status)

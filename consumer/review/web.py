@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import uvicorn
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -36,7 +36,7 @@ class BodyRefused(Exception):
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole body, or BodyRefused: its length must be declared (411), a non-negative integer
-    (400) at most `limit` (413), and it must arrive within `timeout_s` (408)."""
+    (400) at most `limit` (413), and it must arrive within `timeout_s` (408) and whole (400)."""
     declared = request.headers.getlist("content-length")
     if not declared:
         raise BodyRefused(411, "Content-Length is required")
@@ -52,6 +52,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise BodyRefused(408, f"the body did not arrive within {timeout_s:g} s") from None
+    except ClientDisconnect:  # an aborted request: one line from the caller, no traceback
+        raise BodyRefused(400, "the client closed the connection before the whole body arrived") from None
     return b"".join(chunks)
 
 

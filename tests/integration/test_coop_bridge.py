@@ -12,7 +12,11 @@ with the organisation's key. It checks what Coop's documentation says Coop check
 from __future__ import annotations
 
 import base64
+import logging
+import secrets
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timezone
@@ -26,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from consumer.config import load_settings
 from consumer.events import MachineResult, ReviewEvent, ReviewItem, ReviewReason, SourceRecord
 from consumer.review.coop import CoopBridge
-from tests.kafka_helpers import committed_offsets, create_topics, decoded, produce, read_all, unique, wait_for
+from tests.kafka_helpers import (committed_offsets, create_topic, create_topics, decoded, produce, read_all, unique,
+                                 wait_for)  # fmt: skip
 
 pytestmark = pytest.mark.kafka
 
@@ -81,11 +86,16 @@ class StandInCoop:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ).decode("ascii")
 
-    def act(self, callback: str, item_id: str, action_id: str, note: str | None = None, tamper: bool = False) -> int:
-        """A moderator takes an Action in the console: Coop POSTs the signed callback."""
-        body = orjson.dumps({"item": {"id": item_id, "typeId": "review-item"}, "action": {"id": action_id},
+    def action_body(self, item_id: str, action_id: str, note: str | None = None, **extra) -> bytes:
+        return orjson.dumps({"item": {"id": item_id, "typeId": "review-item"}, "action": {"id": action_id},
                              "policies": [{"id": "p1", "name": "Harassment", "penalty": "MEDIUM"}], "rules": [],
-                             "custom": {}, "actorEmail": "mod@example.com", **({"actorNote": note} if note else {})})
+                             "custom": {}, "actorEmail": "mod@example.com", **({"actorNote": note} if note else {}),
+                             **extra})  # fmt: skip
+
+    def act(self, callback: str, item_id: str, action_id: str, note: str | None = None, tamper: bool = False,
+            body: bytes | None = None) -> int:  # fmt: skip
+        """A moderator takes an Action in the console: Coop POSTs the signed callback."""
+        body = body or self.action_body(item_id, action_id, note)
         signature = base64.b64encode(self.key.sign(body, padding.PKCS1v15(), hashes.SHA256())).decode("ascii")
         if tamper:
             body = body.replace(b"mod@example.com", b"evil@example.com")
@@ -152,6 +162,105 @@ def test_review_items_reach_coop_and_signed_moderator_actions_come_back_as_decis
         assert second == second | {"review_id": "rv-1", "violation": True, "category": "harassment", "rule_ids": ["H2"]}
         keys = [m.key() for m in read_all(kafka, decisions, 2, timeout=10)]
         assert keys == [b"rv-0", b"rv-1"]  # keyed by review id, as the review loop expects
+    finally:
+        bridge.stop()
+        coop.close()
+
+
+def bridge_settings(kafka: str, coop: StandInCoop, decisions: str, **webhook) -> object:
+    return load_settings(None, {
+        "kafka.bootstrap_servers": kafka, "kafka.group_id": unique("group"),
+        "review.enabled": True, "review.topic": f"{decisions}.reviews", "review.decisions_topic": decisions,
+        "review.coop": {"url": coop.url, "api_key": API_KEY, "item_type_id": "review-item",
+                        "webhook_public_key": coop.public_key_pem(), "webhook_port": 0,
+                        "actions": {"remove": {"violation": True}, "approve": {"violation": False}}, **webhook},
+    })  # fmt: skip
+
+
+def raw_request(port: int, head: bytes, timeout: float = 10) -> bytes:
+    """Send `head` as is, then read until the bridge answers and closes (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
+
+
+def test_webhook_bodies_are_bounded_and_stalled_requests_time_out_without_a_thread_each(kafka, caplog):
+    decisions = unique("coop-limits")
+    create_topics(kafka, f"{decisions}.reviews", decisions)
+    coop = StandInCoop()
+    bridge = CoopBridge(bridge_settings(kafka, coop, decisions, webhook_read_timeout_s=1.0), sleep=lambda s: None)
+    bridge.start()
+    caplog.set_level(logging.INFO)
+    try:
+        post = b"POST /coop/actions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        for length, status in ((b"-1", b"400"), (b"abc", b"400"), (str(20 << 20).encode(), b"413")):
+            answer = raw_request(bridge.port, post + b"Content-Length: " + length + b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 " + status), answer[:60]  # answered without reading a body
+        assert raw_request(bridge.port, post + b"\r\n").startswith(b"HTTP/1.1 411")
+
+        threads = threading.active_count()
+        started = time.monotonic()
+        stalled = [socket.create_connection(("127.0.0.1", bridge.port)) for _ in range(50)]
+        for n, sock in enumerate(stalled):  # half of them stop inside the headers, half inside the body
+            sock.sendall(post[:20] if n % 2 else post + b"Content-Length: 100\r\n\r\n{")
+        assert threading.active_count() == threads  # a stalled request costs no thread
+        for sock in stalled:
+            sock.settimeout(10)
+            while sock.recv(4096):
+                pass
+            sock.close()
+        assert time.monotonic() - started < 8  # all closed by the 1 s read timeout, not held forever
+
+        with socket.create_connection(("127.0.0.1", bridge.port)) as aborted:  # the client gives up mid-body
+            aborted.sendall(post + b"Content-Length: 100\r\n\r\n{")
+        time.sleep(0.5)
+        assert [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()] == []
+        assert coop.act(f"http://127.0.0.1:{bridge.port}/coop/actions", "rv-1", "approve") == 200  # still serving
+    finally:
+        bridge.stop()
+        coop.close()
+
+
+def test_a_replayed_or_stale_action_writes_no_second_decision(kafka):
+    decisions = unique("coop-replay")
+    create_topics(kafka, f"{decisions}.reviews", decisions)
+    coop = StandInCoop()
+    bridge = CoopBridge(bridge_settings(kafka, coop, decisions), sleep=lambda s: None)
+    bridge.start()
+    callback = f"http://127.0.0.1:{bridge.port}/coop/actions"
+    try:
+        body = coop.action_body("rv-1", "remove")
+        assert [coop.act(callback, "", "", body=body) for _ in range(3)] == [200, 200, 200]  # Coop's retries
+        old = coop.action_body("rv-2", "remove", createdAt="2001-09-09T01:46:40+00:00")
+        assert coop.act(callback, "", "", body=old) == 422
+        fresh = coop.action_body("rv-3", "approve", createdAt=datetime.now(timezone.utc).isoformat())
+        assert coop.act(callback, "", "", body=fresh) == 200
+        assert coop.act(callback, "rv-1", "approve") == 200  # another action on rv-1 is another decision
+        produced = decoded(read_all(kafka, decisions, 4, timeout=10))  # waits for a fourth that must not come
+        assert [(d["review_id"], d["violation"]) for d in produced] == [("rv-1", True), ("rv-3", False), ("rv-1", False)]
+    finally:
+        bridge.stop()
+        coop.close()
+
+
+def test_a_decision_too_large_for_the_topic_is_answered_as_final(kafka):
+    decisions = unique("coop-large")
+    create_topics(kafka, f"{decisions}.reviews")
+    create_topic(kafka, decisions, config={"max.message.bytes": "2000"})
+    coop = StandInCoop()
+    bridge = CoopBridge(bridge_settings(kafka, coop, decisions), sleep=lambda s: None)
+    bridge.start()
+    callback = f"http://127.0.0.1:{bridge.port}/coop/actions"
+    try:
+        incompressible = secrets.token_urlsafe(6000)  # the producer compresses: a repeated letter would fit
+        assert coop.act(callback, "rv-1", "remove", note=incompressible) == 413  # 4xx: a retry would fail alike
+        assert coop.act(callback, "rv-1", "remove", note="short") == 200  # not taken for recorded: this one lands
+        (decision,) = decoded(read_all(kafka, decisions, 2, timeout=10))  # waits for a second that must not come
+        assert decision["note"] == "short"
     finally:
         bridge.stop()
         coop.close()
