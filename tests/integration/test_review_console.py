@@ -10,6 +10,7 @@ import http.cookiejar
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -330,3 +331,54 @@ def test_behind_a_proxy_the_header_names_the_reviewer_and_nothing_answers_withou
         console.stop()
         decisions.close()
 
+
+
+def test_concurrent_decisions_on_one_item_leave_exactly_one_record(kafka, policies_dir, tmp_path):
+    topic = unique("once")
+    create_topics(kafka, f"{topic}.reviews", f"{topic}.decisions")
+    item = {"review_id": "rv-once-1", "reason": "undecided", "created_at": "2026-12-01T10:00:00+00:00",
+            "policy_id": "spam-scams", "policy_version": "v0",
+            "event": {"event_id": "e1", "content": "win a free phone at example.test"},
+            "machine": {"violation": True, "model": "keyword", "stage": "keyword", "action": "delete"},
+            "source": {"topic": topic, "partition": 0, "offset": 0}}  # fmt: skip
+    produce(kafka, f"{topic}.reviews", [orjson.dumps(item)], keys=[b"k"])
+    console = ConsoleProcess(console_config(tmp_path / "console.yaml", kafka, topic, policies_dir),
+                             tmp_path / "console.log")  # fmt: skip
+    decisions = Collector(kafka, f"{topic}.decisions")
+    try:
+        browsers = {}
+        for reviewer in ("alice", "bob"):
+            opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+            with opener.open(console.url + "login", timeout=10) as page:
+                form_token = re.search(r'name="form_token" value="([^"]+)"', page.read().decode()).group(1)
+            form = f"token={TOKENS[reviewer]}&form_token={form_token}&next=/".encode()
+            with opener.open(console.url + "login", data=form, timeout=10) as page:
+                csrf = re.search(r'name="csrf" value="([^"]+)"', page.read().decode()).group(1)
+            browsers[reviewer] = (opener, csrf)
+        alice, alice_csrf = browsers["alice"]
+        with alice.open(console.url + "open/rv-once-1", data=f"csrf={alice_csrf}".encode(), timeout=10) as page:
+            assert 'data-review-id="rv-once-1"' in page.read().decode()
+
+        answers: list[int] = []
+
+        def decide(reviewer: str, verdict: str) -> None:
+            opener, csrf = browsers[reviewer]
+            try:
+                with opener.open(console.url + "item/rv-once-1", data=f"verdict={verdict}&csrf={csrf}".encode(),
+                                 timeout=30) as page:  # fmt: skip
+                    answers.append(page.status)
+            except urllib.error.HTTPError as exc:
+                answers.append(exc.code)
+
+        posts = [threading.Thread(target=decide, args=args)
+                 for args in (("alice", "violation"), ("alice", "safe"), ("bob", "safe"), ("bob", "violation"))]
+        for post in posts:
+            post.start()
+        for post in posts:
+            post.join(60)
+        assert sorted(answers) == [200, 409, 409, 409]  # 200: the redirect to the next page, followed
+        recorded = decoded(decisions.until(2, timeout=10))  # waits for a second record that must not come
+        assert len(recorded) == 1 and recorded[0]["reviewer_id"] == "alice"
+    finally:
+        console.stop()
+        decisions.close()
