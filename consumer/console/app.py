@@ -65,7 +65,9 @@ SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                  b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # same-origin, not no-referrer: under no-referrer a browser sends `Origin: null` even on the console's own
+    # forms, and the sign-in's Origin check needs the real one; other sites still get no Referer.
+    (b"referrer-policy", b"same-origin"),
     (b"cache-control", b"no-store"),  # review content must not linger in a browser's cache
 ]  # fmt: skip
 
@@ -154,7 +156,7 @@ class ConsoleApp:
         form_token = secrets.token_urlsafe(24)
         response = self._render("login.html", None, status=status, next=wanted, problem=problem, form_token=form_token)
         response.set_cookie(LOGIN_COOKIE, form_token, httponly=True, samesite="strict",
-                            secure=self.settings.secure_cookie, path="/login", max_age=3600)  # fmt: skip
+                            secure=self.settings.secure_cookie, path="/", max_age=3600)  # fmt: skip
         return response
 
     async def _body_refused(self, request: Request, exc: Exception) -> Response:
@@ -194,7 +196,7 @@ class ConsoleApp:
         log.info("review console: %s signed in", reviewer)
         response = RedirectResponse(wanted, status_code=303)
         self._set_cookie(response, session)
-        response.delete_cookie(LOGIN_COOKIE, path="/login")
+        response.delete_cookie(LOGIN_COOKIE, path="/")
         return response
 
     async def logout(self, request: Request, session: Session) -> Response:
@@ -389,9 +391,10 @@ def _client(request: Request) -> str | None:
 
 
 def _same_origin(request: Request) -> bool:
-    """No Origin (an older browser; the form token still holds), or this console's own host."""
+    """No Origin (an older browser; the form token still holds), or this console's own host ("null",
+    what a browser sends from another origin under the same-origin referrer policy, is not)."""
     origin = request.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+    return origin is None or (origin != "null" and urlsplit(origin).netloc == request.headers.get("host"))
 
 
 def _navigated(request: Request) -> bool:

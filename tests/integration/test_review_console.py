@@ -172,7 +172,7 @@ def test_reviewers_decide_in_a_browser_and_the_stream_gets_corrected_verdicts(ka
                                   data=b"verdict=safe&csrf=x", headers={"Cookie": "safeguard_console=forged"})  # fmt: skip
             assert status == 401
             status, body = status_of(console.url + "login", data=b"token=wrong&next=/")
-            assert status == 401 and "That token is not known." in body
+            assert status == 403 and "not sent from this console" in body  # not the sign-in form's own post
             assert len(decisions.collect(0.5)) == 0  # nothing got through
 
             # 2. The items the consumer produced are in the queues, per policy and reason, with counts.

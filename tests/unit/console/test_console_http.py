@@ -105,6 +105,7 @@ def test_sign_in_needs_the_consoles_own_form_and_origin(served):
     status, _, _ = console.request("POST", "/login", form={"token": "t-alice", "next": "/"}, jar="victim")
     assert status == 403  # a form from another site has no form token (login CSRF)
     assert console.sign_in("victim", "t-alice", headers={"Origin": "http://127.0.0.1:1"}) == 403
+    assert console.sign_in("victim", "t-alice", headers={"Origin": "null"}) == 403  # another origin, hidden
     assert COOKIE not in console.jars["victim"]
     assert console.sign_in("victim", "t-alice", headers={"Origin": f"http://127.0.0.1:{console.server.port}"}) == 303
 
