@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import ip_network
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -41,8 +41,8 @@ class ConsoleSettings(BaseModel):
         default_factory=list, description="tokens: who may sign in; header: if set, the only names the header may carry"
     )
     header: str = Field(default="X-Forwarded-User", description="identity header: the header the proxy sets")
-    trusted_proxies: list[IPv4Network | IPv6Network] = Field(
-        default_factory=lambda: [IPv4Network("127.0.0.1/32"), IPv6Network("::1/128")],
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
         description="identity header: the addresses (CIDRs) of the proxies whose header is believed; "
         "a request from anywhere else is refused",
     )
@@ -55,6 +55,16 @@ class ConsoleSettings(BaseModel):
     read_timeout_s: float = Field(
         default=10.0, gt=0, description="a request's headers and body must arrive within this; a stalled one is closed"
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ip_network(proxy)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an address or a network (CIDR, e.g. 10.0.0.0/8)") from None
+        return proxies
 
     @model_validator(mode="after")
     def _distinct(self) -> ConsoleSettings:

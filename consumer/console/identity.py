@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 
 from consumer.config.console import ConsoleSettings
 
@@ -61,6 +61,7 @@ class Identity:
         self.mode = settings.identity
         self._tokens = [(r.token.get_secret_value().strip().encode(), r.id) for r in settings.reviewers]
         self._names = {r.id for r in settings.reviewers}
+        self._proxies = [ip_network(p) for p in settings.trusted_proxies]
         self._clock = clock
         self._lock = threading.Lock()
         # Least recently seen first: expiry pops from the front, so no request scans every session.
@@ -93,7 +94,7 @@ class Identity:
             address = ip_address(client or "")
         except ValueError:
             return False
-        return any(address in network for network in self.settings.trusted_proxies)
+        return any(address in network for network in self._proxies)
 
     def session(self, cookies: Mapping[str, str], names: Sequence[str] = (),
                 client: str | None = None) -> Session | None:  # fmt: skip

@@ -94,6 +94,8 @@ def test_behind_a_proxy_the_header_names_the_reviewer():
     anyone = Identity(ConsoleSettings(identity="header", header="X-User"))
     assert anyone.session({}, ["dave"], "127.0.0.1").reviewer_id == "dave"  # no list: whoever the proxy names
     assert "trusted_proxies is empty" in Identity(ConsoleSettings(identity="header", trusted_proxies=[])).check()
+    with pytest.raises(ValueError, match="'10.0.0/33' is not an address or a network"):
+        ConsoleSettings(trusted_proxies=["10.0.0/33"])
 
 
 def test_cookieless_requests_share_one_session_and_idle_ones_expire_without_a_scan():
@@ -117,6 +119,18 @@ def test_blank_tokens_are_configuration_errors_and_tokens_are_compared_stripped(
     assert identity.reviewer_for_token("") is None and identity.reviewer_for_token(None) is None
     with pytest.raises(ValueError, match="tokens must be distinct"):
         ConsoleSettings(reviewers=[{"id": "a", "token": "1"}, {"id": "b", "token": " 1 "}])
+
+
+def test_check_config_refuses_a_blank_token_naming_the_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from consumer.cli import app
+
+    config = tmp_path / "console.yaml"
+    config.write_text('review:\n  console:\n    reviewers: [{id: r1, token: "t-1"}, {id: r2, token: "  "}]\n')
+    result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "review.console.reviewers.1.token" in result.output and "must not be empty or blank" in result.output
 
 
 def test_duplicate_reviewers_or_tokens_are_configuration_errors():
