@@ -52,6 +52,13 @@ class ConsoleSettings(BaseModel):
     sign_in_attempts_per_minute: int = Field(
         default=10, ge=1, description="refused sign-ins allowed per client address per minute; more are refused (429)"
     )
+    replicas: int = Field(
+        default=1, ge=1, description="console processes sharing the review topic: each shows only its partitions"
+    )
+    replica: int = Field(
+        default=0, ge=0, description="which of `replicas` this process is (0..replicas-1): it serves the review "
+        "topic's partitions p with p % replicas == replica",
+    )
     read_timeout_s: float = Field(
         default=10.0, gt=0, description="a request's headers and body must arrive within this; a stalled one is closed"
     )
@@ -68,6 +75,9 @@ class ConsoleSettings(BaseModel):
 
     @model_validator(mode="after")
     def _distinct(self) -> ConsoleSettings:
+        if self.replica >= self.replicas:
+            raise ValueError(f"review.console.replica: {self.replica} is not below review.console.replicas "
+                             f"({self.replicas})")  # fmt: skip
         ids = [r.id for r in self.reviewers]
         if len(set(ids)) != len(ids):
             raise ValueError("review.console.reviewers: reviewer ids must be distinct")

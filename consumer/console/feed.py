@@ -6,6 +6,10 @@ committing nothing, from the earliest retained offsets up to the end offsets fou
 (`start()` returns when that bounded read is done), then following both on a thread. So the
 console shows what the topics hold: items opened by any consumer instance, decisions taken in
 any console, by Coop, or posted by hand. Nothing is stored anywhere else.
+
+Replicas: with `review.console.replicas: N`, replica `i` keeps only the review items of the
+partitions p with p % N == i (every decision is still read), so N console processes never show
+the same item: each item has one home, fixed by its partition, with no coordination between them.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ class ReviewFeed:
     """Owns "the state holds every item and the first decision of each that the topics hold,
     up to what was read"; `caught_up` is set once the read at start reached the end offsets."""
 
-    def __init__(self, client: dict[str, Any], review_topic: str, decisions_topic: str, state: ReviewState):
+    def __init__(self, client: dict[str, Any], review_topic: str, decisions_topic: str, state: ReviewState,
+                 replica: int = 0, replicas: int = 1):  # fmt: skip
         self._config = {**client, "group.id": "safeguard-review-console", "enable.auto.commit": False,
                         "enable.partition.eof": False}  # fmt: skip
         self.review_topic = review_topic
         self.decisions_topic = decisions_topic
         self.state = state
+        self.replica, self.replicas = replica, replicas
         self.caught_up = threading.Event()
         self._stopping = threading.Event()
         self._consumer: Consumer | None = None
@@ -87,6 +93,8 @@ class ReviewFeed:
 
     def _apply(self, message: Message) -> None:
         if message.topic() == self.review_topic:
+            if message.partition() % self.replicas != self.replica:
+                return  # another replica's item
             try:
                 item = ReviewItem.model_validate_json(message.value() or b"")
             except ValueError:

@@ -10,13 +10,15 @@ It also owns "one decision per review": a decision needs the review's lease, and
 lock, so of two concurrent decisions on one review (two reviewers, or one double-click) one is
 written and the other is told "decided already" before anything is written.
 
-What holds, and where: the leases live in the memory of one console process. Run one console
-per review team (it serves hundreds of reviewers: each request is a few dictionary look-ups).
-Two console processes on the same topics do not see each other's leases and may show the
-same item to two people; the decisions topic still settles it (the first decision read for a
-review counts; a second with another answer becomes a `conflicting_decision` dead letter), so
-no item is decided twice, but someone's time is wasted. A restart forgets the leases: items
-shown then are free again, which costs at most one lease period of double work.
+What holds, and where: the leases live in the memory of one console process (it serves hundreds
+of reviewers: each request is a few dictionary look-ups). Several console processes share a
+review topic as replicas (`review.console.replicas`/`replica`): each holds the items of its own
+partitions only (`consumer.console.feed`), so no item has leases in two processes. Two consoles
+on the same topics configured as the same replica (or without replicas) do not see each other's
+leases and may show one item to two people; the decisions topic still settles it (the first
+decision read for a review counts; a second with another answer becomes a
+`conflicting_decision` dead letter). A restart forgets the leases: items shown then are free
+again, which costs at most one lease period of double work.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ class ReviewConsole:
         kafka = settings.kafka
         client = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers}
         self.state = ReviewState(settings.review.max_items)
-        self.feed = ReviewFeed(client, settings.review.topic, settings.review.decisions_topic, self.state)
+        self.feed = ReviewFeed(client, settings.review.topic, settings.review.decisions_topic, self.state,
+                               console.replica, console.replicas)  # fmt: skip
         self.writer = DecisionWriter(kafka.producer_options | {"bootstrap.servers": kafka.bootstrap_servers},
                                      settings.review.decisions_topic)  # fmt: skip
         try:

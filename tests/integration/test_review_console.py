@@ -382,3 +382,50 @@ def test_concurrent_decisions_on_one_item_leave_exactly_one_record(kafka, polici
     finally:
         console.stop()
         decisions.close()
+
+
+def test_two_console_replicas_never_show_one_item_to_two_reviewers(kafka, policies_dir, tmp_path):
+    topic = unique("replicas")
+    create_topics(kafka, f"{topic}.reviews", partitions=2)
+    create_topics(kafka, f"{topic}.decisions")
+    homes: dict[str, int] = {}
+    for n in range(6):
+        review_id, partition = f"rv-rep-{n}", n % 2
+        homes[review_id] = partition
+        item = {"review_id": review_id, "reason": "undecided", "created_at": f"2026-12-01T10:0{n}:00+00:00",
+                "policy_id": "spam-scams", "policy_version": "v0",
+                "event": {"event_id": f"e{n}", "content": f"win a free phone {n}"},
+                "machine": {"violation": True, "model": "keyword", "stage": "keyword", "action": "delete"},
+                "source": {"topic": topic, "partition": 0, "offset": n}}  # fmt: skip
+        produce(kafka, f"{topic}.reviews", [orjson.dumps(item)], keys=[b"k"], partition=partition)
+    consoles, browsers = [], []
+    decisions = Collector(kafka, f"{topic}.decisions")
+    try:
+        for replica in (0, 1):
+            config = console_config(tmp_path / f"console-{replica}.yaml", kafka, topic, policies_dir, replicas=2,
+                                    replica=replica)  # fmt: skip
+            consoles.append(ConsoleProcess(config, tmp_path / f"console-{replica}.log"))
+        sessions = []  # three reviewers' browsers: two on replica 0, one on replica 1
+        for reviewer, replica in (("alice", 0), ("bob", 0), ("bob", 1)):
+            browser = chromium()
+            browsers.append(browser)
+            sign_in(browser, consoles[replica].url, reviewer)
+            browser.get(consoles[replica].url + "next")
+            sessions.append((browser, replica))
+        shown_now = [shown_review(b) for b, _ in sessions]
+        assert len(set(shown_now)) == 3  # at one moment, three different items in front of three people
+        assert [homes[r] for r in shown_now] == [0, 0, 1]  # each from its replica's partitions
+        seen: dict[str, list[int]] = {}
+        for browser, replica in sessions:
+            while browser.find_elements(By.ID, "item"):
+                seen.setdefault(shown_review(browser), []).append(replica)
+                answer(browser, "s")
+        assert sorted(seen) == sorted(homes) and all(len(v) == 1 for v in seen.values())
+        recorded = decoded(decisions.until(7, timeout=10))  # waits for a seventh that must not come
+        assert sorted(d["review_id"] for d in recorded) == sorted(homes)
+    finally:
+        for browser in browsers:
+            browser.quit()
+        for console in consoles:
+            console.stop()
+        decisions.close()

@@ -133,6 +133,11 @@ def test_check_config_refuses_a_blank_token_naming_the_key(tmp_path):
     assert "review.console.reviewers.1.token" in result.output and "must not be empty or blank" in result.output
 
 
+def test_a_replica_outside_the_replica_count_is_a_configuration_error():
+    with pytest.raises(ValueError, match="replica: 2 is not below review.console.replicas"):
+        ConsoleSettings(replicas=2, replica=2)
+
+
 def test_duplicate_reviewers_or_tokens_are_configuration_errors():
     with pytest.raises(ValueError, match="ids must be distinct"):
         ConsoleSettings(reviewers=[{"id": "a", "token": "1"}, {"id": "a", "token": "2"}])
