@@ -56,5 +56,8 @@ def make_cascade(settings: CascadeSettings, reasoner: Classifier | None, policie
             cache_dir = settings.state_dir / "embedding" if settings.state_dir is not None else None
             embedding = StaticEmbeddingFeatures(settings.embedding_model, cache_dir)
         else:
-            embedding = EmbeddingFeatures(settings.embedding_model, settings.embedding_device)
+            embedding = EmbeddingFeatures(
+                settings.embedding_model, settings.embedding_device, settings.embedding_batch_size,
+                settings.embedding_precision,
+            )  # fmt: skip
     return CascadeClassifier(settings, reasoner, policies, lexical=lexical, embedding=embedding)
