@@ -68,7 +68,7 @@ class Classification:
     rationale: str | None = None
     reasoning: str | None = None
     model: str = "unknown"
-    stage: str | None = None  # which stage of a cascade decided: cache, lexical, embedding, reasoner, undecided
+    stage: str | None = None  # which stage decided, one of `consumer.stages` (cache, lexical, ..., undecided)
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0

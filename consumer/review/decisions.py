@@ -18,6 +18,7 @@ from confluent_kafka import Message
 from pydantic import BaseModel, ValidationError
 
 import consumer
+from consumer import stages
 from consumer.classify import Classification
 from consumer.events import (
     DeadLetter,
@@ -36,7 +37,6 @@ from consumer.events import (
 from consumer.policy import Policy, most_severe
 from consumer.policy.actions import SEVERITY
 
-HUMAN = "human"
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -81,8 +81,8 @@ def human_result(item: ReviewItem, decision: ReviewDecision, policy: Policy | No
         confidence=None,
         rationale=decision.note,
         action=action,
-        model=HUMAN,
-        stage=HUMAN,
+        model=stages.HUMAN,
+        stage=stages.HUMAN,
         latency_ms=latency_ms,
         review=ReviewStatus(status="decided", reason=item.reason, review_id=item.review_id),
     )
@@ -94,7 +94,7 @@ def corrected_verdict(
     """The verdict that replaces the machine's for the reviewed event."""
     results = [*item.other_results, human_result(item, decision, policies().get(item.policy_id))]
     # Results still awaiting a person do not count as found violations (they hold).
-    decided = [r for r in results if not (r.review and r.review.status == "pending" and r.stage == "undecided")]
+    decided = [r for r in results if not (r.review and r.review.status == "pending" and r.stage == stages.UNDECIDED)]
     action = most_severe([r.action for r in results])
     latency_ms = max(0.0, (datetime.now(timezone.utc) - item.created_at).total_seconds() * 1000)
     verdict = Verdict(
@@ -123,8 +123,8 @@ def as_classification(decision: ReviewDecision) -> Classification:
         category=decision.category if decision.violation else (decision.category or "safe"),
         rule_ids=list(decision.rule_ids),
         rationale=decision.note,
-        model=HUMAN,
-        stage=HUMAN,
+        model=stages.HUMAN,
+        stage=stages.HUMAN,
     )
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import SGDClassifier
 
+from consumer import stages
+
 MAX_BATCH = 64
 MAX_WAIT_S = 0.005
 
@@ -41,7 +43,7 @@ def default_model_path() -> str:
 class EmbeddingFeatures:
     """Unit-length sentence embeddings, computed in micro-batches on one worker thread at a time."""
 
-    name = "embedding"
+    name = stages.EMBEDDING
     instant = False  # a transformer: asked off the event loop, in micro-batches
 
     def __init__(self, model: str | None = None, device: str | None = None):

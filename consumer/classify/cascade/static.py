@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import SGDClassifier
 
+from consumer import stages
 from consumer.classify.cascade.embedding import EmbeddingUnavailable, default_model_path
 from consumer.durable import replacing
 
@@ -46,7 +47,7 @@ def default_cache_dir() -> Path:
 class StaticEmbeddingFeatures:
     """Unit-length averages of distilled word-piece vectors: cheap enough for the event loop."""
 
-    name = "embedding"
+    name = stages.EMBEDDING
     instant = True
 
     def __init__(self, model: str | None = None, cache_dir: Path | None = None):
