@@ -23,7 +23,6 @@ from importlib import resources
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, Producer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -32,6 +31,7 @@ from consumer import stages
 from consumer.classify import Classifier
 from consumer.classify.factory import build_classifier
 from consumer.config import Settings, load_settings
+from consumer.kafka.client import Consumer, Producer
 from consumer.kafka.devkafka import KafkaBroker, cache_dir, create_topics
 from consumer.pipeline.background import BackgroundPipeline
 from consumer.pipeline.pipeline import Pipeline

@@ -6,12 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Message
 from opentelemetry.trace import Span, Status, StatusCode
 
 from consumer import stages
 from consumer.events import ContentEvent, Document, ErrorType, ReviewItem
 from consumer.kafka import records
+from consumer.kafka.client import Message
 from consumer.kafka.offsets import OutputJoin, Ticket
 from consumer.kafka.roles import OutputSink
 from consumer.kafka.sink import Sink

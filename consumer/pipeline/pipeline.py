@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -47,6 +46,7 @@ from consumer.config import Settings
 from consumer.events import ErrorType
 from consumer.kafka import roles
 from consumer.kafka.budget import OutputBudget
+from consumer.kafka.client import TopicPartition
 from consumer.kafka.client_logs import BrokerLink, ClientLogger
 from consumer.kafka.offsets import OffsetTracker, OutputJoin
 from consumer.kafka.sink import Sink, TransactionalSink

@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from typing import TypeVar
 
 import orjson
-from confluent_kafka import Message
 from pydantic import BaseModel, ValidationError
 
 import consumer
@@ -34,6 +33,7 @@ from consumer.events import (
     Supersedes,
     Verdict,
 )
+from consumer.kafka.client import Message
 from consumer.policy import Policy, most_severe
 from consumer.policy.actions import SEVERITY
 

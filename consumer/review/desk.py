@@ -21,8 +21,6 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import Message
-
 from consumer import stages
 from consumer.classify import (
     Classification,
@@ -35,6 +33,7 @@ from consumer.config import Settings
 from consumer.config.review import ReviewSettings
 from consumer.events import ContentEvent, Document, ReviewItem
 from consumer.kafka import records
+from consumer.kafka.client import Message
 from consumer.policy import Policy
 from consumer.review import metrics
 from consumer.review.decisions import as_classification
