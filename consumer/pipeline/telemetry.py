@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import Span, SpanKind
 
 import consumer
+from consumer.errors import Fatal
 from consumer.events import Headers
 
 _TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
@@ -54,7 +55,7 @@ BATCHER_FIGURES = {
 TOKEN_KINDS = ("prompt", "cached", "completion")
 
 
-class TelemetryError(ValueError):
+class TelemetryError(Fatal, ValueError):
     """An OTEL_* setting that cannot be honoured; the CLI exits 2 with it."""
 
 

@@ -6,11 +6,13 @@
 - `store`: the policies in force, reloaded when the files change (a bad edit keeps the last
   good version);
 - `route`: which policies apply to an event;
-- `actions`: the platform actions in rising severity.
+- `actions`: the platform actions in rising severity;
+- `exceptions`: the layer's errors (`PolicyError`, `RoutingError`, `DataError`), all fatal.
 """
 
 from consumer.policy.actions import ACTIONS, most_severe
-from consumer.policy.parse import Policy, PolicyError, load_policy, parse_policy
+from consumer.policy.exceptions import PolicyError
+from consumer.policy.parse import Policy, load_policy, parse_policy
 from consumer.policy.store import PolicyStore, PolicyWatcher
 from consumer.policy.validate import count_tokens, validate_policy
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 
+from consumer.policy.exceptions import DataError
 from consumer.policy.parse import Policy
 
 HEADING = re.compile(r"^#{1,6}\s+([A-Za-z]+)")
@@ -60,10 +61,6 @@ def _label(text: str) -> tuple[int | None, str | None, str | None]:
         return None, None, "example label must have \"violation\": 0 or 1"
     category = value.get("policy_category")
     return int(value["violation"]), category if isinstance(category, str) else None, None
-
-
-class DataError(ValueError):
-    """A labelled-data file that cannot be read; the message names the line."""
 
 
 @dataclass(frozen=True)

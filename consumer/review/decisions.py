@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 import consumer
 from consumer import stages
 from consumer.classify import Classification
+from consumer.errors import RecordFault
 from consumer.events import (
     DeadLetter,
     DeadLetterError,
@@ -40,12 +41,8 @@ from consumer.policy.actions import SEVERITY
 M = TypeVar("M", bound=BaseModel)
 
 
-class RejectedInput(Exception):
+class RejectedInput(RecordFault):
     """A decision or appeal that cannot be applied; becomes a dead letter of `error_type`."""
-
-    def __init__(self, error_type: ErrorType, message: str):
-        super().__init__(message)
-        self.error_type = error_type
 
 
 def parse(model: type[M], value: bytes | None) -> M:

@@ -20,13 +20,10 @@ import numpy as np
 from sklearn.linear_model import SGDClassifier
 
 from consumer import stages
+from consumer.classify.exceptions import EmbeddingUnavailable
 
 MAX_BATCH = 64
 MAX_WAIT_S = 0.005
-
-
-class EmbeddingUnavailable(RuntimeError):
-    """sentence-transformers (or the configured model) is not available."""
 
 
 def default_model_path() -> str:

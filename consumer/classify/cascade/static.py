@@ -29,7 +29,8 @@ import numpy as np
 from sklearn.linear_model import SGDClassifier
 
 from consumer import stages
-from consumer.classify.cascade.embedding import EmbeddingUnavailable, default_model_path
+from consumer.classify.cascade.embedding import default_model_path
+from consumer.classify.exceptions import EmbeddingUnavailable
 from consumer.durable import replacing
 
 log = logging.getLogger(__name__)
