@@ -3,6 +3,7 @@
 - `parse`: one file into a `Policy`, versioned by the hash of its bytes;
 - `validate`: every problem of a file against the structure the model's guide recommends;
 - `examples`: labelled examples, from a policy's EXAMPLES section and from JSONL files;
+- `sections`: a policy body's Markdown sections, the one parser of its headings;
 - `store`: the policies in force, reloaded when the files change (a bad edit keeps the last
   good version);
 - `route`: which policies apply to an event;
