@@ -17,7 +17,8 @@ from consumer.kafka.roles import OutputSink
 from consumer.kafka.sink import Sink
 from consumer.pipeline import outputs
 from consumer.pipeline.chat import Offenders
-from consumer.pipeline.telemetry import Telemetry, inject
+from consumer.pipeline.telemetry import Telemetry
+from consumer.pipeline.telemetry.tracing import inject
 from consumer.policy import most_severe
 
 

@@ -18,7 +18,7 @@ from consumer.kafka.admin import TopicProblem, Unreachable
 from consumer.kafka.budget import OutputRefused
 from consumer.kafka.devkafka import DevKafkaError
 from consumer.pipeline.http import PortInUse
-from consumer.pipeline.telemetry import TelemetryError
+from consumer.pipeline.telemetry.tracing import TelemetryError
 from consumer.policy import PolicyError
 from consumer.policy.examples import DataError
 from consumer.policy.route import RoutingError

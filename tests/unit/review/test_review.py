@@ -167,7 +167,7 @@ def test_a_shadow_disagreement_opens_a_review_with_both_answers():
 def test_the_metrics_show_open_reviews_agreement_and_decision_latency():
     from prometheus_client import generate_latest
 
-    from consumer.pipeline.telemetry import prometheus_meter_provider
+    from consumer.pipeline.telemetry.metrics import prometheus_meter_provider
     from consumer.review import metrics
 
     provider, registry = prometheus_meter_provider()
