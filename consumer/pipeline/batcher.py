@@ -81,12 +81,16 @@ class Batcher:
     # What the metrics exporter shows of the batcher, one gauge each, read from these attributes.
     FIGURES = {
         "safeguard.batcher.batch_size": Figure("avg_batch_size", "requests per micro-batch, recent average"),
-        "safeguard.batcher.batch_tokens": Figure("avg_batch_tokens", "estimated prompt tokens per micro-batch, recent average"),
+        "safeguard.batcher.batch_tokens": Figure(
+            "avg_batch_tokens", "estimated prompt tokens per micro-batch, recent average"),
         "safeguard.batcher.in_flight_requests": Figure("in_flight", "requests the classifier holds"),
-        "safeguard.batcher.in_flight_tokens": Figure("in_flight_tokens", "estimated KV-cache tokens of the requests in flight"),
-        "safeguard.batcher.concurrency_limit": Figure("concurrency_limit", "requests the batcher lets the classifier hold"),
+        "safeguard.batcher.in_flight_tokens": Figure(
+            "in_flight_tokens", "estimated KV-cache tokens of the requests in flight"),
+        "safeguard.batcher.concurrency_limit": Figure(
+            "concurrency_limit", "requests the batcher lets the classifier hold"),
         "safeguard.batcher.queued_requests": Figure("queued", "requests waiting for a micro-batch"),
-        "safeguard.batcher.queue_wait": Figure("avg_queue_wait_s", "time a request waits for its micro-batch, recent average", "s"),
+        "safeguard.batcher.queue_wait": Figure(
+            "avg_queue_wait_s", "time a request waits for its micro-batch, recent average", unit="s"),
     }  # fmt: skip
 
     def __init__(

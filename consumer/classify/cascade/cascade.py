@@ -219,7 +219,8 @@ class CascadeClassifier:
                     first, *copies = open_.pop(k)
                     counters.requests += 1 + len(copies)
                     counters.cache_misses += keys[k] is not None
-                    answers[first] = verdict = self._decided_by(stage, decision, requests[first], plan, counters, keys[k])
+                    verdict = self._decided_by(stage, decision, requests[first], plan, counters, keys[k])
+                    answers[first] = verdict
                     for i in copies:
                         counters.coalesced_copy()
                         answers[i] = verdicts.as_cached(verdict)
