@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from consumer.config.cascade import CascadeSettings
 from consumer.config.chat import ChatSettings
+from consumer.config.exceptions import ConfigError
 from consumer.config.review import ReviewSettings
 
 # Any key whose name looks like a secret, misspellings included (`sasl.pasword` is still a
@@ -33,10 +34,6 @@ TOOL_VARIABLES = frozenset(
      "SAFEGUARD_BOOTSTRAP_REPOINT"}
 )  # fmt: skip
 ENV_PREFIX = "SAFEGUARD_"
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; the CLI exits with code 2 and prints this."""
 
 
 class _Section(BaseModel):

@@ -6,9 +6,9 @@ import threading
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Message, Producer
 
 from consumer.events import ReviewDecision
+from consumer.kafka.client import KafkaError, Message, Producer
 from consumer.kafka.sink import PRODUCER_DEFAULTS
 from consumer.review.state import Coordinates
 

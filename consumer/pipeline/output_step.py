@@ -6,17 +6,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Message
 from opentelemetry.trace import Span, Status, StatusCode
 
+from consumer import stages
 from consumer.events import ContentEvent, Document, ErrorType, ReviewItem
 from consumer.kafka import records
+from consumer.kafka.client import Message
 from consumer.kafka.offsets import OutputJoin, Ticket
 from consumer.kafka.roles import OutputSink
 from consumer.kafka.sink import Sink
 from consumer.pipeline import outputs
 from consumer.pipeline.chat import Offenders
-from consumer.pipeline.telemetry import Telemetry, inject
+from consumer.pipeline.telemetry import Telemetry
+from consumer.pipeline.telemetry.tracing import inject
 from consumer.policy import most_severe
 
 
@@ -59,7 +61,7 @@ class OutputStep:
         violation, actions = False, []
         for result in results:  # one loop, no comprehensions: this runs for every record
             # An undecided result is a guess awaiting a person: it holds, and it is no found violation.
-            if result["violation"] and result["stage"] != "undecided":
+            if result["violation"] and result["stage"] != stages.UNDECIDED:
                 violation = True
             actions.append(result["action"])
         action, offences = self._offenders.record(event.community_id, event.author_id, violation, most_severe(actions))

@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -47,11 +46,12 @@ from consumer.config import Settings
 from consumer.events import ErrorType
 from consumer.kafka import roles
 from consumer.kafka.budget import OutputBudget
+from consumer.kafka.client import TopicPartition
 from consumer.kafka.client_logs import BrokerLink, ClientLogger
 from consumer.kafka.offsets import OffsetTracker, OutputJoin
 from consumer.kafka.sink import Sink, TransactionalSink
 from consumer.kafka.source import Received, Source
-from consumer.pipeline import outputs, telemetry
+from consumer.pipeline import outputs
 from consumer.pipeline.batcher import Batcher
 from consumer.pipeline.chat import Conversations, Offenders, rebuild
 from consumer.pipeline.classify_step import ClassifyStep
@@ -59,6 +59,9 @@ from consumer.pipeline.decode import DecodeError, Decoder
 from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
 from consumer.pipeline.output_step import OutputStep, Record
+from consumer.pipeline.telemetry import Telemetry
+from consumer.pipeline.telemetry.metrics import prometheus_meter_provider
+from consumer.pipeline.telemetry.tracing import tracer_provider_from_env
 from consumer.policy import PolicyStore, PolicyWatcher
 from consumer.policy.route import Router
 from consumer.review.desk import ReviewDesk
@@ -119,11 +122,11 @@ class Pipeline:
         self._source_factory = source_factory
         self._sink_factory = sink_factory or Sink.open
         self.source: roles.RecordSource | None = None  # built by `run`
-        meter_provider, self.metrics_registry = telemetry.prometheus_meter_provider()
-        self.telemetry = telemetry.Telemetry.create(
+        meter_provider, self.metrics_registry = prometheus_meter_provider()
+        self.telemetry = Telemetry.create(
             settings.kafka.group_id,
             meter_provider,
-            tracer_provider or telemetry.tracer_provider_from_env(),
+            tracer_provider or tracer_provider_from_env(),
             trace_content=settings.telemetry.trace_content,
             registry=self.metrics_registry,
         )
@@ -261,7 +264,7 @@ class Pipeline:
         gauges.policy_reloads = lambda: self.policies.reloads
         if isinstance(self.classifier, CountsDecisions):
             gauges.cascade = lambda: self.classifier.counters  # type: ignore[attr-defined]
-        gauges.batcher = self.batcher.figures
+        self.telemetry.observe_figures(self.batcher.FIGURES, self.batcher)
         watcher = PolicyWatcher(self.policies, cfg.policies.reload_interval_s)
         if cfg.policies.reload_interval_s > 0:
             watcher.start()

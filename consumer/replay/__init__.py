@@ -21,6 +21,8 @@ with the same policy versions after an interruption without reclassifying what w
 delivered. `run` puts one replay together; `backtest` compares its outputs with a baseline's.
 """
 
+from consumer.errors import Fatal
 
-class ReplayError(ValueError):
+
+class ReplayError(Fatal, ValueError):
     """A replay that cannot start as asked; the CLI exits with code 2 and prints this."""

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Message
 
 from consumer.durable import replacing
 from consumer.events import Document, Headers, ReplayInfo
+from consumer.kafka.client import Message
 from consumer.kafka.offsets import Ticket
 from consumer.kafka.roles import OutputSink
 from consumer.replay.checkpoint import Checkpoint

