@@ -9,7 +9,9 @@ import time
 import orjson
 import pytest
 
+from consumer.classify.factory import build_classifier
 from consumer.classify.keyword import KeywordClassifier
+from consumer.policy import PolicyStore
 from tests.kafka_helpers import (
     committed_offsets,
     create_topics,
@@ -24,6 +26,8 @@ from tests.kafka_helpers import (
 from tests.runner import running_pipeline, settings_for
 
 pytestmark = pytest.mark.kafka
+
+HARD = ["nice build!", "brb dinner", "gg everyone, well played"]  # the cheap stages cannot decide these
 
 EVENTS, BAD = 40, 2
 NOTHING_COMMITTED = -1001  # librdkafka's OFFSET_INVALID: the group has no committed offset
@@ -90,3 +94,28 @@ def test_with_the_file_syncing_as_it_goes_commits_reach_the_end_while_running(ka
     assert result.exit_code == 0
     assert len(in_file) == EVENTS
     assert len(read_all(kafka, f"{topic}.verdicts", expected=EVENTS, timeout=30)) == EVENTS
+
+
+def test_review_items_reach_the_review_topic_and_a_file_before_their_records_commit(kafka, policies_dir, tmp_path):
+    topic, group = unique("fanout"), unique("group")
+    reviews = f"{topic}.reviews"
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq", reviews, f"{topic}.decisions", partitions=1)
+    produce(kafka, topic, [orjson.dumps({"event_id": f"h{i}", "content": text}) for i, text in enumerate(HARD)])
+    path = tmp_path / "reviews.jsonl"
+    settings = settings_for(
+        kafka, group, topic, policies_dir, classifier={"kind": "cascade", "reasoner": "none"},
+        review={"enabled": True, "topic": reviews, "decisions_topic": f"{topic}.decisions"},
+        sinks={"files": [{"path": str(path), "outputs": ["review_item"]}]},
+    )  # fmt: skip
+
+    with running_pipeline(settings, build_classifier(settings, PolicyStore(policies_dir))) as running:
+        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: len(HARD)}, timeout=60,
+                 message="commits at end")  # fmt: skip
+        in_file = file_outputs(path)  # committed, so every review item of those records is synced
+        result = running.stop()
+
+    assert result.exit_code == 0
+    on_topic = decoded(read_all(kafka, reviews, expected=len(HARD), timeout=30))
+    assert len(on_topic) == len(in_file) == len(HARD)
+    assert sorted(i["review_id"] for i in in_file) == sorted(i["review_id"] for i in on_topic)
+    assert len(read_all(kafka, f"{topic}.verdicts", expected=len(HARD), timeout=30)) == len(HARD)  # on the topic only
