@@ -11,12 +11,25 @@ from pathlib import Path
 import orjson
 from confluent_kafka import Message
 
+from consumer.config import ConfigError
 from consumer.config.sinks import FileSinkSettings
 from consumer.events import Document, Headers
 from consumer.kafka.offsets import Ticket
 from consumer.sinks.roles import OutputKind, SinkWiring
 
 log = logging.getLogger(__name__)
+
+
+def check_writable(files: list[FileSinkSettings]) -> None:
+    """The pre-flight of `sinks.files` (offline, nothing created): each file can be appended to.
+    Raises `ConfigError` naming the entry's key."""
+    for i, entry in enumerate(files):
+        path = entry.path
+        if path.is_dir():
+            raise ConfigError(f"sinks.files.{i}.path: {path} is a folder, not a file")
+        target = path if path.exists() else path.parent
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"sinks.files.{i}.path: {target} may not be written by this user")
 
 
 class JsonlSink:

@@ -1,10 +1,13 @@
-"""`sinks:` is validated like every settings block: unknown keys and bad values refused by name."""
+"""`sinks:` is validated like every settings block: unknown keys and bad values refused by name, and
+`run` and `check-config` exit 2 naming the key of a file that cannot be written."""
 
 from __future__ import annotations
 
 import pytest
 
 from consumer.config import ConfigError, load_settings
+from tests.conftest import REPO
+from tests.unit.test_config import run_cli
 
 
 def settings_from(tmp_path, text: str):
@@ -52,3 +55,25 @@ def test_files_with_exactly_once_are_refused(tmp_path):
         settings_from(
             tmp_path, f"pipeline:\n  delivery: exactly_once\nsinks:\n  files:\n    - path: {tmp_path}/v.jsonl\n"
         )
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("{path: TMP}", "sinks.files.0.path: TMP is a folder, not a file"),
+        ("{path: TMP/nowhere/v.jsonl}", "sinks.files.0.path: Value error, the folder of this file does not exist"),
+    ],
+)
+def test_run_and_check_config_exit_2_for_a_file_that_cannot_be_written(tmp_path, entry, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"policies:\n  directory: {REPO / 'policies'}\n  default: chat-harassment\n"
+        # Nothing listens here: `run` must stop on the configuration before it connects.
+        "kafka:\n  bootstrap_servers: 127.0.0.1:1\n  startup_timeout_s: 1\n"
+        f"sinks:\n  files:\n    - {entry.replace('TMP', str(tmp_path))}\n"
+    )
+    for command in ("check-config", "run"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 2, result.stderr
+        assert expected.replace("TMP", str(tmp_path)) in result.stderr
+        assert "Traceback" not in result.stderr
