@@ -76,6 +76,7 @@ class FanOutSink:
         self._takes: dict[OutputKind, list[OutputSink]] = {
             kind: [s for s, d in zip(self._sinks, destinations) if kind in d.outputs] for kind in OUTPUT_KINDS
         }
+        # Counted as sent: a verdict a topic could only take as its dead letter still counts as a verdict.
         self.verdicts_delivered = 0  # by every destination that takes verdicts
         self.dead_letters_delivered = 0
         reviews = self._takes["review_item"]
