@@ -9,7 +9,7 @@ import orjson
 
 from consumer.events import ReviewDecision
 from consumer.kafka.client import KafkaError, Message, Producer
-from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.review.state import Coordinates
 
 DELIVERY_TIMEOUT_S = 15.0

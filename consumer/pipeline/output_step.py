@@ -13,13 +13,12 @@ from consumer.events import ContentEvent, Document, ErrorType, ReviewItem
 from consumer.kafka import records
 from consumer.kafka.client import Message
 from consumer.kafka.offsets import OutputJoin, Ticket
-from consumer.kafka.roles import OutputSink
-from consumer.kafka.sink import Sink
 from consumer.pipeline import outputs
 from consumer.pipeline.chat import Offenders
 from consumer.pipeline.telemetry import Telemetry
 from consumer.pipeline.telemetry.tracing import inject
 from consumer.policy import most_severe
+from consumer.sinks.roles import CarriesReviewItems, OutputSink
 
 
 class Record:
@@ -48,6 +47,7 @@ class OutputStep:
     ):
         """`sent`: called after each output is handed to the sink (its reports are to be served)."""
         self._sink = sink
+        self._review_sink = sink if isinstance(sink, CarriesReviewItems) else None
         self._offenders = offenders
         self._telemetry = telemetry
         self._outputs_done = outputs_done
@@ -92,8 +92,8 @@ class OutputStep:
         """Review items go with the verdict under the record's ticket: done when all are delivered."""
         self._outputs_done.expect(record.ticket, 1 + len(items))
         headers = inject(record.span)
-        sink = self._sink
-        assert isinstance(sink, Sink)  # the review desk is enabled only with the pipeline's own Kafka sink
+        sink = self._review_sink
+        assert sink is not None  # the review desk is enabled only with a sink that carries review items
         for item in items:
             sink.send_review_item(self._review_topic, item.model_dump(mode="json"), record.message,
                                   record.ticket, headers)  # fmt: skip

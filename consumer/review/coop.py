@@ -47,7 +47,7 @@ from consumer.config import Settings
 from consumer.config.review import CoopAction
 from consumer.events import ReviewDecision, ReviewItem
 from consumer.kafka.client import Consumer, KafkaError, Producer, TopicPartition
-from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.kafka.options import PRODUCER_DEFAULTS
 
 log = logging.getLogger(__name__)
 

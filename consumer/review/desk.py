@@ -10,7 +10,7 @@
   with the person's answer from now on; the cascade's heads learn it), on the event loop;
 - shadow disagreements (`ReportsDisagreements`) open reviews through the loop's producer.
 
-Disabled (`review.enabled: false`, or a pipeline whose sink is not the Kafka sink: a replay),
+Disabled (`review.enabled: false`, or a pipeline whose sink carries no review items: a replay),
 only one rule stays: an undecided result takes the policy's review action (hold).
 """
 
