@@ -58,7 +58,6 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -68,7 +67,8 @@ from starlette.routing import Route
 from consumer.config import Settings
 from consumer.config.review import CoopAction
 from consumer.events import ReviewDecision, ReviewItem
-from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.kafka.client import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.review.web import BodyRefused, WebServer, read_body
 
 log = logging.getLogger(__name__)
