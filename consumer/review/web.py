@@ -23,11 +23,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from consumer.errors import ConsumerError
+
 MAX_HEADER_BYTES = 16 * 1024
 
 
-class BodyRefused(Exception):
-    """A request body not read: `status` is the HTTP answer (400, 408, 411, 413)."""
+class BodyRefused(ConsumerError):
+    """A request body not read: `status` is the HTTP answer (400, 408, 411, 413). The request is
+    refused whole and answered; nothing of it is kept (neither a record nor a fault)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
