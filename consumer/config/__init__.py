@@ -122,7 +122,13 @@ class PipelineSettings(_Section):
     transaction_max_records: int = Field(default=1000, ge=1, description="exactly_once: commit early at this many")
 
 
-class DecodeSettings(_Section):
+DecodeFormat = Literal["json"]
+
+
+class TopicDecode(_Section):
+    """How the records of some input topics are read, where they differ from `decode`'s own."""
+
+    format: DecodeFormat = "json"
     field_mapping: dict[str, str] = Field(
         default_factory=dict,
         description="ContentEvent field -> dotted path (a.b.c) or JSON pointer (/a/b/c) in the input",
@@ -136,6 +142,24 @@ class DecodeSettings(_Section):
         for target in value:
             if target not in ContentEvent.model_fields or target == "schema_version":
                 raise ValueError(f"{target!r} is not a ContentEvent field")
+        return value
+
+
+class DecodeSettings(TopicDecode):
+    topics: dict[str, TopicDecode] = Field(
+        default_factory=dict,
+        description="input topic (^ entries are regexes) -> its own format and field_mapping",
+    )
+
+    @field_validator("topics")
+    @classmethod
+    def _patterns_valid(cls, value: dict[str, TopicDecode]) -> dict[str, TopicDecode]:
+        for topic in value:
+            if topic.startswith("^"):
+                try:
+                    re.compile(topic)
+                except re.error as exc:
+                    raise ValueError(f"{topic!r} is not a valid regular expression ({exc})") from None
         return value
 
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import TopicPartition
+from confluent_kafka import Message, TopicPartition
 
 from consumer.config.chat import ChatSettings
 from consumer.events import ContentEvent, ContextMessage
 from consumer.kafka.ranges import read_ranges
-from consumer.pipeline.decode import DecodeError
+from consumer.decode import DecodeError
 from consumer.policy.actions import rank
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def rebuild(
     partitions: list[TopicPartition],
     conversations: Conversations,
     offenders: Offenders,
-    decode: Callable[[bytes | None], ContentEvent],
+    decode: Callable[[Message], ContentEvent],
     client: dict[str, Any],
     verdict_topic: str,
     tail: int,
@@ -249,7 +249,7 @@ def rebuild(
         ranges = [(tp.topic, tp.partition, tp.offset - tail, tp.offset) for tp in committed if tp.offset > 0]
         for message in read_ranges(client, ranges):
             try:
-                conversations.remember(decode(message.value()))
+                conversations.remember(decode(message))
             except DecodeError:
                 continue
     if offenders.enabled:

@@ -1,7 +1,7 @@
 """The loop on one screen: consume -> decode -> route -> batch+classify -> produce -> commit.
 
-Each step is delegated to its stage module (source and sink in `consumer.kafka`; decode,
-chat, classify_step with the batcher, outputs here; health and http for the probes); this
+Each step is delegated to its stage module (source and sink in `consumer.kafka`; decode in
+`consumer.decode`; chat, classify_step with the batcher, outputs here; health and http for the probes); this
 module wires them together and holds the record's path through them. The poll
 thread hands the event loop a batch of records at a time; a record whose answers are at
 hand (a decode error, a keyword match, a cascade cache hit or cheap-stage decision: the
@@ -44,6 +44,8 @@ from consumer.classify import (
     CountsDecisions,
 )
 from consumer.config import Settings
+from consumer.decode import DecodeError
+from consumer.decode.factory import build_decoder
 from consumer.events import ErrorType
 from consumer.kafka import roles
 from consumer.kafka.budget import OutputBudget
@@ -55,7 +57,6 @@ from consumer.pipeline import outputs, telemetry
 from consumer.pipeline.batcher import Batcher
 from consumer.pipeline.chat import Conversations, Offenders, rebuild
 from consumer.pipeline.classify_step import ClassifyStep
-from consumer.pipeline.decode import DecodeError, Decoder
 from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
 from consumer.pipeline.output_step import OutputStep, Record
@@ -113,7 +114,7 @@ class Pipeline:
         # The router reads the store per event, so a reload applies to the next event routed.
         self.router = Router(settings.policies, policies.get)
         self.tracker = OffsetTracker()
-        self.decoder = Decoder(settings.pipeline.max_payload_bytes, settings.decode.field_mapping)
+        self.decoder = build_decoder(settings)
         self.conversations = Conversations(settings.chat)
         self.offenders = Offenders(settings.chat)
         self._source_factory = source_factory
@@ -138,7 +139,7 @@ class Pipeline:
             self.telemetry.engine_latency.expect(policy_id)
         # Human review runs with the pipeline's own Kafka sink (not in replays, which pass a sink).
         self.reviews = ReviewDesk(
-            settings, classifier, policies.get, lambda value: self.decoder.decode(value, "appeal"),
+            settings, classifier, policies.get, self.decoder.decode,
             enabled=settings.review.enabled and sink_factory is None,
             meter=self.telemetry.meter, registry=self.metrics_registry,
         )  # fmt: skip
@@ -340,7 +341,7 @@ class Pipeline:
         cfg = self.settings
         rebuild(
             consumer_, partitions, self.conversations, self.offenders,
-            decode=lambda value: self.decoder.decode(value, "rebuild"),
+            decode=self.decoder.decode,
             client=cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
                                                  "logger": ClientLogger("rebuild", self.link)},
             verdict_topic=cfg.kafka.verdict_topic, tail=cfg.chat.rebuild_records,
@@ -396,7 +397,7 @@ class Pipeline:
         message, span = record.message, record.span
         topic = message.topic()
         try:
-            event = self.decoder.decode(message.value(), fallback_event_id=f"{topic}-{message.partition()}-{message.offset()}")
+            event = self.decoder.decode(message)
         except DecodeError as exc:
             self.output.dead_letter(record, exc.error_type, str(exc))
             return None

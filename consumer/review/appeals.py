@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer.events import (
     Appeal,
@@ -80,7 +80,7 @@ def appeal_item(
     verdict_topic: str,
     appeal: Appeal,
     records: int,
-    decode: Callable[[bytes], ContentEvent],
+    decode: Callable[[Message], ContentEvent],
 ) -> tuple[ReviewItem, bytes | None]:
     """The review item an appeal opens and the input record's key (the item is keyed like the
     input); RejectedInput (appeal_not_found) when the verdict, the policy or the input record
@@ -103,7 +103,7 @@ def appeal_item(
     if not records_read or records_read[0].value() is None:
         raise RejectedInput(ErrorType.APPEAL_NOT_FOUND, "the appealed input record is no longer retained")
     try:
-        event = decode(records_read[0].value())
+        event = decode(records_read[0])
     except Exception:  # noqa: BLE001 - the input record had a verdict, so it decoded once; its mapping changed
         raise RejectedInput(ErrorType.APPEAL_NOT_FOUND, "the appealed input record no longer decodes") from None
     others = [r for r in results if r is not result]
