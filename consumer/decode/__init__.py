@@ -17,8 +17,9 @@ Which decoder reads which topic is configuration (`decode.format`, `decode.topic
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from consumer.errors import RecordFault
 from consumer.events import ContentEvent
@@ -75,6 +76,14 @@ class Decoder(Protocol):
     """Turns one input record into a ContentEvent; raises `DecodeError` or `Unavailable`, nothing else."""
 
     def decode(self, record: InputRecord) -> ContentEvent: ...
+
+
+@runtime_checkable
+class DecodesAhead(Protocol):
+    """A decoder whose work may block (a schema fetch): `ahead` decodes a poll batch off the event
+    loop, on the thread that polled it, so that `decode` on the loop then only looks the outcome up."""
+
+    def ahead(self, records: Sequence[InputRecord]) -> None: ...
 
 
 def coordinates(record: InputRecord) -> str:

@@ -44,8 +44,9 @@ from consumer.classify import (
     CountsDecisions,
 )
 from consumer.config import Settings
-from consumer.decode import DecodeError
+from consumer.decode import DecodeError, DecodesAhead
 from consumer.decode.factory import build_decoder
+from consumer.errors import Unavailable
 from consumer.events import ErrorType
 from consumer.kafka import roles
 from consumer.kafka.budget import OutputBudget
@@ -115,6 +116,8 @@ class Pipeline:
         self.router = Router(settings.policies, policies.get)
         self.tracker = OffsetTracker()
         self.decoder = build_decoder(settings)
+        # A registry format decodes each poll batch on the poll thread: a schema fetch never blocks the loop.
+        self._decode_ahead = self.decoder.ahead if isinstance(self.decoder, DecodesAhead) else None
         self.conversations = Conversations(settings.chat)
         self.offenders = Offenders(settings.chat)
         self._source_factory = source_factory
@@ -351,6 +354,8 @@ class Pipeline:
 
     def _receive_threadsafe(self, received: Received) -> None:
         assert self._loop is not None
+        if self._decode_ahead is not None:
+            self._decode_ahead([message for message, _ in received])
         self._loop.call_soon_threadsafe(self._receive, received)
 
     def _fail_threadsafe(self, reason: str) -> None:
@@ -400,6 +405,12 @@ class Pipeline:
             event = self.decoder.decode(message)
         except DecodeError as exc:
             self.output.dead_letter(record, exc.error_type, str(exc))
+            return None
+        except Unavailable as exc:
+            # Not the record's fault: no dead letter. It stays in flight without an output, so its
+            # offset (and every later one of its partition) is not committed; a restart or
+            # rebalance reads it again. Pausing intake and retrying it is the outage handling's job.
+            log.warning("record %s-%d-%d kept, not decoded: %s", topic, message.partition(), message.offset(), exc)
             return None
         record.event = event
         if record.traced:
