@@ -212,6 +212,10 @@ class RegistryDecoder:
 def _with_retries(call: Any, retry_s: float) -> Any:
     """`call()`, retried with exponential back-off while the registry is in trouble, for up to `retry_s`."""
     try:
+        return call()
+    except _RegistryTrouble:
+        pass  # the common case above costs no retry machinery; now try again for up to retry_s
+    try:
         for attempt in Retrying(retry=retry_if_exception_type(_RegistryTrouble), stop=stop_after_delay(retry_s),
                                 wait=wait_exponential(multiplier=0.1, max=2.0), reraise=False):  # fmt: skip
             with attempt:
