@@ -36,6 +36,7 @@ from consumer.config.chat import ChatSettings
 from consumer.events import ContentEvent, ContextMessage
 from consumer.kafka.ranges import read_ranges
 from consumer.decode import DecodeError
+from consumer.errors import Unavailable
 from consumer.policy.actions import rank
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,9 @@ def rebuild(
                 conversations.remember(decode(message))
             except DecodeError:
                 continue
+            except Unavailable as exc:  # context is a help, not a duty: start without it rather than wait
+                log.warning("conversation rebuild stopped early: %s", exc)
+                break
     if offenders.enabled:
         metadata = consumer.list_topics(verdict_topic, timeout=10)
         ranges = []

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from consumer.errors import Unavailable
 from consumer.events import (
     Appeal,
     ContentEvent,
@@ -104,6 +105,8 @@ def appeal_item(
         raise RejectedInput(ErrorType.APPEAL_NOT_FOUND, "the appealed input record is no longer retained")
     try:
         event = decode(records_read[0])
+    except Unavailable:
+        raise  # a schema registry that does not answer is not the appeal's fault: never appeal_not_found
     except Exception:  # noqa: BLE001 - the input record had a verdict, so it decoded once; its mapping changed
         raise RejectedInput(ErrorType.APPEAL_NOT_FOUND, "the appealed input record no longer decodes") from None
     others = [r for r in results if r is not result]

@@ -165,3 +165,30 @@ def test_the_preflight_stops_with_exit_1_when_the_registry_does_not_answer(kafka
     result = run_cli("check-config", "--connect", "--quiet", "--config", str(path))
     assert result.returncode == 1, result.stderr
     assert f"schema registry {registry}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_conversation_rebuild_stops_early_rather_than_wait_on_an_unreachable_registry(kafka):
+    from confluent_kafka import Consumer, TopicPartition
+
+    from consumer.config import ChatSettings, SchemaRegistrySettings
+    from consumer.decode.registry import RegistryDecoder, registry_client
+    from consumer.pipeline.chat import Conversations, Offenders, rebuild
+
+    topic, group = unique("reg-rebuild"), unique("group")
+    create_topics(kafka, topic)
+    _produce(kafka, topic, [b"\x00\x00\x00\x00\x01" + b"\x02a"] * 10)
+    consumer = Consumer({"bootstrap.servers": kafka, "group.id": group, "enable.auto.commit": False})
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=False)
+        registry = SchemaRegistrySettings(url=f"http://127.0.0.1:{free_port()}", retry_s=1.0, timeout_s=1)
+        decoder = RegistryDecoder("avro", registry_client(registry), registry, max_payload_bytes=1000)
+        chat = ChatSettings(context_messages=10, rebuild_records=50)
+        conversations = Conversations(chat)
+        started = time.monotonic()
+        rebuild(consumer, [TopicPartition(topic, 0)], conversations, Offenders(chat), decode=decoder.decode,
+                client={"bootstrap.servers": kafka}, verdict_topic=f"{topic}.verdicts", tail=50)  # fmt: skip
+        elapsed = time.monotonic() - started
+    finally:
+        consumer.close()
+    assert len(conversations) == 0
+    assert elapsed < 10 * registry.retry_s  # one record's retries, not ten
