@@ -192,3 +192,33 @@ def test_the_conversation_rebuild_stops_early_rather_than_wait_on_an_unreachable
         consumer.close()
     assert len(conversations) == 0
     assert elapsed < 10 * registry.retry_s  # one record's retries, not ten
+
+
+def test_a_json_schema_topic_is_classified_and_a_record_that_fails_its_schema_is_a_dead_letter(
+    kafka, schema_registry, policies_dir
+):
+    from confluent_kafka.schema_registry.json_schema import JSONSerializer
+
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    topic, group = unique("reg-json"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    schema = {"type": "object", "properties": {"id": {"type": "string"}, "text": {"type": "string"}},
+              "required": ["id", "text"]}  # fmt: skip
+    serialize = JSONSerializer(orjson.dumps(schema).decode(), client)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    good = [serialize({"id": f"j{i}", "text": _text(i)}, ctx) for i in range(4)]
+    failing = good[0][:5] + orjson.dumps({"id": "j-bad"})  # framed with the schema's id, but no text
+    _produce(kafka, topic, [*good[:2], failing, *good[2:]])
+    settings = settings_for(kafka, group, topic, policies_dir, policies={"default": "spam-scams"},
+                            schema_registry={"url": schema_registry.url},
+                            decode={"format": "json_schema", "field_mapping": MAPPING})  # fmt: skip
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        ends = end_offsets(kafka, topic, 1)
+        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == ends, timeout=120, message="commits at the end")
+        running.stop()
+    outputs = _outputs(kafka, topic, 5)
+    verdicts = {o["event_id"]: o["violation"] for o in outputs if o["kind"] == "verdict"}
+    dead = [o for o in outputs if o["kind"] == "dead_letter"]
+    assert verdicts == {"j0": True, "j1": False, "j2": False, "j3": False}
+    assert len(dead) == 1 and dead[0]["source"]["offset"] == 2
+    assert dead[0]["error"]["type"] == "deserialization_failed" and f"{topic}-value" in dead[0]["error"]["message"]
