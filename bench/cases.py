@@ -34,7 +34,7 @@ from consumer.classify import Capacity, Classification, ClassifyRequest
 from consumer.config import load_settings
 from consumer.events import ContentEvent
 from consumer.kafka.roles import SourceOptions, SourceWiring
-from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.kafka.source import CONSUMER_DEFAULTS, Source
 from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore

@@ -19,7 +19,7 @@ from quixstreams import Application, MessageContext, message_context
 from bench.workload import Meter, Spec, instant_verdict, report
 from consumer.events import ContentEvent
 
-# consumer.kafka.sink.PRODUCER_DEFAULTS, repeated: importing the sink needs packages this environment lacks.
+# consumer.kafka.options.PRODUCER_DEFAULTS, repeated: importing it needs packages this environment lacks.
 PRODUCER = {"enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}
 
 

@@ -23,14 +23,15 @@ from importlib import resources
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, Producer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from consumer import stages
 from consumer.classify import Classifier
 from consumer.classify.factory import build_classifier
 from consumer.config import Settings, load_settings
+from consumer.kafka.client import Consumer, Producer
 from consumer.kafka.devkafka import KafkaBroker, cache_dir, create_topics
 from consumer.pipeline.background import BackgroundPipeline
 from consumer.pipeline.pipeline import Pipeline
@@ -220,11 +221,11 @@ def _record(output: dict, contents: dict[str, str], summary: DemoSummary) -> tup
     for result in pending:
         summary.awaiting_review[(result["policy_id"], result["review"]["reason"])] += 1
     for result in output["results"]:
-        if result.get("stage") == "undecided":
+        if result.get("stage") == stages.UNDECIDED:
             summary.by_policy[(result["policy_id"], "(needs review)")] += 1
         else:
             summary.by_policy[(result["policy_id"], result["category"] or ("violation" if result["violation"] else "safe"))] += 1
-    flagged = [r for r in output["results"] if r["violation"] and r.get("stage") != "undecided"]
+    flagged = [r for r in output["results"] if r["violation"] and r.get("stage") != stages.UNDECIDED]
     shown = flagged[0] if flagged else (pending[0] if pending else output["results"][0])
     content = contents.get(output["event_id"], "")
     if output["violation"]:

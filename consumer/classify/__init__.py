@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from consumer.events import ContentEvent, ErrorType
+from consumer.classify.exceptions import ClassificationFailed
+from consumer.events import ContentEvent
 from consumer.policy import Policy
 
 
@@ -68,20 +69,10 @@ class Classification:
     rationale: str | None = None
     reasoning: str | None = None
     model: str = "unknown"
-    stage: str | None = None  # which stage of a cascade decided: cache, lexical, embedding, reasoner, undecided
+    stage: str | None = None  # which stage decided, one of `consumer.stages` (cache, lexical, ..., undecided)
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-
-
-class ClassificationFailed(Exception):
-    """A request that cannot produce a verdict; becomes a dead letter of `error_type`."""
-
-    def __init__(self, error_type: ErrorType, message: str, raw_output: str | None = None, attempts: int = 1):
-        super().__init__(message)
-        self.error_type = error_type
-        self.raw_output = raw_output
-        self.attempts = attempts
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,8 @@ def run(
     from consumer.pipeline.http import PortInUse
     from consumer.pipeline.pipeline import Pipeline
     from consumer.pipeline.preflight import connect_and_check, describe, prepare
-    from consumer.pipeline.telemetry import TelemetryError, configure_logging
+    from consumer.pipeline.telemetry.logs import configure_logging
+    from consumer.pipeline.telemetry.tracing import TelemetryError
 
     overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
     settings = settings_or_exit(config, overrides)

@@ -86,7 +86,7 @@ def review_console(
     import signal
     import threading
 
-    from confluent_kafka import KafkaException
+    from consumer.kafka.client import KafkaException
 
     from consumer.console.server import ConsoleError, ReviewConsole
 

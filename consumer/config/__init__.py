@@ -19,7 +19,9 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from consumer.config.cascade import CascadeSettings
 from consumer.config.chat import ChatSettings
+from consumer.config.exceptions import ConfigError
 from consumer.config.review import ReviewSettings
+from consumer.config.sinks import SinksSettings
 
 # Any key whose name looks like a secret, misspellings included (`sasl.pasword` is still a
 # password): hiding a harmless value costs nothing, printing a password costs a rotation.
@@ -33,10 +35,6 @@ TOOL_VARIABLES = frozenset(
      "SAFEGUARD_BOOTSTRAP_REPOINT"}
 )  # fmt: skip
 ENV_PREFIX = "SAFEGUARD_"
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; the CLI exits with code 2 and prints this."""
 
 
 class _Section(BaseModel):
@@ -275,6 +273,7 @@ class Settings(BaseSettings):
     chat: ChatSettings = Field(default_factory=ChatSettings)
     cascade: CascadeSettings = Field(default_factory=CascadeSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    sinks: SinksSettings = Field(default_factory=SinksSettings)
 
     @model_validator(mode="after")
     def _registry_formats_need_a_registry(self) -> Settings:
@@ -286,9 +285,16 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _review_needs_at_least_once(self) -> Settings:
         # A record with a verdict and review items is done when the last output is delivered;
-        # the transactional sink holds one output per record (consumer.kafka.sink).
+        # the transactional sink holds one output per record (consumer.sinks.kafka).
         if self.review.enabled and self.pipeline.delivery == "exactly_once":
             raise ValueError("review.enabled needs pipeline.delivery at_least_once (exactly_once is not supported yet)")
+        return self
+
+    @model_validator(mode="after")
+    def _files_need_at_least_once(self) -> Settings:
+        # A file cannot join a Kafka transaction: its lines would be visible before (or without) the commit.
+        if self.sinks.files and self.pipeline.delivery == "exactly_once":
+            raise ValueError("sinks.files needs pipeline.delivery at_least_once (a file cannot join a transaction)")
         return self
 
     @classmethod

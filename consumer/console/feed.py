@@ -15,9 +15,8 @@ import threading
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, Message, TopicPartition
-
 from consumer.events import ReviewDecision, ReviewItem
+from consumer.kafka.client import Consumer, Message, TopicPartition
 from consumer.kafka.ranges import assign_from_earliest
 from consumer.review.decisions import RejectedInput, parse
 from consumer.review.state import ReviewState

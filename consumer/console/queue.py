@@ -12,11 +12,11 @@ from datetime import datetime, timedelta, timezone
 
 from consumer.events import ReviewItem
 from consumer.policy import Policy
+from consumer.policy.sections import sections
 from consumer.review.state import ReviewState
 
 # "- H1: Threats of violence ..." in a policy's VIOLATES and SAFE sections
 _RULE = re.compile(r"^\s*[-*]\s*([A-Za-z][A-Za-z0-9_.-]{0,15})\s*:\s*(.+)$")
-_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,12 @@ def policy_view(policy: Policy | None, item: ReviewItem) -> PolicyView:
     they come from (VIOLATES when the machine cited none: what the item is checked against)."""
     if policy is None:
         return PolicyView(item.policy_id, None, None, False, {}, [], None)
-    sections = _sections(policy.text)
-    rules = [Rule(m.group(1), m.group(2).strip(), name) for name, lines in sections.items() for line in lines
+    titled = _by_title(policy.text)
+    rules = [Rule(m.group(1), m.group(2).strip(), name) for name, lines in titled.items() for line in lines
              if (m := _RULE.match(line))]  # fmt: skip
     by_id = {r.id.upper(): r for r in rules}
     cited = [by_id[r.upper()] for r in item.machine.rule_ids if r.upper() in by_id]
-    violates = next((n for n in sections if n.upper().startswith("VIOLATES")), None)
+    violates = next((n for n in titled if n.upper().startswith("VIOLATES")), None)
     name = cited[0].section if cited else violates
     return PolicyView(
         policy_id=policy.id,
@@ -96,21 +96,24 @@ def policy_view(policy: Policy | None, item: ReviewItem) -> PolicyView:
         categories=dict(policy.categories),
         cited=cited,
         section_name=name,
-        section=[line for line in sections.get(name, []) if line.strip()] if name else [],
+        section=[line for line in titled.get(name, []) if line.strip()] if name else [],
         rules=[r for r in rules if r.section == violates],
     )
 
 
-def _sections(text: str) -> dict[str, list[str]]:
-    sections: dict[str, list[str]] = {}
+def _by_title(text: str) -> dict[str, list[str]]:
+    """The policy's `##` sections by title, as a reviewer reads them: a `#` heading inside one
+    (the document's title, say) is shown as one of its lines."""
+    titled: dict[str, list[str]] = {}
     current: list[str] | None = None
-    for line in text.splitlines():
-        heading = _HEADING.match(line)
-        if heading and line.startswith("##"):
-            current = sections.setdefault(heading.group(1), [])
+    for section in sections(text):
+        if section.level >= 2:
+            current = titled.setdefault(section.title, [])
         elif current is not None:
-            current.append(line)
-    return sections
+            current.append(section.heading)
+        if current is not None:
+            current.extend(line for _, line in section.body)
+    return titled
 
 
 def author_decided_violations(state: ReviewState, item: ReviewItem) -> int:

@@ -15,13 +15,14 @@ from consumer.console.app import ConsoleApp
 from consumer.console.feed import ReviewFeed
 from consumer.console.identity import Identity
 from consumer.console.writer import DecisionWriter
+from consumer.errors import Fatal
 from consumer.policy import Policy, PolicyStore
 from consumer.review.state import ReviewState
 
 log = logging.getLogger(__name__)
 
 
-class ConsoleError(Exception):
+class ConsoleError(Fatal):
     """The console cannot start with these settings."""
 
 

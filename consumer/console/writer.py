@@ -6,10 +6,10 @@ import threading
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Message, Producer
 
 from consumer.events import ReviewDecision
-from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.kafka.client import KafkaError, Message, Producer
+from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.review.state import Coordinates
 
 DELIVERY_TIMEOUT_S = 15.0

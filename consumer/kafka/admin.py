@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient, ClusterMetadata, NewTopic
 
 from consumer.config import Settings
+from consumer.errors import Fatal
 from consumer.kafka.client_logs import client_options
 
 CREATE_COMMAND = "safeguard-consumer topics create --config FILE"
@@ -37,11 +38,11 @@ _DEAD_LETTER_OVERHEAD_BYTES = 64 << 10
 _BROKER_DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 
 
-class Unreachable(Exception):
+class Unreachable(Fatal):
     """No broker answered within `kafka.startup_timeout_s`, or the brokers refused us (exit 1)."""
 
 
-class TopicProblem(Exception):
+class TopicProblem(Fatal):
     """A topic the consumer needs is missing or not permitted (exit 2)."""
 
 

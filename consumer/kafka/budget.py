@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import orjson
 from confluent_kafka import KafkaException, Message
 
+from consumer.errors import Fatal
 from consumer.events import Document, ErrorType, Headers
 from consumer.kafka.records import dead_letter
 
@@ -64,7 +65,7 @@ class OutputTooLarge(Exception):
     """Even cut to the bone, the output does not fit its topic's budget."""
 
 
-class OutputRefused(Exception):
+class OutputRefused(Fatal):
     """Nothing smaller is left for a record (its minimal dead letter was refused, or no dead
     letter fits the budget at all): the topic itself is the problem."""
 

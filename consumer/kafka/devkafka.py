@@ -18,13 +18,15 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from consumer.errors import Fatal
+
 KAFKA_VERSION = "4.1.2"
 LOG4J_VERSION = "2.25.3"
 SCALA_BINARY = "2.13"
 
 
-class DevKafkaError(RuntimeError):
-    pass
+class DevKafkaError(Fatal, RuntimeError):
+    """The development broker cannot be fetched or started."""
 
 
 def cache_dir() -> Path:

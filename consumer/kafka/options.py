@@ -1,4 +1,4 @@
-"""librdkafka options checked by librdkafka itself, before anything connects.
+"""librdkafka options: the producers' defaults, and options checked by librdkafka itself, before anything connects.
 
 `kafka.common`, `kafka.consumer` and `kafka.producer` are passed through to the clients, so
 only the client can say whether `sasl.pasword` or `fetch.wait.max.ms: soon` is acceptable.
@@ -15,6 +15,15 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 
 from consumer.config import ConfigError, Settings
+
+# What every producer of ours starts from (the sinks, the review loop, the console's writer):
+# idempotence and acks=all are what "delivered" means here.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 5,
+    "compression.type": "lz4",
+}
 
 _PROPERTY = re.compile(r'property:? "([^"]+)"')
 _QUOTED = re.compile(r'"[^"]*"')

@@ -1,19 +1,17 @@
-"""The roles around the pipeline: who reads records, who writes outputs, who makes offsets durable.
+"""The roles on the reading side of the pipeline: who reads records, who makes offsets durable.
 
 Contracts only: Protocols and the plain options they are built from; no implementation is
 imported here. The implementations:
 
 - `RecordSource`: `consumer.kafka.source.Source` (a consumer group) and
   `consumer.replay.source.ReplaySource` (assigned partitions, a fixed offset range);
-- `OutputSink`: `consumer.kafka.sink.Sink` (at-least-once), `consumer.kafka.sink.TransactionalSink`
-  (exactly-once), `consumer.replay.outputs.JsonlSink` (a file) and
-  `consumer.replay.outputs.ReplayOutput` (stamps a replay's outputs for an inner sink);
-- `Committer`: `consumer.kafka.source.OffsetCommitter` and `TransactionalSink`.
+- `Committer`: `consumer.kafka.source.OffsetCommitter` and `consumer.sinks.kafka.TransactionalSink`.
 
-`Pipeline` builds a `SourceOptions` and a `SinkOptions` from the settings and passes them,
-with what it wires the stage to, to its source and sink factories (`SourceFactory`,
-`SinkFactory`), so that a replacement (the replay's) takes one typed object, not a mirror of
-the pipeline's keyword list.
+The writing side, the `OutputSink` role, is `consumer.sinks.roles`.
+
+`Pipeline` builds a `SourceOptions` from the settings and passes it, with what it wires the
+source to, to its source factory (`SourceFactory`), so that a replacement (the replay's) takes
+one typed object, not a mirror of the pipeline's keyword list.
 """
 
 from __future__ import annotations
@@ -24,10 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from confluent_kafka import KafkaError, Message, TopicPartition
 
-from consumer.events import Document, Headers
-
 if TYPE_CHECKING:
-    from consumer.kafka.budget import OutputBudget
     from consumer.kafka.client_logs import BrokerLink
     from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
 
@@ -87,39 +82,6 @@ class RecordSource(Protocol):
         ...
 
 
-class OutputSink(Protocol):
-    """Takes verdicts and dead letters from the event loop without blocking; a record's ticket
-    is marked done only once its output is delivered (or, exactly-once, held for the transaction)."""
-
-    held_back: int  # outputs that had to wait for room (a full producer queue)
-    verdicts_delivered: int  # acknowledged by the broker (exactly-once: in committed transactions)
-    dead_letters_delivered: int
-
-    def start(self) -> None: ...
-
-    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
-        """The verdict of the input `record` (keyed like it; a dead letter of it if it cannot fit)."""
-        ...
-
-    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None: ...
-
-    def awaiting_reports(self) -> bool:
-        """True while outputs wait for delivery reports that `serve` would hand on."""
-        ...
-
-    def serve(self) -> None:
-        """On the event loop: hand on delivery reports, send what waited."""
-        ...
-
-    def flush(self, timeout: float) -> int:
-        """Wait for outstanding deliveries; returns how many are still undelivered."""
-        ...
-
-    def close(self) -> None:
-        """Release the client; after `flush`."""
-        ...
-
-
 @dataclass(frozen=True)
 class SourceOptions:
     """What a record source is asked to read and how, from the settings (`kafka`, `pipeline`)."""
@@ -147,24 +109,4 @@ class SourceWiring:
     link: BrokerLink | None = None  # hears the client's connection failures and signs of life
 
 
-@dataclass(frozen=True)
-class SinkOptions:
-    """Where an output sink writes, from the settings (`kafka`, `pipeline`)."""
-
-    producer_config: dict[str, Any]  # librdkafka producer options, bootstrap servers included
-    verdict_topic: str
-    dead_letter_topic: str
-    delivery_retries: int
-
-
-@dataclass(frozen=True)
-class SinkWiring:
-    """What the pipeline connects an output sink to."""
-
-    on_delivered: Callable[[list[Ticket]], None]  # tickets of delivered outputs, a batch at a time
-    on_fatal: Callable[[str], None]
-    budget: OutputBudget  # what fits each output topic; cuts what does not
-
-
 SourceFactory = Callable[[SourceOptions, SourceWiring], RecordSource]
-SinkFactory = Callable[[SinkOptions, SinkWiring], OutputSink]

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyRequest
 from consumer.events import ErrorType
+from consumer.pipeline.telemetry.metrics import Figure
 from consumer.policy import count_tokens
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,21 @@ class Batcher:
     The guarantees are in this module's docstring: the in-flight bound (requests and
     estimated tokens), when a batch closes, grouping by policy, the adaptive concurrency limit.
     """
+
+    # What the metrics exporter shows of the batcher, one gauge each, read from these attributes.
+    FIGURES = {
+        "safeguard.batcher.batch_size": Figure("avg_batch_size", "requests per micro-batch, recent average"),
+        "safeguard.batcher.batch_tokens": Figure(
+            "avg_batch_tokens", "estimated prompt tokens per micro-batch, recent average"),
+        "safeguard.batcher.in_flight_requests": Figure("in_flight", "requests the classifier holds"),
+        "safeguard.batcher.in_flight_tokens": Figure(
+            "in_flight_tokens", "estimated KV-cache tokens of the requests in flight"),
+        "safeguard.batcher.concurrency_limit": Figure(
+            "concurrency_limit", "requests the batcher lets the classifier hold"),
+        "safeguard.batcher.queued_requests": Figure("queued", "requests waiting for a micro-batch"),
+        "safeguard.batcher.queue_wait": Figure(
+            "avg_queue_wait_s", "time a request waits for its micro-batch, recent average", unit="s"),
+    }  # fmt: skip
 
     def __init__(
         self,
@@ -144,14 +160,6 @@ class Batcher:
     @property
     def avg_queue_wait_s(self) -> float:
         return self.queue_wait_total_s / self.started if self.started else 0.0
-
-    def figures(self) -> dict[str, float]:
-        """What the metrics exporter shows of the batcher (`safeguard.batcher.*`)."""
-        return {
-            "avg_batch_size": self.avg_batch_size, "avg_batch_tokens": self.avg_batch_tokens,
-            "in_flight_requests": self.in_flight, "in_flight_tokens": self.in_flight_tokens,
-            "concurrency_limit": self.concurrency_limit, "queued": self.queued, "avg_queue_wait_s": self.avg_queue_wait_s,
-        }  # fmt: skip
 
     # -- interface -------------------------------------------------------------------------
 

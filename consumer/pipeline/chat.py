@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import Message, TopicPartition
 
 from consumer.config.chat import ChatSettings
 from consumer.events import ContentEvent, ContextMessage
+from consumer.kafka.client import Message, TopicPartition
 from consumer.kafka.ranges import read_ranges
 from consumer.decode import DecodeError
 from consumer.errors import Unavailable

@@ -19,12 +19,14 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from consumer.errors import Fatal
+
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
 
 
-class PortInUse(Exception):
+class PortInUse(Fatal):
     """`telemetry.http_port` is taken (another consumer on this host?): a configuration error."""
 
 

@@ -6,18 +6,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Message
 from opentelemetry.trace import Span, Status, StatusCode
 
+from consumer import stages
 from consumer.events import ContentEvent, Document, ErrorType, ReviewItem
 from consumer.kafka import records
+from consumer.kafka.client import Message
 from consumer.kafka.offsets import OutputJoin, Ticket
-from consumer.kafka.roles import OutputSink
-from consumer.kafka.sink import Sink
 from consumer.pipeline import outputs
 from consumer.pipeline.chat import Offenders
-from consumer.pipeline.telemetry import Telemetry, inject
+from consumer.pipeline.telemetry import Telemetry
+from consumer.pipeline.telemetry.tracing import inject
 from consumer.policy import most_severe
+from consumer.sinks.roles import CarriesReviewItems, OutputSink
 
 
 class Record:
@@ -46,6 +47,7 @@ class OutputStep:
     ):
         """`sent`: called after each output is handed to the sink (its reports are to be served)."""
         self._sink = sink
+        self._review_sink = sink if isinstance(sink, CarriesReviewItems) else None
         self._offenders = offenders
         self._telemetry = telemetry
         self._outputs_done = outputs_done
@@ -59,7 +61,7 @@ class OutputStep:
         violation, actions = False, []
         for result in results:  # one loop, no comprehensions: this runs for every record
             # An undecided result is a guess awaiting a person: it holds, and it is no found violation.
-            if result["violation"] and result["stage"] != "undecided":
+            if result["violation"] and result["stage"] != stages.UNDECIDED:
                 violation = True
             actions.append(result["action"])
         action, offences = self._offenders.record(event.community_id, event.author_id, violation, most_severe(actions))
@@ -90,8 +92,8 @@ class OutputStep:
         """Review items go with the verdict under the record's ticket: done when all are delivered."""
         self._outputs_done.expect(record.ticket, 1 + len(items))
         headers = inject(record.span)
-        sink = self._sink
-        assert isinstance(sink, Sink)  # the review desk is enabled only with the pipeline's own Kafka sink
+        sink = self._review_sink
+        assert sink is not None  # the review desk is enabled only with a sink that carries review items
         for item in items:
             sink.send_review_item(self._review_topic, item.model_dump(mode="json"), record.message,
                                   record.ticket, headers)  # fmt: skip

@@ -10,6 +10,7 @@ letters are rare and go through their model.
 from __future__ import annotations
 
 import consumer
+from consumer import stages
 from consumer.classify import Classification
 from consumer.events import (
     SCHEMA_VERSION,
@@ -20,7 +21,13 @@ from consumer.policy.actions import SEVERITY
 
 
 def policy_result(policy: Policy, outcome: Classification, latency_ms: float) -> Document:
-    """One policy's decision (`PolicyResult`), its action from the policy's actions map."""
+    """One policy's decision (`PolicyResult`), its action from the policy's actions map; an
+    undecided result takes the policy's review action (hold by default), review enabled or
+    not: nothing downstream should punish on a guess."""
+    if outcome.stage == stages.UNDECIDED:
+        action = policy.review_action
+    else:
+        action = policy.action_for(outcome.violation, outcome.category)
     return {
         "policy_id": policy.id,
         "policy_version": policy.version,
@@ -29,7 +36,7 @@ def policy_result(policy: Policy, outcome: Classification, latency_ms: float) ->
         "rule_ids": list(outcome.rule_ids),
         "confidence": outcome.confidence,
         "rationale": outcome.rationale,
-        "action": policy.action_for(outcome.violation, outcome.category),
+        "action": action,
         "reasoning": outcome.reasoning,
         "model": outcome.model,
         "stage": outcome.stage,

@@ -1,9 +1,9 @@
 """The loop on one screen: consume -> decode -> route -> batch+classify -> produce -> commit.
 
-Each step is delegated to its stage module (source and sink in `consumer.kafka`; decode in
-`consumer.decode`; chat, classify_step with the batcher, outputs here; health and http for the probes); this
-module wires them together and holds the record's path through them. The poll
-thread hands the event loop a batch of records at a time; a record whose answers are at
+Each step is delegated to its stage module (the source in `consumer.kafka`, decode in
+`consumer.decode`, the sink in `consumer.sinks`; chat, classify_step with the batcher, outputs
+here; health and http for the probes); this module wires them together and holds the record's
+path through them. The poll thread hands the event loop a batch of records at a time; a record whose answers are at
 hand (a decode error, a keyword match, a cascade cache hit or cheap-stage decision: the
 classifier's `classify_now_many`, asked once per batch) is decided and its output sent within
 that call, and only a record that needs the batcher
@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -50,20 +49,26 @@ from consumer.errors import Unavailable
 from consumer.events import ErrorType
 from consumer.kafka import roles
 from consumer.kafka.budget import OutputBudget
+from consumer.kafka.client import TopicPartition
 from consumer.kafka.client_logs import BrokerLink, ClientLogger
 from consumer.kafka.offsets import OffsetTracker, OutputJoin
-from consumer.kafka.sink import Sink, TransactionalSink
 from consumer.kafka.source import Received, Source
-from consumer.pipeline import outputs, telemetry
+from consumer.pipeline import outputs
 from consumer.pipeline.batcher import Batcher
 from consumer.pipeline.chat import Conversations, Offenders, rebuild
 from consumer.pipeline.classify_step import ClassifyStep
 from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
 from consumer.pipeline.output_step import OutputStep, Record
+from consumer.pipeline.telemetry import Telemetry
+from consumer.pipeline.telemetry.metrics import prometheus_meter_provider
+from consumer.pipeline.telemetry.tracing import tracer_provider_from_env
 from consumer.policy import PolicyStore, PolicyWatcher
 from consumer.policy.route import Router
 from consumer.review.desk import ReviewDesk
+from consumer.sinks import fan_out
+from consumer.sinks import roles as sink_roles
+from consumer.sinks.kafka import KafkaSink, TransactionalSink
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +101,14 @@ class Pipeline:
         classifier: Classifier,
         policies: PolicyStore,
         source_factory: roles.SourceFactory = Source.connect,
-        sink_factory: roles.SinkFactory | None = None,
+        sink_factory: sink_roles.SinkFactory | None = None,
         tracer_provider: TracerProvider | None = None,
     ):
-        """`source_factory` and `sink_factory` replace the Kafka source and the at-least-once sink
-        (a replay reads assigned partitions and may write to a file); each is called with the
-        options built from the settings and what the pipeline wires it to (`consumer.kafka.roles`).
+        """`source_factory` and `sink_factory` replace the Kafka source and the configured sink
+        (the output topics, and the files of `sinks.files`: a replay reads assigned partitions and
+        writes where it is told); each is called with the options built from the settings and what
+        the pipeline wires it to (`consumer.kafka.roles`, `consumer.sinks.roles`). Review runs
+        when `review.enabled` and the sink carries review items (`CarriesReviewItems`).
         Exactly-once needs the transactional sink, which both sends the outputs and commits the
         offsets in one transaction: a replaced sink cannot, so `sink_factory` with
         `pipeline.delivery: exactly_once` is refused (ValueError) rather than run at-least-once.
@@ -121,13 +128,13 @@ class Pipeline:
         self.conversations = Conversations(settings.chat)
         self.offenders = Offenders(settings.chat)
         self._source_factory = source_factory
-        self._sink_factory = sink_factory or Sink.open
+        self._sink_factory = sink_factory or fan_out.configured(KafkaSink.open, settings.sinks.files)
         self.source: roles.RecordSource | None = None  # built by `run`
-        meter_provider, self.metrics_registry = telemetry.prometheus_meter_provider()
-        self.telemetry = telemetry.Telemetry.create(
+        meter_provider, self.metrics_registry = prometheus_meter_provider()
+        self.telemetry = Telemetry.create(
             settings.kafka.group_id,
             meter_provider,
-            tracer_provider or telemetry.tracer_provider_from_env(),
+            tracer_provider or tracer_provider_from_env(),
             trace_content=settings.telemetry.trace_content,
             registry=self.metrics_registry,
         )
@@ -140,12 +147,7 @@ class Pipeline:
             self.telemetry.e2e_latency.expect(outcome)
         for policy_id in policies.get():
             self.telemetry.engine_latency.expect(policy_id)
-        # Human review runs with the pipeline's own Kafka sink (not in replays, which pass a sink).
-        self.reviews = ReviewDesk(
-            settings, classifier, policies.get, self.decoder.decode,
-            enabled=settings.review.enabled and sink_factory is None,
-            meter=self.telemetry.meter, registry=self.metrics_registry,
-        )  # fmt: skip
+        self.reviews: ReviewDesk  # built by `run`, once the sink says whether it carries review items
         self.outputs_done = OutputJoin(self.tracker.done_many)  # a verdict and its review items
         self.http: HttpServer | None = None
         # The brokers' reachability after start: one WARNING per change, and /readyz.
@@ -183,7 +185,7 @@ class Pipeline:
                                                          "logger": ClientLogger("producer", self.link)}
         budget = OutputBudget(producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic)
         output_topics = [cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic]
-        if self.reviews.enabled:
+        if cfg.review.enabled:
             output_topics.append(cfg.review.topic)
         await asyncio.to_thread(budget.load, output_topics)
         problem = budget.check(cfg.pipeline.max_payload_bytes)
@@ -204,7 +206,7 @@ class Pipeline:
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         self.health.classifier_ready = True
         committer: roles.Committer | None = None
-        self.sink: roles.OutputSink
+        self.sink: sink_roles.OutputSink
         if cfg.pipeline.delivery == "exactly_once":  # the constructor refused a sink factory for it
             self.sink = committer = TransactionalSink(
                 producer_config,
@@ -218,11 +220,19 @@ class Pipeline:
             )
         else:
             self.sink = self._sink_factory(
-                roles.SinkOptions(
+                sink_roles.SinkOptions(
                     producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic, cfg.pipeline.delivery_retries
                 ),
-                roles.SinkWiring(on_delivered=self.outputs_done.done_many, on_fatal=self._fail_threadsafe, budget=budget),
+                sink_roles.SinkWiring(
+                    on_delivered=self.outputs_done.done_many, on_fatal=self._fail_threadsafe, budget=budget
+                ),
             )
+        # Human review needs a sink that carries review items (a replay's does not).
+        self.reviews = ReviewDesk(
+            cfg, self.classifier, self.policies.get, self.decoder.decode,
+            enabled=cfg.review.enabled and isinstance(self.sink, sink_roles.CarriesReviewItems),
+            meter=self.telemetry.meter, registry=self.metrics_registry,
+        )  # fmt: skip
         self.batcher = Batcher(
             self.classifier,
             max_batch_size=cfg.pipeline.max_batch_size,
@@ -265,12 +275,12 @@ class Pipeline:
         gauges.policy_reloads = lambda: self.policies.reloads
         if isinstance(self.classifier, CountsDecisions):
             gauges.cascade = lambda: self.classifier.counters  # type: ignore[attr-defined]
-        gauges.batcher = self.batcher.figures
+        self.telemetry.observe_figures(self.batcher.FIGURES, self.batcher)
         watcher = PolicyWatcher(self.policies, cfg.policies.reload_interval_s)
         if cfg.policies.reload_interval_s > 0:
             watcher.start()
         await asyncio.to_thread(self.sink.start)
-        if isinstance(self.sink, (Sink, TransactionalSink)):
+        if isinstance(self.sink, sink_roles.AsksBrokers):
             self.health.ask_brokers = self.sink.brokers_answer
         await asyncio.to_thread(self.reviews.start, self._loop, self._fail_threadsafe)
         serving = self._loop.create_task(self._serve_sink(), name="sink")

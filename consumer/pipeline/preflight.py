@@ -1,8 +1,9 @@
 """The pre-flight: everything `run` checks before its first poll, shared with `check-config`.
 
 `prepare` (offline): the policies load, the routes name loaded policies, librdkafka accepts
-every passed-through option, the decoder builds (`decode`, `schema_registry`), and the classifier builds (the vLLM engine only has its
-settings checked: loading it is not cheap). Each failure is a `ConfigError` naming the key.
+every passed-through option, the decoder builds (`decode`, `schema_registry`), the files of
+`sinks.files` may be written, and the classifier builds (the vLLM engine only has its settings
+checked: loading it is not cheap). Each failure is a `ConfigError` naming the key.
 
 `connect_and_check` (online, `run` and `check-config --connect`): the brokers answer within
 `kafka.startup_timeout_s` (else `Unreachable`, exit 1), the input topics exist or a regex
@@ -26,6 +27,7 @@ from consumer.kafka import admin
 from consumer.kafka.options import check_client_options
 from consumer.policy import PolicyError, PolicyStore
 from consumer.policy.route import Router, RoutingError
+from consumer.sinks.file import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def prepare(settings: Settings, build_engine: bool = True) -> Prepared:
         raise ConfigError(str(exc)) from None  # it names policies.routes/default
     check_client_options(settings)
     build_decoder(settings)
+    check_writable(settings.sinks.files)
     uses_engine = settings.classifier.kind == "vllm" or (
         settings.classifier.kind == "cascade" and settings.classifier.reasoner == "vllm"
     )

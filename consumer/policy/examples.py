@@ -14,9 +14,10 @@ from pathlib import Path
 
 import orjson
 
+from consumer.policy.exceptions import DataError
 from consumer.policy.parse import Policy
+from consumer.policy.sections import sections
 
-HEADING = re.compile(r"^#{1,6}\s+([A-Za-z]+)")
 # `- "content" -> label`, split at the last arrow: the content may itself contain arrows.
 _EXAMPLE = re.compile(r"^\s*[-*]\s+(?P<content>.*)(?:->|=>)\s*(?P<label>.+?)\s*$")
 
@@ -36,15 +37,16 @@ def section_examples(text: str, first_line: int = 1) -> list[SectionExample]:
     """Every example line under the EXAMPLES heading of a policy's body, numbered from `first_line`."""
     found: list[SectionExample] = []
     inside = False
-    for number, line in enumerate(text.splitlines(), start=first_line):
-        heading = HEADING.match(line)
-        if heading:
-            inside = heading.group(1).upper() == "EXAMPLES"
+    for section in sections(text, first_line):
+        if section.name is not None:  # a heading without a name continues the section before it
+            inside = section.name == "EXAMPLES"
+        if not inside:
             continue
-        match = _EXAMPLE.match(line) if inside else None
-        if match:
-            content = match.group("content").strip().strip("\"'“”")
-            found.append(SectionExample(number, content, *_label(match.group("label"))))
+        for number, line in section.body:
+            match = _EXAMPLE.match(line)
+            if match:
+                content = match.group("content").strip().strip("\"'“”")
+                found.append(SectionExample(number, content, *_label(match.group("label"))))
     return found
 
 
@@ -60,10 +62,6 @@ def _label(text: str) -> tuple[int | None, str | None, str | None]:
         return None, None, "example label must have \"violation\": 0 or 1"
     category = value.get("policy_category")
     return int(value["violation"]), category if isinstance(category, str) else None, None
-
-
-class DataError(ValueError):
-    """A labelled-data file that cannot be read; the message names the line."""
 
 
 @dataclass(frozen=True)

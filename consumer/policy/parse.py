@@ -14,13 +14,11 @@ from typing import Any, Literal
 
 import yaml
 
+from consumer.policy.exceptions import PolicyError
+
 ReasoningEffort = Literal["low", "medium", "high"]
 REASONING_EFFORTS = ("low", "medium", "high")
 OUTPUT_TIERS = ("binary", "category", "rich")  # bare 0/1; + policy_category; + rule_ids, confidence, rationale
-
-
-class PolicyError(ValueError):
-    """A policy file that cannot be used; the message starts with `file:line:`."""
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,7 @@ from dataclasses import dataclass
 from consumer.config import PolicySettings, Route
 from consumer.events import ContentEvent
 from consumer.policy import Policy
-
-
-class RoutingError(ValueError):
-    """Routes that name policies which do not exist."""
+from consumer.policy.exceptions import RoutingError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from typing import Any, Literal
 import yaml
 
 from consumer.policy.actions import ACTIONS
-from consumer.policy.examples import HEADING as _HEADING
 from consumer.policy.examples import SectionExample, section_examples
 from consumer.policy.parse import (
     OUTPUT_TIERS,
@@ -24,6 +23,7 @@ from consumer.policy.parse import (
     _meta_line,
     parse_policy,
 )
+from consumer.policy.sections import sections
 
 REQUIRED_SECTIONS = ("INSTRUCTIONS", "DEFINITIONS", "VIOLATES", "SAFE", "EXAMPLES")
 SWEET_SPOT_TOKENS = (400, 600)
@@ -99,11 +99,10 @@ def validate_policy(data: bytes, path: Path, max_tokens: int = DEFAULT_MAX_TOKEN
             meta_problem("patterns", f"pattern {pattern!r} is not a valid regular expression ({exc})")
 
     body_start = text[: text.find("\n---", 3) + 4].count("\n") + 1
-    headings = {}
-    for number, line in enumerate(lines[body_start:], start=body_start + 1):
-        match = _HEADING.match(line)
-        if match:
-            headings.setdefault(match.group(1).upper(), number)
+    headings: dict[str, int] = {}
+    for section in sections("\n".join(lines[body_start:]), first_line=body_start + 1):
+        if section.name is not None:
+            headings.setdefault(section.name, section.line)
     for section in REQUIRED_SECTIONS:
         if section not in headings:
             problems.append(Problem(where, body_start + 1, "error", f"missing section `## {section}`"))

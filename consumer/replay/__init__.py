@@ -2,8 +2,8 @@
 
 `safeguard-consumer replay` (the command is in `consumer.cli`) reads the records of one topic
 between START and END through the same stages as the live consumer (decode, route, batcher,
-classifier, dead letters; the `Pipeline` itself), with its two Kafka roles played by others
-(`consumer.kafka.roles`):
+classifier, dead letters; the `Pipeline` itself), with its source and sink roles played by others
+(`consumer.kafka.roles`, `consumer.sinks.roles`):
 
 - the `RecordSource` is `ReplaySource` (`source`): partitions are *assigned*, under a group
   id of the replay's own that never commits, so the live group's committed offsets are
@@ -11,8 +11,8 @@ classifier, dead letters; the `Pipeline` itself), with its two Kafka roles playe
   committing, moves a `Checkpoint` file (`checkpoint`); it stops the pipeline once every
   partition reached END and every output was delivered;
 - the `OutputSink` is `ReplayOutput` (`outputs`): stamps each output with `replay` (run id,
-  start time, the `id@version` of every policy in force) and hands it to the Kafka `Sink`
-  (an output topic) or to `JsonlSink` (a file).
+  start time, the `id@version` of every policy in force) and hands it to the `KafkaSink`
+  (an output topic) or to the `JsonlSink` (a file) of `consumer.sinks`.
 
 The offset range is fixed when a replay starts (`bounds`): START and END resolve to offsets
 per partition (`offsets_for_times` for times, the high watermark for `now`), so a replay of
@@ -21,6 +21,8 @@ with the same policy versions after an interruption without reclassifying what w
 delivered. `run` puts one replay together; `backtest` compares its outputs with a baseline's.
 """
 
+from consumer.errors import Fatal
 
-class ReplayError(ValueError):
+
+class ReplayError(Fatal, ValueError):
     """A replay that cannot start as asked; the CLI exits with code 2 and prints this."""

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from confluent_kafka import Consumer, KafkaException
 from rich.console import Console
 from rich.table import Table
 
 from consumer.config import Settings
+from consumer.kafka.client import Consumer, KafkaException
 from consumer.kafka.ranges import iter_ranges
 from consumer.replay import ReplayError
 from consumer.replay.bounds import Bound, resolve_ranges

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from confluent_kafka import TopicPartition
 from pydantic import BaseModel
 
+from consumer.kafka.client import TopicPartition
 from consumer.replay import ReplayError
 
 METADATA_TIMEOUT_S = 10.0

@@ -1,118 +1,26 @@
-"""Where a replay's outputs go: a JSON Lines file (`JsonlSink`) or a topic (the Kafka `Sink`),
-behind `ReplayOutput`, which stamps each output with the run that produced it."""
+"""Where a replay's outputs go: a JSON Lines file (`consumer.sinks.file.JsonlSink`) or a topic
+(`consumer.sinks.kafka.KafkaSink`), behind `ReplayOutput`, which stamps each output with the run
+that produced it; and the trimming of a file before a resume."""
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Message
 
 from consumer.durable import replacing
 from consumer.events import Document, Headers, ReplayInfo
+from consumer.kafka.client import Message
 from consumer.kafka.offsets import Ticket
-from consumer.kafka.roles import OutputSink
 from consumer.replay.checkpoint import Checkpoint
-
-log = logging.getLogger(__name__)
-
-
-class JsonlSink:
-    """Writes outputs to a JSON Lines file (an `OutputSink`); owns "delivered means on disk".
-
-    Lines are appended as they come; every `SYNC_INTERVAL_S` the sink's thread flushes and
-    fsyncs the file and only then reports the written outputs delivered. A write or sync
-    error is fatal (`on_fatal`) and what was not synced is never reported delivered.
-    """
-
-    SYNC_INTERVAL_S = 0.1
-
-    def __init__(self, path: Path, on_delivered: Callable[[list[Ticket]], None], on_fatal: Callable[[str], None]):
-        self.path = path
-        self._file = open(path, "ab")
-        self._on_delivered = on_delivered
-        self._on_fatal = on_fatal
-        self._lock = threading.Lock()
-        self._written: list[tuple[Ticket, bool]] = []  # (ticket, is a dead letter)
-        self.verdicts_delivered = 0  # synced to disk
-        self.dead_letters_delivered = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="jsonl-sync", daemon=True)
-        self.failed: str | None = None
-        self.held_back = 0  # a file is never full
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
-        self._write(verdict, ticket, letter=False)
-
-    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
-        self._write(letter, ticket, letter=True)
-
-    def _write(self, document: Document, ticket: Ticket, letter: bool) -> None:
-        line = orjson.dumps(document) + b"\n"
-        with self._lock:
-            if self.failed:
-                return
-            try:
-                self._file.write(line)
-            except OSError as exc:
-                self._fail(f"cannot write {self.path}: {exc.strerror}")
-                return
-            self._written.append((ticket, letter))
-
-    def _sync(self) -> None:
-        with self._lock:
-            if self.failed or not self._written:
-                return
-            try:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-            except OSError as exc:
-                self._fail(f"cannot write {self.path}: {exc.strerror}")
-                return
-            synced, self._written = self._written, []
-        letters = sum(letter for _, letter in synced)
-        self.verdicts_delivered += len(synced) - letters
-        self.dead_letters_delivered += letters
-        self._on_delivered([ticket for ticket, _ in synced])
-
-    def _fail(self, reason: str) -> None:
-        self.failed = reason
-        log.error("%s", reason)
-        self._on_fatal(reason)
-
-    def _serve(self) -> None:
-        while not self._stop.wait(self.SYNC_INTERVAL_S):
-            self._sync()
-
-    def awaiting_reports(self) -> bool:
-        return False
-
-    def serve(self) -> None:
-        return None  # the sink's own thread syncs the file
-
-    def flush(self, timeout: float) -> int:
-        """Sync what was written; returns how many outputs are still undelivered."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        self._sync()
-        return len(self._written)
-
-    def close(self) -> None:
-        self._file.close()
+from consumer.sinks.roles import OutputSink
 
 
 class ReplayOutput:
     """The replay's `OutputSink`: stamps each output with the replay that produced it (the
     `replay` field, and `safeguard-replay*` headers on a topic) and hands it to the inner
-    sink, which owns delivery. Counts the violations it sent."""
+    sink, which owns delivery. Counts the violations it sent. It carries no review items: a
+    replay opens no reviews."""
 
     def __init__(self, inner: OutputSink, info: ReplayInfo):
         self._inner = inner

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -27,17 +26,20 @@ from rich.text import Text
 from consumer.classify import Classifier
 from consumer.config import Settings
 from consumer.events import ReplayInfo
+from consumer.kafka.client import Consumer, KafkaException
 from consumer.kafka.offsets import Ticket
-from consumer.kafka.roles import OutputSink, SinkOptions, SinkWiring, SourceOptions, SourceWiring
-from consumer.kafka.sink import Sink
+from consumer.kafka.roles import SourceOptions, SourceWiring
 from consumer.pipeline.pipeline import Pipeline, RunResult
 from consumer.policy import PolicyError, PolicyStore, load_policy
 from consumer.policy.route import Router
 from consumer.replay import ReplayError
 from consumer.replay.bounds import Bound, TokenBucket, resolve_ranges
 from consumer.replay.checkpoint import Checkpoint
-from consumer.replay.outputs import JsonlSink, ReplayOutput
+from consumer.replay.outputs import ReplayOutput
 from consumer.replay.source import ReplaySource, replay_consumer_config
+from consumer.sinks.file import JsonlSink
+from consumer.sinks.kafka import KafkaSink
+from consumer.sinks.roles import OutputSink, SinkOptions, SinkWiring
 
 EXIT_INTERRUPTED = 130
 
@@ -272,7 +274,7 @@ class Replay:
         if self.output_file is not None:
             inner = JsonlSink(self.output_file, delivered, wiring.on_fatal)
         else:
-            inner = Sink.open(options, dataclasses.replace(wiring, on_delivered=delivered))
+            inner = KafkaSink.open(options, dataclasses.replace(wiring, on_delivered=delivered))
         self.output = ReplayOutput(inner, self.info)
         return self.output
 

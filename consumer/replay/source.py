@@ -7,8 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-
+from consumer.kafka.client import Consumer, KafkaError, KafkaException, TopicPartition
 from consumer.kafka.offsets import OffsetTracker
 from consumer.kafka.poll import POLL_BATCH, POLL_TIMEOUT_S, PollingSource
 from consumer.kafka.roles import Received, SourceOptions, SourceWiring

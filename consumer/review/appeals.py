@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer.errors import Unavailable
 from consumer.events import (
@@ -30,6 +29,7 @@ from consumer.events import (
     ReviewItem,
     ReviewReason,
 )
+from consumer.kafka.client import Consumer, Message, TopicPartition
 from consumer.kafka.ranges import OffsetSpan, iter_ranges, read_ranges
 from consumer.policy.actions import rank
 from consumer.review.decisions import RejectedInput

@@ -42,12 +42,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from consumer.config import Settings
 from consumer.config.review import CoopAction
 from consumer.events import ReviewDecision, ReviewItem
-from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.kafka.client import Consumer, KafkaError, Producer, TopicPartition
+from consumer.kafka.options import PRODUCER_DEFAULTS
 
 log = logging.getLogger(__name__)
 

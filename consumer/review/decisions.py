@@ -14,11 +14,12 @@ from datetime import datetime, timezone
 from typing import TypeVar
 
 import orjson
-from confluent_kafka import Message
 from pydantic import BaseModel, ValidationError
 
 import consumer
+from consumer import stages
 from consumer.classify import Classification
+from consumer.errors import RecordFault
 from consumer.events import (
     DeadLetter,
     DeadLetterError,
@@ -33,19 +34,15 @@ from consumer.events import (
     Supersedes,
     Verdict,
 )
+from consumer.kafka.client import Message
 from consumer.policy import Policy, most_severe
 from consumer.policy.actions import SEVERITY
 
-HUMAN = "human"
 M = TypeVar("M", bound=BaseModel)
 
 
-class RejectedInput(Exception):
+class RejectedInput(RecordFault):
     """A decision or appeal that cannot be applied; becomes a dead letter of `error_type`."""
-
-    def __init__(self, error_type: ErrorType, message: str):
-        super().__init__(message)
-        self.error_type = error_type
 
 
 def parse(model: type[M], value: bytes | None) -> M:
@@ -81,8 +78,8 @@ def human_result(item: ReviewItem, decision: ReviewDecision, policy: Policy | No
         confidence=None,
         rationale=decision.note,
         action=action,
-        model=HUMAN,
-        stage=HUMAN,
+        model=stages.HUMAN,
+        stage=stages.HUMAN,
         latency_ms=latency_ms,
         review=ReviewStatus(status="decided", reason=item.reason, review_id=item.review_id),
     )
@@ -94,7 +91,7 @@ def corrected_verdict(
     """The verdict that replaces the machine's for the reviewed event."""
     results = [*item.other_results, human_result(item, decision, policies().get(item.policy_id))]
     # Results still awaiting a person do not count as found violations (they hold).
-    decided = [r for r in results if not (r.review and r.review.status == "pending" and r.stage == "undecided")]
+    decided = [r for r in results if not (r.review and r.review.status == "pending" and r.stage == stages.UNDECIDED)]
     action = most_severe([r.action for r in results])
     latency_ms = max(0.0, (datetime.now(timezone.utc) - item.created_at).total_seconds() * 1000)
     verdict = Verdict(
@@ -123,8 +120,8 @@ def as_classification(decision: ReviewDecision) -> Classification:
         category=decision.category if decision.violation else (decision.category or "safe"),
         rule_ids=list(decision.rule_ids),
         rationale=decision.note,
-        model=HUMAN,
-        stage=HUMAN,
+        model=stages.HUMAN,
+        stage=stages.HUMAN,
     )
 
 

@@ -10,7 +10,7 @@
   with the person's answer from now on; the cascade's heads learn it), on the event loop;
 - shadow disagreements (`ReportsDisagreements`) open reviews through the loop's producer.
 
-Disabled (`review.enabled: false`, or a pipeline whose sink is not the Kafka sink: a replay),
+Disabled (`review.enabled: false`, or a pipeline whose sink carries no review items: a replay),
 only one rule stays: an undecided result takes the policy's review action (hold).
 """
 
@@ -21,8 +21,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import Message
-
+from consumer import stages
 from consumer.classify import (
     Classification,
     Classifier,
@@ -34,10 +33,11 @@ from consumer.config import Settings
 from consumer.config.review import ReviewSettings
 from consumer.events import ContentEvent, Document, ReviewItem
 from consumer.kafka import records
+from consumer.kafka.client import Message
 from consumer.policy import Policy
 from consumer.review import metrics
 from consumer.review.decisions import as_classification
-from consumer.review.items import ReviewOpener, hold_undecided
+from consumer.review.items import ReviewOpener
 from consumer.review.loop import ReviewLoop
 from consumer.review.state import Decided, ReviewState
 
@@ -78,10 +78,9 @@ class ReviewDesk:
         results: list[Document],
         outcomes: list[Classification],
     ) -> list[ReviewItem]:
-        """`requests`: the event's, one per result; `record`: the input record. Disabled, only
-        the undecided rule runs, and nothing is built: this is asked of every verdict."""
+        """`requests`: the event's, one per result; `record`: the input record. Disabled, nothing
+        is built: this is asked of every verdict."""
         if not self.enabled:
-            hold_undecided(results, outcomes, [request.policy for request in requests])
             return []
         return self.opener.open(event, requests[0].event, lambda: records.source_of(record), results, outcomes,
                                 [request.policy for request in requests])  # fmt: skip
@@ -93,7 +92,7 @@ class ReviewDesk:
             return
         where = None
         for request, result in zip(requests, results):
-            if result.get("stage") in ("lexical", "embedding"):
+            if result.get("stage") in stages.LEARNED:
                 where = where or records.source_of(record)
                 self.opener.remember(request.request_id, event, where, record.key(), results)
 

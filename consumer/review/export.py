@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
 
 from consumer.durable import replacing
 from consumer.events import ReviewDecision, ReviewItem
+from consumer.kafka.client import Consumer, TopicPartition
 from consumer.kafka.ranges import OffsetSpan, iter_ranges
 from consumer.review.decisions import RejectedInput, parse
 from consumer.review.state import ReviewState

@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from consumer import stages
 from consumer.classify import Classification
 from consumer.config.review import ReviewSettings
 from consumer.events import (
@@ -36,8 +37,6 @@ from consumer.policy import Policy
 
 # The reasoner's confidence tiers (the guide's rich output), lowest first.
 CONFIDENCE_TIERS = ("low", "medium", "high")
-# Stages whose answers are not the reasoner's own (a cache hit repeats an answer already seen).
-_NOT_REASONER = frozenset({"cache", "lexical", "embedding", "undecided", "human"})
 
 
 def review_id_for(source: Document, policy_id: str, reason: str) -> str:
@@ -60,13 +59,13 @@ class ReviewRule:
         s = self.settings
         if not s.enabled:
             return None
-        if outcome.stage == "undecided":
+        if outcome.stage == stages.UNDECIDED:
             return ReviewReason.UNDECIDED if s.opens("undecided") else None
-        if outcome.stage == "human" or (outcome.model or "").endswith(":human"):
+        if outcome.stage == stages.HUMAN or (outcome.model or "").endswith(":human"):
             return None  # a person decided this content already
         if (
             s.opens("low_confidence")
-            and outcome.stage not in _NOT_REASONER
+            and outcome.stage not in stages.NOT_REASONER
             and outcome.confidence in CONFIDENCE_TIERS
             and CONFIDENCE_TIERS.index(outcome.confidence) < self._min_tier
         ):
@@ -151,14 +150,6 @@ def pending(reason: ReviewReason, review_id: str) -> dict[str, Any]:
 RECENT_CHEAP_DECISIONS = 4096
 
 
-def hold_undecided(results: list[Document], outcomes: list[Classification], policies: Iterable[Policy]) -> None:
-    """An undecided result takes its policy's review action (hold by default), review enabled
-    or not: nothing downstream should punish on a guess."""
-    for result, outcome, policy in zip(results, outcomes, policies):
-        if outcome.stage == "undecided":
-            result["action"] = policy.review_action
-
-
 class ReviewOpener(ReviewRule):
     """On the event loop: marks the results a person should look at and builds their items."""
 
@@ -176,11 +167,7 @@ class ReviewOpener(ReviewRule):
         outcomes: list[Classification],
         policies: list[Policy],
     ) -> list[ReviewItem]:
-        """Marks `results` in place and returns the review items to send with the verdict.
-
-        An undecided result takes the policy's review action (hold by default) whether or not
-        review is enabled: nothing downstream should punish on a guess."""
-        hold_undecided(results, outcomes, policies)
+        """Marks `results` in place and returns the review items to send with the verdict."""
         if not self.settings.enabled:
             return []
         items: list[tuple[int, ReviewReason]] = []

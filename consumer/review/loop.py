@@ -38,12 +38,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumer.config import Settings
 from consumer.events import Appeal, ContentEvent, Document, ErrorType, ReviewDecision, ReviewItem
+from consumer.kafka.client import Consumer, KafkaError, Message, Producer, TopicPartition
 from consumer.kafka.ranges import assign_from_earliest
-from consumer.kafka.sink import PRODUCER_DEFAULTS
+from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.policy import Policy
 from consumer.review.appeals import appeal_item
 from consumer.review.decisions import RejectedInput, corrected_verdict, dead_letter, parse

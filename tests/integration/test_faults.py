@@ -12,11 +12,11 @@ from collections import Counter
 import pytest
 
 from consumer.classify.keyword import KeywordClassifier
-from consumer.kafka.roles import SinkOptions, SinkWiring
-from consumer.kafka.sink import Sink
 from consumer.pipeline.background import BackgroundPipeline
 from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
+from consumer.sinks.kafka import KafkaSink
+from consumer.sinks.roles import SinkOptions, SinkWiring
 from tests.conftest import FAULT_FIGURES
 from tests.kafka_helpers import (
     Collector,
@@ -384,11 +384,11 @@ def test_a_failure_serving_delivery_reports_stops_with_exit_1_and_commits_nothin
     produce(kafka, topic, (event_json(i) for i in range(20)))
     settings = settings_for(kafka, group, topic, policies_dir)
 
-    def sink_with_a_broken_hand_over(options: SinkOptions, wiring: SinkWiring) -> Sink:
+    def sink_with_a_broken_hand_over(options: SinkOptions, wiring: SinkWiring) -> KafkaSink:
         def explode(tickets) -> None:
             raise RuntimeError("a bug downstream of the delivery reports")
 
-        return Sink.open(options, dataclasses.replace(wiring, on_delivered=explode))
+        return KafkaSink.open(options, dataclasses.replace(wiring, on_delivered=explode))
 
     pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory),
                         sink_factory=sink_with_a_broken_hand_over)  # fmt: skip

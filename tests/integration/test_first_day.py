@@ -22,7 +22,7 @@ from consumer.classify.keyword import KeywordClassifier
 from consumer.kafka.devkafka import free_port
 from consumer.pipeline.background import BackgroundPipeline
 from consumer.pipeline.pipeline import Pipeline
-from consumer.pipeline.telemetry import JsonLogFormatter
+from consumer.pipeline.telemetry.logs import JsonLogFormatter
 from consumer.policy import PolicyStore
 from tests.kafka_helpers import (
     Collector,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from consumer.classify.exceptions import CascadeUnavailable
 from consumer.config.cascade import CascadeSettings, PolicyOverrides
 
 if TYPE_CHECKING:
@@ -18,10 +19,6 @@ if TYPE_CHECKING:
     from consumer.policy import PolicyStore
 
 __all__ = ["CascadeSettings", "CascadeUnavailable", "PolicyOverrides", "make_cascade"]
-
-
-class CascadeUnavailable(RuntimeError):
-    """A configured stage's libraries are not installed in this environment."""
 
 
 def make_cascade(settings: CascadeSettings, reasoner: Classifier | None, policies: PolicyStore) -> CascadeClassifier:
@@ -56,5 +53,8 @@ def make_cascade(settings: CascadeSettings, reasoner: Classifier | None, policie
             cache_dir = settings.state_dir / "embedding" if settings.state_dir is not None else None
             embedding = StaticEmbeddingFeatures(settings.embedding_model, cache_dir)
         else:
-            embedding = EmbeddingFeatures(settings.embedding_model, settings.embedding_device)
+            embedding = EmbeddingFeatures(
+                settings.embedding_model, settings.embedding_device, settings.embedding_batch_size,
+                settings.embedding_precision,
+            )  # fmt: skip
     return CascadeClassifier(settings, reasoner, policies, lexical=lexical, embedding=embedding)

@@ -29,10 +29,11 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from consumer import stages
 from consumer.classify import (
     Capacity,
     Classification,
@@ -73,6 +74,15 @@ class _Open:
     best: tuple[LearnedStage, Decision] | None
 
 
+def _better(
+    best: tuple[LearnedStage, Decision] | None, stage: LearnedStage, decision: Decision
+) -> tuple[LearnedStage, Decision]:
+    """The more confident of the best undecided answer so far and this stage's."""
+    if best is None or decision.confidence > best[1].confidence:
+        return stage, decision
+    return best
+
+
 # Requests `classify_now_many` left open that `classify` has not taken yet (at most about the
 # intake limit; beyond this many the oldest are forgotten, which costs them their stages again).
 MAX_OPEN = 20_000
@@ -91,7 +101,7 @@ class CascadeClassifier:
         self.settings = settings
         self.reasoner = reasoner
         self._policies = policies
-        self._featurizers = {name: f for name, f in (("lexical", lexical), ("embedding", embedding)) if f is not None}
+        self._featurizers = {name: f for name, f in zip(stages.LEARNED, (lexical, embedding)) if f is not None}
         self._rules = StageRules(
             min_examples=settings.min_examples,
             min_per_class=settings.min_per_class,
@@ -142,8 +152,7 @@ class CascadeClassifier:
         if cached is not None:
             counters = self._counters(policy.id)
             counters.requests += 1
-            counters.cache_hits += 1
-            counters.decided["cache"] += 1
+            counters.cache_hit()
         return cached
 
     def classify_now_many(self, requests: Sequence[ClassifyRequest]) -> list[Classification | ClassificationFailed | None]:
@@ -186,8 +195,7 @@ class CascadeClassifier:
             cached = self.cache.get(key)
             if cached is not None:
                 counters.requests += 1
-                counters.cache_hits += 1
-                counters.decided["cache"] += 1
+                counters.cache_hit()
                 answers[i] = cached
             elif key in self._in_flight:
                 continue  # `classify` waits for the identical request already asked
@@ -195,37 +203,29 @@ class CascadeClassifier:
                 open_[key] = [i]
                 keys[key] = key
         best: dict[CacheKey | int, tuple[LearnedStage, Decision]] = {}
-        asked = 0
-        for stage in heads.stages:
+        asked = len(heads.stages)
+        for position, stage in self._stages(heads, plan, 0):
             if not open_:
                 break
-            if not getattr(plan, stage.name):
-                asked += 1
-                continue
             if not stage.featurizer.instant:
-                break  # this stage and the rest are asked in `classify`, off the loop
-            asked += 1
+                asked = position  # this stage and the rest are asked in `classify`, off the loop
+                break
             pending = list(open_)
             decisions = stage.decide_many([requests[open_[k][0]].content for k in pending], plan.target_precision)
             if decisions is None:
                 continue
             for k, decision in zip(pending, decisions):
                 if decision.decided:
-                    verdict = verdicts.cheap(stage.name, decision, plan.target_precision)
                     first, *copies = open_.pop(k)
                     counters.requests += 1 + len(copies)
-                    counters.decided[stage.name] += 1
-                    if keys[k] is not None:
-                        counters.cache_misses += 1
-                        self.cache.put(keys[k], verdict)
-                    self._maybe_shadow(requests[first], plan, counters, verdict, keys[k])
+                    counters.cache_misses += keys[k] is not None
+                    verdict = self._decided_by(stage, decision, requests[first], plan, counters, keys[k])
                     answers[first] = verdict
                     for i in copies:
-                        counters.coalesced += 1
-                        counters.decided["cache"] += 1
+                        counters.coalesced_copy()
                         answers[i] = verdicts.as_cached(verdict)
-                elif k not in best or decision.confidence > best[k][1].confidence:
-                    best[k] = (stage, decision)
+                else:
+                    best[k] = _better(best.get(k), stage, decision)
         finished = asked == len(heads.stages)
         for k, waiting in open_.items():
             if finished and self.reasoner is None:
@@ -258,15 +258,13 @@ class CascadeClassifier:
         key = cache_key(policy, request.content)
         cached = self.cache.get(key)
         if cached is not None:
-            counters.cache_hits += 1
-            counters.decided["cache"] += 1
+            counters.cache_hit()
             return cached
         counters.cache_misses += 1
         waiting = self._in_flight.get(key)
         if waiting is not None:
             verdict = await asyncio.shield(waiting)
-            counters.coalesced += 1
-            counters.decided["cache"] += 1
+            counters.coalesced_copy()
             return verdicts.as_cached(verdict)
         future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
@@ -310,36 +308,49 @@ class CascadeClassifier:
         asked = 0
         if found is not None and self._heads.get(request.policy.id) is heads:
             best, asked = found.best, found.asked  # the stages its poll batch asked already
-        for stage in heads.stages[asked:]:
-            if not getattr(plan, stage.name):
-                continue
+        for _, stage in self._stages(heads, plan, asked):
             decision = await stage.decide(request.content, plan.target_precision)
             if decision is None:
                 continue
             if decision.decided:
-                counters.decided[stage.name] += 1
-                verdict = verdicts.cheap(stage.name, decision, plan.target_precision)
-                if key is not None:
-                    self.cache.put(key, verdict)
-                self._maybe_shadow(request, plan, counters, verdict, key)
-                return verdict
-            if best is None or decision.confidence > best[1].confidence:
-                best = (stage, decision)
+                return self._decided_by(stage, decision, request, plan, counters, key)
+            best = _better(best, stage, decision)
         if self.reasoner is None:
             return self._undecided(request.policy, plan, counters, best)
         counters.escalations += 1
         verdict = await self._ask_reasoner(request)
-        counters.decided["reasoner"] += 1
+        counters.decided[stages.REASONER] += 1
         if key is not None:
             self.cache.put(key, verdict)
         await self._learn(request.policy, request.content, verdict, counters)
+        return verdict
+
+    @staticmethod
+    def _stages(heads: _Heads, plan: PolicyPlan, start: int) -> Iterator[tuple[int, LearnedStage]]:
+        """The stages the policy's plan runs, in cascade order, from position `start` on (the
+        stages before it were asked already), each with its position."""
+        for position in range(start, len(heads.stages)):
+            stage = heads.stages[position]
+            if getattr(plan, stage.name):
+                yield position, stage
+
+    def _decided_by(
+        self, stage: LearnedStage, decision: Decision, request: ClassifyRequest, plan: PolicyPlan,
+        counters: PolicyCounters, key: CacheKey | None,
+    ) -> Classification:  # fmt: skip
+        """A cheap stage's decision at the target precision: counted, cached, maybe shadowed."""
+        counters.decided[stage.name] += 1
+        verdict = verdicts.cheap(stage.name, decision, plan.target_precision)
+        if key is not None:
+            self.cache.put(key, verdict)
+        self._maybe_shadow(request, plan, counters, verdict, key)
         return verdict
 
     async def _ask_reasoner(self, request: ClassifyRequest) -> Classification:
         assert self.reasoner is not None and self._reasoner_slots is not None
         async with self._reasoner_slots:
             verdict = await self.reasoner.classify(request)
-        return dataclasses.replace(verdict, stage="reasoner")
+        return dataclasses.replace(verdict, stage=stages.REASONER)
 
     def _undecided(
         self, policy: Policy, plan: PolicyPlan, counters: PolicyCounters, best: tuple[LearnedStage, Decision] | None
@@ -356,7 +367,7 @@ class CascadeClassifier:
                 f"cascade stage {stage.name} is below the target precision for policy {policy.id} "
                 "and no reasoner is configured",
             )
-        counters.decided["undecided"] += 1
+        counters.decided[stages.UNDECIDED] += 1
         return verdicts.undecided(stage.name, decision, plan.target_precision)
 
     async def _learn(self, policy: Policy, content: str, verdict: Classification, counters: PolicyCounters) -> None:

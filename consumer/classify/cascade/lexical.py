@@ -17,6 +17,7 @@ from typing import Any
 
 from sklearn.linear_model import SGDClassifier
 
+from consumer import stages
 from consumer.classify.cascade.hashing import ngram_counts
 
 N_FEATURES = 1 << 17
@@ -25,7 +26,7 @@ N_FEATURES = 1 << 17
 class LexicalFeatures:
     """Word 1-2-grams and character 2-5-grams, each hashed into 2**17 columns, l2-normalised."""
 
-    name = "lexical"
+    name = stages.LEXICAL
     instant = True
     # v2: the n-grams hashed in numpy (v1 was scikit-learn's MurmurHash3): v1 rows are discarded.
     signature = f"hashing-word12-charwb25-{N_FEATURES}-v2"

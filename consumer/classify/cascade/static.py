@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import SGDClassifier
 
-from consumer.classify.cascade.embedding import EmbeddingUnavailable, default_model_path
+from consumer import stages
+from consumer.classify.cascade.embedding import default_model_path
+from consumer.classify.exceptions import EmbeddingUnavailable
 from consumer.durable import replacing
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def default_cache_dir() -> Path:
 class StaticEmbeddingFeatures:
     """Unit-length averages of distilled word-piece vectors: cheap enough for the event loop."""
 
-    name = "embedding"
+    name = stages.EMBEDDING
     instant = True
 
     def __init__(self, model: str | None = None, cache_dir: Path | None = None):

@@ -4,6 +4,7 @@ of content decided in the same batch)."""
 
 from __future__ import annotations
 
+from consumer import stages
 from consumer.classify import Classification
 from consumer.classify.cascade.stage import Decision
 
@@ -32,7 +33,7 @@ def undecided(stage: str, decision: Decision, target: float) -> Classification:
         rationale=f"{stage} stage below target precision {target:g} "
         f"(calibrated confidence {decision.confidence:.3f}); no reasoner configured",
         model=f"cascade:{stage}:undecided",
-        stage="undecided",
+        stage=stages.UNDECIDED,
     )
 
 
@@ -46,5 +47,5 @@ def as_cached(verdict: Classification, model: str = "cascade:cache") -> Classifi
         confidence=verdict.confidence,
         rationale=verdict.rationale,
         model=model,
-        stage="cache",
+        stage=stages.CACHE,
     )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from consumer.classify.engine.remote.settings import Priority, RemoteSettings
 from consumer.classify.engine.settings import EngineSettings
+from consumer.classify.exceptions import EngineUnavailable
 
 if TYPE_CHECKING:
     from consumer.classify.engine.remote.classifier import RemoteClassifier
@@ -27,10 +28,6 @@ __all__ = [
     "make_remote_classifier",
     "make_vllm_classifier",
 ]
-
-
-class EngineUnavailable(RuntimeError):
-    """vLLM (or openai_harmony) is not installed in this environment."""
 
 
 def make_vllm_classifier(settings: EngineSettings) -> VllmClassifier:

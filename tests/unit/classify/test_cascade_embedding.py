@@ -86,3 +86,41 @@ def test_the_static_embedding_stage_decides_only_above_its_target_precision_and_
     assert n >= 10
     assert binomial_cdf(correct, n, TARGET) > 0.05
     assert list(default_cache_dir().glob("*.npy"))
+
+
+def test_the_micro_batch_and_precision_follow_the_device():
+    from consumer.classify.cascade.embedding import CPU_BATCH, GPU_BATCH, device_plan
+
+    assert device_plan("cpu", None, "auto") == (CPU_BATCH, False)  # fp16 on a CPU is slower: only when asked
+    assert device_plan("cuda", None, "auto") == (GPU_BATCH, True)
+    assert device_plan("cuda", 128, "fp32") == (128, False)
+    assert device_plan("cpu", None, "fp16") == (CPU_BATCH, True)
+
+
+def test_concurrent_single_texts_share_encodes_up_to_the_micro_batch_and_match_a_plain_encode():
+    texts = [f"message number {i} in the channel" for i in range(40)]
+
+    async def scenario():
+        features = EmbeddingFeatures(device="cpu", batch_size=8)
+        await features.start()
+        vectors = await asyncio.gather(*(features.features([t]) for t in texts))
+        return features, vectors
+
+    features, vectors = asyncio.run(scenario())
+    assert features.batch_size == 8 and not features.half and features.device == "cpu"
+    # 40 callers at once: the first waits alone for company, the rest go in micro-batches of at most 8
+    assert features.sentences == 40 and 5 <= features.encodes <= 10
+    plain = features.transform(texts)
+    for i, vector in enumerate(vectors):
+        assert vector.shape == (1, plain.shape[1])
+        assert float(vector[0] @ plain[i]) > 0.999
+
+
+def test_the_device_bench_runs_the_stage_on_a_cpu():
+    from bench.embedding_device import measure
+    from consumer.classify.cascade.embedding import default_model_path
+
+    row = measure(default_model_path(), "cpu", "auto", 16, 48, [16])
+    assert row["device"] == "cpu" and row["precision"] == "fp32" and row["micro_batch"] == 16
+    assert row["stream"] > 0 and row["chunks_500"] > 0 and row["encode_b16"] > 0
+    assert 1 <= row["stream_mean_batch"] <= 16

@@ -1,4 +1,5 @@
-"""Each implementation plays the role it is handed in: Protocols of `consumer.kafka.roles`."""
+"""Each implementation plays the role it is handed in: Protocols of `consumer.kafka.roles` (the
+sinks' roles: tests/unit/sinks/test_roles.py)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,14 @@ from datetime import datetime, timezone
 
 import pytest
 
-from consumer.events import ReplayInfo
 from consumer.kafka.budget import OutputBudget
 from consumer.kafka.offsets import OffsetTracker
-from consumer.kafka.roles import Committer, OutputSink, RecordSource
-from consumer.kafka.sink import Sink, TransactionalSink
+from consumer.kafka.roles import Committer, RecordSource
 from consumer.kafka.source import OffsetCommitter, Source
 from consumer.replay.bounds import OffsetRange
 from consumer.replay.checkpoint import Checkpoint
-from consumer.replay.outputs import JsonlSink, ReplayOutput
 from consumer.replay.source import ReplaySource
+from consumer.sinks.kafka import TransactionalSink
 from tests.protocols import role_problems
 
 # Never contacted: librdkafka connects only when something is produced.
@@ -45,20 +44,6 @@ def test_both_sources_play_the_record_source_role(tmp_path):
     assert role_problems(replay_source(tmp_path), RecordSource) == []
 
 
-def test_every_sink_plays_the_output_sink_role(tmp_path):
-    sink = Sink(PRODUCER, "verdicts", "dlq", ignore, ignore, budget=UNREAD)
-    transactional = TransactionalSink(PRODUCER, "verdicts", "dlq", OffsetTracker(), "tx", ignore, budget=UNREAD)
-    jsonl = JsonlSink(tmp_path / "out.jsonl", ignore, ignore)
-    stamped = ReplayOutput(jsonl, ReplayInfo(run_id="r", started_at=datetime.now(timezone.utc), policies=[]))
-    try:
-        for output in (sink, transactional, jsonl, stamped):
-            assert role_problems(output, OutputSink) == [], type(output).__name__
-    finally:
-        sink.close()
-        transactional.close()
-        jsonl.close()
-
-
 def test_both_committers_play_the_committer_role():
     transactional = TransactionalSink(PRODUCER, "verdicts", "dlq", OffsetTracker(), "tx", ignore, budget=UNREAD)
     try:
@@ -68,21 +53,7 @@ def test_both_committers_play_the_committer_role():
         transactional.close()
 
 
-class Incomplete:
-    held_back = 0
-
-    def start(self, timeout: float) -> None:  # a required parameter the role does not pass
-        return None
-
-
-def test_the_check_finds_what_is_missing_or_called_differently():
-    problems = role_problems(Incomplete(), OutputSink)
-    assert any(p.startswith("start") for p in problems)
-    assert "no method flush" in problems and "no method send_verdict" in problems
-    assert not any("held_back" in p for p in problems)
-
-
-@pytest.mark.parametrize("role", [RecordSource, OutputSink, Committer])
+@pytest.mark.parametrize("role", [RecordSource, Committer])
 def test_the_roles_module_declares_members_to_check(role):
     from tests.protocols import protocol_members
 

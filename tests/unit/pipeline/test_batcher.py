@@ -272,7 +272,7 @@ def test_a_request_runs_in_its_callers_context_so_the_retry_warning_carries_its_
     from opentelemetry import trace
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-    from consumer.pipeline.telemetry import JsonLogFormatter
+    from consumer.pipeline.telemetry.logs import JsonLogFormatter
 
     lines: list[str] = []
 

@@ -113,6 +113,16 @@ def test_a_policy_result_takes_its_action_from_the_policy():
     assert verdict.policy_result(POLICY, OUTCOMES[0], 1.0)["action"] == "allow"
 
 
+def test_an_undecided_result_takes_the_policys_review_action_not_the_verdicts():
+    # The guess says "violation" (delete under this policy); nothing downstream should punish on it.
+    guess = Classification(violation=True, category="harassment", confidence="0.504",
+                           model="cascade:lexical:undecided", stage="undecided")  # fmt: skip
+    assert POLICY.action_for(True, "harassment") != POLICY.review_action
+    assert verdict.policy_result(POLICY, guess, 1.0)["action"] == POLICY.review_action
+    held = Policy(id="p", version="v1", text="", actions={"review": "escalate"})
+    assert verdict.policy_result(held, guess, 1.0)["action"] == "escalate"
+
+
 def test_a_dead_letter_document_keeps_the_original_bytes():
     message = FakeMessage(key=None, value=b"\xff\x00", headers=[("traceparent", b"00-x"), ("empty", None)])
     document = records.dead_letter(message, ErrorType.INVALID_ENCODING, "not UTF-8", raw_output=None)

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from consumer.classify.keyword import KeywordClassifier
 from consumer.cli import app
-from consumer.kafka.sink import Sink
 from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
+from consumer.sinks.kafka import KafkaSink
 from tests.conftest import REPO
 from tests.runner import settings_for
 
@@ -18,7 +18,7 @@ from tests.runner import settings_for
 def test_a_pipeline_with_exactly_once_refuses_a_sink_factory():
     settings = settings_for("127.0.0.1:9", "group", "chat", REPO / "policies", pipeline={"delivery": "exactly_once"})
     with pytest.raises(ValueError, match="exactly_once needs the transactional sink"):
-        Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory), sink_factory=Sink.open)
+        Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory), sink_factory=KafkaSink.open)
 
 
 def test_a_replay_with_exactly_once_exits_2_before_planning_anything(tmp_path):

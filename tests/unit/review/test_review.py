@@ -17,6 +17,7 @@ from consumer.events import (
     Verdict,
 )
 from consumer.kafka.offsets import OffsetTracker, OutputJoin
+from consumer.pipeline import outputs
 from consumer.policy import Policy
 from consumer.review.decisions import RejectedInput, corrected_verdict, parse
 from consumer.review.items import ReviewOpener, review_event
@@ -26,16 +27,9 @@ POLICY = Policy(id="chat-harassment", version="v1", text="", actions={"harassmen
 SOURCE = {"topic": "chat", "partition": 0, "offset": 7, "timestamp_ms": None}
 
 
-def result(outcome: Classification) -> dict:
-    return {"policy_id": POLICY.id, "policy_version": POLICY.version, "violation": outcome.violation,
-            "category": outcome.category, "rule_ids": [], "confidence": outcome.confidence,
-            "rationale": outcome.rationale, "action": POLICY.action_for(outcome.violation, outcome.category),
-            "reasoning": None, "model": outcome.model, "stage": outcome.stage, "latency_ms": 1.0, "review": None}
-
-
 def open_one(opener: ReviewOpener, outcome: Classification, offset: int = 7) -> tuple[dict, list]:
     event = ContentEvent(event_id=f"e{offset}", content="nice build!", author_id="u1", context_id="general")
-    results = [result(outcome)]
+    results = [outputs.policy_result(POLICY, outcome, 1.0)]
     items = opener.open(event, event, lambda: SOURCE | {"offset": offset}, results, [outcome], [POLICY])
     return results[0], items
 
@@ -54,7 +48,7 @@ def test_an_undecided_result_holds_and_opens_a_review_with_the_event_as_the_mode
     assert open_one(ReviewOpener(ReviewSettings(enabled=True)), UNDECIDED)[1][0].review_id == item.review_id
 
 
-def test_without_review_an_undecided_result_still_holds_but_opens_nothing():
+def test_without_review_an_undecided_result_holds_but_opens_nothing():
     marked, items = open_one(ReviewOpener(ReviewSettings(enabled=False)), UNDECIDED)
     assert marked["action"] == "hold" and marked["review"] is None and items == []
 
@@ -158,7 +152,7 @@ def test_a_shadow_disagreement_opens_a_review_with_both_answers():
     opener = ReviewOpener(ReviewSettings(enabled=True))
     cheap = Classification(violation=True, confidence="0.970", model="cascade:lexical", stage="lexical")
     event = ContentEvent(event_id="e9", content="free nitro?", author_id="u1")
-    results = [result(cheap)]
+    results = [outputs.policy_result(POLICY, cheap, 1.0)]
     opener.remember("e9/chat-harassment", event, SOURCE, b"key", results)
     reasoner = Classification(violation=False, category="safe", confidence="high", model="gpt-oss", stage="reasoner")
     opened = opener.disagreement("e9/chat-harassment", event, POLICY.id, reasoner)
@@ -173,7 +167,7 @@ def test_a_shadow_disagreement_opens_a_review_with_both_answers():
 def test_the_metrics_show_open_reviews_agreement_and_decision_latency():
     from prometheus_client import generate_latest
 
-    from consumer.pipeline.telemetry import prometheus_meter_provider
+    from consumer.pipeline.telemetry.metrics import prometheus_meter_provider
     from consumer.review import metrics
 
     provider, registry = prometheus_meter_provider()

@@ -1,7 +1,10 @@
-"""The sink: owns "every output is delivered, or the consumer stops".
+"""The Kafka sinks: own "every output is delivered to its topic, or the consumer stops".
 
-Two sinks play the `OutputSink` role (`consumer.kafka.roles`): `Sink` for at-least-once,
-`TransactionalSink` for exactly-once (below).
+Two sinks play the `OutputSink` role (`consumer.sinks.roles`): `KafkaSink` for at-least-once,
+`TransactionalSink` for exactly-once (below). Both can ask the brokers whether they answer
+(`AsksBrokers`); `KafkaSink` also carries review items (`CarriesReviewItems`). The Kafka client
+plumbing they use stays in `consumer.kafka` (the size budgets, the offset tracker, the
+producers' defaults).
 Outputs arrive as JSON-ready documents (`consumer.pipeline.outputs` builds them) and are sent at
 once, from the event loop, without awaiting anything: the pipeline decides most records
 synchronously.
@@ -35,21 +38,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
-
 from consumer.events import Document, Headers
 from consumer.kafka.budget import Output, OutputBudget, OutputRefused
+from consumer.kafka.client import KafkaError, KafkaException, Message, Producer, TopicPartition
 from consumer.kafka.offsets import OffsetTracker, Ticket, TopicPartitionKey
-from consumer.kafka.roles import SinkOptions, SinkWiring
+from consumer.kafka.options import PRODUCER_DEFAULTS
+from consumer.sinks.roles import SinkOptions, SinkWiring
 
 log = logging.getLogger(__name__)
-
-PRODUCER_DEFAULTS: dict[str, Any] = {
-    "enable.idempotence": True,
-    "acks": "all",
-    "linger.ms": 5,
-    "compression.type": "lz4",
-}
 
 # Delivery errors that concern one record only: it gets a smaller output instead.
 SIZE_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE})
@@ -82,7 +78,7 @@ def refusal(output: Output, error: KafkaError | str) -> str:
     )
 
 
-class Sink:
+class KafkaSink:
     def __init__(
         self,
         producer_config: dict[str, Any],
@@ -111,7 +107,7 @@ class Sink:
         self.failed: str | None = None
 
     @classmethod
-    def open(cls, options: SinkOptions, wiring: SinkWiring) -> Sink:
+    def open(cls, options: SinkOptions, wiring: SinkWiring) -> KafkaSink:
         """A `SinkFactory`: the at-least-once sink the pipeline uses unless it is given another."""
         return cls(options.producer_config, options.verdict_topic, options.dead_letter_topic,
                    wiring.on_delivered, wiring.on_fatal, options.delivery_retries, wiring.budget)  # fmt: skip

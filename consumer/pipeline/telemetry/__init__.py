@@ -1,0 +1,84 @@
+"""Telemetry: what an on-call needs to follow one message and the system, in three roles.
+
+- `tracing`: W3C trace context through the records' headers and the tracer the `OTEL_*`
+  variables ask for;
+- `metrics`: the pipeline's counters, gauges and latency histograms, and the figures a stage
+  declares for itself (`Figure`);
+- `logs`: JSON log lines carrying the current trace and span ids.
+
+`Telemetry` is what one pipeline reports to: its tracer and its metric instruments. Content and
+reasoning never become span attributes unless `telemetry.trace_content` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span, SpanKind
+
+import consumer
+from consumer.pipeline.telemetry.metrics import PipelineMetrics
+from consumer.pipeline.telemetry.tracing import extract
+
+
+@dataclass
+class Telemetry(PipelineMetrics):
+    """The tracer and the metric instruments one pipeline reports to."""
+
+    tracer: trace.Tracer = field(default_factory=trace.NoOpTracer)
+    group: str = ""
+    trace_content: bool = False
+    provider: TracerProvider | None = None
+
+    @classmethod
+    def create(
+        cls,
+        group: str,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
+        trace_content: bool = False,
+        registry: Any = None,
+    ) -> Telemetry:
+        """`registry`: the Prometheus registry that also exposes the latency histograms."""
+        from opentelemetry import metrics
+
+        tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("safeguard-consumer", consumer.__version__)
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter("safeguard-consumer", consumer.__version__)
+        created = cls(meter, tracer=tracer, group=group, trace_content=trace_content, provider=tracer_provider)
+        if registry is not None:
+            registry.register(created.e2e_latency)
+            registry.register(created.engine_latency)
+        return created
+
+    def record_span(self, message: Any) -> Span:
+        """The span of one consumed record, consume to output; a child of the producer's context.
+
+        With tracing off, the producer's own (non-recording) span stands in, so the outputs
+        still carry the producer's trace context on, at no cost (and a record without headers
+        costs no context at all).
+        """
+        headers = message.headers()
+        if self.provider is None:
+            return trace.get_current_span(extract(headers)) if headers else trace.INVALID_SPAN
+        topic, key = message.topic(), message.key()
+        attributes: dict[str, Any] = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": topic,
+            "messaging.destination.partition.id": str(message.partition()),
+            "messaging.kafka.offset": message.offset(),
+            "messaging.consumer.group.name": self.group,
+        }
+        if key is not None:
+            attributes["messaging.kafka.message.key"] = key.decode("utf-8", "replace")
+        return self.tracer.start_span(
+            f"process {topic}", context=extract(headers), kind=SpanKind.CONSUMER, attributes=attributes
+        )
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
