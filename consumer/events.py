@@ -40,6 +40,8 @@ class ErrorType(str, enum.Enum):
     CLASSIFIER_ERROR = "classifier_error"
     UNPARSEABLE_OUTPUT = "unparseable_output"
     OUTPUT_REJECTED = "output_rejected"
+    # registry formats: an unknown schema id, or bytes that do not match their schema
+    DESERIALIZATION_FAILED = "deserialization_failed"
     # the review loop's inputs (decisions and appeals topics)
     UNKNOWN_REVIEW = "unknown_review"
     CONFLICTING_DECISION = "conflicting_decision"

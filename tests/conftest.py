@@ -1,4 +1,5 @@
-"""Suite-wide fixtures: one real Kafka broker per test session, on 127.0.0.1."""
+"""Suite-wide fixtures: one real Kafka broker per test session, on 127.0.0.1, and a real Schema Registry
+for the tests that ask for one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from consumer.kafka.devkafka import KafkaBroker
+from tests.registry import SchemaRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +43,19 @@ def kafka_broker():
 @pytest.fixture(scope="session")
 def kafka(kafka_broker: KafkaBroker) -> str:
     return kafka_broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def schema_registry():
+    """Apicurio Registry on 127.0.0.1 (tests/registry.py), started once for the session when a test asks."""
+    log_dir = Path(tempfile.mkdtemp(prefix="safeguard-registry-"))
+    registry = SchemaRegistry(log_dir / "registry.log")
+    registry.start()
+    try:
+        yield registry
+    finally:
+        registry.stop()
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -120,7 +120,19 @@ class PipelineSettings(_Section):
     transaction_max_records: int = Field(default=1000, ge=1, description="exactly_once: commit early at this many")
 
 
-class DecodeSettings(_Section):
+DecodeFormat = Literal["json", "avro", "protobuf", "json_schema"]
+REGISTRY_FORMATS = ("avro", "protobuf", "json_schema")
+
+
+class TopicDecode(_Section):
+    """How the records of some input topics are read, where they differ from `decode`'s own."""
+
+    format: DecodeFormat = Field(
+        default="json", description="json, or through schema_registry: avro, protobuf, json_schema (docs/registry.md)"
+    )
+    message_type: str | None = Field(
+        default=None, description="protobuf: the generated message class the producers use, module:Class"
+    )
     field_mapping: dict[str, str] = Field(
         default_factory=dict,
         description="ContentEvent field -> dotted path (a.b.c) or JSON pointer (/a/b/c) in the input",
@@ -135,6 +147,51 @@ class DecodeSettings(_Section):
             if target not in ContentEvent.model_fields or target == "schema_version":
                 raise ValueError(f"{target!r} is not a ContentEvent field")
         return value
+
+
+    @model_validator(mode="after")
+    def _protobuf_names_its_message(self) -> TopicDecode:
+        if self.format == "protobuf" and not self.message_type:
+            raise ValueError("format protobuf needs message_type (module:Class, the generated message class)")
+        if self.message_type is not None and ":" not in self.message_type:
+            raise ValueError(f"message_type must be module:Class, not {self.message_type!r}")
+        return self
+
+
+class DecodeSettings(TopicDecode):
+    topics: dict[str, TopicDecode] = Field(
+        default_factory=dict,
+        description="input topic (^ entries are regexes) -> its own format and field_mapping",
+    )
+
+    @field_validator("topics")
+    @classmethod
+    def _patterns_valid(cls, value: dict[str, TopicDecode]) -> dict[str, TopicDecode]:
+        for topic in value:
+            if topic.startswith("^"):
+                try:
+                    re.compile(topic)
+                except re.error as exc:
+                    raise ValueError(f"{topic!r} is not a valid regular expression ({exc})") from None
+        return value
+
+
+class SchemaRegistrySettings(_Section):
+    """The Schema Registry the registry formats read their schemas from (confluent-kafka's client)."""
+
+    url: str | None = Field(default=None, description="e.g. https://registry:8081 (comma-separated for several)")
+    username: str | None = Field(default=None, description="basic auth")
+    password: str | None = Field(default=None, description="basic auth")
+    ssl_ca_location: str | None = Field(default=None, description="CA certificate file (PEM) for https")
+    ssl_certificate_location: str | None = Field(default=None, description="client certificate (PEM), mutual TLS")
+    ssl_key_location: str | None = Field(default=None, description="client key (PEM), mutual TLS")
+    timeout_s: float = Field(default=10.0, gt=0, description="one HTTP request")
+    retry_s: float = Field(
+        default=5.0, ge=0, description="retry an unreachable registry this long, then: unavailable (no dead letter)"
+    )
+    client: dict[str, Any] = Field(
+        default_factory=dict, description="other SchemaRegistryClient properties passed through (bearer.auth.*, ...)"
+    )
 
 
 ROUTABLE_FIELDS = ("content_type", "community_id", "context_id", "author_id")
@@ -205,6 +262,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     decode: DecodeSettings = Field(default_factory=DecodeSettings)
+    schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     policies: PolicySettings = Field(default_factory=PolicySettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     engine: dict[str, Any] = Field(
@@ -216,6 +274,13 @@ class Settings(BaseSettings):
     cascade: CascadeSettings = Field(default_factory=CascadeSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
     sinks: SinksSettings = Field(default_factory=SinksSettings)
+
+    @model_validator(mode="after")
+    def _registry_formats_need_a_registry(self) -> Settings:
+        formats = {self.decode.format, *(t.format for t in self.decode.topics.values())}
+        if formats & set(REGISTRY_FORMATS) and not self.schema_registry.url:
+            raise ValueError("decode.format avro, protobuf or json_schema needs schema_registry.url")
+        return self
 
     @model_validator(mode="after")
     def _review_needs_at_least_once(self) -> Settings:

@@ -33,9 +33,10 @@ import orjson
 
 from consumer.config.chat import ChatSettings
 from consumer.events import ContentEvent, ContextMessage
-from consumer.kafka.client import TopicPartition
+from consumer.kafka.client import Message, TopicPartition
 from consumer.kafka.ranges import read_ranges
-from consumer.pipeline.decode import DecodeError
+from consumer.decode import DecodeError
+from consumer.errors import Unavailable
 from consumer.policy.actions import rank
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def rebuild(
     partitions: list[TopicPartition],
     conversations: Conversations,
     offenders: Offenders,
-    decode: Callable[[bytes | None], ContentEvent],
+    decode: Callable[[Message], ContentEvent],
     client: dict[str, Any],
     verdict_topic: str,
     tail: int,
@@ -249,9 +250,12 @@ def rebuild(
         ranges = [(tp.topic, tp.partition, tp.offset - tail, tp.offset) for tp in committed if tp.offset > 0]
         for message in read_ranges(client, ranges):
             try:
-                conversations.remember(decode(message.value()))
+                conversations.remember(decode(message))
             except DecodeError:
                 continue
+            except Unavailable as exc:  # context is a help, not a duty: start without it rather than wait
+                log.warning("conversation rebuild stopped early: %s", exc)
+                break
     if offenders.enabled:
         metadata = consumer.list_topics(verdict_topic, timeout=10)
         ranges = []

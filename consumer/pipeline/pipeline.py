@@ -1,9 +1,9 @@
 """The loop on one screen: consume -> decode -> route -> batch+classify -> produce -> commit.
 
-Each step is delegated to its stage module (the source in `consumer.kafka`, the sink in
-`consumer.sinks`; decode, chat, classify_step with the batcher, outputs here; health and http
-for the probes); this module wires them together and holds the record's path through them.
-The poll thread hands the event loop a batch of records at a time; a record whose answers are at
+Each step is delegated to its stage module (the source in `consumer.kafka`, decode in
+`consumer.decode`, the sink in `consumer.sinks`; chat, classify_step with the batcher, outputs
+here; health and http for the probes); this module wires them together and holds the record's
+path through them. The poll thread hands the event loop a batch of records at a time; a record whose answers are at
 hand (a decode error, a keyword match, a cascade cache hit or cheap-stage decision: the
 classifier's `classify_now_many`, asked once per batch) is decided and its output sent within
 that call, and only a record that needs the batcher
@@ -43,6 +43,9 @@ from consumer.classify import (
     CountsDecisions,
 )
 from consumer.config import Settings
+from consumer.decode import DecodeError, DecodesAhead
+from consumer.decode.factory import build_decoder
+from consumer.errors import Unavailable
 from consumer.events import ErrorType
 from consumer.kafka import roles
 from consumer.kafka.budget import OutputBudget
@@ -54,7 +57,6 @@ from consumer.pipeline import outputs
 from consumer.pipeline.batcher import Batcher
 from consumer.pipeline.chat import Conversations, Offenders, rebuild
 from consumer.pipeline.classify_step import ClassifyStep
-from consumer.pipeline.decode import DecodeError, Decoder
 from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
 from consumer.pipeline.output_step import OutputStep, Record
@@ -120,7 +122,9 @@ class Pipeline:
         # The router reads the store per event, so a reload applies to the next event routed.
         self.router = Router(settings.policies, policies.get)
         self.tracker = OffsetTracker()
-        self.decoder = Decoder(settings.pipeline.max_payload_bytes, settings.decode.field_mapping)
+        self.decoder = build_decoder(settings)
+        # A registry format decodes each poll batch on the poll thread: a schema fetch never blocks the loop.
+        self._decode_ahead = self.decoder.ahead if isinstance(self.decoder, DecodesAhead) else None
         self.conversations = Conversations(settings.chat)
         self.offenders = Offenders(settings.chat)
         self._source_factory = source_factory
@@ -225,7 +229,7 @@ class Pipeline:
             )
         # Human review needs a sink that carries review items (a replay's does not).
         self.reviews = ReviewDesk(
-            cfg, self.classifier, self.policies.get, lambda value: self.decoder.decode(value, "appeal"),
+            cfg, self.classifier, self.policies.get, self.decoder.decode,
             enabled=cfg.review.enabled and isinstance(self.sink, sink_roles.CarriesReviewItems),
             meter=self.telemetry.meter, registry=self.metrics_registry,
         )  # fmt: skip
@@ -350,7 +354,7 @@ class Pipeline:
         cfg = self.settings
         rebuild(
             consumer_, partitions, self.conversations, self.offenders,
-            decode=lambda value: self.decoder.decode(value, "rebuild"),
+            decode=self.decoder.decode,
             client=cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
                                                  "logger": ClientLogger("rebuild", self.link)},
             verdict_topic=cfg.kafka.verdict_topic, tail=cfg.chat.rebuild_records,
@@ -360,6 +364,8 @@ class Pipeline:
 
     def _receive_threadsafe(self, received: Received) -> None:
         assert self._loop is not None
+        if self._decode_ahead is not None:
+            self._decode_ahead([message for message, _ in received])
         self._loop.call_soon_threadsafe(self._receive, received)
 
     def _fail_threadsafe(self, reason: str) -> None:
@@ -406,9 +412,15 @@ class Pipeline:
         message, span = record.message, record.span
         topic = message.topic()
         try:
-            event = self.decoder.decode(message.value(), fallback_event_id=f"{topic}-{message.partition()}-{message.offset()}")
+            event = self.decoder.decode(message)
         except DecodeError as exc:
             self.output.dead_letter(record, exc.error_type, str(exc))
+            return None
+        except Unavailable as exc:
+            # Not the record's fault: no dead letter. It stays in flight without an output, so its
+            # offset (and every later one of its partition) is not committed; a restart or
+            # rebalance reads it again. Pausing intake and retrying it is the outage handling's job.
+            log.warning("record %s-%d-%d kept, not decoded: %s", topic, message.partition(), message.offset(), exc)
             return None
         record.event = event
         if record.traced:

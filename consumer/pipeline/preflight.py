@@ -1,13 +1,14 @@
 """The pre-flight: everything `run` checks before its first poll, shared with `check-config`.
 
 `prepare` (offline): the policies load, the routes name loaded policies, librdkafka accepts
-every passed-through option, the files of `sinks.files` may be written, and the classifier
-builds (the vLLM engine only has its settings checked: loading it is not cheap). Each failure
-is a `ConfigError` naming the key.
+every passed-through option, the decoder builds (`decode`, `schema_registry`), the files of
+`sinks.files` may be written, and the classifier builds (the vLLM engine only has its settings
+checked: loading it is not cheap). Each failure is a `ConfigError` naming the key.
 
 `connect_and_check` (online, `run` and `check-config --connect`): the brokers answer within
 `kafka.startup_timeout_s` (else `Unreachable`, exit 1), the input topics exist or a regex
-matches, the output topics exist and may be written (else `TopicProblem`, exit 2).
+matches, the output topics exist and may be written (else `TopicProblem`, exit 2), and the
+schema registry answers when a registry format reads a topic (else `Unreachable`, exit 1).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pydantic import ValidationError
 
 from consumer.classify import Classifier
 from consumer.classify.factory import build_classifier
-from consumer.config import ConfigError, Settings, format_validation_error
+from consumer.config import REGISTRY_FORMATS, ConfigError, Settings, format_validation_error
+from consumer.decode.factory import build_decoder
+from consumer.errors import Unavailable
 from consumer.kafka import admin
 from consumer.kafka.options import check_client_options
 from consumer.policy import PolicyError, PolicyStore
@@ -52,6 +55,7 @@ def prepare(settings: Settings, build_engine: bool = True) -> Prepared:
     except RoutingError as exc:
         raise ConfigError(str(exc)) from None  # it names policies.routes/default
     check_client_options(settings)
+    build_decoder(settings)
     check_writable(settings.sinks.files)
     uses_engine = settings.classifier.kind == "vllm" or (
         settings.classifier.kind == "cascade" and settings.classifier.reasoner == "vllm"
@@ -70,7 +74,15 @@ def prepare(settings: Settings, build_engine: bool = True) -> Prepared:
 def connect_and_check(settings: Settings) -> list[str]:
     """The online checks; returns warnings. Raises `admin.Unreachable` or `admin.TopicProblem`."""
     cluster = admin.connect(settings)
-    return admin.check_topics(cluster, settings)
+    warnings = admin.check_topics(cluster, settings)
+    if any(spec.format in REGISTRY_FORMATS for spec in (settings.decode, *settings.decode.topics.values())):
+        from consumer.decode.registry import check_reachable, registry_client
+
+        try:
+            check_reachable(registry_client(settings.schema_registry), settings.schema_registry)
+        except Unavailable as exc:
+            raise admin.Unreachable(f"schema registry {settings.schema_registry.url}: {exc.reason}") from None
+    return warnings
 
 
 def describe(settings: Settings, prepared: Prepared) -> str:

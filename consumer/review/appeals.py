@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from consumer.errors import Unavailable
 from consumer.events import (
     Appeal,
     ContentEvent,
@@ -28,7 +29,7 @@ from consumer.events import (
     ReviewItem,
     ReviewReason,
 )
-from consumer.kafka.client import Consumer, TopicPartition
+from consumer.kafka.client import Consumer, Message, TopicPartition
 from consumer.kafka.ranges import OffsetSpan, iter_ranges, read_ranges
 from consumer.policy.actions import rank
 from consumer.review.decisions import RejectedInput
@@ -80,7 +81,7 @@ def appeal_item(
     verdict_topic: str,
     appeal: Appeal,
     records: int,
-    decode: Callable[[bytes], ContentEvent],
+    decode: Callable[[Message], ContentEvent],
 ) -> tuple[ReviewItem, bytes | None]:
     """The review item an appeal opens and the input record's key (the item is keyed like the
     input); RejectedInput (appeal_not_found) when the verdict, the policy or the input record
@@ -103,7 +104,9 @@ def appeal_item(
     if not records_read or records_read[0].value() is None:
         raise RejectedInput(ErrorType.APPEAL_NOT_FOUND, "the appealed input record is no longer retained")
     try:
-        event = decode(records_read[0].value())
+        event = decode(records_read[0])
+    except Unavailable:
+        raise  # a schema registry that does not answer is not the appeal's fault: never appeal_not_found
     except Exception:  # noqa: BLE001 - the input record had a verdict, so it decoded once; its mapping changed
         raise RejectedInput(ErrorType.APPEAL_NOT_FOUND, "the appealed input record no longer decodes") from None
     others = [r for r in results if r is not result]

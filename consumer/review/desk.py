@@ -50,7 +50,7 @@ class ReviewDesk:
         settings: Settings,
         classifier: Classifier,
         policies: Callable[[], Mapping[str, Policy]],
-        decode: Callable[[bytes], ContentEvent],
+        decode: Callable[[Message], ContentEvent],
         enabled: bool,
         meter: Any = None,
         registry: Any = None,

@@ -65,7 +65,7 @@ class ReviewLoop:
         settings: Settings,
         state: ReviewState,
         policies: Callable[[], Mapping[str, Policy]],
-        decode: Callable[[bytes], ContentEvent],
+        decode: Callable[[Message], ContentEvent],
         on_decided: Callable[[Decided, bool], None],
         on_fatal: Callable[[str], None],
     ):

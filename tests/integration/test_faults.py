@@ -163,7 +163,7 @@ def test_broker_restart_mid_stream_loses_nothing(kafka_broker, policies_dir):
 def _bad_records():
     from hypothesis import strategies as st
 
-    from tests.unit.pipeline.test_decode_properties import event_like, json_values
+    from tests.unit.decode.test_properties import event_like, json_values
 
     value = (
         st.binary(max_size=200)

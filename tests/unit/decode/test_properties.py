@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.events import ContentEvent
-from consumer.pipeline.decode import DecodeError, Decoder
+from consumer.decode import DecodeError, RawRecord
+from consumer.decode.plain_json import JsonDecoder
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(),
@@ -27,7 +28,7 @@ event_like = st.fixed_dictionaries(
 
 def decode(value):
     try:
-        return Decoder(max_payload_bytes=10_000).decode(value, "t-0-0")
+        return JsonDecoder(max_payload_bytes=10_000).decode(RawRecord(value, "t"))
     except DecodeError as exc:
         assert exc.error_type and str(exc)
         return exc

@@ -1,0 +1,224 @@
+"""Registry-encoded topics (issue 27), against the real broker and a real Schema Registry (Apicurio).
+
+Records are produced with confluent-kafka's own serializers, registering a new schema version
+mid-stream as an upgraded producer would; the consumer reads them with `decode.format` per topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import orjson
+import pytest
+from confluent_kafka import OFFSET_INVALID, Producer
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from consumer.classify.keyword import KeywordClassifier
+from consumer.kafka.devkafka import free_port
+from tests.integration.registry_messages import ChatMessage, ChatMessageV1
+from tests.kafka_helpers import Collector, committed_offsets, create_topics, end_offsets, unique, wait_for
+from tests.runner import running_pipeline, settings_for, write_config
+from tests.unit.test_config import run_cli
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+
+AVRO_V1 = {"type": "record", "name": "ChatMessage", "namespace": "chat",
+           "fields": [{"name": "id", "type": "string"}, {"name": "text", "type": "string"},
+                      {"name": "author", "type": "string"}]}  # fmt: skip
+# The upgraded producer's schema: a field added (with a default, so the subject stays compatible).
+AVRO_V2 = {**AVRO_V1, "fields": [*AVRO_V1["fields"], {"name": "guild", "type": ["null", "string"], "default": None}]}
+MAPPING = {"event_id": "id", "content": "text", "author_id": "author", "community_id": "guild"}
+PER_VERSION = 15  # records per schema version and topic
+SCAM = "free nitro here, claim your prize"  # spam-scams' patterns flag it
+
+
+def _text(i: int) -> str:
+    return SCAM if i % 5 == 0 else f"ordinary message {i}"
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for value in values:
+        producer.produce(topic, value=value, key=b"channel-1")
+    assert producer.flush(30) == 0
+
+
+def _avro_records(client: SchemaRegistryClient, topic: str) -> list[bytes]:
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    v1, v2 = AvroSerializer(client, orjson.dumps(AVRO_V1).decode()), AvroSerializer(client, orjson.dumps(AVRO_V2).decode())
+    values = [v1({"id": f"a{i}", "text": _text(i), "author": "u1"}, ctx) for i in range(PER_VERSION)]
+    values += [v2({"id": f"a{i}", "text": _text(i), "author": "u2", "guild": "g7"}, ctx)
+               for i in range(PER_VERSION, 2 * PER_VERSION)]  # fmt: skip
+    return values
+
+
+def _protobuf_records(client: SchemaRegistryClient, topic: str) -> list[bytes]:
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    conf = {"use.deprecated.format": False}
+    v1, v2 = ProtobufSerializer(ChatMessageV1, client, conf), ProtobufSerializer(ChatMessage, client, conf)
+    values = [v1(ChatMessageV1(id=f"p{i}", text=_text(i), author="u1"), ctx) for i in range(PER_VERSION)]
+    values += [v2(ChatMessage(id=f"p{i}", text=_text(i), author="u2", guild="g7"), ctx)
+               for i in range(PER_VERSION, 2 * PER_VERSION)]  # fmt: skip
+    return values
+
+
+def _outputs(kafka: str, topic: str, count: int) -> list[dict]:
+    collector = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+    try:
+        return [orjson.loads(m.value()) for m in collector.until(count, timeout=60)]
+    finally:
+        collector.close()
+
+
+def test_avro_and_protobuf_topics_with_a_field_added_mid_stream_are_all_classified(kafka, schema_registry,
+                                                                                   policies_dir):  # fmt: skip
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    avro, proto, group = unique("reg-avro"), unique("reg-proto"), unique("group")
+    create_topics(kafka, avro, proto, f"{avro}.verdicts", f"{avro}.dlq")
+    _produce(kafka, avro, _avro_records(client, avro))
+    _produce(kafka, proto, _protobuf_records(client, proto))
+    assert client.get_versions(f"{avro}-value") == [1, 2] and client.get_versions(f"{proto}-value") == [1, 2]
+    settings = settings_for(
+        kafka, group, avro, policies_dir,
+        kafka={"input_topics": [avro, proto]},
+        policies={"default": "spam-scams"},
+        schema_registry={"url": schema_registry.url},
+        decode={"topics": {
+            avro: {"format": "avro", "field_mapping": MAPPING},
+            proto: {"format": "protobuf", "message_type": "tests.integration.registry_messages:ChatMessage",
+                    "field_mapping": MAPPING},
+        }},
+    )  # fmt: skip
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        ends = {avro: end_offsets(kafka, avro, 1), proto: end_offsets(kafka, proto, 1)}
+        wait_for(lambda: all(committed_offsets(kafka, group, t, 1) == e for t, e in ends.items()), timeout=120,
+                 message="commits at the end of both topics")  # fmt: skip
+        result = running.stop()
+    assert result.exit_code == 0 and result.dead_letters == 0
+    outputs = _outputs(kafka, avro, 4 * PER_VERSION)
+    assert len(outputs) == 4 * PER_VERSION and all(o["kind"] == "verdict" for o in outputs)
+    by_id = {o["event_id"]: o for o in outputs}
+    for prefix, topic in (("a", avro), ("p", proto)):
+        for i in range(2 * PER_VERSION):
+            verdict = by_id[f"{prefix}{i}"]
+            assert verdict["source"]["topic"] == topic
+            assert verdict["violation"] is (i % 5 == 0), verdict  # the keyword verdict of the decoded text
+            assert verdict.get("community_id") == ("g7" if i >= PER_VERSION else None)  # the added field, mapped
+
+
+def test_an_unknown_schema_id_and_corrupt_avro_are_one_dead_letter_each_and_the_records_after_go_on(
+    kafka, schema_registry, policies_dir
+):
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    topic, group = unique("reg-bad"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    good = _avro_records(client, topic)[:6]
+    unknown_id = b"\x00" + (987654).to_bytes(4, "big") + good[0][5:]  # a valid body, an id nobody registered
+    corrupt = good[1][:5] + b"\xff\xff\xff"  # a registered id, bytes its schema cannot read
+    values = [*good[:3], unknown_id, corrupt, *good[3:]]
+    _produce(kafka, topic, values)
+    settings = settings_for(kafka, group, topic, policies_dir, policies={"default": "spam-scams"},
+                            schema_registry={"url": schema_registry.url},
+                            decode={"format": "avro", "field_mapping": MAPPING})  # fmt: skip
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        ends = end_offsets(kafka, topic, 1)
+        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == ends, timeout=120, message="commits at the end")
+        result = running.stop()
+    assert result.exit_code == 0
+    outputs = _outputs(kafka, topic, len(values))
+    dead = sorted((o for o in outputs if o["kind"] == "dead_letter"), key=lambda o: o["source"]["offset"])
+    verdicts = [o for o in outputs if o["kind"] == "verdict"]
+    assert (len(dead), len(verdicts)) == (2, 6)
+    assert [d["source"]["offset"] for d in dead] == [3, 4]
+    assert sorted(v["source"]["offset"] for v in verdicts) == [0, 1, 2, 5, 6, 7]  # the records after them too
+    assert all(d["error"]["type"] == "deserialization_failed" for d in dead)
+    assert "schema id 987654" in dead[0]["error"]["message"] and f"{topic}-value" in dead[0]["error"]["message"]
+    assert "do not match the schema" in dead[1]["error"]["message"] and f"{topic}-value" in dead[1]["error"]["message"]
+    assert [base64.b64decode(d["original"]["value_b64"]) for d in dead] == [unknown_id, corrupt]  # bytes kept
+
+
+def test_an_unreachable_registry_dead_letters_nothing_and_commits_nothing(kafka, policies_dir):
+    topic, group = unique("reg-down"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    _produce(kafka, topic, [b"\x00\x00\x00\x00\x01" + b"\x02a"] * 5)  # framed for schema id 1
+    registry = f"http://127.0.0.1:{free_port()}/apis/ccompat/v7"  # nothing listens there
+    settings = settings_for(kafka, group, topic, policies_dir, schema_registry={"url": registry, "retry_s": 0.5},
+                            decode={"format": "avro"}, pipeline={"shutdown_deadline_s": 2})  # fmt: skip
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        wait_for(lambda: running.pipeline.consumed == 5, timeout=60, message="all 5 records consumed")
+        time.sleep(2)  # time enough for an output and a commit, were there any
+        result = running.stop()
+    assert (result.verdicts, result.dead_letters) == (0, 0)
+    assert committed_offsets(kafka, group, topic, 1) == {0: OFFSET_INVALID}  # nothing committed
+
+
+def test_the_preflight_stops_with_exit_1_when_the_registry_does_not_answer(kafka, policies_dir, tmp_path):
+    topic = unique("reg-preflight")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    registry = f"http://127.0.0.1:{free_port()}/apis/ccompat/v7"
+    path = write_config(tmp_path / "config.yaml", kafka, unique("group"), topic, policies_dir,
+                        schema_registry={"url": registry, "retry_s": 0.5}, decode={"format": "avro"})  # fmt: skip
+    result = run_cli("check-config", "--connect", "--quiet", "--config", str(path))
+    assert result.returncode == 1, result.stderr
+    assert f"schema registry {registry}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_conversation_rebuild_stops_early_rather_than_wait_on_an_unreachable_registry(kafka):
+    from confluent_kafka import Consumer, TopicPartition
+
+    from consumer.config import ChatSettings, SchemaRegistrySettings
+    from consumer.decode.registry import RegistryDecoder, registry_client
+    from consumer.pipeline.chat import Conversations, Offenders, rebuild
+
+    topic, group = unique("reg-rebuild"), unique("group")
+    create_topics(kafka, topic)
+    _produce(kafka, topic, [b"\x00\x00\x00\x00\x01" + b"\x02a"] * 10)
+    consumer = Consumer({"bootstrap.servers": kafka, "group.id": group, "enable.auto.commit": False})
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=False)
+        registry = SchemaRegistrySettings(url=f"http://127.0.0.1:{free_port()}", retry_s=1.0, timeout_s=1)
+        decoder = RegistryDecoder("avro", registry_client(registry), registry, max_payload_bytes=1000)
+        chat = ChatSettings(context_messages=10, rebuild_records=50)
+        conversations = Conversations(chat)
+        started = time.monotonic()
+        rebuild(consumer, [TopicPartition(topic, 0)], conversations, Offenders(chat), decode=decoder.decode,
+                client={"bootstrap.servers": kafka}, verdict_topic=f"{topic}.verdicts", tail=50)  # fmt: skip
+        elapsed = time.monotonic() - started
+    finally:
+        consumer.close()
+    assert len(conversations) == 0
+    assert elapsed < 10 * registry.retry_s  # one record's retries, not ten
+
+
+def test_a_json_schema_topic_is_classified_and_a_record_that_fails_its_schema_is_a_dead_letter(
+    kafka, schema_registry, policies_dir
+):
+    from confluent_kafka.schema_registry.json_schema import JSONSerializer
+
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    topic, group = unique("reg-json"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    schema = {"type": "object", "properties": {"id": {"type": "string"}, "text": {"type": "string"}},
+              "required": ["id", "text"]}  # fmt: skip
+    serialize = JSONSerializer(orjson.dumps(schema).decode(), client)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    good = [serialize({"id": f"j{i}", "text": _text(i)}, ctx) for i in range(4)]
+    failing = good[0][:5] + orjson.dumps({"id": "j-bad"})  # framed with the schema's id, but no text
+    _produce(kafka, topic, [*good[:2], failing, *good[2:]])
+    settings = settings_for(kafka, group, topic, policies_dir, policies={"default": "spam-scams"},
+                            schema_registry={"url": schema_registry.url},
+                            decode={"format": "json_schema", "field_mapping": MAPPING})  # fmt: skip
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        ends = end_offsets(kafka, topic, 1)
+        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == ends, timeout=120, message="commits at the end")
+        running.stop()
+    outputs = _outputs(kafka, topic, 5)
+    verdicts = {o["event_id"]: o["violation"] for o in outputs if o["kind"] == "verdict"}
+    dead = [o for o in outputs if o["kind"] == "dead_letter"]
+    assert verdicts == {"j0": True, "j1": False, "j2": False, "j3": False}
+    assert len(dead) == 1 and dead[0]["source"]["offset"] == 2
+    assert dead[0]["error"]["type"] == "deserialization_failed" and f"{topic}-value" in dead[0]["error"]["message"]

@@ -1,0 +1,107 @@
+"""A real Schema Registry for the tests: Apicurio Registry on 127.0.0.1, in-memory storage.
+
+Like the Kafka broker (consumer.kafka.devkafka), it comes from Maven Central
+(`io.apicurio:apicurio-registry-app:3.3.3:tar.gz:all`) into the cache folder, never into the
+repository, and nothing comes from a container hub. It is built for Java 21+, so it runs under the
+Temurin 25 JDK beside the default Java 17. confluent-kafka's SchemaRegistryClient talks to its
+Confluent-compatible API, `/apis/ccompat/v7`.
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from consumer.kafka.devkafka import cache_dir, free_port
+
+APICURIO_VERSION = "3.3.3"
+_ARTIFACT = f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all"
+_JAVA_CANDIDATES = ("/usr/lib/jvm/temurin-25-jdk-amd64/bin/java", "/usr/lib/jvm/*-2[5-9]*/bin/java")
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def ensure_registry(version: str = APICURIO_VERSION) -> Path:
+    """Fetch and unpack the registry into the cache (once); returns the folder holding quarkus-run.jar."""
+    home = cache_dir() / f"apicurio-registry-{version}"
+    if (home / ".complete").exists():
+        return home
+    if shutil.which("mvn") is None:
+        raise RegistryError("Maven (mvn) is needed to fetch Apicurio Registry; install it (apt-get install maven)")
+    download = cache_dir() / "apicurio-download"
+    command = ["mvn", "-q", "-B", f"-Dmaven.repo.local={cache_dir() / 'm2'}", "dependency:copy",
+               f"-Dartifact={_ARTIFACT}", f"-DoutputDirectory={download}"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RegistryError(f"fetching {_ARTIFACT} with Maven failed:\n{result.stdout[-3000:]}{result.stderr[-2000:]}")
+    shutil.rmtree(home, ignore_errors=True)
+    with tarfile.open(download / f"apicurio-registry-app-{version}-all.tar.gz") as archive:
+        archive.extractall(home, filter="data")
+    (home / ".complete").write_text(version)
+    return home
+
+
+def java25() -> str:
+    for pattern in _JAVA_CANDIDATES:
+        for java in sorted(glob.glob(pattern)):
+            return java
+    raise RegistryError("Apicurio Registry needs Java 21 or later; the Temurin 25 JDK was not found under /usr/lib/jvm")
+
+
+class SchemaRegistry:
+    """One registry process on 127.0.0.1; `url` is what SchemaRegistryClient takes."""
+
+    def __init__(self, log_file: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.log_file = log_file
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/apis/ccompat/v7"
+
+    def start(self, timeout: float = 120.0) -> None:
+        home = ensure_registry()
+        command = [
+            java25(), "-Xmx384m",
+            f"-Dquarkus.http.port={self.port}", "-Dquarkus.http.host=127.0.0.1",
+            "-Dquarkus.management.enabled=false",  # else a second interface on 0.0.0.0:9000
+            "-jar", str(home / "quarkus-run.jar"),
+        ]  # fmt: skip
+        with self.log_file.open("ab") as log:
+            self._process = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RegistryError(f"the registry exited with {self._process.returncode}; see {self.log_file}")
+            if self.answers():
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise RegistryError(f"the registry did not answer within {timeout:.0f} s; see {self.log_file}")
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/subjects", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
