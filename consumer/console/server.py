@@ -15,6 +15,7 @@ from consumer.console.app import ConsoleApp
 from consumer.console.feed import ReviewFeed
 from consumer.console.identity import Identity
 from consumer.console.writer import DecisionWriter
+from consumer.kafka.client_logs import client_options
 from consumer.policy import Policy, PolicyStore
 from consumer.review.state import ReviewState
 
@@ -37,10 +38,11 @@ class ReviewConsole:
         if problem:
             raise ConsoleError(problem)
         kafka = settings.kafka
-        client = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers}
+        client = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers, **client_options("console")}
         self.state = ReviewState(settings.review.max_items)
         self.feed = ReviewFeed(client, settings.review.topic, settings.review.decisions_topic, self.state)
-        self.writer = DecisionWriter(kafka.producer_options | {"bootstrap.servers": kafka.bootstrap_servers},
+        self.writer = DecisionWriter(kafka.producer_options | {"bootstrap.servers": kafka.bootstrap_servers,
+                                                               **client_options("console")},
                                      settings.review.decisions_topic)  # fmt: skip
         try:
             self._store = PolicyStore(settings.policies.directory, settings.policies.max_tokens)
@@ -76,7 +78,11 @@ class ReviewConsole:
         family = socket.AF_INET6 if ":" in console.host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((console.host, console.port))
+        try:
+            self._socket.bind((console.host, console.port))
+        except OSError as exc:
+            raise ConsoleError(f"review.console.port: cannot serve on {console.host}:{console.port} "
+                               f"({exc.strerror}); choose another port, or 0 for any free one") from None  # fmt: skip
         config = uvicorn.Config(self.app.asgi, log_config=None, access_log=False, lifespan="off",
                                 server_header=False, timeout_graceful_shutdown=5)  # fmt: skip
         self._server = uvicorn.Server(config)

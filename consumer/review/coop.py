@@ -47,6 +47,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from consumer.config import Settings
 from consumer.config.review import CoopAction
 from consumer.events import ReviewDecision, ReviewItem
+from consumer.kafka.client_logs import client_options
 from consumer.kafka.sink import PRODUCER_DEFAULTS
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,10 @@ class CoopBridge:
         self.client = client or CoopClient(coop.url, coop.api_key.get_secret_value())
         self._public_key = coop.webhook_public_key.encode("ascii")
         kafka = settings.kafka
-        self._client_config = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers}
+        self._client_config = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers,
+                                                         **client_options("coop-bridge")}  # fmt: skip
         self._producer = Producer({**PRODUCER_DEFAULTS, **kafka.producer_options,
-                                   "bootstrap.servers": kafka.bootstrap_servers})  # fmt: skip
+                                   "bootstrap.servers": kafka.bootstrap_servers, **client_options("coop-bridge")})  # fmt: skip
         self._producer_lock = threading.Lock()
         self._sleep = sleep
         self._stopping = threading.Event()
