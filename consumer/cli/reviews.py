@@ -80,11 +80,15 @@ def review_coop_bridge(
 
     from consumer.pipeline.preflight import Port, review_needs
     from consumer.pipeline.telemetry import configure_logging
-    from consumer.review.coop import CoopBridge
+    from consumer.review.coop import CoopBridge, check_coop_settings
 
     settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
     configure_logging(settings.log.level, settings.log.format == "json")
     coop = settings.review.coop
+    try:
+        check_coop_settings(coop)
+    except ValueError as exc:
+        raise config_exit(str(exc)) from None
     port = Port("review.coop.webhook_port", coop.webhook_host, coop.webhook_port)
     # Before the bridge exists: its clients would otherwise be the first to meet a wrong address.
     preflight_or_exit(settings, review_needs(settings, writes_decisions=True, port=port), config, bootstrap_servers)
@@ -113,6 +117,7 @@ def review_console(
 
     from confluent_kafka import KafkaException
 
+    from consumer.console.identity import Identity
     from consumer.console.server import ConsoleError, ReviewConsole
     from consumer.pipeline.preflight import Port, review_needs
     from consumer.pipeline.telemetry import configure_logging
@@ -120,6 +125,9 @@ def review_console(
     settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
     configure_logging(settings.log.level, settings.log.format == "json")
     console_settings = settings.review.console
+    problem = Identity(console_settings).check()  # the configuration first, as everywhere: then the brokers
+    if problem:
+        raise config_exit(f"the review console cannot start: {problem}")
     port = Port("review.console.port", console_settings.host, console_settings.port)
     preflight_or_exit(settings, review_needs(settings, writes_decisions=True, port=port), config, bootstrap_servers)
     try:

@@ -111,8 +111,8 @@ def connect(settings: Settings, timeout_s: float | None = None) -> Cluster:
     timeout_s = settings.kafka.startup_timeout_s if timeout_s is None else timeout_s
     errors = _Errors()
     try:
-        # Its connection failures at INFO: `Unreachable` says it once, with the last of them.
-        admin = AdminClient({**admin_config(settings), **client_options("admin", failure_level=logging.INFO),
+        # Its connection failures at DEBUG: `Unreachable` says it once, with the last of them.
+        admin = AdminClient({**admin_config(settings), **client_options("admin", failure_level=logging.DEBUG),
                              "error_cb": errors})  # fmt: skip
     except KafkaException as exc:
         raise Unreachable(f"cannot create a Kafka client: {exc.args[0].str() if exc.args else exc}") from None

@@ -150,7 +150,7 @@ class ClientLogger:
 
 def client_options(role: str, link: BrokerLink | None = None, failure_level: int = logging.WARNING) -> dict[str, Any]:
     """The options that route a client's logs and errors here. Without a link, connection
-    failures are logged at `failure_level`: INFO for the pre-flight, whose one error line
+    failures are logged at `failure_level`: DEBUG for the pre-flight, whose one error line
     says it, WARNING for a client that meets an outage on its own."""
     options: dict[str, Any] = {"logger": ClientLogger(role, link, failure_level)}
     if link is not None:

@@ -45,7 +45,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from consumer.config import Settings
-from consumer.config.review import CoopAction
+from consumer.config.review import CoopAction, CoopSettings
 from consumer.events import ReviewDecision, ReviewItem
 from consumer.kafka.client_logs import client_options
 from consumer.kafka.sink import PRODUCER_DEFAULTS
@@ -154,15 +154,20 @@ class CoopClient:
             raise CoopError(f"Coop answered {status} to {ITEMS_PATH}", retriable=status >= 500 or status == 429)
 
 
+def check_coop_settings(coop: CoopSettings) -> None:
+    """ValueError naming what the bridge needs and `review.coop` lacks."""
+    missing = [k for k in ("url", "api_key", "item_type_id", "webhook_public_key") if getattr(coop, k) is None]
+    if missing:
+        raise ValueError(f"review.coop needs {', '.join(missing)}")
+
+
 class CoopBridge:
     """Runs both directions until `stop()`: an item's offset is committed only after Coop accepted
     it; a webhook is answered 200 only after its decision is on the decisions topic."""
 
     def __init__(self, settings: Settings, client: CoopClient | None = None, sleep: Callable[[float], None] = time.sleep):
         coop = settings.review.coop
-        missing = [k for k in ("url", "api_key", "item_type_id", "webhook_public_key") if getattr(coop, k) is None]
-        if missing:
-            raise ValueError(f"review.coop needs {', '.join(missing)}")
+        check_coop_settings(coop)
         self.settings = settings
         self.coop = coop
         assert coop.url and coop.api_key and coop.item_type_id and coop.webhook_public_key
