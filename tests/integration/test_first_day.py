@@ -357,3 +357,22 @@ def test_replay_to_a_missing_output_topic_fails_at_once_speaking_of_replay_optio
     assert f"--output-topic: topic '{topic}.missing' does not exist" in line and "--output" in line
     assert "kafka.verdict_topic" not in result.stderr + result.stdout
     assert seconds < 20
+
+
+def test_review_pending_names_the_classifier_of_a_verdict_without_a_cascade_stage(kafka, policies_dir, tmp_path):
+    topic = unique("pending")
+    review = {**_REVIEW, "topic": f"{topic}.review", "decisions_topic": f"{topic}.decisions"}
+    create_topics(kafka, f"{topic}.review", f"{topic}.decisions")
+    keyword_item = {
+        "review_id": "rv-1", "reason": "undecided", "created_at": "2026-12-01T00:00:00Z", "policy_id": "chat-harassment",
+        "policy_version": "v1", "event": {"event_id": "e1", "content": "kys"}, "source": {"topic": topic, "partition": 0,
+        "offset": 0}, "machine": {"violation": True, "confidence": "high", "stage": None, "model": "keyword",
+        "action": "delete"},
+    }  # fmt: skip
+    produce(kafka, f"{topic}.review", [orjson.dumps(keyword_item)])
+    config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir, review=review)
+    result, _ = cli("review", "pending", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert "machine: violation (keyword, high)" in line and "None" not in line
+    assert "1 reviews await a person" in result.stderr

@@ -95,3 +95,4 @@ def _check(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     result = CliRunner().invoke(app, ["check-config", "--quiet", "--config", str(config)])
     assert result.exit_code == 0, result.output
+    assert result.output == ""  # --quiet: only problems, not even the "would start:" line
