@@ -163,3 +163,19 @@ def test_a_store_of_one_file_reads_that_file_and_nothing_beside_it(tmp_path):
     (tmp_path / "policy-eval.md").write_text("# a report, not a policy\n")
     store = PolicyStore(tmp_path, pattern="chat-harassment.md")
     assert list(store.get()) == ["chat-harassment"]
+
+
+def test_policy_eval_evaluates_the_file_it_is_given_and_nothing_beside_it(tmp_path):
+    from tests.unit.test_config import run_cli
+
+    policy = tmp_path / "chat-harassment.md"
+    policy.write_text(GOOD)
+    (tmp_path / "notes.md").write_text("scratch notes, no front matter\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "a", "content": "kys", "label": 1}\n{"id": "b", "content": "nice build", "label": 0}\n')
+    env = {"SAFEGUARD_CLASSIFIER__KIND": "keyword"}
+    for run in (1, 2):  # the second run meets the first one's report in the folder
+        result = run_cli("policy", "eval", str(policy), "--data", str(data), "--report", str(tmp_path / "policy-eval.md"),
+                         env=env)  # fmt: skip
+        assert result.returncode == 0, (run, result.stdout + result.stderr)
+        assert "on 2 examples" in result.stdout
