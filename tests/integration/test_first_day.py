@@ -376,3 +376,34 @@ def test_review_pending_names_the_classifier_of_a_verdict_without_a_cascade_stag
     (line,) = result.stdout.splitlines()
     assert "machine: violation (keyword, high)" in line and "None" not in line
     assert "1 reviews await a person" in result.stderr
+
+
+def test_review_console_names_its_busy_port_and_logs_json_when_told(kafka, policies_dir, tmp_path):
+    topic = unique("console")
+    review = {**_REVIEW, "topic": f"{topic}.review", "decisions_topic": f"{topic}.decisions"}
+    create_topics(kafka, f"{topic}.review", f"{topic}.decisions")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir,
+                              review={**review, "console": {**review["console"], "port": port}})  # fmt: skip
+        busy, _ = cli("review", "console", "--config", str(config))
+    assert busy.returncode == 2
+    line = _one_error_line(busy)
+    assert "review.console.port" in line and str(port) in line
+
+    config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir, review=review,
+                          log={"format": "json", "level": "INFO"})  # fmt: skip
+    log = tmp_path / "console.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "consumer", "review", "console", "--config", str(config)],
+                                   cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: "review console on" in log.read_text(), timeout=60, message="the console to start")
+    finally:
+        process.terminate()
+        process.wait(30)
+    logged = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    assert any(orjson.loads(line)["message"].startswith("review console on") for line in logged), log.read_text()
