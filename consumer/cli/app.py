@@ -8,12 +8,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 import consumer
 from consumer.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:  # imported by the commands themselves: --help needs none of the pipeline
+    from consumer.pipeline.preflight import Needs
 
 # Plain help (rich_markup_mode None): Typer's rich panels print `<bool>` beside every flag.
 app = typer.Typer(
@@ -70,7 +73,7 @@ def create_command(config: Optional[Path], bootstrap_servers: Optional[str]) -> 
 
 def preflight_or_exit(
     settings: Settings,
-    needs: object,  # consumer.pipeline.preflight.Needs, imported late: --help needs none of it
+    needs: Needs,
     config: Optional[Path],
     bootstrap_servers: Optional[str],
     log: logging.Logger | None = None,
@@ -82,7 +85,7 @@ def preflight_or_exit(
     from consumer.pipeline.preflight import connect_and_check
 
     try:
-        warnings = connect_and_check(settings, needs, create_command(config, bootstrap_servers))  # type: ignore[arg-type]
+        warnings = connect_and_check(settings, needs, create_command(config, bootstrap_servers))
     except (ConfigError, TopicProblem) as exc:
         raise config_exit(str(exc)) from None
     except Unreachable as exc:

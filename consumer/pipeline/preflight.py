@@ -145,9 +145,12 @@ def _check_vllm_installed(settings: Settings) -> None:
     it builds the engine (check-config does not build it)."""
     c = settings.classifier
     uses_vllm = c.kind == "vllm" or (c.kind == "cascade" and c.reasoner == "vllm")
-    if uses_vllm and settings.engine.get("kind", "in_process") == "in_process" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"classifier.kind: {c.kind} runs vLLM in process, and vllm is not installed here "
-                          "(`scripts/bootstrap full` installs it); engine.kind remote uses a served fleet instead")  # fmt: skip
+    in_process = settings.engine.get("kind", "in_process") == "in_process"
+    if uses_vllm and in_process and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"classifier.kind: {c.kind} runs vLLM in process, and vllm is not installed here "
+            "(`scripts/bootstrap full` installs it); engine.kind remote uses a served fleet instead"
+        )
 
 
 def describe(settings: Settings, prepared: Prepared) -> str:

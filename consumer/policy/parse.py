@@ -81,7 +81,8 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
         mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 2
         problem = getattr(exc, "problem", None)
-        raise PolicyError(f"{where}:{line}: front matter is not valid YAML" + (f" ({problem})" if problem else "")) from None
+        why = f" ({problem})" if problem else ""
+        raise PolicyError(f"{where}:{line}: front matter is not valid YAML{why}") from None
     if not isinstance(meta, dict):
         raise PolicyError(f"{where}:2: front matter must be a mapping")
     for key in meta:

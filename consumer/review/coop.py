@@ -174,10 +174,10 @@ class CoopBridge:
         self.client = client or CoopClient(coop.url, coop.api_key.get_secret_value())
         self._public_key = coop.webhook_public_key.encode("ascii")
         kafka = settings.kafka
-        self._client_config = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers,
-                                                         **client_options("coop-bridge")}  # fmt: skip
+        logs = client_options("coop-bridge")
+        self._client_config = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers, **logs}
         self._producer = Producer({**PRODUCER_DEFAULTS, **kafka.producer_options,
-                                   "bootstrap.servers": kafka.bootstrap_servers, **client_options("coop-bridge")})  # fmt: skip
+                                   "bootstrap.servers": kafka.bootstrap_servers, **logs})  # fmt: skip
         self._producer_lock = threading.Lock()
         self._sleep = sleep
         self._stopping = threading.Event()

@@ -280,14 +280,15 @@ def test_a_wrong_broker_address_is_one_line_and_exit_1_for_every_command(policie
 def test_a_missing_topic_is_one_line_naming_it_and_exit_2_for_every_command(kafka, policies_dir, tmp_path, command):
     topic = unique("first-day")
     create_topics(kafka, f"{topic}.verdicts", f"{topic}.dlq")  # no input topic, no review topics
-    config = write_config(tmp_path / "c.yaml", kafka, unique("group"), topic, policies_dir,
-                          review={**_REVIEW, "topic": f"{topic}.review", "decisions_topic": f"{topic}.decisions"})  # fmt: skip
+    review = {**_REVIEW, "topic": f"{topic}.review", "decisions_topic": f"{topic}.decisions"}
+    config = write_config(tmp_path / "c.yaml", kafka, unique("group"), topic, policies_dir, review=review)
     result, seconds = cli(*_commands(config, tmp_path, topic)[command])
     assert result.returncode == 2, result.stderr
     # run's needs: its input and the three review topics; a replay's: its --topic; a review command's: two.
     problems = {"replay": 1, "check-config --connect": 4}.get(command, 2)
     line = _one_error_line(result, problems)
-    named = {"replay": f"--topic: topic '{topic}' does not exist", "check-config --connect": f"topic '{topic}' does not exist"}
+    named = {"replay": f"--topic: topic '{topic}' does not exist",
+             "check-config --connect": f"kafka.input_topics: topic '{topic}' does not exist"}  # fmt: skip
     assert named.get(command, f"review.topic: topic '{topic}.review' does not exist") in line
     assert seconds < 30
 
@@ -300,7 +301,8 @@ def test_a_bad_configuration_is_one_line_naming_the_key_and_exit_2_for_every_com
     result, seconds = cli(*_commands(config, tmp_path, "chat")[command])
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "FAIL" not in result.stderr, result.stderr
-    assert result.stderr.splitlines()[-2:] == ["error: invalid configuration:", f"  {config}: review.max_item: unknown key"]
+    assert result.stderr.splitlines()[-2:] == ["error: invalid configuration:",
+                                               f"  {config}: review.max_item: unknown key"]  # fmt: skip
     assert seconds < 15
 
 
@@ -364,10 +366,10 @@ def test_review_pending_names_the_classifier_of_a_verdict_without_a_cascade_stag
     review = {**_REVIEW, "topic": f"{topic}.review", "decisions_topic": f"{topic}.decisions"}
     create_topics(kafka, f"{topic}.review", f"{topic}.decisions")
     keyword_item = {
-        "review_id": "rv-1", "reason": "undecided", "created_at": "2026-12-01T00:00:00Z", "policy_id": "chat-harassment",
-        "policy_version": "v1", "event": {"event_id": "e1", "content": "kys"}, "source": {"topic": topic, "partition": 0,
-        "offset": 0}, "machine": {"violation": True, "confidence": "high", "stage": None, "model": "keyword",
-        "action": "delete"},
+        "review_id": "rv-1", "reason": "undecided", "created_at": "2026-12-01T00:00:00Z",
+        "policy_id": "chat-harassment", "policy_version": "v1", "event": {"event_id": "e1", "content": "kys"},
+        "source": {"topic": topic, "partition": 0, "offset": 0},
+        "machine": {"violation": True, "confidence": "high", "stage": None, "model": "keyword", "action": "delete"},
     }  # fmt: skip
     produce(kafka, f"{topic}.review", [orjson.dumps(keyword_item)])
     config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir, review=review)

@@ -21,19 +21,38 @@ _FENCE = re.compile(r"^```ya?ml\n(.*?)^```", re.S | re.M)
 SECTIONS = set(Settings.model_fields)
 
 
-def documented_blocks() -> list[tuple[str, str]]:
-    """(where, text) of each YAML block in the Markdown docs whose top-level keys are settings sections."""
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a reader means it: a key given twice in one mapping (four `kafka:` maps in one
+    block) is an error, not the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"keys given twice: {', '.join(twice)}", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def yaml_blocks() -> list[tuple[str, str]]:
+    """(where, text) of every YAML block in README.md and docs/*.md."""
     blocks = []
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         text = doc.read_text(encoding="utf-8")
         for match in _FENCE.finditer(text):
-            where = f"{doc.relative_to(REPO)}:{text[: match.start()].count(chr(10)) + 1}"
-            try:
-                data = yaml.safe_load(match.group(1))
-            except yaml.YAMLError as exc:  # a block that is no YAML at all is a documentation bug too
-                pytest.fail(f"{where}: not valid YAML: {exc}")
-            if isinstance(data, dict) and data and set(data) <= SECTIONS:
-                blocks.append((where, match.group(1)))
+            blocks.append((f"{doc.relative_to(REPO)}:{text[: match.start()].count(chr(10)) + 1}", match.group(1)))
+    return blocks
+
+
+def documented_blocks() -> list[tuple[str, str]]:
+    """The YAML blocks whose top-level keys are settings sections: whole or partial configurations."""
+    blocks = []
+    for where, text in yaml_blocks():
+        try:
+            data = yaml.load(text, Loader=_StrictLoader)
+        except yaml.YAMLError:
+            continue  # test_every_yaml_block_is_yaml says so
+        if isinstance(data, dict) and data and set(data) <= SECTIONS:
+            blocks.append((where, text))
     return blocks
 
 
@@ -44,6 +63,10 @@ DEPLOY_CONFIGS = sorted(p for p in (REPO / "deploy").rglob("config*.yaml"))
 NEEDS_REMOTE_PREFLIGHT = {"docs/engine.md:56", "deploy/compose/config-served.yaml", "deploy/k8s/served/config.yaml"}
 # What docs/kafka.md says to keep in the environment rather than in the file.
 SECRETS = {"sasl.password": "from-the-environment", "sasl.oauthbearer.client.secret": "from-the-environment"}
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(REPO))
 
 
 def _served(where: str) -> list:
@@ -67,6 +90,11 @@ def mounted(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.mark.parametrize(("where", "text"), yaml_blocks(), ids=[where for where, _ in yaml_blocks()])
+def test_every_yaml_block_is_yaml_with_each_key_once(where, text):
+    yaml.load(text, Loader=_StrictLoader)
+
+
 def test_the_docs_show_configuration_blocks_at_all():
     # The selection below must find something, or the parametrised test passes vacuously.
     assert len(documented_blocks()) >= 7 and len(DEPLOY_CONFIGS) >= 4
@@ -82,7 +110,7 @@ def test_every_documented_configuration_block_passes_check_config(where, text, t
 
 
 @pytest.mark.parametrize(
-    "path", [pytest.param(p, id=str(p.relative_to(REPO)), marks=_served(str(p.relative_to(REPO)))) for p in DEPLOY_CONFIGS]
+    "path", [pytest.param(p, id=_name(p), marks=_served(_name(p))) for p in DEPLOY_CONFIGS]
 )
 def test_every_deploy_configuration_passes_check_config(path: Path, monkeypatch):
     _check(path, monkeypatch)

@@ -175,7 +175,7 @@ def test_policy_eval_evaluates_the_file_it_is_given_and_nothing_beside_it(tmp_pa
     data.write_text('{"id": "a", "content": "kys", "label": 1}\n{"id": "b", "content": "nice build", "label": 0}\n')
     env = {"SAFEGUARD_CLASSIFIER__KIND": "keyword"}
     for run in (1, 2):  # the second run meets the first one's report in the folder
-        result = run_cli("policy", "eval", str(policy), "--data", str(data), "--report", str(tmp_path / "policy-eval.md"),
-                         env=env)  # fmt: skip
+        result = run_cli("policy", "eval", str(policy), "--data", str(data),
+                         "--report", str(tmp_path / "policy-eval.md"), env=env)  # fmt: skip
         assert result.returncode == 0, (run, result.stdout + result.stderr)
         assert "on 2 examples" in result.stdout
