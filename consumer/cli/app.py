@@ -8,12 +8,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 import consumer
 from consumer.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:  # imported by the commands themselves: --help needs none of the pipeline
+    from consumer.pipeline.preflight import Needs
 
 # Plain help (rich_markup_mode None): Typer's rich panels print `<bool>` beside every flag.
 app = typer.Typer(
@@ -54,28 +57,67 @@ def config_exit(message: str) -> typer.Exit:
     return typer.Exit(EXIT_CONFIG)
 
 
-EXIT_UNREACHABLE = 1
+EXIT_UNREACHABLE = 1  # no broker answered: nothing wrong with the command, try again later
+BootstrapOption = typer.Option(None, "--bootstrap-servers", help="Overrides kafka.bootstrap_servers.")
+
+
+def bootstrap_override(bootstrap_servers: Optional[str]) -> dict[str, object] | None:
+    return {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
+
+
+def create_command(config: Optional[Path], bootstrap_servers: Optional[str]) -> str:
+    """The `topics create` command line for the configuration this command was given."""
+    return " ".join(["safeguard-consumer topics create"] + ([f"--config {config}"] if config else [])
+                    + ([f"--bootstrap-servers {bootstrap_servers}"] if bootstrap_servers else []))  # fmt: skip
+
+
+def preflight_or_exit(
+    settings: Settings,
+    needs: Needs,
+    config: Optional[Path],
+    bootstrap_servers: Optional[str],
+    log: logging.Logger | None = None,
+) -> None:
+    """The online pre-flight every command that talks to Kafka runs before it starts: returns,
+    or exits with one line (2: configuration, topics, ports; 1: no broker answered). `log`:
+    where a long-running command reports (`run`'s JSON logs), else the terminal."""
+    from consumer.kafka.admin import TopicProblem, Unreachable
+    from consumer.pipeline.preflight import connect_and_check
+
+    try:
+        warnings = connect_and_check(settings, needs, create_command(config, bootstrap_servers))
+    except (ConfigError, TopicProblem) as exc:
+        raise config_exit(str(exc)) from None
+    except Unreachable as exc:
+        if log is not None:
+            log.error("%s", exc)
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    for warning in warnings:
+        if log is not None:
+            log.warning("%s", warning)
+        else:
+            typer.echo(f"warning: {warning}", err=True)
 
 
 @app.command()
 def run(
     config: Optional[Path] = ConfigOption,
-    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    bootstrap_servers: Optional[str] = BootstrapOption,
 ) -> None:
     """Consume the input topics and publish a verdict or a dead letter for every record.
 
     Before the first poll it runs the pre-flight of `check-config --connect`: exit 2 for a bad
     configuration or a missing output topic, exit 1 when no broker answers within
     kafka.startup_timeout_s."""
-    from consumer.kafka.admin import TopicProblem, Unreachable
     from consumer.pipeline.http import PortInUse
     from consumer.pipeline.pipeline import Pipeline
-    from consumer.pipeline.preflight import connect_and_check, describe, prepare
+    from consumer.pipeline.preflight import describe, prepare, run_needs
     from consumer.pipeline.telemetry.logs import configure_logging
     from consumer.pipeline.telemetry.tracing import TelemetryError
 
-    overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
-    settings = settings_or_exit(config, overrides)
+    settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
     configure_logging(settings.log.level, settings.log.format == "json")
     log = logging.getLogger("consumer.cli")
     try:
@@ -83,14 +125,7 @@ def run(
     except ConfigError as exc:
         raise config_exit(str(exc)) from None
     log.info("%s", describe(settings, prepared))
-    try:
-        for warning in connect_and_check(settings):
-            log.warning("%s", warning)
-    except Unreachable as exc:
-        log.error("%s", exc)
-        raise typer.Exit(EXIT_UNREACHABLE) from None
-    except TopicProblem as exc:
-        raise config_exit(str(exc).replace("--config FILE", f"--config {config}" if config else "")) from None
+    preflight_or_exit(settings, run_needs(settings), config, bootstrap_servers, log)
     assert prepared.classifier is not None
     try:
         pipeline = Pipeline(settings, prepared.classifier, prepared.policies)
@@ -136,36 +171,30 @@ def demo(
 @app.command("check-config")
 def check_config(
     config: Optional[Path] = ConfigOption,
-    connect: bool = typer.Option(False, "--connect", help="Also check the brokers, the topics and the permissions."),
+    bootstrap_servers: Optional[str] = BootstrapOption,
+    connect: bool = typer.Option(False, "--connect", help="Also check the brokers, the topics, the permissions "
+                                 "and the metrics port."),  # fmt: skip
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only problems, not the configuration."),
 ) -> None:
     """The pre-flight of `run`: validate the configuration, load the policies, resolve the routes,
     have librdkafka check its options and build the classifier (a vLLM engine: its settings
-    only); print the configuration with secrets hidden. Exit 2 naming the key on a problem
-    (exit 1 when --connect finds no broker)."""
+    and its package only); print the configuration with secrets hidden. With --connect, also
+    the checks `run` makes before its first poll. Exit 2 naming the key on a problem (exit 1
+    when --connect finds no broker)."""
     from consumer.config import redact
-    from consumer.kafka.admin import TopicProblem, Unreachable
-    from consumer.pipeline.preflight import connect_and_check, describe, prepare
+    from consumer.pipeline.preflight import describe, prepare, run_needs
 
-    settings = settings_or_exit(config)
+    settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
     try:
         prepared = prepare(settings, build_engine=False)
     except ConfigError as exc:
         raise config_exit(str(exc)) from None
     if not quiet:
         typer.echo(json.dumps(redact(settings.model_dump(mode="json")), indent=2))
-    typer.echo(describe(settings, prepared).replace("starting: ", "would start: ", 1), err=True)
+        typer.echo(describe(settings, prepared).replace("starting: ", "would start: ", 1), err=True)
     if connect:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        try:
-            warnings = connect_and_check(settings)
-        except Unreachable as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(EXIT_UNREACHABLE) from None
-        except TopicProblem as exc:
-            raise config_exit(str(exc).replace("--config FILE", f"--config {config}" if config else "")) from None
-        for warning in warnings:
-            typer.echo(f"warning: {warning}", err=True)
+        preflight_or_exit(settings, run_needs(settings), config, bootstrap_servers)
         typer.echo(f"brokers {settings.kafka.bootstrap_servers}: reachable; topics present and permitted", err=True)
 
 

@@ -9,7 +9,9 @@ import typer
 
 from consumer.cli.app import (
     EXIT_UNREACHABLE,
+    BootstrapOption,
     ConfigOption,
+    bootstrap_override,
     dev_kafka_app,
     settings_or_exit,
     topics_app,
@@ -19,16 +21,17 @@ from consumer.cli.app import (
 @topics_app.command("create")
 def topics_create(
     config: Optional[Path] = ConfigOption,
-    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    bootstrap_servers: Optional[str] = BootstrapOption,
     partitions: int = typer.Option(6, min=1, help="Partitions of each new topic: the most consumers that help."),
     replication: Optional[int] = typer.Option(None, min=1, help="Replication factor; default min(3, brokers)."),
 ) -> None:
-    """Create the named input topics and the verdict and dead-letter topics (sized for the
-    largest dead letter, pipeline.max_payload_bytes); existing topics are left as they are."""
+    """Create every topic the configuration names: the named input topics, the verdict and
+    dead-letter topics (sized for the largest dead letter, pipeline.max_payload_bytes) and,
+    with review.enabled, the review items (sized alike), decisions and appeals topics.
+    Existing topics are left as they are."""
     from consumer.kafka.admin import Unreachable, connect, create_topics, plan_topics
 
-    overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
-    settings = settings_or_exit(config, overrides)
+    settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
     try:
         cluster = connect(settings)
     except Unreachable as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 from pathlib import Path
 from typing import Optional
 
@@ -24,10 +25,12 @@ def policy_validate(
     max_tokens: int = typer.Option(1500, help="Policies longer than this many tokens are errors."),
 ) -> None:
     """Check structure, front matter, example labels and length; prints file:line: problem."""
-    from consumer.policy import validate_policy
+    from consumer.policy import PolicyError, parse_policy, validate_policy
 
     files = [f for p in paths for f in (sorted(p.glob("*.md")) if p.is_dir() else [p])]
     errors = 0
+    # A folder is what `run` loads: two files of one id there stop it, so they are an error here too.
+    ids: dict[tuple[Path, str], Path] = {}
     for path in files:
         try:
             data = path.read_bytes()
@@ -38,6 +41,15 @@ def policy_validate(
         for problem in validate_policy(data, path, max_tokens):
             typer.echo(str(problem))
             errors += problem.severity == "error"
+        try:
+            policy_id = parse_policy(data, path).id
+        except PolicyError:
+            continue  # reported above
+        first = ids.setdefault((path.resolve().parent, policy_id), path)
+        if first != path:
+            typer.echo(f"{path}:2: error: policy id {policy_id!r} is also used by {first}; a policies folder holds "
+                       "one file per id (keep drafts elsewhere)")  # fmt: skip
+            errors += 1
     typer.echo(f"{len(files)} policies checked, {errors} errors", err=True)
     raise typer.Exit(1 if errors or not files else 0)
 
@@ -93,7 +105,10 @@ def policy_eval(
     except (DataError, PolicyError) as exc:
         raise config_exit(str(exc)) from None
     try:
-        classifier = build_classifier(settings, PolicyStore(current.path.parent if current.path else Path(".")))
+        # That file alone (its examples file beside it): not its neighbours, which may be drafts or reports.
+        assert current.path is not None
+        alone = PolicyStore(current.path.parent, settings.policies.max_tokens, pattern=glob.escape(current.path.name))
+        classifier = build_classifier(settings, alone)
     except (ConfigError, PolicyError) as exc:
         raise config_exit(str(exc)) from None
 

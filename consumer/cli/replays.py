@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from consumer.cli.app import (
+    BootstrapOption,
     app,
+    bootstrap_override,
     config_exit,
+    preflight_or_exit,
 )
 from consumer.config import ConfigError, load_settings
 
@@ -34,13 +37,15 @@ def replay(
     checkpoint_file: Optional[Path] = typer.Option(None, "--checkpoint", help="Default: next to the output."),
     compare_with: Optional[str] = typer.Option(None, "--compare", help="Baseline verdicts: a topic or a JSONL file."),
     report: Optional[Path] = typer.Option(None, help="Backtest Markdown report; default backtest-RUN.md."),
-    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    bootstrap_servers: Optional[str] = BootstrapOption,
     priority: str = typer.Option("low", help="live or low: a remote reasoner's priority on a shared fleet."),
 ) -> None:
     """Replay an offset range of a topic through the pipeline, and backtest a policy change with --compare."""
     from rich.console import Console
 
     from consumer.classify.factory import build_classifier
+    from consumer.kafka.admin import TopicNeed
+    from consumer.pipeline.preflight import Needs
     from consumer.policy import PolicyError
     from consumer.policy.route import RoutingError
     from consumer.replay import ReplayError
@@ -62,10 +67,17 @@ def replay(
     if (output_topic is None) == (output is None):
         raise config_exit("give exactly one of --output-topic and --output")
     try:
-        overrides = {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None
-        settings = load_settings(config, overrides)
+        settings = load_settings(config, bootstrap_override(bootstrap_servers))
         refuse_exactly_once(settings)
         settings, policies = replay_policies(settings, policy)
+        _log_through(status, settings.log.level, settings.log.format == "json")
+        # The replay's own topics, before anything is planned or classified: a wrong address or
+        # a missing topic is one line now, not a stalled run later.
+        needs = [TopicNeed("--topic", topic, write=False, remedy="replay reads an existing topic: check the name")]
+        if output_topic:
+            needs.append(TopicNeed("--output-topic", output_topic, write=True,
+                                   remedy="create it first, or write to a file with --output FILE.jsonl"))  # fmt: skip
+        preflight_or_exit(settings, Needs(needs), config, bootstrap_servers)
         where = f"topic:{output_topic}" if output_topic else f"file:{output.resolve()}"  # type: ignore[union-attr]
         path = checkpoint_file or _default_checkpoint(topic, output_topic, output)
         if resume:
@@ -92,7 +104,6 @@ def replay(
         classifier = build_classifier(settings, policies, priority=priority)
     except (ConfigError, PolicyError, RoutingError, ReplayError) as exc:
         raise config_exit(str(exc)) from None
-    _log_through(status, settings.log.level)
 
     run_settings = replay_settings(settings, checkpoint.run_id, topic, output_topic)
     job = Replay(run_settings, classifier, policies, checkpoint, path, output, limit, status)
@@ -127,8 +138,14 @@ def _default_checkpoint(topic: str, output_topic: str | None, output: Path | Non
     return Path(f"replay-{topic}-to-{output_topic}.checkpoint.json")
 
 
-def _log_through(console: Console, level: str) -> None:
-    # Log lines printed through rich appear above the progress bars instead of tearing them.
+def _log_through(console: Console, level: str, json_format: bool) -> None:
+    # Log lines printed through rich appear above the progress bars instead of tearing them;
+    # JSON lines (log.format: json) go to stderr as `run` writes them, for the same collector.
     from rich.logging import RichHandler
 
+    from consumer.pipeline.telemetry.logs import configure_logging
+
+    if json_format:
+        configure_logging(level, json_format=True)
+        return
     logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[RichHandler(console=console)])

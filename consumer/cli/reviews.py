@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from consumer.cli.app import (
+    BootstrapOption,
     ConfigOption,
+    bootstrap_override,
     config_exit,
+    preflight_or_exit,
     review_app,
     settings_or_exit,
 )
+from consumer.config import Settings
+
+
+def _reader(settings: Settings, config: Optional[Path], bootstrap_servers: Optional[str]) -> dict:
+    """After the pre-flight: the options of a client that reads the review topics, logging through ours."""
+    from consumer.kafka.client_logs import client_options
+    from consumer.pipeline.preflight import review_needs
+
+    preflight_or_exit(settings, review_needs(settings, writes_decisions=False), config, bootstrap_servers)
+    kafka = settings.kafka
+    return kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers, **client_options("review")}
 
 
 @review_app.command("export")
@@ -22,13 +35,13 @@ def review_export(
     out: Path = typer.Option(..., "--out", help="The JSONL file to write (policy eval's --data format)."),
     version: Optional[str] = typer.Option(None, help="Only decisions on this policy version."),
     config: Optional[Path] = ConfigOption,
-    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    bootstrap_servers: Optional[str] = BootstrapOption,
 ) -> None:
     """Write moderators' decisions on a policy as labelled examples for `policy eval`."""
     from consumer.review.export import export_decisions
 
-    settings = settings_or_exit(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
-    client = settings.kafka.consumer_options | {"bootstrap.servers": settings.kafka.bootstrap_servers}
+    settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
+    client = _reader(settings, config, bootstrap_servers)
     count = export_decisions(client, settings.review.topic, settings.review.decisions_topic, policy, out, version)
     typer.echo(f"{count} decided reviews of {policy} written to {out}")
 
@@ -36,37 +49,53 @@ def review_export(
 @review_app.command("pending")
 def review_pending(
     config: Optional[Path] = ConfigOption,
-    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    bootstrap_servers: Optional[str] = BootstrapOption,
     limit: int = typer.Option(50, help="How many to list."),
 ) -> None:
     """List the reviews that await a person (review id, reason, policy, what the machine said, content)."""
     from consumer.review.export import read_state
 
-    settings = settings_or_exit(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
-    client = settings.kafka.consumer_options | {"bootstrap.servers": settings.kafka.bootstrap_servers}
+    settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
+    client = _reader(settings, config, bootstrap_servers)
     pending = read_state(client, settings.review.topic, settings.review.decisions_topic).pending()
     for item in pending[:limit]:
-        guess = "violation" if item.machine.violation else "safe"
+        machine = item.machine
+        guess = "violation" if machine.violation else "safe"
+        # A keyword or plugin verdict has no cascade stage: its classifier stands in.
+        said = ", ".join(str(part) for part in (machine.stage or machine.model, machine.confidence) if part)
         typer.echo(f"{item.review_id}  {item.reason.value:<14} {item.policy_id:<18} machine: {guess} "
-                   f"({item.machine.stage}, {item.machine.confidence})  {item.event.content[:60]!r}")  # fmt: skip
+                   f"({said})  {item.event.content[:60]!r}")  # fmt: skip
     typer.echo(f"{len(pending)} reviews await a person; post decisions to {settings.review.decisions_topic} "
                "keyed by review_id", err=True)  # fmt: skip
 
 
 @review_app.command("coop-bridge")
-def review_coop_bridge(config: Optional[Path] = ConfigOption) -> None:
+def review_coop_bridge(
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = BootstrapOption,
+) -> None:
     """Send review items to ROOST's Coop and turn its signed action webhooks into decisions (review.coop)."""
     import signal
     import threading
 
-    from consumer.review.coop import CoopBridge
+    from consumer.pipeline.preflight import Port, review_needs
+    from consumer.pipeline.telemetry.logs import configure_logging
+    from consumer.review.coop import CoopBridge, check_coop_settings
 
-    settings = settings_or_exit(config)
+    settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
+    configure_logging(settings.log.level, settings.log.format == "json")
+    coop = settings.review.coop
+    try:
+        check_coop_settings(coop)
+    except ValueError as exc:
+        raise config_exit(str(exc)) from None
+    port = Port("review.coop.webhook_port", coop.webhook_host, coop.webhook_port)
+    # Before the bridge exists: its clients would otherwise be the first to meet a wrong address.
+    preflight_or_exit(settings, review_needs(settings, writes_decisions=True, port=port), config, bootstrap_servers)
     try:
         bridge = CoopBridge(settings)
     except ValueError as exc:
         raise config_exit(str(exc)) from None
-    logging.basicConfig(level=settings.log.level, format="%(name)s: %(message)s")
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
@@ -80,7 +109,7 @@ def review_coop_bridge(config: Optional[Path] = ConfigOption) -> None:
 @review_app.command("console")
 def review_console(
     config: Optional[Path] = ConfigOption,
-    bootstrap_servers: Optional[str] = typer.Option(None, help="Overrides kafka.bootstrap_servers."),
+    bootstrap_servers: Optional[str] = BootstrapOption,
 ) -> None:
     """Serve the review console: the review queue on a web page, decisions to the decisions topic (review.console)."""
     import signal
@@ -88,10 +117,19 @@ def review_console(
 
     from consumer.kafka.client import KafkaException
 
+    from consumer.console.identity import Identity
     from consumer.console.server import ConsoleError, ReviewConsole
+    from consumer.pipeline.preflight import Port, review_needs
+    from consumer.pipeline.telemetry.logs import configure_logging
 
-    settings = settings_or_exit(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
-    logging.basicConfig(level=settings.log.level, format="%(name)s: %(message)s")
+    settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
+    configure_logging(settings.log.level, settings.log.format == "json")
+    console_settings = settings.review.console
+    problem = Identity(console_settings).check()  # the configuration first, as everywhere: then the brokers
+    if problem:
+        raise config_exit(f"the review console cannot start: {problem}")
+    port = Port("review.console.port", console_settings.host, console_settings.port)
+    preflight_or_exit(settings, review_needs(settings, writes_decisions=True, port=port), config, bootstrap_servers)
     try:
         console = ReviewConsole(settings)
         console.start()

@@ -24,9 +24,12 @@ from consumer.config.review import ReviewSettings
 from consumer.config.sinks import SinksSettings
 
 # Any key whose name looks like a secret, misspellings included (`sasl.pasword` is still a
-# password): hiding a harmless value costs nothing, printing a password costs a rotation.
+# password): hiding a harmless value costs little, printing a password costs a rotation. Not
+# every OAuth key is secret (`sasl.oauthbearer.method`, `.client.id`, `.scope` are what an
+# operator checks): only its free-form `config` and `extensions`, which may carry one.
 _SECRET_KEY = re.compile(
-    r"pass|pasw|pswd|pwd|secret|secr|(^|[._-])key($|[._-])|api.?key|token($|[._-])|credential|jaas|private|oauth",
+    r"pass|pasw|pswd|pwd|secret|secr|(^|[._-])key($|[._-])|api.?key|token($|[._-])|credential|jaas|private"
+    r"|oauthbearer\.(config|extensions)",
     re.IGNORECASE,
 )
 # SAFEGUARD_* variables read by the scripts and tests, not settings.

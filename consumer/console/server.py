@@ -12,6 +12,7 @@ from consumer.console.feed import ReviewFeed
 from consumer.console.identity import Identity
 from consumer.console.writer import DecisionWriter
 from consumer.errors import Fatal
+from consumer.kafka.client_logs import client_options
 from consumer.policy import Policy, PolicyStore
 from consumer.review.state import ReviewState
 from consumer.review.web import WebServer
@@ -35,11 +36,12 @@ class ReviewConsole:
         if problem:
             raise ConsoleError(problem)
         kafka = settings.kafka
-        client = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers}
+        client = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers, **client_options("console")}
         self.state = ReviewState(settings.review.max_items)
         self.feed = ReviewFeed(client, settings.review.topic, settings.review.decisions_topic, self.state,
                                console.replica, console.replicas)  # fmt: skip
-        self.writer = DecisionWriter(kafka.producer_options | {"bootstrap.servers": kafka.bootstrap_servers},
+        self.writer = DecisionWriter(kafka.producer_options | {"bootstrap.servers": kafka.bootstrap_servers,
+                                                               **client_options("console")},
                                      settings.review.decisions_topic)  # fmt: skip
         try:
             self._store = PolicyStore(settings.policies.directory, settings.policies.max_tokens)
@@ -70,11 +72,12 @@ class ReviewConsole:
     def start(self, timeout_s: float = 120.0) -> None:
         self.feed.start(timeout_s)
         console = self.settings.review.console
-        self._server = WebServer(self.app.asgi, console.host, console.port, console.read_timeout_s, "console-http")
         try:
+            self._server = WebServer(self.app.asgi, console.host, console.port, console.read_timeout_s, "console-http")
             self._server.start()
         except OSError as exc:
-            raise ConsoleError(str(exc)) from None
+            raise ConsoleError(f"review.console.port: cannot serve on {console.host}:{console.port} "
+                               f"({exc.strerror or exc}); choose another port, or 0 for any free one") from None  # fmt: skip
         log.info("review console on %s", self.url)
 
     def stop(self) -> None:

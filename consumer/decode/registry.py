@@ -95,6 +95,10 @@ def registry_client(settings: SchemaRegistrySettings) -> SchemaRegistryClient:
         return _Client(conf)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"schema_registry: {exc}") from None
+    except OSError as exc:  # a TLS file that is missing or unreadable: the library does not say which
+        files = ", ".join(k.replace(".", "_") for k in ("ssl.ca.location", "ssl.certificate.location",
+                                                       "ssl.key.location") if k in conf)  # fmt: skip
+        raise ConfigError(f"schema_registry: cannot read its TLS files ({files}): {exc.strerror or exc}") from None
 
 
 def check_reachable(client: SchemaRegistryClient, settings: SchemaRegistrySettings) -> None:

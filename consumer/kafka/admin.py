@@ -1,18 +1,21 @@
 """Topics and the start-up checks against the brokers: fail fast at start, with the reason.
 
-`run` (and `check-config --connect`) call `connect` then `check_topics` before the first
-poll: brokers unreachable for `kafka.startup_timeout_s` raise `Unreachable` (exit 1, one line
-naming the addresses); a missing or unwritable output topic, or a missing input topic,
-raises `TopicProblem` (exit 2, naming the topic and the command that creates it). After a
+Every command that talks to Kafka (through `consumer.pipeline.preflight`) calls `connect`
+then `check_topics` with the topics it needs: brokers unreachable for
+`kafka.startup_timeout_s` raise `Unreachable` (exit 1, one line naming the addresses); a
+missing topic, or one this principal may not read or write as needed, raises `TopicProblem`
+(exit 2, naming the key or option that names the topic and how to create it). After a
 successful start, outages are the clients' to ride out (`consumer.kafka.client_logs`).
 
-`create_topics` is `safeguard-consumer topics create`: the named input topics and both
-output topics, with partitions, replication and the record size the outputs need;
-idempotent (existing topics are reported, never changed).
+`create_topics` is `safeguard-consumer topics create`: every topic the configuration names
+(the named input topics, both outputs, and the three review topics when `review.enabled`),
+with partitions, replication and the record size the outputs need; idempotent (existing
+topics are reported, never changed).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -44,6 +47,17 @@ class Unreachable(Fatal):
 
 class TopicProblem(Fatal):
     """A topic the consumer needs is missing or not permitted (exit 2)."""
+
+
+@dataclass(frozen=True)
+class TopicNeed:
+    """A topic a command reads or writes, with the key (or option) that names it; a name
+    starting with ^ is a pattern, and matching no topic yet is only a warning."""
+
+    key: str  # kafka.verdict_topic, review.topic, --output-topic
+    name: str
+    write: bool
+    remedy: str = ""  # how to make it exist; empty: the `topics create` command
 
 
 def admin_config(settings: Settings) -> dict[str, Any]:
@@ -98,7 +112,9 @@ def connect(settings: Settings, timeout_s: float | None = None) -> Cluster:
     timeout_s = settings.kafka.startup_timeout_s if timeout_s is None else timeout_s
     errors = _Errors()
     try:
-        admin = AdminClient({**admin_config(settings), **client_options("admin"), "error_cb": errors})
+        # Its connection failures at DEBUG: `Unreachable` says it once, with the last of them.
+        admin = AdminClient({**admin_config(settings), **client_options("admin", failure_level=logging.DEBUG),
+                             "error_cb": errors})  # fmt: skip
     except KafkaException as exc:
         raise Unreachable(f"cannot create a Kafka client: {exc.args[0].str() if exc.args else exc}") from None
     deadline = time.monotonic() + timeout_s
@@ -124,10 +140,11 @@ def connect(settings: Settings, timeout_s: float | None = None) -> Cluster:
             return Cluster(admin, metadata, errors)
 
 
-def check_topics(cluster: Cluster, settings: Settings, timeout_s: float = 15.0) -> list[str]:
-    """Raises `TopicProblem` for a missing input or output topic, or an output topic this
-    principal may not write; returns warnings (a regex that matches no topic yet)."""
-    k = settings.kafka
+def check_topics(
+    cluster: Cluster, needs: list[TopicNeed], create_command: str = CREATE_COMMAND, timeout_s: float = 15.0
+) -> list[str]:
+    """Raises `TopicProblem` for a missing topic, or one this principal may not read or write
+    as `needs` says; returns warnings (a pattern that matches no topic yet)."""
     topics = cluster.metadata.topics
     problems, warnings = [], []
 
@@ -135,36 +152,37 @@ def check_topics(cluster: Cluster, settings: Settings, timeout_s: float = 15.0) 
         t = topics.get(name)
         return t is None or (t.error is not None and t.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART)
 
-    named_inputs = [t for t in k.input_topics if not t.startswith("^")]
-    for pattern in (t for t in k.input_topics if t.startswith("^")):
-        if not any(re.match(pattern, name) for name in topics):
-            warnings.append(f"kafka.input_topics: no topic matches {pattern!r} yet; the consumer waits for one")
-    for key, names in (("kafka.input_topics", named_inputs), ("kafka.verdict_topic", [k.verdict_topic]),
-                       ("kafka.dead_letter_topic", [k.dead_letter_topic])):  # fmt: skip
-        for name in names:
-            if missing(name):
-                problems.append(f"{key}: topic {name!r} does not exist; create it with: {CREATE_COMMAND}")
+    named = [need for need in needs if not need.name.startswith("^")]
+    for need in (n for n in needs if n.name.startswith("^")):
+        if not any(re.match(need.name, name) for name in topics):
+            warnings.append(f"{need.key}: no topic matches {need.name!r} yet; the consumer waits for one")
+    for need in named:
+        if missing(need.name):
+            remedy = need.remedy or f"create it with: {create_command}"
+            problems.append(f"{need.key}: topic {need.name!r} does not exist; {remedy}")
     if problems:
-        raise TopicProblem("\n".join(problems))
+        raise TopicProblem("\n".join(dict.fromkeys(problems)))
 
-    # Permissions, where the broker has an authorizer: READ on inputs, WRITE on outputs.
-    needs = {name: AclOperation.READ for name in named_inputs}
-    needs.update({k.verdict_topic: AclOperation.WRITE, k.dead_letter_topic: AclOperation.WRITE})
+    # Permissions, where the broker has an authorizer: READ on what is read, WRITE on what is written.
+    operations: dict[str, set[AclOperation]] = {}
+    for need in named:
+        operations.setdefault(need.name, set()).add(AclOperation.WRITE if need.write else AclOperation.READ)
     try:
         described = cluster.admin.describe_topics(
-            TopicCollection(list(needs)), include_authorized_operations=True, request_timeout=timeout_s
+            TopicCollection(list(operations)), include_authorized_operations=True, request_timeout=timeout_s
         )
         for name, future in described.items():
-            description = future.result(timeout_s)
-            allowed = description.authorized_operations
-            if allowed is not None and needs[name] not in allowed and AclOperation.ALL not in allowed:
-                verb = "read" if needs[name] == AclOperation.READ else "write"
+            allowed = future.result(timeout_s).authorized_operations
+            if allowed is None or AclOperation.ALL in allowed:
+                continue
+            for operation in sorted(operations[name] - set(allowed), key=lambda o: o.name):
+                verb = "read" if operation == AclOperation.READ else "write"
                 problems.append(f"topic {name!r}: this principal may not {verb} it (ask for {verb.upper()} on it)")
     except KafkaException as exc:
         error = exc.args[0] if exc.args else exc
         text = error.str() if isinstance(error, KafkaError) else str(error)
         if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
-            problems.append(f"the output and input topics: this principal may not describe them ({text})")
+            problems.append(f"the topics {', '.join(operations)}: this principal may not describe them ({text})")
         else:
             warnings.append(f"could not check topic permissions: {text}")
     if problems:
@@ -175,19 +193,28 @@ def check_topics(cluster: Cluster, settings: Settings, timeout_s: float = 15.0) 
 @dataclass
 class TopicPlan:
     name: str
-    role: str  # input, verdicts, dead letters
+    role: str  # input, verdicts, dead letters, review items, review decisions, review appeals
     partitions: int
     config: dict[str, str]
     outcome: str = ""  # created, exists, or the error
 
 
 def plan_topics(settings: Settings, partitions: int) -> list[TopicPlan]:
-    k = settings.kafka
-    size = str(output_max_message_bytes(settings.pipeline.max_payload_bytes))
+    """Every topic the configuration names, each once. The topics that may carry a copy of the
+    largest input (dead letters, and review items with their event) are sized for it."""
+    k, review = settings.kafka, settings.review
+    sized = {"max.message.bytes": str(output_max_message_bytes(settings.pipeline.max_payload_bytes))}
     plans = [TopicPlan(name, "input", partitions, {}) for name in k.input_topics if not name.startswith("^")]
-    plans.append(TopicPlan(k.verdict_topic, "verdicts", partitions, {"max.message.bytes": size}))
-    plans.append(TopicPlan(k.dead_letter_topic, "dead letters", partitions, {"max.message.bytes": size}))
-    return plans
+    plans.append(TopicPlan(k.verdict_topic, "verdicts", partitions, sized))
+    plans.append(TopicPlan(k.dead_letter_topic, "dead letters", partitions, sized))
+    if review.enabled:
+        plans.append(TopicPlan(review.topic, "review items", partitions, sized))
+        plans.append(TopicPlan(review.decisions_topic, "review decisions", partitions, {}))
+        plans.append(TopicPlan(review.appeals_topic, "review appeals", partitions, {}))
+    unique: dict[str, TopicPlan] = {}
+    for plan in plans:
+        unique.setdefault(plan.name, plan)
+    return list(unique.values())
 
 
 def create_topics(cluster: Cluster, plans: list[TopicPlan], replication: int | None, timeout_s: float = 30.0) -> None:

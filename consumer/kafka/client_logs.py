@@ -85,6 +85,7 @@ class ClientLogger:
         self,
         role: str,
         link: BrokerLink | None = None,
+        failure_level: int = logging.WARNING,
         window_s: float = 60.0,
         max_lines: int = 20,
         logger: logging.Logger = log,
@@ -92,6 +93,7 @@ class ClientLogger:
     ):
         self.role = role
         self._link = link
+        self._failure_level = failure_level
         self._window_s = window_s
         self._max_lines = max_lines
         self._log = logger
@@ -112,7 +114,7 @@ class ClientLogger:
                 self._link.down(text)
                 level = min(level, logging.INFO)  # the link's WARNING says it once
             else:
-                level = min(level, logging.WARNING)  # the start-up check's ERROR says it once
+                level = min(level, self._failure_level)
         if not self._log.isEnabledFor(level):
             return
         message = self._admit(facility, text)
@@ -146,9 +148,11 @@ class ClientLogger:
         return text + (f" (and {repeats} times like it in the last {self._window_s:.0f} s)" if repeats else "")
 
 
-def client_options(role: str, link: BrokerLink | None = None) -> dict[str, Any]:
-    """The options that route a client's logs and errors here."""
-    options: dict[str, Any] = {"logger": ClientLogger(role, link)}
+def client_options(role: str, link: BrokerLink | None = None, failure_level: int = logging.WARNING) -> dict[str, Any]:
+    """The options that route a client's logs and errors here. Without a link, connection
+    failures are logged at `failure_level`: DEBUG for the pre-flight, whose one error line
+    says it, WARNING for a client that meets an outage on its own."""
+    options: dict[str, Any] = {"logger": ClientLogger(role, link, failure_level)}
     if link is not None:
         options["error_cb"] = link.on_error
     return options

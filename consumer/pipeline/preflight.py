@@ -1,20 +1,27 @@
-"""The pre-flight: everything `run` checks before its first poll, shared with `check-config`.
+"""The pre-flight: everything a command checks before it touches a record, the same for
+`run`, `check-config --connect`, `replay`, `review *` and `topics create`.
 
 `prepare` (offline): the policies load, the routes name loaded policies, librdkafka accepts
 every passed-through option, the decoder builds (`decode`, `schema_registry`), the files of
 `sinks.files` may be written, and the classifier builds (the vLLM engine only has its settings
-checked: loading it is not cheap). Each failure is a `ConfigError` naming the key.
+checked and its package looked for: loading it is not cheap). Each failure is a `ConfigError`
+naming the key.
 
-`connect_and_check` (online, `run` and `check-config --connect`): the brokers answer within
-`kafka.startup_timeout_s` (else `Unreachable`, exit 1), the input topics exist or a regex
-matches, the output topics exist and may be written (else `TopicProblem`, exit 2), and the
-schema registry answers when a registry format reads a topic (else `Unreachable`, exit 1).
+`connect_and_check` (online): the ports the command serves on are free (else `ConfigError`
+naming the key, exit 2), the brokers answer within `kafka.startup_timeout_s` (else
+`Unreachable`, exit 1), the topics the command needs exist and may be read or written (else
+`TopicProblem`, exit 2), and the schema registry answers when a registry format reads a topic
+(else `Unreachable`, exit 1). `run_needs`, `review_needs` say which topics and ports each
+command needs; a command with its own (a replay's --topic) builds `TopicNeed`s itself.
 """
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import logging
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
@@ -24,6 +31,7 @@ from consumer.config import REGISTRY_FORMATS, ConfigError, Settings, format_vali
 from consumer.decode.factory import build_decoder
 from consumer.errors import Unavailable
 from consumer.kafka import admin
+from consumer.kafka.admin import CREATE_COMMAND, TopicNeed
 from consumer.kafka.options import check_client_options
 from consumer.policy import PolicyError, PolicyStore
 from consumer.policy.route import Router, RoutingError
@@ -54,6 +62,7 @@ def prepare(settings: Settings, build_engine: bool = True) -> Prepared:
         Router(settings.policies, policies.get)
     except RoutingError as exc:
         raise ConfigError(str(exc)) from None  # it names policies.routes/default
+    _check_vllm_installed(settings)
     check_client_options(settings)
     build_decoder(settings)
     check_writable(settings.sinks.files)
@@ -71,10 +80,55 @@ def prepare(settings: Settings, build_engine: bool = True) -> Prepared:
     return Prepared(policies, build_classifier(settings, policies))
 
 
-def connect_and_check(settings: Settings) -> list[str]:
-    """The online checks; returns warnings. Raises `admin.Unreachable` or `admin.TopicProblem`."""
+@dataclass(frozen=True)
+class Port:
+    """A port a command serves on, and the key that names it."""
+
+    key: str
+    host: str
+    port: int | None  # None: not served; 0: any free port
+
+
+@dataclass
+class Needs:
+    """What a command needs from its surroundings before it starts."""
+
+    topics: list[TopicNeed]
+    ports: list[Port] = field(default_factory=list)
+
+
+def run_needs(settings: Settings) -> Needs:
+    """`run`'s: its inputs, both outputs, the review topics when review is on, the metrics port."""
+    k, review = settings.kafka, settings.review
+    topics = [TopicNeed("kafka.input_topics", name, write=False) for name in k.input_topics]
+    topics += [TopicNeed("kafka.verdict_topic", k.verdict_topic, write=True),
+               TopicNeed("kafka.dead_letter_topic", k.dead_letter_topic, write=True)]  # fmt: skip
+    if review.enabled:
+        topics.append(TopicNeed("review.topic", review.topic, write=True))
+        topics.append(TopicNeed("review.decisions_topic", review.decisions_topic, write=False))
+        if review.opens("appeal"):
+            topics.append(TopicNeed("review.appeals_topic", review.appeals_topic, write=False))
+    t = settings.telemetry
+    return Needs(topics, [Port("telemetry.http_port", t.http_host, t.http_port)])
+
+
+def review_needs(settings: Settings, writes_decisions: bool, port: Port | None = None) -> Needs:
+    """The review commands': the review items, and the decisions (read, or written by a console or bridge)."""
+    review = settings.review
+    topics = [TopicNeed("review.topic", review.topic, write=False),
+              TopicNeed("review.decisions_topic", review.decisions_topic, write=False)]  # fmt: skip
+    if writes_decisions:
+        topics.append(TopicNeed("review.decisions_topic", review.decisions_topic, write=True))
+    return Needs(topics, [port] if port else [])
+
+
+def connect_and_check(settings: Settings, needs: Needs, create_command: str = CREATE_COMMAND) -> list[str]:
+    """The online checks; returns warnings. Raises `ConfigError` (a busy port),
+    `admin.Unreachable` or `admin.TopicProblem`."""
+    for port in needs.ports:
+        check_port(port)
     cluster = admin.connect(settings)
-    warnings = admin.check_topics(cluster, settings)
+    warnings = admin.check_topics(cluster, needs.topics, create_command)
     if any(spec.format in REGISTRY_FORMATS for spec in (settings.decode, *settings.decode.topics.values())):
         from consumer.decode.registry import check_reachable, registry_client
 
@@ -83,6 +137,35 @@ def connect_and_check(settings: Settings) -> list[str]:
         except Unavailable as exc:
             raise admin.Unreachable(f"schema registry {settings.schema_registry.url}: {exc.reason}") from None
     return warnings
+
+
+def check_port(port: Port) -> None:
+    """`ConfigError` naming the key when another process already listens there."""
+    if not port.port:
+        return
+    family = socket.AF_INET6 if ":" in port.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
+        try:
+            probe.bind((port.host, port.port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise ConfigError(f"{port.key}: cannot serve on {port.host}:{port.port} ({exc.strerror})") from None
+            raise ConfigError(f"{port.key}: port {port.port} on {port.host} is already in use (another process on "
+                              "this host?); choose another port, or 0 for any free one") from None  # fmt: skip
+
+
+def _check_vllm_installed(settings: Settings) -> None:
+    """An in-process vLLM engine needs the vllm package: said here, as `run` would meet it when
+    it builds the engine (check-config does not build it)."""
+    c = settings.classifier
+    uses_vllm = c.kind == "vllm" or (c.kind == "cascade" and c.reasoner == "vllm")
+    in_process = settings.engine.get("kind", "in_process") == "in_process"
+    if uses_vllm and in_process and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"classifier.kind: {c.kind} runs vLLM in process, and vllm is not installed here "
+            "(`scripts/bootstrap full` installs it); engine.kind remote uses a served fleet instead"
+        )
 
 
 def describe(settings: Settings, prepared: Prepared) -> str:

@@ -6,6 +6,7 @@ that produced it.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from consumer.policy.exceptions import PolicyError
 ReasoningEffort = Literal["low", "medium", "high"]
 REASONING_EFFORTS = ("low", "medium", "high")
 OUTPUT_TIERS = ("binary", "category", "rich")  # bare 0/1; + policy_category; + rule_ids, confidence, rationale
+# Every front-matter key a policy may have: a misspelled one would otherwise change what is
+# moderated in silence (`pattern:` leaves the keyword classifier with no patterns).
+FRONT_MATTER_KEYS = ("id", "title", "sensitive", "reasoning_effort", "output", "categories", "actions", "patterns")
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,18 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
     try:
         meta = yaml.safe_load(text[3:end]) or {}
     except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", 0) + 2
-        raise PolicyError(f"{where}:{line}: front matter is not valid YAML") from None
+        # The YAML starts right after the opening ---, so its line 0 is the file's line 1; an
+        # unclosed bracket or quote is where it opened (context), not where parsing gave up.
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 2
+        problem = getattr(exc, "problem", None)
+        why = f" ({problem})" if problem else ""
+        raise PolicyError(f"{where}:{line}: front matter is not valid YAML{why}") from None
     if not isinstance(meta, dict):
         raise PolicyError(f"{where}:2: front matter must be a mapping")
+    for key in meta:
+        if str(key) not in FRONT_MATTER_KEYS:
+            raise PolicyError(f"{where}:{_meta_line(text, str(key))}: {unknown_key_message(str(key))}")
     body = text[end + 4 :].lstrip("\n").rstrip() + "\n"
 
     def need_str(key: str, default: str | None = None) -> str:
@@ -113,6 +125,13 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
         patterns=tuple(patterns),
         path=path,
     )
+
+
+def unknown_key_message(key: str) -> str:
+    """`unknown front-matter key 'outptu'; did you mean 'output'?` (or the keys there are)."""
+    close = difflib.get_close_matches(key, FRONT_MATTER_KEYS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"the keys are {', '.join(FRONT_MATTER_KEYS)}"
+    return f"unknown front-matter key {key!r}; {hint}"
 
 
 def load_policy(path: Path) -> Policy:

@@ -27,9 +27,12 @@ class PolicyStore:
         directory: Path,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         on_reload: Callable[[dict[str, Policy], list[str]], None] | None = None,
+        pattern: str = "*.md",
     ):
+        """`pattern`: which files of the directory are policies; `policy eval` names one file."""
         self.directory = directory
         self.max_tokens = max_tokens
+        self.pattern = pattern
         self._on_reload = on_reload
         self._fingerprint: tuple = ()
         self._by_path: dict[Path, Policy] = {}
@@ -61,7 +64,7 @@ class PolicyStore:
 
     def _snapshot(self) -> tuple:
         entries = []
-        for path in sorted(self.directory.glob("*.md")):
+        for path in sorted(self.directory.glob(self.pattern)):
             try:
                 stat = path.stat()
             except OSError:
@@ -75,7 +78,7 @@ class PolicyStore:
         self._fingerprint = self._snapshot()
         errors: list[str] = []
         by_path: dict[Path, Policy] = {}
-        for path in sorted(self.directory.glob("*.md")):
+        for path in sorted(self.directory.glob(self.pattern)):
             try:
                 data = path.read_bytes()
             except OSError as exc:

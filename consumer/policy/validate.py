@@ -15,6 +15,7 @@ import yaml
 from consumer.policy.actions import ACTIONS
 from consumer.policy.examples import SectionExample, section_examples
 from consumer.policy.parse import (
+    FRONT_MATTER_KEYS,
     OUTPUT_TIERS,
     REASONING_EFFORTS,
     Policy,
@@ -22,6 +23,7 @@ from consumer.policy.parse import (
     _entry_line,
     _meta_line,
     parse_policy,
+    unknown_key_message,
 )
 from consumer.policy.sections import sections
 
@@ -146,6 +148,9 @@ def _front_matter_problems(data: bytes, where: str) -> list[Problem]:
 
     def problem(key: str, message: str) -> None:
         problems.append(Problem(where, _meta_line(text, key), "error", message))
+
+    for key in (str(k) for k in meta if str(k) not in FRONT_MATTER_KEYS):
+        problem(key, unknown_key_message(key))
 
     for key, default in (("id", None), ("reasoning_effort", "low")):
         value = meta.get(key, default)

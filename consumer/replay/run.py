@@ -282,6 +282,8 @@ class Replay:
 def summary(checkpoint: Checkpoint, result: ReplayResult, output: str) -> Table:
     """The table printed at the end: per partition, the offsets and what was done when."""
     state = "finished" if result.finished else "interrupted: run again with --resume to continue"
+    if result.run.exit_code and not result.finished:  # an error, not a signal: resuming alone would meet it again
+        state = "stopped by the error below: fix it, then run again with --resume"
     table = Table(title=f"Replay {checkpoint.run_id} of {checkpoint.topic}: {state}")
     for column in ("partition", "offsets", "records", "done before", "done this run", "left"):
         table.add_column(column, justify="right")

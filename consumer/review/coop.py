@@ -65,9 +65,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from consumer.config import Settings
-from consumer.config.review import CoopAction
+from consumer.config.review import CoopAction, CoopSettings
 from consumer.events import ReviewDecision, ReviewItem
 from consumer.kafka.client import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from consumer.kafka.client_logs import client_options
 from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.review.web import BodyRefused, WebServer, read_body
 
@@ -226,24 +227,30 @@ class CoopClient:
             raise CoopError(f"Coop answered {status} to {ITEMS_PATH}", retriable=status >= 500 or status == 429)
 
 
+def check_coop_settings(coop: CoopSettings) -> None:
+    """ValueError naming what the bridge needs and `review.coop` lacks."""
+    missing = [k for k in ("url", "api_key", "item_type_id", "webhook_public_key") if getattr(coop, k) is None]
+    if missing:
+        raise ValueError(f"review.coop needs {', '.join(missing)}")
+
+
 class CoopBridge:
     """Runs both directions until `stop()`: an item's offset is committed only after Coop accepted
     it; a webhook is answered 200 only after its decision is on the decisions topic."""
 
     def __init__(self, settings: Settings, client: CoopClient | None = None, sleep: Callable[[float], None] = time.sleep):
         coop = settings.review.coop
-        missing = [k for k in ("url", "api_key", "item_type_id", "webhook_public_key") if getattr(coop, k) is None]
-        if missing:
-            raise ValueError(f"review.coop needs {', '.join(missing)}")
+        check_coop_settings(coop)
         self.settings = settings
         self.coop = coop
         assert coop.url and coop.api_key and coop.item_type_id and coop.webhook_public_key
         self.client = client or CoopClient(coop.url, coop.api_key.get_secret_value())
         self._public_key = coop.webhook_public_key.encode("ascii")
         kafka = settings.kafka
-        self._client_config = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers}
+        logs = client_options("coop-bridge")
+        self._client_config = kafka.consumer_options | {"bootstrap.servers": kafka.bootstrap_servers, **logs}
         self._producer = Producer({**PRODUCER_DEFAULTS, **kafka.producer_options,
-                                   "bootstrap.servers": kafka.bootstrap_servers})  # fmt: skip
+                                   "bootstrap.servers": kafka.bootstrap_servers, **logs})  # fmt: skip
         self._producer_lock = threading.Lock()
         self._sleep = sleep
         self._stopping = threading.Event()

@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from consumer.review.state import LATENCY_BUCKETS_S, ReviewState
+
+DISAGREEMENT_SIDES = ("cheap", "reasoner")  # the cheap stage was right, or the reasoner's shadow check
 
 
 def register(meter: Meter, state: ReviewState, registry: Any = None) -> None:
@@ -28,7 +31,12 @@ def register(meter: Meter, state: ReviewState, registry: Any = None) -> None:
             yield Observation(count, {"policy": policy, "stage": stage, "agreed": str(agreed).lower()})
 
     def right(_: CallbackOptions) -> Iterable[Observation]:
-        for (policy, stage, side), count in list(state.disagreement_right.items()):
+        # Both sides of every (policy, stage) that has decisions, at 0 until counted: a rate()
+        # over the series then starts at the first decision, not at the first disagreement.
+        counts = Counter({(policy, stage, side): 0 for policy, stage, _ in list(state.agreement)
+                          for side in DISAGREEMENT_SIDES})  # fmt: skip
+        counts.update(dict(state.disagreement_right))
+        for (policy, stage, side), count in counts.items():
             yield Observation(count, {"policy": policy, "stage": stage, "side": side})
 
     meter.create_observable_gauge("safeguard.review.open", [open_reviews], description="reviews awaiting a person")

@@ -230,3 +230,182 @@ def test_an_outage_after_start_is_one_warning_each_way_and_readyz_follows(
     assert len([w for w in warnings if w.startswith("brokers reachable again")]) == 1, warnings
     librdkafka = [r for r in caplog.records if r.name == "consumer.kafka.librdkafka"]
     assert len(librdkafka) < 40, [r.getMessage() for r in librdkafka]
+
+
+# -- every command that talks to Kafka: the same pre-flight as `run` -----------------------------
+
+_REVIEW = {"enabled": True, "console": {"port": 0, "reviewers": [{"id": "ann", "token": "t0ken-ann"}]}}
+
+
+def _commands(config: Path, tmp_path: Path, topic: str) -> dict[str, list[str]]:
+    """Each command as a first-day user types it, on `config`."""
+    return {
+        "replay": ["replay", "--config", str(config), "--topic", topic, "--from", "earliest", "--to", "now",
+                   "--output", str(tmp_path / "replay.jsonl")],
+        "review pending": ["review", "pending", "--config", str(config)],
+        "review export": ["review", "export", "--config", str(config), "--policy", "chat-harassment",
+                          "--out", str(tmp_path / "labels.jsonl")],
+        "review console": ["review", "console", "--config", str(config)],
+        "topics create": ["topics", "create", "--config", str(config)],
+        "check-config --connect": ["check-config", "--quiet", "--connect", "--config", str(config)],
+    }  # fmt: skip
+
+
+def _one_error_line(result: subprocess.CompletedProcess, problems: int = 1) -> str:
+    """What a refused start prints: one `error:` line, one line more for each further problem
+    (each naming its key), and nothing of librdkafka's or Python's own."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr and "FAIL" not in result.stderr, result.stderr
+    assert len(lines) == problems and lines[0].startswith("error:"), result.stderr
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("command", ["replay", "review pending", "review export", "review console", "topics create",
+                                     "check-config --connect"])  # fmt: skip
+def test_a_wrong_broker_address_is_one_line_and_exit_1_for_every_command(policies_dir, tmp_path, command):
+    address = f"127.0.0.1:{free_port()}"
+    config = write_config(tmp_path / "c.yaml", address, "g", "chat", policies_dir, review=_REVIEW)
+    data = yaml.safe_load(config.read_text())
+    data["kafka"]["startup_timeout_s"] = 3
+    config.write_text(yaml.safe_dump(data))
+    result, seconds = cli(*_commands(config, tmp_path, "chat")[command])
+    assert result.returncode == 1, result.stderr
+    line = _one_error_line(result)
+    assert address in line and "unreachable" in line and "kafka.startup_timeout_s" in line
+    assert seconds < 3 + 15
+
+
+@pytest.mark.parametrize("command", ["replay", "review pending", "review export", "review console",
+                                     "check-config --connect"])  # fmt: skip
+def test_a_missing_topic_is_one_line_naming_it_and_exit_2_for_every_command(kafka, policies_dir, tmp_path, command):
+    topic = unique("first-day")
+    create_topics(kafka, f"{topic}.verdicts", f"{topic}.dlq")  # no input topic, no review topics
+    review = {**_REVIEW, "topic": f"{topic}.review", "decisions_topic": f"{topic}.decisions"}
+    config = write_config(tmp_path / "c.yaml", kafka, unique("group"), topic, policies_dir, review=review)
+    result, seconds = cli(*_commands(config, tmp_path, topic)[command])
+    assert result.returncode == 2, result.stderr
+    # run's needs: its input and the three review topics; a replay's: its --topic; a review command's: two.
+    problems = {"replay": 1, "check-config --connect": 4}.get(command, 2)
+    line = _one_error_line(result, problems)
+    named = {"replay": f"--topic: topic '{topic}' does not exist",
+             "check-config --connect": f"kafka.input_topics: topic '{topic}' does not exist"}  # fmt: skip
+    assert named.get(command, f"review.topic: topic '{topic}.review' does not exist") in line
+    assert seconds < 30
+
+
+@pytest.mark.parametrize("command", ["replay", "review pending", "review export", "review console", "topics create",
+                                     "check-config --connect"])  # fmt: skip
+def test_a_bad_configuration_is_one_line_naming_the_key_and_exit_2_for_every_command(policies_dir, tmp_path, command):
+    config = write_config(tmp_path / "c.yaml", "127.0.0.1:1", "g", "chat", policies_dir,
+                          review={**_REVIEW, "max_item": 5})  # a misspelled key: nothing is contacted  # fmt: skip
+    result, seconds = cli(*_commands(config, tmp_path, "chat")[command])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "FAIL" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-2:] == ["error: invalid configuration:",
+                                               f"  {config}: review.max_item: unknown key"]  # fmt: skip
+    assert seconds < 15
+
+
+def test_topics_create_makes_and_sizes_every_topic_the_configuration_names_and_run_checks_them(
+    kafka, policies_dir, tmp_path
+):
+    topic = unique("with-review")
+    review = {**_REVIEW, "topic": f"{topic}.review", "decisions_topic": f"{topic}.decisions",
+              "appeals_topic": f"{topic}.appeals"}  # fmt: skip
+    config = write_config(tmp_path / "c.yaml", kafka, unique("group"), topic, policies_dir, review=review)
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")  # the main four, as before review was on
+    missing, _ = cli("check-config", "--quiet", "--connect", "--config", str(config), "--bootstrap-servers", kafka)
+    assert missing.returncode == 2
+    line = _one_error_line(missing, problems=3)
+    assert f"review.topic: topic '{topic}.review' does not exist" in line
+    assert f"topics create --config {config} --bootstrap-servers {kafka}" in line  # the hint keeps what was passed
+    created, _ = cli("topics", "create", "--config", str(config), "--partitions", "2")
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.count("created (2 partitions, replication 1)") == 3, created.stdout
+    assert created.stdout.count(": exists") == 3, created.stdout
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": kafka})
+    resource = ConfigResource(ConfigResource.Type.TOPIC, f"{topic}.review")
+    size = admin.describe_configs([resource])[resource].result(30)["max.message.bytes"].value
+    assert int(size) > 1 << 20  # sized like the dead letters: a review item carries the event
+    present, _ = cli("check-config", "--quiet", "--connect", "--config", str(config))
+    assert present.returncode == 0 and "topics present and permitted" in present.stderr, present.stderr
+
+
+def test_check_config_connect_fails_on_a_busy_metrics_port_as_run_does(kafka, policies_dir, tmp_path):
+    topic = unique("busy-check")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir, telemetry={"http_port": port})
+        result, _ = cli("check-config", "--quiet", "--connect", "--config", str(config))
+    assert result.returncode == 2
+    line = _one_error_line(result)
+    assert "telemetry.http_port" in line and str(port) in line
+
+
+def test_replay_to_a_missing_output_topic_fails_at_once_speaking_of_replay_options(kafka, policies_dir, tmp_path):
+    topic = unique("replay-out")
+    create_topics(kafka, topic)
+    produce(kafka, topic, [event_json(i) for i in range(4)])
+    config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir)
+    result, seconds = cli("replay", "--config", str(config), "--topic", topic, "--from", "earliest", "--to", "now",
+                          "--output-topic", f"{topic}.missing")  # fmt: skip
+    assert result.returncode == 2
+    line = _one_error_line(result)
+    assert f"--output-topic: topic '{topic}.missing' does not exist" in line and "--output" in line
+    assert "kafka.verdict_topic" not in result.stderr + result.stdout
+    assert seconds < 20
+
+
+def test_review_pending_names_the_classifier_of_a_verdict_without_a_cascade_stage(kafka, policies_dir, tmp_path):
+    topic = unique("pending")
+    review = {**_REVIEW, "topic": f"{topic}.review", "decisions_topic": f"{topic}.decisions"}
+    create_topics(kafka, f"{topic}.review", f"{topic}.decisions")
+    keyword_item = {
+        "review_id": "rv-1", "reason": "undecided", "created_at": "2026-12-01T00:00:00Z",
+        "policy_id": "chat-harassment", "policy_version": "v1", "event": {"event_id": "e1", "content": "kys"},
+        "source": {"topic": topic, "partition": 0, "offset": 0},
+        "machine": {"violation": True, "confidence": "high", "stage": None, "model": "keyword", "action": "delete"},
+    }  # fmt: skip
+    produce(kafka, f"{topic}.review", [orjson.dumps(keyword_item)])
+    config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir, review=review)
+    result, _ = cli("review", "pending", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert "machine: violation (keyword, high)" in line and "None" not in line
+    assert "1 reviews await a person" in result.stderr
+
+
+def test_review_console_names_its_busy_port_and_logs_json_when_told(kafka, policies_dir, tmp_path):
+    topic = unique("console")
+    review = {**_REVIEW, "topic": f"{topic}.review", "decisions_topic": f"{topic}.decisions"}
+    create_topics(kafka, f"{topic}.review", f"{topic}.decisions")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir,
+                              review={**review, "console": {**review["console"], "port": port}})  # fmt: skip
+        busy, _ = cli("review", "console", "--config", str(config))
+    assert busy.returncode == 2
+    line = _one_error_line(busy)
+    assert "review.console.port" in line and str(port) in line
+
+    config = write_config(tmp_path / "c.yaml", kafka, "g", topic, policies_dir, review=review,
+                          log={"format": "json", "level": "INFO"})  # fmt: skip
+    log = tmp_path / "console.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "consumer", "review", "console", "--config", str(config)],
+                                   cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: "review console on" in log.read_text(), timeout=60, message="the console to start")
+    finally:
+        process.terminate()
+        process.wait(30)
+    logged = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    assert any(orjson.loads(line)["message"].startswith("review console on") for line in logged), log.read_text()

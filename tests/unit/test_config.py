@@ -131,6 +131,13 @@ def test_redact_keeps_ordinary_options():
     }  # fmt: skip
 
 
+def test_redact_shows_the_oauth_options_an_operator_checks_and_hides_the_free_form_ones():
+    shown = {"sasl.oauthbearer.method": "oidc", "sasl.oauthbearer.client.id": "app", "sasl.oauthbearer.scope": "kafka",
+             "client.id": "safeguard"}  # fmt: skip
+    hidden = {"sasl.oauthbearer.config": "principal=x", "sasl.oauthbearer.extensions": "k=v"}
+    assert redact({**shown, **hidden}) == {**shown, **dict.fromkeys(hidden, "***")}
+
+
 def test_the_example_config_is_valid_and_routes_to_real_policies():
     from consumer.policy import PolicyStore
     from consumer.policy.route import Router

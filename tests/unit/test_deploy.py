@@ -106,11 +106,14 @@ def test_compose_consumer_gets_a_gpu_mounted_policies_and_time_to_drain(monkeypa
     assert consumer["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
 
 
-def test_compose_topics_are_the_ones_the_consumer_reads_and_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compose_topics_are_the_ones_topics_create_makes_sized_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    from consumer.kafka.admin import plan_topics
+
     settings = _settings(ROOT / "deploy" / "compose" / "config.yaml", monkeypatch)
-    created = _compose_topics()
-    wanted = [*settings.kafka.input_topics, settings.kafka.verdict_topic, settings.kafka.dead_letter_topic]
-    assert sorted(created) == sorted(wanted)
+    planned = {plan.name: plan.config for plan in plan_topics(settings, partitions=1)}
+    assert sorted(_compose_topics()) == sorted(planned)
+    assert _compose_topic_configs() == {name: config for name, config in planned.items() if config}
+    assert planned[settings.kafka.dead_letter_topic]  # sized: the comparison above compares something
 
 
 def test_collector_and_prometheus_configs_fit_the_compose_services() -> None:
@@ -124,12 +127,21 @@ def test_collector_and_prometheus_configs_fit_the_compose_services() -> None:
     prometheus = _load(ROOT / "deploy" / "prometheus.yml")
     (job,) = prometheus["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == [f"consumer:{HEALTH_PORT}"]
+    (discovery,) = job["dns_sd_configs"]  # a service scaled to 0 (consumer, under the served profile) has no target
+    services = _load(COMPOSE)["services"]
+    assert set(discovery["names"]) == {"consumer", "consumer-served"} <= set(services)
+    assert discovery["port"] == HEALTH_PORT
 
 
 def _compose_topics() -> dict[str, int]:
     script = "\n".join(_load(COMPOSE)["services"]["topics"]["command"])
-    return {name: int(n) for name, n in re.findall(r"^create (\S+) (\d+)$", script, re.MULTILINE)}
+    return {name: int(n) for name, n in re.findall(r"^create (\S+) (\d+)", script, re.MULTILINE)}
+
+
+def _compose_topic_configs() -> dict[str, dict[str, str]]:
+    script = "\n".join(_load(COMPOSE)["services"]["topics"]["command"])
+    return {name: dict(re.findall(r"--config (\S+?)=(\S+)", rest))
+            for name, rest in re.findall(r"^create (\S+) \d+(.+)$", script, re.MULTILINE)}  # fmt: skip
 
 
 # -- deploy/k8s -----------------------------------------------------------------------------

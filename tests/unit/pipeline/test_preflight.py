@@ -77,3 +77,31 @@ def test_unreachable_brokers_exit_1_with_one_line(tmp_path, command):
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "unreachable" in line]
     assert len(errors) == 1 and "127.0.0.1:1" in errors[0]
+
+
+def test_kind_vllm_where_vllm_is_not_installed_fails_the_offline_pre_flight(tmp_path, monkeypatch):
+    import sys
+
+    from consumer.config import ConfigError, load_settings
+    from consumer.pipeline.preflight import prepare
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what find_spec reports where it is not installed
+    settings = load_settings(config(tmp_path, classifier={"kind": "vllm"}))
+    with pytest.raises(ConfigError, match="classifier.kind: vllm runs vLLM in process, and vllm is not installed"):
+        prepare(settings, build_engine=False)  # check-config's: it does not build the engine, yet says what run would
+    cheap = load_settings(config(tmp_path, classifier={"kind": "cascade", "reasoner": "none"}))
+    assert prepare(cheap, build_engine=False).policies.get()  # no reasoner: vLLM is not needed
+
+
+def test_check_config_connect_names_a_busy_metrics_port_before_it_connects(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = config(tmp_path, telemetry={"http_port": port})
+        result = run_cli("check-config", "-q", "--connect", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: telemetry.http_port: port") and str(port) in result.stderr
+    assert "unreachable" not in result.stderr  # the configuration first: the brokers (none here) were not asked

@@ -122,3 +122,60 @@ def test_title_and_sensitive_come_from_the_front_matter(tmp_path):
     assert problems(GOOD.replace("sensitive: true", "sensitive: maybe"), tmp_path) == [
         "18: error: `sensitive` must be true or false"
     ]
+
+
+def test_a_misspelled_front_matter_key_is_an_error_with_the_key_it_resembles(tmp_path):
+    text = GOOD.replace("reasoning_effort: low", "reasoning_efort: low").replace("output: rich", "outptu: rich")
+    assert problems(text, tmp_path) == [
+        "4: error: unknown front-matter key 'reasoning_efort'; did you mean 'reasoning_effort'?",
+        "5: error: unknown front-matter key 'outptu'; did you mean 'output'?",
+    ]
+    with pytest.raises(PolicyError, match=r":4: unknown front-matter key 'reasoning_efort'; did you mean"):
+        parse_policy(text.encode())  # what `run` and `check-config` load through
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / "typo.md").write_text(GOOD.replace("id: chat-harassment", "id: chat-harassment\npattern: [kys]"))
+    with pytest.raises(PolicyError, match="unknown front-matter key 'pattern'; did you mean 'patterns'"):
+        PolicyStore(folder)
+
+
+def test_a_front_matter_yaml_error_names_the_line_it_is_on(tmp_path):
+    text = GOOD.replace("reasoning_effort: low", "reasoning_effort: [low")  # line 4: the unclosed bracket
+    assert problems(text, tmp_path)[0].startswith("4: error: front matter is not valid YAML")
+    text = GOOD.replace("reasoning_effort: low", "reasoning_effort: low: high")
+    assert problems(text, tmp_path)[0].startswith("4: error: front matter is not valid YAML (mapping values")
+
+
+def test_validate_refuses_a_folder_with_two_files_of_one_id(tmp_path):
+    from tests.unit.test_config import run_cli
+
+    (tmp_path / "chat-harassment.md").write_text(GOOD)
+    (tmp_path / "chat-harassment.v2.md").write_text(GOOD.replace("## SAFE (0)", "## SAFE (0)\n"))
+    result = run_cli("policy", "validate", str(tmp_path))
+    assert result.returncode == 1
+    assert (f"{tmp_path / 'chat-harassment.v2.md'}:2: error: policy id 'chat-harassment' is also used by "
+            f"{tmp_path / 'chat-harassment.md'}") in result.stdout  # fmt: skip
+    assert "2 policies checked, 1 errors" in result.stderr
+
+
+def test_a_store_of_one_file_reads_that_file_and_nothing_beside_it(tmp_path):
+    (tmp_path / "chat-harassment.md").write_text(GOOD)
+    (tmp_path / "policy-eval.md").write_text("# a report, not a policy\n")
+    store = PolicyStore(tmp_path, pattern="chat-harassment.md")
+    assert list(store.get()) == ["chat-harassment"]
+
+
+def test_policy_eval_evaluates_the_file_it_is_given_and_nothing_beside_it(tmp_path):
+    from tests.unit.test_config import run_cli
+
+    policy = tmp_path / "chat-harassment.md"
+    policy.write_text(GOOD)
+    (tmp_path / "notes.md").write_text("scratch notes, no front matter\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "a", "content": "kys", "label": 1}\n{"id": "b", "content": "nice build", "label": 0}\n')
+    env = {"SAFEGUARD_CLASSIFIER__KIND": "keyword"}
+    for run in (1, 2):  # the second run meets the first one's report in the folder
+        result = run_cli("policy", "eval", str(policy), "--data", str(data),
+                         "--report", str(tmp_path / "policy-eval.md"), env=env)  # fmt: skip
+        assert result.returncode == 0, (run, result.stdout + result.stderr)
+        assert "on 2 examples" in result.stdout

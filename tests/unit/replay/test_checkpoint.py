@@ -51,3 +51,16 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
         Checkpoint.load(path)
     with pytest.raises(ReplayError, match="cannot read the checkpoint"):
         Checkpoint.load(tmp_path / "missing.json")
+
+
+def test_the_summary_tells_a_replay_stopped_by_an_error_from_one_interrupted():
+    from consumer.pipeline.pipeline import RunResult
+    from consumer.replay.run import ReplayResult, summary
+
+    def title(exit_code: int) -> str:
+        run = RunResult(exit_code=exit_code, consumed=4, verdicts=0, dead_letters=0, reason="the output failed")
+        result = ReplayResult(finished=False, run=run, violations=0, done_before={}, done_this_run={}, elapsed_s=1.0)
+        return str(summary(checkpoint(), result, "out.jsonl").title)
+
+    assert "interrupted: run again with --resume" in title(0)
+    assert "stopped by the error below" in title(1) and "interrupted" not in title(1)

@@ -182,3 +182,7 @@ def test_the_metrics_show_open_reviews_agreement_and_decision_latency():
     assert len(agreed) == 1 and 'agreed="false"' in agreed[0] and 'stage="undecided"' in agreed[0]
     assert "safeguard_review_decision_latency_seconds_sum 300.0" in lines
     assert not any(line.startswith("safeguard_review_open{") for line in lines)
+    # Not a disagreement review, yet both sides of its (policy, stage) are there, at 0.
+    right = sorted(line for line in lines if line.startswith("safeguard_review_disagreement_right_total{"))
+    assert len(right) == 2 and all(line.endswith(" 0.0") for line in right), right
+    assert 'side="cheap"' in right[0] and 'side="reasoner"' in right[1]
