@@ -14,7 +14,9 @@ import pytest
 import yaml
 
 from consumer import stages
+from consumer.classify import ClassificationFailed
 from consumer.classify.keyword import KeywordClassifier
+from consumer.events import ErrorType
 from consumer.pipeline.background import BackgroundPipeline
 from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
@@ -26,6 +28,14 @@ pytestmark = pytest.mark.kafka
 PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 SERIES = re.compile(r"^(\w+)\{(.*)\} (\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+class GarblingClassifier(KeywordClassifier):
+    """The keyword classifier, but content saying "garbled" gets an answer that cannot be read."""
+
+    def classify_now_many(self, requests):
+        return [ClassificationFailed(ErrorType.UNPARSEABLE_OUTPUT, "unreadable answer") if "garbled" in r.content
+                else self.classify_now(r) for r in requests]  # fmt: skip
 
 
 def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -67,7 +77,7 @@ def test_drift_series_count_each_version_and_the_top_community_and_the_rules_rea
     settings = settings_for(kafka, group, topic, policies_dir,
                             telemetry={"community_labels": 1, "community_rank_interval_s": 3})  # fmt: skip
     policy = PolicyStore(settings.policies.directory).get()["chat-harassment"]
-    pipeline = Pipeline(settings, KeywordClassifier(), PolicyStore(settings.policies.directory))
+    pipeline = Pipeline(settings, GarblingClassifier(), PolicyStore(settings.policies.directory))
     outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
     try:
         with BackgroundPipeline(pipeline) as running:
@@ -80,12 +90,14 @@ def test_drift_series_count_each_version_and_the_top_community_and_the_rules_rea
             outputs.until(12, timeout=60)
             time.sleep(3.5)  # past the ranking interval: big is the top community
             # After it: 6 of big (3 violations) under its own label, 3 of small (1 violation)
-            # and 2 without a community under `other`, 1 dead letter.
+            # and 2 without a community under `other`; 2 dead letters: one unreadable answer for
+            # big, one record that is no JSON.
             second = [event_json(20 + i, "kys" if i < 3 else None, community_id="big") for i in range(6)]
             second += [event_json(30 + i, "kys" if i < 1 else None, community_id="small") for i in range(3)]
             second += [event_json(40 + i) for i in range(2)] + [b"{not json"]
+            second += [event_json(50, "garbled", community_id="big")]
             produce(kafka, topic, second)
-            messages = outputs.until(24, timeout=60)
+            messages = outputs.until(25, timeout=60)
             wait_for(lambda: pipeline.tracker.in_flight() == 0, timeout=30, message="all outputs delivered")
             text = http_get(pipeline.http.port, "/metrics")[1]
             running.stop()
@@ -108,6 +120,8 @@ def test_drift_series_count_each_version_and_the_top_community_and_the_rules_rea
     letters = "safeguard_policy_dead_letters_total"
     assert total(scraped, letters, error_type="invalid_json", safeguard_policy_id="none",
                  safeguard_policy_version="none", safeguard_community="other") == 1  # fmt: skip
+    assert total(scraped, letters, error_type="unparseable_output", **version, safeguard_community="big") == 1
+    assert total(scraped, letters) == 2
     # The older figures are unchanged by the drift keys.
     assert total(scraped, "safeguard_verdicts_total", safeguard_violation="true") == 8
     assert total(scraped, "safeguard_dead_letters_total", error_type="invalid_json") == 1

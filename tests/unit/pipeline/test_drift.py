@@ -69,7 +69,7 @@ def test_one_count_per_result_feeds_the_verdicts_and_the_drift_series():
     for violation, stage in ((True, stages.LEXICAL), (False, stages.LEXICAL), (True, stages.UNDECIDED)):
         action = "delete" if violation else "allow"
         telemetry.verdicts[("chat-harassment", violation, action, "v1", stage, community)] += 1
-    telemetry.dead_letters[("invalid_output", "chat-harassment", "v1", community)] += 2
+    telemetry.dead_letters[("unparseable_output", "chat-harassment", "v1", community)] += 2
     telemetry.dead_letters[("invalid_json", "", "", OTHER)] += 1
     lines = scrape(registry)
     verdicts = "safeguard_verdicts_total"
@@ -81,10 +81,10 @@ def test_one_count_per_result_feeds_the_verdicts_and_the_drift_series():
     assert lines[series(name, **results, safeguard_stage=stages.LEXICAL, safeguard_violation="false")] == 1
     assert lines[series(name, **results, safeguard_stage=stages.UNDECIDED, safeguard_violation="true")] == 1
     letters = "safeguard_policy_dead_letters_total"
-    assert lines[series(letters, error_type="invalid_output", **results)] == 2
+    assert lines[series(letters, error_type="unparseable_output", **results)] == 2
     assert lines[series(letters, error_type="invalid_json", safeguard_policy_id="none", safeguard_policy_version="none",
                         safeguard_community=OTHER)] == 1  # fmt: skip
-    assert lines[series("safeguard_dead_letters_total", error_type="invalid_output")] == 2
+    assert lines[series("safeguard_dead_letters_total", error_type="unparseable_output")] == 2
 
 
 def test_a_community_that_loses_its_label_leaves_the_drift_series_and_stays_in_the_totals():
