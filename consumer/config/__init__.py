@@ -255,6 +255,12 @@ class TelemetrySettings(_Section):
     statistics_interval_ms: int = Field(default=5000, ge=0, description="librdkafka stats (consumer lag); 0: off")
     heartbeat_timeout_s: float = Field(default=30.0, gt=0, description="/healthz fails when the loop stalls this long")
     engine_health_interval_s: float = Field(default=10.0, gt=0, description="how often the engine's health is checked")
+    community_labels: int = Field(
+        default=20, ge=0, description="drift metrics: the top N communities by volume get a label, the rest: other"
+    )
+    community_rank_interval_s: float = Field(
+        default=60.0, gt=0, description="drift metrics: how often the communities are ranked by their volume"
+    )
 
 
 class Settings(BaseSettings):

@@ -17,7 +17,7 @@ from consumer.pipeline import outputs
 from consumer.pipeline.chat import Offenders
 from consumer.pipeline.telemetry import Telemetry
 from consumer.pipeline.telemetry.tracing import inject
-from consumer.policy import most_severe
+from consumer.policy import Policy, most_severe
 from consumer.sinks.roles import CarriesReviewItems, OutputSink
 
 
@@ -65,7 +65,8 @@ class OutputStep:
                 violation = True
             actions.append(result["action"])
         action, offences = self._offenders.record(event.community_id, event.author_id, violation, most_severe(actions))
-        latency_ms = (time.monotonic() - record.started) * 1000
+        now = time.monotonic()
+        latency_ms = (now - record.started) * 1000
         document = outputs.verdict(
             event.event_id,
             records.source_of(message),
@@ -83,9 +84,12 @@ class OutputStep:
             span.set_attributes({"safeguard.violation": violation, "safeguard.action": action})
         self._sink.send_verdict(document, message, record.ticket, inject(span))
         self._sent()
-        counts = self._telemetry.verdicts
-        for result in results:
-            counts[(result["policy_id"], result["violation"], result["action"])] += 1
+        if results:  # a deletion decides nothing: it counts towards no rate
+            counts = self._telemetry.verdicts
+            community = self._telemetry.communities.count(event.community_id, now)
+            for result in results:
+                counts[(result["policy_id"], result["violation"], result["action"], result["policy_version"],
+                        result["stage"], community)] += 1  # fmt: skip
         self._telemetry.e2e_latency.record(latency_ms / 1000, "verdict")
 
     def review_items(self, record: Record, items: list[ReviewItem]) -> None:
@@ -105,7 +109,9 @@ class OutputStep:
         reason: str,
         raw_output: str | None = None,
         attempts: int = 1,
+        policy: Policy | None = None,
     ) -> None:
+        """`policy`: the one whose classification failed, when one did (the drift watch counts it)."""
         event_id = record.event.event_id if record.event is not None else None
         letter = records.dead_letter(record.message, error_type, reason, event_id, raw_output, attempts)
         span = record.span
@@ -114,5 +120,8 @@ class OutputStep:
             span.set_attribute("error.type", error_type.value)
         self._sink.send_dead_letter(letter, record.message, record.ticket, inject(span))
         self._sent()
-        self._telemetry.dead_letters[error_type.value] += 1
-        self._telemetry.e2e_latency.record(time.monotonic() - record.started, "dead_letter")
+        telemetry = self._telemetry
+        community = telemetry.communities.label(record.event.community_id if record.event is not None else None)
+        policy_id, version = (policy.id, policy.version) if policy is not None else ("", "")
+        telemetry.dead_letters[(error_type.value, policy_id, version, community)] += 1
+        telemetry.e2e_latency.record(time.monotonic() - record.started, "dead_letter")

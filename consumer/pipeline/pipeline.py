@@ -138,6 +138,8 @@ class Pipeline:
             trace_content=settings.telemetry.trace_content,
             registry=self.metrics_registry,
         )
+        self.telemetry.communities.top = settings.telemetry.community_labels
+        self.telemetry.communities.rank_interval_s = settings.telemetry.community_rank_interval_s
         self.telemetry.expect(
             [t for t in settings.kafka.input_topics if not t.startswith("^")],
             policies.get().values(),
@@ -501,7 +503,8 @@ class Pipeline:
                 failure = outcome if isinstance(outcome, ClassificationFailed) else ClassificationFailed(
                     ErrorType.CLASSIFIER_ERROR, f"{type(outcome).__name__}: {outcome}"
                 )
-                self.output.dead_letter(record, failure.error_type, str(failure), failure.raw_output, failure.attempts)
+                self.output.dead_letter(record, failure.error_type, str(failure), failure.raw_output, failure.attempts,
+                                        request.policy)  # fmt: skip
                 return
             assert isinstance(outcome, Classification)
             results.append(outputs.policy_result(request.policy, outcome, latency_ms))

@@ -40,6 +40,8 @@ def test_environment_overrides_the_file_with_nested_keys(tmp_path, monkeypatch):
         ("classifier:\n  kind: plugin\n", "classifier: Value error, kind 'plugin' needs classifier.factory"),
         ("decode:\n  field_mapping: {nope: a.b}\n", "decode.field_mapping: Value error, 'nope' is not a ContentEvent field"),
         ("kafka: [1, 2\n", "not valid YAML"),
+        ("telemetry:\n  community_labels: -1\n", "telemetry.community_labels: Input should be greater than or equal"),
+        ("telemetry:\n  community_rank_interval_s: 0\n", "telemetry.community_rank_interval_s: Input should be greater"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, yaml_text, expected):

@@ -5,6 +5,10 @@ registry; `consumer.pipeline.http` serves them on `/metrics`.
 A stage that exports figures of its own declares them beside the figures themselves (`Figure`,
 e.g. `Batcher.FIGURES`); `PipelineMetrics.observe_figures` makes one gauge of each, so a
 figure's name is written once.
+
+Verdicts and dead letters are also counted per policy version and community label (the drift
+watch, `deploy/prometheus/drift-rules.yaml`): one counter key per result carries them all, and
+each exported metric sums the keys it needs at scrape time, so the hot path counts once.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
+
+from consumer.pipeline.telemetry.drift import CommunityLabels
 
 # Seconds, Prometheus's base unit.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -55,8 +61,15 @@ class PipelineMetrics:
         # Counted in plain dicts on the hot path and read by observable counters at scrape time:
         # an SDK `Counter.add` per record costs more than the rest of a cheap record's handling.
         self.consumed: Counter[str] = Counter()  # by topic
-        self.verdicts: Counter[tuple[str, bool, str]] = Counter()  # by (policy id, violation, action)
-        self.dead_letters: Counter[str] = Counter()  # by error.type
+        # By (policy id, violation, action, policy version, stage, community label). A None stage
+        # is a classifier without a cascade (exported as "none"); a None community is a key no
+        # drift series shows (a series expected before it happens, or the counts of a community
+        # that lost its label).
+        self.verdicts: Counter[tuple[str, bool, str, str, str | None, str | None]] = Counter()
+        # By (error.type, policy id, policy version, community label); "" for no policy (the
+        # record failed before one was asked).
+        self.dead_letters: Counter[tuple[str, str, str, str | None]] = Counter()
+        self.communities = CommunityLabels(evicted=self.evict)
         self.tokens: Counter[tuple[str, str]] = Counter()  # by (policy id, kind)
         m.create_observable_counter(
             "safeguard.events.consumed", [self._observe_consumed], description="records read from input topics"
@@ -67,6 +80,14 @@ class PipelineMetrics:
         m.create_observable_counter(
             "safeguard.dead_letters", [self._observe_dead_letters], description="dead letters by error.type"
         )
+        m.create_observable_counter(
+            "safeguard.policy.results", [self._observe_policy_results],
+            description="policy results by policy version, community (top N, the rest: other), stage and violation",
+        )  # fmt: skip
+        m.create_observable_counter(
+            "safeguard.policy.dead_letters", [self._observe_policy_dead_letters],
+            description="dead letters by error.type, policy version (none: before classification) and community",
+        )  # fmt: skip
         m.create_observable_counter(
             "safeguard.tokens", [self._observe_tokens], description="tokens by kind: prompt, cached, completion"
         )
@@ -105,15 +126,47 @@ class PipelineMetrics:
             yield Observation(count, {"messaging.destination.name": topic})
 
     def _observe_verdicts(self, _: CallbackOptions) -> Iterable[Observation]:
-        for (policy, violation, action), count in list(self.verdicts.items()):
+        totals: Counter[tuple[str, bool, str]] = Counter()
+        for (policy, violation, action, *_), count in list(self.verdicts.items()):
+            totals[(policy, violation, action)] += count
+        for (policy, violation, action), count in totals.items():
             yield Observation(
                 count,
                 {"safeguard.policy.id": policy, "safeguard.violation": str(violation).lower(), "safeguard.action": action},
             )
 
+    def _observe_policy_results(self, _: CallbackOptions) -> Iterable[Observation]:
+        totals: Counter[tuple[str, str, str, str, bool]] = Counter()
+        for (policy, violation, _action, version, stage, community), count in list(self.verdicts.items()):
+            if community is not None:
+                totals[(policy, version, community, stage or "none", violation)] += count
+        for (policy, version, community, stage, violation), count in totals.items():
+            yield Observation(count, {
+                "safeguard.policy.id": policy, "safeguard.policy.version": version, "safeguard.community": community,
+                "safeguard.stage": stage, "safeguard.violation": str(violation).lower(),
+            })  # fmt: skip
+
     def _observe_dead_letters(self, _: CallbackOptions) -> Iterable[Observation]:
-        for error_type, count in list(self.dead_letters.items()):
+        totals: Counter[str] = Counter()
+        for (error_type, *_), count in list(self.dead_letters.items()):
+            totals[error_type] += count
+        for error_type, count in totals.items():
             yield Observation(count, {"error.type": error_type})
+
+    def _observe_policy_dead_letters(self, _: CallbackOptions) -> Iterable[Observation]:
+        for (error_type, policy, version, community), count in list(self.dead_letters.items()):
+            if community is not None:
+                yield Observation(count, {
+                    "error.type": error_type, "safeguard.policy.id": policy or "none",
+                    "safeguard.policy.version": version or "none", "safeguard.community": community,
+                })  # fmt: skip
+
+    def evict(self, communities: set[str]) -> None:
+        """Fold the counts of communities that lost their label into keys no drift series shows:
+        the totals keep them, the cardinality stays bounded. Runs on the event loop, as the counting."""
+        for counts in (self.verdicts, self.dead_letters):
+            for key in [key for key in counts if key[-1] in communities]:
+                counts[(*key[:-1], None)] += counts.pop(key)  # type: ignore[index]
 
     def _observe_tokens(self, _: CallbackOptions) -> Iterable[Observation]:
         for (policy, kind), count in list(self.tokens.items()):
@@ -171,12 +224,12 @@ class PipelineMetrics:
         for topic in topics:
             self.consumed.setdefault(topic, 0)
         for error_type in error_types:
-            self.dead_letters.setdefault(error_type, 0)
+            self.dead_letters.setdefault((error_type, "", "", None), 0)
         for policy in policies:
             outcomes = {(False, policy.action_for(False, None)), (True, policy.action_for(True, None))}
             outcomes.update((True, policy.action_for(True, category)) for category in policy.categories)
             for violation, action in outcomes:
-                self.verdicts.setdefault((policy.id, violation, action), 0)
+                self.verdicts.setdefault((policy.id, violation, action, policy.version, None, None), 0)
             for kind in TOKEN_KINDS:
                 self.tokens.setdefault((policy.id, kind), 0)
 
