@@ -113,7 +113,6 @@ def policy() -> Policy:
 
 def chat_settings(*urls: str, **overrides: Any) -> RemoteSettings:
     values: dict[str, Any] = {
-        "kind": "remote",
         "model": "gpt-oss-safeguard-20b",
         "endpoints": [
             {"url": url, "api": "chat", "api_key_env": "STANDIN_KEY", "name": f"e{i}", "max_concurrency": 4}
@@ -223,12 +222,12 @@ def test_a_missing_key_variable_stops_the_start_naming_the_variable_not_a_value(
 
 
 def test_engine_section_picks_in_process_or_remote() -> None:
-    assert type(engine_settings({})).__name__ == "EngineSettings"
-    remote = engine_settings({"kind": "remote", "endpoints": [{"url": "http://vllm:8000/v1"}]})
+    assert type(engine_settings({}, "in_process")).__name__ == "EngineSettings"
+    remote = engine_settings({"endpoints": [{"url": "http://vllm:8000/v1"}]}, "remote")
     assert isinstance(remote, RemoteSettings)
     assert remote.endpoints[0].resolved_metrics_url == "http://vllm:8000/metrics"
     with pytest.raises(ValueError):
-        engine_settings({"kind": "remote", "endpoints": [{"url": "vllm:8000"}]})
+        engine_settings({"endpoints": [{"url": "vllm:8000"}]}, "remote")
 
 
 # -- the fleet's rules ---------------------------------------------------------------------
@@ -236,7 +235,7 @@ def test_engine_section_picks_in_process_or_remote() -> None:
 
 def fleet(**overrides: Any) -> Fleet:
     endpoints = [{"url": "http://a/v1", "name": "a", "max_concurrency": 8}, {"url": "http://b/v1", "name": "b"}]
-    return Fleet(RemoteSettings(**({"kind": "remote", "endpoints": endpoints} | overrides)))
+    return Fleet(RemoteSettings(**({"endpoints": endpoints} | overrides)))
 
 
 def test_least_outstanding_endpoint_first_and_failed_ones_last() -> None:
