@@ -8,6 +8,7 @@ import random
 import time
 
 from consumer.classify import Capacity, Classification, ClassifyRequest
+from consumer.errors import Unavailable
 
 
 class SlowClassifier:
@@ -78,6 +79,36 @@ class FlakyClassifier:
             return {"violation": "maybe"}  # type: ignore[return-value]
         if content.startswith("transient") and self.attempts[request.request_id] == 1:
             raise ConnectionError("first attempt fails")
+        return Classification(violation=False, model=self.name)
+
+    async def close(self) -> None:
+        return None
+
+
+class OutageClassifier:
+    """Answers at once, except while `down`: then every request raises `Unavailable("reasoner")`,
+    as the remote reasoner does when no endpoint of its fleet answers. No probe: the records
+    waiting are retried at the hint, and the first one answered says the reasoner is back."""
+
+    name = "outage-test"
+
+    def __init__(self, down: bool = False) -> None:
+        self.down = down
+        self.refused = 0  # requests that found it down
+        self.answered = 0
+
+    async def start(self) -> None:
+        return None
+
+    def capacity(self) -> Capacity:
+        return Capacity(max_sequences=32)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        await asyncio.sleep(0.005)  # a classification takes a moment, so an outage finds records in flight
+        if self.down:
+            self.refused += 1
+            raise Unavailable("reasoner", "no endpoint of the stand-in fleet answers", retry_after_s=0.1)
+        self.answered += 1
         return Classification(violation=False, model=self.name)
 
     async def close(self) -> None:

@@ -115,6 +115,11 @@ class PipelineSettings(_Section):
         description="classifier latency target; when set, the batcher's concurrency limit follows it (AIMD) below the capacity",
     )
     classify_timeout_s: float = Field(default=120.0, gt=0, description="per-request deadline")
+    outage_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="a dependency (the reasoner, ...) down this long stops the run (exit 1); null: wait for it",
+    )
     delivery_retries: int = Field(default=3, ge=0, description="re-sends after a retriable delivery error")
     delivery: Literal["at_least_once", "exactly_once"] = Field(
         default="at_least_once", description="exactly_once: Kafka transactions; readers use read_committed"

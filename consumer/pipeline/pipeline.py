@@ -16,6 +16,10 @@ This module also owns the shutdown order that the at-least-once guarantee needs:
 3. flush the producer, so every output that can be delivered is;
 4. commit the positions the tracker allows (only delivered records) and leave the group.
 
+A record that finds a dependency down (`consumer.errors.Unavailable`: the reasoner fleet, a
+schema registry) is never a dead letter: it waits in the outage stage (`outage.py`, which
+holds intake and fails `/readyz` meanwhile) and is asked again once the dependency is back.
+
 A fatal producer or consumer error skips straight to 4 and the run ends with a non-zero code;
 nothing past what was delivered is committed.
 """
@@ -29,12 +33,14 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span
 
 from consumer.classify import (
     Classification,
@@ -42,8 +48,10 @@ from consumer.classify import (
     Classifier,
     ClassifyRequest,
     CountsDecisions,
+    ProbesDependency,
 )
 from consumer.config import Settings
+from consumer.errors import Unavailable
 from consumer.events import ErrorType
 from consumer.kafka import roles
 from consumer.kafka.budget import OutputBudget
@@ -58,6 +66,7 @@ from consumer.pipeline.classify_step import ClassifyStep
 from consumer.pipeline.decode import DecodeError, Decoder
 from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
+from consumer.pipeline.outage import Outage
 from consumer.pipeline.output_step import OutputStep, Record
 from consumer.policy import PolicyStore, PolicyWatcher
 from consumer.policy.route import Router
@@ -146,10 +155,17 @@ class Pipeline:
         self.http: HttpServer | None = None
         # The brokers' reachability after start: one WARNING per change, and /readyz.
         self.link = BrokerLink(settings.kafka.bootstrap_servers)
+        # Records that find a dependency down wait here; intake holds meanwhile.
+        self.outage = Outage(
+            hold=lambda held: self.source.hold(held) if self.source is not None else None,
+            fail=self._fail, timeout_s=settings.pipeline.outage_timeout_s,
+            probe=classifier.probe if isinstance(classifier, ProbesDependency) else None,
+            expected=["reasoner"] if settings.classifier.reasoner_place else [], meter=self.telemetry.meter,
+        )  # fmt: skip
         self.health = Health(
             classifier, settings.telemetry.heartbeat_timeout_s, settings.telemetry.engine_health_interval_s,
             fatal=lambda: self._fatal, assigned=lambda: None if self.source is None else len(self.source.assigned),
-            link=self.link,
+            link=self.link, unavailable=self.outage.problem,
         )  # fmt: skip
         self._stopping: asyncio.Event | None = None
         self._outputs_sent: asyncio.Event | None = None  # set when an output was sent: reports to serve
@@ -299,6 +315,7 @@ class Pipeline:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.outage.close()
         serving.cancel()  # the flush below serves what is left
         await asyncio.gather(serving, return_exceptions=True)
         await self.batcher.close()
@@ -379,6 +396,9 @@ class Pipeline:
             record = Record(message, ticket, self.telemetry.record_span(message))
             try:
                 requests = self._prepare(record)
+            except Unavailable as exc:  # an outage, not the record's fault: it waits, whole
+                self._spawn(self._prepare_after_outage(record, exc))
+                continue
             except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
                 self._internal_error(record, exc)
                 requests = None
@@ -423,7 +443,6 @@ class Pipeline:
         requests = [request for _, rs in asking for request in rs]
         spans = [record.span for record, rs in asking for _ in rs]
         answers = self.classify.now_many(requests, spans)
-        loop = asyncio.get_running_loop()
         at = 0
         for record, rs in asking:
             mine, at = answers[at : at + len(rs)], at + len(rs)
@@ -431,13 +450,14 @@ class Pipeline:
             for i, answer in enumerate(mine):
                 if answer is None:
                     waiting = True
+                elif isinstance(answer, Unavailable):  # asked again through the batcher, outage waited out
+                    self.outage.report(answer)
+                    mine[i], waiting = None, True
                 elif isinstance(answer, BaseException):  # a dead letter now: the answers missing could not change that
                     rs, mine, waiting = [rs[i]], [answer], False
                     break
             if waiting:
-                task = loop.create_task(self._decide_later(record, rs, mine))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._decide_later(record, rs, mine))
                 continue
             try:
                 self._conclude(record, rs, mine)
@@ -452,12 +472,13 @@ class Pipeline:
             outcomes: list[object]
             if len(missing) == 1:  # the common case: no gather, whose tasks cost more than a cheap classification
                 try:
-                    outcomes = [await self.classify.later(requests[missing[0]], record.span)]
+                    outcomes = [await self._classify_through_outages(requests[missing[0]], record.span)]
                 except Exception as exc:  # noqa: BLE001 - handled in _conclude, as gather would return it
                     outcomes = [exc]
             else:
                 outcomes = await asyncio.gather(
-                    *(self.classify.later(requests[i], record.span) for i in missing), return_exceptions=True
+                    *(self._classify_through_outages(requests[i], record.span) for i in missing),
+                    return_exceptions=True,
                 )
             completed: list[object] = list(answers)
             for i, outcome in zip(missing, outcomes):
@@ -469,6 +490,54 @@ class Pipeline:
             self._internal_error(record, exc)
         finally:
             record.span.end()
+
+    async def _classify_through_outages(self, request: ClassifyRequest, span: Span) -> Classification:
+        """`classify.later`, outages waited out: on `Unavailable` the request waits for its
+        dependency and is asked again, with a fresh deadline (the wait was not the request's)."""
+        waited: set[str] = set()
+        while True:
+            try:
+                result = await self.classify.later(request, span)
+            except Unavailable as exc:
+                self.outage.report(exc)
+                waited.add(exc.dependency)
+                await self.outage.wait(exc.dependency)
+                request.deadline = time.monotonic() + self.settings.pipeline.classify_timeout_s
+                continue
+            for dependency in waited:
+                self.outage.answered(dependency)
+            return result
+
+    async def _prepare_after_outage(self, record: Record, outage: Unavailable) -> None:
+        """A record whose preparing (decoding) found a dependency down: prepared again once it is
+        back, then decided through the batcher."""
+        try:
+            while True:
+                self.outage.report(outage)
+                await self.outage.wait(outage.dependency)
+                try:
+                    requests = self._prepare(record)
+                except Unavailable as again:
+                    outage = again
+                    continue
+                self.outage.answered(outage.dependency)
+                break
+        except asyncio.CancelledError:
+            record.span.end()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
+            self._internal_error(record, exc)
+            requests = None
+        if requests is None:
+            record.span.end()
+            return
+        await self._decide_later(record, requests, [None] * len(requests))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a record's remaining work as a task of its own (cancelled at shutdown)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _conclude(self, record: Record, requests: list[ClassifyRequest], outcomes: list[object]) -> None:
         """The verdict from every policy's classification, or a dead letter for the first failure."""
