@@ -73,6 +73,8 @@ class Outage:
         self._timeout_s = timeout_s
         self._probe = probe
         self._down: dict[str, _Down] = {}
+        self._down_since: float | None = None  # while any dependency is down
+        self._downtime_s = 0.0  # of the outages over
         self._known = dict.fromkeys(expected, 0)  # dependency -> outages so far
         if meter is not None:
             meter.create_observable_gauge(
@@ -92,6 +94,12 @@ class Outage:
             for name, down in self._down.items()
         )
 
+    def downtime_s(self) -> float:
+        """Seconds with some dependency down since the start, the current outage included: a
+        request during which it grew lost time to an outage."""
+        ongoing = time.monotonic() - self._down_since if self._down_since is not None else 0.0
+        return self._downtime_s + ongoing
+
     def report(self, exc: Unavailable) -> None:
         """A stage found `exc.dependency` down: the first report of an outage logs, holds intake, and
         starts watching it; later ones only refresh the reason."""
@@ -107,14 +115,17 @@ class Outage:
         log.warning("%s unavailable: %s; intake paused, records kept and retried, offsets uncommitted",
                     exc.dependency, exc.reason)  # fmt: skip
         if len(self._down) == 1:
+            self._down_since = down.since
             self._hold(True)
         down.watcher = loop.create_task(self._watch(exc.dependency, down), name=f"outage-{exc.dependency}")
 
-    async def wait(self, dependency: str) -> None:
-        """Until the work that needs `dependency` is worth trying again (at once when it is up)."""
-        down = self._down.get(dependency)
-        if down is not None:
-            await asyncio.shield(down.release)
+    async def wait(self, dependency: str | None = None) -> None:
+        """Until the work that needs `dependency` (None: whatever is down) is worth trying again
+        (at once when it is up)."""
+        for name in [dependency] if dependency is not None else list(self._down):
+            down = self._down.get(name)
+            if down is not None:
+                await asyncio.shield(down.release)
 
     def answered(self, dependency: str) -> None:
         """The stage answered for `dependency` again: it is back."""
@@ -127,6 +138,9 @@ class Outage:
         if not down.release.done():
             down.release.set_result(None)
         if not self._down:
+            if self._down_since is not None:
+                self._downtime_s += time.monotonic() - self._down_since
+                self._down_since = None
             self._hold(False)
 
     async def close(self) -> None:

@@ -18,7 +18,9 @@ This module also owns the shutdown order that the at-least-once guarantee needs:
 
 A record that finds a dependency down (`consumer.errors.Unavailable`: the reasoner fleet, a
 schema registry) is never a dead letter: it waits in the outage stage (`outage.py`, which
-holds intake and fails `/readyz` meanwhile) and is asked again once the dependency is back.
+holds intake and fails `/readyz` meanwhile) and is asked again once the dependency is back. A
+classifier that is gone for good (`consumer.errors.Fatal`) stops the run instead, the record
+uncommitted.
 
 A fatal producer or consumer error skips straight to 4 and the run ends with a non-zero code;
 nothing past what was delivered is committed.
@@ -51,7 +53,7 @@ from consumer.classify import (
     ProbesDependency,
 )
 from consumer.config import Settings
-from consumer.errors import Unavailable
+from consumer.errors import Fatal, Unavailable
 from consumer.events import ErrorType
 from consumer.kafka import roles
 from consumer.kafka.budget import OutputBudget
@@ -493,9 +495,12 @@ class Pipeline:
 
     async def _classify_through_outages(self, request: ClassifyRequest, span: Span) -> Classification:
         """`classify.later`, outages waited out: on `Unavailable` the request waits for its
-        dependency and is asked again, with a fresh deadline (the wait was not the request's)."""
+        dependency and is asked again, with a fresh deadline (the wait was not the request's). So
+        is a request that failed as `classifier_error` while an outage began or went on: its time
+        went to the outage (a deadline spent queued behind it, a connection cut by it)."""
         waited: set[str] = set()
         while True:
+            downtime_s = self.outage.downtime_s()
             try:
                 result = await self.classify.later(request, span)
             except Unavailable as exc:
@@ -504,6 +509,17 @@ class Pipeline:
                 await self.outage.wait(exc.dependency)
                 request.deadline = time.monotonic() + self.settings.pipeline.classify_timeout_s
                 continue
+            except ClassificationFailed as exc:
+                if exc.error_type is not ErrorType.CLASSIFIER_ERROR or self.outage.downtime_s() == downtime_s:
+                    raise
+                await self.outage.wait()
+                request.deadline = time.monotonic() + self.settings.pipeline.classify_timeout_s
+                continue
+            except Fatal as exc:
+                # The classifier is gone for good (an engine core that died): the run stops, and the
+                # record, never concluded, stays uncommitted for the restart to read again.
+                self._fail(f"classifier {self.classifier.name}: {exc}")
+                await asyncio.Event().wait()  # until the shutdown cancels this record's task
             for dependency in waited:
                 self.outage.answered(dependency)
             return result

@@ -24,7 +24,7 @@ from tests.kafka_helpers import (
     unique,
     wait_for,
 )
-from tests.plugins import OutageClassifier
+from tests.plugins import DeadEngineClassifier, OutageClassifier
 from tests.runner import settings_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
@@ -42,7 +42,7 @@ def test_a_reasoner_outage_mid_stream_dead_letters_nothing_and_every_offset_is_c
     create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq", partitions=partitions)
     produce(kafka, topic, (event_json(i) for i in range(total)))
     settings = settings_for(kafka, group, topic, policies_dir, pipeline={"max_in_flight_events": 100})
-    classifier = OutageClassifier()
+    classifier = OutageClassifier(down_after=100)  # mid-stream: records in flight, more to read
     pipeline = Pipeline(settings, classifier, PolicyStore(settings.policies.directory))
     outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
     try:
@@ -50,8 +50,6 @@ def test_a_reasoner_outage_mid_stream_dead_letters_nothing_and_every_offset_is_c
             wait_for(lambda: pipeline.http is not None, timeout=30, message="the HTTP server")
             port = pipeline.http.port
             wait_for(lambda: http_get(port, "/readyz")[0] == 200, timeout=60, message="/readyz ready")
-            outputs.until(50, timeout=60)
-            classifier.down = True  # mid-stream: records in flight, more to read
             wait_for(lambda: http_get(port, "/readyz")[0] == 503, timeout=30, message="/readyz failing")
             status, reason = http_get(port, "/readyz")
             assert "reasoner unavailable" in reason and "stand-in fleet" in reason, reason
@@ -101,3 +99,26 @@ def test_an_outage_past_outage_timeout_s_stops_the_run_with_exit_1_and_commits_n
     assert outputs.messages == []  # no dead letter, no verdict
     assert classifier.refused > 0
     assert committed_offsets(kafka, group, topic, 1) == {0: -1001}  # OFFSET_INVALID: nothing committed
+
+
+def test_an_engine_that_died_stops_the_run_with_exit_1_and_its_records_stay_uncommitted(kafka, policies_dir):
+    topic, group, total = unique("dead-engine"), unique("group"), 200
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    produce(kafka, topic, (event_json(i) for i in range(total)))
+    settings = settings_for(kafka, group, topic, policies_dir, pipeline={"max_in_flight_events": 50})
+    classifier = DeadEngineClassifier()
+    outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+    try:
+        with BackgroundPipeline(Pipeline(settings, classifier, PolicyStore(settings.policies.directory))) as running:
+            outputs.until(20, timeout=60)
+            classifier.dead = True
+            wait_for(lambda: running.result is not None, timeout=60, message="the run to stop on its own")
+            result = running.result
+        outputs.collect(wait=1.0)
+    finally:
+        outputs.close()
+    assert result.exit_code == 1 and "the vLLM engine core died" in result.reason
+    found = decoded(outputs.messages)
+    assert [d for d in found if d["kind"] == "dead_letter"] == []  # the dead engine is no record's fault
+    (committed,) = committed_offsets(kafka, group, topic, 1).values()
+    assert committed <= len(found) < total  # nothing committed past what was delivered; the rest is read again

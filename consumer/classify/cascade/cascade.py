@@ -48,7 +48,7 @@ from consumer.classify.cascade.counters import PolicyCounters
 from consumer.classify.cascade.examples import training_set
 from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, StageRules
 from consumer.config.cascade import CascadeSettings, PolicyPlan
-from consumer.errors import Unavailable
+from consumer.errors import Fatal, Unavailable
 from consumer.events import ErrorType
 from consumer.policy import Policy, PolicyStore
 
@@ -275,8 +275,8 @@ class CascadeClassifier:
         try:
             verdict = await self._decide(request, plan, counters, key, found)
         except BaseException as exc:
-            # An outage reaches the copies as what it is, so they wait for the reasoner too.
-            future.set_exception(exc if isinstance(exc, (ClassificationFailed, Unavailable)) else ClassificationFailed(
+            # An outage (or a dead engine) reaches the copies as what it is: they wait (or stop) too.
+            future.set_exception(exc if isinstance(exc, (ClassificationFailed, Unavailable, Fatal)) else ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR, f"identical request failed: {type(exc).__name__}"))
             future.exception()  # retrieved: copies may not be waiting
             raise
@@ -405,7 +405,7 @@ class CascadeClassifier:
     ) -> None:
         try:
             verdict = await self._ask_reasoner(request)
-        except (ClassificationFailed, Unavailable):  # a shadow check is optional: an outage skips it
+        except (ClassificationFailed, Unavailable, Fatal):  # a shadow check is optional: skipped, never a record's
             counters.shadow_failed += 1
             return
         if verdict.violation != cheap.violation:

@@ -99,3 +99,22 @@ def test_a_dependency_down_past_the_bound_stops_the_run() -> None:
     asyncio.run(scenario())
     (reason,) = calls.failures
     assert reason.startswith("reasoner unavailable for more than 0.2 s (pipeline.outage_timeout_s)")
+
+
+def test_downtime_grows_only_while_something_is_down() -> None:
+    calls = Calls()
+
+    async def scenario() -> tuple[float, float, float, float]:
+        stage = outage(calls)
+        before = stage.downtime_s()
+        stage.report(Unavailable("reasoner", "down", retry_after_s=1))
+        await asyncio.sleep(0.1)
+        during = stage.downtime_s()
+        stage.answered("reasoner")
+        after = stage.downtime_s()
+        await asyncio.sleep(0.1)
+        return before, during, after, stage.downtime_s()
+
+    before, during, after, later = asyncio.run(scenario())
+    assert before == 0 and 0.1 <= during <= after < 1.0
+    assert later == after  # nothing down: a request failing now lost no time to an outage

@@ -9,8 +9,8 @@ process.
 Failures end in `ClassificationFailed` (this record's dead letter) or `Unavailable` (an outage):
 - an endpoint failure (refused or reset connection, attempt timeout, 408/409/429, 5xx, a
   rejected key or path) pauses that endpoint and the attempt is made again elsewhere (tenacity,
-  `max_attempts` in all, the request's deadline included); when they are spent and every
-  endpoint is paused, the fleet is down: `Unavailable("reasoner")`, and the pipeline keeps the
+  `max_attempts` in all, the request's deadline included); when they are spent and the last
+  attempt on every endpoint failed, the fleet is down: `Unavailable("reasoner")`, and the pipeline keeps the
   record until `probe` finds an endpoint answering /models again; otherwise `classifier_error`;
 - a request the server refuses as such (400, 413, 422) is not retried: `classifier_error`,
   or `payload_too_large` when the prompt does not fit the server's context;
@@ -57,7 +57,7 @@ class RemoteClassifier:
     """Classifies with gpt-oss-safeguard served by one or more OpenAI-compatible endpoints.
 
     Guarantees: every `classify` call returns a Classification or raises ClassificationFailed
-    (this request) or Unavailable (every endpoint paused: an outage);
+    (this request) or Unavailable (the last attempt on every endpoint failed: an outage);
     requests wait in this process, not in a server's queue, when every endpoint is at its
     learned limit (fleet.py); an attempt never outlives the request's deadline or
     `request_timeout_s`; an attempt that fails on an endpoint for the endpoint's sake is made
@@ -187,7 +187,7 @@ class RemoteClassifier:
                     "reasoner",
                     f"no endpoint of the remote fleet answers (last: {exc}; endpoints tried: "
                     f"{', '.join(sorted(tried)) or 'none'})",
-                    retry_after_s=max(0.0, paused_s),
+                    retry_after_s=paused_s,
                 ) from None
             raise ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR,

@@ -15,8 +15,9 @@ Guarantees:
 - **Back-off.** An endpoint that fails (connection refused or reset, timeout, 429, 5xx, a
   rejected key) is paused for an exponentially growing, jittered time (tenacity's wait
   strategy), reset by its next success (or a probe it answers); requests meanwhile go to the
-  others. When every endpoint is paused the fleet is down (`down_for`): an outage, not a fault
-  of the requests that found it so.
+  others. When the last attempt on every endpoint failed, the fleet is down (`down_for`): an
+  outage, not a fault of the requests that found it so. (Pauses alone cannot tell: a jittered
+  pause may be over before the next request looks.)
 - **Priorities.** Low traffic (`priority: low`) uses `low_priority_share` of each limit,
   unless the endpoint schedules by priority, where the server itself runs live traffic first.
 """
@@ -163,10 +164,11 @@ class Fleet:
                 pass
 
     def down_for(self, now: float) -> float | None:
-        """None while some endpoint is up; else the seconds until the first pause ends."""
-        if any(e.up(now) for e in self.endpoints):
+        """None while some endpoint's last answer was a success (or it was not tried yet); else the
+        fleet is down, and this is the seconds until the first pause ends (0 when one has)."""
+        if any(e.failures_in_a_row == 0 for e in self.endpoints):
             return None
-        return min(e.down_until for e in self.endpoints) - now
+        return max(0.0, min(e.down_until for e in self.endpoints) - now)
 
     def release(self, endpoint: Endpoint) -> None:
         endpoint.outstanding -= 1
