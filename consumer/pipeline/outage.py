@@ -78,7 +78,7 @@ class Outage:
         self._known = dict.fromkeys(expected, 0)  # dependency -> outages so far
         if meter is not None:
             meter.create_observable_gauge(
-                "safeguard.dependency.up", [self._observe_up], description="1 while the dependency answers, 0 while down"
+                "safeguard.dependency.up", [self._observe_up], description="1 while the dependency answers, 0 if down"
             )
             meter.create_observable_counter(
                 "safeguard.dependency.outages", [self._observe_outages], description="outages seen, per dependency"

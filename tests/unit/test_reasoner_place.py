@@ -112,3 +112,20 @@ def test_load_settings_names_a_bad_old_engine_kind(tmp_path):
     path.write_text("classifier:\n  kind: vllm\nengine:\n  kind: elsewhere\n")
     with pytest.raises(ConfigError, match="engine.kind"):
         load_settings(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ({"kind": "vllm"}, {"kind": "reasoner"}),
+        ({"kind": "cascade", "reasoner": "vllm"}, {"kind": "cascade", "reasoner": "in_process"}),
+    ],
+)
+def test_the_start_up_line_says_where_the_reasoner_runs_the_same_for_old_and_new_keys(old, new):
+    from consumer.pipeline.preflight import Prepared, describe
+    from consumer.policy import PolicyStore
+
+    policies = PolicyStore(REPO / "policies")
+    lines = [describe(Settings(classifier=c, engine={"model": "m"}), Prepared(policies, None)) for c in (old, new)]
+    assert lines[0] == lines[1]
+    assert "engine in_process m" in lines[0]

@@ -276,7 +276,8 @@ class CascadeClassifier:
             verdict = await self._decide(request, plan, counters, key, found)
         except BaseException as exc:
             # An outage (or a dead engine) reaches the copies as what it is: they wait (or stop) too.
-            future.set_exception(exc if isinstance(exc, (ClassificationFailed, Unavailable, Fatal)) else ClassificationFailed(
+            passed_on = (ClassificationFailed, Unavailable, Fatal)
+            future.set_exception(exc if isinstance(exc, passed_on) else ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR, f"identical request failed: {type(exc).__name__}"))
             future.exception()  # retrieved: copies may not be waiting
             raise
