@@ -130,7 +130,7 @@ def _settings(bootstrap: str, policies_dir: Path, engine: str, model: str, state
         "telemetry.http_port": None,
         "chat.context_messages": 10,
         "classifier.kind": "keyword" if engine == "keyword" else "cascade",
-        "classifier.reasoner": "vllm" if engine == "vllm" else "none",
+        "classifier.reasoner": "in_process" if engine == "vllm" else "none",
         "cascade.state_dir": str(state_dir / "cascade"),
         "review.enabled": True,
         "review.topic": REVIEW_ITEMS,

@@ -8,6 +8,7 @@ import random
 import time
 
 from consumer.classify import Capacity, Classification, ClassifyRequest
+from consumer.errors import Fatal, Unavailable
 
 
 class SlowClassifier:
@@ -82,6 +83,56 @@ class FlakyClassifier:
 
     async def close(self) -> None:
         return None
+
+
+class OutageClassifier:
+    """Answers at once, except while `down` (from the start, or once `down_after` requests were
+    answered): then every request raises `Unavailable("reasoner")`, as the remote reasoner does
+    when no endpoint of its fleet answers. No probe: the records waiting are retried at the hint,
+    and the first one answered says the reasoner is back."""
+
+    name = "outage-test"
+
+    def __init__(self, down: bool = False, down_after: int | None = None) -> None:
+        self.down = down
+        self.down_after = down_after
+        self.refused = 0  # requests that found it down
+        self.answered = 0
+
+    async def start(self) -> None:
+        return None
+
+    def capacity(self) -> Capacity:
+        return Capacity(max_sequences=32)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        await asyncio.sleep(0.005)  # a classification takes a moment, so an outage finds records in flight
+        if self.down_after is not None and self.answered >= self.down_after:
+            self.down, self.down_after = True, None
+        if self.down:
+            self.refused += 1
+            raise Unavailable("reasoner", "no endpoint of the stand-in fleet answers", retry_after_s=0.1)
+        self.answered += 1
+        return Classification(violation=False, model=self.name)
+
+    async def close(self) -> None:
+        return None
+
+
+class DeadEngineClassifier(OutageClassifier):
+    """Answers until `dead`, then raises `Fatal` for every request, as the in-process engine does once
+    its core died."""
+
+    name = "dead-engine-test"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dead = False
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        if self.dead:
+            raise Fatal("the vLLM engine core died")
+        return await super().classify(request)
 
 
 class UnserialisableClassifier:

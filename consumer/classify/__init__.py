@@ -92,7 +92,9 @@ class Classifier(Protocol):
     def capacity(self) -> Capacity: ...
 
     async def classify(self, request: ClassifyRequest) -> Classification:
-        """Classify one request; raise ClassificationFailed when no verdict is possible."""
+        """Classify one request; raise ClassificationFailed when no verdict is possible for it,
+        `consumer.errors.Unavailable` when what the classifier needs is down (never the record's
+        fault: the pipeline keeps the record and asks again)."""
         ...
 
     async def close(self) -> None: ...
@@ -126,6 +128,14 @@ class AnswersManyAtOnce(Protocol):
 class ReportsHealth(Protocol):
     async def check_health(self) -> None:
         """Raise when the classifier can no longer answer (an engine whose core died)."""
+        ...
+
+
+@runtime_checkable
+class ProbesDependency(Protocol):
+    async def probe(self, dependency: str) -> bool | None:
+        """While `dependency` (as named by an `Unavailable` this classifier raised) is down: True
+        once it answers again, False while it does not, None when this classifier cannot ask it."""
         ...
 
 

@@ -22,20 +22,21 @@ def build_classifier(settings: Settings, policies: PolicyStore, priority: str | 
         if c.kind == "plugin":
             assert c.factory is not None
             return load_plugin(c.factory, c.options)
-        if c.kind == "vllm":
-            return _vllm(settings, priority)
+        place = c.reasoner_place
+        reasoner = None
+        if place is not None:
+            # gpt-oss-safeguard in process or on a served fleet: where, said once in classifier.reasoner.
+            from consumer.classify.engine import make_engine_classifier
+
+            reasoner = make_engine_classifier(settings.engine, place, priority)  # type: ignore[arg-type]
+        if c.kind == "reasoner":
+            assert reasoner is not None
+            return reasoner
         from consumer.classify.cascade import make_cascade
 
-        reasoner = _vllm(settings, priority) if c.reasoner == "vllm" else None
         return make_cascade(settings.cascade, reasoner, policies)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, None).replace("\n  ", "\n  engine.")) from None
     except (ImportError, TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"classifier ({c.kind}): {exc}") from None
 
-
-def _vllm(settings: Settings, priority: str | None) -> Classifier:
-    # gpt-oss-safeguard on vLLM: in process, or on a served fleet with `engine.kind: remote`.
-    from consumer.classify.engine import make_engine_classifier
-
-    return make_engine_classifier(settings.engine, priority)  # type: ignore[arg-type]

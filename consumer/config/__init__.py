@@ -8,6 +8,7 @@ so a secret such as `sasl.password` cannot leak through an error or a log line.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -38,6 +39,8 @@ TOOL_VARIABLES = frozenset(
      "SAFEGUARD_BOOTSTRAP_REPOINT"}
 )  # fmt: skip
 ENV_PREFIX = "SAFEGUARD_"
+
+log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -113,6 +116,11 @@ class PipelineSettings(_Section):
         description="classifier latency target; when set, the batcher's concurrency limit follows it (AIMD) below the capacity",
     )
     classify_timeout_s: float = Field(default=120.0, gt=0, description="per-request deadline")
+    outage_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="a dependency (the reasoner, ...) down this long stops the run (exit 1); null: wait for it",
+    )
     delivery_retries: int = Field(default=3, ge=0, description="re-sends after a retriable delivery error")
     delivery: Literal["at_least_once", "exactly_once"] = Field(
         default="at_least_once", description="exactly_once: Kafka transactions; readers use read_committed"
@@ -226,10 +234,17 @@ class PolicySettings(_Section):
     max_tokens: int = Field(default=1500, ge=1, description="policies longer than this are rejected")
 
 
+ReasonerPlace = Literal["in_process", "remote"]
+
+
 class ClassifierSettings(_Section):
-    kind: Literal["keyword", "vllm", "cascade", "plugin"] = "keyword"
-    reasoner: Literal["vllm", "none"] = Field(
-        default="none", description="kind=cascade: what the cheap stages escalate to (none: they answer alone)"
+    kind: Literal["keyword", "reasoner", "cascade", "plugin", "vllm"] = Field(
+        default="keyword", description="reasoner: gpt-oss-safeguard alone; 'vllm' is the deprecated name of 'reasoner'"
+    )
+    reasoner: Literal["in_process", "remote", "none", "vllm"] | None = Field(
+        default=None,
+        description="where gpt-oss-safeguard runs, for kind reasoner (default in_process) and cascade (default "
+        "none: the cheap stages answer alone); the `engine:` section holds that engine's settings",
     )
     factory: str | None = Field(default=None, description="module:callable, for kind=plugin")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
@@ -239,6 +254,47 @@ class ClassifierSettings(_Section):
         if self.kind == "plugin" and not self.factory:
             raise ValueError("kind 'plugin' needs classifier.factory ('module:callable')")
         return self
+
+    @property
+    def reasoner_place(self) -> ReasonerPlace | None:
+        """Where the reasoner runs, None when this classifier has none: the one reading of
+        `classifier.kind` and `classifier.reasoner` (after `resolve_reasoner_place`)."""
+        if self.kind in ("reasoner", "cascade") and self.reasoner in ("in_process", "remote"):
+            return self.reasoner  # type: ignore[return-value]
+        return None
+
+
+def resolve_reasoner_place(classifier: ClassifierSettings, engine: dict[str, Any]) -> list[str]:
+    """Say where the reasoner runs in `classifier.reasoner` alone: the deprecated spellings
+    (`classifier.kind: vllm`, `classifier.reasoner: vllm`, `engine.kind`) are rewritten in place,
+    `engine.kind` leaves the engine's settings. Returns one deprecation line per old key met;
+    raises ValueError for a pair that cannot run."""
+    notes = []
+    legacy = engine.pop("kind", None)
+    if legacy is not None:
+        if legacy not in ("in_process", "remote"):
+            raise ValueError(
+                f"engine.kind: must be in_process or remote (deprecated: say classifier.reasoner), not {legacy!r}"
+            )
+        notes.append(f"engine.kind is deprecated: say classifier.reasoner: {legacy}")
+    if classifier.kind == "vllm":
+        notes.append(f"classifier.kind: vllm is deprecated: say classifier.kind: reasoner with classifier.reasoner: "
+                     f"{legacy or 'in_process'}")  # fmt: skip
+        classifier.kind = "reasoner"
+    if classifier.reasoner == "vllm":
+        notes.append(f"classifier.reasoner: vllm is deprecated: say classifier.reasoner: {legacy or 'in_process'}")
+        classifier.reasoner = legacy or "in_process"
+    if classifier.kind == "reasoner":
+        if classifier.reasoner == "none":
+            raise ValueError("classifier.reasoner: kind reasoner needs in_process or remote, not none")
+        classifier.reasoner = classifier.reasoner or legacy or "in_process"
+    elif classifier.kind == "cascade":
+        classifier.reasoner = classifier.reasoner or "none"
+    elif classifier.reasoner not in (None, "none"):
+        raise ValueError(f"classifier.reasoner: kind {classifier.kind} has no reasoner; use kind reasoner or cascade")
+    else:
+        classifier.reasoner = "none"
+    return notes
 
 
 class LogSettings(_Section):
@@ -275,7 +331,9 @@ class Settings(BaseSettings):
     policies: PolicySettings = Field(default_factory=PolicySettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     engine: dict[str, Any] = Field(
-        default_factory=dict, description="vLLM engine settings (consumer.classify.engine.EngineSettings), for kind=vllm"
+        default_factory=dict,
+        description="settings of the engine classifier.reasoner names: in_process (consumer.classify.engine."
+        "EngineSettings) or remote (consumer.classify.engine.RemoteSettings)",
     )
     log: LogSettings = Field(default_factory=LogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
@@ -289,6 +347,12 @@ class Settings(BaseSettings):
         formats = {self.decode.format, *(t.format for t in self.decode.topics.values())}
         if formats & set(REGISTRY_FORMATS) and not self.schema_registry.url:
             raise ValueError("decode.format avro, protobuf or json_schema needs schema_registry.url")
+        return self
+
+    @model_validator(mode="after")
+    def _reasoner_said_once(self) -> Settings:
+        for note in resolve_reasoner_place(self.classifier, self.engine):
+            log.warning("%s", note)
         return self
 
     @model_validator(mode="after")

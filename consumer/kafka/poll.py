@@ -57,6 +57,7 @@ class PollingSource(ABC):
         self._max_bytes = max_in_flight_bytes
         self._persist_interval_s = persist_interval_s
         self._accepting = True
+        self._held = False  # a dependency is down: no new records until it is back
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self.assigned: set[TopicPartitionKey] = set()
@@ -69,6 +70,10 @@ class PollingSource(ABC):
     def stop_accepting(self) -> None:
         """Stop handing on new records (shutdown); polling and durable positions go on until `close`."""
         self._accepting = False
+
+    def hold(self, held: bool) -> None:
+        """Take no new records while `held` (the subclass pauses its partitions); polling goes on."""
+        self._held = held
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the poll thread, which makes the last positions durable and closes the consumer;

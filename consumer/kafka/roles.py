@@ -77,6 +77,11 @@ class RecordSource(Protocol):
         """Stop handing on new records (shutdown); positions keep becoming durable until `close`."""
         ...
 
+    def hold(self, held: bool) -> None:
+        """While held (a dependency is down), take no new records: the records in flight wait,
+        positions stay where delivery left them; safe to call from any thread."""
+        ...
+
     def close(self, timeout: float = 30.0) -> None:
         """Make the last delivered positions durable and release the client; after the sink flushed."""
         ...

@@ -9,7 +9,8 @@ waits up to `PAUSE_AFTER_S` for room, since pausing has a price: librdkafka drop
 what it prefetched and takes a fetch round trip (hundreds of milliseconds) to resume. A
 limit still reached after that means a slow classifier: every assigned partition is paused;
 polling goes on (serving rebalances and keeping the membership alive) and the partitions
-resume once half the limit has drained. Commits also happen on this thread, of the
+resume once half the limit has drained. While a dependency is down (`hold`: the reasoner fleet,
+a schema registry) every assigned partition is paused the same way, until it is back. Commits also happen on this thread, of the
 positions the tracker allows: every `commit_interval_s` and whenever half the limit is
 committable, asynchronously, so a slow broker round trip never holds up polling (their
 results come back within `consume`); on revoke, on close and while the limit is reached
@@ -225,7 +226,8 @@ class Source(PollingSource):
         log.warning("consumer: %s", error.str())
 
     def _apply_backpressure(self) -> bool:
-        """Pause or resume the assigned partitions by the intake limit; False: the limit is reached but
+        """Pause or resume the assigned partitions by the intake limit and the hold (a dependency
+        down: `hold`); False: the limit is reached but
         not yet for `PAUSE_AFTER_S`, so wait for room before polling again."""
         events, size = self._tracker.uncommitted(), self._tracker.in_flight_bytes
         full = events >= self._max_events or size >= self._max_bytes
@@ -237,7 +239,7 @@ class Source(PollingSource):
                 self._full_since = now
             if now - self._full_since < PAUSE_AFTER_S:
                 return False
-        if not self._accepting or full:
+        if not self._accepting or full or self._held:
             if not self._paused:
                 self._consumer.pause(self._consumer.assignment())
                 self._paused = True

@@ -26,7 +26,9 @@ Token estimates are cheap on purpose: a policy's tokens are counted once per pol
 charged its whole prompt plus `completion_tokens` for its answer, which over-states what
 vLLM holds when the policy prefix is shared: the bound errs on the safe side.
 
-Failures: a `ClassificationFailed` is final (the classifier did its own retries). Any other
+Failures: a `ClassificationFailed` is final (the classifier did its own retries); an
+`Unavailable` (an outage, the pipeline's to wait out) and a `Fatal` (the engine is gone: the
+run stops) go back to the caller untouched. Any other
 exception, or an attempt outliving `timeout_s`, is retried with exponential back-off
 (50 ms doubling, at most 2 s) up to `retries` times and then becomes
 `ClassificationFailed(classifier_error)`.
@@ -44,6 +46,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from consumer.classify import Classification, ClassificationFailed, Classifier, ClassifyRequest
+from consumer.errors import Fatal, Unavailable
 from consumer.events import ErrorType
 from consumer.pipeline.telemetry.metrics import Figure
 from consumer.policy import count_tokens
@@ -306,7 +309,7 @@ class Batcher:
         except asyncio.CancelledError:
             item.future.cancel()  # closing: the caller must not wait for an answer that never comes
             raise
-        except ClassificationFailed as exc:
+        except (ClassificationFailed, Unavailable, Fatal) as exc:
             if not item.future.done():
                 item.future.set_exception(exc)
         else:
@@ -342,7 +345,7 @@ class Batcher:
             try:
                 async with asyncio.timeout(self._timeout_s):
                     return await self._classifier.classify(request)
-            except ClassificationFailed:
+            except (ClassificationFailed, Unavailable, Fatal):
                 raise
             except Exception as exc:  # noqa: BLE001 - any classifier failure is retried, then a dead letter
                 if attempts > self._retries:

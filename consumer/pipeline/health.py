@@ -4,7 +4,8 @@
   no fatal error is being handled, and the classifier reports no problem (an engine whose
   core died): asked every `telemetry.engine_health_interval_s` where it can tell;
 - ready: the classifier has started, the brokers answer (after an outage: asked every few
-  seconds until they do), and the consumer has partitions assigned.
+  seconds until they do), nothing the records need is down (the reasoner fleet, ...: the
+  outage stage's reason), and the consumer has partitions assigned.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ class Health:
         fatal: Callable[[], str | None],
         assigned: Callable[[], int | None],
         link: BrokerLink,
+        unavailable: Callable[[], str | None] = lambda: None,
     ):
         """`fatal`: the fatal error being handled, if any; `assigned`: partitions assigned, None
-        before the source exists; `link`: whether the brokers answer."""
+        before the source exists; `link`: whether the brokers answer; `unavailable`: why a
+        dependency of the records is down, None while none is."""
         self.classifier = classifier
         self.classifier_ready = False  # set by the pipeline once the classifier started
         self._heartbeat_timeout_s = heartbeat_timeout_s
@@ -44,6 +47,7 @@ class Health:
         self._fatal = fatal
         self._assigned = assigned
         self._link = link
+        self._unavailable = unavailable
         self._heartbeat = time.monotonic()
         self._engine_problem: str | None = None
         # Set by the pipeline once its sink exists: asks the brokers directly (blocking).
@@ -93,6 +97,9 @@ class Health:
             return False, f"classifier {self.classifier.name} starting"
         if not self._link.up:
             return False, f"brokers unreachable: {self._link.reason}"
+        outage = self._unavailable()
+        if outage:
+            return False, outage
         assigned = self._assigned()
         if not assigned:
             return False, "waiting for a partition assignment"

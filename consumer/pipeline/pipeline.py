@@ -16,6 +16,12 @@ This module also owns the shutdown order that the at-least-once guarantee needs:
 3. flush the producer, so every output that can be delivered is;
 4. commit the positions the tracker allows (only delivered records) and leave the group.
 
+A record that finds a dependency down (`consumer.errors.Unavailable`: the reasoner fleet, a
+schema registry) is never a dead letter: it waits in the outage stage (`outage.py`, which
+holds intake and fails `/readyz` meanwhile) and is asked again once the dependency is back. A
+classifier that is gone for good (`consumer.errors.Fatal`) stops the run instead, the record
+uncommitted.
+
 A fatal producer or consumer error skips straight to 4 and the run ends with a non-zero code;
 nothing past what was delivered is committed.
 """
@@ -29,11 +35,13 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span
 
 from consumer.classify import (
     Classification,
@@ -41,11 +49,12 @@ from consumer.classify import (
     Classifier,
     ClassifyRequest,
     CountsDecisions,
+    ProbesDependency,
 )
 from consumer.config import Settings
 from consumer.decode import DecodeError, DecodesAhead
 from consumer.decode.factory import build_decoder
-from consumer.errors import Unavailable
+from consumer.errors import Fatal, Unavailable
 from consumer.events import ErrorType
 from consumer.kafka import roles
 from consumer.kafka.budget import OutputBudget
@@ -59,6 +68,7 @@ from consumer.pipeline.chat import Conversations, Offenders, rebuild
 from consumer.pipeline.classify_step import ClassifyStep
 from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
+from consumer.pipeline.outage import Outage
 from consumer.pipeline.output_step import OutputStep, Record
 from consumer.pipeline.telemetry import Telemetry
 from consumer.pipeline.telemetry.metrics import prometheus_meter_provider
@@ -154,10 +164,17 @@ class Pipeline:
         self.http: HttpServer | None = None
         # The brokers' reachability after start: one WARNING per change, and /readyz.
         self.link = BrokerLink(settings.kafka.bootstrap_servers)
+        # Records that find a dependency down wait here; intake holds meanwhile.
+        self.outage = Outage(
+            hold=lambda held: self.source.hold(held) if self.source is not None else None,
+            fail=self._fail, timeout_s=settings.pipeline.outage_timeout_s,
+            probe=classifier.probe if isinstance(classifier, ProbesDependency) else None,
+            expected=["reasoner"] if settings.classifier.reasoner_place else [], meter=self.telemetry.meter,
+        )  # fmt: skip
         self.health = Health(
             classifier, settings.telemetry.heartbeat_timeout_s, settings.telemetry.engine_health_interval_s,
             fatal=lambda: self._fatal, assigned=lambda: None if self.source is None else len(self.source.assigned),
-            link=self.link,
+            link=self.link, unavailable=self.outage.problem,
         )  # fmt: skip
         self._stopping: asyncio.Event | None = None
         self._outputs_sent: asyncio.Event | None = None  # set when an output was sent: reports to serve
@@ -315,6 +332,7 @@ class Pipeline:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.outage.close()
         serving.cancel()  # the flush below serves what is left
         await asyncio.gather(serving, return_exceptions=True)
         await self.batcher.close()
@@ -397,6 +415,9 @@ class Pipeline:
             record = Record(message, ticket, self.telemetry.record_span(message))
             try:
                 requests = self._prepare(record)
+            except Unavailable as exc:  # an outage, not the record's fault: it waits, whole
+                self._spawn(self._prepare_after_outage(record, exc))
+                continue
             except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
                 self._internal_error(record, exc)
                 requests = None
@@ -417,12 +438,6 @@ class Pipeline:
             event = self.decoder.decode(message)
         except DecodeError as exc:
             self.output.dead_letter(record, exc.error_type, str(exc))
-            return None
-        except Unavailable as exc:
-            # Not the record's fault: no dead letter. It stays in flight without an output, so its
-            # offset (and every later one of its partition) is not committed; a restart or
-            # rebalance reads it again. Pausing intake and retrying it is the outage handling's job.
-            log.warning("record %s-%d-%d kept, not decoded: %s", topic, message.partition(), message.offset(), exc)
             return None
         record.event = event
         if record.traced:
@@ -447,7 +462,6 @@ class Pipeline:
         requests = [request for _, rs in asking for request in rs]
         spans = [record.span for record, rs in asking for _ in rs]
         answers = self.classify.now_many(requests, spans)
-        loop = asyncio.get_running_loop()
         at = 0
         for record, rs in asking:
             mine, at = answers[at : at + len(rs)], at + len(rs)
@@ -455,13 +469,14 @@ class Pipeline:
             for i, answer in enumerate(mine):
                 if answer is None:
                     waiting = True
+                elif isinstance(answer, Unavailable):  # asked again through the batcher, outage waited out
+                    self.outage.report(answer)
+                    mine[i], waiting = None, True
                 elif isinstance(answer, BaseException):  # a dead letter now: the answers missing could not change that
                     rs, mine, waiting = [rs[i]], [answer], False
                     break
             if waiting:
-                task = loop.create_task(self._decide_later(record, rs, mine))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._decide_later(record, rs, mine))
                 continue
             try:
                 self._conclude(record, rs, mine)
@@ -476,12 +491,13 @@ class Pipeline:
             outcomes: list[object]
             if len(missing) == 1:  # the common case: no gather, whose tasks cost more than a cheap classification
                 try:
-                    outcomes = [await self.classify.later(requests[missing[0]], record.span)]
+                    outcomes = [await self._classify_through_outages(requests[missing[0]], record.span)]
                 except Exception as exc:  # noqa: BLE001 - handled in _conclude, as gather would return it
                     outcomes = [exc]
             else:
                 outcomes = await asyncio.gather(
-                    *(self.classify.later(requests[i], record.span) for i in missing), return_exceptions=True
+                    *(self._classify_through_outages(requests[i], record.span) for i in missing),
+                    return_exceptions=True,
                 )
             completed: list[object] = list(answers)
             for i, outcome in zip(missing, outcomes):
@@ -493,6 +509,70 @@ class Pipeline:
             self._internal_error(record, exc)
         finally:
             record.span.end()
+
+    async def _classify_through_outages(self, request: ClassifyRequest, span: Span) -> Classification:
+        """`classify.later`, outages waited out: on `Unavailable` the request waits for its
+        dependency and is asked again, with a fresh deadline (the wait was not the request's). So
+        is a request that failed as `classifier_error` while an outage began or went on: its time
+        went to the outage (a deadline spent queued behind it, a connection cut by it)."""
+        waited: set[str] = set()
+        while True:
+            downtime_s = self.outage.downtime_s()
+            try:
+                result = await self.classify.later(request, span)
+            except Unavailable as exc:
+                self.outage.report(exc)
+                waited.add(exc.dependency)
+                await self.outage.wait(exc.dependency)
+                request.deadline = time.monotonic() + self.settings.pipeline.classify_timeout_s
+                continue
+            except ClassificationFailed as exc:
+                if exc.error_type is not ErrorType.CLASSIFIER_ERROR or self.outage.downtime_s() == downtime_s:
+                    raise
+                await self.outage.wait()
+                request.deadline = time.monotonic() + self.settings.pipeline.classify_timeout_s
+                continue
+            except Fatal as exc:
+                # The classifier is gone for good (an engine core that died): the run stops, and the
+                # record, never concluded, stays uncommitted for the restart to read again.
+                self._fail(f"classifier {self.classifier.name}: {exc}")
+                await asyncio.Event().wait()  # until the shutdown cancels this record's task
+            for dependency in waited:
+                self.outage.answered(dependency)
+            return result
+
+    async def _prepare_after_outage(self, record: Record, outage: Unavailable) -> None:
+        """A record whose preparing (decoding) found a dependency down: prepared again once it is
+        back, then decided through the batcher."""
+        try:
+            while True:
+                self.outage.report(outage)
+                await self.outage.wait(outage.dependency)
+                if self._decode_ahead is not None:  # a registry's fetch may block: off the loop, as on intake
+                    await asyncio.to_thread(self._decode_ahead, [record.message])
+                try:
+                    requests = self._prepare(record)
+                except Unavailable as again:
+                    outage = again
+                    continue
+                self.outage.answered(outage.dependency)
+                break
+        except asyncio.CancelledError:
+            record.span.end()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
+            self._internal_error(record, exc)
+            requests = None
+        if requests is None:
+            record.span.end()
+            return
+        await self._decide_later(record, requests, [None] * len(requests))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a record's remaining work as a task of its own (cancelled at shutdown)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _conclude(self, record: Record, requests: list[ClassifyRequest], outcomes: list[object]) -> None:
         """The verdict from every policy's classification, or a dead letter for the first failure."""

@@ -43,12 +43,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prepared:
     policies: PolicyStore
-    classifier: Classifier | None  # None: not built (check-config with a vLLM engine)
+    classifier: Classifier | None  # None: not built (check-config with a reasoner)
 
 
 def prepare(settings: Settings, build_engine: bool = True) -> Prepared:
-    """The offline checks, in the order `run` meets them; `build_engine` False: a vLLM
-    classifier has its settings checked but is not built."""
+    """The offline checks, in the order `run` meets them; `build_engine` False: a reasoner
+    (in process or remote) has its settings checked but is not built."""
     directory = settings.policies.directory
     if not directory.is_dir():
         raise ConfigError(f"policies.directory: {directory} does not exist or is not a folder")
@@ -66,16 +66,16 @@ def prepare(settings: Settings, build_engine: bool = True) -> Prepared:
     check_client_options(settings)
     build_decoder(settings)
     check_writable(settings.sinks.files)
-    uses_engine = settings.classifier.kind == "vllm" or (
-        settings.classifier.kind == "cascade" and settings.classifier.reasoner == "vllm"
-    )
-    if uses_engine and not build_engine:
-        from consumer.classify.engine import EngineSettings
+    place = settings.classifier.reasoner_place
+    if place is not None and not build_engine:
+        from consumer.classify.engine import engine_settings
 
         try:
-            EngineSettings(**settings.engine)
+            engine_settings(settings.engine, place)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, None).replace("\n  ", "\n  engine.")) from None
+        except ValueError as exc:  # an endpoint's key variable unset: named in the message
+            raise ConfigError(str(exc)) from None
         return Prepared(policies, None)
     return Prepared(policies, build_classifier(settings, policies))
 
@@ -158,13 +158,11 @@ def check_port(port: Port) -> None:
 def _check_vllm_installed(settings: Settings) -> None:
     """An in-process vLLM engine needs the vllm package: said here, as `run` would meet it when
     it builds the engine (check-config does not build it)."""
-    c = settings.classifier
-    uses_vllm = c.kind == "vllm" or (c.kind == "cascade" and c.reasoner == "vllm")
-    in_process = settings.engine.get("kind", "in_process") == "in_process"
-    if uses_vllm and in_process and importlib.util.find_spec("vllm") is None:
+    if settings.classifier.reasoner_place == "in_process" and importlib.util.find_spec("vllm") is None:
         raise ConfigError(
-            f"classifier.kind: {c.kind} runs vLLM in process, and vllm is not installed here "
-            "(`scripts/bootstrap full` installs it); engine.kind remote uses a served fleet instead"
+            f"classifier.reasoner: in_process (classifier.kind {settings.classifier.kind}) runs vLLM in this "
+            "process, and vllm is not installed here (`scripts/bootstrap full` installs it); "
+            "classifier.reasoner: remote uses a served fleet instead"
         )
 
 
@@ -173,8 +171,8 @@ def describe(settings: Settings, prepared: Prepared) -> str:
     c = settings.classifier
     classifier = prepared.classifier.name if prepared.classifier is not None else c.kind
     engine = "none"
-    if c.kind == "vllm" or (c.kind == "cascade" and c.reasoner == "vllm"):
-        engine = f"vllm {settings.engine.get('model', 'openai/gpt-oss-safeguard-20b')}"
+    if c.reasoner_place is not None:
+        engine = f"{c.reasoner_place} {settings.engine.get('model', 'openai/gpt-oss-safeguard-20b')}"
     elif c.kind == "plugin":
         engine = f"plugin {c.factory}"
     policies = ", ".join(f"{p.id}@{p.version}" for p in sorted(prepared.policies.get().values(), key=lambda p: p.id))

@@ -120,7 +120,7 @@ class ReplaySource(PollingSource):
 
     def _poll_once(self) -> Received:
         room = min(POLL_BATCH, self._max_events - self._tracker.in_flight())
-        if not self._accepting or room <= 0 or self._tracker.in_flight_bytes >= self._max_bytes:
+        if not self._accepting or self._held or room <= 0 or self._tracker.in_flight_bytes >= self._max_bytes:
             # No group membership to keep alive, so a full intake limit simply waits.
             self._stop.wait(POLL_TIMEOUT_S)
             return []

@@ -48,7 +48,6 @@ def policy() -> Policy:
 
 def settings(*servers: VllmServer, **overrides: object) -> RemoteSettings:
     values: dict[str, object] = {
-        "kind": "remote",
         "model": SERVED_MODEL,
         "endpoints": [{"url": s.url, "name": name, "max_concurrency": 8} for s, name in zip(servers, "ab")],
         "max_tokens": 16,

@@ -93,7 +93,7 @@ def test_compose_consumer_gets_a_gpu_mounted_policies_and_time_to_drain(monkeypa
     mounts = {target: source for source, target, *_ in (v.split(":") for v in consumer["volumes"])}
     config_path = ROOT / mounts["/etc/safeguard/config.yaml"]
     settings = _settings(config_path, monkeypatch)
-    assert settings.classifier.kind == "vllm"
+    assert settings.classifier.reasoner_place == "in_process"
     assert EngineSettings(**settings.engine).model == "openai/gpt-oss-safeguard-20b"
     assert str(settings.policies.directory) == "/etc/safeguard/policies"
     assert (ROOT / mounts["/etc/safeguard/policies"]).resolve() == ROOT / "policies"

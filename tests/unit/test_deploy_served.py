@@ -49,8 +49,8 @@ def test_served_manifests_match_the_api_schemas_and_keda() -> None:
 
 def test_consumers_on_cpu_reach_every_replica_keda_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _settings(SERVED / "config.yaml", monkeypatch)
-    remote = engine_settings(settings.engine)
-    assert isinstance(remote, RemoteSettings) and settings.classifier.kind == "vllm"
+    remote = engine_settings(settings.engine, "remote")
+    assert isinstance(remote, RemoteSettings) and settings.classifier.reasoner_place == "remote"
 
     consumer = _one("Deployment", "safeguard-consumer")["spec"]["template"]["spec"]
     (container,) = consumer["containers"]
@@ -86,7 +86,7 @@ def test_compose_served_profile_runs_vllm_and_a_consumer_without_a_gpu(monkeypat
     assert "deploy" not in consumer
     mounts = {target: source for source, target, *_ in (v.split(":") for v in consumer["volumes"])}
     settings = _settings(ROOT / mounts["/etc/safeguard/config.yaml"], monkeypatch)
-    remote = engine_settings(settings.engine)
+    remote = engine_settings(settings.engine, "remote")
     assert isinstance(remote, RemoteSettings)
     assert [e.url for e in remote.endpoints] == ["http://vllm:8000/v1"]
     assert "--scheduling-policy=priority" in vllm["command"]

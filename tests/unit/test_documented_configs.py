@@ -58,21 +58,12 @@ def documented_blocks() -> list[tuple[str, str]]:
 
 
 DEPLOY_CONFIGS = sorted(p for p in (REPO / "deploy").rglob("config*.yaml"))
-# The served configuration (engine.kind: remote) passes once the pre-flight checks it with the
-# remote settings (issue 26 item 2, branch outage); strict, so that the fix shows as XPASS and
-# this set is emptied when the two meet.
-NEEDS_REMOTE_PREFLIGHT = {"docs/engine.md:56", "deploy/compose/config-served.yaml", "deploy/k8s/served/config.yaml"}
 # What docs/kafka.md says to keep in the environment rather than in the file.
 SECRETS = {"sasl.password": "from-the-environment", "sasl.oauthbearer.client.secret": "from-the-environment"}
 
 
 def _name(path: Path) -> str:
     return str(path.relative_to(REPO))
-
-
-def _served(where: str) -> list:
-    return [pytest.mark.xfail(strict=True, reason="issue 26 item 2: the pre-flight's remote settings")] \
-        if where in NEEDS_REMOTE_PREFLIGHT else []  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +92,7 @@ def test_the_docs_show_configuration_blocks_at_all():
     assert len(documented_blocks()) >= 7 and len(DEPLOY_CONFIGS) >= 4
 
 
-@pytest.mark.parametrize(
-    ("where", "text"), [pytest.param(w, t, id=w, marks=_served(w)) for w, t in documented_blocks()]
-)
+@pytest.mark.parametrize(("where", "text"), documented_blocks(), ids=[where for where, _ in documented_blocks()])
 def test_every_documented_configuration_block_passes_check_config(where, text, tmp_path, monkeypatch, mounted):
     config = tmp_path / "config.yaml"
     # Paths the blocks name on a host: the mounted files, and a folder for output files.
@@ -111,9 +100,7 @@ def test_every_documented_configuration_block_passes_check_config(where, text, t
     _check(config, monkeypatch)
 
 
-@pytest.mark.parametrize(
-    "path", [pytest.param(p, id=_name(p), marks=_served(_name(p))) for p in DEPLOY_CONFIGS]
-)
+@pytest.mark.parametrize("path", DEPLOY_CONFIGS, ids=[_name(p) for p in DEPLOY_CONFIGS])
 def test_every_deploy_configuration_passes_check_config(path: Path, monkeypatch):
     _check(path, monkeypatch)
 
@@ -122,6 +109,7 @@ def _check(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The files name where the container mounts the policies; here they are the repository's.
     monkeypatch.setenv("SAFEGUARD_POLICIES__DIRECTORY", str(REPO / "policies"))
     monkeypatch.setenv("SAFEGUARD_KAFKA__COMMON", json.dumps(SECRETS))
+    monkeypatch.setenv("PROVIDER_API_KEY", "from-the-environment")  # docs/engine.md's provider key, as it says
     monkeypatch.chdir(REPO)
     result = CliRunner().invoke(app, ["check-config", "--quiet", "--config", str(config)])
     if "decode.message_type: cannot load 'shop.listings_pb2:Listing'" in result.output:

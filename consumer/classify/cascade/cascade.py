@@ -40,6 +40,7 @@ from consumer.classify import (
     ClassificationFailed,
     Classifier,
     ClassifyRequest,
+    ProbesDependency,
     ReportsHealth,
 )
 from consumer.classify.cascade import verdicts
@@ -48,6 +49,7 @@ from consumer.classify.cascade.counters import PolicyCounters
 from consumer.classify.cascade.examples import training_set
 from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, StageRules
 from consumer.config.cascade import CascadeSettings, PolicyPlan
+from consumer.errors import Fatal, Unavailable
 from consumer.events import ErrorType
 from consumer.policy import Policy, PolicyStore
 
@@ -271,7 +273,9 @@ class CascadeClassifier:
         try:
             verdict = await self._decide(request, plan, counters, key, found)
         except BaseException as exc:
-            future.set_exception(exc if isinstance(exc, ClassificationFailed) else ClassificationFailed(
+            # An outage (or a dead engine) reaches the copies as what it is: they wait (or stop) too.
+            passed_on = (ClassificationFailed, Unavailable, Fatal)
+            future.set_exception(exc if isinstance(exc, passed_on) else ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR, f"identical request failed: {type(exc).__name__}"))
             future.exception()  # retrieved: copies may not be waiting
             raise
@@ -285,6 +289,12 @@ class CascadeClassifier:
         """The reasoner's health, where it reports one: the cheap stages have none to lose."""
         if isinstance(self.reasoner, ReportsHealth):
             await self.reasoner.check_health()
+
+    async def probe(self, dependency: str) -> bool | None:
+        """The reasoner's own probe of what it found down (the cheap stages depend on nothing)."""
+        if isinstance(self.reasoner, ProbesDependency):
+            return await self.reasoner.probe(dependency)
+        return None
 
     async def close(self) -> None:
         for task in list(self._shadows):
@@ -407,7 +417,7 @@ class CascadeClassifier:
     ) -> None:
         try:
             verdict = await self._ask_reasoner(request)
-        except ClassificationFailed:
+        except (ClassificationFailed, Unavailable, Fatal):  # a shadow check is optional: skipped, never a record's
             counters.shadow_failed += 1
             return
         if verdict.violation != cheap.violation:

@@ -1,7 +1,8 @@
 """gpt-oss-safeguard behind the `Classifier` Protocol: in process on vLLM, or on a served fleet.
 
-`engine.kind` picks where the reasoner runs: `in_process` (the default: vLLM's AsyncLLM in
-the consumer, a local GPU) or `remote` (OpenAI-compatible endpoints, remote/). Importing this
+`classifier.reasoner` (read once, `ClassifierSettings.reasoner_place`) picks where it runs:
+`in_process` (vLLM's AsyncLLM in the consumer, a local GPU) or `remote` (OpenAI-compatible
+endpoints, remote/); the `engine:` section holds that engine's settings. Importing this
 package imports neither vllm nor openai_harmony (nor torch, nor httpx): the config loader
 validates the settings on machines without them. The `make_*` functions import an engine
 only when it is actually built. Nothing outside this package imports vllm or openai_harmony.
@@ -9,11 +10,13 @@ only when it is actually built. Nothing outside this package imports vllm or ope
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from consumer.classify.engine.remote.settings import Priority, RemoteSettings
 from consumer.classify.engine.settings import EngineSettings
 from consumer.classify.exceptions import EngineUnavailable
+from consumer.config import ReasonerPlace
 
 if TYPE_CHECKING:
     from consumer.classify.engine.remote.classifier import RemoteClassifier
@@ -36,16 +39,21 @@ def make_vllm_classifier(settings: EngineSettings) -> VllmClassifier:
         from consumer.classify.engine.vllm_engine import VllmClassifier
     except ImportError as exc:
         raise EngineUnavailable(
-            f"classifier kind 'vllm' needs vLLM and openai_harmony ({exc}); on a GPU install vllm, "
+            f"classifier.reasoner in_process needs vLLM and openai_harmony ({exc}); on a GPU install vllm, "
             "on a CPU follow requirements/engine-cpu.txt (see docs/engine.md)"
         ) from exc
     return VllmClassifier(settings)
 
 
-def engine_settings(section: dict[str, Any]) -> EngineSettings | RemoteSettings:
-    """The `engine:` section validated for its `kind` (raises pydantic's ValidationError)."""
-    if section.get("kind") == "remote":
-        return RemoteSettings(**section)
+def engine_settings(section: dict[str, Any], place: ReasonerPlace) -> EngineSettings | RemoteSettings:
+    """The `engine:` section validated for the engine at `place` (raises pydantic's ValidationError;
+    ValueError naming the key when an endpoint's key variable is not set)."""
+    if place == "remote":
+        remote = RemoteSettings(**section)
+        unset = remote.unset_key_variables(os.environ)
+        if unset:
+            raise ValueError("; ".join(unset))
+        return remote
     return EngineSettings(**section)
 
 
@@ -54,18 +62,18 @@ def make_remote_classifier(settings: RemoteSettings, priority: Priority | None =
     try:
         from consumer.classify.engine.remote.classifier import RemoteClassifier
     except ImportError as exc:
-        raise EngineUnavailable(f"engine kind 'remote' needs httpx ({exc}): pip install httpx") from exc
+        raise EngineUnavailable(f"classifier.reasoner remote needs httpx ({exc}): pip install httpx") from exc
     if priority is not None:
         settings = settings.model_copy(update={"priority": priority})
     return RemoteClassifier(settings)
 
 
 def make_engine_classifier(
-    section: dict[str, Any], priority: Priority | None = None
+    section: dict[str, Any], place: ReasonerPlace, priority: Priority | None = None
 ) -> VllmClassifier | RemoteClassifier:
-    """The reasoner the `engine:` section describes: in process or remote. `priority` applies to remote
+    """The reasoner at `place` with the `engine:` section's settings. `priority` applies to remote
     fleets, which live traffic and replays share (the in-process engine serves one consumer)."""
-    settings = engine_settings(section)
+    settings = engine_settings(section, place)
     if isinstance(settings, RemoteSettings):
         return make_remote_classifier(settings, priority)
     return make_vllm_classifier(settings)

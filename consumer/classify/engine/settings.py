@@ -23,11 +23,6 @@ class EngineSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    kind: Literal["in_process"] = Field(
-        default="in_process",
-        description="in_process: this engine, in the consumer's process; `remote` (a served fleet) has "
-        "its own settings, consumer.classify.engine.remote.settings.RemoteSettings",
-    )
     model: str = Field(
         default="openai/gpt-oss-safeguard-20b",
         description="local directory or Hugging Face id of the weights (-20b fits a 16 GB GPU, -120b an 80 GB one)",

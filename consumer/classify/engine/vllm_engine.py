@@ -42,6 +42,7 @@ from consumer.classify.engine.answer import Channels, CompletionReader, Unparsea
 from consumer.classify.engine.prompt import PromptError, PromptRenderer
 from consumer.classify.engine.settings import EngineSettings
 from consumer.classify.engine.vocab import harmony_encoding
+from consumer.errors import Fatal
 from consumer.events import ErrorType
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class VllmClassifier:
     """Classifies with gpt-oss-safeguard in an in-process vLLM `AsyncLLM`.
 
     Guarantees: every `classify` call returns a Classification or raises
-    ClassificationFailed (never another exception type); an attempt that outlives the
+    ClassificationFailed, or `Fatal` once the engine core died (never another exception type); an attempt that outlives the
     request's deadline or `request_timeout_s` is aborted inside the engine, so it stops
     using a sequence slot; `capacity()` reports what the started engine holds
     (`max_num_seqs`, KV-cache tokens); `close()` shuts the engine core down.
@@ -218,9 +219,9 @@ class VllmClassifier:
         except AttemptTimedOut as exc:
             raise ClassificationFailed(ErrorType.CLASSIFIER_ERROR, str(exc), attempts=first_attempt - 1 + used) from exc
         except EngineDeadError as exc:
-            raise ClassificationFailed(
-                ErrorType.CLASSIFIER_ERROR, "the vLLM engine core died", attempts=first_attempt - 1 + used
-            ) from exc
+            # Not this request's fault, and no request succeeds after it: the run stops (exit 1)
+            # with the request uncommitted, and the restart (the orchestrator's) reads it again.
+            raise Fatal("the vLLM engine core died") from exc
         except Exception as exc:  # any other failure still ends as a dead letter, never a crash
             raise ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR,

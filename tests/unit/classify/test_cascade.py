@@ -19,6 +19,7 @@ pytest.importorskip("sklearn", reason="the cascade needs scikit-learn: install r
 
 from consumer.classify import Capacity, Classification, ClassificationFailed, Classifier, ClassifyRequest  # noqa: E402
 from consumer.classify.cascade import CascadeSettings, make_cascade  # noqa: E402
+from consumer.errors import Unavailable  # noqa: E402
 from consumer.events import ContentEvent, ErrorType  # noqa: E402
 from consumer.policy import Policy, PolicyStore  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -163,6 +164,41 @@ def test_a_reasoner_failure_is_the_request_failure_not_a_cheap_answer(tmp_path):
     with pytest.raises(ClassificationFailed) as failure:
         asyncio.run(scenario())
     assert failure.value.error_type is ErrorType.UNPARSEABLE_OUTPUT
+
+
+class DownReasoner(LabelReasoner):
+    """A reasoner whose fleet does not answer; its probe says whether it is back."""
+
+    back = False
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        self.asked.append(request.event.content)
+        await asyncio.sleep(0.05)
+        raise Unavailable("reasoner", "no endpoint answers")
+
+    async def probe(self, dependency: str) -> bool | None:
+        return self.back if dependency == "reasoner" else None
+
+
+def test_a_reasoner_outage_reaches_every_identical_request_as_an_outage_and_the_probe_goes_through(tmp_path):
+    store = PolicyStore(policy_dir(tmp_path, with_examples=False))  # nothing calibrated: all would escalate
+    policy = store.get()["spam-scams"]
+    raid = "join my server!!! discord.gg/raidraid"
+    reasoner = DownReasoner({})
+
+    async def scenario():
+        cascade = make_cascade(CascadeSettings(), reasoner, store)
+        await cascade.start()
+        outcomes = await asyncio.gather(*(cascade.classify(request(policy, raid, i)) for i in range(5)),
+                                        return_exceptions=True)  # fmt: skip
+        down = await cascade.probe("reasoner")
+        reasoner.back = True
+        return outcomes, down, await cascade.probe("reasoner"), await cascade.probe("schema registry")
+
+    outcomes, down, back, unknown = asyncio.run(scenario())
+    assert reasoner.asked == [raid]  # coalesced: one request reached the reasoner
+    assert all(isinstance(o, Unavailable) and o.dependency == "reasoner" for o in outcomes), outcomes
+    assert (down, back, unknown) == (False, True, None)
 
 
 def test_learning_from_the_reasoner_lowers_the_escalation_rate_over_a_stream(tmp_path, record_property):

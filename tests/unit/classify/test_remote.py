@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 
-from consumer.classify import ClassificationFailed, ClassifyRequest
+from consumer.classify import Classification, ClassificationFailed, ClassifyRequest
 from consumer.classify.engine import RemoteSettings, engine_settings, make_remote_classifier
 from consumer.classify.engine.remote.classifier import parse_server_load
 from consumer.classify.engine.remote.fleet import Endpoint, Fleet, NoEndpoint, ServerLoad
+from consumer.errors import Unavailable
 from consumer.events import ContentEvent, ContextMessage, ErrorType
 from consumer.policy import Policy, load_policy
 
@@ -113,7 +114,6 @@ def policy() -> Policy:
 
 def chat_settings(*urls: str, **overrides: Any) -> RemoteSettings:
     values: dict[str, Any] = {
-        "kind": "remote",
         "model": "gpt-oss-safeguard-20b",
         "endpoints": [
             {"url": url, "api": "chat", "api_key_env": "STANDIN_KEY", "name": f"e{i}", "max_concurrency": 4}
@@ -201,11 +201,43 @@ def test_a_failing_endpoint_is_paused_and_the_request_answered_elsewhere(stand_i
     assert len(other.requests) == 3  # one 503, then both answered
 
 
-def test_attempts_run_out_as_classifier_error_naming_the_endpoints(policy, monkeypatch) -> None:
+def test_attempts_run_out_as_classifier_error_naming_the_endpoints_while_one_is_up(
+    stand_in, policy, monkeypatch
+) -> None:
     monkeypatch.setenv("STANDIN_KEY", KEY)
-    (failed,) = classify(chat_settings("http://127.0.0.1:9/v1", max_attempts=2), req(policy))
+    (failed,) = classify(chat_settings("http://127.0.0.1:9/v1", stand_in.url, max_attempts=1), req(policy))
     assert isinstance(failed, ClassificationFailed) and failed.error_type is ErrorType.CLASSIFIER_ERROR
-    assert failed.attempts == 2 and "e0" in str(failed)
+    assert failed.attempts == 1 and "e0" in str(failed)
+
+
+def test_a_fleet_with_no_endpoint_answering_is_an_outage_not_the_records_fault(policy, monkeypatch) -> None:
+    monkeypatch.setenv("STANDIN_KEY", KEY)
+    dead = "http://127.0.0.1:9/v1"
+    (down,) = classify(chat_settings(dead, dead.replace(":9/", ":11/"), max_attempts=2), req(policy))
+    assert isinstance(down, Unavailable) and down.dependency == "reasoner", down
+    assert "e0" in down.reason and "e1" in down.reason
+    assert down.retry_after_s is not None and 0 <= down.retry_after_s <= 0.2  # endpoint_backoff_max_s
+
+
+def test_the_probe_finds_an_endpoint_answering_again_and_puts_it_back(stand_in, policy, monkeypatch) -> None:
+    monkeypatch.setenv("STANDIN_KEY", KEY)
+
+    async def scenario() -> tuple[object, bool | None, bool | None, object]:
+        classifier = make_remote_classifier(chat_settings(stand_in.url, max_attempts=1))
+        await classifier.start()
+        try:
+            stand_in.script = [(503, {"error": {"message": "restarting"}})]
+            down = await asyncio.gather(classifier.classify(req(policy)), return_exceptions=True)
+            unknown = await classifier.probe("schema registry")
+            back = await classifier.probe("reasoner")
+            return down[0], unknown, back, await classifier.classify(req(policy))
+        finally:
+            await classifier.close()
+
+    down, unknown, back, verdict = asyncio.run(scenario())
+    assert isinstance(down, Unavailable)
+    assert unknown is None and back is True
+    assert isinstance(verdict, Classification) and verdict.violation
 
 
 def test_a_request_the_server_refuses_is_not_retried(stand_in, policy, monkeypatch) -> None:
@@ -223,12 +255,12 @@ def test_a_missing_key_variable_stops_the_start_naming_the_variable_not_a_value(
 
 
 def test_engine_section_picks_in_process_or_remote() -> None:
-    assert type(engine_settings({})).__name__ == "EngineSettings"
-    remote = engine_settings({"kind": "remote", "endpoints": [{"url": "http://vllm:8000/v1"}]})
+    assert type(engine_settings({}, "in_process")).__name__ == "EngineSettings"
+    remote = engine_settings({"endpoints": [{"url": "http://vllm:8000/v1"}]}, "remote")
     assert isinstance(remote, RemoteSettings)
     assert remote.endpoints[0].resolved_metrics_url == "http://vllm:8000/metrics"
     with pytest.raises(ValueError):
-        engine_settings({"kind": "remote", "endpoints": [{"url": "vllm:8000"}]})
+        engine_settings({"endpoints": [{"url": "vllm:8000"}]}, "remote")
 
 
 # -- the fleet's rules ---------------------------------------------------------------------
@@ -236,7 +268,7 @@ def test_engine_section_picks_in_process_or_remote() -> None:
 
 def fleet(**overrides: Any) -> Fleet:
     endpoints = [{"url": "http://a/v1", "name": "a", "max_concurrency": 8}, {"url": "http://b/v1", "name": "b"}]
-    return Fleet(RemoteSettings(**({"kind": "remote", "endpoints": endpoints} | overrides)))
+    return Fleet(RemoteSettings(**({"endpoints": endpoints} | overrides)))
 
 
 def test_least_outstanding_endpoint_first_and_failed_ones_last() -> None:

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from consumer.classify import Capacity, Classification, ClassificationFailed, ClassifyRequest
+from consumer.errors import Unavailable
 from consumer.events import ContentEvent, ErrorType
 from consumer.pipeline.batcher import Batcher
 from consumer.policy import Policy
@@ -239,6 +240,15 @@ def test_classification_failed_is_final_and_not_retried():
     with pytest.raises(ClassificationFailed) as failed:
         asyncio.run(classify_all(batcher, [request(0)]))
     assert failed.value.error_type is ErrorType.UNPARSEABLE_OUTPUT and flaky.calls == 1
+
+
+def test_an_outage_goes_back_to_the_caller_untouched_and_frees_its_slot():
+    flaky = Flaky(failures=10, error=Unavailable("reasoner", "no endpoint answers"))
+    batcher = Batcher(flaky, max_batch_size=8, max_wait_s=0, timeout_s=5, retries=2)
+    with pytest.raises(Unavailable) as down:
+        asyncio.run(classify_all(batcher, [request(0)]))
+    assert down.value.dependency == "reasoner" and flaky.calls == 1  # the pipeline waits it out, not the batcher
+    assert batcher.in_flight == 0
 
 
 def test_an_attempt_outliving_the_timeout_is_retried_then_fails_as_timed_out():

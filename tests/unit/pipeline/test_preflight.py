@@ -87,7 +87,7 @@ def test_kind_vllm_where_vllm_is_not_installed_fails_the_offline_pre_flight(tmp_
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # what find_spec reports where it is not installed
     settings = load_settings(config(tmp_path, classifier={"kind": "vllm"}))
-    with pytest.raises(ConfigError, match="classifier.kind: vllm runs vLLM in process, and vllm is not installed"):
+    with pytest.raises(ConfigError, match=r"classifier.reasoner: in_process \(classifier.kind reasoner\) runs vLLM in this process, and vllm is not installed"):
         prepare(settings, build_engine=False)  # check-config's: it does not build the engine, yet says what run would
     cheap = load_settings(config(tmp_path, classifier={"kind": "cascade", "reasoner": "none"}))
     assert prepare(cheap, build_engine=False).policies.get()  # no reasoner: vLLM is not needed

@@ -1,4 +1,4 @@
-"""gpt-oss-safeguard on a served fleet: `engine.kind: remote` (docs/engine.md, "Served").
+"""gpt-oss-safeguard on a served fleet: `classifier.reasoner: remote` (docs/engine.md, "Served").
 
 - `settings.py`: `RemoteSettings` and `EndpointSettings`, the `engine:` section (no HTTP import);
 - `shapes.py`: the two request shapes, token ids to /completions and chat messages to

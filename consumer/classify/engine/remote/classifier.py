@@ -6,10 +6,12 @@ requests outstanding and room under its learned limit; the body is POSTed with t
 endpoint's key; the reply is read into harmony channels and the final answer parsed, as in
 process.
 
-Failures end in `ClassificationFailed`, as for the in-process engine:
+Failures end in `ClassificationFailed` (this record's dead letter) or `Unavailable` (an outage):
 - an endpoint failure (refused or reset connection, attempt timeout, 408/409/429, 5xx, a
   rejected key or path) pauses that endpoint and the attempt is made again elsewhere (tenacity,
-  `max_attempts` in all, the request's deadline included), then `classifier_error`;
+  `max_attempts` in all, the request's deadline included); when they are spent and the last
+  attempt on every endpoint failed, the fleet is down: `Unavailable("reasoner")`, and the pipeline keeps the
+  record until `probe` finds an endpoint answering /models again; otherwise `classifier_error`;
 - a request the server refuses as such (400, 413, 422) is not retried: `classifier_error`,
   or `payload_too_large` when the prompt does not fit the server's context;
 - a completion without a parseable answer is asked again `max_unparseable_retries` times,
@@ -37,6 +39,7 @@ from consumer.classify.engine.answer import UnparseableAnswer, classification, p
 from consumer.classify.engine.remote.fleet import Endpoint, Fleet, NoEndpoint, ServerLoad
 from consumer.classify.engine.remote.settings import RemoteSettings
 from consumer.classify.engine.remote.shapes import BadReply, ChatShape, Prepared, PromptTooLong, Reply, TokenIdShape
+from consumer.errors import Unavailable
 from consumer.events import ErrorType
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,8 @@ class EndpointFailed(Exception):
 class RemoteClassifier:
     """Classifies with gpt-oss-safeguard served by one or more OpenAI-compatible endpoints.
 
-    Guarantees: every `classify` call returns a Classification or raises ClassificationFailed;
+    Guarantees: every `classify` call returns a Classification or raises ClassificationFailed
+    (this request) or Unavailable (the last attempt on every endpoint failed: an outage);
     requests wait in this process, not in a server's queue, when every endpoint is at its
     learned limit (fleet.py); an attempt never outlives the request's deadline or
     `request_timeout_s`; an attempt that fails on an endpoint for the endpoint's sake is made
@@ -177,6 +181,14 @@ class RemoteClassifier:
             exc.attempts = first_attempt - 1 + used
             raise
         except (EndpointFailed, NoEndpoint) as exc:
+            paused_s = None if self._closing else self.fleet.down_for(time.monotonic())
+            if paused_s is not None:
+                raise Unavailable(
+                    "reasoner",
+                    f"no endpoint of the remote fleet answers (last: {exc}; endpoints tried: "
+                    f"{', '.join(sorted(tried)) or 'none'})",
+                    retry_after_s=paused_s,
+                ) from None
             raise ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR,
                 f"remote reasoner: {exc} (endpoints tried: {', '.join(sorted(tried)) or 'none'})",
@@ -286,6 +298,30 @@ class RemoteClassifier:
         if not key:
             raise ValueError(f"endpoint {endpoint.name}: the environment variable {variable} (its API key) is not set")
         return {"Authorization": f"Bearer {key}"}
+
+    async def probe(self, dependency: str) -> bool | None:
+        """While the fleet is down: ask each endpoint's /models; True (and those endpoints up
+        again) once one answers 200."""
+        if dependency != "reasoner" or self._client is None:
+            return None
+        answered = await asyncio.gather(*(self._answers(e) for e in self.fleet.endpoints))
+        if any(answered):
+            self.fleet.changed()
+        return any(answered)
+
+    async def _answers(self, endpoint: Endpoint) -> bool:
+        assert self._client is not None
+        try:
+            response = await self._client.get(
+                endpoint.settings.url + "/models", headers=self._headers[endpoint.name],
+                timeout=self.settings.connect_timeout_s,
+            )  # fmt: skip
+        except httpx.HTTPError:
+            return False
+        if response.status_code != 200:
+            return False
+        endpoint.answered()
+        return True
 
     async def _describe(self, endpoint: Endpoint) -> None:
         """Learn the served context length (vLLM's /models lists max_model_len); best effort."""

@@ -14,7 +14,10 @@ Guarantees:
   AIMD then bounds the total. The limit never leaves [1, ceiling].
 - **Back-off.** An endpoint that fails (connection refused or reset, timeout, 429, 5xx, a
   rejected key) is paused for an exponentially growing, jittered time (tenacity's wait
-  strategy), reset by its next success; requests meanwhile go to the others.
+  strategy), reset by its next success (or a probe it answers); requests meanwhile go to the
+  others. When the last attempt on every endpoint failed, the fleet is down (`down_for`): an
+  outage, not a fault of the requests that found it so. (Pauses alone cannot tell: a jittered
+  pause may be over before the next request looks.)
 - **Priorities.** Low traffic (`priority: low`) uses `low_priority_share` of each limit,
   unless the endpoint schedules by priority, where the server itself runs live traffic first.
 """
@@ -83,8 +86,7 @@ class Endpoint:
 
     def succeeded(self, latency_s: float) -> None:
         self.completed += 1
-        self.failures_in_a_row = 0
-        self.down_until = 0.0
+        self.answered()
         if self._latency_target_s is not None and self.load is None:
             self._completions_since_decrease += 1
             if latency_s > self._latency_target_s:
@@ -93,6 +95,11 @@ class Endpoint:
                     self._completions_since_decrease = 0
             else:
                 self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
+
+    def answered(self) -> None:
+        """It answered (a request or a probe): up again, its back-off starts over."""
+        self.failures_in_a_row = 0
+        self.down_until = 0.0
 
     def fail(self, now: float, reason: str) -> float:
         """Pause the endpoint after a failure; returns the pause in seconds."""
@@ -155,6 +162,13 @@ class Fleet:
                 await asyncio.wait_for(self._changed.wait(), timeout)
             except TimeoutError:
                 pass
+
+    def down_for(self, now: float) -> float | None:
+        """None while some endpoint's last answer was a success (or it was not tried yet); else the
+        fleet is down, and this is the seconds until the first pause ends (0 when one has)."""
+        if any(e.failures_in_a_row == 0 for e in self.endpoints):
+            return None
+        return max(0.0, min(e.down_until for e in self.endpoints) - now)
 
     def release(self, endpoint: Endpoint) -> None:
         endpoint.outstanding -= 1

@@ -1,4 +1,4 @@
-"""Settings of the remote reasoner: `engine.kind: remote`, gpt-oss-safeguard on a served fleet.
+"""Settings of the remote reasoner: `classifier.reasoner: remote`, gpt-oss-safeguard on a served fleet.
 
 Plain pydantic, no HTTP client and no harmony import, so the config loader validates the
 `engine:` section anywhere. API keys are never settings: an endpoint names the environment
@@ -7,6 +7,7 @@ variable that holds its key (`api_key_env`), read when the classifier starts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -75,7 +76,6 @@ class RemoteSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    kind: Literal["remote"]
     endpoints: list[EndpointSettings] = Field(min_length=1)
     model: str = Field(default="openai/gpt-oss-safeguard-20b", description="served model name, and verdicts' `model`")
     max_tokens: int = Field(default=2048, gt=0, description="completion cap: reasoning plus the final answer")
@@ -129,3 +129,12 @@ class RemoteSettings(BaseModel):
     @property
     def model_name(self) -> str:
         return self.model
+
+    def unset_key_variables(self, environ: Mapping[str, str]) -> list[str]:
+        """A problem line for each endpoint whose `api_key_env` names a variable not set in `environ`."""
+        return [
+            f"engine.endpoints[{i}].api_key_env: the environment variable {e.api_key_env} (the key of {e.label}) "
+            "is not set"
+            for i, e in enumerate(self.endpoints)
+            if e.api_key_env is not None and not environ.get(e.api_key_env)
+        ]
