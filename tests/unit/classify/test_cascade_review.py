@@ -75,7 +75,8 @@ def test_a_shadow_check_that_disagrees_is_reported_with_both_answers(tmp_path):
 
 def test_a_burst_of_decisions_reaches_the_heads_within_two_refits_with_no_traffic_after(tmp_path):
     # 11 decisions are 33 labels: the 25th starts a refit (refit_every), the last 8 arrive
-    # during it or after, and nothing is classified afterwards to start another.
+    # during it, and nothing is classified afterwards to start another. Before the fix the
+    # head in force lacked them: it answered the 10th message against the person (0.68).
     store = PolicyStore(policy_dir(tmp_path))
     policy = store.get()["spam-scams"]
     burst = [(f"selling {thing} cheap, dm me for the price", i % 2) for i, thing in enumerate(
@@ -90,16 +91,19 @@ def test_a_burst_of_decisions_reaches_the_heads_within_two_refits_with_no_traffi
             human = Classification(violation=bool(label), category="scam" if label else "safe", model="human",
                                    stage="human")
             await cascade.learn_from_review(request(policy, text), human)
+            await asyncio.sleep(0.05)  # one by one, as the review loop applies them, while a refit runs
         taught = time.monotonic()
         while lexical.unfitted and time.monotonic() - taught < 30:
             await asyncio.sleep(0.01)
         reached = time.monotonic() - taught
+        answers = lexical.decide_many([text for text, _ in burst], 0.95)
         refit = await timed_refit(lexical)
         await cascade.close()
-        return lexical, reached, refit
+        return lexical, reached, answers, refit
 
-    lexical, reached, refit = asyncio.run(scenario())
+    lexical, reached, answers, refit = asyncio.run(scenario())
     assert lexical.unfitted == 0, "the last labels of the burst never reached a refit"
+    assert [int(answer.violation) for answer in answers] == [label for _, label in burst]
     assert lexical.examples >= len(burst) * HUMAN_LABEL_WEIGHT
     # Two refits of these examples, with room for a shared, busy machine's scheduling.
     assert reached <= 2 * refit + 1.0, (reached, refit)
