@@ -432,7 +432,8 @@ class CascadeClassifier:
 
     async def learn_from_review(self, request: ClassifyRequest, answer: Classification, heads: bool = True) -> None:
         """LearnsFromReview: the cache answers this content with the person's answer from now on
-        (under the same policy version), and the heads learn it HUMAN_LABEL_WEIGHT times."""
+        (under the same policy version), and the heads learn it HUMAN_LABEL_WEIGHT times, in
+        force within two refits whether or not any traffic follows (`LearnedStage`)."""
         policy = request.policy
         if self.settings.plan_for(policy.id).cache:
             self.cache.pin(cache_key(policy, request.content), answer)
@@ -444,7 +445,7 @@ class CascadeClassifier:
             return
         for _ in range(HUMAN_LABEL_WEIGHT):
             for stage in current.stages:
-                await stage.learn(request.content, int(answer.violation))
+                await stage.learn(request.content, int(answer.violation), urgent=True)
         counters.learned_human += 1
         self._record_calibration(policy.id, current)
 

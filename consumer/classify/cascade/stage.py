@@ -9,6 +9,12 @@ What `LearnedStage` guarantees:
 - every 8 labels from the reasoner update the head at once (`partial_fit`); every
   `refit_every` labels (or a tenth of the kept examples, if more), the head is refitted from
   all kept examples and recalibrated, off the event loop;
+- a person's decision (`learn(..., urgent=True)`) is in the head in force within two refits
+  of the kept examples, whatever traffic follows: it starts a refit at once, or, while one
+  runs, the next, which starts when that one ends (a refit that ends with urgent labels it did
+  not see, or with `refit_every` labels it did not see, is followed by another). Two refits of
+  `max_learned` examples are the bound: measured in docs/review.md ("When a decision reaches
+  the heads");
 - what it learned is saved as features and labels (never as content, never as a pickle) and
   reloaded only for the same policy version and feature space.
 """
@@ -93,6 +99,12 @@ class LearnedStage:
         self._since_refit = 0
         self._pending: list[tuple[Any, int]] = []
         self._refit: asyncio.Task[None] | None = None
+        # Labels taken so far, and how many of them the head in force was fitted on: a refit
+        # snapshots the first count when it starts and publishes it when it ends.
+        self._taken = 0
+        self._fitted_upto = 0
+        self._urgent_upto = 0  # the count when the last urgent label was taken
+        self._refit_from = 0  # the count the latest refit started from
 
     @property
     def calibrated(self) -> bool:
@@ -105,6 +117,12 @@ class LearnedStage:
     @property
     def examples(self) -> int:
         return len(self._seed_labels) + len(self._learned)
+
+    @property
+    def unfitted(self) -> int:
+        """Labels taken since the snapshot the head in force was refitted from (online updates
+        aside): 0 once every label taken is in a full refit."""
+        return self._taken - self._fitted_upto
 
     async def train(self, texts: list[str], labels: list[int]) -> None:
         """Fit from the policy's examples (and whatever was learned or reloaded before)."""
@@ -128,11 +146,15 @@ class LearnedStage:
             return None
         return _decisions(fitted, self.featurizer.transform(texts), target_precision)
 
-    async def learn(self, text: str, label: int) -> None:
-        """Take one reasoner verdict as a label."""
+    async def learn(self, text: str, label: int, urgent: bool = False) -> None:
+        """Take one label: a reasoner verdict, or with `urgent` a person's decision, which must
+        reach the head within the bound above even if no other label follows."""
         row = await self.featurizer.features([text])
         self._learned.append((row, label))
         self._since_refit += 1
+        self._taken += 1
+        if urgent:
+            self._urgent_upto = self._taken
         self._pending.append((row, label))
         if self._fitted is not None and len(self._pending) >= ONLINE_BATCH:
             # Labels that arrive while a refit runs train the old head only; they are in the
@@ -143,23 +165,37 @@ class LearnedStage:
             self._pending.clear()
         # Refits get rarer as the kept examples grow (each costs FOLDS + 1 fits of all of them),
         # so their total cost grows with the log of the stream, not with its length.
-        every = max(self.rules.refit_every, self.examples // 10)
-        due = self._since_refit >= every or (self._fitted is None and self._enough())
+        due = self._owed() or (self._fitted is None and self._enough())
         if due and (self._refit is None or self._refit.done()):
-            self._refit = asyncio.get_running_loop().create_task(self._refit_now())
+            self._refit = asyncio.get_running_loop().create_task(self._refits())
+        # Otherwise the running refit finds these labels owed when it ends, and goes on.
+
+    def _owed(self) -> bool:
+        """Whether the labels no refit has started from call for one now."""
+        every = max(self.rules.refit_every, self.examples // 10)
+        return self._since_refit >= every or self._urgent_upto > self._refit_from
+
+    async def _refits(self) -> None:
+        # One task refits until nothing is owed, so that the labels taken during a refit never
+        # wait for a `learn` call that may not come.
+        await self._refit_now()
+        while self._owed():
+            await self._refit_now()
 
     async def wait_idle(self) -> None:
-        """Wait for a refit in progress (tests, shutdown)."""
+        """Wait until no refit runs or is owed (tests, shutdown)."""
         if self._refit is not None:
             await asyncio.gather(self._refit, return_exceptions=True)
 
     async def _refit_now(self) -> None:
         self._since_refit = 0
+        snapshot = self._refit_from = self._taken
         rows, labels = self._all_examples()
         if rows is None or not self._enough(labels):
             self._fitted = None
-            return
-        self._fitted = await asyncio.to_thread(self._fit, rows, labels)
+        else:
+            self._fitted = await asyncio.to_thread(self._fit, rows, labels)
+        self._fitted_upto = snapshot
 
     def _enough(self, labels: np.ndarray | None = None) -> bool:
         if labels is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -70,3 +71,47 @@ def test_a_shadow_check_that_disagrees_is_reported_with_both_answers(tmp_path):
     assert verdict.stage == "lexical" and verdict.violation
     ((request_id, cheap, reasoner),) = reported
     assert request_id == "e0/spam-scams" and cheap.violation and not reasoner.violation and reasoner.stage == "reasoner"
+
+
+def test_a_burst_of_decisions_reaches_the_heads_within_two_refits_with_no_traffic_after(tmp_path):
+    # 11 decisions are 33 labels: the 25th starts a refit (refit_every), the last 8 arrive
+    # during it, and nothing is classified afterwards to start another. Before the fix the
+    # head in force lacked them: it answered the 10th message against the person (0.68).
+    store = PolicyStore(policy_dir(tmp_path))
+    policy = store.get()["spam-scams"]
+    burst = [(f"selling {thing} cheap, dm me for the price", i % 2) for i, thing in enumerate(
+        ["my bike", "an old phone", "two tickets", "a gpu", "my couch", "a skateboard", "a guitar", "some books",
+         "a camera", "my desk", "a drone"])]
+
+    async def scenario():
+        cascade = make_cascade(CascadeSettings(shadow_fraction=0), None, store)
+        await cascade.start()
+        (lexical,) = cascade.heads("spam-scams")
+        for text, label in burst:
+            human = Classification(violation=bool(label), category="scam" if label else "safe", model="human",
+                                   stage="human")
+            await cascade.learn_from_review(request(policy, text), human)
+            await asyncio.sleep(0.05)  # one by one, as the review loop applies them, while a refit runs
+        taught = time.monotonic()
+        while lexical.unfitted and time.monotonic() - taught < 30:
+            await asyncio.sleep(0.01)
+        reached = time.monotonic() - taught
+        answers = lexical.decide_many([text for text, _ in burst], 0.95)
+        refit = await timed_refit(lexical)
+        await cascade.close()
+        return lexical, reached, answers, refit
+
+    lexical, reached, answers, refit = asyncio.run(scenario())
+    assert lexical.unfitted == 0, "the last labels of the burst never reached a refit"
+    assert [int(answer.violation) for answer in answers] == [label for _, label in burst]
+    assert lexical.examples >= len(burst) * HUMAN_LABEL_WEIGHT
+    # Two refits of these examples, with room for a shared, busy machine's scheduling.
+    assert reached <= 2 * refit + 1.0, (reached, refit)
+
+
+async def timed_refit(stage) -> float:
+    """How long one refit of the stage's kept examples takes (one more urgent label's worth)."""
+    began = time.monotonic()
+    await stage.learn("one more decision, to time a refit", 0, urgent=True)
+    await stage.wait_idle()
+    return time.monotonic() - began
