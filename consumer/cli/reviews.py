@@ -115,10 +115,9 @@ def review_console(
     import signal
     import threading
 
-    from consumer.kafka.client import KafkaException
-
     from consumer.console.identity import Identity
     from consumer.console.server import ConsoleError, ReviewConsole
+    from consumer.kafka.client import KafkaException
     from consumer.pipeline.preflight import Port, review_needs
     from consumer.pipeline.telemetry.logs import configure_logging
 

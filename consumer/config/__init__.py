@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,6 +46,16 @@ log = logging.getLogger(__name__)
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def check_topic_patterns(topics: Iterable[str]) -> None:
+    """Topic entries starting with `^` are regular expressions (as librdkafka reads them): each must compile."""
+    for topic in topics:
+        if topic.startswith("^"):
+            try:
+                re.compile(topic)
+            except re.error as exc:
+                raise ValueError(f"{topic!r} is not a valid regular expression ({exc})") from None
 
 
 class KafkaSettings(_Section):
@@ -86,12 +97,7 @@ class KafkaSettings(_Section):
     def _topics_valid(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("at least one input topic is required")
-        for topic in value:
-            if topic.startswith("^"):
-                try:
-                    re.compile(topic)
-                except re.error as exc:
-                    raise ValueError(f"{topic!r} is not a valid regular expression ({exc})") from None
+        check_topic_patterns(value)
         return value
 
 
@@ -178,12 +184,7 @@ class DecodeSettings(TopicDecode):
     @field_validator("topics")
     @classmethod
     def _patterns_valid(cls, value: dict[str, TopicDecode]) -> dict[str, TopicDecode]:
-        for topic in value:
-            if topic.startswith("^"):
-                try:
-                    re.compile(topic)
-                except re.error as exc:
-                    raise ValueError(f"{topic!r} is not a valid regular expression ({exc})") from None
+        check_topic_patterns(value)
         return value
 
 
