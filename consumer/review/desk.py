@@ -68,7 +68,9 @@ class ReviewDesk:
         self.review_loop: ReviewLoop | None = None
         self.taught = 0
         if self.enabled and meter is not None:
-            metrics.register(meter, self.state, registry)
+            cheap = stages.LEARNED if review.opens("disagreement") else ()
+            metrics.register(meter, self.state, registry,
+                             lambda: [(policy, stage) for policy in self._policies() for stage in cheap])  # fmt: skip
 
     def open(
         self,

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -21,7 +21,16 @@ from consumer.review.state import LATENCY_BUCKETS_S, ReviewState
 DISAGREEMENT_SIDES = ("cheap", "reasoner")  # the cheap stage was right, or the reasoner's shadow check
 
 
-def register(meter: Meter, state: ReviewState, registry: Any = None) -> None:
+def register(
+    meter: Meter,
+    state: ReviewState,
+    registry: Any = None,
+    disagreements: Callable[[], Iterable[tuple[str, str]]] = tuple,
+) -> None:
+    """`disagreements`: the (policy, stage) pairs whose disagreement reviews may come (the policies
+    in force times the cheap stages, where review opens them); their counters show at 0 from the
+    start, so an alert on them sees the series before the first decision."""
+
     def open_reviews(_: CallbackOptions) -> Iterable[Observation]:
         for (policy, reason), count in state.open_reviews().items():
             yield Observation(count, {"policy": policy, "reason": reason})
@@ -33,8 +42,8 @@ def register(meter: Meter, state: ReviewState, registry: Any = None) -> None:
     def right(_: CallbackOptions) -> Iterable[Observation]:
         # Both sides of every (policy, stage) that has decisions, at 0 until counted: a rate()
         # over the series then starts at the first decision, not at the first disagreement.
-        counts = Counter({(policy, stage, side): 0 for policy, stage, _ in list(state.agreement)
-                          for side in DISAGREEMENT_SIDES})  # fmt: skip
+        pairs = {(policy, stage) for policy, stage, _ in list(state.agreement)} | set(disagreements())
+        counts = Counter({(policy, stage, side): 0 for policy, stage in pairs for side in DISAGREEMENT_SIDES})
         counts.update(dict(state.disagreement_right))
         for (policy, stage, side), count in counts.items():
             yield Observation(count, {"policy": policy, "stage": stage, "side": side})

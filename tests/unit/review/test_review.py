@@ -186,3 +186,18 @@ def test_the_metrics_show_open_reviews_agreement_and_decision_latency():
     right = sorted(line for line in lines if line.startswith("safeguard_review_disagreement_right_total{"))
     assert len(right) == 2 and all(line.endswith(" 0.0") for line in right), right
     assert 'side="cheap"' in right[0] and 'side="reasoner"' in right[1]
+
+
+def test_the_disagreement_counters_of_the_policies_in_force_show_at_0_before_any_decision():
+    from prometheus_client import generate_latest
+
+    from consumer.pipeline.telemetry.metrics import prometheus_meter_provider
+    from consumer.review import metrics
+
+    provider, registry = prometheus_meter_provider()
+    metrics.register(provider.get_meter("test"), ReviewState(), registry,
+                     lambda: [(POLICY.id, "lexical"), (POLICY.id, "embedding")])  # fmt: skip
+    lines = generate_latest(registry).decode().splitlines()
+    right = sorted(line for line in lines if line.startswith("safeguard_review_disagreement_right_total{"))
+    assert len(right) == 4 and all(line.endswith(" 0.0") for line in right), right
+    assert sum(f'policy="{POLICY.id}"' in line for line in right) == 4
