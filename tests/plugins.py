@@ -209,7 +209,7 @@ def stall_in_transaction(marker: str):
     """The keyword classifier, in a process whose first transaction with outputs stalls just
     before its commit (exactly-once), so that a test can SIGKILL it with the transaction open."""
     from consumer.classify.keyword import KeywordClassifier
-    from consumer.kafka import sink
+    from consumer.sinks import kafka as sink
 
     commit = sink.TransactionalSink._commit_transaction
 

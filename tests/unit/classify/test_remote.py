@@ -201,13 +201,29 @@ def test_a_failing_endpoint_is_paused_and_the_request_answered_elsewhere(stand_i
     assert len(other.requests) == 3  # one 503, then both answered
 
 
-def test_attempts_run_out_as_classifier_error_naming_the_endpoints_while_one_is_up(
+def test_a_request_that_met_only_failing_endpoints_goes_round_again_on_the_one_that_answers(
+    stand_in, policy, monkeypatch
+) -> None:
+    # A rolling restart's backlog: e0 is down, e1 answers but has room for one request at a time,
+    # so most requests spend their single attempt on e0. None of them is charged with it.
+    monkeypatch.setenv("STANDIN_KEY", KEY)
+    settings = chat_settings("http://127.0.0.1:9/v1", stand_in.url, max_attempts=1)
+    settings.endpoints[1].max_concurrency = 1
+    requests = [ClassifyRequest(ContentEvent(event_id=f"e{i}", content="you are trash"), policy, f"r{i}",
+                                time.monotonic() + 30) for i in range(6)]  # fmt: skip
+    outcomes = classify(settings, *requests)
+    assert all(isinstance(o, Classification) and o.violation for o in outcomes), outcomes
+    assert len(stand_in.requests) == 6
+
+
+def test_a_request_past_its_deadline_is_a_classifier_error_naming_the_endpoints_tried(
     stand_in, policy, monkeypatch
 ) -> None:
     monkeypatch.setenv("STANDIN_KEY", KEY)
-    (failed,) = classify(chat_settings("http://127.0.0.1:9/v1", stand_in.url, max_attempts=1), req(policy))
+    late = ClassifyRequest(ContentEvent(event_id="e1", content="hi"), policy, "r1", time.monotonic() - 1)
+    (failed,) = classify(chat_settings("http://127.0.0.1:9/v1", stand_in.url, max_attempts=1), late)
     assert isinstance(failed, ClassificationFailed) and failed.error_type is ErrorType.CLASSIFIER_ERROR
-    assert failed.attempts == 1 and "e0" in str(failed)
+    assert failed.attempts == 1 and "endpoints tried: e" in str(failed)
 
 
 def test_a_fleet_with_no_endpoint_answering_is_an_outage_not_the_records_fault(policy, monkeypatch) -> None:

@@ -11,7 +11,9 @@ Failures end in `ClassificationFailed` (this record's dead letter) or `Unavailab
   rejected key or path) pauses that endpoint and the attempt is made again elsewhere (tenacity,
   `max_attempts` in all, the request's deadline included); when they are spent and the last
   attempt on every endpoint failed, the fleet is down: `Unavailable("reasoner")`, and the pipeline keeps the
-  record until `probe` finds an endpoint answering /models again; otherwise `classifier_error`;
+  record until `probe` finds an endpoint answering /models again; when some endpoint still answers,
+  the request goes round again on those only (a partial outage is not the record's fault either);
+  only the request's deadline passing ends it as `classifier_error`;
 - a request the server refuses as such (400, 413, 422) is not retried: `classifier_error`,
   or `payload_too_large` when the prompt does not fit the server's context;
 - a completion without a parseable answer is asked again `max_unparseable_retries` times,
@@ -161,49 +163,59 @@ class RemoteClassifier:
         if self._client is None:
             raise ClassificationFailed(ErrorType.CLASSIFIER_ERROR, "the remote classifier is not started")
         tried: set[str] = set()
+        failing: frozenset[str] = frozenset()  # after a round spent on failing endpoints: only the others
         used = 0
 
-        def deadline_passed(_: RetryCallState) -> bool:
+        def deadline_passed(_: RetryCallState | None = None) -> bool:
             return request.deadline is not None and time.monotonic() >= request.deadline
 
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(EndpointFailed),
-            stop=stop_after_attempt(self.settings.max_attempts) | deadline_passed,
-            wait=wait_none(),  # the failed endpoint is paused instead; the next attempt goes elsewhere
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    used += 1
-                    reply = await self._attempt(request, tried, f"{request.request_id}#{first_attempt + used - 1}")
-        except ClassificationFailed as exc:
-            exc.attempts = first_attempt - 1 + used
-            raise
-        except (EndpointFailed, NoEndpoint) as exc:
-            paused_s = None if self._closing else self.fleet.down_for(time.monotonic())
-            if paused_s is not None:
-                raise Unavailable(
-                    "reasoner",
-                    f"no endpoint of the remote fleet answers (last: {exc}; endpoints tried: "
-                    f"{', '.join(sorted(tried)) or 'none'})",
-                    retry_after_s=paused_s,
-                ) from None
-            raise ClassificationFailed(
-                ErrorType.CLASSIFIER_ERROR,
-                f"remote reasoner: {exc} (endpoints tried: {', '.join(sorted(tried)) or 'none'})",
-                attempts=first_attempt - 1 + used,
-            ) from None
-        except Exception as exc:  # any other failure still ends as a dead letter, never a crash
-            raise ClassificationFailed(
-                ErrorType.CLASSIFIER_ERROR,
-                f"remote request failed: {type(exc).__name__}: {exc}",
-                attempts=first_attempt - 1 + used,
-            ) from exc
-        return reply, used
+        while True:
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(EndpointFailed),
+                stop=stop_after_attempt(self.settings.max_attempts) | deadline_passed,
+                wait=wait_none(),  # the failed endpoint is paused instead; the next attempt goes elsewhere
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        used += 1
+                        attempt_id = f"{request.request_id}#{first_attempt + used - 1}"
+                        reply = await self._attempt(request, tried, attempt_id, failing)
+                return reply, used
+            except ClassificationFailed as exc:
+                exc.attempts = first_attempt - 1 + used
+                raise
+            except (EndpointFailed, NoEndpoint) as exc:
+                paused_s = None if self._closing else self.fleet.down_for(time.monotonic())
+                if paused_s is not None:
+                    raise Unavailable(
+                        "reasoner",
+                        f"no endpoint of the remote fleet answers (last: {exc}; endpoints tried: "
+                        f"{', '.join(sorted(tried)) or 'none'})",
+                        retry_after_s=paused_s,
+                    ) from None
+                if self._closing or deadline_passed():
+                    raise ClassificationFailed(
+                        ErrorType.CLASSIFIER_ERROR,
+                        f"remote reasoner: {exc} (endpoints tried: {', '.join(sorted(tried)) or 'none'})",
+                        attempts=first_attempt - 1 + used,
+                    ) from None
+                # Some endpoint still answers; this request met only failing ones (those that answer
+                # were full, as in a rolling restart's backlog). Not the record's fault: another round,
+                # on the endpoints that answer, within the request's deadline.
+                failing = frozenset(e.name for e in self.fleet.endpoints if e.failures_in_a_row > 0)
+            except Exception as exc:  # any other failure still ends as a dead letter, never a crash
+                raise ClassificationFailed(
+                    ErrorType.CLASSIFIER_ERROR,
+                    f"remote request failed: {type(exc).__name__}: {exc}",
+                    attempts=first_attempt - 1 + used,
+                ) from exc
 
-    async def _attempt(self, request: ClassifyRequest, tried: set[str], attempt_id: str) -> Reply:
-        endpoint = await self.fleet.acquire(tried, request.deadline)
+    async def _attempt(
+        self, request: ClassifyRequest, tried: set[str], attempt_id: str, failing: frozenset[str] = frozenset()
+    ) -> Reply:
+        endpoint = await self.fleet.acquire(tried, request.deadline, failing)
         tried.add(endpoint.name)
         started = time.monotonic()
         try:

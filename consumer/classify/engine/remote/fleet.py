@@ -139,13 +139,17 @@ class Fleet:
         """Most requests this consumer ever has outstanding on the fleet: the ceilings, shared."""
         return sum(max(1, int(e.ceiling * self.share(e))) for e in self.endpoints)
 
-    async def acquire(self, avoid: set[str], deadline: float | None) -> Endpoint:
-        """An endpoint with room, counted as used until `release`; raises NoEndpoint at the deadline."""
+    async def acquire(self, avoid: set[str], deadline: float | None, exclude: frozenset[str] = frozenset()) -> Endpoint:
+        """An endpoint with room, counted as used until `release`; raises NoEndpoint at the deadline.
+        `avoid`: taken only when nothing else has room; `exclude`: never taken (endpoints that were
+        failing), and NoEndpoint once every endpoint is failing (the fleet is down)."""
         while True:
             if self._closing:
                 raise NoEndpoint("the remote classifier is closing")
             now = time.monotonic()
-            chosen = self._pick(now, avoid)
+            if exclude and self.down_for(now) is not None:
+                raise NoEndpoint("every endpoint is failing")
+            chosen = self._pick(now, avoid, exclude)
             if chosen is not None:
                 chosen.outstanding += 1
                 chosen.peak_outstanding = max(chosen.peak_outstanding, chosen.outstanding)
@@ -182,11 +186,11 @@ class Fleet:
         self._closing = True
         self._changed.set()
 
-    def _pick(self, now: float, avoid: set[str]) -> Endpoint | None:
+    def _pick(self, now: float, avoid: set[str], exclude: frozenset[str] = frozenset()) -> Endpoint | None:
         best: tuple[bool, int, float] | None = None
         chosen = None
         for endpoint in self.endpoints:
-            if not endpoint.up(now) or endpoint.room(self.share(endpoint)) <= 0:
+            if endpoint.name in exclude or not endpoint.up(now) or endpoint.room(self.share(endpoint)) <= 0:
                 continue
             # Fresh endpoints first, then least outstanding, then the emptier relative to its limit.
             key = (endpoint.name in avoid, endpoint.outstanding, endpoint.outstanding / endpoint.limit)
