@@ -20,7 +20,8 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from consumer.classify.keyword import KeywordClassifier
 from consumer.kafka.devkafka import free_port
 from tests.integration.registry_messages import ChatMessage, ChatMessageV1
-from tests.kafka_helpers import Collector, committed_offsets, create_topics, end_offsets, unique, wait_for
+from tests.kafka_helpers import Collector, committed_offsets, create_topics, end_offsets, http_get, unique, wait_for
+from tests.registry import SchemaRegistry
 from tests.runner import running_pipeline, settings_for, write_config
 from tests.unit.test_config import run_cli
 
@@ -154,6 +155,47 @@ def test_an_unreachable_registry_dead_letters_nothing_and_commits_nothing(kafka,
         result = running.stop()
     assert (result.verdicts, result.dead_letters) == (0, 0)
     assert committed_offsets(kafka, group, topic, 1) == {0: OFFSET_INVALID}  # nothing committed
+
+
+def test_a_registry_stopped_mid_stream_past_its_back_off_then_restarted_loses_nothing_and_commits_to_the_end(
+    kafka, policies_dir, tmp_path
+):
+    # A registry of this test's own, its storage in files: a restart keeps the schemas and their ids.
+    registry = SchemaRegistry(tmp_path / "registry.log", data_dir=tmp_path / "registry-data")
+    registry.start()
+    topic, group, total = unique("reg-restart"), unique("group"), 2 * PER_VERSION
+    try:
+        create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+        values = _avro_records(SchemaRegistryClient({"url": registry.url}), topic)  # registers v1 and v2
+        _produce(kafka, topic, values[:PER_VERSION])  # v1 only: the consumer fetches and caches v1, never v2
+        settings = settings_for(kafka, group, topic, policies_dir, policies={"default": "spam-scams"},
+                                schema_registry={"url": registry.url, "retry_s": 0.5},
+                                decode={"format": "avro", "field_mapping": MAPPING})  # fmt: skip
+        with running_pipeline(settings, KeywordClassifier()) as running:
+            wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: PER_VERSION}, timeout=120,
+                     message="the v1 records committed")  # fmt: skip
+            port = running.pipeline.http.port
+            assert http_get(port, "/readyz")[0] == 200
+            registry.stop()
+            _produce(kafka, topic, values[PER_VERSION:])  # v2: a schema id the consumer must fetch
+            wait_for(lambda: http_get(port, "/readyz")[0] == 503, timeout=30, message="/readyz failing")
+            assert "schema registry" in http_get(port, "/readyz")[1]
+            time.sleep(4.0)  # well past retry_s and the outage's retry hint: retried, and waiting again
+            assert committed_offsets(kafka, group, topic, 1) == {0: PER_VERSION}  # the v2 records kept, uncommitted
+            assert running.pipeline.consumed == total
+            registry.start()
+            wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: total}, timeout=120,
+                     message="commits at the end after the restart")  # fmt: skip
+            wait_for(lambda: http_get(port, "/readyz")[0] == 200, timeout=30, message="/readyz ready again")
+            result = running.stop()
+    finally:
+        registry.stop()
+    assert result.exit_code == 0 and (result.verdicts, result.dead_letters) == (total, 0)
+    outputs = _outputs(kafka, topic, total)
+    assert [o for o in outputs if o["kind"] == "dead_letter"] == []  # 0 dead-lettered because of the outage
+    by_id = {o["event_id"]: o for o in outputs}
+    assert sorted(by_id) == sorted(f"a{i}" for i in range(total))  # 0 lost
+    assert all(by_id[f"a{i}"]["violation"] is (i % 5 == 0) for i in range(total))
 
 
 def test_the_preflight_stops_with_exit_1_when_the_registry_does_not_answer(kafka, policies_dir, tmp_path):
