@@ -351,6 +351,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _registered_outputs_need_their_own_subjects(self) -> Settings:
+        registered = self.sinks.registered_outputs
+        if registered and not self.schema_registry.url:
+            raise ValueError("sinks.registered_outputs needs schema_registry.url")
+        # One subject per topic (the topic name strategy): two kinds of output on one topic cannot both have it.
+        if {"verdict", "dead_letter"} <= set(registered) and self.kafka.verdict_topic == self.kafka.dead_letter_topic:
+            raise ValueError("sinks.registered_outputs: verdict and dead_letter need two topics "
+                             "(kafka.verdict_topic and kafka.dead_letter_topic are the same)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _reasoner_said_once(self) -> Settings:
         for note in resolve_reasoner_place(self.classifier, self.engine):
             log.warning("%s", note)

@@ -343,3 +343,90 @@ def test_a_replay_of_an_avro_topic_stops_at_its_preflight_when_the_registry_does
     assert result.exit_code == 1, result.output
     assert f"schema registry {registry}" in result.output
     assert not output.exists() and not (tmp_path / "replay.checkpoint.json").exists()  # stopped before planning
+
+
+def test_registered_verdicts_and_dead_letters_read_back_through_a_plain_json_deserializer(
+    kafka, schema_registry, policies_dir, tmp_path
+):
+    from confluent_kafka import Consumer
+    from confluent_kafka.schema_registry.json_schema import JSONDeserializer
+
+    topic, group, total = unique("reg-out"), unique("group"), 10
+    sections = {"policies": {"directory": str(policies_dir), "default": "spam-scams"},
+                "schema_registry": {"url": schema_registry.url},
+                "sinks": {"registered_outputs": ["verdict", "dead_letter"]}}  # fmt: skip
+    config = write_config(tmp_path / "config.yaml", kafka, group, topic, policies_dir, **sections)
+    created = run_cli("topics", "create", "--config", str(config), "--partitions", "1")
+    assert created.returncode == 0, created.stdout + created.stderr
+    assert f"{topic}.verdicts-value (schema): verdict schema registered, id" in created.stdout
+    assert f"{topic}.dlq-value (schema): dead_letter schema registered, id" in created.stdout
+    again = run_cli("topics", "create", "--config", str(config), "--partitions", "1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    ids = [line.rsplit(" id ", 1)[1] for line in created.stdout.splitlines() if "(schema)" in line]
+    assert [line.rsplit(" id ", 1)[1] for line in again.stdout.splitlines() if "already registered" in line] == ids
+    _produce(kafka, topic, [*(orjson.dumps({"event_id": f"e{i}", "content": _text(i)}) for i in range(total)),
+                            b"not json"])  # fmt: skip
+    settings = settings_for(kafka, group, topic, policies_dir, **{k: v for k, v in sections.items() if k != "policies"},
+                            policies={"default": "spam-scams"})  # fmt: skip
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: total + 1}, timeout=120,
+                 message="commits at the end")  # fmt: skip
+        result = running.stop()
+    assert result.exit_code == 0 and (result.verdicts, result.dead_letters) == (total, 1)
+
+    # A reader that knows nothing of ours: the library's consumer and JSONDeserializer, which
+    # fetches each record's schema by its id and validates the record against it.
+    deserialize = JSONDeserializer(None, schema_registry_client=SchemaRegistryClient({"url": schema_registry.url}))
+    reader = Consumer({"bootstrap.servers": kafka, "group.id": unique("reader"), "auto.offset.reset": "earliest"})
+    reader.subscribe([f"{topic}.verdicts", f"{topic}.dlq"])
+    found: list[tuple[bytes, dict]] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(found) < total + 1 and time.monotonic() < deadline:
+            message = reader.poll(0.5)
+            if message is not None and message.error() is None:
+                ctx = SerializationContext(message.topic(), MessageField.VALUE)
+                found.append((message.value()[:1], deserialize(message.value(), ctx)))
+    finally:
+        reader.close()
+    assert len(found) == total + 1 and {magic for magic, _ in found} == {b"\x00"}  # every one framed
+    verdicts = {d["event_id"]: d["violation"] for _, d in found if d["kind"] == "verdict"}
+    assert verdicts == {f"e{i}": i % 5 == 0 for i in range(total)}
+    (letter,) = [d for _, d in found if d["kind"] == "dead_letter"]
+    assert letter["error"]["type"] == "invalid_json" and base64.b64decode(letter["original"]["value_b64"]) == b"not json"
+
+
+def test_a_registered_dead_letter_abbreviated_for_a_small_topic_fits_it_with_its_framing(
+    kafka, schema_registry, policies_dir
+):
+    from consumer.decode import RawRecord
+    from consumer.events import ErrorType
+    from consumer.kafka.budget import OutputBudget
+    from consumer.kafka.records import dead_letter
+    from consumer.sinks.registry import FRAME_BYTES, RegisteredBudget, register_output_schemas
+
+    topic = unique("reg-fit")
+    settings = settings_for(kafka, unique("group"), topic, policies_dir, schema_registry={"url": schema_registry.url},
+                            sinks={"registered_outputs": ["dead_letter"]})  # fmt: skip
+    assert [o.split(",")[0] for _, o in register_output_schemas(settings)] == ["dead_letter schema registered"]
+    small = lambda topics: {t: 12_000 for t in topics}  # noqa: E731 - every topic's max.message.bytes
+    plain, framed = OutputBudget({}, f"{topic}.verdicts", f"{topic}.dlq", small), RegisteredBudget({}, settings, small)
+    plain.load()
+    framed.load()
+
+    class Record(RawRecord):  # a dead letter also records the input's timestamp
+        def timestamp(self) -> tuple[int, int]:
+            return (0, 0)  # TIMESTAMP_NOT_AVAILABLE
+
+    record = Record(b"x" * 50_000, topic, 0, 7, key_bytes=b"channel-1")
+    letter = dead_letter(record, ErrorType.INVALID_JSON, "not JSON")
+    unframed_output, framed_output = plain.dead_letter(letter, record, []), framed.dead_letter(letter, record, [])
+    assert framed_output.value[:1] == b"\x00"
+    assert len(framed_output.value) + len(b"channel-1") <= plain.budget(f"{topic}.dlq")  # the framing counted
+    assert len(framed_output.value) - FRAME_BYTES < len(unframed_output.value)  # its JSON cut shorter, for the framing
+    body = orjson.loads(framed_output.value[FRAME_BYTES:])
+    assert body["original"]["truncated"] is True and body["event_id"] == letter["event_id"]
+    # A record the topic takes whole is framed as it is: 5 bytes longer than the plain output.
+    short = Record(b"y" * 100, topic, 0, 8)
+    small_letter = dead_letter(short, ErrorType.INVALID_JSON, "not JSON")
+    assert framed.dead_letter(small_letter, short, []).value[FRAME_BYTES:] == plain.dead_letter(small_letter, short, []).value
