@@ -75,7 +75,9 @@ class SchemaRegistry:
         command = [
             java25(), "-Xmx384m",
             f"-Dquarkus.http.port={self.port}", "-Dquarkus.http.host=127.0.0.1",
-            "-Dquarkus.management.enabled=false",  # else a second interface on 0.0.0.0:9000
+            # The management interface is built in (enabled=false does not turn it off at run time):
+            # on 127.0.0.1 and a free port of its own, else every registry wants 0.0.0.0:9000.
+            "-Dquarkus.management.host=127.0.0.1", f"-Dquarkus.management.port={free_port()}",
         ]  # fmt: skip
         if self.data_dir is not None:  # the same storage as in memory, in files that outlive the process
             command.append(f"-Dapicurio.datasource.url=jdbc:h2:file:{self.data_dir / 'registry'}")

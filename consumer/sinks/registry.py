@@ -1,4 +1,4 @@
-"""Registered outputs (`sinks.registered_outputs`): owns "a registered output reads back through any registry-aware consumer".
+"""Registered outputs (`sinks.registered_outputs`): owns "any registry-aware consumer reads them back".
 
 The outputs named there (verdicts, dead letters, review items) go to Kafka in Confluent's wire
 format: confluent-kafka's `JSONSerializer` writes the magic byte and the schema id, then the same
@@ -87,7 +87,7 @@ def register_output_schemas(settings: Settings, client: SchemaRegistryClient | N
                 compatible, note = True, f" (the registry could not test compatibility: {exc})"
             if not compatible:
                 outcomes.append((subject, f"incompatible with its latest version: the {kind} schema was not "
-                                          "registered; set the subject's compatibility or use a new topic"))  # fmt: skip
+                                          "registered; set the subject's compatibility, or a new topic"))  # fmt: skip
                 continue
             registered = client.register_schema_full_response(subject, schema)
             outcomes.append((subject, f"{kind} schema registered as a new version, id {registered.schema_id}{note}"))
@@ -123,8 +123,8 @@ class RegisteredBudget(OutputBudget):
                 # make no request. This one, off the loop, is that first call.
                 serialize({}, ctx)
             except SchemaRegistryError as exc:
-                raise Fatal(f"{REGISTRY} {self._registry_url}: subject {topic}-value does not hold this version's "
-                            f"schema ({exc}); register it with `safeguard-consumer topics create`") from None  # fmt: skip
+                raise Fatal(f"{REGISTRY} {self._registry_url}: subject {topic}-value does not hold this "
+                            f"version's schema ({exc}); register it with `safeguard-consumer topics create`") from None
             except Exception as exc:  # noqa: BLE001 - the HTTP client's own errors: the registry does not answer
                 raise Fatal(f"{REGISTRY} {self._registry_url}: {type(exc).__name__}: {exc}") from None
             self._looked_up.add(topic)

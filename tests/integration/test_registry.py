@@ -393,7 +393,8 @@ def test_registered_verdicts_and_dead_letters_read_back_through_a_plain_json_des
     verdicts = {d["event_id"]: d["violation"] for _, d in found if d["kind"] == "verdict"}
     assert verdicts == {f"e{i}": i % 5 == 0 for i in range(total)}
     (letter,) = [d for _, d in found if d["kind"] == "dead_letter"]
-    assert letter["error"]["type"] == "invalid_json" and base64.b64decode(letter["original"]["value_b64"]) == b"not json"
+    assert letter["error"]["type"] == "invalid_json"
+    assert base64.b64decode(letter["original"]["value_b64"]) == b"not json"
 
 
 def test_a_registered_dead_letter_abbreviated_for_a_small_topic_fits_it_with_its_framing(
@@ -429,4 +430,22 @@ def test_a_registered_dead_letter_abbreviated_for_a_small_topic_fits_it_with_its
     # A record the topic takes whole is framed as it is: 5 bytes longer than the plain output.
     short = Record(b"y" * 100, topic, 0, 8)
     small_letter = dead_letter(short, ErrorType.INVALID_JSON, "not JSON")
-    assert framed.dead_letter(small_letter, short, []).value[FRAME_BYTES:] == plain.dead_letter(small_letter, short, []).value
+    whole = framed.dead_letter(small_letter, short, []).value
+    assert whole[FRAME_BYTES:] == plain.dead_letter(small_letter, short, []).value
+
+
+def test_a_run_whose_registered_outputs_schemas_are_not_registered_stops_at_start_with_exit_1(
+    kafka, schema_registry, policies_dir
+):
+    topic, group = unique("reg-unregistered"), unique("group")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    _produce(kafka, topic, [orjson.dumps({"event_id": "e0", "content": SCAM})])
+    settings = settings_for(kafka, group, topic, policies_dir, schema_registry={"url": schema_registry.url},
+                            sinks={"registered_outputs": ["verdict"]})  # fmt: skip
+    with running_pipeline(settings, KeywordClassifier()) as running:
+        wait_for(lambda: running.result is not None, timeout=60, message="the run to stop on its own")
+        result = running.result
+    assert result.exit_code == 1 and result.verdicts == 0
+    assert f"subject {topic}.verdicts-value does not hold this version's schema" in result.reason
+    assert "safeguard-consumer topics create" in result.reason
+    assert committed_offsets(kafka, group, topic, 1) == {0: OFFSET_INVALID}  # nothing consumed
