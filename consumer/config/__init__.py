@@ -356,9 +356,17 @@ class Settings(BaseSettings):
         if registered and not self.schema_registry.url:
             raise ValueError("sinks.registered_outputs needs schema_registry.url")
         # One subject per topic (the topic name strategy): two kinds of output on one topic cannot both have it.
-        if {"verdict", "dead_letter"} <= set(registered) and self.kafka.verdict_topic == self.kafka.dead_letter_topic:
+        one_topic = self.kafka.verdict_topic == self.kafka.dead_letter_topic
+        if {"verdict", "dead_letter"} <= set(registered) and one_topic:
             raise ValueError("sinks.registered_outputs: verdict and dead_letter need two topics "
                              "(kafka.verdict_topic and kafka.dead_letter_topic are the same)")  # fmt: skip
+        # Readers and writers of ours that still take these topics as plain JSON: not yet with them.
+        if registered and self.review.enabled:
+            raise ValueError("sinks.registered_outputs is not supported with review.enabled yet (the review loop "
+                             "writes corrected verdicts and dead letters as plain JSON)")  # fmt: skip
+        if "verdict" in registered and self.chat.offender_thresholds and self.chat.rebuild_records:
+            raise ValueError("sinks.registered_outputs: verdict is not supported with chat.offender_thresholds "
+                             "and chat.rebuild_records yet (the rebuild reads the verdict topic as plain JSON)")
         return self
 
     @model_validator(mode="after")

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # Every kind of output the pipeline sends (`consumer.sinks.roles` uses this one list).
 OutputKind = Literal["verdict", "dead_letter", "review_item"]
 OUTPUT_KINDS: tuple[OutputKind, ...] = ("verdict", "dead_letter", "review_item")
+# The outputs that may carry a registered schema: review items are read back as plain JSON by the
+# review desk and console, so not yet them.
+RegisteredOutput = Literal["verdict", "dead_letter"]
 
 
 class FileSinkSettings(BaseModel):
@@ -51,7 +54,7 @@ class SinksSettings(BaseModel):
         default_factory=list, description="JSON Lines files, e.g. [{path: verdicts.jsonl, outputs: [verdict]}]"
     )
 
-    registered_outputs: list[OutputKind] = Field(
+    registered_outputs: list[RegisteredOutput] = Field(
         default_factory=list,
         description="outputs written to Kafka in Confluent's wire format with a registered JSON Schema "
         "(needs schema_registry.url; docs/registry.md); the others stay plain JSON",
@@ -59,7 +62,7 @@ class SinksSettings(BaseModel):
 
     @field_validator("registered_outputs")
     @classmethod
-    def _registered_once(cls, outputs: list[OutputKind]) -> list[OutputKind]:
+    def _registered_once(cls, outputs: list[RegisteredOutput]) -> list[RegisteredOutput]:
         if len(set(outputs)) != len(outputs):
             raise ValueError("an output kind is listed twice")
         return outputs

@@ -1,6 +1,6 @@
 """Registered outputs (`sinks.registered_outputs`): owns "any registry-aware consumer reads them back".
 
-The outputs named there (verdicts, dead letters, review items) go to Kafka in Confluent's wire
+The outputs named there (verdicts, dead letters) go to Kafka in Confluent's wire
 format: confluent-kafka's `JSONSerializer` writes the magic byte and the schema id, then the same
 JSON a plain output carries. The schema is the JSON Schema generated from our pydantic models
 (`consumer.schemas`, the files under schemas/), under the topic name strategy's subject
@@ -35,25 +35,21 @@ from consumer.events import Document, Headers
 from consumer.kafka.budget import Output, OutputBudget
 from consumer.kafka.client import Message
 from consumer.schemas import render_schemas
-from consumer.sinks.roles import OutputKind
+from consumer.config.sinks import RegisteredOutput
 
 FRAME_BYTES = 5  # the magic byte and the 4-byte schema id the serializer puts before the JSON
-_SCHEMA_FILES: dict[OutputKind, str] = {
-    "verdict": "verdict.schema.json",
-    "dead_letter": "dead-letter.schema.json",
-    "review_item": "review-item.schema.json",
-}
+_SCHEMA_FILES: dict[RegisteredOutput, str] = {"verdict": "verdict.schema.json",
+                                               "dead_letter": "dead-letter.schema.json"}  # fmt: skip
 
 
-def registered_topics(settings: Settings) -> dict[str, OutputKind]:
+def registered_topics(settings: Settings) -> dict[str, RegisteredOutput]:
     """Each topic whose records carry a registered schema, with the kind of output it takes."""
-    topic_of: dict[OutputKind, str] = {"verdict": settings.kafka.verdict_topic,
-                                       "dead_letter": settings.kafka.dead_letter_topic,
-                                       "review_item": settings.review.topic}  # fmt: skip
+    topic_of: dict[RegisteredOutput, str] = {"verdict": settings.kafka.verdict_topic,
+                                             "dead_letter": settings.kafka.dead_letter_topic}  # fmt: skip
     return {topic_of[kind]: kind for kind in settings.sinks.registered_outputs if topic_of[kind]}
 
 
-def output_schema(kind: OutputKind) -> Schema:
+def output_schema(kind: RegisteredOutput) -> Schema:
     """The JSON Schema of one kind of output, as `schemas export` writes it."""
     return Schema(render_schemas()[_SCHEMA_FILES[kind]], "JSON")
 
@@ -135,9 +131,6 @@ class RegisteredBudget(OutputBudget):
 
     def verdict(self, document: Document, record: Message, headers: Headers) -> Output:
         return self._framed(super().verdict(document, record, headers))
-
-    def review_item(self, topic: str, document: Document, record: Message, headers: Headers) -> Output:
-        return self._framed(super().review_item(topic, document, record, headers))
 
     def dead_letter(self, document: Document, record: Message, headers: Headers) -> Output:
         return self._framed(super().dead_letter(document, record, headers))
