@@ -345,8 +345,9 @@ def test_a_replay_of_an_avro_topic_stops_at_its_preflight_when_the_registry_does
     assert not output.exists() and not (tmp_path / "replay.checkpoint.json").exists()  # stopped before planning
 
 
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
 def test_registered_verdicts_and_dead_letters_read_back_through_a_plain_json_deserializer(
-    kafka, schema_registry, policies_dir, tmp_path
+    kafka, schema_registry, policies_dir, tmp_path, delivery
 ):
     from confluent_kafka import Consumer
     from confluent_kafka.schema_registry.json_schema import JSONDeserializer
@@ -367,7 +368,7 @@ def test_registered_verdicts_and_dead_letters_read_back_through_a_plain_json_des
     _produce(kafka, topic, [*(orjson.dumps({"event_id": f"e{i}", "content": _text(i)}) for i in range(total)),
                             b"not json"])  # fmt: skip
     settings = settings_for(kafka, group, topic, policies_dir, **{k: v for k, v in sections.items() if k != "policies"},
-                            policies={"default": "spam-scams"})  # fmt: skip
+                            policies={"default": "spam-scams"}, pipeline={"delivery": delivery})  # fmt: skip
     with running_pipeline(settings, KeywordClassifier()) as running:
         wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: total + 1}, timeout=120,
                  message="commits at the end")  # fmt: skip
@@ -377,7 +378,8 @@ def test_registered_verdicts_and_dead_letters_read_back_through_a_plain_json_des
     # A reader that knows nothing of ours: the library's consumer and JSONDeserializer, which
     # fetches each record's schema by its id and validates the record against it.
     deserialize = JSONDeserializer(None, schema_registry_client=SchemaRegistryClient({"url": schema_registry.url}))
-    reader = Consumer({"bootstrap.servers": kafka, "group.id": unique("reader"), "auto.offset.reset": "earliest"})
+    reader = Consumer({"bootstrap.servers": kafka, "group.id": unique("reader"), "auto.offset.reset": "earliest",
+                       "isolation.level": "read_committed"})  # fmt: skip
     reader.subscribe([f"{topic}.verdicts", f"{topic}.dlq"])
     found: list[tuple[bytes, dict]] = []
     deadline = time.monotonic() + 60
