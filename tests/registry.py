@@ -1,4 +1,5 @@
-"""A real Schema Registry for the tests: Apicurio Registry on 127.0.0.1, in-memory storage.
+"""A real Schema Registry for the tests: Apicurio Registry on 127.0.0.1, in-memory storage
+(or, with `data_dir`, an H2 database in files there, so a restart keeps its schemas and their ids).
 
 Like the Kafka broker (consumer.kafka.devkafka), it comes from Maven Central
 (`io.apicurio:apicurio-registry-app:3.3.3:tar.gz:all`) into the cache folder, never into the
@@ -59,9 +60,10 @@ def java25() -> str:
 class SchemaRegistry:
     """One registry process on 127.0.0.1; `url` is what SchemaRegistryClient takes."""
 
-    def __init__(self, log_file: Path, port: int | None = None):
+    def __init__(self, log_file: Path, port: int | None = None, data_dir: Path | None = None):
         self.port = port or free_port()
         self.log_file = log_file
+        self.data_dir = data_dir
         self._process: subprocess.Popen | None = None
 
     @property
@@ -73,9 +75,13 @@ class SchemaRegistry:
         command = [
             java25(), "-Xmx384m",
             f"-Dquarkus.http.port={self.port}", "-Dquarkus.http.host=127.0.0.1",
-            "-Dquarkus.management.enabled=false",  # else a second interface on 0.0.0.0:9000
-            "-jar", str(home / "quarkus-run.jar"),
+            # The management interface is built in (enabled=false does not turn it off at run time):
+            # on 127.0.0.1 and a free port of its own, else every registry wants 0.0.0.0:9000.
+            "-Dquarkus.management.host=127.0.0.1", f"-Dquarkus.management.port={free_port()}",
         ]  # fmt: skip
+        if self.data_dir is not None:  # the same storage as in memory, in files that outlive the process
+            command.append(f"-Dapicurio.datasource.url=jdbc:h2:file:{self.data_dir / 'registry'}")
+        command += ["-jar", str(home / "quarkus-run.jar")]
         with self.log_file.open("ab") as log:
             self._process = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

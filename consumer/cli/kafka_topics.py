@@ -28,7 +28,8 @@ def topics_create(
     """Create every topic the configuration names: the named input topics, the verdict and
     dead-letter topics (sized for the largest dead letter, pipeline.max_payload_bytes) and,
     with review.enabled, the review items (sized alike), decisions and appeals topics.
-    Existing topics are left as they are."""
+    Existing topics are left as they are. With sinks.registered_outputs, their JSON Schemas are
+    registered under the topics' subjects, compatibility tested first."""
     from consumer.kafka.admin import Unreachable, connect, create_topics, plan_topics
 
     settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
@@ -44,7 +45,14 @@ def topics_create(
     skipped = [t for t in settings.kafka.input_topics if t.startswith("^")]
     if skipped:
         typer.echo(f"not created (regular expressions): {', '.join(skipped)}", err=True)
-    raise typer.Exit(1 if any(p.outcome.startswith("failed") for p in plans) else 0)
+    failed = any(p.outcome.startswith("failed") for p in plans)
+    if settings.sinks.registered_outputs:
+        from consumer.sinks.registry import register_output_schemas
+
+        for subject, outcome in register_output_schemas(settings):
+            typer.echo(f"{subject} (schema): {outcome}")
+            failed = failed or outcome.startswith(("failed", "incompatible"))
+    raise typer.Exit(1 if failed else 0)
 
 
 @dev_kafka_app.command("start")

@@ -1,5 +1,6 @@
-"""Settings of the outputs' second destinations (`sinks:`): files that take some of the outputs
-the Kafka topics take, each output then counting as delivered only when every destination has it."""
+"""Settings of the outputs' destinations besides plain JSON on Kafka (`sinks:`): files that take
+some of the outputs the Kafka topics take, each output then counting as delivered only when every
+destination has it; and the outputs whose Kafka records carry a registered JSON Schema."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # Every kind of output the pipeline sends (`consumer.sinks.roles` uses this one list).
 OutputKind = Literal["verdict", "dead_letter", "review_item"]
 OUTPUT_KINDS: tuple[OutputKind, ...] = ("verdict", "dead_letter", "review_item")
+# The outputs that may carry a registered schema: review items are read back as plain JSON by the
+# review desk and console, so not yet them.
+RegisteredOutput = Literal["verdict", "dead_letter"]
 
 
 class FileSinkSettings(BaseModel):
@@ -49,6 +53,19 @@ class SinksSettings(BaseModel):
     files: list[FileSinkSettings] = Field(
         default_factory=list, description="JSON Lines files, e.g. [{path: verdicts.jsonl, outputs: [verdict]}]"
     )
+
+    registered_outputs: list[RegisteredOutput] = Field(
+        default_factory=list,
+        description="outputs written to Kafka in Confluent's wire format with a registered JSON Schema "
+        "(needs schema_registry.url; docs/registry.md); the others stay plain JSON",
+    )
+
+    @field_validator("registered_outputs")
+    @classmethod
+    def _registered_once(cls, outputs: list[RegisteredOutput]) -> list[RegisteredOutput]:
+        if len(set(outputs)) != len(outputs):
+            raise ValueError("an output kind is listed twice")
+        return outputs
 
     @field_validator("files")
     @classmethod

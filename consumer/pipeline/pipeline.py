@@ -202,11 +202,20 @@ class Pipeline:
                 self._loop.add_signal_handler(sig, self._stopping.set)
         producer_config = cfg.kafka.producer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
                                                          "logger": ClientLogger("producer", self.link)}
-        budget = OutputBudget(producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic)
+        budget: OutputBudget
+        if cfg.sinks.registered_outputs:  # Confluent's wire format with registered schemas (docs/registry.md)
+            from consumer.sinks.registry import RegisteredBudget
+
+            budget = RegisteredBudget(producer_config, cfg)
+        else:
+            budget = OutputBudget(producer_config, cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic)
         output_topics = [cfg.kafka.verdict_topic, cfg.kafka.dead_letter_topic]
         if cfg.review.enabled:
             output_topics.append(cfg.review.topic)
-        await asyncio.to_thread(budget.load, output_topics)
+        try:
+            await asyncio.to_thread(budget.load, output_topics)
+        except Fatal as exc:  # a registered output's schema id not found: nothing consumed yet
+            return RunResult(1, 0, 0, 0, str(exc))
         problem = budget.check(cfg.pipeline.max_payload_bytes)
         if problem:  # a configuration error: nothing consumed, before anything started
             return RunResult(2, 0, 0, 0, problem)

@@ -11,7 +11,7 @@ naming the key.
 naming the key, exit 2), the brokers answer within `kafka.startup_timeout_s` (else
 `Unreachable`, exit 1), the topics the command needs exist and may be read or written (else
 `TopicProblem`, exit 2), and the schema registry answers when a registry format reads a topic
-(else `Unreachable`, exit 1). `run_needs`, `review_needs` say which topics and ports each
+or an output is registered (else `Unreachable`, exit 1). `run_needs`, `review_needs` say which topics and ports each
 command needs; a command with its own (a replay's --topic) builds `TopicNeed`s itself.
 """
 
@@ -129,7 +129,8 @@ def connect_and_check(settings: Settings, needs: Needs, create_command: str = CR
         check_port(port)
     cluster = admin.connect(settings)
     warnings = admin.check_topics(cluster, needs.topics, create_command)
-    if any(spec.format in REGISTRY_FORMATS for spec in (settings.decode, *settings.decode.topics.values())):
+    formats = {spec.format for spec in (settings.decode, *settings.decode.topics.values())}
+    if formats & set(REGISTRY_FORMATS) or settings.sinks.registered_outputs:
         from consumer.decode.registry import check_reachable, registry_client
 
         try:

@@ -61,7 +61,7 @@ def refuse_exactly_once(settings: Settings) -> None:
 
 def replay_settings(settings: Settings, run_id: str, topic: str, output_topic: str | None) -> Settings:
     """The live settings narrowed to a replay: one input topic, its own group, one output for
-    verdicts and dead letters alike, policies fixed for the whole run, no health endpoint."""
+    verdicts and dead letters alike (plain JSON), policies fixed for the whole run, no health endpoint."""
     kafka = settings.kafka.model_copy(update={
         "input_topics": [topic],
         "group_id": f"safeguard-replay-{run_id}",
@@ -71,7 +71,9 @@ def replay_settings(settings: Settings, run_id: str, topic: str, output_topic: s
     policies = settings.policies.model_copy(update={"reload_interval_s": 0.0})
     # The live consumer may serve its health port on this host; a replay stays off it.
     telemetry = settings.telemetry.model_copy(update={"http_port": None})
-    return settings.model_copy(update={"kafka": kafka, "policies": policies, "telemetry": telemetry})
+    # One output topic takes both kinds (one subject cannot hold both schemas), and backtests read plain JSON.
+    sinks = settings.sinks.model_copy(update={"registered_outputs": []})
+    return settings.model_copy(update={"kafka": kafka, "policies": policies, "telemetry": telemetry, "sinks": sinks})
 
 
 def replay_policies(settings: Settings, policy: str | None) -> tuple[Settings, PolicyStore]:
