@@ -120,17 +120,17 @@ class OutageClassifier:
 
 
 class DeadEngineClassifier(OutageClassifier):
-    """Answers until `dead`, then raises `Fatal` for every request, as the in-process engine does once
-    its core died."""
+    """Answers `dies_after` requests, then raises `Fatal` for every request, as the in-process engine
+    does once its core died (by count, not by a test's timing: a fast run must not finish first)."""
 
     name = "dead-engine-test"
 
-    def __init__(self) -> None:
+    def __init__(self, dies_after: int) -> None:
         super().__init__()
-        self.dead = False
+        self.dies_after = dies_after
 
     async def classify(self, request: ClassifyRequest) -> Classification:
-        if self.dead:
+        if self.answered >= self.dies_after:
             raise Fatal("the vLLM engine core died")
         return await super().classify(request)
 

@@ -106,12 +106,10 @@ def test_an_engine_that_died_stops_the_run_with_exit_1_and_its_records_stay_unco
     create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
     produce(kafka, topic, (event_json(i) for i in range(total)))
     settings = settings_for(kafka, group, topic, policies_dir, pipeline={"max_in_flight_events": 50})
-    classifier = DeadEngineClassifier()
+    classifier = DeadEngineClassifier(dies_after=20)
     outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
     try:
         with BackgroundPipeline(Pipeline(settings, classifier, PolicyStore(settings.policies.directory))) as running:
-            outputs.until(20, timeout=60)
-            classifier.dead = True
             wait_for(lambda: running.result is not None, timeout=60, message="the run to stop on its own")
             result = running.result
         outputs.collect(wait=1.0)
