@@ -10,7 +10,11 @@ test:
 	@venv=$$(scripts/bootstrap full) && "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
 
 # Prints a table and writes JSON under bench/results/ (docs/benchmark.md); BENCH_ARGS=--quick for a smoke run.
+# Then the decode cost per event of JSON, Avro and Protobuf, in one run against a real registry
+# (docs/registry.md; DECODE_BENCH_ARGS="--events 2000 --repeats 2" for a smoke run).
 BENCH_ARGS ?=
+DECODE_BENCH_ARGS ?=
 bench:
 	@venv=$$(scripts/bootstrap full) && peer=$$(scripts/bootstrap peer) && \
-	  "$$venv/bin/python" -m bench.pipeline_bench --peer-python "$$peer/bin/python" $(BENCH_ARGS)
+	  "$$venv/bin/python" -m bench.pipeline_bench --peer-python "$$peer/bin/python" $(BENCH_ARGS) && \
+	  "$$venv/bin/python" -m bench.decode_bench $(DECODE_BENCH_ARGS)
