@@ -165,7 +165,6 @@ class TopicDecode(_Section):
                 raise ValueError(f"{target!r} is not a ContentEvent field")
         return value
 
-
     @model_validator(mode="after")
     def _protobuf_names_its_message(self) -> TopicDecode:
         if self.format == "protobuf" and not self.message_type:
