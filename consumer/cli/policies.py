@@ -42,13 +42,13 @@ def policy_validate(
             typer.echo(str(problem))
             errors += problem.severity == "error"
         try:
-            policy_id = parse_policy(data, path).id
+            policy_key = parse_policy(data, path).key
         except PolicyError:
             continue  # reported above
-        first = ids.setdefault((path.resolve().parent, policy_id), path)
+        first = ids.setdefault((path.resolve().parent, policy_key), path)
         if first != path:
-            typer.echo(f"{path}:2: error: policy id {policy_id!r} is also used by {first}; a policies folder holds "
-                       "one file per id (keep drafts elsewhere)")  # fmt: skip
+            typer.echo(f"{path}:2: error: policy id {policy_key!r} is also used by {first}; a policies folder holds "
+                       "one file per id and community (keep drafts elsewhere)")  # fmt: skip
             errors += 1
     typer.echo(f"{len(files)} policies checked, {errors} errors", err=True)
     raise typer.Exit(1 if errors or not files else 0)

@@ -22,7 +22,10 @@ REASONING_EFFORTS = ("low", "medium", "high")
 OUTPUT_TIERS = ("binary", "category", "rich")  # bare 0/1; + policy_category; + rule_ids, confidence, rationale
 # Every front-matter key a policy may have: a misspelled one would otherwise change what is
 # moderated in silence (`pattern:` leaves the keyword classifier with no patterns).
-FRONT_MATTER_KEYS = ("id", "title", "sensitive", "reasoning_effort", "output", "categories", "actions", "patterns")
+FRONT_MATTER_KEYS = (
+    "id", "title", "sensitive", "reasoning_effort", "output", "categories", "actions", "patterns", "community",
+    "shadow_of",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,17 @@ class Policy:
     actions: dict[str, str] = field(default_factory=dict)
     patterns: tuple[str, ...] = ()
     path: Path | None = None
+    # A community's own policy applies to that community's events only (`community_id`), beside
+    # the platform's policies (community None); two communities may use one id.
+    community: str | None = None
+    # A candidate version: runs beside the live policy of this id on a sample of traffic and
+    # never acts (shadow results only); `policy promote` makes it live.
+    shadow_of: str | None = None
+
+    @functools.cached_property
+    def key(self) -> str:
+        """Unique among the policies in force: the id, scoped by the community that owns it."""
+        return f"{self.community}/{self.id}" if self.community else self.id
 
     @functools.cached_property
     def ref(self) -> str:
@@ -109,6 +123,11 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
     sensitive = meta.get("sensitive", False)
     if not isinstance(sensitive, bool):
         raise PolicyError(f"{where}:{_meta_line(text, 'sensitive')}: `sensitive` must be true or false")
+    community = _optional_str(meta, "community", where, text)
+    shadow_of = _optional_str(meta, "shadow_of", where, text)
+    if shadow_of == policy_id:
+        raise PolicyError(f"{where}:{_meta_line(text, 'shadow_of')}: `shadow_of` names the policy's own id; "
+                          "a candidate has an id of its own")  # fmt: skip
     patterns = meta.get("patterns", [])
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise PolicyError(f"{where}:{_meta_line(text, 'patterns')}: `patterns` must be a list of strings")
@@ -124,6 +143,8 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
         actions=actions,
         patterns=tuple(patterns),
         path=path,
+        community=community,
+        shadow_of=shadow_of,
     )
 
 
@@ -140,6 +161,15 @@ def load_policy(path: Path) -> Policy:
     except OSError as exc:
         raise PolicyError(f"{path}:0: cannot read ({exc.strerror})") from None
     return parse_policy(data, path)
+
+
+def _optional_str(meta: dict, key: str, where: str, text: str) -> str | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "/" in value:
+        raise PolicyError(f"{where}:{_meta_line(text, key)}: `{key}` must be a non-empty string without '/'")
+    return value.strip()
 
 
 def _str_map(value: Any, key: str, where: str, text: str) -> dict[str, str]:

@@ -36,7 +36,7 @@ class PolicyStore:
         self._on_reload = on_reload
         self._fingerprint: tuple = ()
         self._by_path: dict[Path, Policy] = {}
-        self.current: dict[str, Policy] = {}
+        self.current: dict[str, Policy] = {}  # by `Policy.key`: the id, scoped by its community
         self.reloads = 0
         errors = self._load(strict=True)
         if errors:
@@ -91,16 +91,16 @@ class PolicyStore:
                     by_path[path] = self._by_path[path]  # keep the last good version
                 continue
             by_path[path] = parse_policy(data, path)
-        by_id: dict[str, Policy] = {}
+        by_key: dict[str, Policy] = {}
         for path, policy in by_path.items():
-            if policy.id in by_id:
-                errors.append(f"{path}:2: policy id {policy.id!r} is also used by {by_id[policy.id].path}")
+            if policy.key in by_key:
+                errors.append(f"{path}:2: policy id {policy.key!r} is also used by {by_key[policy.key].path}")
                 continue
-            by_id[policy.id] = policy
+            by_key[policy.key] = policy
         if strict and errors:
             return errors
         self._by_path = by_path
-        self.current = by_id
+        self.current = by_key
         return errors
 
 
