@@ -27,10 +27,11 @@ def topics_create(
 ) -> None:
     """Create every topic the configuration names: the named input topics, the verdict and
     dead-letter topics (sized for the largest dead letter, pipeline.max_payload_bytes) and,
-    with review.enabled, the review items (sized alike), decisions and appeals topics.
+    with review.enabled, the review items (sized alike), decisions and appeals topics and, with
+    shadow.enabled, the shadow topic.
     Existing topics are left as they are. With sinks.registered_outputs, their JSON Schemas are
     registered under the topics' subjects, compatibility tested first."""
-    from consumer.kafka.admin import Unreachable, connect, create_topics, plan_topics
+    from consumer.kafka.admin import TopicPlan, Unreachable, connect, create_topics, plan_topics
 
     settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
     try:
@@ -39,6 +40,8 @@ def topics_create(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_UNREACHABLE) from None
     plans = plan_topics(settings, partitions)
+    if settings.shadow.enabled and all(plan.name != settings.shadow.topic for plan in plans):
+        plans.append(TopicPlan(settings.shadow.topic, "shadow results", partitions, {}))
     create_topics(cluster, plans, replication)
     for plan in plans:
         typer.echo(f"{plan.name} ({plan.role}): {plan.outcome}")

@@ -1,4 +1,4 @@
-"""Commands for policy authors: `policy validate`, `policy render`, `policy eval`."""
+"""Commands for policy authors: `policy validate`, `policy render`, `policy eval` (and `policy shadow`, in shadow.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from consumer.cli.app import (
     policy_app,
     settings_or_exit,
 )
+from consumer.cli.shadow import shadow_app
 from consumer.config import ConfigError
+
+policy_app.add_typer(shadow_app, name="shadow")
 
 
 @policy_app.command("validate")

@@ -23,6 +23,7 @@ from consumer.config.cascade import CascadeSettings
 from consumer.config.chat import ChatSettings
 from consumer.config.exceptions import ConfigError
 from consumer.config.review import ReviewSettings
+from consumer.config.shadow import ShadowSettings
 from consumer.config.sinks import SinksSettings
 
 # Any key whose name looks like a secret, misspellings included (`sasl.pasword` is still a
@@ -341,6 +342,7 @@ class Settings(BaseSettings):
     cascade: CascadeSettings = Field(default_factory=CascadeSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
     sinks: SinksSettings = Field(default_factory=SinksSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
 
     @model_validator(mode="after")
     def _registry_formats_need_a_registry(self) -> Settings:

@@ -1,8 +1,8 @@
 """The loop on one screen: consume -> decode -> route -> batch+classify -> produce -> commit.
 
 Each step is delegated to its stage module (the source in `consumer.kafka`, decode in
-`consumer.decode`, the sink in `consumer.sinks`; chat, classify_step with the batcher, outputs
-here; health and http for the probes); this module wires them together and holds the record's
+`consumer.decode`, the sink in `consumer.sinks`; chat, classify_step with the batcher, outputs,
+shadow here; health and http for the probes); this module wires them together and holds the record's
 path through them. The poll thread hands the event loop a batch of records at a time; a record whose answers are at
 hand (a decode error, a keyword match, a cascade cache hit or cheap-stage decision: the
 classifier's `classify_now_many`, asked once per batch) is decided and its output sent within
@@ -70,6 +70,7 @@ from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
 from consumer.pipeline.outage import Outage
 from consumer.pipeline.output_step import OutputStep, Record
+from consumer.pipeline.shadow import Shadow, shadow_classifier
 from consumer.pipeline.telemetry import Telemetry
 from consumer.pipeline.telemetry.metrics import prometheus_meter_provider
 from consumer.pipeline.telemetry.tracing import tracer_provider_from_env
@@ -160,6 +161,9 @@ class Pipeline:
         for policy_id in policies.get():
             self.telemetry.engine_latency.expect(policy_id)
         self.reviews: ReviewDesk  # built by `run`, once the sink says whether it carries review items
+        # Candidates beside the live policies on live traffic: not in a replay, whose sink is its own.
+        self.shadow: Shadow | None = None  # built by `run`
+        self._runs_shadows = settings.shadow.enabled and sink_factory is None
         self.outputs_done = OutputJoin(self.tracker.done_many)  # a verdict and its review items
         self.http: HttpServer | None = None
         # The brokers' reachability after start: one WARNING per change, and /readyz.
@@ -273,6 +277,14 @@ class Pipeline:
             ),
         )
         self.classify = ClassifyStep(self.classifier, self.batcher, self.telemetry)
+        if self._runs_shadows:
+            self.shadow = Shadow(
+                cfg.shadow, shadow_classifier(cfg, self.classifier, self.policies), self.classifier, self.policies.get,
+                producer_config | {"logger": ClientLogger("shadow", self.link)}, self.telemetry.meter,
+                cfg.pipeline.classify_timeout_s,
+                has_reasoner=cfg.classifier.kind == "reasoner",
+            )  # fmt: skip
+            await self.shadow.start()
         self.output = OutputStep(self.sink, self.offenders, self.telemetry, self.outputs_done, cfg.review.topic,
                                  sent=self._outputs_sent.set)  # fmt: skip
         self.source = self._source_factory(
@@ -345,6 +357,8 @@ class Pipeline:
         serving.cancel()  # the flush below serves what is left
         await asyncio.gather(serving, return_exceptions=True)
         await self.batcher.close()
+        if self.shadow is not None:
+            await self.shadow.close(max(1.0, deadline - time.monotonic()))
         undelivered = await asyncio.to_thread(self.sink.flush, max(1.0, deadline - time.monotonic()))
         if undelivered:
             log.warning("%d outputs undelivered at shutdown; their records were not committed", undelivered)
@@ -607,6 +621,8 @@ class Pipeline:
             self.output.review_items(record, items)
         self.reviews.remember(requests, record.event, record.message, results)
         self.output.verdict(record, results)
+        if self.shadow is not None:  # after the verdict, which never waits for a candidate
+            self.shadow.compare(record.message, record.event, requests, results)
 
     def _internal_error(self, record: Record, exc: Exception) -> None:
         message = record.message

@@ -98,7 +98,8 @@ class Needs:
 
 
 def run_needs(settings: Settings) -> Needs:
-    """`run`'s: its inputs, both outputs, the review topics when review is on, the metrics port."""
+    """`run`'s: its inputs, both outputs, the review topics when review is on, the shadow topic when
+    shadow runs are, the metrics port."""
     k, review = settings.kafka, settings.review
     topics = [TopicNeed("kafka.input_topics", name, write=False) for name in k.input_topics]
     topics += [TopicNeed("kafka.verdict_topic", k.verdict_topic, write=True),
@@ -108,6 +109,8 @@ def run_needs(settings: Settings) -> Needs:
         topics.append(TopicNeed("review.decisions_topic", review.decisions_topic, write=False))
         if review.opens("appeal"):
             topics.append(TopicNeed("review.appeals_topic", review.appeals_topic, write=False))
+    if settings.shadow.enabled:
+        topics.append(TopicNeed("shadow.topic", settings.shadow.topic, write=True))
     t = settings.telemetry
     return Needs(topics, [Port("telemetry.http_port", t.http_host, t.http_port)])
 

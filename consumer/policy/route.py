@@ -3,7 +3,8 @@
 Routes are tried in order. With `match: first` the first matching route decides; with
 `match: all` the policies of every matching route apply (each once, in route order). When
 nothing matches, the default policy applies if there is one; otherwise the event becomes
-a `no_policy` dead letter.
+a `no_policy` dead letter. A shadow candidate (`shadow_of`) is never routed: it runs beside its
+live policy (`consumer.pipeline.shadow`).
 """
 
 from __future__ import annotations
@@ -46,22 +47,29 @@ class Router:
         missing = sorted(named - set(policies))
         if missing:
             raise RoutingError(f"policies.routes/default name unknown policies: {', '.join(missing)}")
+        candidates = sorted(f"{pid} (shadow_of {policies[pid].shadow_of})" for pid in named if policies[pid].shadow_of)
+        if candidates:
+            raise RoutingError(f"policies.routes/default name shadow candidates, which never decide a verdict: "
+                               f"{', '.join(candidates)}; route the live policy")  # fmt: skip
 
     def policies_for(self, topic: str, event: ContentEvent) -> list[Policy]:
         policies = self._get_policies()
         if not self._routes:  # the default alone, asked of every event
             default = policies.get(self._default) if self._default else None
-            return [default] if default is not None else []
+            return [default] if default is not None and default.shadow_of is None else []
         chosen: dict[str, Policy] = {}
         for route in self._routes:
             if route.topic_match(topic) and route.field_match(event):
                 for pid in route.policy_ids:
-                    if pid in policies:
-                        chosen.setdefault(pid, policies[pid])
+                    policy = policies.get(pid)
+                    # A shadow candidate (an edit may make one of a routed policy) never decides a verdict.
+                    if policy is not None and policy.shadow_of is None:
+                        chosen.setdefault(pid, policy)
                 if self._first_only:
                     break
-        if not chosen and self._default and self._default in policies:
-            chosen[self._default] = policies[self._default]
+        default = policies.get(self._default) if not chosen and self._default else None
+        if default is not None and default.shadow_of is None:
+            chosen[self._default] = default
         return list(chosen.values())
 
 
