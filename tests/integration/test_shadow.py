@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -140,6 +141,15 @@ def test_shadow_candidate_flips_counted_alike_by_report_metrics_and_topic_and_ve
     assert len(report["examples"]) == 4  # two per direction that flipped
     for example in report["examples"]:
         assert example["flip"] == KINDS[example["content"]] == KINDS[kind_of[example["event_id"]]]
+
+    # The same on the terminal, content shown only when asked.
+    text = cli("policy", "shadow", "report", "chat-harassment-v2", "--config", str(config), "--examples", "1")
+    assert text.returncode == 0, text.stderr
+    assert f"{len(in_sample)} sampled events compared" in text.stdout
+    for direction in ("safe_to_violation", "violation_to_safe"):
+        count = from_topic[(direction, "harassment")]
+        assert re.search(rf"^  {direction} +{count}  \(harassment {count}\)$", text.stdout, re.M), direction
+    assert "you are such a loser" not in text.stdout and "nobody wants you here" not in text.stdout
 
     # The consumer's metrics counted the same flips.
     flips = "safeguard_shadow_flips_total"
