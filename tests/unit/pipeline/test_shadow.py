@@ -8,19 +8,21 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import orjson
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 
 from consumer.classify import Capacity, Classification, ClassifyRequest
 from consumer.classify.keyword import KeywordClassifier
-from consumer.config import PolicySettings
+from consumer.config import PolicySettings, load_settings
 from consumer.config.shadow import ShadowSettings
 from consumer.events import ContentEvent
 from consumer.pipeline import outputs
-from consumer.pipeline.shadow import Shadow, flip_category, flip_of, sampled
+from consumer.pipeline.shadow import Shadow, flip_category, flip_of, sampled, shadow_classifier
 from consumer.pipeline.shadow_report import ShadowReport
-from consumer.policy import Policy
+from consumer.policy import Policy, PolicyStore
 from consumer.policy.route import Router, RoutingError
+from tests.conftest import REPO
 
 LIVE = Policy(id="chat", version="live1", text="...", categories={"harassment": "", "hate": ""}, patterns=("kys",))
 CANDIDATE = Policy(id="chat-v2", version="cand1", text="...", categories={"harassment": "", "hate": ""},
@@ -202,8 +204,6 @@ def test_candidates_waiting_for_the_engine_beyond_the_limit_are_skipped_not_wait
 
 def test_the_report_counts_each_source_record_and_candidate_version_once():
     def record(offset: int, live: bool, candidate: bool, version: str = "cand1", key: str = "chat-v2") -> bytes:
-        import orjson
-
         answer = {"policy_id": "x", "policy_version": "v", "category": "harassment", "rule_ids": [],
                   "confidence": None, "stage": None, "model": "keyword", "decided_by": "cheap"}  # fmt: skip
         return orjson.dumps({
@@ -230,3 +230,19 @@ def test_the_report_counts_each_source_record_and_candidate_version_once():
     for value in (record(0, False, True), record(4, False, True, version="cand2")):
         only.add_bytes(value)
     assert only.as_document()["compared"] == 1
+
+
+def test_on_a_served_fleet_candidates_run_on_a_low_priority_twin_elsewhere_on_the_live_classifier():
+    # The remote classifier needs httpx: imported where it is tested.
+    from consumer.classify.engine import engine_settings, make_remote_classifier
+    from consumer.classify.engine.remote.classifier import RemoteClassifier
+
+    store = PolicyStore(REPO / "policies")
+    fleet = load_settings(None, {"classifier.kind": "reasoner", "classifier.reasoner": "remote",
+                                 "engine.endpoints": [{"url": "http://vllm-0.vllm:8000/v1"}]})  # fmt: skip
+    live = make_remote_classifier(engine_settings(fleet.engine, "remote"))  # type: ignore[arg-type]
+    twin = shadow_classifier(fleet, live, store)
+    assert isinstance(twin, RemoteClassifier) and twin is not live
+    assert (live.settings.priority, twin.settings.priority) == ("live", "low")
+    keyword = KeywordClassifier()
+    assert shadow_classifier(load_settings(None, {}), keyword, store) is keyword
