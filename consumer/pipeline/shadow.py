@@ -182,6 +182,7 @@ class Shadow:
         )  # fmt: skip
 
     async def start(self) -> None:
+        self._candidates()  # paired now, so that their metrics show from the start
         if self._own_classifier:
             await self._classifier.start()
 
@@ -341,7 +342,8 @@ class Shadow:
     # -- metrics, read at scrape time ------------------------------------------------------------
 
     def _in_force(self) -> Iterable[Policy]:
-        return (candidate for candidates in list(self._candidates().values()) for candidate in candidates)
+        # As last paired on the event loop: the scrape runs on the HTTP server's thread.
+        return (candidate for candidates in list(self._by_live.values()) for candidate in candidates)
 
     def _observe_compared(self, _: CallbackOptions) -> Iterable[Observation]:
         # Every candidate in force from 0, so that a rate() sees its series before its first comparison.

@@ -11,6 +11,7 @@ import logging
 import orjson
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from consumer.classify import Capacity, Classification, ClassifyRequest
 from consumer.classify.keyword import KeywordClassifier
@@ -246,3 +247,32 @@ def test_on_a_served_fleet_candidates_run_on_a_low_priority_twin_elsewhere_on_th
     assert (live.settings.priority, twin.settings.priority) == ("live", "low")
     keyword = KeywordClassifier()
     assert shadow_classifier(load_settings(None, {}), keyword, store) is keyword
+
+
+def test_a_candidates_series_show_at_zero_from_the_start_then_count_its_flips():
+    reader = InMemoryMetricReader()
+    live = KeywordClassifier()
+
+    def points(name: str) -> dict[tuple, int]:
+        data = reader.get_metrics_data()
+        return {tuple(sorted(point.attributes.items())): point.value
+                for resource in data.resource_metrics for scope in resource.scope_metrics
+                for metric in scope.metrics if metric.name == name for point in metric.data.data_points}  # fmt: skip
+
+    async def scenario() -> tuple[dict, dict]:
+        shadow = Shadow(ShadowSettings(enabled=True, sample_fraction=1.0), live, live,
+                        lambda: {"chat": LIVE, "chat-v2": CANDIDATE},
+                        {"bootstrap.servers": "127.0.0.1:9", "log_level": 0},
+                        MeterProvider(metric_readers=[reader]).get_meter("test"), timeout_s=5, has_reasoner=False)
+        await shadow.start()
+        before = points("safeguard.shadow.flips")
+        compare(shadow, 0, "you loser")
+        after = points("safeguard.shadow.flips")
+        await shadow.close(0.1)
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert len(before) == 3 * 2 and set(before.values()) == {0}  # each direction, each of its two categories
+    key = (("safeguard.candidate", "chat-v2"), ("safeguard.candidate_version", "cand1"),
+           ("safeguard.category", "harassment"), ("safeguard.flip", "safe_to_violation"))  # fmt: skip
+    assert after[key] == 1 and sum(after.values()) == 1
