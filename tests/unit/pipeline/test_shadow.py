@@ -18,7 +18,9 @@ from consumer.classify.keyword import KeywordClassifier
 from consumer.config import PolicySettings, load_settings
 from consumer.config.shadow import ShadowSettings
 from consumer.events import ContentEvent
+from consumer.kafka.admin import TopicNeed
 from consumer.pipeline import outputs
+from consumer.pipeline.preflight import run_needs
 from consumer.pipeline.shadow import Shadow, flip_category, flip_of, sampled, shadow_classifier
 from consumer.pipeline.shadow_report import ShadowReport
 from consumer.policy import Policy, PolicyStore
@@ -276,3 +278,9 @@ def test_a_candidates_series_show_at_zero_from_the_start_then_count_its_flips():
     key = (("safeguard.candidate", "chat-v2"), ("safeguard.candidate_version", "cand1"),
            ("safeguard.category", "harassment"), ("safeguard.flip", "safe_to_violation"))  # fmt: skip
     assert after[key] == 1 and sum(after.values()) == 1
+
+
+def test_run_needs_the_shadow_topic_writable_only_when_shadow_runs_are_on():
+    on = load_settings(None, {"shadow.enabled": True, "shadow.topic": "candidates"})
+    assert TopicNeed("shadow.topic", "candidates", write=True) in run_needs(on).topics
+    assert all(need.key != "shadow.topic" for need in run_needs(load_settings(None, {})).topics)
