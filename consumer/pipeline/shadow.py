@@ -21,8 +21,9 @@ A candidate whose live policy is not in force is logged once (per version) and i
 shadow record (one per sampled event and candidate, keyed like the input) holds the source
 coordinates, both answers with the stage that decided each, the flip (`FLIPS`, or null) and the
 content; `safeguard-consumer policy shadow report` reads them back (`shadow_report`). Shadow
-records are a measurement, outside the delivery guarantees: one lost to a crash or a full
-producer queue is counted (`safeguard_shadow_skipped_total{reason="undelivered"}`), not retried.
+records are a measurement, outside the delivery guarantees: one the broker or a full producer
+queue refuses is counted (`safeguard_shadow_skipped_total{safeguard_reason="undelivered"}`), not
+retried; one lost to a crash is not counted.
 """
 
 from __future__ import annotations
@@ -127,15 +128,17 @@ class ShadowWriter:
         self._producer = Producer({**producer_config, "enable.idempotence": True, "acks": "all"})
         self._topic = topic
         self._on_undelivered = on_undelivered
-        self.delivered = 0
+        self._logged: set[str] = set()  # candidates whose first undelivered record was logged; the rest are counted
 
     def send(self, key: bytes | None, document: Document, candidate_key: str) -> None:
         def report(error: KafkaError | None, _: Message) -> None:
             if error is None:
-                self.delivered += 1
-            else:
-                log.warning("shadow record of %s undelivered: %s", candidate_key, error.str())
-                self._on_undelivered(candidate_key)
+                return
+            if candidate_key not in self._logged:
+                self._logged.add(candidate_key)
+                log.warning("shadow records of %s undelivered to %s: %s (counted from now on, not logged)",
+                            candidate_key, self._topic, error.str())  # fmt: skip
+            self._on_undelivered(candidate_key)
 
         try:
             self._producer.produce(self._topic, orjson.dumps(document), key, on_delivery=report)
@@ -296,7 +299,8 @@ class Shadow:
         flip = flip_of(live_answer, candidate_answer)
         self.compared[(candidate.key, candidate.version)] += 1
         if flip is not None:
-            self.flips[(candidate.key, candidate.version, flip, flip_category(flip, live_answer, candidate_answer))] += 1
+            category = flip_category(flip, live_answer, candidate_answer)
+            self.flips[(candidate.key, candidate.version, flip, category)] += 1
         document = {
             "schema_version": 1,
             "kind": "shadow_result",

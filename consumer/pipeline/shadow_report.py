@@ -106,7 +106,8 @@ class ShadowReport:
             "flipped": sum(self.flips.values()),
             "flips": dict(self.flips),
             "categories": {flip: dict(counts) for flip, counts in self.categories.items()},
-            "stages": {side: {kind: dict(split) for kind, split in kinds.items()} for side, kinds in self.stages.items()},
+            "stages": {side: {kind: dict(split) for kind, split in kinds.items()}
+                       for side, kinds in self.stages.items()},  # fmt: skip
             "candidate_versions": dict(self.versions),
             "live_versions": dict(self.live),
             "duplicates": self.duplicates,
@@ -122,7 +123,8 @@ def whole_topic(config: dict[str, Any], topic: str) -> list[OffsetSpan]:
         metadata = probe.list_topics(topic, timeout=10).topics.get(topic)
         if metadata is None or metadata.error is not None:
             return []
-        return [(topic, p, *probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)) for p in metadata.partitions]
+        return [(topic, p, *probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10))
+                for p in metadata.partitions]  # fmt: skip
     finally:
         probe.close()
 

@@ -113,7 +113,8 @@ def test_a_flip_is_named_by_its_direction_and_the_violations_category(live, cand
 
 def test_a_candidate_is_never_routed_and_a_route_naming_one_is_refused():
     policies = {"chat": LIVE, "chat-v2": CANDIDATE}
-    router = Router(PolicySettings(routes=[{"topics": ["chat"], "policies": ["chat"]}], default="chat"), lambda: policies)
+    settings = PolicySettings(routes=[{"topics": ["chat"], "policies": ["chat"]}], default="chat")
+    router = Router(settings, lambda: policies)
     event = ContentEvent(event_id="e", content="hi")
     assert [p.id for p in router.policies_for("chat", event)] == ["chat"]
     with pytest.raises(RoutingError, match=r"shadow candidates.*chat-v2 \(shadow_of chat\)"):
