@@ -30,15 +30,20 @@ from tests.runner import settings_for, write_config
 pytestmark = pytest.mark.kafka
 
 LIVE = (REPO / "policies" / "chat-harassment.md").read_text(encoding="utf-8")
-# The candidate flags "loser" and no longer flags "nobody wants you here"; the rest is the live text.
-CANDIDATE = LIVE.replace("id: chat-harassment\n", "id: chat-harassment-v2\nshadow_of: chat-harassment\n").replace(
-    "  - '\\bnobody wants you here\\b'\n", "  - '\\bloser\\b'\n"
+HATE = "  hate: Attacks on people for a protected characteristic\n"
+# The candidate flags "loser", no longer flags "nobody wants you here", and lists `hate` first (the
+# keyword classifier answers a policy's first category); the rest is the live text.
+CANDIDATE = (
+    LIVE.replace("id: chat-harassment\n", "id: chat-harassment-v2\nshadow_of: chat-harassment\n")
+    .replace("  - '\\bnobody wants you here\\b'\n", "  - '\\bloser\\b'\n")
+    .replace(HATE, "")
+    .replace("categories:\n", "categories:\n" + HATE)
 )
-# Four kinds of message, 20 of each: what the live policy and the candidate say of them.
+# Four kinds of message, 20 of each: the flip each is, with the category it is counted under.
 KINDS = {
-    "you are such a loser": "safe_to_violation",
-    "nobody wants you here": "violation_to_safe",
-    "kys": None,  # a violation for both
+    "you are such a loser": ("safe_to_violation", "hate"),  # the candidate's violation
+    "nobody wants you here": ("violation_to_safe", "harassment"),  # the live one's
+    "kys": ("category_changed", "hate"),  # a violation for both, of another category
     "good game everyone": None,  # safe for both
 }
 SAMPLE_FRACTION = 0.5
@@ -69,7 +74,11 @@ def test_shadow_candidate_flips_counted_alike_by_report_metrics_and_topic_and_ve
     shadow = {"enabled": True, "topic": shadow_topic, "sample_fraction": SAMPLE_FRACTION}
     config = write_config(tmp_path / "config.yaml", kafka, group, topic, with_candidate, shadow=shadow)
 
-    # `topics create` makes the shadow topic with the others when shadow runs are on.
+    # The pre-flight of `run` wants the shadow topic; `topics create` makes it with the others.
+    missing = cli("check-config", "--connect", "-q", "--config", str(config))
+    assert missing.returncode == 2
+    assert f"shadow.topic: topic '{shadow_topic}' does not exist; create it with: safeguard-consumer topics create" \
+        in missing.stderr  # fmt: skip
     created = cli("topics", "create", "--config", str(config), "--partitions", "2")
     assert created.returncode == 0, created.stderr
     assert f"{shadow_topic} (shadow results): created" in created.stdout
@@ -122,9 +131,9 @@ def test_shadow_candidate_flips_counted_alike_by_report_metrics_and_topic_and_ve
             from_topic[(direction, (candidate if candidate["violation"] else live)["category"])] += 1
         elif live["violation"] and live["category"] != candidate["category"]:
             from_topic[("category_changed", candidate["category"])] += 1
-    expected = Counter((KINDS[kind_of[e]], "harassment") for e in in_sample if KINDS[kind_of[e]] is not None)
+    expected = Counter(KINDS[kind_of[e]] for e in in_sample if KINDS[kind_of[e]] is not None)
     assert from_topic == expected
-    assert from_topic[("safe_to_violation", "harassment")] > 0 and from_topic[("violation_to_safe", "harassment")] > 0
+    assert len(from_topic) == 3  # every direction flipped
 
     # The report says the same, from the topic, in a process of its own.
     reported = cli("policy", "shadow", "report", "chat-harassment-v2", "--config", str(config), "--json",
@@ -135,21 +144,20 @@ def test_shadow_candidate_flips_counted_alike_by_report_metrics_and_topic_and_ve
     assert report["flipped"] == sum(from_topic.values())
     assert {(flip, category): n for flip, counts in report["categories"].items() for category, n in counts.items()} \
         == dict(from_topic)  # fmt: skip
-    assert report["flips"]["category_changed"] == 0
+    assert report["flips"] == {direction: n for (direction, _), n in from_topic.items()}
     assert report["stages"]["candidate"]["cheap"] == {"compared": len(in_sample), "flipped": sum(from_topic.values())}
     assert report["stages"]["candidate"]["reasoner"] == {"compared": 0, "flipped": 0}
-    assert len(report["examples"]) == 4  # two per direction that flipped
+    assert len(report["examples"]) == 6  # two per direction
     for example in report["examples"]:
-        assert example["flip"] == KINDS[example["content"]] == KINDS[kind_of[example["event_id"]]]
+        assert example["flip"] == KINDS[example["content"]][0] == KINDS[kind_of[example["event_id"]]][0]
 
     # The same on the terminal, content shown only when asked.
     text = cli("policy", "shadow", "report", "chat-harassment-v2", "--config", str(config), "--examples", "1")
     assert text.returncode == 0, text.stderr
     assert f"{len(in_sample)} sampled events compared" in text.stdout
-    for direction in ("safe_to_violation", "violation_to_safe"):
-        count = from_topic[(direction, "harassment")]
-        assert re.search(rf"^  {direction} +{count}  \(harassment {count}\)$", text.stdout, re.M), direction
-    assert "you are such a loser" not in text.stdout and "nobody wants you here" not in text.stdout
+    for (direction, category), count in from_topic.items():
+        assert re.search(rf"^  {direction} +{count}  \({category} {count}\)$", text.stdout, re.M), direction
+    assert not any(content in text.stdout for content in KINDS)
 
     # The consumer's metrics counted the same flips.
     flips = "safeguard_shadow_flips_total"
@@ -178,3 +186,4 @@ def test_shadow_candidate_flips_counted_alike_by_report_metrics_and_topic_and_ve
     without_candidate = {v["event_id"]: verdict_view(v) for v in plain_verdicts}
     assert {v["event_id"]: verdict_view(v) for v in verdicts} == without_candidate
     assert Counter(v["action"] for v in verdicts) == Counter({"delete": 40, "allow": 40})
+    assert {r["category"] for v in verdicts for r in v["results"] if r["violation"]} == {"harassment"}
