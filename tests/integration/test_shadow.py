@@ -156,7 +156,7 @@ def test_shadow_candidate_flips_counted_alike_by_report_metrics_and_topic_and_ve
     assert text.returncode == 0, text.stderr
     assert f"{len(in_sample)} sampled events compared" in text.stdout
     for (direction, category), count in from_topic.items():
-        assert re.search(rf"^  {direction} +{count}  \({category} {count}\)$", text.stdout, re.M), direction
+        assert re.search(rf"^  {direction} +{count}  \({category} {count}\)$", text.stdout, re.MULTILINE), direction
     assert not any(content in text.stdout for content in KINDS)
 
     # The consumer's metrics counted the same flips.
