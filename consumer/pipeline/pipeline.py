@@ -119,7 +119,8 @@ class Pipeline:
         (the output topics, and the files of `sinks.files`: a replay reads assigned partitions and
         writes where it is told); each is called with the options built from the settings and what
         the pipeline wires it to (`consumer.kafka.roles`, `consumer.sinks.roles`). Review runs
-        when `review.enabled` and the sink carries review items (`CarriesReviewItems`).
+        when `review.enabled` and the sink carries review items (`CarriesReviewItems`); shadow
+        candidates (`shadow.enabled`) only with the configured sink: a replay runs none.
         Exactly-once needs the transactional sink, which both sends the outputs and commits the
         offsets in one transaction: a replaced sink cannot, so `sink_factory` with
         `pipeline.delivery: exactly_once` is refused (ValueError) rather than run at-least-once.
