@@ -1,4 +1,4 @@
-"""Commands for policy authors: `policy validate`, `policy render`, `policy eval` (and `policy shadow`, in shadow.py)."""
+"""Commands for policy authors: `policy validate`, `policy render`, `policy eval`."""
 
 from __future__ import annotations
 

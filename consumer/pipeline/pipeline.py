@@ -1,8 +1,8 @@
 """The loop on one screen: consume -> decode -> route -> batch+classify -> produce -> commit.
 
 Each step is delegated to its stage module (the source in `consumer.kafka`, decode in
-`consumer.decode`, the sink in `consumer.sinks`; chat, classify_step with the batcher, outputs,
-shadow here; health and http for the probes); this module wires them together and holds the record's
+`consumer.decode`, the sink in `consumer.sinks`; chat, classify_step with the batcher, outputs
+here; health and http for the probes); this module wires them together and holds the record's
 path through them. The poll thread hands the event loop a batch of records at a time; a record whose answers are at
 hand (a decode error, a keyword match, a cascade cache hit or cheap-stage decision: the
 classifier's `classify_now_many`, asked once per batch) is decided and its output sent within
