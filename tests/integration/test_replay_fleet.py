@@ -97,7 +97,8 @@ def test_a_run_survives_a_sigkilled_worker_and_a_late_one_and_backtests_as_one_p
     topic, out, runs, name = unique("fleet"), unique("fleet-out"), unique("runs"), unique("run")
     partitions, total = 4, 4000
     create_topics(kafka, topic, out, partitions=partitions)
-    produce(kafka, topic, (event_json(i, CONTENTS[i % 3]) for i in range(total)), keys=(b"c%d" % i for i in range(total)))
+    produce(kafka, topic, (event_json(i, CONTENTS[i % 3]) for i in range(total)),
+            keys=(b"c%d" % i for i in range(total)))
     edited = _edited_policy(tmp_path)
     config = _config(tmp_path / "config.yaml", kafka, plugin={"delay_s": 0.02, "max_concurrency": 4})
 
