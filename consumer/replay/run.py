@@ -3,7 +3,8 @@ source and sink, its progress bars and its result.
 
 The command (`safeguard-consumer replay`) is in `consumer.cli`; it calls, in order,
 `replay_policies`, `plan_replay` (or `Checkpoint.load` and `check_resumable`),
-`replay_settings`, `Replay.run`, then `summary` and, with `--compare`, the backtest.
+`replay_settings`, `Replay.run`, then `summary` and, with `--compare`, the backtest. A worker of a
+run shared by many (`--run`) calls `join_run` instead of planning, and `Replay` with the run's plan.
 """
 
 from __future__ import annotations

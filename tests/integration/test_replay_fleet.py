@@ -20,9 +20,9 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
+from consumer.classify.keyword import KeywordClassifier
 from consumer.cli import app
 from consumer.config import load_settings
-from consumer.classify.keyword import KeywordClassifier
 from consumer.replay.backtest import backtest
 from consumer.replay.bounds import Bound
 from consumer.replay.run import Replay, plan_replay, replay_policies, replay_settings

@@ -14,11 +14,13 @@ import pytest
 from consumer.config import load_settings
 from consumer.kafka.client import KafkaError, TopicPartition
 from consumer.kafka.offsets import OffsetTracker
+from consumer.kafka.roles import RecordSource
 from consumer.replay import ReplayError
 from consumer.replay.bounds import OffsetRange
 from consumer.replay.group_source import RunSource
 from consumer.replay.runs import RunPlan, RunRequest, as_checkpoint, check_run_name, classifier_fingerprint
 from tests.kafka_helpers import wait_for
+from tests.protocols import role_problems
 
 
 def request(**changes: Any) -> RunRequest:
@@ -204,3 +206,8 @@ def test_a_worker_holding_finished_partitions_waits_for_the_others_before_finish
     finally:
         source.close()
     assert delivered == []
+
+
+def test_a_workers_source_plays_the_record_source_role():
+    source, *_ = _run_source(_GroupConsumer({0: 1}), {0: (0, 1)})
+    assert role_problems(source, RecordSource) == []
