@@ -191,6 +191,13 @@ def test_another_plan_under_the_same_name_is_refused_and_a_finished_run_does_not
     assert "is complete" in again.output and "nothing to replay" in again.output
     assert sum(end_offsets(kafka, out, 2).values()) == 40
 
+    # Started again with --compare, a finished run only backtests: its whole output, read once.
+    report = tmp_path / "report.md"
+    compared = runner.invoke(app, [*command, "--compare", out, "--report", str(report)])
+    assert compared.exit_code == 0 and "nothing to replay" in compared.output, compared.output
+    text = report.read_text()
+    assert "40 (record, policy) decisions compared; 0 flipped" in text and "- only in the candidate: 0" in text
+
     other_end = runner.invoke(app, [*command[:8], "30", *command[9:]])
     assert other_end.exit_code == 2
     assert "--to: 'now' in the plan, '30' here" in other_end.output
