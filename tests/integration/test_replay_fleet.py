@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 from consumer.classify.keyword import KeywordClassifier
 from consumer.cli import app
 from consumer.config import load_settings
+from consumer.kafka.admin import connect
 from consumer.replay.backtest import backtest
-from consumer.replay.bounds import Bound
+from consumer.replay.bounds import Bound, OffsetRange
 from consumer.replay.run import Replay, plan_replay, replay_policies, replay_settings
-from consumer.replay.runs import RunLedger, run_group
+from consumer.replay.runs import RunLedger, RunRequest, new_plan, run_group
 from tests.conftest import FAULT_FIGURES, REPO
 from tests.kafka_helpers import (
     committed_offsets,
@@ -207,3 +208,26 @@ def test_another_plan_under_the_same_name_is_refused_and_a_finished_run_does_not
     assert to_file.exit_code == 2 and "--output-topic" in to_file.output
     assert sum(end_offsets(kafka, out, 2).values()) == 40
     assert RunLedger(load_settings(config), runs).read(name).proposals == 1
+
+
+def test_workers_proposing_at_once_all_take_the_first_plan(kafka, tmp_path):
+    settings = load_settings(_config(tmp_path / "config.yaml", kafka))
+    ledger, name = RunLedger(settings, unique("runs")), unique("run")
+    ledger.ensure(connect(settings))
+    base = RunRequest(topic="t", start="earliest", end="now", partitions=None, output="topic:o",
+                      policies=["p@1"], classifier="keyword/none:x")  # fmt: skip
+    # `--to now` resolved a moment apart: each worker proposes other offsets for the same request.
+    proposals = [new_plan(name, base, {0: OffsetRange(start=0, end=end, next=0)}) for end in range(100, 108)]
+    agreed: list = [None] * len(proposals)
+
+    def propose(i: int) -> None:
+        agreed[i] = ledger.agree(proposals[i])
+
+    threads = [threading.Thread(target=propose, args=(i,)) for i in range(len(proposals))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    records = ledger.read(name)
+    assert records.proposals == len(proposals)
+    assert all(plan == records.plan for plan in agreed) and records.plan in proposals
