@@ -32,13 +32,12 @@ from consumer.kafka.roles import Received, SourceOptions, SourceWiring
 from consumer.kafka.source import OffsetCommitter
 from consumer.replay.bounds import TokenBucket
 from consumer.replay.runs import RunPlan, worker_id
+from consumer.replay.source import GROUP_OPTIONS
 
 log = logging.getLogger(__name__)
 
 COMPLETION_CHECK_S = 1.0
 COMMITTED_TIMEOUT_S = 30.0
-# Static membership would hand a worker the live consumer's identity: dropped.
-DROPPED_OPTIONS = ("group.instance.id",)
 RUN_CONSUMER_REQUIRED: dict[str, Any] = {
     "enable.auto.commit": False,
     "enable.auto.offset.store": False,
@@ -49,7 +48,9 @@ RUN_CONSUMER_REQUIRED: dict[str, Any] = {
 
 
 def run_consumer_config(options: SourceOptions) -> dict[str, Any]:
-    config = {k: v for k, v in options.client.items() if k not in DROPPED_OPTIONS}
+    # The live consumer's group options are dropped (static membership would hand a worker the live
+    # consumer's identity); the run's group uses the classic protocol, cooperative-sticky.
+    config = {k: v for k, v in options.client.items() if k not in GROUP_OPTIONS}
     config.setdefault("client.id", f"replay-{worker_id()}")  # `replay status` names the holders by it
     where = {"bootstrap.servers": options.bootstrap_servers, "group.id": options.group_id}
     return config | RUN_CONSUMER_REQUIRED | where

@@ -14,10 +14,10 @@ import pytest
 from consumer.config import load_settings
 from consumer.kafka.client import KafkaError, TopicPartition
 from consumer.kafka.offsets import OffsetTracker
-from consumer.kafka.roles import RecordSource
+from consumer.kafka.roles import RecordSource, SourceOptions
 from consumer.replay import ReplayError
 from consumer.replay.bounds import OffsetRange
-from consumer.replay.group_source import RunSource
+from consumer.replay.group_source import RunSource, run_consumer_config
 from consumer.replay.runs import RunPlan, RunRequest, as_checkpoint, check_run_name, classifier_fingerprint
 from tests.kafka_helpers import wait_for
 from tests.protocols import role_problems
@@ -211,3 +211,16 @@ def test_a_worker_holding_finished_partitions_waits_for_the_others_before_finish
 def test_a_workers_source_plays_the_record_source_role():
     source, *_ = _run_source(_GroupConsumer({0: 1}), {0: (0, 1)})
     assert role_problems(source, RecordSource) == []
+
+
+def test_a_worker_joins_the_runs_group_with_the_live_group_options_dropped():
+    live = {"group.instance.id": "live-0", "group.protocol": "consumer", "partition.assignment.strategy": "range",
+            "enable.auto.commit": True, "fetch.min.bytes": 1024}  # fmt: skip
+    options = SourceOptions(bootstrap_servers="b:9092", group_id="safeguard-replay-week1", client=live,
+                            topics=("chat",), max_in_flight_events=10, max_in_flight_bytes=1 << 20,
+                            commit_interval_s=1.0, revoke_drain_s=1.0)  # fmt: skip
+    config = run_consumer_config(options)
+    assert "group.instance.id" not in config and "group.protocol" not in config
+    assert config["partition.assignment.strategy"] == "cooperative-sticky" and config["enable.auto.commit"] is False
+    assert config["group.id"] == "safeguard-replay-week1" and config["fetch.min.bytes"] == 1024
+    assert config["client.id"].startswith("replay-")  # `replay status` names the holders by it
