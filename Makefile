@@ -17,4 +17,5 @@ DECODE_BENCH_ARGS ?=
 bench:
 	@venv=$$(scripts/bootstrap full) && peer=$$(scripts/bootstrap peer) && \
 	  "$$venv/bin/python" -m bench.pipeline_bench --peer-python "$$peer/bin/python" $(BENCH_ARGS) && \
-	  "$$venv/bin/python" -m bench.decode_bench $(DECODE_BENCH_ARGS)
+	  "$$venv/bin/python" -m bench.decode_bench $(DECODE_BENCH_ARGS) && \
+	  "$$venv/bin/python" -m bench.replay_fleet_bench  # a replay run with 1, 2, 4 workers (docs/replay.md)

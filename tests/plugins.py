@@ -220,3 +220,33 @@ def stall_in_transaction(marker: str):
 
     sink.TransactionalSink._commit_transaction = stalled  # type: ignore[method-assign]
     return KeywordClassifier()
+
+
+class SlowKeywordClassifier:
+    """The keyword classifier (each policy's patterns) after `delay_s`, at most `max_concurrency`
+    at once: policy-driven and deterministic like `keyword`, latency-bound like a served reasoner."""
+
+    def __init__(self, delay_s: float, max_concurrency: int):
+        from consumer.classify.keyword import KeywordClassifier
+
+        self._keyword = KeywordClassifier()
+        self.name = "slow-keyword-test"
+        self.delay_s = delay_s
+        self.max_concurrency = max_concurrency
+
+    async def start(self) -> None:
+        await self._keyword.start()
+
+    def capacity(self) -> Capacity:
+        return Capacity(max_sequences=self.max_concurrency)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        await asyncio.sleep(self.delay_s)
+        return await self._keyword.classify(request)
+
+    async def close(self) -> None:
+        await self._keyword.close()
+
+
+def slow_keyword(delay_s: float = 0.02, max_concurrency: int = 8) -> SlowKeywordClassifier:
+    return SlowKeywordClassifier(delay_s=delay_s, max_concurrency=max_concurrency)

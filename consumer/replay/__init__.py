@@ -19,6 +19,11 @@ per partition (`offsets_for_times` for times, the high watermark for `now`), so 
 a live topic ends. It is stored in the checkpoint, and `--resume` continues the same range
 with the same policy versions after an interruption without reclassifying what was
 delivered. `run` puts one replay together; `backtest` compares its outputs with a baseline's.
+
+A replay too big for one process is a *run* shared by many workers (`replay --run NAME`): its
+plan is fixed once on a compacted run topic (`runs`), and each worker's source is `RunSource`
+(`group_source`), a member of the run's own consumer group, whose committed offsets replace the
+checkpoint.
 """
 
 from consumer.errors import Fatal

@@ -3,7 +3,8 @@ source and sink, its progress bars and its result.
 
 The command (`safeguard-consumer replay`) is in `consumer.cli`; it calls, in order,
 `replay_policies`, `plan_replay` (or `Checkpoint.load` and `check_resumable`),
-`replay_settings`, `Replay.run`, then `summary` and, with `--compare`, the backtest.
+`replay_settings`, `Replay.run`, then `summary` and, with `--compare`, the backtest. A worker of a
+run shared by many (`--run`) calls `join_run` instead of planning, and `Replay` with the run's plan.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from consumer.pipeline.pipeline import Pipeline, RunResult
 from consumer.policy import PolicyError, PolicyStore, load_policy
 from consumer.policy.route import Router
 from consumer.replay import ReplayError
-from consumer.replay.bounds import Bound, TokenBucket, resolve_ranges
+from consumer.replay.bounds import Bound, OffsetRange, TokenBucket, resolve_ranges
 from consumer.replay.checkpoint import Checkpoint
+from consumer.replay.group_source import RunSource
 from consumer.replay.outputs import ReplayOutput
+from consumer.replay.runs import RunLedger, RunPlan, RunRecords, RunRequest, new_plan
 from consumer.replay.source import ReplaySource, replay_consumer_config
 from consumer.sinks.file import JsonlSink
 from consumer.sinks.kafka import KafkaSink
@@ -117,22 +120,33 @@ def plan_replay(
     partitions: list[int] | None = None,
 ) -> Checkpoint:
     """A fresh run: the offset ranges resolved now, the policy versions in force."""
-    probe = Consumer(replay_consumer_config(settings.kafka.bootstrap_servers, "safeguard-replay-plan",
-                                            settings.kafka.consumer_options))  # fmt: skip
-    try:
-        ranges = resolve_ranges(probe, topic, partitions, start, end)
-    except KafkaException as exc:
-        raise ReplayError(f"cannot read the offsets of {topic!r}: {exc}") from None
-    finally:
-        probe.close()
     return Checkpoint(
         run_id=uuid.uuid4().hex[:12],
         topic=topic,
         output=output,
-        policies=sorted(p.ref for p in policies.get().values()),
+        policies=policy_refs(policies),
         started_at=datetime.now(timezone.utc),
-        ranges=ranges,
+        ranges=offset_ranges(settings, topic, partitions, start, end),
     )
+
+
+def policy_refs(policies: PolicyStore) -> list[str]:
+    """The `id@version` of every policy in force, sorted: what a run's outputs are stamped with."""
+    return sorted(p.ref for p in policies.get().values())
+
+
+def offset_ranges(
+    settings: Settings, topic: str, partitions: list[int] | None, start: Bound, end: Bound
+) -> dict[int, OffsetRange]:
+    """START and END resolved to offsets per partition, now."""
+    probe = Consumer(replay_consumer_config(settings.kafka.bootstrap_servers, "safeguard-replay-plan",
+                                            settings.kafka.consumer_options))  # fmt: skip
+    try:
+        return resolve_ranges(probe, topic, partitions, start, end)
+    except KafkaException as exc:
+        raise ReplayError(f"cannot read the offsets of {topic!r}: {exc}") from None
+    finally:
+        probe.close()
 
 
 def check_resumable(checkpoint: Checkpoint, topic: str, output: str, policies: PolicyStore) -> None:
@@ -140,7 +154,7 @@ def check_resumable(checkpoint: Checkpoint, topic: str, output: str, policies: P
     if checkpoint.topic != topic or checkpoint.output != output:
         raise ReplayError(f"the checkpoint is of a replay of {checkpoint.topic!r} to {checkpoint.output}, "
                           f"not of {topic!r} to {output}")  # fmt: skip
-    now = sorted(p.ref for p in policies.get().values())
+    now = policy_refs(policies)
     if now != checkpoint.policies:
         raise ReplayError(f"the policies changed since the replay started ({', '.join(checkpoint.policies)} then, "
                           f"{', '.join(now)} now); start a new replay without --resume")  # fmt: skip
@@ -210,6 +224,11 @@ class Replay:
     `refuse_exactly_once`); the checkpoint file is saved as the run goes, and `run()` returns
     when the ranges are done, on `stop()`, on SIGINT/SIGTERM when handlers are installed, or
     on a fatal error.
+
+    With `run` (a worker of a run shared by many, `replay --run`), the source is a `RunSource`
+    instead: the run's consumer group shares the partitions out and its committed offsets are
+    the progress; `checkpoint` (`consumer.replay.runs.as_checkpoint`) is then only what the
+    progress bars and the summary start from, and no file is saved.
     """
 
     def __init__(
@@ -218,12 +237,16 @@ class Replay:
         classifier: Classifier,
         policies: PolicyStore,
         checkpoint: Checkpoint,
-        checkpoint_path: Path,
+        checkpoint_path: Path | None,
         output_file: Path | None = None,
         rate: float | None = None,
         console: Console | None = None,
+        run: RunPlan | None = None,
     ):
         refuse_exactly_once(settings)
+        if (run is None) == (checkpoint_path is None):
+            raise ValueError("a replay saves a checkpoint file, a worker of a run does not: give exactly one")
+        self.run_plan = run
         self.checkpoint = checkpoint
         self.checkpoint_path = checkpoint_path
         self.output_file = output_file
@@ -234,7 +257,7 @@ class Replay:
         self.pipeline = Pipeline(
             settings, classifier, policies, source_factory=self._connect_source, sink_factory=self._open_sink
         )
-        self.source: ReplaySource | None = None
+        self.source: ReplaySource | RunSource | None = None
         self.output: ReplayOutput | None = None
 
     def stop(self) -> None:
@@ -257,12 +280,15 @@ class Replay:
             elapsed_s=time.monotonic() - started,
         )
 
-    def _connect_source(self, options: SourceOptions, wiring: SourceWiring) -> ReplaySource:
+    def _connect_source(self, options: SourceOptions, wiring: SourceWiring) -> ReplaySource | RunSource:
         """The pipeline's `SourceFactory`."""
-        self.source = ReplaySource.connect(
-            options, wiring, self.checkpoint, self.checkpoint_path, on_finished=self.pipeline.stop,
-            limiter=TokenBucket(self.rate) if self.rate else None,
-        )  # fmt: skip
+        limiter = TokenBucket(self.rate) if self.rate else None
+        if self.run_plan is not None:
+            self.source = RunSource.connect(options, wiring, self.run_plan, self.pipeline.stop, limiter)
+        else:
+            assert self.checkpoint_path is not None
+            self.source = ReplaySource.connect(options, wiring, self.checkpoint, self.checkpoint_path,
+                                               on_finished=self.pipeline.stop, limiter=limiter)  # fmt: skip
         return self.source
 
     def _open_sink(self, options: SinkOptions, wiring: SinkWiring) -> ReplayOutput:
@@ -299,3 +325,19 @@ def summary(checkpoint: Checkpoint, result: ReplayResult, output: str) -> Table:
         f"{result.elapsed_s:.1f} s, {rate:,.0f} records/s; policies {', '.join(checkpoint.policies)}; to {output}"
     )
     return table
+
+
+def join_run(
+    ledger: RunLedger, settings: Settings, name: str, request: RunRequest, start: Bound, end: Bound
+) -> RunRecords:
+    """The run's records, its plan fixed: the first on the run topic, or this worker's proposal when
+    none was there. Refuses (ReplayError) a request that differs from the plan, naming what differs."""
+    records = ledger.read(name)
+    if records.plan is None:
+        ranges = offset_ranges(settings, request.topic, request.partitions, start, end)
+        records.plan = ledger.agree(new_plan(name, request, ranges))
+    differences = records.plan.differences(request)
+    if differences:
+        raise ReplayError(f"replay run {name!r} was planned otherwise ({'; '.join(differences)}): give the same "
+                          "options and configuration as its first worker, or another --run name")  # fmt: skip
+    return records

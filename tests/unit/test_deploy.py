@@ -186,7 +186,8 @@ def test_kustomization_lists_existing_files_and_the_image() -> None:
         f for generator in kustomization["configMapGenerator"] for f in generator["files"]
     }
     # served/ is the other shape, a kustomization of its own (tests/unit/test_deploy_served.py).
-    assert listed == {p.name for p in K8S.iterdir()} - {"kustomization.yaml", "served"}
+    # replay-job.yaml is applied once per run, not with the live consumer (tests/unit/test_deploy_replay.py).
+    assert listed == {p.name for p in K8S.iterdir()} - {"kustomization.yaml", "served", "replay-job.yaml"}
     image = _k8s_docs()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
     assert [i["name"] for i in kustomization["images"]] == [image.split(":")[0]]
 
