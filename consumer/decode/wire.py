@@ -96,7 +96,7 @@ def _assemble(wire: _Event, record: InputRecord) -> ContentEvent | None:
         if created_at is None:
             return None
     context = []
-    for message in wire.context:  # a loop, not a comprehension: most events have none
+    for message in wire.context:  # a loop: one context message's datetime may send the record to the model
         moment = message.created_at
         if moment is not None:
             moment = _moment(moment)
