@@ -24,7 +24,9 @@ MAX_PAYLOAD = 1_000_000
 # -- the records: valid and malformed, every field in every shape it may arrive in --------------
 
 big_ints = st.integers(-(2**70), 2**70)
-texts = st.text() | st.text(alphabet="0123456789 -_:", max_size=12) | st.sampled_from(["", " ", "é", "🎉" * 3, "\x00"])
+texts = (
+    st.text() | st.text(alphabet="0123456789 -_:", max_size=12) | st.sampled_from(["", " ", "é", "🎉" * 3, "\x00"])
+)
 ids = big_ints | texts | st.floats(allow_nan=False) | st.booleans() | st.none() | st.text(min_size=500, max_size=520)
 moments = (
     st.datetimes(timezones=st.none() | st.timezones()).map(lambda d: d.isoformat())
