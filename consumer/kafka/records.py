@@ -32,8 +32,8 @@ def dead_letter(
     attempts: int = 1,
 ) -> Document:
     """A record that gets no verdict (`DeadLetter`), with its original bytes. Built as the model's
-    JSON directly, as verdicts are (consumer.pipeline.outputs): through the model it cost about five
-    times as much, which a flood of bad records pays per record (bench/codec_bench.py);
+    JSON directly, as verdicts are (consumer.pipeline.outputs): through the model it cost about twice
+    as much, which a flood of bad records pays per record (bench/codec_bench.py);
     tests/unit/pipeline/test_outputs.py checks that it is exactly the model's JSON."""
     headers = message.headers()
     return {
