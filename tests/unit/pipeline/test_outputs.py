@@ -123,6 +123,21 @@ def test_an_undecided_result_takes_the_policys_review_action_not_the_verdicts():
     assert verdict.policy_result(held, guess, 1.0)["action"] == "escalate"
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "headers", "raw_output", "event_id"),
+    [
+        (b"k", b'{"content": 1}', None, None, None),
+        (None, None, [], "the model said: maybe", "e1"),
+        (b"\x00", b"x" * 3000, [("a", b""), ("b", None), ("\u00e9", b"\xff")], None, "e2"),
+    ],
+)
+def test_a_dead_letter_document_is_exactly_the_dead_letter_models_json(key, value, headers, raw_output, event_id):
+    message = FakeMessage(key=key, value=value, headers=headers)
+    document = records.dead_letter(message, ErrorType.UNPARSEABLE_OUTPUT, "no answer", event_id, raw_output, 3)
+    assert roundtrip(DeadLetter, document) == document
+    assert DeadLetter.model_validate(document).model_dump(mode="json") == document
+
+
 def test_a_dead_letter_document_keeps_the_original_bytes():
     message = FakeMessage(key=None, value=b"\xff\x00", headers=[("traceparent", b"00-x"), ("empty", None)])
     document = records.dead_letter(message, ErrorType.INVALID_ENCODING, "not UTF-8", raw_output=None)
