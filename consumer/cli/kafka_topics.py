@@ -27,7 +27,8 @@ def topics_create(
 ) -> None:
     """Create every topic the configuration names: the named input topics, the verdict and
     dead-letter topics (sized for the largest dead letter, pipeline.max_payload_bytes) and,
-    with review.enabled, the review items (sized alike), decisions and appeals topics.
+    with review.enabled, the review items (sized alike), decisions and appeals topics; with
+    policies.topic, that topic (one partition, cleanup.policy=compact).
     Existing topics are left as they are. With sinks.registered_outputs, their JSON Schemas are
     registered under the topics' subjects, compatibility tested first."""
     from consumer.kafka.admin import Unreachable, connect, create_topics, plan_topics
