@@ -183,7 +183,8 @@ class _Topic:
 
         self.settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
         if not self.settings.policies.topic:
-            raise config_exit(f"policies.topic is not set: `policy {command}` reads and writes the policy topic it names")
+            raise config_exit(f"policies.topic is not set: `policy {command}` reads and writes the policy topic "
+                              "it names")
         self.name: str = self.settings.policies.topic
         self._preflight = (Needs([TopicNeed("policies.topic", self.name, write=write)]), config, bootstrap_servers)
 
@@ -215,10 +216,9 @@ class _Topic:
 
         k = self.settings.kafka
         producer = k.producer_options | {"bootstrap.servers": k.bootstrap_servers, **client_options("policies")}
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        metadata = {PUBLISHED_BY: by, PUBLISHED_AT: datetime.now(timezone.utc).isoformat(timespec="seconds"), **headers}
         try:
-            return write_policy_record(producer, self.name, key, value,
-                                       {PUBLISHED_BY: by, PUBLISHED_AT: now, **headers}, k.startup_timeout_s)  # fmt: skip
+            return write_policy_record(producer, self.name, key, value, metadata, k.startup_timeout_s)
         except Unavailable as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(EXIT_UNREACHABLE) from None

@@ -40,7 +40,8 @@ class TopicRecord:
     @classmethod
     def of(cls, message: Message) -> TopicRecord:
         headers = {name: raw.decode("utf-8", "replace") for name, raw in message.headers() or [] if raw is not None}
-        return cls(message.key(), message.value(), headers, f"{message.topic()}[{message.partition()}]@{message.offset()}")
+        where = f"{message.topic()}[{message.partition()}]@{message.offset()}"
+        return cls(message.key(), message.value(), headers, where)
 
 
 class PolicyTopicReader:
@@ -133,12 +134,17 @@ def write_policy_record(
     def report(error: KafkaError | None, message: Message) -> None:
         outcome.append(error if error is not None else message)
 
-    client.produce(topic, value=value, key=key.encode(), headers=[(k, v.encode()) for k, v in headers.items()],
-                   on_delivery=report)  # fmt: skip
-    client.flush(timeout_s)
-    if not outcome:
+    try:
+        client.produce(topic, value=value, key=key.encode(), headers=[(k, v.encode()) for k, v in headers.items()],
+                       on_delivery=report)  # fmt: skip
+        if client.flush(timeout_s):
+            client.purge()  # not acknowledged in time: closing must not wait for it
+        reported = list(outcome)  # a purged record's report, if closing serves one, is no answer from the brokers
+    finally:
+        client.close()
+    if not reported:
         raise Unavailable(DEPENDENCY, f"no acknowledgement from the brokers within {timeout_s:g} s")
-    if isinstance(outcome[0], KafkaError):
-        raise Unavailable(DEPENDENCY, f"the brokers refused the record: {outcome[0].str()}")
-    landed = outcome[0]
+    if isinstance(reported[0], KafkaError):
+        raise Unavailable(DEPENDENCY, f"the brokers refused the record: {reported[0].str()}")
+    landed = reported[0]
     return f"{landed.topic()}[{landed.partition()}]@{landed.offset()}"

@@ -238,14 +238,6 @@ class Pipeline:
             )
             self.http.start()
         heartbeat = self._loop.create_task(self.health.beat(), name="heartbeat")
-        if self.policy_topic is not None:
-            unread = await self._read_policy_topic()
-            if unread is not None:
-                heartbeat.cancel()
-                if self.http is not None:
-                    self.http.stop()
-                self.telemetry.shutdown()
-                return unread
 
         await self.classifier.start()
         # What is loaded by now (a model's Python objects above all) lives as long as the
@@ -253,6 +245,15 @@ class Pipeline:
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         self.health.classifier_ready = True
+        if self.policy_topic is not None:  # read whole before intake; /readyz says why while it cannot be
+            unread = await self._read_policy_topic()
+            if unread is not None:
+                heartbeat.cancel()
+                if self.http is not None:
+                    self.http.stop()
+                await self.classifier.close()
+                self.telemetry.shutdown()
+                return unread
         committer: roles.Committer | None = None
         self.sink: sink_roles.OutputSink
         if cfg.pipeline.delivery == "exactly_once":  # the constructor refused a sink factory for it

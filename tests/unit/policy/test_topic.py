@@ -26,15 +26,17 @@ def record(key: str, text: str | None, **headers: str) -> Record:
 
 
 @pytest.fixture
-def store(tmp_path):
+def reloads() -> list[tuple[dict, list[str]]]:
+    return []
+
+
+@pytest.fixture
+def store(tmp_path, reloads):
     (tmp_path / "chat.md").write_text(GOOD)
-    reloads: list[tuple[dict, list[str]]] = []
-    made = TopicPolicyStore(tmp_path, on_reload=lambda policies, errors: reloads.append((dict(policies), errors)))
-    made.reloads_seen = reloads  # type: ignore[attr-defined]
-    return made
+    return TopicPolicyStore(tmp_path, on_reload=lambda policies, errors: reloads.append((dict(policies), errors)))
 
 
-def test_a_topic_record_takes_the_key_from_the_file_and_its_tombstone_gives_it_back(store):
+def test_a_topic_record_takes_the_key_from_the_file_and_its_tombstone_gives_it_back(store, reloads):
     file_version = store.get()["chat-harassment"].version
     edited = GOOD.replace("## SAFE (0)", "## SAFE (0)\n- S5: Quoting song lyrics.")
     assert store.apply([record("chat-harassment", edited, **{PUBLISHED_BY: "ana@host"})]) is True
@@ -42,11 +44,12 @@ def test_a_topic_record_takes_the_key_from_the_file_and_its_tombstone_gives_it_b
     assert in_force.version == parse_policy(edited.encode()).version != file_version
     assert in_force.path is None  # from the topic: no examples file beside it
     assert store.published()["chat-harassment"].published_by == "ana@host"
-    assert store.reloads == 1 and store.reloads_seen[-1][1] == []
+    assert store.reloads == 1 and reloads[-1][1] == []
 
     assert store.apply([record("chat-harassment", None)]) is True
     assert store.get()["chat-harassment"].version == file_version
     assert store.published() == {} and store.reloads == 2
+    assert reloads[-1][0]["chat-harassment"].version == file_version  # the callbacks hear a retirement too
 
 
 def test_a_community_policy_is_in_force_under_community_and_id(store):
