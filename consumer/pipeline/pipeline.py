@@ -132,13 +132,13 @@ class Pipeline:
         self.settings = settings
         self.classifier = classifier
         self.policies = policies
-        # The router reads the store per event, so a reload applies to the next event routed. With a
-        # policy topic, routes may name policies only the topic holds: it is built once that is read (`run`).
+        # The router reads the store per event, so a reload applies to the next event routed. A store
+        # that follows the policy topic (a replay's is fixed) may be routed to policies only the topic
+        # holds: the router is built once the topic is read (`run`).
         self.router: Router
-        if not settings.policies.topic:
+        follows_topic = isinstance(policies, TopicPolicyStore) and settings.policies.topic is not None
+        if not follows_topic:
             self.router = Router(settings.policies, policies.get)
-        elif not isinstance(policies, TopicPolicyStore):
-            raise ValueError("policies.topic needs a TopicPolicyStore, which the topic's records are applied to")
         self.tracker = OffsetTracker()
         self.decoder = build_decoder(settings)
         # A registry format decodes each poll batch on the poll thread: a schema fetch never blocks the loop.
@@ -174,7 +174,7 @@ class Pipeline:
         self.link = BrokerLink(settings.kafka.bootstrap_servers)
         self.policy_topic = (
             PolicyTopic(settings, policies, self.link, self.telemetry.meter)
-            if isinstance(policies, TopicPolicyStore) and settings.policies.topic else None
+            if follows_topic and isinstance(policies, TopicPolicyStore) else None
         )  # fmt: skip
         # Records that find a dependency down wait here; intake holds meanwhile.
         self.outage = Outage(
