@@ -4,6 +4,7 @@ a bad record never displaces a good version, and an unreadable topic at start is
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from tests.kafka_helpers import (
     unique,
     wait_for,
 )
-from tests.runner import settings_for
+from tests.runner import settings_for, start_consumer, write_config
 
 pytestmark = pytest.mark.kafka
 
@@ -141,6 +142,10 @@ def test_an_invalid_record_on_the_topic_is_counted_and_logged_and_the_last_good_
             port = pipeline.http.port
             wait_for(lambda: metric(port, "safeguard_policy_topic_rejected_total") == 2, timeout=30,
                      message="2 rejected records counted")  # fmt: skip
+            exposition = http_get(port, "/metrics")[1]
+            check = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True,
+                                   timeout=30)  # fmt: skip
+            assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
             produce(kafka, topic, [event_json(i, "everyone hates you") for i in range(20)])
             messages = outputs.until(20, timeout=60)
             result = running.stop()
@@ -195,3 +200,30 @@ def test_a_route_to_a_policy_neither_the_files_nor_the_topic_hold_stops_the_run_
     assert result.exit_code == 2 and result.consumed == 0
     assert result.reason.endswith(f"unknown policies: kids/chat-harassment (in the files and on policies.topic "
                                   f"{policy_topic})")
+
+
+def test_run_applies_the_topics_policies_from_its_first_event(kafka, tmp_path, policies_dir):
+    """`safeguard-consumer run` as a process: the pre-flight checks the policy topic, and the version
+    published before the start classifies the first event already."""
+    topic, group, policy_topic = unique("pt-run"), unique("group"), unique("policies")
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
+    create_topic(kafka, policy_topic, 1, {"cleanup.policy": "compact"})
+    version = publish(config_file(tmp_path, kafka, policy_topic), EDITED, tmp_path)
+    config = write_config(tmp_path / "run.yaml", kafka, group, topic, policies_dir)
+    data = yaml.safe_load(config.read_text())
+    data["policies"]["topic"] = policy_topic
+    config.write_text(yaml.safe_dump(data))
+    produce(kafka, topic, [event_json(i, "everyone hates you") for i in range(10)])
+    outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+    process = start_consumer(config, tmp_path / "run.log")
+    try:
+        verdicts = decoded(outputs.until(10, timeout=90))
+    finally:
+        process.terminate()
+        process.wait(60)
+        outputs.close()
+    log = (tmp_path / "run.log").read_text()
+    assert process.returncode == 0, log
+    assert len(verdicts) == 10, log
+    assert {r["policy_version"] for v in verdicts for r in v["results"]} == {version}
+    assert f"policy topic {policy_topic} read: 1 records, 1 policies from it in force, 0 rejected" in log
