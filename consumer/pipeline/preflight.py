@@ -1,12 +1,11 @@
 """The pre-flight: everything a command checks before it touches a record, the same for
 `run`, `check-config --connect`, `replay`, `review *` and `topics create`.
 
-`prepare` (offline): the policies load, the routes name loaded policies (with
-`policies.topic`, the files load and the routes are checked once `run` has read the topic), librdkafka accepts
-every passed-through option, the decoder builds (`decode`, `schema_registry`), the files of
-`sinks.files` may be written, and the classifier builds (the vLLM engine only has its settings
-checked and its package looked for: loading it is not cheap). Each failure is a `ConfigError`
-naming the key.
+`prepare` (offline): the policies load, the routes name loaded policies (with `policies.topic`,
+once `run` has read the topic), librdkafka accepts every passed-through option, the decoder
+builds (`decode`, `schema_registry`), the files of `sinks.files` may be written, and the
+classifier builds (the vLLM engine only has its settings checked and its package looked for:
+loading it is not cheap). Each failure is a `ConfigError` naming the key.
 
 `connect_and_check` (online): the ports the command serves on are free (else `ConfigError`
 naming the key, exit 2), the brokers answer within `kafka.startup_timeout_s` (else
@@ -55,10 +54,9 @@ def prepare(settings: Settings, build_engine: bool = True) -> Prepared:
     if not directory.is_dir():
         raise ConfigError(f"policies.directory: {directory} does not exist or is not a folder")
     topic = settings.policies.topic
+    store = TopicPolicyStore if topic else PolicyStore  # the topic's records are applied by `run`
     try:
-        policies = TopicPolicyStore(directory, settings.policies.max_tokens) if topic else PolicyStore(
-            directory, settings.policies.max_tokens
-        )
+        policies = store(directory, settings.policies.max_tokens)
     except PolicyError as exc:
         raise ConfigError(f"policies.directory: {exc}") from None
     if not topic:  # with a policy topic, the policies and the routes naming them are checked once it is read (run)
