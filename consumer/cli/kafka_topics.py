@@ -27,8 +27,9 @@ def topics_create(
 ) -> None:
     """Create every topic the configuration names: the named input topics, the verdict and
     dead-letter topics (sized for the largest dead letter, pipeline.max_payload_bytes) and,
-    with review.enabled, the review items (sized alike), decisions and appeals topics and, with
-    shadow.enabled, the shadow topic.
+    with review.enabled, the review items (sized alike), decisions and appeals topics; with
+    shadow.enabled, the shadow topic; with policies.topic, that topic (one partition,
+    cleanup.policy=compact).
     Existing topics are left as they are. With sinks.registered_outputs, their JSON Schemas are
     registered under the topics' subjects, compatibility tested first."""
     from consumer.kafka.admin import TopicPlan, Unreachable, connect, create_topics, plan_topics

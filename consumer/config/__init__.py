@@ -233,6 +233,9 @@ class PolicySettings(_Section):
     default: str | None = Field(default=None, description="policy for events no route matches")
     reload_interval_s: float = Field(default=2.0, ge=0, description="how often to look for edits; 0: never")
     max_tokens: int = Field(default=1500, ge=1, description="policies longer than this are rejected")
+    topic: str | None = Field(
+        default=None, min_length=1, description="compacted Kafka topic of policies, followed live beside the files"
+    )
 
 
 ReasonerPlace = Literal["in_process", "remote"]

@@ -8,7 +8,8 @@ missing topic, or one this principal may not read or write as needed, raises `To
 successful start, outages are the clients' to ride out (`consumer.kafka.client_logs`).
 
 `create_topics` is `safeguard-consumer topics create`: every topic the configuration names
-(the named input topics, both outputs, and the three review topics when `review.enabled`),
+(the named input topics, both outputs, the three review topics when `review.enabled`, and the
+compacted `policies.topic` when set),
 with partitions, replication and the record size the outputs need; idempotent (existing
 topics are reported, never changed).
 """
@@ -211,6 +212,10 @@ def plan_topics(settings: Settings, partitions: int) -> list[TopicPlan]:
         plans.append(TopicPlan(review.topic, "review items", partitions, sized))
         plans.append(TopicPlan(review.decisions_topic, "review decisions", partitions, {}))
         plans.append(TopicPlan(review.appeals_topic, "review appeals", partitions, {}))
+    if settings.policies.topic:
+        # Compacted: the last record of each policy key is kept for ever (a tombstone, for a while).
+        # One partition: every instance reads it whole anyway, and its order is the order of publishing.
+        plans.append(TopicPlan(settings.policies.topic, "policies", 1, {"cleanup.policy": "compact"}))
     unique: dict[str, TopicPlan] = {}
     for plan in plans:
         unique.setdefault(plan.name, plan)

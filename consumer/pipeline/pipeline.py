@@ -69,13 +69,16 @@ from consumer.pipeline.classify_step import ClassifyStep
 from consumer.pipeline.health import Health
 from consumer.pipeline.http import HttpServer
 from consumer.pipeline.outage import Outage
+from consumer.pipeline.policy_topic import PolicyTopic
 from consumer.pipeline.output_step import OutputStep, Record
 from consumer.pipeline.shadow import Shadow, shadow_classifier
 from consumer.pipeline.telemetry import Telemetry
 from consumer.pipeline.telemetry.metrics import prometheus_meter_provider
 from consumer.pipeline.telemetry.tracing import tracer_provider_from_env
 from consumer.policy import PolicyStore, PolicyWatcher
+from consumer.policy.exceptions import RoutingError
 from consumer.policy.route import Router
+from consumer.policy.topic import TopicPolicyStore
 from consumer.review.desk import ReviewDesk
 from consumer.sinks import fan_out
 from consumer.sinks import roles as sink_roles
@@ -131,8 +134,13 @@ class Pipeline:
         self.settings = settings
         self.classifier = classifier
         self.policies = policies
-        # The router reads the store per event, so a reload applies to the next event routed.
-        self.router = Router(settings.policies, policies.get)
+        # The router reads the store per event, so a reload applies to the next event routed. A store
+        # that follows the policy topic (a replay's is fixed) may be routed to policies only the topic
+        # holds: the router is built once the topic is read (`run`).
+        self.router: Router
+        follows_topic = isinstance(policies, TopicPolicyStore) and settings.policies.topic is not None
+        if not follows_topic:
+            self.router = Router(settings.policies, policies.get)
         self.tracker = OffsetTracker()
         self.decoder = build_decoder(settings)
         # A registry format decodes each poll batch on the poll thread: a schema fetch never blocks the loop.
@@ -169,6 +177,10 @@ class Pipeline:
         self.http: HttpServer | None = None
         # The brokers' reachability after start: one WARNING per change, and /readyz.
         self.link = BrokerLink(settings.kafka.bootstrap_servers)
+        self.policy_topic = (
+            PolicyTopic(settings, policies, self.link, self.telemetry.meter)
+            if follows_topic and isinstance(policies, TopicPolicyStore) else None
+        )  # fmt: skip
         # Records that find a dependency down wait here; intake holds meanwhile.
         self.outage = Outage(
             hold=lambda held: self.source.hold(held) if self.source is not None else None,
@@ -238,6 +250,15 @@ class Pipeline:
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         self.health.classifier_ready = True
+        if self.policy_topic is not None:  # read whole before intake; /readyz says why while it cannot be
+            unread = await self._read_policy_topic()
+            if unread is not None:
+                heartbeat.cancel()
+                if self.http is not None:
+                    self.http.stop()
+                await self.classifier.close()
+                self.telemetry.shutdown()
+                return unread
         committer: roles.Committer | None = None
         self.sink: sink_roles.OutputSink
         if cfg.pipeline.delivery == "exactly_once":  # the constructor refused a sink factory for it
@@ -320,6 +341,8 @@ class Pipeline:
         watcher = PolicyWatcher(self.policies, cfg.policies.reload_interval_s)
         if cfg.policies.reload_interval_s > 0:
             watcher.start()
+        if self.policy_topic is not None:
+            self.policy_topic.start()
         await asyncio.to_thread(self.sink.start)
         if isinstance(self.sink, sink_roles.AsksBrokers):
             self.health.ask_brokers = self.sink.brokers_answer
@@ -332,6 +355,8 @@ class Pipeline:
         await self._stopping.wait()
         if cfg.policies.reload_interval_s > 0:
             watcher.stop()
+        if self.policy_topic is not None:
+            self.policy_topic.stop()
         await self._shutdown(serving)
         heartbeat.cancel()
         if self.http is not None:
@@ -342,6 +367,18 @@ class Pipeline:
         if self._fatal:
             return RunResult(1, self.consumed, verdicts, dead_letters, self._fatal)
         return RunResult(0, self.consumed, verdicts, dead_letters)
+
+    async def _read_policy_topic(self) -> RunResult | None:
+        """The policy topic read whole (an outage meanwhile, `/readyz` failing), then the routes
+        checked against the policies in force; the result to end the run with, if it must end."""
+        assert self.policy_topic is not None and self._stopping is not None
+        if not await self.policy_topic.read(self.outage, self._stopping):
+            return RunResult(0, 0, 0, 0, "stopped before the policy topic was read")
+        try:
+            self.router = Router(self.settings.policies, self.policies.get)
+        except RoutingError as exc:  # a configuration error: nothing consumed yet
+            return RunResult(2, 0, 0, 0, f"{exc} (in the files and on policies.topic {self.policy_topic.reader.topic})")
+        return None
 
     async def _shutdown(self, serving: asyncio.Task[None]) -> None:
         deadline = time.monotonic() + self.settings.pipeline.shutdown_deadline_s

@@ -1,11 +1,11 @@
 """The pre-flight: everything a command checks before it touches a record, the same for
 `run`, `check-config --connect`, `replay`, `review *` and `topics create`.
 
-`prepare` (offline): the policies load, the routes name loaded policies, librdkafka accepts
-every passed-through option, the decoder builds (`decode`, `schema_registry`), the files of
-`sinks.files` may be written, and the classifier builds (the vLLM engine only has its settings
-checked and its package looked for: loading it is not cheap). Each failure is a `ConfigError`
-naming the key.
+`prepare` (offline): the policies load, the routes name loaded policies (with `policies.topic`,
+once `run` has read the topic), librdkafka accepts every passed-through option, the decoder
+builds (`decode`, `schema_registry`), the files of `sinks.files` may be written, and the
+classifier builds (the vLLM engine only has its settings checked and its package looked for:
+loading it is not cheap). Each failure is a `ConfigError` naming the key.
 
 `connect_and_check` (online): the ports the command serves on are free (else `ConfigError`
 naming the key, exit 2), the brokers answer within `kafka.startup_timeout_s` (else
@@ -35,6 +35,7 @@ from consumer.kafka.admin import CREATE_COMMAND, TopicNeed
 from consumer.kafka.options import check_client_options
 from consumer.policy import PolicyError, PolicyStore
 from consumer.policy.route import Router, RoutingError
+from consumer.policy.topic import TopicPolicyStore
 from consumer.sinks.file import check_writable
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,19 @@ def prepare(settings: Settings, build_engine: bool = True) -> Prepared:
     directory = settings.policies.directory
     if not directory.is_dir():
         raise ConfigError(f"policies.directory: {directory} does not exist or is not a folder")
+    topic = settings.policies.topic
+    store = TopicPolicyStore if topic else PolicyStore  # the topic's records are applied by `run`
     try:
-        policies = PolicyStore(directory, settings.policies.max_tokens)
+        policies = store(directory, settings.policies.max_tokens)
     except PolicyError as exc:
         raise ConfigError(f"policies.directory: {exc}") from None
-    if not policies.get():
-        raise ConfigError(f"policies.directory: no policy files (*.md) in {directory}")
-    try:
-        Router(settings.policies, policies.get)
-    except RoutingError as exc:
-        raise ConfigError(str(exc)) from None  # it names policies.routes/default
+    if not topic:  # with a policy topic, the policies and the routes naming them are checked once it is read (run)
+        if not policies.get():
+            raise ConfigError(f"policies.directory: no policy files (*.md) in {directory}")
+        try:
+            Router(settings.policies, policies.get)
+        except RoutingError as exc:
+            raise ConfigError(str(exc)) from None  # it names policies.routes/default
     _check_vllm_installed(settings)
     check_client_options(settings)
     build_decoder(settings)
@@ -99,7 +103,7 @@ class Needs:
 
 def run_needs(settings: Settings) -> Needs:
     """`run`'s: its inputs, both outputs, the review topics when review is on, the shadow topic when
-    shadow runs are, the metrics port."""
+    shadow runs are, the policy topic when set, the metrics port."""
     k, review = settings.kafka, settings.review
     topics = [TopicNeed("kafka.input_topics", name, write=False) for name in k.input_topics]
     topics += [TopicNeed("kafka.verdict_topic", k.verdict_topic, write=True),
@@ -111,6 +115,8 @@ def run_needs(settings: Settings) -> Needs:
             topics.append(TopicNeed("review.appeals_topic", review.appeals_topic, write=False))
     if settings.shadow.enabled:
         topics.append(TopicNeed("shadow.topic", settings.shadow.topic, write=True))
+    if settings.policies.topic:
+        topics.append(TopicNeed("policies.topic", settings.policies.topic, write=False))
     t = settings.telemetry
     return Needs(topics, [Port("telemetry.http_port", t.http_host, t.http_port)])
 

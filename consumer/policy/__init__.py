@@ -6,6 +6,8 @@
 - `sections`: a policy body's Markdown sections, the one parser of its headings;
 - `store`: the policies in force, reloaded when the files change (a bad edit keeps the last
   good version);
+- `topic`: the policy topic's records (`policies.topic`), checked as files are and merged with
+  them (a bad record keeps the last good version);
 - `route`: which policies apply to an event;
 - `actions`: the platform actions in rising severity;
 - `exceptions`: the layer's errors (`PolicyError`, `RoutingError`, `DataError`), all fatal.

@@ -36,8 +36,11 @@ class PolicyStore:
         self._on_reload = on_reload
         self._fingerprint: tuple = ()
         self._by_path: dict[Path, Policy] = {}
+        self._from_files: dict[str, Policy] = {}
         self.current: dict[str, Policy] = {}  # by `Policy.key`: the id, scoped by its community
         self.reloads = 0
+        # A reload (the watcher's thread) and a topic record (the policy topic's thread) may swap at once.
+        self._swap = threading.Lock()
         errors = self._load(strict=True)
         if errors:
             raise PolicyError(errors[0])
@@ -49,11 +52,20 @@ class PolicyStore:
         """Re-read the directory if any file changed; True if the policies in force changed."""
         if self._snapshot() == self._fingerprint:
             return False
-        before = {pid: p.version for pid, p in self.current.items()}
-        errors = self._load(strict=False)
-        after = {pid: p.version for pid, p in self.current.items()}
+        with self._swap:
+            before = {pid: p.version for pid, p in self.current.items()}
+            errors = self._load(strict=False)
         for error in errors:
             log.error("policy reload: %s (the previous version stays in force)", error)
+        return self._announce(before, errors)
+
+    def _in_force(self) -> dict[str, Policy]:
+        """The policies in force, from what was loaded: the files' (a subclass adds its own)."""
+        return dict(self._from_files)
+
+    def _announce(self, before: dict[str, str], errors: list[str]) -> bool:
+        """Count, log and report a change of the policies in force since `before` (key -> version)."""
+        after = {pid: p.version for pid, p in self.current.items()}
         if before == after:
             return False
         self.reloads += 1
@@ -100,7 +112,8 @@ class PolicyStore:
         if strict and errors:
             return errors
         self._by_path = by_path
-        self.current = by_key
+        self._from_files = by_key
+        self.current = self._in_force()
         return errors
 
 
