@@ -375,14 +375,6 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _review_needs_at_least_once(self) -> Settings:
-        # A record with a verdict and review items is done when the last output is delivered;
-        # the transactional sink holds one output per record (consumer.sinks.kafka).
-        if self.review.enabled and self.pipeline.delivery == "exactly_once":
-            raise ValueError("review.enabled needs pipeline.delivery at_least_once (exactly_once is not supported yet)")
-        return self
-
-    @model_validator(mode="after")
     def _files_need_at_least_once(self) -> Settings:
         # A file cannot join a Kafka transaction: its lines would be visible before (or without) the commit.
         if self.sinks.files and self.pipeline.delivery == "exactly_once":

@@ -57,6 +57,12 @@ def test_files_with_exactly_once_are_refused(tmp_path):
         )
 
 
+def test_review_with_exactly_once_is_accepted(tmp_path):
+    # Review items join the verdict's transaction (consumer.sinks.kafka.TransactionalSink).
+    settings = settings_from(tmp_path, "pipeline:\n  delivery: exactly_once\nreview:\n  enabled: true\n")
+    assert (settings.pipeline.delivery, settings.review.enabled) == ("exactly_once", True)
+
+
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
