@@ -205,16 +205,17 @@ class _StallBeforeCommit:
         time.sleep(3600)
 
 
-def stall_in_transaction(marker: str):
-    """The keyword classifier, in a process whose first transaction with outputs stalls just
-    before its commit (exactly-once), so that a test can SIGKILL it with the transaction open."""
+def stall_in_transaction(marker: str, kind: str | None = None):
+    """The keyword classifier, in a process whose first transaction with outputs (with `kind`:
+    with an output of that kind, e.g. `review_item`) stalls just before its commit (exactly-once),
+    so that a test can SIGKILL it with the transaction open."""
     from consumer.classify.keyword import KeywordClassifier
     from consumer.sinks import kafka as sink
 
     commit = sink.TransactionalSink._commit_transaction
 
     def stalled(self, consumer, batch, offsets):  # type: ignore[no-untyped-def]
-        if batch:
+        if batch and (kind is None or any(output.kind == kind for ticket in batch for output in self._held[ticket])):
             self._producer = _StallBeforeCommit(self._producer, marker)
         return commit(self, consumer, batch, offsets)
 
