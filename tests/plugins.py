@@ -198,6 +198,9 @@ class _StallBeforeCommit:
     def __getattr__(self, name: str) -> object:
         return getattr(self._producer, name)
 
+    def __len__(self) -> int:  # outputs not yet delivered (a special method: __getattr__ does not see it)
+        return len(self._producer)  # type: ignore[arg-type]
+
     def commit_transaction(self, *args: object) -> None:
         self._producer.flush()  # type: ignore[attr-defined]
         with open(self._marker, "w") as out:
@@ -220,4 +223,22 @@ def stall_in_transaction(marker: str, kind: str | None = None):
         return commit(self, consumer, batch, offsets)
 
     sink.TransactionalSink._commit_transaction = stalled  # type: ignore[method-assign]
+    return KeywordClassifier()
+
+
+def stall_in_review_transaction(marker: str):
+    """The keyword classifier, in a process whose review loop stalls (exactly-once) in its first
+    transaction with outputs, just before its commit: corrected verdicts written, decision offsets
+    sent, nothing committed; so that a test can SIGKILL it there."""
+    from consumer.classify.keyword import KeywordClassifier
+    from consumer.review.loop import ReviewLoop
+
+    transact = ReviewLoop._transact
+
+    def stalled(self, outputs, messages):  # type: ignore[no-untyped-def]
+        if outputs:
+            self._producer = _StallBeforeCommit(self._producer, marker)
+        return transact(self, outputs, messages)
+
+    ReviewLoop._transact = stalled  # type: ignore[method-assign]
     return KeywordClassifier()

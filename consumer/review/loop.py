@@ -46,6 +46,7 @@ import orjson
 from consumer.config import Settings
 from consumer.events import Appeal, ContentEvent, Document, ErrorType, ReviewDecision, ReviewItem
 from consumer.kafka.client import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from consumer.kafka.client_logs import ClientLogger
 from consumer.kafka.ranges import assign_from_earliest
 from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.policy import Policy
@@ -107,10 +108,13 @@ class ReviewLoop:
 
     def start(self) -> None:
         """Rebuild the state from the topics (blocking), then follow and apply on a thread."""
+        # Its client's lines go through the JSON logger, not to the terminal (a restart's transactional
+        # init logs the predecessor's transaction being aborted).
+        config = {**self._producer_config, "logger": ClientLogger("review-producer")}
         if self._transactional_id is None:
-            self._producer = Producer(self._producer_config)
+            self._producer = Producer(config)
         else:
-            self._producer = Producer({**self._producer_config, "transactional.id": self._transactional_id})
+            self._producer = Producer({**config, "transactional.id": self._transactional_id})
             # Fences this instance's predecessor and aborts its open transaction first: a read_committed
             # follower would otherwise wait at that transaction until it timed out.
             self._producer.init_transactions(FLUSH_TIMEOUT_S)

@@ -180,6 +180,72 @@ def test_a_review_item_is_never_visible_without_its_verdict(kafka, policies_dir,
     assert len(everything.messages) >= len(committed_items) + len(in_open_transaction)
 
 
+def test_a_decision_killed_in_its_transaction_yields_one_corrected_verdict(kafka, policies_dir, tmp_path):
+    """The review loop stalls with corrected verdicts written and decision offsets sent in an open
+    transaction, and is SIGKILLed there: read_committed sees none of those corrected verdicts; after
+    the restart the decisions are applied again and exactly one corrected verdict per decision shows."""
+    topic, group, total = unique("eosdecide"), unique("group"), 40
+    create_all(kafka, topic, partitions=2)
+    produce(kafka, topic, (event_json(i) for i in range(total)), keys=(b"c%d" % (i % 5) for i in range(total)))
+    marker = tmp_path / "transaction-open"
+    stalling = exactly_once_config(tmp_path, "stalling", kafka, group, topic, policies_dir, sample_fraction=0.5,
+                                   classifier={"kind": "plugin", "factory": "tests.plugins:stall_in_review_transaction",
+                                               "options": {"marker": str(marker)}})  # fmt: skip
+    normal = exactly_once_config(tmp_path, "normal", kafka, group, topic, policies_dir, sample_fraction=0.5,
+                                 classifier={"kind": "keyword"})  # fmt: skip
+    log = tmp_path / "consumer.log"
+    reviewer = Reviewer(kafka, topic)
+    process = start_consumer(stalling, log)
+    try:
+        ends = end_offsets(kafka, topic, 2)
+        wait_for(lambda: committed_offsets(kafka, group, topic, 2) == ends, timeout=120, message="every verdict")
+        reviewer.start()  # decides the 20 review items
+        wait_for(marker.exists, timeout=120, message="a review transaction with corrected verdicts, open")
+        written = Collector(kafka, f"{topic}.verdicts")  # read_uncommitted: sees the open transaction
+        committed = Collector(kafka, f"{topic}.verdicts", read_committed=True)
+        try:
+            written.until(total + 1, timeout=30)
+            written.collect(wait=1.0)
+            committed.until(total, timeout=30)
+            committed.collect(wait=2.0)
+        finally:
+            written.close()
+            committed.close()
+        in_open_transaction = len(machine_and_human(written.messages)[1])
+        assert in_open_transaction > 0, log.read_text()[-3000:]  # corrected verdicts written, not committed
+        assert machine_and_human(committed.messages)[1] == []
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+        process = start_consumer(normal, log)  # the same transactional ids: aborts the dead loop's transaction
+        wait_for(lambda: len(reviewer.decided) == total // 2, timeout=60, message="a decision for each review item")
+        reviewer.stopping.set()
+        reviewer.join(60)
+        decisions_end = end_offsets(kafka, f"{topic}.decisions", 1)
+        wait_for(lambda: committed_offsets(kafka, f"{group}.review", f"{topic}.decisions", 1) == decisions_end,
+                 timeout=120, message="every decision applied and committed")  # fmt: skip
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        reviewer.stopping.set()
+        if process.poll() is None:
+            process.kill()
+
+    committed = Collector(kafka, f"{topic}.verdicts", read_committed=True)
+    everything = Collector(kafka, f"{topic}.verdicts")
+    try:
+        committed.until(total + total // 2, timeout=60)
+        committed.collect(wait=1.0)
+        everything.collect(wait=2.0)
+    finally:
+        committed.close()
+        everything.close()
+    corrected = Counter(verdict["supersedes"]["review_id"] for verdict in machine_and_human(committed.messages)[1])
+    assert set(corrected) == reviewer.decided and set(corrected.values()) == {1}  # one per decision
+    written_in_all = len(machine_and_human(everything.messages)[1])
+    assert written_in_all >= len(corrected) + in_open_transaction  # the dead loop's were aborted
+
+
 def test_five_sigkills_with_review_lose_nothing_and_duplicate_nothing(kafka, policies_dir, tmp_path):
     """The fault suite's five SIGKILLs in 20,000 events, with review on and a moderator deciding every
     review item as it becomes visible: as read_committed sees them, one verdict or dead letter per
