@@ -375,6 +375,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _exactly_once_reads_committed(self) -> Settings:
+        # Our own readers (the review loop, the console, the chat rebuild) take kafka.consumer:
+        # read_uncommitted would show them the outputs of aborted transactions (phantom reviews).
+        if self.pipeline.delivery == "exactly_once":
+            for section in ("consumer", "common"):
+                if str(getattr(self.kafka, section).get("isolation.level", "")).lower() == "read_uncommitted":
+                    raise ValueError(f"kafka.{section}.isolation.level: read_uncommitted is not allowed with "
+                                     "pipeline.delivery exactly_once (readers would see aborted outputs)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _files_need_at_least_once(self) -> Settings:
         # A file cannot join a Kafka transaction: its lines would be visible before (or without) the commit.
         if self.sinks.files and self.pipeline.delivery == "exactly_once":
