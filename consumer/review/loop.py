@@ -46,7 +46,7 @@ import orjson
 from consumer.config import Settings
 from consumer.events import Appeal, ContentEvent, Document, ErrorType, ReviewDecision, ReviewItem
 from consumer.kafka.client import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from consumer.kafka.client_logs import ClientLogger
+from consumer.kafka.client_logs import client_options
 from consumer.kafka.ranges import assign_from_earliest
 from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.policy import Policy
@@ -110,7 +110,7 @@ class ReviewLoop:
         """Rebuild the state from the topics (blocking), then follow and apply on a thread."""
         # Its client's lines go through the JSON logger, not to the terminal (a restart's transactional
         # init logs the predecessor's transaction being aborted).
-        config = {**self._producer_config, "logger": ClientLogger("review-producer")}
+        config = {**self._producer_config, **client_options("review-producer")}
         if self._transactional_id is None:
             self._producer = Producer(config)
         else:
