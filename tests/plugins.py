@@ -198,6 +198,9 @@ class _StallBeforeCommit:
     def __getattr__(self, name: str) -> object:
         return getattr(self._producer, name)
 
+    def __len__(self) -> int:  # outputs not yet delivered (a special method: __getattr__ does not see it)
+        return len(self._producer)  # type: ignore[arg-type]
+
     def commit_transaction(self, *args: object) -> None:
         self._producer.flush()  # type: ignore[attr-defined]
         with open(self._marker, "w") as out:
@@ -205,16 +208,17 @@ class _StallBeforeCommit:
         time.sleep(3600)
 
 
-def stall_in_transaction(marker: str):
-    """The keyword classifier, in a process whose first transaction with outputs stalls just
-    before its commit (exactly-once), so that a test can SIGKILL it with the transaction open."""
+def stall_in_transaction(marker: str, kind: str | None = None):
+    """The keyword classifier, in a process whose first transaction with outputs (with `kind`:
+    with an output of that kind, e.g. `review_item`) stalls just before its commit (exactly-once),
+    so that a test can SIGKILL it with the transaction open."""
     from consumer.classify.keyword import KeywordClassifier
     from consumer.sinks import kafka as sink
 
     commit = sink.TransactionalSink._commit_transaction
 
     def stalled(self, consumer, batch, offsets):  # type: ignore[no-untyped-def]
-        if batch:
+        if batch and (kind is None or any(output.kind == kind for ticket in batch for output in self._held[ticket])):
             self._producer = _StallBeforeCommit(self._producer, marker)
         return commit(self, consumer, batch, offsets)
 
@@ -250,3 +254,21 @@ class SlowKeywordClassifier:
 
 def slow_keyword(delay_s: float = 0.02, max_concurrency: int = 8) -> SlowKeywordClassifier:
     return SlowKeywordClassifier(delay_s=delay_s, max_concurrency=max_concurrency)
+
+
+def stall_in_review_transaction(marker: str):
+    """The keyword classifier, in a process whose review loop stalls (exactly-once) in its first
+    transaction with outputs, just before its commit: corrected verdicts written, decision offsets
+    sent, nothing committed; so that a test can SIGKILL it there."""
+    from consumer.classify.keyword import KeywordClassifier
+    from consumer.review.loop import ReviewLoop
+
+    transact = ReviewLoop._transact
+
+    def stalled(self, outputs, messages):  # type: ignore[no-untyped-def]
+        if outputs:
+            self._producer = _StallBeforeCommit(self._producer, marker)
+        return transact(self, outputs, messages)
+
+    ReviewLoop._transact = stalled  # type: ignore[method-assign]
+    return KeywordClassifier()

@@ -380,11 +380,14 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _review_needs_at_least_once(self) -> Settings:
-        # A record with a verdict and review items is done when the last output is delivered;
-        # the transactional sink holds one output per record (consumer.sinks.kafka).
-        if self.review.enabled and self.pipeline.delivery == "exactly_once":
-            raise ValueError("review.enabled needs pipeline.delivery at_least_once (exactly_once is not supported yet)")
+    def _exactly_once_reads_committed(self) -> Settings:
+        # Our own readers (the review loop, the console, the chat rebuild) take kafka.consumer:
+        # read_uncommitted would show them the outputs of aborted transactions (phantom reviews).
+        if self.pipeline.delivery == "exactly_once":
+            for section in ("consumer", "common"):
+                if str(getattr(self.kafka, section).get("isolation.level", "")).lower() == "read_uncommitted":
+                    raise ValueError(f"kafka.{section}.isolation.level: read_uncommitted is not allowed with "
+                                     "pipeline.delivery exactly_once (readers would see aborted outputs)")  # fmt: skip
         return self
 
     @model_validator(mode="after")

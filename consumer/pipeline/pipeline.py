@@ -33,7 +33,6 @@ import contextlib
 import gc
 import logging
 import signal
-import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -82,7 +81,7 @@ from consumer.policy.topic import TopicPolicyStore
 from consumer.review.desk import ReviewDesk
 from consumer.sinks import fan_out
 from consumer.sinks import roles as sink_roles
-from consumer.sinks.kafka import KafkaSink, TransactionalSink
+from consumer.sinks.kafka import KafkaSink, TransactionalSink, transactional_id
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +266,11 @@ class Pipeline:
                 cfg.kafka.verdict_topic,
                 cfg.kafka.dead_letter_topic,
                 self.tracker,
-                transactional_id=cfg.pipeline.transactional_id or f"{cfg.kafka.group_id}-{socket.gethostname()}",
+                transactional_id=transactional_id(cfg.pipeline.transactional_id, cfg.kafka.group_id),
                 on_fatal=self._fail_threadsafe,
                 max_records=cfg.pipeline.transaction_max_records,
                 budget=budget,
+                on_done=self.outputs_done.done_many,  # a verdict and its review items, one transaction
             )
         else:
             self.sink = self._sink_factory(

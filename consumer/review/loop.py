@@ -14,6 +14,9 @@ path and independent of it:
   item, and commits a record's offset only after its output (or its dead letter) was
   delivered: a poll batch is produced, flushed, and then committed. A crash in between
   re-reads the batch: a corrected verdict may then be sent twice (at least once), never lost.
+  With `pipeline.delivery: exactly_once` the batch's outputs and its offsets are committed in
+  one transaction instead (transactional id: the data path's, plus `-review`): a
+  `read_committed` reader sees one corrected verdict per decision, also across crashes.
 
 Which decision counts: the first one read for a review id (decisions are keyed by review id,
 so one review's decisions sit in one partition, in order). Before applying a decision the
@@ -24,8 +27,9 @@ first. Later decisions with the same answer change nothing; with another answer 
 whose verdict cannot be found `appeal_not_found`. None of them stops the loop.
 
 Disagreement reviews (a shadow check disagreed after the verdict was sent) are handed in by
-`submit` and produced by this loop's producer: they are not part of any input record's
-commit, so a crash before they are delivered loses them (the shadow check is a sample).
+`submit` and produced by this loop's producer (exactly-once: in its next transaction): they
+are not part of any input record's commit, so a crash before they are delivered loses them
+(the shadow check is a sample).
 """
 
 from __future__ import annotations
@@ -41,18 +45,21 @@ import orjson
 
 from consumer.config import Settings
 from consumer.events import Appeal, ContentEvent, Document, ErrorType, ReviewDecision, ReviewItem
-from consumer.kafka.client import Consumer, KafkaError, Message, Producer, TopicPartition
+from consumer.kafka.client import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from consumer.kafka.client_logs import client_options
 from consumer.kafka.ranges import assign_from_earliest
 from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.policy import Policy
 from consumer.review.appeals import appeal_item
 from consumer.review.decisions import RejectedInput, corrected_verdict, dead_letter, parse
 from consumer.review.state import Decided, ReviewState
+from consumer.sinks.kafka import transactional_id
 
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_S = 0.2
 FLUSH_TIMEOUT_S = 30.0
+TRANSACTION_ATTEMPTS = 3  # exactly-once: an abortable error retries the batch's transaction this often
 _Output = tuple[str, bytes, bytes | None]  # topic, value, key
 
 
@@ -83,6 +90,8 @@ class ReviewLoop:
         self._producer_config = {**PRODUCER_DEFAULTS, **kafka.producer_options,
                                  "bootstrap.servers": kafka.bootstrap_servers}  # fmt: skip
         self._group_id = self.review.group_id or f"{kafka.group_id}.review"
+        self._transactional_id = (transactional_id(settings.pipeline.transactional_id, kafka.group_id) + "-review"
+                                  if settings.pipeline.delivery == "exactly_once" else None)  # fmt: skip
         self._submitted: deque[_Output] = deque()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,7 +108,16 @@ class ReviewLoop:
 
     def start(self) -> None:
         """Rebuild the state from the topics (blocking), then follow and apply on a thread."""
-        self._producer = Producer(self._producer_config)
+        # Its client's lines go through the JSON logger, not to the terminal (a restart's transactional
+        # init logs the predecessor's transaction being aborted).
+        config = {**self._producer_config, **client_options("review-producer")}
+        if self._transactional_id is None:
+            self._producer = Producer(config)
+        else:
+            self._producer = Producer({**config, "transactional.id": self._transactional_id})
+            # Fences this instance's predecessor and aborts its open transaction first: a read_committed
+            # follower would otherwise wait at that transaction until it timed out.
+            self._producer.init_transactions(FLUSH_TIMEOUT_S)
         self._follower = Consumer({**self._client, "group.id": f"{self._group_id}.follower",
                                    "enable.auto.commit": False, "enable.partition.eof": False})  # fmt: skip
         ends = self._assign_follower()
@@ -196,6 +214,10 @@ class ReviewLoop:
                     outputs.append(self._submitted.popleft())
                 for message in messages:
                     outputs.extend(self._handle(message))
+                if self._transactional_id is not None:
+                    if (outputs or messages) and not self._transact(outputs, messages):
+                        return
+                    continue
                 if outputs and not self._deliver(outputs):
                     return
                 if messages:
@@ -303,11 +325,43 @@ class ReviewLoop:
 
     def _commit(self, messages: list[Message]) -> None:
         assert self._applier is not None
-        positions: dict[tuple[str, int], int] = {}
-        for m in messages:
-            key = (m.topic(), m.partition())
-            positions[key] = max(positions.get(key, 0), m.offset() + 1)
-        self._applier.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False)
+        self._applier.commit(offsets=_next_offsets(messages), asynchronous=False)
+
+    def _transact(self, outputs: list[_Output], messages: list[Message]) -> bool:
+        """Exactly-once: the outputs and the offsets after `messages` in one transaction, visible to
+        read_committed readers together or not at all. An abortable error aborts it and tries the
+        same outputs again; False (and fatal) when it cannot commit."""
+        assert self._producer is not None and self._applier is not None
+        offsets = _next_offsets(messages)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._producer.begin_transaction()
+                if not self._deliver(outputs):
+                    return False  # a refused output is fatal, as at least once; the broker aborts the rest
+                if offsets:
+                    self._producer.send_offsets_to_transaction(offsets, self._applier.consumer_group_metadata())
+                self._commit_transaction()
+                return True
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if not error.txn_requires_abort() or attempt == TRANSACTION_ATTEMPTS:
+                    self._fail(f"review loop: exactly-once commit failed: {error.str()}")
+                    return False
+                log.warning("review loop: transaction aborted (%s); retrying it with the same outputs", error.str())
+                self._producer.abort_transaction()
+
+    def _commit_transaction(self) -> None:
+        assert self._producer is not None
+        for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+            try:
+                self._producer.commit_transaction()
+                return
+            except KafkaException as exc:
+                # A retriable error leaves the transaction as it was: commit it again, do not re-produce.
+                if not exc.args[0].retriable() or attempt == TRANSACTION_ATTEMPTS:
+                    raise
 
     def _fail(self, reason: str) -> None:
         if self.failed is None:
@@ -318,3 +372,12 @@ class ReviewLoop:
     def counters(self) -> Document:
         return {"applied": self.applied, "duplicates": self.duplicates, "appeals_opened": self.appeals_opened,
                 "dead_letters": self.dead_letters}  # fmt: skip
+
+
+def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
+    """The offsets to commit once `messages` are done: one past the last of each partition."""
+    positions: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic(), m.partition())
+        positions[key] = max(positions.get(key, 0), m.offset() + 1)
+    return [TopicPartition(t, p, o) for (t, p), o in positions.items()]

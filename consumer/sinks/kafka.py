@@ -2,7 +2,7 @@
 
 Two sinks play the `OutputSink` role (`consumer.sinks.roles`): `KafkaSink` for at-least-once,
 `TransactionalSink` for exactly-once (below). Both can ask the brokers whether they answer
-(`AsksBrokers`); `KafkaSink` also carries review items (`CarriesReviewItems`). The Kafka client
+(`AsksBrokers`) and carry review items (`CarriesReviewItems`). The Kafka client
 plumbing they use stays in `consumer.kafka` (the size budgets, the offset tracker, the
 producers' defaults).
 Outputs arrive as JSON-ready documents (`consumer.pipeline.outputs` builds them) and are sent at
@@ -32,6 +32,7 @@ source's intake limit bounds how many can wait.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -279,16 +280,25 @@ def _producer(options: dict[str, Any], budget: OutputBudget, **extra: Any) -> Pr
                      "acks": "all"})  # fmt: skip
 
 
+def transactional_id(configured: str | None, group_id: str) -> str:
+    """The data path's transactional id: `pipeline.transactional_id`, by default one per group and
+    host (unique per running instance, stable across its restarts, so a restart fences its predecessor)."""
+    return configured or f"{group_id}-{socket.gethostname()}"
+
+
 class TransactionalSink:
     """Exactly-once: the outputs of exactly the committed offsets, in one Kafka transaction.
 
-    Outputs are held in memory, and the record is marked done at once. A commit (the source
-    calls `commit` on its poll thread, every `commit_interval_s`, when `max_records` outputs
+    Outputs are held in memory (a record's verdict or dead letter, and its review items), and
+    each is reported to `on_done` as it is held: the record counts as done once all of its
+    outputs are held (the pipeline's `OutputJoin` waits for the last one). A commit (the source
+    calls `commit` on its poll thread, every `commit_interval_s`, when `max_records` records
     wait, on revoke and on close) takes the tracker's contiguous positions, produces the held
     outputs of the records below them in offset order, adds the offsets with
-    `send_offsets_to_transaction` and commits: outputs and offsets become visible to
-    `read_committed` readers together or not at all. Outputs of records above a gap wait for
-    the next commit, so a crash never exposes an output whose offset is not committed.
+    `send_offsets_to_transaction` and commits: a record's verdict, its review items and its
+    offset become visible to `read_committed` readers together or not at all. Outputs of records
+    above a gap wait for the next commit, so a crash never exposes an output whose offset is not
+    committed.
 
     An abortable error aborts the transaction and retries it with the same outputs. An output
     the broker refused for a reason of its own record (size, an invalid record) aborts it too,
@@ -307,7 +317,10 @@ class TransactionalSink:
         max_records: int = 1000,
         commit_attempts: int = 3,
         budget: OutputBudget | None = None,
+        on_done: Callable[[list[Ticket]], None] | None = None,
     ):
+        """`on_done`: told of each output held, by its record's ticket (by default the tracker, for
+        records with one output each)."""
         self.budget = budget or _loaded_budget(producer_config, verdict_topic, dead_letter_topic)
         self._producer = _producer(producer_config, self.budget, **{"transactional.id": transactional_id})
         self.verdict_topic = verdict_topic
@@ -316,7 +329,8 @@ class TransactionalSink:
         self._on_fatal = on_fatal
         self._max_records = max_records
         self._commit_attempts = commit_attempts
-        self._held: dict[Ticket, Output] = {}
+        self._on_done = on_done or tracker.done_many
+        self._held: dict[Ticket, list[Output]] = {}  # a record's outputs, in the order they were sent
         self._lock = threading.Lock()
         self.failed: str | None = None
         self.held_back = 0  # outputs are held for the transaction, never for want of room
@@ -336,12 +350,21 @@ class TransactionalSink:
         if output is not None:
             self._hold(ticket, output)
 
+    def send_review_item(self, topic: str, item: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        """Held with the record's verdict and committed in the same transaction: a `read_committed`
+        reader never sees a review item without its verdict, nor a verdict without its review items."""
+        self._hold(ticket, self.budget.review_item(topic, item, record, headers))
+
     def _hold(self, ticket: Ticket, output: Output) -> None:
         with self._lock:
             if not self._tracker.is_current(ticket):
                 return  # revoked meanwhile: the new owner produces this output
-            self._held[ticket] = output
-        self._tracker.done(ticket)
+            held = self._held.get(ticket)
+            if held is None:
+                self._held[ticket] = [output]
+            else:
+                held.append(output)
+        self._on_done([ticket])
 
     def awaiting_reports(self) -> bool:
         return False
@@ -395,31 +418,33 @@ class TransactionalSink:
                 if not self._replace_refused(refused):
                     return
             for ticket in batch:
-                if self._held.pop(ticket).kind == "verdict":
-                    self.verdicts_delivered += 1
-                else:
-                    self.dead_letters_delivered += 1
+                for output in self._held.pop(ticket):
+                    if output.kind == "verdict":
+                        self.verdicts_delivered += 1
+                    elif output.kind != "review_item":
+                        self.dead_letters_delivered += 1
             self._tracker.mark_committed(positions)
 
     def _restart_transaction(self) -> None:
         self._producer.abort_transaction()
         self._producer.begin_transaction()
 
-    def _replace_refused(self, refused: dict[Ticket, KafkaError]) -> bool:
-        """Put each refused record's smaller output in its place; False (and stop) when an error
+    def _replace_refused(self, refused: dict[tuple[Ticket, int], KafkaError]) -> bool:
+        """Put each refused output's smaller one in its place; False (and stop) when an error
         concerns the topic or nothing smaller is left."""
-        for ticket, err in refused.items():
-            output = self._held[ticket]
+        for (ticket, i), err in refused.items():
+            outputs = self._held[ticket]
+            output = outputs[i]
             try:
                 if err.code() not in RECORD_ERRORS:
                     raise OutputRefused(err.str())
-                self._held[ticket] = self.budget.smaller(output, err.str(), size=err.code() in SIZE_ERRORS)
+                outputs[i] = self.budget.smaller(output, err.str(), size=err.code() in SIZE_ERRORS)
             except OutputRefused:
                 self._fail(refusal(output, err))
                 return False
             log.warning("topic %r refused the %s of %s[%d]@%d (%s); the transaction is retried with a %s",
                         output.topic, output.kind, ticket.topic, ticket.partition, ticket.offset, err.str(),
-                        self._held[ticket].kind)  # fmt: skip
+                        outputs[i].kind)  # fmt: skip
         return True
 
     def _fail(self, reason: str) -> None:
@@ -429,27 +454,27 @@ class TransactionalSink:
 
     def _commit_transaction(
         self, consumer: Any, batch: list[Ticket], offsets: list[TopicPartition]
-    ) -> dict[Ticket, KafkaError]:
+    ) -> dict[tuple[Ticket, int], KafkaError]:
         """Produce the batch's outputs and commit them with the offsets; or, when the broker
-        refused some outputs, commit nothing and return them with their errors."""
-        refused: dict[Ticket, KafkaError] = {}
+        refused some outputs, commit nothing and return them, as (ticket, index), with their errors."""
+        refused: dict[tuple[Ticket, int], KafkaError] = {}
         for ticket in batch:
-            output = self._held[ticket]
+            for i, output in enumerate(self._held[ticket]):
 
-            def report(err: KafkaError | None, _msg: Any, ticket: Ticket = ticket) -> None:
-                if err is not None:
-                    refused[ticket] = err
+                def report(err: KafkaError | None, _msg: Any, at: tuple[Ticket, int] = (ticket, i)) -> None:
+                    if err is not None:
+                        refused[at] = err
 
-            while True:
-                try:
-                    self._producer.produce(output.topic, value=output.value, key=output.key,
-                                           headers=output.headers or None, on_delivery=report)  # fmt: skip
-                    break
-                except BufferError:
-                    self._producer.poll(0.05)
-                except KafkaException as exc:  # librdkafka's own checks, before sending
-                    refused[ticket] = exc.args[0]
-                    break
+                while True:
+                    try:
+                        self._producer.produce(output.topic, value=output.value, key=output.key,
+                                               headers=output.headers or None, on_delivery=report)  # fmt: skip
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+                    except KafkaException as exc:  # librdkafka's own checks, before sending
+                        refused[(ticket, i)] = exc.args[0]
+                        break
         # Delivery reports first: a refused output must not be committed, even as part of a batch.
         self._producer.flush()
         if refused:

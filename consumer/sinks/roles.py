@@ -7,7 +7,7 @@ imported here. The implementations:
   (exactly-once), `consumer.sinks.file.JsonlSink` (a file), `consumer.sinks.fan_out.FanOutSink`
   (several destinations, done when all are) and `consumer.replay.outputs.ReplayOutput` (stamps a
   replay's outputs for an inner sink);
-- `CarriesReviewItems`: the Kafka sink, the file sink, and a fan-out whose destinations take them;
+- `CarriesReviewItems`: the two Kafka sinks, the file sink, and a fan-out whose destinations take them;
 - `AsksBrokers`: the two Kafka sinks, and a fan-out with one of them among its destinations.
 
 Callers check an ability with `isinstance(sink, CarriesReviewItems)`, never a concrete class,

@@ -59,11 +59,12 @@ def test_each_sink_has_the_abilities_it_can_honour(tmp_path):
         }
         assert abilities == {
             "KafkaSink": (True, True),
-            "TransactionalSink": (False, True),  # exactly-once holds one output per record: no review items
+            "TransactionalSink": (True, True),  # review items join the verdict's transaction
             "JsonlSink": (True, False),
             "ReplayOutput": (False, False),  # a replay opens no reviews
         }
-        assert role_problems(sink, CarriesReviewItems) == [] and role_problems(jsonl, CarriesReviewItems) == []
+        for carrier in (sink, transactional, jsonl):
+            assert role_problems(carrier, CarriesReviewItems) == [], type(carrier).__name__
         assert role_problems(transactional, AsksBrokers) == []
     finally:
         for closing in (sink, transactional, jsonl):

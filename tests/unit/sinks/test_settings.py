@@ -57,6 +57,19 @@ def test_files_with_exactly_once_are_refused(tmp_path):
         )
 
 
+@pytest.mark.parametrize("section", ["consumer", "common"])
+def test_exactly_once_refuses_readers_of_uncommitted_outputs(tmp_path, section):
+    with pytest.raises(ConfigError, match=f"kafka.{section}.isolation.level: read_uncommitted is not allowed"):
+        settings_from(tmp_path, f"pipeline:\n  delivery: exactly_once\nkafka:\n  {section}:\n"
+                                "    isolation.level: read_uncommitted\n")  # fmt: skip
+
+
+def test_review_with_exactly_once_is_accepted(tmp_path):
+    # Review items join the verdict's transaction (consumer.sinks.kafka.TransactionalSink).
+    settings = settings_from(tmp_path, "pipeline:\n  delivery: exactly_once\nreview:\n  enabled: true\n")
+    assert (settings.pipeline.delivery, settings.review.enabled) == ("exactly_once", True)
+
+
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
