@@ -310,9 +310,9 @@ class ConsoleApp:
         """A decided item as a lead sees it: what people did on it, and the overturn form."""
         standing = self.state.standing(item.review_id)
         assert standing is not None
-        done = next((d for i, d in self.state.history() if i.review_id == item.review_id), [])
         return self._render("decided.html", session, status=status, item=item, standing=standing.decision,
-                            standing_at=_where(standing.at), history=done, problem=problem,
+                            standing_at=_where(standing.at), history=self.state.actions(item.review_id),
+                            problem=problem,
                             view=policy_view(self.policies().get(item.policy_id), item))  # fmt: skip
 
     def _escalated_away(self, session: Session, review_id: str) -> Response | None:
@@ -419,7 +419,7 @@ class ConsoleApp:
         """An internal comment on the item, shown to whoever opens it next; the item stays with this session."""
         return await self._note(request, session, "comment")
 
-    async def _note(self, request: Request, session: Session, kind: str) -> Response:
+    async def _note(self, request: Request, session: Session, kind: Literal["escalation", "comment"]) -> Response:
         review_id = request.path_params["review_id"]
         form = await self._form(request)
         policy_id, reason = _one(form, "policy") or None, _one(form, "reason") or None
@@ -439,12 +439,13 @@ class ConsoleApp:
         holder = self.leases.holder(review_id)
         if holder is None or holder.session_id != session.id:
             return self._render("message.html", session, status=409, title="Not yours",
-                                message="This item is not held for you. Nothing was recorded.", next_url="/next")  # fmt: skip
+                                message="This item is not held for you. Nothing was recorded.",
+                                next_url="/next")  # fmt: skip
         text = (_one(form, "text") or "").strip()[:MAX_NOTE_CHARS]
         if not text:
-            return self._item_page(session, item, policy_id, reason, status=400,
-                                   problem="Say why you escalate it." if kind == "escalation" else "The comment is empty.")  # fmt: skip
-        note = ReviewNote(kind=kind, review_id=review_id, text=text, reviewer_id=session.reviewer_id,  # type: ignore[arg-type]
+            empty = "Say why you escalate it." if kind == "escalation" else "The comment is empty."
+            return self._item_page(session, item, policy_id, reason, status=400, problem=empty)
+        note = ReviewNote(kind=kind, review_id=review_id, text=text, reviewer_id=session.reviewer_id,
                           written_at=datetime.now(timezone.utc))  # fmt: skip
         try:
             at = await run_in_threadpool(self.writer.write, note)
@@ -483,7 +484,11 @@ class ConsoleApp:
         if (violation, category) == (standing.decision.violation, standing.decision.category):
             return self._decided_page(session, item, 400, "That is the answer in force already.")
         seen = _one(form, "standing")
-        refused = self.leases.begin_overturn(review_id, lambda: _where(self.state.standing(review_id).at) != seen)  # type: ignore[union-attr]
+        def changed() -> bool:
+            now = self.state.standing(review_id)
+            return now is None or _where(now.at) != seen
+
+        refused = self.leases.begin_overturn(review_id, changed)
         if refused:
             return self._decided_page(session, item, 409, "The answer changed while this page was open. "
                                                            "Nothing was recorded: look again.")  # fmt: skip

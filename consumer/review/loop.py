@@ -265,26 +265,25 @@ class ReviewLoop:
 
     def _overturn(self, overturn: ReviewDecision, at: tuple[str, int, int]) -> list[_Output]:
         """A lead's overturn: a corrected verdict superseding the one of the answer it replaced."""
-        if not self.state.known(overturn.review_id):
+        review_id = overturn.review_id
+        if not self.state.known(review_id):
             self._catch_up_items()
-        replaced = self.state.replaced(overturn.review_id, at)
+        if not self.state.known(review_id):
+            self.state.drop_orphan(review_id, at)
+            raise RejectedInput(ErrorType.UNKNOWN_REVIEW, f"no review item {review_id!r} on {self.review.topic}")
+        item = self.state.item(review_id)
+        if item is None:
+            raise RejectedInput(ErrorType.UNKNOWN_REVIEW, f"review item {review_id!r} is no longer held "
+                                "(review.max_items)")  # fmt: skip
+        replaced = self.state.replaced(review_id, at)
         if replaced is None:
-            if not self.state.known(overturn.review_id):
-                self.state.drop_orphan(overturn.review_id, at)
-                raise RejectedInput(ErrorType.UNKNOWN_REVIEW,
-                                    f"no review item {overturn.review_id!r} on {self.review.topic}")  # fmt: skip
-            if self.state.applied(overturn.review_id) is None:
-                raise RejectedInput(ErrorType.CONFLICTING_DECISION,
-                                    f"review {overturn.review_id!r} has no decision to overturn")  # fmt: skip
+            if self.state.applied(review_id) is None:
+                raise RejectedInput(ErrorType.CONFLICTING_DECISION, f"review {review_id!r} has no decision to overturn")
             self.duplicates += 1
             return []  # it changes nothing: the answer it gives is in force already
-        item = self.state.item(overturn.review_id)
-        if item is None:
-            raise RejectedInput(ErrorType.UNKNOWN_REVIEW, f"review item {overturn.review_id!r} is no longer held "
-                                "(review.max_items)")  # fmt: skip
         verdict = corrected_verdict(item, overturn, self._policies, replaces=replaced)
         self.applied += 1
-        return [(self.settings.kafka.verdict_topic, orjson.dumps(verdict), self.state.key(overturn.review_id))]
+        return [(self.settings.kafka.verdict_topic, orjson.dumps(verdict), self.state.key(review_id))]
 
     def _catch_up_items(self) -> None:
         """Read the review topic to its end now: a decision may follow its item closely."""

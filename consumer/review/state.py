@@ -213,17 +213,21 @@ class ReviewState:
         with self._lock:
             return next((n for n in reversed(self._notes.get(review_id, [])) if n.note.kind == "escalation"), None)
 
-    def history(self) -> list[tuple[ReviewItem, list[Applied | Noted]]]:
-        """Every held item with what people did on it (decision, overturns, notes) in topic order."""
+    def actions(self, review_id: str) -> list[Applied | Noted]:
+        """What people did on a review (decision, overturns, notes), in topic order."""
         with self._lock:
-            found = []
-            for rid, item in self._items.items():
-                done: list[Applied | Noted] = [*self._notes.get(rid, []), *self._overturns.get(rid, [])]
-                if rid in self._decided:
-                    done.append(self._decided[rid])
-                if done:
-                    found.append((item, sorted(done, key=lambda d: d.at)))
-            return found
+            return self._actions(review_id)
+
+    def history(self) -> list[tuple[ReviewItem, list[Applied | Noted]]]:
+        """Every held item with what people did on it, for the audit trail."""
+        with self._lock:
+            return [(item, done) for rid, item in self._items.items() if (done := self._actions(rid))]
+
+    def _actions(self, review_id: str) -> list[Applied | Noted]:
+        done: list[Applied | Noted] = [*self._notes.get(review_id, []), *self._overturns.get(review_id, [])]
+        if review_id in self._decided:
+            done.append(self._decided[review_id])
+        return sorted(done, key=lambda d: d.at)
 
     def open_reviews(self) -> Counter[tuple[str, str]]:
         """Items without a decision, by (policy id, reason)."""

@@ -123,6 +123,10 @@ def test_a_lead_overturn_and_an_appeal_overturn_each_supersede_the_verdict_they_
             assert [(r.get("kind", "decision"), r["reviewer_id"]) for r in records] == [
                 ("decision", "mia"), ("comment", "mia"), ("escalation", "mia"), ("decision", "mia"), ("overturn", "leo")]  # fmt: skip
             first = decisions.messages[0]
+            # By hand, as a script could: an overturn of a review nobody decided is a dead letter.
+            produce(kafka, review["decisions_topic"], [orjson.dumps({
+                "kind": "overturn", "review_id": escalated_id, "violation": True, "note": "by hand",
+                "reviewer_id": "script", "decided_at": "2026-12-01T10:00:00+00:00"})], keys=[escalated_id.encode()])  # fmt: skip
 
             # 5. Three corrected verdicts (none for the notes), each naming what it replaces.
             wait_for(lambda: len(by_kind(verdicts.collect(), "human")) >= 3, timeout=60,
@@ -142,7 +146,9 @@ def test_a_lead_overturn_and_an_appeal_overturn_each_supersede_the_verdict_they_
             assert appeal_v["supersedes"]["verdict"] == {"topic": h2_verdict.topic(), "partition": h2_verdict.partition(),
                                                         "offset": h2_verdict.offset(), "timestamp_ms": None}  # fmt: skip
             assert appeal_v["results"][0]["violation"] is (overturned == "violation")
-            assert decoded(dead.collect(0.5)) == []  # notes are no decisions: no dead letters either
+            (letter,) = decoded(dead.until(1, timeout=30))  # notes are no decisions: no dead letters for them
+            assert letter["error"]["type"] == "conflicting_decision" and "no decision to overturn" in letter["error"]["message"]
+            assert len(dead.collect(0.5)) == 1
             assert running.stop().exit_code == 0
 
         # 6. The audit lists both overturns, from the topics: the command and the console's download.

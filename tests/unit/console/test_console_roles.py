@@ -175,3 +175,24 @@ def test_the_audit_lists_every_action_with_who_when_and_what_the_machine_said(te
     assert table[0]["note"] == "'=cmd|' /C calc'!A0"  # a spreadsheet shows it, never runs it
     page = console.request("GET", "/audit", jar="ana")[2]
     assert page.count('class="audit-row"') == 5 and 'href="/item/' not in page  # an analyst gets no overturn links
+
+
+def test_roles_come_from_the_reviewers_list_in_both_identity_modes_and_tokens_mode_needs_every_token(tmp_path):
+    from typer.testing import CliRunner
+
+    from consumer.cli import app
+    from consumer.console.identity import Identity
+
+    tokens = Identity(ConsoleSettings(reviewers=TEAM))
+    assert [tokens.open(n).role for n in ("mia", "leo", "ana", "ada")] == ["moderator", "lead", "analyst", "admin"]
+    header = Identity(ConsoleSettings(identity="header", reviewers=[{"id": "leo", "role": "lead"}, {"id": "mia"}]))
+    assert header.session({}, ["leo"], "127.0.0.1").role == "lead"  # behind a proxy no token is needed
+    assert header.session({}, ["mia"], "127.0.0.1").role == "moderator"
+    anyone = Identity(ConsoleSettings(identity="header"))
+    assert anyone.session({}, ["zoe"], "127.0.0.1").role == "moderator"  # no list: everyone named moderates
+    with pytest.raises(ValueError, match="review.console.reviewers.1.token: required with identity tokens"):
+        ConsoleSettings(reviewers=[{"id": "mia", "token": "t"}, {"id": "leo", "role": "lead"}])
+    config = tmp_path / "console.yaml"
+    config.write_text("review:\n  console:\n    reviewers: [{id: r1, token: t-1, role: boss}]\n")
+    result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
+    assert result.exit_code == 2 and "review.console.reviewers.0.role" in result.output
