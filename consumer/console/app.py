@@ -484,6 +484,7 @@ class ConsoleApp:
         if (violation, category) == (standing.decision.violation, standing.decision.category):
             return self._decided_page(session, item, 400, "That is the answer in force already.")
         seen = _one(form, "standing")
+
         def changed() -> bool:
             now = self.state.standing(review_id)
             return now is None or _where(now.at) != seen
