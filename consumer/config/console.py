@@ -78,6 +78,17 @@ class ConsoleSettings(BaseModel):
     read_timeout_s: float = Field(
         default=10.0, gt=0, description="a request's headers and body must arrive within this; a stalled one is closed"
     )
+    metrics_url: str | None = Field(
+        default=None, description="the consumer's /metrics (telemetry.http_port), read for the dashboard's policy "
+        "health panel; unset: no panel",
+    )
+
+    @field_validator("metrics_url")
+    @classmethod
+    def _http(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s) URL (e.g. http://consumer:8080/metrics)")
+        return url
 
     @field_validator("trusted_proxies")
     @classmethod

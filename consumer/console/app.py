@@ -51,6 +51,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consumer.config.console import ConsoleSettings
+from consumer.console.health import read_policy_health
 from consumer.console.identity import COOKIE, Identity, Session, SignInLimiter
 from consumer.console.leases import Leases
 from consumer.console.roles import Can, allows
@@ -526,7 +527,11 @@ class ConsoleApp:
                         headers={"content-disposition": f'attachment; filename="review-audit.{fmt}"'})  # fmt: skip
 
     async def dashboard_page(self, request: Request, session: Session) -> Response:
-        return self._render("dashboard.html", session, board=dashboard(self.state, self.policies()))
+        health, unhealthy = [], None
+        if self.settings.metrics_url:
+            health, unhealthy = await run_in_threadpool(read_policy_health, self.settings.metrics_url)
+        return self._render("dashboard.html", session, board=dashboard(self.state, self.policies()),
+                            health=health, unhealthy=unhealthy, panel=self.settings.metrics_url is not None)  # fmt: skip
 
     async def _form(self, request: Request) -> dict[str, list[str]]:
         """An url-encoded form (the only kind the console's pages send); BodyRefused when it is not
