@@ -1,5 +1,5 @@
 """Event contracts: what comes in (ContentEvent), what goes out (Verdict, DeadLetter), and the
-human review loop's records (ReviewItem out; ReviewDecision and Appeal in).
+human review loop's records (ReviewItem out; ReviewDecision, ReviewNote and Appeal in).
 
 These pydantic models are the single source of the JSON Schemas under `schemas/`
 (`safeguard-consumer schemas export`); a test fails when the two drift apart.
@@ -144,11 +144,20 @@ class VerdictTruncation(BaseModel):
     original_bytes: int = Field(description="key, value and headers of the verdict before it was cut")
     results_omitted: int = Field(default=0, description="policy results left out, those without a violation first")
 class Supersedes(BaseModel):
-    """The machine verdict a corrected verdict replaces: undo or confirm what it asked for."""
+    """The verdict a corrected verdict replaces: undo or confirm what it asked for."""
 
     event_id: str
     source: SourceRecord
     review_id: str
+    decided_by: Literal["machine", "human"] = Field(
+        default="machine", description="whose verdict is replaced: the machine's, or a person's (a lead's overturn)"
+    )
+    decision: SourceRecord | None = Field(
+        default=None, description="decided_by human: the decisions-topic record whose corrected verdict is replaced"
+    )
+    verdict: SourceRecord | None = Field(
+        default=None, description="on an appeal: where the appealed verdict is on the verdict topic"
+    )
 
 
 class Verdict(BaseModel):
@@ -177,6 +186,9 @@ class Verdict(BaseModel):
     )
     decided_by: Literal["machine", "human"] = "machine"
     supersedes: Supersedes | None = Field(default=None, description="set on a corrected verdict (decided_by human)")
+    appeal: Literal["upheld", "overturned"] | None = Field(
+        default=None, description="on a person's verdict on an appeal: whether the appealed answer stands"
+    )
 
 
 class CutField(BaseModel):
@@ -314,20 +326,45 @@ class ReviewItem(BaseModel):
         description="the author's violations in this community within chat.offender_window_s before this event; "
         "null when offender counting is off",
     )
+    verdict: SourceRecord | None = Field(
+        default=None, description="for reason appeal: where the appealed verdict is on the verdict topic"
+    )
 
 
 class ReviewDecision(BaseModel):
-    """A moderator's answer to one review item; applied once per `review_id`."""
+    """A person's answer to one review item. `decision`: the first read per `review_id` counts;
+    `overturn`: a lead replaces the answer that stands on a decided item, with a reason (`note`)."""
 
     model_config = ConfigDict(extra="ignore")
 
+    kind: Literal["decision", "overturn"] = "decision"
     review_id: str = Field(min_length=1)
     violation: bool
     category: str | None = None
     rule_ids: list[str] = Field(default_factory=list)
-    note: str | None = None
+    note: str | None = Field(default=None, description="the corrected verdict's rationale; an overturn's reason")
     reviewer_id: Id = Field(min_length=1)
     decided_at: datetime
+
+    @model_validator(mode="after")
+    def _overturn_says_why(self) -> ReviewDecision:
+        if self.kind == "overturn" and not (self.note or "").strip():
+            raise ValueError("an overturn needs a note: the reason")
+        return self
+
+
+class ReviewNote(BaseModel):
+    """Not a decision, beside them on the decisions topic (keyed by review id): an escalation to
+    the lead queue or an internal comment, shown to the next person who opens the item. It yields
+    no corrected verdict and no dead letter."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: Literal["escalation", "comment"]
+    review_id: str = Field(min_length=1)
+    text: str = Field(min_length=1, max_length=4000, description="the escalation's reason, or the comment")
+    reviewer_id: Id = Field(min_length=1)
+    written_at: datetime
 
 
 class Appeal(BaseModel):
@@ -355,5 +392,6 @@ EXPORTED_MODELS: dict[str, type[BaseModel]] = {
     "dead-letter": DeadLetter,
     "review-item": ReviewItem,
     "review-decision": ReviewDecision,
+    "review-note": ReviewNote,
     "appeal": Appeal,
 }

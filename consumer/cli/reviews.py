@@ -1,4 +1,4 @@
-"""Commands for human review: `review pending`, `export`, `coop-bridge`, `console`."""
+"""Commands for human review: `review pending`, `export`, `audit`, `coop-bridge`, `console`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,39 @@ def review_export(
     client = _reader(settings, config, bootstrap_servers)
     count = export_decisions(client, settings.review.topic, settings.review.decisions_topic, policy, out, version)
     typer.echo(f"{count} decided reviews of {policy} written to {out}")
+
+
+@review_app.command("audit")
+def review_audit(
+    fmt: str = typer.Option("csv", "--format", help="csv or jsonl."),
+    output: Optional[Path] = typer.Option(None, "--output", help="The file to write (whole or not at all); "
+                                                                 "default: standard output."),
+    config: Optional[Path] = ConfigOption,
+    bootstrap_servers: Optional[str] = BootstrapOption,
+) -> None:
+    """Write the audit trail: every decision, overturn, escalation, comment and appeal outcome on the
+    review and decisions topics (who, when, what the machine said before, the answer, the reason)."""
+    import sys
+
+    from consumer.durable import replacing
+    from consumer.review.audit import audit_rows, render
+    from consumer.review.export import read_state
+
+    if fmt not in ("csv", "jsonl"):
+        raise config_exit(f"--format: {fmt!r} is not csv or jsonl")
+    settings = settings_or_exit(config, bootstrap_override(bootstrap_servers))
+    client = _reader(settings, config, bootstrap_servers)
+    rows = audit_rows(read_state(client, settings.review.topic, settings.review.decisions_topic))
+    if output is None:
+        for chunk in render(rows, fmt):  # type: ignore[arg-type]
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(output) as handle:
+            for chunk in render(rows, fmt):  # type: ignore[arg-type]
+                handle.write(chunk)
+    typer.echo(f"{len(rows)} review actions written to {output or 'standard output'}", err=True)
 
 
 @review_app.command("pending")

@@ -8,19 +8,33 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
+# What a person may do in the console (consumer.console.roles says which routes each one opens).
+Role = Literal["moderator", "lead", "analyst", "admin"]
+
+
 class Reviewer(BaseModel):
     """One person allowed to review; the id names them on every decision."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=200)
-    token: SecretStr = Field(description="what they sign in with; keep it in the environment or a secret file")
+    token: SecretStr | None = Field(
+        default=None,
+        description="what they sign in with (identity tokens: required); keep it in the environment or a secret file",
+    )
+    role: Role = Field(
+        default="moderator",
+        description="moderator: the queues and decisions; lead: also escalations and overturns; "
+        "analyst: dashboard and audit, read-only; admin: everything",
+    )
 
     @field_validator("token")
     @classmethod
-    def _not_blank(cls, token: SecretStr) -> SecretStr:
+    def _not_blank(cls, token: SecretStr | None) -> SecretStr | None:
         # Stored as compared: a token read from a file with a trailing newline must still sign in, and an
         # unset shell variable (an empty token) must not sign in everyone.
+        if token is None:
+            return None
         stripped = token.get_secret_value().strip()
         if not stripped:
             raise ValueError("a reviewer's token must not be empty or blank")
@@ -38,7 +52,9 @@ class ConsoleSettings(BaseModel):
         "authenticates them and names them in `header`",
     )
     reviewers: list[Reviewer] = Field(
-        default_factory=list, description="tokens: who may sign in; header: if set, the only names the header may carry"
+        default_factory=list,
+        description="tokens: who may sign in, and their roles; header: if set, the only names the header may carry "
+        "(and their roles; without it everyone named is a moderator)",
     )
     header: str = Field(default="X-Forwarded-User", description="identity header: the header the proxy sets")
     trusted_proxies: list[str] = Field(
@@ -62,6 +78,17 @@ class ConsoleSettings(BaseModel):
     read_timeout_s: float = Field(
         default=10.0, gt=0, description="a request's headers and body must arrive within this; a stalled one is closed"
     )
+    metrics_url: str | None = Field(
+        default=None, description="the consumer's /metrics (telemetry.http_port), read for the dashboard's policy "
+        "health panel; unset: no panel",
+    )
+
+    @field_validator("metrics_url")
+    @classmethod
+    def _http(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s) URL (e.g. http://consumer:8080/metrics)")
+        return url
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -81,7 +108,12 @@ class ConsoleSettings(BaseModel):
         ids = [r.id for r in self.reviewers]
         if len(set(ids)) != len(ids):
             raise ValueError("review.console.reviewers: reviewer ids must be distinct")
-        tokens = [r.token.get_secret_value() for r in self.reviewers]
+        if self.identity == "tokens":
+            for n, reviewer in enumerate(self.reviewers):
+                if reviewer.token is None:
+                    raise ValueError(f"review.console.reviewers.{n}.token: required with identity tokens "
+                                     f"({reviewer.id} could not sign in)")  # fmt: skip
+        tokens = [r.token.get_secret_value() for r in self.reviewers if r.token is not None]
         if len(set(tokens)) != len(tokens):
             raise ValueError("review.console.reviewers: tokens must be distinct")
         return self

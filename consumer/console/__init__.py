@@ -6,8 +6,9 @@ topics (feed.py), shows open reviews in queues per policy and reason, oldest fir
 a time to one reviewer (leases.py: a lease that expires), and writes each decision to the
 decisions topic before the next item shows (writer.py); the consumer's review loop turns it
 into the corrected verdict. Reviewers are named by token sign-in or by a proxy's header
-(identity.py); the pages and the dashboard are app.py, templates/ and static/; queue.py holds
-what they show.
+(identity.py), each with a role (roles.py: moderator, lead, analyst, admin) checked on every
+route; the pages, the dashboard and the audit trail are app.py, templates/ and static/; queue.py
+holds what they show, including the appeals and lead (escalation) queues.
 
 A top-level application beside the demo, below the CLI: it imports the review package and the
 layers under it, and nothing imports it but the CLI.

@@ -18,6 +18,14 @@ browser sends one); an item is taken (leased) only by a POST from its page or by
 the browser says the reviewer navigated there (`Sec-Fetch-Site`/`Sec-Fetch-Dest`), never by an
 image or frame. A decision needs the item's lease, and the check that nobody decided it is
 atomic with the write (`Leases.begin_decision`).
+
+Roles (`consumer.console.roles`) are checked on every route before anything is read: an analyst
+gets the dashboard and the audit trail and nothing is leased to them; a moderator takes items from
+the queues and the appeals queue, decides (uphold or overturn, on an appeal), escalates to a lead
+with a reason and leaves comments; a lead also works the lead queue (escalated items, which leave
+the moderators' queues) and overturns decided items with a reason; an admin may do everything.
+Escalations and comments are records on the decisions topic (`ReviewNote`), shown on the item to
+whoever opens it next.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -43,12 +51,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consumer.config.console import ConsoleSettings
+from consumer.console.health import read_policy_health
 from consumer.console.identity import COOKIE, Identity, Session, SignInLimiter
 from consumer.console.leases import Leases
+from consumer.console.roles import Can, allows
 from consumer.console.queue import author_decided_violations, dashboard, in_queue, policy_view, queues
 from consumer.console.writer import DecisionNotRecorded, DecisionWriter
-from consumer.events import ReviewDecision, ReviewItem, ReviewReason
+from consumer.events import ReviewDecision, ReviewItem, ReviewNote, ReviewReason
 from consumer.policy import Policy
+from consumer.review.audit import audit_rows, render
 from consumer.review.state import ReviewState
 from consumer.review.web import BodyRefused, read_body
 
@@ -57,6 +68,8 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 MAX_FORM_BYTES = 64 * 1024
 MAX_NOTE_CHARS = 2000
+NOT_RECORDED = "It was not recorded (the broker did not acknowledge it). Try again."
+AUDIT_PAGE_ROWS = 500  # the page shows the newest; the downloads hold every row
 LOGIN_COOKIE = "safeguard_console_login"  # the sign-in form's token, before there is a session
 # Characters that reorder the text around them (Unicode's Bidi_Control): shown, never obeyed.
 BIDI_MARKS = {c: f"[U+{c:04X}]" for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
@@ -121,25 +134,38 @@ class ConsoleApp:
             Route("/login", self.login, methods=["POST"]),
             Route("/logout", self._authenticated(self.logout), methods=["POST"]),
             Route("/", self._authenticated(self.queue_page), methods=["GET"]),
-            Route("/next", self._authenticated(self.next_item), methods=["GET"]),
+            Route("/next", self._authenticated(self.next_item, Can.DECIDE), methods=["GET"]),
             # `:path`: a review id is the producer's string and may hold a `/`.
-            Route("/item/{review_id:path}", self._authenticated(self.item_page), methods=["GET"]),
-            Route("/item/{review_id:path}", self._authenticated(self.decide), methods=["POST"]),
-            Route("/open/{review_id:path}", self._authenticated(self.open_item), methods=["POST"]),
+            Route("/item/{review_id:path}", self._authenticated(self.item_page, Can.DECIDE), methods=["GET"]),
+            Route("/item/{review_id:path}", self._authenticated(self.decide, Can.DECIDE), methods=["POST"]),
+            Route("/open/{review_id:path}", self._authenticated(self.open_item, Can.DECIDE), methods=["POST"]),
+            Route("/escalate/{review_id:path}", self._authenticated(self.escalate, Can.DECIDE), methods=["POST"]),
+            Route("/comment/{review_id:path}", self._authenticated(self.comment, Can.DECIDE), methods=["POST"]),
+            Route("/overturn/{review_id:path}", self._authenticated(self.overturn, Can.LEAD), methods=["POST"]),
             Route("/dashboard", self._authenticated(self.dashboard_page), methods=["GET"]),
+            Route("/audit", self._authenticated(self.audit_page, Can.AUDIT), methods=["GET"]),
+            Route("/audit.csv", self._authenticated(self.audit_csv, Can.AUDIT), methods=["GET"]),
+            Route("/audit.jsonl", self._authenticated(self.audit_jsonl, Can.AUDIT), methods=["GET"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ], exception_handlers={BodyRefused: self._body_refused})  # fmt: skip
         self.asgi: ASGIApp = _SecurityHeaders(app)
 
     # -- identity ------------------------------------------------------------------------------
 
-    def _authenticated(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def _authenticated(self, handler: Handler, need: Can | None = None) -> Callable[[Request], Awaitable[Response]]:
+        """`need`: what the session's role must allow; checked before the handler reads anything."""
+
         async def endpoint(request: Request) -> Response:
             session = self.identity.session(request.cookies, request.headers.getlist(self.settings.header),
                                             _client(request))  # fmt: skip
             if session is None:
                 return self._refuse(request)
-            response = await handler(request, session)
+            if need is not None and not allows(session.role, need):
+                log.info("review console: %s (%s) was refused %s %s", session.reviewer_id, session.role,
+                         request.method, request.url.path)  # fmt: skip
+                response = self._not_for_role(session)
+            else:
+                response = await handler(request, session)
             if not session.closed:  # every answer renews the cookie: it lives as long as the sliding session
                 self._set_cookie(response, session)
             return response
@@ -212,8 +238,13 @@ class ConsoleApp:
     # -- pages ---------------------------------------------------------------------------------
 
     async def queue_page(self, request: Request, session: Session) -> Response:
+        if not allows(session.role, Can.DECIDE):  # an analyst reviews nothing: their front page is the dashboard
+            return RedirectResponse("/dashboard", status_code=303)
         policies = self.policies()
-        return self._render("queue.html", session, queues=queues(self.state, policies),
+        found = queues(self.state, policies)
+        lead = queues(self.state, policies, escalated=True) if allows(session.role, Can.LEAD) else []
+        return self._render("queue.html", session, queues=[q for q in found if q.reason != ReviewReason.APPEAL.value],
+                            appeals=[q for q in found if q.reason == ReviewReason.APPEAL.value], lead=lead,
                             leased=self.leases.live(), decisions=self.state.decisions)  # fmt: skip
 
     async def next_item(self, request: Request, session: Session) -> Response:
@@ -221,9 +252,12 @@ class ConsoleApp:
         if not _navigated(request):
             return self._render("message.html", session, status=403, title="Refused",
                                 message="Items are handed out to pages opened in this console only.")  # fmt: skip
+        escalated = request.query_params.get("lane") == "lead"
+        if escalated and not allows(session.role, Can.LEAD):
+            return self._not_for_role(session)
         if request.query_params.get("again"):
             session.skipped.clear()
-        items = in_queue(self.state, policy_id, reason)
+        items = in_queue(self.state, policy_id, reason, escalated)
         candidates = [i.review_id for i in items if i.review_id not in session.skipped]
         review_id = self.leases.claim_first(candidates, session.id, session.reviewer_id)
         if review_id is None:
@@ -242,9 +276,13 @@ class ConsoleApp:
                                 message="This review is not (or no longer) held by the console.")  # fmt: skip
         applied = self.state.applied(review_id)
         if applied is not None:
+            if allows(session.role, Can.LEAD):  # a lead may overturn it
+                return self._decided_page(session, item)
             return self._render("message.html", session, status=409, title="Decided already",
                                 message=f"This review was decided by {applied.decision.reviewer_id}.",
                                 next_url="/next" + _query(policy_id, reason, lead="?"))  # fmt: skip
+        if (away := self._escalated_away(session, review_id)) is not None:
+            return away
         holder = self.leases.holder(review_id)
         if holder is not None and holder.session_id != session.id:
             return self._render("message.html", session, status=409, title="Someone is on it",
@@ -255,14 +293,39 @@ class ConsoleApp:
             return self._render("open.html", session, item=item, queue=_query(policy_id, reason, lead="?"),
                                 policy_id=policy_id, reason=reason)  # fmt: skip
         self.leases.claim(review_id, session.id, session.reviewer_id)  # looking again renews this session's hold
-        policy = self.policies().get(item.policy_id)
-        view = policy_view(policy, item)
+        return self._item_page(session, item, policy_id, reason)
+
+    def _item_page(self, session: Session, item: ReviewItem, policy_id: str | None, reason: str | None,
+                   status: int = 200, problem: str | None = None) -> Response:  # fmt: skip
+        escalated = self.state.escalation(item.review_id) is not None
         return self._render(
-            "item.html", session, item=item, view=view, queue=_query(policy_id, reason, lead="?"),
-            policy_id=policy_id, reason=reason, waiting=len(in_queue(self.state, policy_id, reason)),
-            confirmed=author_decided_violations(self.state, item), lease_s=int(self.leases.lease_s),
-            problem=None,
+            "item.html", session, status=status, item=item, view=policy_view(self.policies().get(item.policy_id), item),
+            queue=_query(policy_id, reason, lead="?"), policy_id=policy_id, reason=reason,
+            waiting=len(in_queue(self.state, policy_id, reason, escalated)), escalated=escalated,
+            notes=self.state.notes(item.review_id), confirmed=author_decided_violations(self.state, item),
+            lease_s=int(self.leases.lease_s), problem=problem,
         )  # fmt: skip
+
+    def _decided_page(self, session: Session, item: ReviewItem, status: int = 200,
+                      problem: str | None = None) -> Response:  # fmt: skip
+        """A decided item as a lead sees it: what people did on it, and the overturn form."""
+        standing = self.state.standing(item.review_id)
+        assert standing is not None
+        return self._render("decided.html", session, status=status, item=item, standing=standing.decision,
+                            standing_at=_where(standing.at), history=self.state.actions(item.review_id),
+                            problem=problem,
+                            view=policy_view(self.policies().get(item.policy_id), item))  # fmt: skip
+
+    def _escalated_away(self, session: Session, review_id: str) -> Response | None:
+        """An escalated item is for leads (and admins) only."""
+        if self.state.escalation(review_id) is None or allows(session.role, Can.LEAD):
+            return None
+        return self._render("message.html", session, status=403, title="Escalated",
+                            message="This item was escalated to a lead.", next_url="/next")  # fmt: skip
+
+    def _not_for_role(self, session: Session) -> Response:
+        return self._render("message.html", session, status=403, title="Not for your role",
+                            message=f"A {session.role} cannot do this here.")  # fmt: skip
 
     async def open_item(self, request: Request, session: Session) -> Response:
         """Take the lease on one item, from the page that asked (a POST with the session's form token)."""
@@ -272,6 +335,8 @@ class ConsoleApp:
         if not session.form_token_ok(_one(form, "csrf")):
             return self._render("message.html", session, status=403, title="Refused",
                                 message="This form was not sent from this console.")  # fmt: skip
+        if (away := self._escalated_away(session, review_id)) is not None:
+            return away
         if self.state.item(review_id) is not None and not self.leases.claim(review_id, session.id, session.reviewer_id):
             return self._render("message.html", session, status=409, title="Someone is on it",
                                 message="Another reviewer has this item open. It comes back to the queue if "
@@ -291,6 +356,10 @@ class ConsoleApp:
         if item is None:
             return self._render("message.html", session, status=404, title="No such review",
                                 message="This review is not (or no longer) held by the console.", next_url=back)  # fmt: skip
+        if (away := self._escalated_away(session, review_id)) is not None:
+            return away
+        if self.state.escalation(review_id) is not None:
+            back = "/next?lane=lead"
         verdict = _one(form, "verdict")
         if verdict not in ("violation", "safe", "skip"):
             return self._render("message.html", session, status=400, title="No answer",
@@ -335,12 +404,7 @@ class ConsoleApp:
         except DecisionNotRecorded as exc:
             log.warning("review console: the decision on %s by %s was not recorded: %s", review_id,
                         session.reviewer_id, exc)  # fmt: skip
-            return self._render(
-                "item.html", session, status=503, item=item, view=view, queue=_query(policy_id, reason, lead="?"),
-                policy_id=policy_id, reason=reason, waiting=len(in_queue(self.state, policy_id, reason)),
-                confirmed=author_decided_violations(self.state, item), lease_s=int(self.leases.lease_s),
-                problem="The decision was not recorded (the broker did not acknowledge it). Try again.",
-            )  # fmt: skip
+            return self._item_page(session, item, policy_id, reason, status=503, problem=NOT_RECORDED)
         # The state learns it now, at the coordinates it landed on: the feed reading it back changes nothing.
         self.state.add_decision(decision, at)
         self.leases.release(review_id, session.id)
@@ -348,8 +412,126 @@ class ConsoleApp:
         log.info("review console: %s decided %s (%s)", session.reviewer_id, review_id, verdict)
         return RedirectResponse(back, status_code=303)
 
+    async def escalate(self, request: Request, session: Session) -> Response:
+        """Hand the item to the lead queue, with a reason; it leaves the moderators' queues."""
+        return await self._note(request, session, "escalation")
+
+    async def comment(self, request: Request, session: Session) -> Response:
+        """An internal comment on the item, shown to whoever opens it next; the item stays with this session."""
+        return await self._note(request, session, "comment")
+
+    async def _note(self, request: Request, session: Session, kind: Literal["escalation", "comment"]) -> Response:
+        review_id = request.path_params["review_id"]
+        form = await self._form(request)
+        policy_id, reason = _one(form, "policy") or None, _one(form, "reason") or None
+        if not session.form_token_ok(_one(form, "csrf")):
+            return self._render("message.html", session, status=403, title="Refused",
+                                message="This form was not sent from this console.")  # fmt: skip
+        item = self.state.item(review_id)
+        if item is None or self.state.applied(review_id) is not None:
+            return self._render("message.html", session, status=409, title="Not open",
+                                message="This review is decided or no longer held. Nothing was recorded.",
+                                next_url="/next")  # fmt: skip
+        if (away := self._escalated_away(session, review_id)) is not None:
+            return away
+        if kind == "escalation" and self.state.escalation(review_id) is not None:
+            return self._render("message.html", session, status=409, title="Escalated already",
+                                message="This item waits in the lead queue already.", next_url="/next")  # fmt: skip
+        holder = self.leases.holder(review_id)
+        if holder is None or holder.session_id != session.id:
+            return self._render("message.html", session, status=409, title="Not yours",
+                                message="This item is not held for you. Nothing was recorded.",
+                                next_url="/next")  # fmt: skip
+        text = (_one(form, "text") or "").strip()[:MAX_NOTE_CHARS]
+        if not text:
+            empty = "Say why you escalate it." if kind == "escalation" else "The comment is empty."
+            return self._item_page(session, item, policy_id, reason, status=400, problem=empty)
+        note = ReviewNote(kind=kind, review_id=review_id, text=text, reviewer_id=session.reviewer_id,
+                          written_at=datetime.now(timezone.utc))  # fmt: skip
+        try:
+            at = await run_in_threadpool(self.writer.write, note)
+        except DecisionNotRecorded as exc:
+            log.warning("review console: the %s on %s by %s was not recorded: %s", kind, review_id,
+                        session.reviewer_id, exc)  # fmt: skip
+            return self._item_page(session, item, policy_id, reason, status=503, problem=NOT_RECORDED)
+        self.state.add_note(note, at)
+        log.info("review console: %s wrote a %s on %s", session.reviewer_id, kind, review_id)
+        if kind == "escalation":  # off this moderator's desk: the next item
+            self.leases.release(review_id, session.id)
+            return RedirectResponse("/next" + _query(policy_id, reason, lead="?"), status_code=303)
+        return RedirectResponse(_item_url(review_id, policy_id, reason), status_code=303)
+
+    async def overturn(self, request: Request, session: Session) -> Response:
+        """A lead replaces the answer in force on a decided item, with a reason."""
+        review_id = request.path_params["review_id"]
+        form = await self._form(request)
+        if not session.form_token_ok(_one(form, "csrf")):
+            return self._render("message.html", session, status=403, title="Refused",
+                                message="This form was not sent from this console.")  # fmt: skip
+        item, standing = self.state.item(review_id), self.state.standing(review_id)
+        if item is None or standing is None:
+            return self._render("message.html", session, status=409, title="Not decided",
+                                message="Only a decided review held by the console can be overturned. "
+                                        "Nothing was recorded.")  # fmt: skip
+        verdict = _one(form, "verdict")
+        note = (_one(form, "note") or "").strip()[:MAX_NOTE_CHARS]
+        view = policy_view(self.policies().get(item.policy_id), item)
+        violation = verdict == "violation"
+        category = _one(form, "category") or None
+        if not violation or category not in view.categories:
+            category = None
+        if verdict not in ("violation", "safe") or not note:
+            return self._decided_page(session, item, 400, "Choose violation or safe and say why.")
+        if (violation, category) == (standing.decision.violation, standing.decision.category):
+            return self._decided_page(session, item, 400, "That is the answer in force already.")
+        seen = _one(form, "standing")
+
+        def changed() -> bool:
+            now = self.state.standing(review_id)
+            return now is None or _where(now.at) != seen
+
+        refused = self.leases.begin_overturn(review_id, changed)
+        if refused:
+            return self._decided_page(session, item, 409, "The answer changed while this page was open. "
+                                                           "Nothing was recorded: look again.")  # fmt: skip
+        try:
+            overturn = ReviewDecision(kind="overturn", review_id=review_id, violation=violation, category=category,
+                                      note=note, reviewer_id=session.reviewer_id,
+                                      decided_at=datetime.now(timezone.utc))  # fmt: skip
+            try:
+                at = await run_in_threadpool(self.writer.write, overturn)
+            except DecisionNotRecorded as exc:
+                log.warning("review console: the overturn of %s by %s was not recorded: %s", review_id,
+                            session.reviewer_id, exc)  # fmt: skip
+                return self._decided_page(session, item, 503, NOT_RECORDED)
+            self.state.add_decision(overturn, at)
+        finally:
+            self.leases.end_decision(review_id)
+        log.info("review console: %s overturned %s", session.reviewer_id, review_id)
+        return RedirectResponse(_item_url(review_id, None, None), status_code=303)
+
+    async def audit_page(self, request: Request, session: Session) -> Response:
+        rows = audit_rows(self.state)
+        return self._render("audit.html", session, rows=rows[::-1][:AUDIT_PAGE_ROWS], total=len(rows),
+                            lead=allows(session.role, Can.LEAD))  # fmt: skip
+
+    async def audit_csv(self, request: Request, session: Session) -> Response:
+        return self._audit_download("csv", "text/csv; charset=utf-8")
+
+    async def audit_jsonl(self, request: Request, session: Session) -> Response:
+        return self._audit_download("jsonl", "application/x-ndjson")
+
+    def _audit_download(self, fmt: Literal["csv", "jsonl"], media_type: str) -> Response:
+        body = b"".join(render(audit_rows(self.state), fmt))
+        return Response(body, media_type=media_type,
+                        headers={"content-disposition": f'attachment; filename="review-audit.{fmt}"'})  # fmt: skip
+
     async def dashboard_page(self, request: Request, session: Session) -> Response:
-        return self._render("dashboard.html", session, board=dashboard(self.state, self.policies()))
+        health, unhealthy = [], None
+        if self.settings.metrics_url:
+            health, unhealthy = await run_in_threadpool(read_policy_health, self.settings.metrics_url)
+        return self._render("dashboard.html", session, board=dashboard(self.state, self.policies()),
+                            health=health, unhealthy=unhealthy, panel=self.settings.metrics_url is not None)  # fmt: skip
 
     async def _form(self, request: Request) -> dict[str, list[str]]:
         """An url-encoded form (the only kind the console's pages send); BodyRefused when it is not
@@ -362,7 +544,8 @@ class ConsoleApp:
     def _render(self, template: str, session: Session | None, status: int = 200, **context: Any) -> HTMLResponse:
         page = self.templates.get_template(template).render(
             session=session, minutes=int((time.time() - session.started) // 60) if session else 0,
-            mode=self.identity.mode, stale=self._stale(), reasons=REASONS, **context,
+            mode=self.identity.mode, stale=self._stale(), reasons=REASONS,
+            can=lambda what: session is not None and allows(session.role, Can(what)), **context,
         )  # fmt: skip
         return HTMLResponse(page, status_code=status)
 
@@ -402,6 +585,11 @@ def _navigated(request: Request) -> bool:
     not an image, a frame or a page of another origin. Clients that send no Fetch Metadata pass."""
     site, dest = request.headers.get("sec-fetch-site"), request.headers.get("sec-fetch-dest")
     return site in (None, "same-origin", "none") and dest in (None, "document")
+
+
+def _where(at: tuple[str, int, int]) -> str:
+    """A decisions-topic record's coordinates as a form field: which answer a lead saw."""
+    return f"{at[0]}:{at[1]}:{at[2]}"
 
 
 def _item_url(review_id: str, policy_id: str | None, reason: str | None) -> str:

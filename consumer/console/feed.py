@@ -1,6 +1,6 @@
 """The console's view of the review topics: a `ReviewState` kept current from Kafka.
 
-`ReviewFeed` reads the review topic and the decisions topic the way the consumer's review loop
+`ReviewFeed` reads the review topic and the decisions topic (decisions, overturns, escalations, comments) the way the consumer's review loop
 does (consumer.review.loop): an assigned consumer of every partition of both, in no group,
 committing nothing, from the earliest retained offsets up to the end offsets found at start
 (`start()` returns when that bounded read is done), then following both on a thread. So the
@@ -19,10 +19,10 @@ import threading
 import time
 from typing import Any
 
-from consumer.events import ReviewDecision, ReviewItem
+from consumer.events import ReviewItem
 from consumer.kafka.client import Consumer, Message, TopicPartition
 from consumer.kafka.ranges import assign_from_earliest
-from consumer.review.decisions import RejectedInput, parse
+from consumer.review.decisions import RejectedInput, parse_record
 from consumer.review.state import ReviewState
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class ReviewFeed:
             self.state.add_item(item, message.key())
             return
         try:
-            decision = parse(ReviewDecision, message.value())
+            record = parse_record(message.value())
         except RejectedInput:
             return  # the consumer's review loop dead-letters it
-        self.state.add_decision(decision, (message.topic(), message.partition(), message.offset()))
+        self.state.add_record(record, (message.topic(), message.partition(), message.offset()))

@@ -16,6 +16,9 @@ and refuses the request (401) when there is none.
   the cookie joins that person's session instead of opening another. With `reviewers` set,
   only those names are accepted.
 
+Every session carries its reviewer's role (`review.console.reviewers[*].role`, moderator when
+not listed); `consumer.console.roles` says what each role may do.
+
 A session also carries what the page shows of it: how many items were decided in it, and when
 it started (reviewers of harmful content need to see how long they have been at it), the items
 skipped in it, and a per-session token that every form posts back (requests forged by another
@@ -33,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
 
-from consumer.config.console import ConsoleSettings
+from consumer.config.console import ConsoleSettings, Role
 
 COOKIE = "safeguard_console"
 
@@ -45,6 +48,7 @@ class Session:
     csrf: str
     started: float
     last_seen: float
+    role: Role = "moderator"
     decided: int = 0
     skipped: set[str] = field(default_factory=set)
     closed: bool = False
@@ -59,8 +63,10 @@ class Identity:
     def __init__(self, settings: ConsoleSettings, clock: Callable[[], float] = time.time):
         self.settings = settings
         self.mode = settings.identity
-        self._tokens = [(r.token.get_secret_value().strip().encode(), r.id) for r in settings.reviewers]
+        self._tokens = [(r.token.get_secret_value().strip().encode(), r.id) for r in settings.reviewers
+                        if r.token is not None]  # fmt: skip
         self._names = {r.id for r in settings.reviewers}
+        self._roles: dict[str, Role] = {r.id: r.role for r in settings.reviewers}
         self._proxies = [ip_network(p) for p in settings.trusted_proxies]
         self._clock = clock
         self._lock = threading.Lock()
@@ -121,7 +127,8 @@ class Identity:
 
     def open(self, reviewer_id: str) -> Session:
         now = self._clock()
-        session = Session(secrets.token_urlsafe(24), reviewer_id, secrets.token_urlsafe(24), now, now)
+        session = Session(secrets.token_urlsafe(24), reviewer_id, secrets.token_urlsafe(24), now, now,
+                          role=self._roles.get(reviewer_id, "moderator"))  # fmt: skip
         with self._lock:
             self._expire(now)
             self._sessions[session.id] = session

@@ -8,7 +8,9 @@ session holds one lease at a time: asking for another item gives up the one it h
 It also owns "one decision per review": a decision needs the review's lease, and
 `begin_decision` checks that nobody decided it and marks it in flight in one step under the
 lock, so of two concurrent decisions on one review (two reviewers, or one double-click) one is
-written and the other is told "decided already" before anything is written.
+written and the other is told "decided already" before anything is written. A lead's overturn
+of a decided review takes the same mark (`begin_overturn`), checked against the answer the lead
+saw: of two leads overturning at once, the second is told the answer changed.
 
 What holds, and where: the leases live in the memory of one console process (it serves hundreds
 of reviewers: each request is a few dictionary look-ups). Several console processes share a
@@ -94,8 +96,18 @@ class Leases:
             self._deciding.add(review_id)
             return None
 
+    def begin_overturn(self, review_id: str, changed: Callable[[], bool]) -> Literal["changed"] | None:
+        """None: this session may write its overturn now, and until `end_decision` nobody else may
+        write on the review. "changed": `changed()` says the answer in force is not the one the lead
+        saw, or another decision or overturn is in flight. No lease: a decided item is in nobody's queue."""
+        with self._lock:
+            if review_id in self._deciding or changed():
+                return "changed"
+            self._deciding.add(review_id)
+            return None
+
     def end_decision(self, review_id: str) -> None:
-        """The decision begun by this session was written (and applied to the state) or failed."""
+        """The decision (or overturn) begun by this session was written (and applied to the state) or failed."""
         with self._lock:
             self._deciding.discard(review_id)
 

@@ -1,6 +1,8 @@
 """What the console shows: queues of open reviews, the policy beside an item, the dashboard's figures.
 
-Read-only views over `ReviewState` and the policies in force; the app renders them.
+Read-only views over `ReviewState` and the policies in force; the app renders them. An item
+escalated to a lead (a `ReviewNote` of kind escalation) leaves the moderators' queues for the
+lead queue until it is decided.
 """
 
 from __future__ import annotations
@@ -28,30 +30,39 @@ class Queue:
     open: int
     oldest: datetime | None
     title: str | None = None
+    escalated: bool = False  # the lead queue's
 
     @property
     def key(self) -> tuple[str, str]:
         return self.policy_id, self.reason
 
 
-def queues(state: ReviewState, policies: dict[str, Policy]) -> list[Queue]:
-    """Every (policy, reason) with open reviews, the one waiting longest first."""
+def queues(state: ReviewState, policies: dict[str, Policy], escalated: bool = False) -> list[Queue]:
+    """Every (policy, reason) with open reviews, the one waiting longest first; `escalated`: the lead
+    queue's, else the moderators'."""
     oldest: dict[tuple[str, str], datetime] = {}
     counts: Counter[tuple[str, str]] = Counter()
-    for item in state.pending():
+    for item in _pending(state, escalated):
         key = (item.policy_id, item.reason.value)
         counts[key] += 1
         if key not in oldest or item.created_at < oldest[key]:
             oldest[key] = item.created_at
-    found = [Queue(p, r, n, oldest.get((p, r)), getattr(policies.get(p), "title", None)) for (p, r), n in counts.items()]
+    found = [Queue(p, r, n, oldest.get((p, r)), getattr(policies.get(p), "title", None), escalated)
+             for (p, r), n in counts.items()]  # fmt: skip
     return sorted(found, key=lambda q: (q.oldest or datetime.max.replace(tzinfo=timezone.utc), q.policy_id, q.reason))
 
 
-def in_queue(state: ReviewState, policy_id: str | None, reason: str | None) -> list[ReviewItem]:
-    """The open reviews of a queue (either filter may be None: all), oldest first."""
-    items = [i for i in state.pending()
+def in_queue(state: ReviewState, policy_id: str | None, reason: str | None,
+             escalated: bool = False) -> list[ReviewItem]:  # fmt: skip
+    """The open reviews of a queue (either filter may be None: all), oldest first; `escalated`: of
+    the lead queue, else of the moderators'."""
+    items = [i for i in _pending(state, escalated)
              if (policy_id is None or i.policy_id == policy_id) and (reason is None or i.reason.value == reason)]  # fmt: skip
     return sorted(items, key=lambda i: i.created_at)
+
+
+def _pending(state: ReviewState, escalated: bool) -> list[ReviewItem]:
+    return [i for i in state.pending() if (state.escalation(i.review_id) is not None) == escalated]
 
 
 @dataclass(frozen=True)
@@ -168,7 +179,7 @@ def dashboard(state: ReviewState, policies: dict[str, Policy], now: datetime | N
         total[(policy_id, stage)] += count
         if ok:
             agreed[(policy_id, stage)] += count
-    qs = queues(state, policies)
+    qs = queues(state, policies) + queues(state, policies, escalated=True)
     return Dashboard(
         queues=qs,
         hours=[(start, per_hour[start]) for start in starts],

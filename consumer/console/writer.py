@@ -1,4 +1,5 @@
-"""Decisions onto the decisions topic, acknowledged before the reviewer sees the next item."""
+"""Decisions onto the decisions topic, acknowledged before the reviewer sees the next item; the
+same for overturns, escalations and comments, which share the topic."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from consumer.events import ReviewDecision
+from consumer.events import ReviewDecision, ReviewNote
 from consumer.kafka.client import KafkaError, Message, Producer
 from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.review.state import Coordinates
@@ -29,7 +30,7 @@ class DecisionWriter:
         self._producer = Producer({**PRODUCER_DEFAULTS, **producer_config})
         self._lock = threading.Lock()
 
-    def write(self, decision: ReviewDecision) -> Coordinates:
+    def write(self, decision: ReviewDecision | ReviewNote) -> Coordinates:
         landed: list[Coordinates] = []
         errors: list[str] = []
 

@@ -79,4 +79,5 @@ def verdict(
         "truncated": None,
         "decided_by": "machine",
         "supersedes": None,
+        "appeal": None,
     }

@@ -5,7 +5,8 @@ self-contained review item), `state` (review items and the decision that counts 
 the review and decisions topics hold them), `decisions` (a decision as a corrected verdict),
 `appeals` (an appeal as a review item), `loop` (the second consumer: decisions and appeals
 in, corrected verdicts and review items out, committed after delivery), `desk` (what the
-pipeline holds), `metrics`, `export` (decisions as labelled data for `policy eval`) and
-`coop` (a bridge to ROOST's Coop review console). The contracts themselves (`ReviewItem`,
-`ReviewDecision`, `Appeal`) live in `consumer.events`.
+pipeline holds), `metrics`, `export` (decisions as labelled data for `policy eval`), `audit`
+(what people did, as CSV or JSONL) and `coop` (a bridge to ROOST's Coop review console). The
+contracts themselves (`ReviewItem`, `ReviewDecision` with its overturns, `ReviewNote`, `Appeal`)
+live in `consumer.events`.
 """

@@ -28,6 +28,7 @@ from consumer.events import (
     ReviewEvent,
     ReviewItem,
     ReviewReason,
+    SourceRecord,
 )
 from consumer.kafka.client import Consumer, Message, TopicPartition
 from consumer.kafka.ranges import OffsetSpan, iter_ranges, read_ranges
@@ -52,9 +53,10 @@ def tail_spans(config: dict[str, Any], topic: str, records: int) -> list[OffsetS
         probe.close()
 
 
-def find_verdict(config: dict[str, Any], verdict_topic: str, appeal: Appeal, records: int) -> Document | None:
-    """The newest machine verdict for the appealed event within the verdict topic's tail."""
-    found: Document | None = None
+def find_verdict(config: dict[str, Any], verdict_topic: str, appeal: Appeal,
+                 records: int) -> tuple[Document, SourceRecord] | None:  # fmt: skip
+    """The newest machine verdict for the appealed event within the verdict topic's tail, and where it is."""
+    found: tuple[Document, SourceRecord] | None = None
     found_at = -1
     for message in iter_ranges(config, tail_spans(config, verdict_topic, records), timeout=60):
         try:
@@ -72,7 +74,8 @@ def find_verdict(config: dict[str, Any], verdict_topic: str, appeal: Appeal, rec
         else:
             hit = verdict.get("event_id") == appeal.event_id
         if hit and message.offset() > found_at:  # a record read twice has two verdicts: the later stands
-            found, found_at = verdict, message.offset()
+            at = SourceRecord(topic=message.topic(), partition=message.partition(), offset=message.offset())
+            found, found_at = (verdict, at), message.offset()
     return found
 
 
@@ -86,10 +89,11 @@ def appeal_item(
     """The review item an appeal opens and the input record's key (the item is keyed like the
     input); RejectedInput (appeal_not_found) when the verdict, the policy or the input record
     cannot be found."""
-    verdict = find_verdict(config, verdict_topic, appeal, records)
-    if verdict is None:
+    found = find_verdict(config, verdict_topic, appeal, records)
+    if found is None:
         raise RejectedInput(ErrorType.APPEAL_NOT_FOUND, f"no verdict for the appealed event in the last {records} "
                                                         f"records of each partition of {verdict_topic}")  # fmt: skip
+    verdict, verdict_at = found
     results = verdict.get("results") or []
     if appeal.policy_id is not None:
         chosen = [r for r in results if r.get("policy_id") == appeal.policy_id]
@@ -112,6 +116,7 @@ def appeal_item(
     others = [r for r in results if r is not result]
     item = review_item(ReviewReason.APPEAL, result, recorded_event(event), source, event, others, appeal=appeal.reason)
     item.author_violations = verdict.get("offender_violations")
+    item.verdict = verdict_at  # the appeal's corrected verdict names the appealed one
     return item, records_read[0].key()
 
 

@@ -1,10 +1,13 @@
-"""Decisions: reading a moderator's answer and turning it into a corrected verdict.
+"""Decisions: reading a person's answer and turning it into a corrected verdict.
 
 The corrected verdict is built from the review item alone (it is self-contained), never from
 memory of the machine verdict, so a decision taken days later, after restarts, yields the same
 output: the same event and source coordinates, `decided_by: "human"`, the reviewer's answer
 as the reviewed policy's result, the other policies' results as the machine gave them, and
-`supersedes` naming the machine verdict.
+`supersedes` naming the verdict it replaces: the machine's (for an appeal, the appealed one at
+its verdict-topic coordinates), or, for a lead's overturn, the corrected verdict of the answer
+it overturns (named by that decision record's coordinates: it produced that verdict alone).
+On an appeal the verdict also says whether the appealed answer was upheld or overturned.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from consumer.events import (
     PolicyResult,
     ReviewDecision,
     ReviewItem,
+    ReviewNote,
+    ReviewReason,
     ReviewStatus,
     SourceRecord,
     Supersedes,
@@ -37,6 +42,7 @@ from consumer.events import (
 from consumer.kafka.client import Message
 from consumer.policy import Policy, most_severe
 from consumer.policy.actions import SEVERITY
+from consumer.review.state import Applied
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -47,12 +53,26 @@ class RejectedInput(RecordFault):
 
 def parse(model: type[M], value: bytes | None) -> M:
     """A decision or an appeal from a record's value; RejectedInput names what is wrong (fields, not values)."""
+    return _validate(model, _loads(value))
+
+
+def parse_record(value: bytes | None) -> ReviewDecision | ReviewNote:
+    """A record of the decisions topic: a decision or overturn, or a note (escalation, comment)."""
+    data = _loads(value)
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return _validate(ReviewNote if kind in ("escalation", "comment") else ReviewDecision, data)
+
+
+def _loads(value: bytes | None) -> object:
     if value is None:
         raise RejectedInput(ErrorType.INVALID_JSON, "empty record")
     try:
-        data = orjson.loads(value)
+        return orjson.loads(value)
     except orjson.JSONDecodeError:
         raise RejectedInput(ErrorType.INVALID_JSON, "not valid JSON") from None
+
+
+def _validate(model: type[M], data: object) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -86,9 +106,13 @@ def human_result(item: ReviewItem, decision: ReviewDecision, policy: Policy | No
 
 
 def corrected_verdict(
-    item: ReviewItem, decision: ReviewDecision, policies: Callable[[], Mapping[str, Policy]]
+    item: ReviewItem,
+    decision: ReviewDecision,
+    policies: Callable[[], Mapping[str, Policy]],
+    replaces: Applied | None = None,
 ) -> Document:
-    """The verdict that replaces the machine's for the reviewed event."""
+    """The verdict that replaces the machine's for the reviewed event (`replaces`: for an
+    overturn, the person's answer in force before it, whose corrected verdict this one replaces)."""
     results = [*item.other_results, human_result(item, decision, policies().get(item.policy_id))]
     # Results still awaiting a person do not count as found violations (they hold).
     decided = [r for r in results if not (r.review and r.review.status == "pending" and r.stage == stages.UNDECIDED)]
@@ -104,13 +128,27 @@ def corrected_verdict(
         author_id=item.author_id,
         community_id=item.community_id,
         context_id=item.context_id,
-        note=f"decided by a person ({item.reason.value} review {item.review_id})",
+        note=(f"overturned by {decision.reviewer_id}" if replaces else "decided by a person")
+        + f" ({item.reason.value} review {item.review_id})",
         latency_ms=latency_ms,
         consumer_version=consumer.__version__,
         decided_by="human",
-        supersedes=Supersedes(event_id=item.event.event_id, source=item.source, review_id=item.review_id),
+        supersedes=_supersedes(item, replaces),
+        appeal=None if item.reason != ReviewReason.APPEAL
+        else ("upheld" if decision.violation == item.machine.violation else "overturned"),
     )
     return verdict.model_dump(mode="json")
+
+
+def _supersedes(item: ReviewItem, replaces: Applied | None) -> Supersedes:
+    named = Supersedes(event_id=item.event.event_id, source=item.source, review_id=item.review_id)
+    if replaces is None:
+        named.verdict = item.verdict
+    else:
+        topic, partition, offset = replaces.at
+        named.decided_by = "human"
+        named.decision = SourceRecord(topic=topic, partition=partition, offset=offset)
+    return named
 
 
 def as_classification(decision: ReviewDecision) -> Classification:

@@ -17,10 +17,10 @@ from typing import Any
 import orjson
 
 from consumer.durable import replacing
-from consumer.events import ReviewDecision, ReviewItem
+from consumer.events import ReviewItem
 from consumer.kafka.client import Consumer, TopicPartition
 from consumer.kafka.ranges import OffsetSpan, iter_ranges
-from consumer.review.decisions import RejectedInput, parse
+from consumer.review.decisions import RejectedInput, parse_record
 from consumer.review.state import ReviewState
 
 
@@ -36,7 +36,7 @@ def whole_topic(config: dict[str, Any], topic: str) -> list[OffsetSpan]:
 
 
 def read_state(config: dict[str, Any], review_topic: str, decisions_topic: str) -> ReviewState:
-    """Every review item, then every decision, as the consumer would apply them."""
+    """Every review item, then every record of the decisions topic, as the consumer would apply them."""
     state = ReviewState()
     for message in iter_ranges(config, whole_topic(config, review_topic)):
         try:
@@ -45,17 +45,18 @@ def read_state(config: dict[str, Any], review_topic: str, decisions_topic: str) 
             continue
     for message in iter_ranges(config, whole_topic(config, decisions_topic)):
         try:
-            decision = parse(ReviewDecision, message.value())
+            record = parse_record(message.value())
         except RejectedInput:
             continue
-        state.add_decision(decision, (message.topic(), message.partition(), message.offset()))
+        state.add_record(record, (message.topic(), message.partition(), message.offset()))
     return state
 
 
 def labelled_rows(state: ReviewState, policy_id: str, version: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for decided in state.decided_items():
-        item, decision = decided.item, decided.decision
+        # A lead's overturn corrects the label: the answer in force is the one to learn from.
+        item, decision = decided.item, (state.standing(decided.item.review_id) or decided).decision
         if item.policy_id != policy_id or (version is not None and item.policy_version != version):
             continue
         rows.append({

@@ -26,6 +26,13 @@ first. Later decisions with the same answer change nothing; with another answer 
 `unknown_review` dead letter, a malformed one `invalid_json` or `schema_violation`, an appeal
 whose verdict cannot be found `appeal_not_found`. None of them stops the loop.
 
+A lead's overturn (a `ReviewDecision` of kind `overturn`) is the one allowed second answer: on
+a decided review whose answer in force it changes, it yields a corrected verdict superseding the
+one the answer it replaces produced, and teaches like a decision; an overturn of an undecided
+review is a `conflicting_decision` dead letter, one that changes nothing a duplicate. Escalations
+and comments (`ReviewNote`) share the topic and are no decisions: the state keeps them, the
+applier commits past them with no output.
+
 Disagreement reviews (a shadow check disagreed after the verdict was sent) are handed in by
 `submit` and produced by this loop's producer (exactly-once: in its next transaction): they
 are not part of any input record's commit, so a crash before they are delivered loses them
@@ -44,14 +51,14 @@ from typing import Any
 import orjson
 
 from consumer.config import Settings
-from consumer.events import Appeal, ContentEvent, Document, ErrorType, ReviewDecision, ReviewItem
+from consumer.events import Appeal, ContentEvent, Document, ErrorType, ReviewDecision, ReviewItem, ReviewNote
 from consumer.kafka.client import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from consumer.kafka.client_logs import client_options
 from consumer.kafka.ranges import assign_from_earliest
 from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.policy import Policy
 from consumer.review.appeals import appeal_item
-from consumer.review.decisions import RejectedInput, corrected_verdict, dead_letter, parse
+from consumer.review.decisions import RejectedInput, corrected_verdict, dead_letter, parse, parse_record
 from consumer.review.state import Decided, ReviewState
 from consumer.sinks.kafka import transactional_id
 
@@ -190,10 +197,10 @@ class ReviewLoop:
             decided = self.state.add_item(item, message.key())
         else:
             try:
-                decision = parse(ReviewDecision, value)
+                record = parse_record(value)
             except RejectedInput:
                 return  # the applier dead-letters it
-            one = self.state.add_decision(decision, (message.topic(), message.partition(), message.offset()))
+            one = self.state.add_record(record, (message.topic(), message.partition(), message.offset()))
             decided = [one] if one is not None else []
         for d in decided:
             try:
@@ -247,10 +254,14 @@ class ReviewLoop:
             return [(self.settings.kafka.dead_letter_topic, orjson.dumps(letter), message.key())]
 
     def _decision(self, message: Message) -> list[_Output]:
-        decision = parse(ReviewDecision, message.value())
+        decision = parse_record(message.value())
+        if isinstance(decision, ReviewNote):
+            return []  # an escalation or a comment: the follower keeps it for the console; nothing to send
         at = (message.topic(), message.partition(), message.offset())
         # The follower must have read this partition up to here: then both agree which decision was first.
         self._follow_until({(at[0], at[1]): at[2] + 1})
+        if decision.kind == "overturn":
+            return self._overturn(decision, at)
         applied = self.state.applied(decision.review_id)
         if applied is None and not self.state.known(decision.review_id):
             self._catch_up_items()
@@ -273,6 +284,28 @@ class ReviewLoop:
         verdict = corrected_verdict(item, decision, self._policies)
         self.applied += 1
         return [(self.settings.kafka.verdict_topic, orjson.dumps(verdict), self.state.key(decision.review_id))]
+
+    def _overturn(self, overturn: ReviewDecision, at: tuple[str, int, int]) -> list[_Output]:
+        """A lead's overturn: a corrected verdict superseding the one of the answer it replaced."""
+        review_id = overturn.review_id
+        if not self.state.known(review_id):
+            self._catch_up_items()
+        if not self.state.known(review_id):
+            self.state.drop_orphan(review_id, at)
+            raise RejectedInput(ErrorType.UNKNOWN_REVIEW, f"no review item {review_id!r} on {self.review.topic}")
+        item = self.state.item(review_id)
+        if item is None:
+            raise RejectedInput(ErrorType.UNKNOWN_REVIEW, f"review item {review_id!r} is no longer held "
+                                "(review.max_items)")  # fmt: skip
+        replaced = self.state.replaced(review_id, at)
+        if replaced is None:
+            if self.state.applied(review_id) is None:
+                raise RejectedInput(ErrorType.CONFLICTING_DECISION, f"review {review_id!r} has no decision to overturn")
+            self.duplicates += 1
+            return []  # it changes nothing: the answer it gives is in force already
+        verdict = corrected_verdict(item, overturn, self._policies, replaces=replaced)
+        self.applied += 1
+        return [(self.settings.kafka.verdict_topic, orjson.dumps(verdict), self.state.key(review_id))]
 
     def _catch_up_items(self) -> None:
         """Read the review topic to its end now: a decision may follow its item closely."""

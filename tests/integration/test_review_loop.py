@@ -94,7 +94,8 @@ def test_undecided_results_await_a_person_whose_decisions_come_back_as_corrected
 
             first = next(v for v in corrected if v["event_id"] == "h0")
             original = next(v for v in machine if v["event_id"] == "h0")
-            assert first["supersedes"] == {"event_id": "h0", "source": original["source"], "review_id": nice}
+            assert first["supersedes"] == {"event_id": "h0", "source": original["source"], "review_id": nice,
+                                           "decided_by": "machine", "decision": None, "verdict": None}  # fmt: skip
             assert first["source"] == original["source"] and first["author_id"] == original["author_id"]
             (human,) = first["results"]
             assert human["violation"] is False and human["stage"] == "human" and human["action"] == "allow"

@@ -1,5 +1,6 @@
 // Keyboard shortcuts: a key presses the element that names it in data-key (v violation, s safe,
-// k skip, 1-9 a category, n the note, r show sensitive content, Enter start, q queues, d dashboard).
+// k skip, u uphold and o overturn an appeal, 1-9 a category, n the note, r show sensitive content,
+// Enter start, q queues, d dashboard, a audit).
 // Nothing else: the console works without this file.
 document.addEventListener("keydown", function (e) {
   if (e.ctrlKey || e.metaKey || e.altKey || e.isComposing) return;
