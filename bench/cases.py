@@ -221,6 +221,7 @@ def build_pipeline(spec: Spec, classifier: Any) -> tuple[Meter, Pipeline]:
             "policies.reload_interval_s": 0,
             "telemetry.http_port": 0,  # any free port: cases may run beside a consumer on 8080
             **{f"pipeline.{k}": v for k, v in spec.options.get("pipeline", {}).items()},
+            **spec.options.get("settings", {}),  # pipeline_bench --set
         },
     )
     meter = Meter()
