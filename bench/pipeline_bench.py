@@ -46,15 +46,31 @@ PEER_PYTHON = Path.home() / ".cache" / "safeguard-consumer" / "bench-peer" / "bi
 def run_case(
     python: str, module: str, args: list[str], timeout: float, root: Path = REPO, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """One case in a process of its own, running the code of the checkout at `root`; `env`: added variables."""
-    env = {**os.environ, **(env or {}), "PYTHONPATH": str(root)}
+    """One case in a process of its own, running the consumer package of the checkout at `root` (with
+    this checkout's bench: both sides of a before/after are measured alike); `env`: added variables."""
+    cwd, path = root, str(root)
+    if root != REPO:  # `-m` puts the working folder first on the path: there, only this bench
+        cwd = bench_only()
+        path = f"{cwd}{os.pathsep}{root}"
+    env = {**os.environ, **(env or {}), "PYTHONPATH": path}
     proc = subprocess.run(
-        [python, "-m", module, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+        [python, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
+
+
+def bench_only() -> Path:
+    """A folder holding only this checkout's `bench` package (a link), to put before another
+    checkout on the path."""
+    folder = Path(tempfile.gettempdir()) / f"safeguard-bench-{os.getpid()}"
+    link = folder / "bench"
+    if not link.exists():
+        folder.mkdir(exist_ok=True)
+        link.symlink_to(REPO / "bench", target_is_directory=True)
+    return folder
 
 
 class OtlpSink:
@@ -124,6 +140,8 @@ class Bench:
         create_topics(self.bootstrap, out, dlq, partitions=PARTITIONS)
         if self.args.profile:
             options["profile"] = str(self.args.results / f"profile-{case}-{self.run_id}.txt")
+        if self.args.stages:
+            options["stages"] = self.args.py_spy
         if self.args.set:
             options["settings"] = dict(self.args.set)
         return Spec(self.bootstrap, input_topic, out, dlq, f"bench-{self.run_id}-{case}", events, options)
@@ -149,12 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-events", type=int, default=256, help="case 6: requests to the vLLM tiny model")
     parser.add_argument("--memory", action="store_true", help="peak RSS of ours at 100k vs 1M events (slow)")
     parser.add_argument("--profile", action="store_true", help="pyinstrument each case into bench/results/")
+    parser.add_argument("--stages", action="store_true",
+                        help="our cases sampled by py-spy from outside: the event loop's CPU per event split by "
+                             "stage (bench/stage_split.py), printed beside the thread split")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                        help="the py-spy binary --stages runs (pip install py-spy)")
     parser.add_argument("--peer-python", default=os.environ.get("SAFEGUARD_BENCH_PEER_PYTHON", str(PEER_PYTHON)),
                         help="interpreter with requirements/bench.txt installed (Quix Streams)")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
-                        help="also run our stream cases (ours, keyword, cascade-*) from another checkout, e.g. "
-                             "`git worktree add /tmp/base main`, in the same alternating rounds: before/after "
-                             "ratios measured side by side (reported as CASE@baseline)")
+                        help="also run our stream cases (ours, keyword, cascade-*) on the consumer package of another "
+                             "checkout (with this checkout's bench), e.g. `git worktree add /tmp/base main`, in the "
+                             "same alternating rounds: before/after ratios measured side by side (as CASE@baseline)")
     parser.add_argument("--trace-ratio", type=float, default=0.01,
                         help="our cases trace at ParentBased(TraceIdRatioBased(RATIO)) into a local OTLP/HTTP sink, "
                              "as deployed (default 0.01); 0: tracing off")
@@ -170,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         args.baseline = args.baseline.resolve()
         if not (args.baseline / "consumer" / "pipeline").is_dir():
             parser.error(f"--baseline {args.baseline}: not a safeguard-consumer checkout")
+    if args.stages and not Path(args.py_spy).is_file():
+        parser.error(f"--stages needs py-spy: {args.py_spy} not found (pip install py-spy, or pass --py-spy PATH)")
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(ALL_CASES)
     if unknown:
@@ -223,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         otlp.stop()
         broker.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+        if args.baseline is not None:
+            shutil.rmtree(bench_only(), ignore_errors=True)  # the link only, never what it points to
 
     summary = summarise(results)
     stamp = time.strftime("%Y-%m-%dT%H%M%S")
@@ -329,6 +356,24 @@ def print_table(results: dict[str, Any], summary: dict[str, Any], events: int) -
         print(f"memory: peak RSS 100k={m.get('100000', {}).get('peak_rss_mb')} MB, "
               f"1M={m.get('1000000', {}).get('peak_rss_mb')} MB, ratio={m.get('ratio_1m_to_100k')}")
     print("\n" + "  ".join(f"{k}={v}" for k, v in summary.items() if v is not None))
+    print_stages(results)
+
+
+def print_stages(results: dict[str, Any]) -> None:
+    """µs per event by stage (the event loop's, `--stages`) and by thread, one column per case."""
+    cases = [case for case, r in results.items() if isinstance(r, dict) and "stages_us" in r]
+    if not cases:
+        return
+    rows: list[str] = []
+    for case in cases:
+        rows.extend(stage for stage in results[case]["stages_us"] if stage not in rows)
+    width = max(14, *(len(c) + 1 for c in cases))
+    print(f"\n{'µs per event':<28}" + "".join(f"{c:>{width}}" for c in cases))
+    for stage in rows:
+        print(f"{'  main: ' + stage:<28}" + "".join(f"{results[c]['stages_us'].get(stage, 0.0):>{width}.2f}" for c in cases))
+    for thread in ("main", "poll", "librdkafka", "other"):
+        print(f"{thread + ' thread':<28}" + "".join(f"{results[c].get('cpu_us_' + thread, 0.0):>{width}.2f}" for c in cases))
+    print(f"{'process':<28}" + "".join(f"{results[c].get('cpu_us_per_event', 0.0):>{width}.2f}" for c in cases))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import os
 import random
 import threading
 
-from opentelemetry import baggage, trace
-from opentelemetry.context import Context
+from opentelemetry import trace
+from opentelemetry.context import Context, get_current
 from opentelemetry.propagate import get_global_textmap
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -75,9 +75,10 @@ def inject(span: Span) -> Headers:
     context = span.get_span_context()
     if not context.is_valid:
         return []  # no trace to carry on (tracing off, and the input had none)
-    if get_global_textmap() is _W3C_TEXTMAP and not baggage.get_all():
-        # What TraceContextTextMapPropagator writes, without a Context and a carrier per record.
-        parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}".encode("ascii")
+    if get_global_textmap() is _W3C_TEXTMAP and not get_current():
+        # What TraceContextTextMapPropagator writes, without a Context and a carrier per record; an
+        # empty current context has no baggage to carry.
+        parent = b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, int(context.trace_flags))
         if context.trace_state:
             return [("traceparent", parent), ("tracestate", context.trace_state.to_header().encode("ascii"))]
         return [("traceparent", parent)]
