@@ -344,6 +344,7 @@ class Pipeline:
         await self.outage.close()
         serving.cancel()  # the flush below serves what is left
         await asyncio.gather(serving, return_exceptions=True)
+        self.output.observe()  # the verdicts of the last records, counted
         await self.batcher.close()
         undelivered = await asyncio.to_thread(self.sink.flush, max(1.0, deadline - time.monotonic()))
         if undelivered:
@@ -370,6 +371,7 @@ class Pipeline:
             await asyncio.sleep(SINK_SERVE_INTERVAL_S)
 
     def _serve(self) -> None:
+        self.output.observe()  # the verdicts sent since the last call, counted as one batch
         try:
             self.sink.serve()
         except Exception as exc:  # noqa: BLE001 - unserved reports would stall every commit: stop instead

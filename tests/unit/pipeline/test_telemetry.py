@@ -61,6 +61,19 @@ def test_latency_histogram_exposes_cumulative_prometheus_buckets():
     assert lines['demo_duration_seconds_count{outcome="dead_letter"}'] == 1
 
 
+def test_a_batch_of_latencies_counts_as_each_one_would():
+    one_by_one = metrics.LatencyHistogram("a", "a", "outcome", bounds=(0.005, 0.01))
+    batched = metrics.LatencyHistogram("a", "a", "outcome", bounds=(0.005, 0.01))
+    values = [0.001, 0.005, 0.007, 0.01, 0.012, 0.5]
+    for value in values:
+        one_by_one.record(value, "verdict")
+    batched.record_many(values[:2], "verdict")
+    batched.record_many(values[2:], "verdict")
+    [expected], [got] = one_by_one.collect(), batched.collect()
+    assert [(s.name, s.labels, s.value) for s in got.samples] == [(s.name, s.labels, s.value) for s in expected.samples]
+    assert next(s.value for s in got.samples if s.name == "a_count") == 6
+
+
 def test_the_figures_a_stage_declares_are_exported_under_their_names():
     from prometheus_client import generate_latest
 
