@@ -370,9 +370,11 @@ def print_stages(results: dict[str, Any]) -> None:
     width = max(14, *(len(c) + 1 for c in cases))
     print(f"\n{'µs per event':<28}" + "".join(f"{c:>{width}}" for c in cases))
     for stage in rows:
-        print(f"{'  main: ' + stage:<28}" + "".join(f"{results[c]['stages_us'].get(stage, 0.0):>{width}.2f}" for c in cases))
+        cells = "".join(f"{results[c]['stages_us'].get(stage, 0.0):>{width}.2f}" for c in cases)
+        print(f"{'  main: ' + stage:<28}{cells}")
     for thread in ("main", "poll", "librdkafka", "other"):
-        print(f"{thread + ' thread':<28}" + "".join(f"{results[c].get('cpu_us_' + thread, 0.0):>{width}.2f}" for c in cases))
+        cells = "".join(f"{results[c].get('cpu_us_' + thread, 0.0):>{width}.2f}" for c in cases)
+        print(f"{thread + ' thread':<28}{cells}")
     print(f"{'process':<28}" + "".join(f"{results[c].get('cpu_us_per_event', 0.0):>{width}.2f}" for c in cases))
 
 

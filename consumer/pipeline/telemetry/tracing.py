@@ -63,9 +63,10 @@ def extract(headers: Headers | None) -> Context:
 
 # The propagators OpenTelemetry sets up when OTEL_PROPAGATORS asks for W3C's (the default): their
 # headers are written here directly, as long as nobody installed others since.
+_W3C_PROPAGATORS = ("tracecontext,baggage", "tracecontext")
 _W3C_TEXTMAP = (
     get_global_textmap()
-    if os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage").replace(" ", "") in ("tracecontext,baggage", "tracecontext")
+    if os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage").replace(" ", "") in _W3C_PROPAGATORS
     else None
 )
 
@@ -108,7 +109,7 @@ class RootIds(RandomIdGenerator):
 class RootSampling:
     """A ratio sampler's decision for a root span (a record without a parent), taken before the
     SDK is asked: `TraceIdRatioBased`'s own test of the trace id. `unsampled()` is the span of a
-    record that is not sampled; for a sampled one, `start` the SDK span with the decided id."""
+    record that is not sampled; a sampled one is started by the SDK with its id (`hand_over`)."""
 
     def __init__(self, sampler: TraceIdRatioBased, ids: RootIds):
         self._bound = sampler.bound

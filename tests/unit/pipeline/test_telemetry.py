@@ -130,7 +130,8 @@ def _ratio_telemetry(monkeypatch, ratio):
     provider = tracing.tracer_provider_from_env()
     exported = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exported))
-    return Telemetry.create("g", meter_provider=metrics.prometheus_meter_provider()[0], tracer_provider=provider), exported
+    meter_provider = metrics.prometheus_meter_provider()[0]
+    return Telemetry.create("g", meter_provider=meter_provider, tracer_provider=provider), exported
 
 
 def test_a_ratio_sampler_decides_roots_as_the_sdk_would(monkeypatch):
