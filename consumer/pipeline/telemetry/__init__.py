@@ -64,14 +64,14 @@ class Telemetry(PipelineMetrics):
         still carry the producer's trace context on, at no cost (and a record without headers
         costs no context at all). A record without a parent that the ratio sampler does not
         sample gets its non-recording span from `roots`, without the SDK. The attributes are
-        set once a span records: none of the samplers read them.
+        set once a span records: the samplers the SDK ships do not read them.
         """
         headers = message.headers()
         if self.provider is None:
             return trace.get_current_span(extract(headers)) if headers else trace.INVALID_SPAN
-        context = extract(headers) if headers else None
+        context = extract(headers)  # empty without headers: a root, whatever span is current
         roots = self.roots
-        if roots is not None and (context is None or not trace.get_current_span(context).get_span_context().is_valid):
+        if roots is not None and (not headers or not trace.get_current_span(context).get_span_context().is_valid):
             trace_id, sampled = roots.decide()
             if not sampled:
                 return roots.unsampled(trace_id)

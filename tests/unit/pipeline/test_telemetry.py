@@ -186,3 +186,16 @@ def test_a_sampler_ratio_that_is_not_one_stops_with_the_variable_named(monkeypat
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1%")
     with pytest.raises(tracing.TelemetryError, match="OTEL_TRACES_SAMPLER_ARG"):
         tracing.tracer_provider_from_env()
+
+
+def test_a_record_without_trace_headers_starts_a_trace_of_its_own(monkeypatch):
+    from opentelemetry import trace
+
+    telemetry, exported = _ratio_telemetry(monkeypatch, 1.0)
+    current = TracerProvider().get_tracer("t").start_span("whatever runs the loop")
+    with trace.use_span(current, end_on_exit=True):
+        span = telemetry.record_span(_Record())
+    assert span.is_recording() and span.parent is None
+    assert span.get_span_context().trace_id != current.get_span_context().trace_id
+    span.end()
+    telemetry.shutdown()
