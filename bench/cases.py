@@ -40,6 +40,7 @@ from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
 
 COMMIT_EVERY = 1000
+STAGE_CASES = ("ours", "keyword", "cascade-lexical", "cascade-embedding")  # the cases `--stages` splits
 CONSUMER = {**CONSUMER_DEFAULTS, "enable.auto.commit": False}
 
 
@@ -221,6 +222,7 @@ def build_pipeline(spec: Spec, classifier: Any) -> tuple[Meter, Pipeline]:
             "policies.reload_interval_s": 0,
             "telemetry.http_port": 0,  # any free port: cases may run beside a consumer on 8080
             **{f"pipeline.{k}": v for k, v in spec.options.get("pipeline", {}).items()},
+            **spec.options.get("settings", {}),  # pipeline_bench --set
         },
     )
     meter = Meter()
@@ -410,7 +412,7 @@ def run_case(name: str, spec: Spec) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     name, spec = argv[0], Spec.from_json(argv[1])
-    profile = spec.options.get("profile")
+    profile, py_spy = spec.options.get("profile"), spec.options.get("stages")
     if profile:
         from pyinstrument import Profiler
 
@@ -420,6 +422,14 @@ def main(argv: list[str]) -> None:
         profiler.stop()
         with open(profile, "w", encoding="utf-8") as out:
             out.write(profiler.output_text(unicode=True, color=False, show_all=False))
+    elif py_spy and name in STAGE_CASES:
+        from bench.stage_split import Sampler, stages_us
+
+        sampler = Sampler(py_spy)
+        result = run_case(name, spec)
+        samples = sampler.stop()
+        if "cpu_us_main" in result:
+            result["stages_us"] = stages_us(samples, result["cpu_us_main"])
     else:
         result = run_case(name, spec)
     report(result)

@@ -9,6 +9,11 @@ It starts one Kafka broker (consumer.kafka.devkafka), writes the input once (rea
 6 partitions), runs each case in its own process (so peak RSS and CPU time are per case),
 prints a table and writes everything to bench/results/<time>.json. docs/benchmark.md says
 what each case means and holds the last figures.
+
+Our cases run with tracing as production deploys it (`--trace-ratio`, default 0.01): the
+standard OTEL_* variables ask for a parent-based ratio sampler and the OTLP/HTTP exporter,
+whose batches go to a sink this process serves on 127.0.0.1 (it answers every export with an
+empty success, so the figure is what encoding and sending the sampled spans costs).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +43,18 @@ ALL_CASES = (*KAFKA_CASES, "engine", "remote")
 PEER_PYTHON = Path.home() / ".cache" / "safeguard-consumer" / "bench-peer" / "bin" / "python"
 
 
-def run_case(python: str, module: str, args: list[str], timeout: float, root: Path = REPO) -> dict[str, Any]:
-    """One case in a process of its own, running the code of the checkout at `root`."""
-    env = {**os.environ, "PYTHONPATH": str(root)}
+def run_case(
+    python: str, module: str, args: list[str], timeout: float, root: Path = REPO, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One case in a process of its own, running the consumer package of the checkout at `root` (with
+    this checkout's bench: both sides of a before/after are measured alike); `env`: added variables."""
+    cwd, path = root, str(root)
+    if root != REPO:  # `-m` puts the working folder first on the path: there, only this bench
+        cwd = bench_only()
+        path = f"{cwd}{os.pathsep}{root}"
+    env = {**os.environ, **(env or {}), "PYTHONPATH": path}
     proc = subprocess.run(
-        [python, "-m", module, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+        [python, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
@@ -48,10 +62,69 @@ def run_case(python: str, module: str, args: list[str], timeout: float, root: Pa
     return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
 
 
+def bench_only() -> Path:
+    """A folder holding only this checkout's `bench` package (a link), to put before another
+    checkout on the path."""
+    folder = Path(tempfile.gettempdir()) / f"safeguard-bench-{os.getpid()}"
+    link = folder / "bench"
+    if not link.exists():
+        folder.mkdir(exist_ok=True)
+        link.symlink_to(REPO / "bench", target_is_directory=True)
+    return folder
+
+
+class OtlpSink:
+    """A stand-in OTLP/HTTP collector on 127.0.0.1: takes every trace export, answers it with an
+    empty success (a valid ExportTraceServiceResponse) and counts the requests and bytes."""
+
+    def __init__(self) -> None:
+        sink = self
+        self.requests = 0
+        self.bytes = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                size = int(self.headers.get("Content-Length", 0))
+                self.rfile.read(size)
+                sink.requests += 1
+                sink.bytes += size
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, name="otlp-sink", daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def tracing_env(ratio: float, endpoint: str) -> dict[str, str]:
+    """The OTEL_* variables of a production deployment: ParentBased(TraceIdRatioBased(ratio)),
+    spans batched to an OTLP/HTTP endpoint. Ratio 0: tracing off (no tracer provider at all)."""
+    if ratio <= 0:
+        return {"OTEL_TRACES_EXPORTER": "none"}
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+    }
+
+
 class Bench:
-    def __init__(self, bootstrap: str, args: argparse.Namespace):
+    def __init__(self, bootstrap: str, args: argparse.Namespace, env: dict[str, str] | None = None):
+        """`env`: variables for the case processes (tracing's)."""
         self.bootstrap = bootstrap
         self.args = args
+        self.env = env or {}
         self.run_id = uuid.uuid4().hex[:6]
 
     def topic(self, name: str, events: list[tuple[bytes, bytes]] | None) -> str:
@@ -67,6 +140,10 @@ class Bench:
         create_topics(self.bootstrap, out, dlq, partitions=PARTITIONS)
         if self.args.profile:
             options["profile"] = str(self.args.results / f"profile-{case}-{self.run_id}.txt")
+        if self.args.stages:
+            options["stages"] = self.args.py_spy
+        if self.args.set:
+            options["settings"] = dict(self.args.set)
         return Spec(self.bootstrap, input_topic, out, dlq, f"bench-{self.run_id}-{case}", events, options)
 
     def kafka_case(self, case: str, spec: Spec, root: Path = REPO) -> dict[str, Any]:
@@ -74,7 +151,7 @@ class Bench:
         if case == "peer":
             python, module, args = self.args.peer_python, "bench.peer", [spec.to_json()]
         print(f"  {case}{'' if root == REPO else ' @ ' + str(root)} ...", file=sys.stderr, flush=True)
-        return run_case(python, module, args, timeout=self.args.case_timeout, root=root)
+        return run_case(python, module, args, timeout=self.args.case_timeout, root=root, env=self.env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,12 +167,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-events", type=int, default=256, help="case 6: requests to the vLLM tiny model")
     parser.add_argument("--memory", action="store_true", help="peak RSS of ours at 100k vs 1M events (slow)")
     parser.add_argument("--profile", action="store_true", help="pyinstrument each case into bench/results/")
+    parser.add_argument("--stages", action="store_true",
+                        help="our cases sampled by py-spy from outside: the event loop's CPU per event split by "
+                             "stage (bench/stage_split.py), printed beside the thread split")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                        help="the py-spy binary --stages runs (pip install py-spy)")
     parser.add_argument("--peer-python", default=os.environ.get("SAFEGUARD_BENCH_PEER_PYTHON", str(PEER_PYTHON)),
                         help="interpreter with requirements/bench.txt installed (Quix Streams)")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
-                        help="also run our stream cases (ours, keyword, cascade-*) from another checkout, e.g. "
-                             "`git worktree add /tmp/base main`, in the same alternating rounds: before/after "
-                             "ratios measured side by side (reported as CASE@baseline)")
+                        help="also run our stream cases (ours, keyword, cascade-*) on the consumer package of another "
+                             "checkout (with this checkout's bench), e.g. `git worktree add /tmp/base main`, in the "
+                             "same alternating rounds: before/after ratios measured side by side (as CASE@baseline)")
+    parser.add_argument("--trace-ratio", type=float, default=0.01,
+                        help="our cases trace at ParentBased(TraceIdRatioBased(RATIO)) into a local OTLP/HTTP sink, "
+                             "as deployed (default 0.01); 0: tracing off")
+    parser.add_argument("--set", action="append", type=setting, default=[], metavar="KEY=VALUE",
+                        help="a configuration key for our cases, e.g. telemetry.statistics_interval_ms=0 (a YAML "
+                             "value; repeatable; a --baseline checkout from before this option ignores it)")
     parser.add_argument("--case-timeout", type=float, default=1800)
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
@@ -105,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         args.baseline = args.baseline.resolve()
         if not (args.baseline / "consumer" / "pipeline").is_dir():
             parser.error(f"--baseline {args.baseline}: not a safeguard-consumer checkout")
+    if args.stages and not Path(args.py_spy).is_file():
+        parser.error(f"--stages needs py-spy: {args.py_spy} not found (pip install py-spy, or pass --py-spy PATH)")
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(ALL_CASES)
     if unknown:
@@ -114,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     data_dir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
     broker = KafkaBroker(data_dir)
+    otlp = OtlpSink()
     try:
         print("starting Kafka ...", file=sys.stderr, flush=True)
         broker.start(timeout=120)
-        bench = Bench(broker.bootstrap, args)
+        bench = Bench(broker.bootstrap, args, tracing_env(args.trace_ratio, otlp.endpoint))
         if set(cases) & set(STREAM_CASES):
             shared = bench.topic("input", chat_events(args.events))
             rounds: dict[str, list[dict[str, Any]]] = {}
@@ -154,17 +245,31 @@ def main(argv: list[str] | None = None) -> int:
             spec = bench.spec("remote", "unused", args.engine_events)
             results["remote"] = run_case(sys.executable, "bench.remote_bench", [spec.to_json()], args.case_timeout)
     finally:
+        otlp.stop()
         broker.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+        if args.baseline is not None:
+            shutil.rmtree(bench_only(), ignore_errors=True)  # the link only, never what it points to
 
     summary = summarise(results)
     stamp = time.strftime("%Y-%m-%dT%H%M%S")
     path = args.results / f"pipeline-{stamp}.json"
-    meta = {"date": stamp, "events": args.events, "cpus": os.cpu_count(), "argv": sys.argv[1:]}
+    meta = {"date": stamp, "events": args.events, "cpus": os.cpu_count(), "argv": sys.argv[1:],
+            "trace_ratio": args.trace_ratio, "otlp_exports": otlp.requests, "otlp_bytes": otlp.bytes}
     path.write_text(json.dumps({"meta": meta, "cases": results, "summary": summary}, indent=2))
     print_table(results, summary, args.events)
     print(f"\nwritten to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0
+
+
+def setting(text: str) -> tuple[str, Any]:
+    """`--set KEY=VALUE`: the value read as YAML, as in a configuration file."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key.strip(), yaml.safe_load(value)
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -251,6 +356,26 @@ def print_table(results: dict[str, Any], summary: dict[str, Any], events: int) -
         print(f"memory: peak RSS 100k={m.get('100000', {}).get('peak_rss_mb')} MB, "
               f"1M={m.get('1000000', {}).get('peak_rss_mb')} MB, ratio={m.get('ratio_1m_to_100k')}")
     print("\n" + "  ".join(f"{k}={v}" for k, v in summary.items() if v is not None))
+    print_stages(results)
+
+
+def print_stages(results: dict[str, Any]) -> None:
+    """µs per event by stage (the event loop's, `--stages`) and by thread, one column per case."""
+    cases = [case for case, r in results.items() if isinstance(r, dict) and "stages_us" in r]
+    if not cases:
+        return
+    rows: list[str] = []
+    for case in cases:
+        rows.extend(stage for stage in results[case]["stages_us"] if stage not in rows)
+    width = max(14, *(len(c) + 1 for c in cases))
+    print(f"\n{'µs per event':<28}" + "".join(f"{c:>{width}}" for c in cases))
+    for stage in rows:
+        cells = "".join(f"{results[c]['stages_us'].get(stage, 0.0):>{width}.2f}" for c in cases)
+        print(f"{'  main: ' + stage:<28}{cells}")
+    for thread in ("main", "poll", "librdkafka", "other"):
+        cells = "".join(f"{results[c].get('cpu_us_' + thread, 0.0):>{width}.2f}" for c in cases)
+        print(f"{thread + ' thread':<28}{cells}")
+    print(f"{'process':<28}" + "".join(f"{results[c].get('cpu_us_per_event', 0.0):>{width}.2f}" for c in cases))
 
 
 if __name__ == "__main__":

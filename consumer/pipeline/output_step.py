@@ -1,5 +1,10 @@
 """The output step: a record's verdict (with its review items) or its dead letter, built,
-traced, counted and handed to the sink; the sink owns delivery, the tracker the commit."""
+traced, counted and handed to the sink; the sink owns delivery, the tracker the commit.
+
+Verdicts are counted a batch at a time: each verdict appends its counter keys and its latency,
+and `observe` (the pipeline calls it after each poll batch and whenever it serves the sink)
+adds them to the counters in one `Counter.update` and to the latency histogram in one call.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +58,15 @@ class OutputStep:
         self._outputs_done = outputs_done
         self._review_topic = review_topic
         self._sent = sent
+        self._counted: list[tuple[str, bool, str, str, str | None, str | None]] = []  # verdict counter keys
+        self._latencies: list[float] = []  # of the verdicts, in seconds
+
+    def observe(self) -> None:
+        """Count the verdicts sent since the last call: one update of each metric per batch."""
+        if self._latencies:
+            self._telemetry.verdicts.update(self._counted)
+            self._telemetry.e2e_latency.record_many(self._latencies, "verdict")
+            self._counted, self._latencies = [], []
 
     def verdict(self, record: Record, results: list[Document], note: str | None = None) -> None:
         """The record's verdict from its policies' results (none for a deletion, with `note`)."""
@@ -85,12 +99,12 @@ class OutputStep:
         self._sink.send_verdict(document, message, record.ticket, inject(span))
         self._sent()
         if results:  # a deletion decides nothing: it counts towards no rate
-            counts = self._telemetry.verdicts
+            counted = self._counted
             community = self._telemetry.communities.count(event.community_id, now)
             for result in results:
-                counts[(result["policy_id"], result["violation"], result["action"], result["policy_version"],
-                        result["stage"], community)] += 1  # fmt: skip
-        self._telemetry.e2e_latency.record(latency_ms / 1000, "verdict")
+                counted.append((result["policy_id"], result["violation"], result["action"], result["policy_version"],
+                                result["stage"], community))  # fmt: skip
+        self._latencies.append(latency_ms / 1000)
 
     def review_items(self, record: Record, items: list[ReviewItem]) -> None:
         """Review items go with the verdict under the record's ticket: done when all are delivered."""

@@ -394,6 +394,7 @@ class Pipeline:
         await self.outage.close()
         serving.cancel()  # the flush below serves what is left
         await asyncio.gather(serving, return_exceptions=True)
+        self.output.observe()  # the verdicts of the last records, counted
         await self.batcher.close()
         if self.shadow is not None:
             await self.shadow.close(max(1.0, deadline - time.monotonic()))
@@ -422,6 +423,7 @@ class Pipeline:
             await asyncio.sleep(SINK_SERVE_INTERVAL_S)
 
     def _serve(self) -> None:
+        self.output.observe()  # the verdicts sent since the last call, counted as one batch
         try:
             self.sink.serve()
         except Exception as exc:  # noqa: BLE001 - unserved reports would stall every commit: stop instead

@@ -22,7 +22,7 @@ from opentelemetry.trace import Span, SpanKind
 
 import consumer
 from consumer.pipeline.telemetry.metrics import PipelineMetrics
-from consumer.pipeline.telemetry.tracing import extract
+from consumer.pipeline.telemetry.tracing import RootSampling, extract
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Telemetry(PipelineMetrics):
     group: str = ""
     trace_content: bool = False
     provider: TracerProvider | None = None
+    roots: RootSampling | None = None  # the provider's ratio sampler's roots, decided without the SDK
 
     @classmethod
     def create(
@@ -48,7 +49,9 @@ class Telemetry(PipelineMetrics):
 
         tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("safeguard-consumer", consumer.__version__)
         meter = (meter_provider or metrics.get_meter_provider()).get_meter("safeguard-consumer", consumer.__version__)
-        created = cls(meter, tracer=tracer, group=group, trace_content=trace_content, provider=tracer_provider)
+        roots = getattr(tracer_provider, "roots", None)  # a RecordTracerProvider's (tracing from OTEL_*)
+        created = cls(meter, tracer=tracer, group=group, trace_content=trace_content, provider=tracer_provider,
+                      roots=roots)  # fmt: skip
         if registry is not None:
             registry.register(created.e2e_latency)
             registry.register(created.engine_latency)
@@ -59,12 +62,25 @@ class Telemetry(PipelineMetrics):
 
         With tracing off, the producer's own (non-recording) span stands in, so the outputs
         still carry the producer's trace context on, at no cost (and a record without headers
-        costs no context at all).
+        costs no context at all). A record without a parent that the ratio sampler does not
+        sample gets its non-recording span from `roots`, without the SDK. The attributes are
+        set once a span records: the samplers the SDK ships do not read them.
         """
         headers = message.headers()
         if self.provider is None:
             return trace.get_current_span(extract(headers)) if headers else trace.INVALID_SPAN
-        topic, key = message.topic(), message.key()
+        context = extract(headers)  # empty without headers: a root, whatever span is current
+        roots = self.roots
+        if roots is not None and (not headers or not trace.get_current_span(context).get_span_context().is_valid):
+            trace_id, sampled = roots.decide()
+            if not sampled:
+                return roots.unsampled(trace_id)
+            roots.hand_over(trace_id)
+        topic = message.topic()
+        span = self.tracer.start_span(f"process {topic}", context=context, kind=SpanKind.CONSUMER)
+        if not span.is_recording():
+            return span
+        key = message.key()
         attributes: dict[str, Any] = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
@@ -75,9 +91,8 @@ class Telemetry(PipelineMetrics):
         }
         if key is not None:
             attributes["messaging.kafka.message.key"] = key.decode("utf-8", "replace")
-        return self.tracer.start_span(
-            f"process {topic}", context=extract(headers), kind=SpanKind.CONSUMER, attributes=attributes
-        )
+        span.set_attributes(attributes)
+        return span
 
     def shutdown(self) -> None:
         if self.provider is not None:

@@ -259,6 +259,16 @@ class LatencyHistogram:
         series[bisect_left(self.bounds, value)] += count  # the first bucket whose bound is >= value
         series[-1] += value * count
 
+    def record_many(self, values: list[float], label_value: str) -> None:
+        """Each of `values` once (a batch's latencies): one label lookup for all of them."""
+        series = self._series.get(label_value)
+        if series is None:
+            series = self._series[label_value] = [0] * (len(self.bounds) + 2)
+        bounds = self.bounds
+        for value in values:
+            series[bisect_left(bounds, value)] += 1
+        series[-1] += sum(values)
+
     def expect(self, label_value: str) -> None:
         """The series at 0 before its first observation."""
         self._series.setdefault(label_value, [0] * (len(self.bounds) + 2))

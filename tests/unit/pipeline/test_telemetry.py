@@ -61,6 +61,19 @@ def test_latency_histogram_exposes_cumulative_prometheus_buckets():
     assert lines['demo_duration_seconds_count{outcome="dead_letter"}'] == 1
 
 
+def test_a_batch_of_latencies_counts_as_each_one_would():
+    one_by_one = metrics.LatencyHistogram("a", "a", "outcome", bounds=(0.005, 0.01))
+    batched = metrics.LatencyHistogram("a", "a", "outcome", bounds=(0.005, 0.01))
+    values = [0.001, 0.005, 0.007, 0.01, 0.012, 0.5]
+    for value in values:
+        one_by_one.record(value, "verdict")
+    batched.record_many(values[:2], "verdict")
+    batched.record_many(values[2:], "verdict")
+    [expected], [got] = one_by_one.collect(), batched.collect()
+    assert [(s.name, s.labels, s.value) for s in got.samples] == [(s.name, s.labels, s.value) for s in expected.samples]
+    assert next(s.value for s in got.samples if s.name == "a_count") == 6
+
+
 def test_the_figures_a_stage_declares_are_exported_under_their_names():
     from prometheus_client import generate_latest
 
@@ -81,3 +94,108 @@ def test_the_figures_a_stage_declares_are_exported_under_their_names():
         "safeguard_batcher_concurrency_limit": 64, "safeguard_batcher_queued_requests": 7,
         "safeguard_batcher_queue_wait_seconds": 0.25,
     }
+
+
+class _Record:
+    """What `Telemetry.record_span` reads of a consumed record."""
+
+    def __init__(self, headers=None):
+        self._headers = headers
+
+    def headers(self):
+        return self._headers
+
+    def topic(self):
+        return "chat"
+
+    def partition(self):
+        return 2
+
+    def offset(self):
+        return 41
+
+    def key(self):
+        return b"channel-7"
+
+
+def _ratio_telemetry(monkeypatch, ratio):
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from consumer.pipeline.telemetry import Telemetry
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")  # and the in-memory one below, to read the spans
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", str(ratio))
+    provider = tracing.tracer_provider_from_env()
+    exported = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    meter_provider = metrics.prometheus_meter_provider()[0]
+    return Telemetry.create("g", meter_provider=meter_provider, tracer_provider=provider), exported
+
+
+def test_a_ratio_sampler_decides_roots_as_the_sdk_would(monkeypatch):
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    telemetry, exported = _ratio_telemetry(monkeypatch, 0.3)
+    sdk = TraceIdRatioBased(0.3)
+    spans = [telemetry.record_span(_Record()) for _ in range(2000)]
+    sampled = [s for s in spans if s.is_recording()]
+    for span in spans:  # the decision is TraceIdRatioBased's on the same trace id, sampled or not
+        context = span.get_span_context()
+        assert context.is_valid
+        assert span.is_recording() == sdk.should_sample(None, context.trace_id, "x").decision.is_sampled()
+        span.end()
+    assert 450 < len(sampled) < 750  # 600 expected; the bounds are 6 standard deviations away
+    assert len(exported.get_finished_spans()) == len(sampled)
+    attributes = exported.get_finished_spans()[0].attributes
+    assert attributes["messaging.kafka.offset"] == 41 and attributes["messaging.kafka.message.key"] == "channel-7"
+    telemetry.shutdown()
+
+
+def test_an_unsampled_record_still_carries_its_trace_on_as_the_propagator_writes_it(monkeypatch):
+    from opentelemetry import trace
+    from opentelemetry.propagate import get_global_textmap
+
+    telemetry, exported = _ratio_telemetry(monkeypatch, 0.0)
+    span = telemetry.record_span(_Record())
+    assert not span.is_recording()
+    carrier = {}
+    get_global_textmap().inject(carrier, context=trace.set_span_in_context(span))
+    assert tracing.inject(span) == [(name, value.encode()) for name, value in carrier.items()]
+    assert tracing.inject(span)[0][1].endswith(b"-02")  # not sampled; the trace id is random (W3C level 2)
+    span.end()
+    assert exported.get_finished_spans() == ()
+    telemetry.shutdown()
+
+
+def test_a_sampled_parent_is_followed_at_any_ratio(monkeypatch):
+    parent = TracerProvider().get_tracer("t").start_span("producer")
+    telemetry, exported = _ratio_telemetry(monkeypatch, 0.0)
+    span = telemetry.record_span(_Record(tracing.inject(parent) + [("other", b"x")]))
+    assert span.is_recording()
+    assert span.parent.span_id == parent.get_span_context().span_id
+    span.end()
+    assert len(exported.get_finished_spans()) == 1
+    telemetry.shutdown()
+
+
+def test_a_sampler_ratio_that_is_not_one_stops_with_the_variable_named(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1%")
+    with pytest.raises(tracing.TelemetryError, match="OTEL_TRACES_SAMPLER_ARG"):
+        tracing.tracer_provider_from_env()
+
+
+def test_a_record_without_trace_headers_starts_a_trace_of_its_own(monkeypatch):
+    from opentelemetry import trace
+
+    telemetry, exported = _ratio_telemetry(monkeypatch, 1.0)
+    current = TracerProvider().get_tracer("t").start_span("whatever runs the loop")
+    with trace.use_span(current, end_on_exit=True):
+        span = telemetry.record_span(_Record())
+    assert span.is_recording() and span.parent is None
+    assert span.get_span_context().trace_id != current.get_span_context().trace_id
+    span.end()
+    telemetry.shutdown()
