@@ -179,11 +179,13 @@ class ReviewLoop:
         assert self._follower is not None
         left = dict(targets)
         while left and not self._stopping.is_set():
-            self._follow(POLL_TIMEOUT_S)
-            positions = self._follower.position([TopicPartition(t, p) for t, p in left])
-            for tp in positions:
+            # Positions first: a follower already past the target (the usual case, as it reads
+            # between batches) must not wait a poll timeout per decision.
+            for tp in self._follower.position([TopicPartition(t, p) for t, p in left]):
                 if tp.offset >= left[(tp.topic, tp.partition)]:
                     del left[(tp.topic, tp.partition)]
+            if left:
+                self._follow(POLL_TIMEOUT_S)
         self._live = True
 
     def _read_state(self, message: Message) -> None:
