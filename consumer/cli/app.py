@@ -28,7 +28,9 @@ app = typer.Typer(
 _SUBCOMMANDS: dict = {"no_args_is_help": True, "rich_markup_mode": None}
 dev_kafka_app = typer.Typer(help="A local single-node Apache Kafka on 127.0.0.1 for development.", **_SUBCOMMANDS)
 schemas_app = typer.Typer(help="JSON Schemas of the event contracts.", **_SUBCOMMANDS)
-policy_app = typer.Typer(help="Write, check and measure policies.", **_SUBCOMMANDS)
+policy_app = typer.Typer(
+    help="Write, check and measure policies; publish them on the policy topic; shadow candidates.", **_SUBCOMMANDS
+)
 topics_app = typer.Typer(help="The Kafka topics the configuration names.", **_SUBCOMMANDS)
 review_app = typer.Typer(help="Human review: open reviews, the review console, labelled data, the Coop bridge.",
                          **_SUBCOMMANDS)  # fmt: skip
