@@ -97,7 +97,6 @@ def replay(
     try:
         settings = load_settings(config, bootstrap_override(bootstrap_servers))
         refuse_exactly_once(settings)
-        settings, policies = replay_policies(settings, policy)
         _log_through(status, settings.log.level, settings.log.format == "json")
         # The replay's own topics, before anything is planned or classified: a wrong address or
         # a missing topic is one line now, not a stalled run later.
@@ -105,7 +104,10 @@ def replay(
         if output_topic:
             needs.append(TopicNeed("--output-topic", output_topic, write=True,
                                    remedy="create it first, or write to a file with --output FILE.jsonl"))  # fmt: skip
+        if settings.policies.topic and policy is None:
+            needs.append(TopicNeed("policies.topic", settings.policies.topic, write=False))
         preflight_or_exit(settings, Needs(needs), config, bootstrap_servers)
+        settings, policies = replay_policies(settings, policy)
         limit = parse_rate(rate) if rate else None
         if priority not in ("live", "low"):
             raise ReplayError(f"--priority must be live or low, not {priority!r}")

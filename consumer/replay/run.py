@@ -26,13 +26,17 @@ from rich.text import Text
 
 from consumer.classify import Classifier
 from consumer.config import Settings
+from consumer.errors import Unavailable
 from consumer.events import ReplayInfo
 from consumer.kafka.client import Consumer, KafkaException
+from consumer.kafka.client_logs import client_options
 from consumer.kafka.offsets import Ticket
+from consumer.kafka.policy_topic import read_policy_topic
 from consumer.kafka.roles import SourceOptions, SourceWiring
 from consumer.pipeline.pipeline import Pipeline, RunResult
 from consumer.policy import PolicyError, PolicyStore, load_policy
 from consumer.policy.route import Router
+from consumer.policy.topic import TopicPolicyStore
 from consumer.replay import ReplayError
 from consumer.replay.bounds import Bound, OffsetRange, TokenBucket, resolve_ranges
 from consumer.replay.checkpoint import Checkpoint
@@ -87,7 +91,12 @@ def replay_policies(settings: Settings, policy: str | None) -> tuple[Settings, P
     record, routes aside, so that a backtest compares one policy's decisions.
     """
     if policy is None:
-        store = PolicyStore(settings.policies.directory, settings.policies.max_tokens)
+        if settings.policies.topic:
+            store: PolicyStore = _with_policy_topic(settings)
+            # Read once, fixed for the run: a pipeline given no topic does not follow it.
+            settings = settings.model_copy(update={"policies": settings.policies.model_copy(update={"topic": None})})
+        else:
+            store = PolicyStore(settings.policies.directory, settings.policies.max_tokens)
         Router(settings.policies, store.get)  # fails early on routes naming unknown policies
         return settings, store
     policy_id, _, file = policy.partition("@")
@@ -99,7 +108,9 @@ def replay_policies(settings: Settings, policy: str | None) -> tuple[Settings, P
     else:
         configured = PolicyStore(settings.policies.directory, settings.policies.max_tokens).get()
         if policy_id not in configured or configured[policy_id].path is None:
-            raise PolicyError(f"{settings.policies.directory}:0: no policy {policy_id!r}")
+            hint = (f" (one on {settings.policies.topic}: `policy show {policy_id} > FILE`, then --policy "
+                    f"{policy_id}@FILE)" if settings.policies.topic else "")  # fmt: skip
+            raise PolicyError(f"{settings.policies.directory}:0: no policy {policy_id!r}{hint}")
         source = configured[policy_id].path
     # A store of exactly this file: PolicyStore validates it as it would a live edit. Reloads
     # are off for a replay, so the staging folder is not needed once loaded.
@@ -108,6 +119,19 @@ def replay_policies(settings: Settings, policy: str | None) -> tuple[Settings, P
         store = PolicyStore(Path(staging), settings.policies.max_tokens)
     narrowed = settings.policies.model_copy(update={"routes": [], "default": policy_id})
     return settings.model_copy(update={"policies": narrowed}), store
+
+
+def _with_policy_topic(settings: Settings) -> TopicPolicyStore:
+    """The policy files merged with `policies.topic` as it is now, as the live consumer merges them."""
+    assert settings.policies.topic is not None
+    k = settings.kafka
+    client = k.consumer_options | {"bootstrap.servers": k.bootstrap_servers, **client_options("policies")}
+    store = TopicPolicyStore(settings.policies.directory, settings.policies.max_tokens)
+    try:
+        store.apply(read_policy_topic(client, settings.policies.topic, k.startup_timeout_s))
+    except Unavailable as exc:
+        raise ReplayError(f"policies.topic: {exc}") from None
+    return store
 
 
 def plan_replay(

@@ -26,6 +26,7 @@ from consumer.replay.run import Replay, ReplayResult, check_resumable, plan_repl
 from tests.conftest import REPO
 from tests.kafka_helpers import (
     committed_offsets,
+    create_topic,
     create_topics,
     decoded,
     end_offsets,
@@ -223,3 +224,39 @@ def test_interrupted_and_resumed_classifies_every_record_of_the_range_once(kafka
     assert {v["replay"]["run_id"] for v in outputs} == {checkpoint.run_id}
     # The token bucket starts empty and holds a tenth of a second: 300 records take >= ~1.9 s at 150/s.
     assert elapsed >= (total - 2 * rate / 10) / rate
+
+
+def test_a_replay_reads_the_policy_topic_once_and_its_verdicts_carry_the_published_version(
+    kafka, policies_dir, tmp_path
+):
+    from consumer.cli import app as cli_app
+    from consumer.policy import parse_policy
+
+    topic, policy_topic, out = unique("replay-topic-policy"), unique("policies"), unique("replayed")
+    create_topics(kafka, topic, out, partitions=1)
+    create_topic(kafka, policy_topic, config={"cleanup.policy": "compact"})
+    produce(kafka, topic, (event_json(i, "everyone hates you") for i in range(6)))
+    published = (REPO / "policies" / "chat-harassment.md").read_text().replace(
+        "patterns:\n", "patterns:\n  - 'everyone hates you'\n"
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": kafka, "input_topics": [topic]},
+        "policies": {"directory": str(policies_dir), "default": "chat-harassment", "topic": policy_topic},
+        "log": {"level": "WARNING"},
+    }))  # fmt: skip
+    policy_file = tmp_path / "chat-harassment.md"
+    policy_file.write_text(published)
+    runner = CliRunner()
+    done = runner.invoke(cli_app, ["policy", "publish", str(policy_file), "--config", str(config), "--by", "test"])
+    assert done.exit_code == 0, done.output
+
+    result = runner.invoke(cli_app, [
+        "replay", "--config", str(config), "--topic", topic, "--from", "earliest", "--to", "now",
+        "--output-topic", out, "--checkpoint", str(tmp_path / "replay.checkpoint.json"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    verdicts = decoded(read_all(kafka, out, expected=6, timeout=30))
+    results = [r for v in verdicts for r in v["results"]]
+    assert {r["policy_version"] for r in results} == {parse_policy(published.encode()).version}
+    assert [r["violation"] for r in results] == [True] * 6, results  # the published pattern, not the file's
