@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, SpanKind
@@ -23,6 +24,8 @@ from opentelemetry.trace import Span, SpanKind
 import consumer
 from consumer.pipeline.telemetry.metrics import PipelineMetrics
 from consumer.pipeline.telemetry.tracing import RootSampling, extract
+
+_ROOT = Context()  # the parent of a record without headers (a Context is immutable: one will do)
 
 
 @dataclass
@@ -69,7 +72,7 @@ class Telemetry(PipelineMetrics):
         headers = message.headers()
         if self.provider is None:
             return trace.get_current_span(extract(headers)) if headers else trace.INVALID_SPAN
-        context = extract(headers)  # empty without headers: a root, whatever span is current
+        context = extract(headers) if headers else _ROOT  # a root, whatever span is current
         roots = self.roots
         if roots is not None and (not headers or not trace.get_current_span(context).get_span_context().is_valid):
             trace_id, sampled = roots.decide()
