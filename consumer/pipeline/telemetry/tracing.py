@@ -121,6 +121,8 @@ class RootIds(RandomIdGenerator):
 # The traceparent that producers write (version 00, lower-case hex, nothing around it). Any other
 # form takes the propagator's way, which knows them all.
 _PLAIN_TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_NO_SPAN_ID = b"0" * 16
+_CHILD_FLAGS = {0: TraceFlags(TraceFlags.DEFAULT), TraceFlags.RANDOM_TRACE_ID: TraceFlags(TraceFlags.RANDOM_TRACE_ID)}
 
 
 class RootSampling:
@@ -153,14 +155,14 @@ class RootSampling:
         match = _PLAIN_TRACEPARENT.fullmatch(parent) if parent is not None else None
         if match is None:
             return None
-        trace_id, parent_id, flags = int(match[1], 16), int(match[2], 16), int(match[3], 16)
-        if not trace_id or not parent_id:
+        trace_id, flags = int(match[1], 16), int(match[3], 16)
+        if not trace_id or match[2] == _NO_SPAN_ID:
             return None  # invalid: the propagator ignores it, the record starts a trace of its own
         sampled = flags & TraceFlags.SAMPLED if self._parent_based else trace_id & self._limit < self._bound
         if sampled:
             return None
         # The SDK's flags for a span it does not sample: the parent's random-trace-id bit, nothing else.
-        own = TraceFlags(TraceFlags.DEFAULT | (flags & TraceFlags.RANDOM_TRACE_ID))
+        own = _CHILD_FLAGS[flags & TraceFlags.RANDOM_TRACE_ID]
         return UnsampledSpan(trace_id, random.getrandbits(64) or RandomIdGenerator().generate_span_id(), own)
 
     def decide(self) -> tuple[int, bool]:
