@@ -14,6 +14,8 @@ Our cases run with tracing as production deploys it (`--trace-ratio`, default 0.
 standard OTEL_* variables ask for a parent-based ratio sampler and the OTLP/HTTP exporter,
 whose batches go to a sink this process serves on 127.0.0.1 (it answers every export with an
 empty success, so the figure is what encoding and sending the sampled spans costs).
+`--input-traces RATIO` has every input record carry its producer's `traceparent`, sampled by
+the producer at RATIO (the parent-based sampler then follows the producer's decision).
 """
 
 from __future__ import annotations
@@ -127,11 +129,11 @@ class Bench:
         self.env = env or {}
         self.run_id = uuid.uuid4().hex[:6]
 
-    def topic(self, name: str, events: list[tuple[bytes, bytes]] | None) -> str:
+    def topic(self, name: str, events: list[tuple[bytes, bytes]] | None, traces: float | None = None) -> str:
         topic = f"bench-{self.run_id}-{name}"
         create_topics(self.bootstrap, topic, partitions=PARTITIONS)
         if events:
-            produce_events(self.bootstrap, topic, events)
+            produce_events(self.bootstrap, topic, events, traces)
         return topic
 
     def spec(self, case: str, input_topic: str, events: int, **options: Any) -> Spec:
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-ratio", type=float, default=0.01,
                         help="our cases trace at ParentBased(TraceIdRatioBased(RATIO)) into a local OTLP/HTTP sink, "
                              "as deployed (default 0.01); 0: tracing off")
+    parser.add_argument("--input-traces", type=float, metavar="RATIO",
+                        help="every input record carries its producer's traceparent, sampled at RATIO by the producer "
+                             "(default: input without headers, every record a root)")
     parser.add_argument("--set", action="append", type=setting, default=[], metavar="KEY=VALUE",
                         help="a configuration key for our cases, e.g. telemetry.statistics_interval_ms=0 (a YAML "
                              "value; repeatable; a --baseline checkout from before this option ignores it)")
@@ -199,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(cases) - set(ALL_CASES)
     if unknown:
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    if args.input_traces is not None and not 0 <= args.input_traces <= 1:
+        parser.error(f"--input-traces {args.input_traces}: a ratio from 0 to 1")
     args.results.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, Any] = {}
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         broker.start(timeout=120)
         bench = Bench(broker.bootstrap, args, tracing_env(args.trace_ratio, otlp.endpoint))
         if set(cases) & set(STREAM_CASES):
-            shared = bench.topic("input", chat_events(args.events))
+            shared = bench.topic("input", chat_events(args.events), args.input_traces)
             rounds: dict[str, list[dict[str, Any]]] = {}
             for n in range(args.rounds):
                 # Alternating rounds: the machine's drift through the run touches every case alike.
@@ -255,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y-%m-%dT%H%M%S")
     path = args.results / f"pipeline-{stamp}.json"
     meta = {"date": stamp, "events": args.events, "cpus": os.cpu_count(), "argv": sys.argv[1:],
-            "trace_ratio": args.trace_ratio, "otlp_exports": otlp.requests, "otlp_bytes": otlp.bytes}
+            "trace_ratio": args.trace_ratio, "input_traces": args.input_traces,
+            "otlp_exports": otlp.requests, "otlp_bytes": otlp.bytes}
     path.write_text(json.dumps({"meta": meta, "cases": results, "summary": summary}, indent=2))
     print_table(results, summary, args.events)
     print(f"\nwritten to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")

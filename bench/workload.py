@@ -99,14 +99,24 @@ def chat_events(count: int, seed: int = 7, start_id: int = 0) -> list[tuple[byte
     return out
 
 
-def produce_events(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> None:
+def produce_events(
+    bootstrap: str, topic: str, events: list[tuple[bytes, bytes]], traces: float | None = None, seed: int = 7
+) -> None:
+    """`traces`: each record carries its producer's W3C `traceparent`, the trace sampled by the
+    producer with this probability (a producer tracing at a ratio of its own); None: no headers."""
     from confluent_kafka import Producer
 
+    rng = random.Random(seed)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4", "acks": "all"})
     for key, value in events:
+        headers = None
+        if traces is not None:
+            sampled = 1 if rng.random() < traces else 0
+            parent = b"00-%032x-%016x-%02x" % (rng.getrandbits(128) or 1, rng.getrandbits(64) or 1, sampled)
+            headers = [("traceparent", parent)]
         while True:
             try:
-                producer.produce(topic, value=value, key=key)
+                producer.produce(topic, value=value, key=key, headers=headers)
                 break
             except BufferError:
                 producer.poll(0.05)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, SpanKind
@@ -23,6 +24,8 @@ from opentelemetry.trace import Span, SpanKind
 import consumer
 from consumer.pipeline.telemetry.metrics import PipelineMetrics
 from consumer.pipeline.telemetry.tracing import RootSampling, extract
+
+_ROOT = Context()  # the parent of a record without headers (a Context is immutable: one will do)
 
 
 @dataclass
@@ -62,15 +65,20 @@ class Telemetry(PipelineMetrics):
 
         With tracing off, the producer's own (non-recording) span stands in, so the outputs
         still carry the producer's trace context on, at no cost (and a record without headers
-        costs no context at all). A record without a parent that the ratio sampler does not
-        sample gets its non-recording span from `roots`, without the SDK. The attributes are
-        set once a span records: the samplers the SDK ships do not read them.
+        costs no context at all). A record that the ratio sampler does not sample, without a parent
+        or under a producer's trace that is not sampled, gets its non-recording span from `roots`,
+        without the SDK. The attributes are set once a span records: the samplers the SDK ships
+        do not read them.
         """
         headers = message.headers()
         if self.provider is None:
             return trace.get_current_span(extract(headers)) if headers else trace.INVALID_SPAN
-        context = extract(headers)  # empty without headers: a root, whatever span is current
         roots = self.roots
+        if roots is not None and headers:
+            unsampled = roots.unsampled_child(headers)
+            if unsampled is not None:
+                return unsampled
+        context = extract(headers) if headers else _ROOT  # a root, whatever span is current
         if roots is not None and (not headers or not trace.get_current_span(context).get_span_context().is_valid):
             trace_id, sampled = roots.decide()
             if not sampled:

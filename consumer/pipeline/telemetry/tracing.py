@@ -10,17 +10,21 @@ and written into the verdict and dead-letter headers, so downstream consumers co
 
 Records that are not sampled cost next to nothing: with a ratio sampler from the environment,
 a record without a parent is decided here (`RootSampling`: the same test of the trace id as
-`TraceIdRatioBased`), and one that is not sampled gets a non-recording span and its
-`traceparent` without the SDK's span machinery (about 15 µs a record at a 1% ratio, more than
+`TraceIdRatioBased`), and one that is not sampled gets an `UnsampledSpan` and its `traceparent`
+without the SDK's span machinery (the SDK's way: about 15 µs a record at a 1% ratio, more than
 the rest of a keyword-decided record's handling); a sampled one is started by the SDK with the
-trace id decided here.
+trace id decided here. A record whose producer's trace is not sampled (its `traceparent` in the
+plain W3C form, no `tracestate`) gets its `UnsampledSpan` the same way, without the propagator
+and the SDK (13.5 -> 3 µs a record in a micro-benchmark).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import threading
+from collections.abc import Mapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context, get_current
@@ -30,7 +34,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
+from opentelemetry.trace import Span, SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.util import types
 
 import consumer
 from consumer.errors import Fatal
@@ -71,12 +76,19 @@ _W3C_TEXTMAP = (
 )
 
 
+def _writes_w3c() -> bool:
+    """True when the headers `inject` writes are W3C's alone, from the span's ids."""
+    return get_global_textmap() is _W3C_TEXTMAP and not get_current()
+
+
 def inject(span: Span) -> Headers:
     """Trace headers that make `span` the parent of whatever reads the output record."""
+    if type(span) is UnsampledSpan and _writes_w3c():
+        return [("traceparent", span.traceparent())]
     context = span.get_span_context()
     if not context.is_valid:
         return []  # no trace to carry on (tracing off, and the input had none)
-    if get_global_textmap() is _W3C_TEXTMAP and not get_current():
+    if _writes_w3c():
         # What TraceContextTextMapPropagator writes, without a Context and a carrier per record; an
         # empty current context has no baggage to carry.
         parent = b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, int(context.trace_flags))
@@ -106,30 +118,115 @@ class RootIds(RandomIdGenerator):
         return trace_id
 
 
+# The traceparent that producers write (version 00, lower-case hex, nothing around it). Any other
+# form takes the propagator's way, which knows them all.
+_PLAIN_TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_NO_SPAN_ID = b"0" * 16
+_CHILD_FLAGS = {0: TraceFlags(TraceFlags.DEFAULT), TraceFlags.RANDOM_TRACE_ID: TraceFlags(TraceFlags.RANDOM_TRACE_ID)}
+
+
 class RootSampling:
     """A ratio sampler's decision for a root span (a record without a parent), taken before the
     SDK is asked: `TraceIdRatioBased`'s own test of the trace id. `unsampled()` is the span of a
-    record that is not sampled; a sampled one is started by the SDK with its id (`hand_over`)."""
+    record that is not sampled; a sampled one is started by the SDK with its id (`hand_over`).
+    `unsampled_child` is the same shortcut for a record whose producer's trace is not sampled."""
 
-    def __init__(self, sampler: TraceIdRatioBased, ids: RootIds):
+    def __init__(self, sampler: TraceIdRatioBased, ids: RootIds, parent_based: bool):
         self._bound = sampler.bound
         self._limit = TraceIdRatioBased.TRACE_ID_LIMIT
         self._ids = ids
+        self._parent_based = parent_based
         self._flags = TraceFlags(TraceFlags.DEFAULT | (TraceFlags.RANDOM_TRACE_ID if ids.is_trace_id_random() else 0))
+
+    def unsampled_child(self, headers: Headers) -> UnsampledSpan | None:
+        """The span the SDK would start under the producer's trace in `headers` when it would not
+        sample it (`ParentBased`: the parent is not sampled; a plain ratio: the trace id fails its
+        test). None where the SDK must decide: no traceparent, a sampled one, a tracestate to carry
+        on, another propagator, or a traceparent in any but the plain form."""
+        if get_global_textmap() is not _W3C_TEXTMAP:
+            return None
+        parent = None
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == "traceparent":
+                parent = value  # the last one counts, as in the propagator's carrier
+            elif lowered == "tracestate":
+                return None
+        match = _PLAIN_TRACEPARENT.fullmatch(parent) if parent is not None else None
+        if match is None:
+            return None
+        trace_id, flags = int(match[1], 16), int(match[3], 16)
+        if not trace_id or match[2] == _NO_SPAN_ID:
+            return None  # invalid: the propagator ignores it, the record starts a trace of its own
+        sampled = flags & TraceFlags.SAMPLED if self._parent_based else trace_id & self._limit < self._bound
+        if sampled:
+            return None
+        # The SDK's flags for a span it does not sample: the parent's random-trace-id bit, nothing else.
+        own = _CHILD_FLAGS[flags & TraceFlags.RANDOM_TRACE_ID]
+        return UnsampledSpan(trace_id, random.getrandbits(64) or RandomIdGenerator().generate_span_id(), own)
 
     def decide(self) -> tuple[int, bool]:
         """A new root's trace id, and whether it is sampled."""
         trace_id = random.getrandbits(128) or RandomIdGenerator().generate_trace_id()
         return trace_id, trace_id & self._limit < self._bound
 
-    def unsampled(self, trace_id: int) -> Span:
+    def unsampled(self, trace_id: int) -> UnsampledSpan:
         """The span the SDK would make for a root it does not sample: an id, no recording."""
-        span_id = random.getrandbits(64) or RandomIdGenerator().generate_span_id()
-        return NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=self._flags))
+        return UnsampledSpan(trace_id, random.getrandbits(64) or RandomIdGenerator().generate_span_id(), self._flags)
 
     def hand_over(self, trace_id: int) -> None:
         """The next root span this thread starts through the SDK gets `trace_id`."""
         self._ids.hand_over(trace_id)
+
+
+class UnsampledSpan(Span):
+    """A span that is not sampled: what the SDK's `NonRecordingSpan` is, without building its
+    `SpanContext` (a validated tuple) for every record; the context is made only when asked for,
+    and `inject` writes the `traceparent` from the ids directly."""
+
+    __slots__ = ("_trace_id", "_span_id", "_flags")
+
+    def __init__(self, trace_id: int, span_id: int, flags: TraceFlags):
+        self._trace_id, self._span_id, self._flags = trace_id, span_id, flags
+
+    def traceparent(self) -> bytes:
+        return b"00-%032x-%016x-%02x" % (self._trace_id, self._span_id, self._flags)
+
+    def get_span_context(self) -> SpanContext:
+        return SpanContext(self._trace_id, self._span_id, is_remote=False, trace_flags=self._flags)
+
+    def is_recording(self) -> bool:
+        return False
+
+    def end(self, end_time: int | None = None) -> None:
+        pass
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        pass
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        pass
+
+    def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
+        pass
+
+    def update_name(self, name: str) -> None:
+        pass
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        pass
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"UnsampledSpan({self.get_span_context()!r})"
 
 
 class RecordTracerProvider(TracerProvider):
@@ -151,7 +248,7 @@ def tracer_provider_from_env(service_name: str | None = None) -> TracerProvider 
     )  # fmt: skip
     ids = RootIds()
     sampler, ratio = _sampler_from_env()
-    roots = RootSampling(ratio, ids) if ratio is not None else None
+    roots = RootSampling(ratio, ids, parent_based=isinstance(sampler, ParentBased)) if ratio is not None else None
     provider = RecordTracerProvider(roots, resource=resource, sampler=sampler, id_generator=ids)
     for name in exporters:
         provider.add_span_processor(BatchSpanProcessor(_span_exporter(name)))

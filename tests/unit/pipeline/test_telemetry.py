@@ -118,14 +118,14 @@ class _Record:
         return b"channel-7"
 
 
-def _ratio_telemetry(monkeypatch, ratio):
+def _ratio_telemetry(monkeypatch, ratio, sampler="parentbased_traceidratio"):
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from consumer.pipeline.telemetry import Telemetry
 
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")  # and the in-memory one below, to read the spans
-    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", str(ratio))
     provider = tracing.tracer_provider_from_env()
     exported = InMemorySpanExporter()
@@ -159,7 +159,7 @@ def test_an_unsampled_record_still_carries_its_trace_on_as_the_propagator_writes
 
     telemetry, exported = _ratio_telemetry(monkeypatch, 0.0)
     span = telemetry.record_span(_Record())
-    assert not span.is_recording()
+    assert isinstance(span, tracing.UnsampledSpan) and not span.is_recording()
     carrier = {}
     get_global_textmap().inject(carrier, context=trace.set_span_in_context(span))
     assert tracing.inject(span) == [(name, value.encode()) for name, value in carrier.items()]
@@ -198,4 +198,45 @@ def test_a_record_without_trace_headers_starts_a_trace_of_its_own(monkeypatch):
     assert span.is_recording() and span.parent is None
     assert span.get_span_context().trace_id != current.get_span_context().trace_id
     span.end()
+    telemetry.shutdown()
+
+
+
+@pytest.mark.parametrize("sampler", ["parentbased_traceidratio", "traceidratio"])
+def test_a_record_under_a_producers_trace_gets_the_span_the_sdk_would_start(monkeypatch, sampler):
+    import random
+
+    from opentelemetry import trace
+    from opentelemetry.propagate import get_global_textmap
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    telemetry, exported = _ratio_telemetry(monkeypatch, 0.5, sampler)
+    ratio = TraceIdRatioBased(0.5)
+    sdk = TracerProvider(sampler=ratio if sampler == "traceidratio" else ParentBased(ratio)).get_tracer("t")
+    rng = random.Random(3)
+    plain = [f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64):016x}-{flags:02x}".encode()
+             for flags in (0, 1, 2, 3, 0x80) for _ in range(40)]  # fmt: skip
+    ids = "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
+    other_forms = [f"00-{ids.upper()}-00", f" 00-{ids}-00", f"01-{ids}-00-x", f"00-{ids}-00-x",
+                   "00-" + "0" * 32 + "-00f067aa0ba902b7-00"]  # fmt: skip
+    cases = [[("traceparent", p)] for p in plain + [f.encode() for f in other_forms]]
+    cases += [[("Traceparent", plain[0]), ("tracestate", b"vendor=1")], [("other", b"x")]]
+    shortcuts = recorded = 0
+    for headers in cases:
+        span = telemetry.record_span(_Record(headers))
+        shortcuts += isinstance(span, tracing.UnsampledSpan)
+        recorded += span.is_recording()
+        parent = trace.get_current_span(tracing.extract(headers)).get_span_context()
+        if parent.is_valid:  # else a trace of its own, at a random id
+            expected = sdk.start_span("x", context=tracing.extract(headers))
+            ours, theirs = span.get_span_context(), expected.get_span_context()
+            assert span.is_recording() == expected.is_recording(), headers
+            assert (ours.trace_id, ours.trace_flags, ours.trace_state, ours.is_remote) == (
+                theirs.trace_id, theirs.trace_flags, theirs.trace_state, theirs.is_remote), headers  # fmt: skip
+        carrier = {}
+        get_global_textmap().inject(carrier, context=trace.set_span_in_context(span))
+        assert tracing.inject(span) == [(name, value.encode()) for name, value in carrier.items()]
+        span.end()
+    assert 50 < shortcuts < 200  # the plain parents that are not sampled, and only those
+    assert len(exported.get_finished_spans()) == recorded
     telemetry.shutdown()
