@@ -50,11 +50,6 @@ class CommunityIndex:
             self.rebuilds += 1
         return self._index.get(community_id) if community_id is not None else None
 
-    def counts(self) -> tuple[int, int]:
-        """(community policies live, communities that have one), as of the last rebuild."""
-        self.get(None)
-        return sum(len(c.policies) for c in self._index.values()), len(self._index)
-
 
 def build(policies: Mapping[str, Policy]) -> dict[str, Community]:
     by_community: dict[str, list[Policy]] = {}
