@@ -12,7 +12,8 @@ single-policy case runs `policies/chat-harassment.md` alone as the default polic
 the communities case runs `--communities` variants of it (`community: c0000`, ..., each with one
 extra pattern of its own and a copy of its labelled examples, which the cascade's heads learn
 from; no platform policy, no default), so that both classify one policy per event and what
-varies is how many policies are in force. Per case:
+varies is how many policies are in force. They share the id `chat-harassment`, as communities
+adopting one template do; `--own-ids` gives each an id of its own. Per case:
 
 - start-up to first verdict: from the process's start (Python's import included) to the broker
   timestamp of the first verdict; the input is on the topic before the process starts;
@@ -67,22 +68,25 @@ def token(n: int) -> str:
     return f"tok{n:04d}x"
 
 
-def community_policy(n: int, extra_front_matter: str = "") -> str:
-    """chat-harassment as community n's own policy: one extra pattern of its own."""
+def community_policy(n: int, extra_front_matter: str = "", own_id: bool = False) -> str:
+    """chat-harassment as community n's own policy: one extra pattern of its own; `own_id`: under an
+    id of its own (`chat-harassment-c0000`) rather than the id every community shares."""
+    policy_id = f"chat-harassment-{community_id(n)}" if own_id else "chat-harassment"
     return (
-        VARIANT.replace("id: chat-harassment\n", f"id: chat-harassment\ncommunity: {community_id(n)}\n", 1)
+        VARIANT.replace("id: chat-harassment\n", f"id: {policy_id}\ncommunity: {community_id(n)}\n", 1)
         .replace("patterns:\n", f"patterns:\n  - '\\b{token(n)}\\b'\n", 1)
         .replace("output: rich\n", "output: rich\n" + extra_front_matter, 1)
     )
 
 
 def write_community_policies(folder: Path, communities: int, extra: dict[int, str] | None = None,
-                             examples: bool = False) -> None:  # fmt: skip
+                             examples: bool = False, own_ids: bool = False) -> None:  # fmt: skip
     """One policy file per community (`c0000.md`, ...); `extra`: front matter added to community n's;
     `examples`: chat-harassment's labelled examples beside each (what the cascade's heads learn from)."""
     folder.mkdir(parents=True, exist_ok=True)
     for n in range(communities):
-        (folder / f"{community_id(n)}.md").write_text(community_policy(n, (extra or {}).get(n, "")), encoding="utf-8")
+        text = community_policy(n, (extra or {}).get(n, ""), own_ids)
+        (folder / f"{community_id(n)}.md").write_text(text, encoding="utf-8")
         if examples:
             shutil.copy(EXAMPLES, folder / f"{community_id(n)}.examples.jsonl")
 
@@ -182,6 +186,8 @@ def main() -> None:
     parser.add_argument("--communities", type=int, default=1000)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--classifiers", default="keyword,cascade", help="of: " + ", ".join(CLASSIFIERS))
+    parser.add_argument("--own-ids", action="store_true",
+                        help="each community's policy under an id of its own (default: all share chat-harassment)")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per case, for all its verdicts")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="communities-bench-"))
@@ -189,7 +195,7 @@ def main() -> None:
     single.mkdir()
     shutil.copy(REPO / "policies" / "chat-harassment.md", single)
     shutil.copy(EXAMPLES, single)
-    write_community_policies(communities, args.communities, examples=True)
+    write_community_policies(communities, args.communities, examples=True, own_ids=args.own_ids)
     broker = KafkaBroker(work / "kafka")
     broker.start(timeout=120)
     rows = []
@@ -212,7 +218,7 @@ def main() -> None:
         print(" | ".join(str(v) for v in (row["case"], policies, row["verdicts"], row["first_verdict_s"],
                                           row["all_verdicts_s"], row["peak_rss_mb"], row["cpu_us_per_event"])))  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    result = {"bench": "communities", "communities": args.communities, "events": args.events,
+    result = {"bench": "communities", "communities": args.communities, "events": args.events, "own_ids": args.own_ids,
               "partitions": PARTITIONS, "python": platform.python_version(), "cpus": os.cpu_count(),
               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}  # fmt: skip
     path = RESULTS / f"communities-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
