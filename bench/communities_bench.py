@@ -146,8 +146,9 @@ def one_case(bootstrap: str, work: Path, name: str, policies: Path, classifier: 
     log = work / f"{name}.log"
     started_ms = time.time() * 1000
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--config", str(config)], cwd=REPO,
-                                   env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--config", str(config)],
+                                   cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                   stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         times = verdict_times(bootstrap, f"{out}.verdicts", events, time.monotonic() + timeout_s)
     finally:
@@ -215,8 +216,9 @@ def main() -> None:
     print(" | ".join(header))
     for row in rows:
         policies = 1 if row["case"].startswith("single") else args.communities
-        print(" | ".join(str(v) for v in (row["case"], policies, row["verdicts"], row["first_verdict_s"],
-                                          row["all_verdicts_s"], row["peak_rss_mb"], row["cpu_us_per_event"])))  # fmt: skip
+        shown = (row["case"], policies, row["verdicts"], row["first_verdict_s"], row["all_verdicts_s"],
+                 row["peak_rss_mb"], row["cpu_us_per_event"])
+        print(" | ".join(str(v) for v in shown))
     RESULTS.mkdir(exist_ok=True)
     result = {"bench": "communities", "communities": args.communities, "events": args.events, "own_ids": args.own_ids,
               "partitions": PARTITIONS, "python": platform.python_version(), "cpus": os.cpu_count(),

@@ -109,8 +109,9 @@ class OutputStep:
             label = self._telemetry.communities.count(event.community_id, now)
             for result in results:
                 owner = result["policy_community"]  # the policy's key: two communities may use one id
-                counted.append((result["policy_id"] if owner is None else f"{owner}/{result['policy_id']}",
-                                result["violation"], result["action"], result["policy_version"], result["stage"], label))  # fmt: skip
+                key = result["policy_id"] if owner is None else f"{owner}/{result['policy_id']}"
+                counted.append((key, result["violation"], result["action"], result["policy_version"], result["stage"],
+                                label))  # fmt: skip
         self._latencies.append(latency_ms / 1000)
 
     def review_items(self, record: Record, items: list[ReviewItem]) -> None:

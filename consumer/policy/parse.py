@@ -179,7 +179,8 @@ def parse_with_front_matter(data: bytes, path: Path | None = None) -> tuple[Poli
         community=community,
         shadow_of=shadow_of,
         target_precision=meta.get("target_precision"),
-        baseline_actions={str(k): {str(c): a for c, a in v.items()} for k, v in meta.get("baseline_actions", {}).items()},
+        baseline_actions={str(pid): {str(r): a for r, a in actions.items()}
+                          for pid, actions in meta.get("baseline_actions", {}).items()},
         offender_thresholds=None if thresholds is None
         else tuple(sorted((t["violations"], t["action"]) for t in thresholds)),
     )
@@ -192,19 +193,21 @@ def community_problem(meta: dict, community: str | None, text: str) -> tuple[int
     if "target_precision" in meta:
         value = meta["target_precision"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            return _meta_line(text, "target_precision"), "`target_precision` must be a number between 0 and 1 (exclusive)"
+            return _meta_line(text, "target_precision"), (
+                "`target_precision` must be a number between 0 and 1 (exclusive)")
     for key in ("baseline_actions", "offender_thresholds"):
         if key in meta and community is None:
             return _meta_line(text, key), (f"`{key}` overrides the platform's settings for one community: "
                                            "only a community policy (`community:`) may carry it")  # fmt: skip
     overrides = meta.get("baseline_actions", {})
     if not isinstance(overrides, dict):
-        return _meta_line(text, "baseline_actions"), (
-            "`baseline_actions` must be a mapping of platform policy id -> {category, violation, safe or review: action}")
+        return _meta_line(text, "baseline_actions"), ("`baseline_actions` must be a mapping of platform policy id "
+                                                      "-> {category, violation, safe or review: action}")
     for policy_id, actions in overrides.items():
         line = _entry_line(text, "baseline_actions", str(policy_id))
         if not isinstance(actions, dict) or not actions:
-            return line, f"`baseline_actions` of {policy_id!r} must be a mapping of category, violation, safe or review -> action"
+            return line, (f"`baseline_actions` of {policy_id!r} must be a mapping of category, violation, safe "
+                          "or review -> action")
         for result, action in actions.items():
             if action not in ACTIONS:
                 return line, (f"`baseline_actions` of {policy_id!r}: action {action!r} for {result!r} is not one of "

@@ -97,7 +97,8 @@ def appeal_item(
     verdict, verdict_at = found
     results = verdict.get("results") or []
     if appeal.policy_id is not None:  # its key: `community/id` names a community's own policy
-        chosen = [r for r in results if policy_key(r.get("policy_id", ""), r.get("policy_community")) == appeal.policy_id]
+        chosen = [r for r in results
+                  if policy_key(r.get("policy_id", ""), r.get("policy_community")) == appeal.policy_id]  # fmt: skip
     else:  # the policy whose result asked for the most severe action
         chosen = sorted(results, key=lambda r: rank(r.get("action", "allow")), reverse=True)[:1]
     if not chosen:

@@ -113,7 +113,8 @@ def community_policies(tmp_path: Path, communities: int) -> Path:
     shutil.copytree(REPO / "policies", folder)
     text = (REPO / "policies" / "chat-harassment.md").read_text()
     for n in range(communities):
-        (folder / f"c{n}.md").write_text(text.replace("id: chat-harassment\n", f"id: chat-harassment\ncommunity: c{n}\n", 1))
+        own = text.replace("id: chat-harassment\n", f"id: chat-harassment\ncommunity: c{n}\n", 1)
+        (folder / f"c{n}.md").write_text(own)
     return folder
 
 
@@ -126,7 +127,8 @@ def test_check_config_counts_many_policies_rather_than_naming_them(tmp_path):
 
 
 def test_a_route_naming_a_community_policy_fails_check_config_with_its_key(tmp_path):
-    path = config(tmp_path, community_policies(tmp_path, 1), policies={"routes": [{"policies": ["c0/chat-harassment"]}]})
+    routes = [{"policies": ["c0/chat-harassment"]}]
+    path = config(tmp_path, community_policies(tmp_path, 1), policies={"routes": routes})
     for result in both(path):
         assert result.returncode == 2
         assert "policies.routes/default name community policies: c0/chat-harassment" in result.stderr

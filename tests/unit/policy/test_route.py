@@ -121,8 +121,8 @@ def test_routes_and_the_default_may_not_name_a_community_policy_or_a_candidate()
 
 def test_a_communitys_overrides_lie_over_the_platform_policy_the_most_severe_winning():
     own = [
-        community_policy("c1", baseline_actions={"chat": {"harassment": "allow", "safe": "allow"}, "gone": {"x": "flag"}},
-                         offender_thresholds=((3, "timeout"),)),
+        community_policy("c1", offender_thresholds=((3, "timeout"),),
+                         baseline_actions={"chat": {"harassment": "allow", "safe": "allow"}, "gone": {"x": "flag"}}),
         community_policy("c1", "links", baseline_actions={"chat": {"harassment": "flag"}},
                          offender_thresholds=((3, "escalate"), (1, "flag"))),
     ]  # fmt: skip

@@ -129,7 +129,8 @@ def test_a_community_policys_review_is_decided_into_a_corrected_verdict_naming_t
     # The platform policy's review of the same event: the community's baseline_actions apply to its answer.
     decided = ReviewDecision(review_id=platform_item.review_id, violation=True, category="harassment",
                              reviewer_id="mod-1", decided_at=later)  # fmt: skip
-    platform = Verdict.model_validate(corrected_verdict(platform_item, decided, lambda: policies, communities=communities))
+    corrected = corrected_verdict(platform_item, decided, lambda: policies, communities=communities)
+    platform = Verdict.model_validate(corrected)
     assert platform.results[-1].policy_community is None and platform.results[-1].action == "allow"
 
 
