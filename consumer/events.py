@@ -106,11 +106,19 @@ class ReviewStatus(BaseModel):
     review_id: str
 
 
+def policy_key(policy_id: str, community: str | None) -> str:
+    """A policy's key among the policies in force: its id, scoped by the community that owns it."""
+    return f"{community}/{policy_id}" if community else policy_id
+
+
 class PolicyResult(BaseModel):
     """One policy's decision on one event."""
 
     policy_id: str
     policy_version: str
+    policy_community: str | None = Field(
+        default=None, description="the community whose own policy this is; null: a platform (baseline) policy"
+    )
     violation: bool
     category: str | None = None
     rule_ids: list[str] = Field(default_factory=list)
@@ -303,6 +311,9 @@ class ReviewItem(BaseModel):
     created_at: datetime
     policy_id: str
     policy_version: str
+    policy_community: str | None = Field(
+        default=None, description="the community whose own policy is reviewed; null: a platform policy"
+    )
     event: ReviewEvent
     machine: MachineResult
     source: SourceRecord = Field(description="the input record's coordinates")
@@ -329,6 +340,11 @@ class ReviewItem(BaseModel):
     verdict: SourceRecord | None = Field(
         default=None, description="for reason appeal: where the appealed verdict is on the verdict topic"
     )
+
+    @property
+    def policy_key(self) -> str:
+        """The reviewed policy's key among the policies in force (`community/id`, or the id)."""
+        return policy_key(self.policy_id, self.policy_community)
 
 
 class ReviewDecision(BaseModel):
@@ -374,7 +390,9 @@ class Appeal(BaseModel):
 
     event_id: Id | None = None
     source: SourceRecord | None = None
-    policy_id: str | None = Field(default=None, description="the policy appealed; default: the one that acted")
+    policy_id: str | None = Field(
+        default=None, description="the policy appealed, its id or community/id; default: the one that acted"
+    )
     reason: str = Field(min_length=1, max_length=4000)
     appellant_id: Id | None = None
     appealed_at: datetime | None = None

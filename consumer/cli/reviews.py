@@ -31,7 +31,9 @@ def _reader(settings: Settings, config: Optional[Path], bootstrap_servers: Optio
 
 @review_app.command("export")
 def review_export(
-    policy: str = typer.Option(..., "--policy", help="The policy id whose decisions to export."),
+    policy: str = typer.Option(
+        ..., "--policy", help="The policy whose decisions to export: its id, or community/id for a community's own."
+    ),
     out: Path = typer.Option(..., "--out", help="The JSONL file to write (policy eval's --data format)."),
     version: Optional[str] = typer.Option(None, help="Only decisions on this policy version."),
     config: Optional[Path] = ConfigOption,

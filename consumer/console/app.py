@@ -299,7 +299,7 @@ class ConsoleApp:
                    status: int = 200, problem: str | None = None) -> Response:  # fmt: skip
         escalated = self.state.escalation(item.review_id) is not None
         return self._render(
-            "item.html", session, status=status, item=item, view=policy_view(self.policies().get(item.policy_id), item),
+            "item.html", session, status=status, item=item, view=policy_view(self.policies().get(item.policy_key), item),
             queue=_query(policy_id, reason, lead="?"), policy_id=policy_id, reason=reason,
             waiting=len(in_queue(self.state, policy_id, reason, escalated)), escalated=escalated,
             notes=self.state.notes(item.review_id), confirmed=author_decided_violations(self.state, item),
@@ -314,7 +314,7 @@ class ConsoleApp:
         return self._render("decided.html", session, status=status, item=item, standing=standing.decision,
                             standing_at=_where(standing.at), history=self.state.actions(item.review_id),
                             problem=problem,
-                            view=policy_view(self.policies().get(item.policy_id), item))  # fmt: skip
+                            view=policy_view(self.policies().get(item.policy_key), item))  # fmt: skip
 
     def _escalated_away(self, session: Session, review_id: str) -> Response | None:
         """An escalated item is for leads (and admins) only."""
@@ -387,7 +387,7 @@ class ConsoleApp:
     async def _record(self, session: Session, item: ReviewItem, form: dict[str, list[str]], verdict: str,
                       policy_id: str | None, reason: str | None, back: str) -> Response:  # fmt: skip
         review_id = item.review_id
-        policy = self.policies().get(item.policy_id)
+        policy = self.policies().get(item.policy_key)
         view = policy_view(policy, item)
         violation = verdict == "violation"
         category = _one(form, "category") or None
@@ -475,7 +475,7 @@ class ConsoleApp:
                                         "Nothing was recorded.")  # fmt: skip
         verdict = _one(form, "verdict")
         note = (_one(form, "note") or "").strip()[:MAX_NOTE_CHARS]
-        view = policy_view(self.policies().get(item.policy_id), item)
+        view = policy_view(self.policies().get(item.policy_key), item)
         violation = verdict == "violation"
         category = _one(form, "category") or None
         if not violation or category not in view.categories:

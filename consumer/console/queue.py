@@ -25,7 +25,7 @@ _RULE = re.compile(r"^\s*[-*]\s*([A-Za-z][A-Za-z0-9_.-]{0,15})\s*:\s*(.+)$")
 class Queue:
     """Open reviews of one policy for one reason."""
 
-    policy_id: str
+    policy_id: str  # the policy's key: its id, or community/id for a community's own
     reason: str
     open: int
     oldest: datetime | None
@@ -43,7 +43,7 @@ def queues(state: ReviewState, policies: dict[str, Policy], escalated: bool = Fa
     oldest: dict[tuple[str, str], datetime] = {}
     counts: Counter[tuple[str, str]] = Counter()
     for item in _pending(state, escalated):
-        key = (item.policy_id, item.reason.value)
+        key = (item.policy_key, item.reason.value)
         counts[key] += 1
         if key not in oldest or item.created_at < oldest[key]:
             oldest[key] = item.created_at
@@ -57,7 +57,7 @@ def in_queue(state: ReviewState, policy_id: str | None, reason: str | None,
     """The open reviews of a queue (either filter may be None: all), oldest first; `escalated`: of
     the lead queue, else of the moderators'."""
     items = [i for i in _pending(state, escalated)
-             if (policy_id is None or i.policy_id == policy_id) and (reason is None or i.reason.value == reason)]  # fmt: skip
+             if (policy_id is None or i.policy_key == policy_id) and (reason is None or i.reason.value == reason)]  # fmt: skip
     return sorted(items, key=lambda i: i.created_at)
 
 

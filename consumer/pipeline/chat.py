@@ -168,11 +168,15 @@ def _pseudonymised(event: ContentEvent, context: list[ContextMessage]) -> Conten
 
 
 class Offenders:
-    """Rolling per-(community, author) violation counts that upgrade actions at thresholds."""
+    """Rolling per-(community, author) violation counts that upgrade actions at thresholds.
+
+    A community's own thresholds (its policies' `offender_thresholds`, passed per verdict) replace
+    the configured ones for its events; `()` turns counting off there. The rebuild after a restart
+    reads the verdict topic back only when `chat.offender_thresholds` is set (`enabled`)."""
 
     def __init__(self, settings: ChatSettings, clock=time.time):
         self._settings = settings
-        self._thresholds = sorted(settings.offender_thresholds, key=lambda t: t.violations)
+        self._thresholds = tuple(sorted((t.violations, t.action) for t in settings.offender_thresholds))
         self.enabled = bool(self._thresholds)
         self._clock = clock
         self._violations: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
@@ -181,10 +185,17 @@ class Offenders:
     def __len__(self) -> int:
         return len(self._violations)
 
+    def counts(self, thresholds: tuple[tuple[int, str], ...] | None = None) -> bool:
+        """Whether verdicts under `thresholds` (None: the configured ones) are counted."""
+        return bool(self._thresholds if thresholds is None else thresholds)
+
     def record(self, community_id: str | None, author_id: str | None, violation: bool, action: str,
-               at: float | None = None) -> tuple[str, int]:
-        """Count a verdict; returns (the action after upgrades, the author's violations in the window)."""
-        if not self.enabled or author_id is None:
+               at: float | None = None, thresholds: tuple[tuple[int, str], ...] | None = None) -> tuple[str, int]:
+        """Count a verdict; returns (the action after upgrades, the author's violations in the window).
+        `thresholds`: (violations, action) by rising count, the community's; None: the configured ones."""
+        if thresholds is None:
+            thresholds = self._thresholds
+        if not thresholds or author_id is None:
             return action, 0
         key = (community_id or "", author_id)
         now = at if at is not None else self._clock()
@@ -205,14 +216,15 @@ class Offenders:
             count = len(times)
         if not violation:
             return action, count
-        for threshold in self._thresholds:
-            if count >= threshold.violations and rank(threshold.action) > rank(action):
-                action = threshold.action
+        for violations, upgrade in thresholds:
+            if count >= violations and rank(upgrade) > rank(action):
+                action = upgrade
         return action, count
 
-    def count(self, community_id: str | None, author_id: str | None, at: float | None = None) -> int | None:
+    def count(self, community_id: str | None, author_id: str | None, at: float | None = None,
+              thresholds: tuple[tuple[int, str], ...] | None = None) -> int | None:
         """The author's violations in the window so far, without counting anything; None when off."""
-        if not self.enabled or author_id is None:
+        if not self.counts(thresholds) or author_id is None:
             return None
         now = at if at is not None else self._clock()
         with self._lock:

@@ -77,9 +77,9 @@ class ClassifyStep:
                 continue
             if traced and event_spans[i].is_recording():
                 self._classify_span(request, event_spans[i], started_ns, result=outcome)
-            answered[request.policy.id] += 1
+            answered[request.policy.key] += 1  # by key: two communities may use one id
             if outcome.prompt_tokens:
-                self._count_tokens(request.policy.id, outcome)
+                self._count_tokens(request.policy.key, outcome)
         for policy_id, count in answered.items():
             # Each waited for the whole batch's call: the latency of every one of them.
             self._telemetry.engine_latency.record(elapsed_s, policy_id, count)
@@ -164,7 +164,7 @@ class ClassifyStep:
         return result
 
     def _count_classification(self, request: ClassifyRequest, result: Classification, started: float) -> None:
-        policy = request.policy.id
+        policy = request.policy.key
         self._telemetry.engine_latency.record(time.monotonic() - started, policy)
         if result.prompt_tokens:
             self._count_tokens(policy, result)

@@ -23,6 +23,7 @@ from consumer.pipeline.chat import Offenders
 from consumer.pipeline.telemetry import Telemetry
 from consumer.pipeline.telemetry.tracing import inject
 from consumer.policy import Policy, most_severe
+from consumer.policy.communities import Community
 from consumer.sinks.roles import CarriesReviewItems, OutputSink
 
 
@@ -68,8 +69,11 @@ class OutputStep:
             self._telemetry.e2e_latency.record_many(self._latencies, "verdict")
             self._counted, self._latencies = [], []
 
-    def verdict(self, record: Record, results: list[Document], note: str | None = None) -> None:
-        """The record's verdict from its policies' results (none for a deletion, with `note`)."""
+    def verdict(
+        self, record: Record, results: list[Document], note: str | None = None, community: Community | None = None
+    ) -> None:
+        """The record's verdict from its policies' results (none for a deletion, with `note`);
+        `community`: what the event's community's own policies add (its offender thresholds)."""
         event, message, span = record.event, record.message, record.span
         assert event is not None
         violation, actions = False, []
@@ -78,7 +82,9 @@ class OutputStep:
             if result["violation"] and result["stage"] != stages.UNDECIDED:
                 violation = True
             actions.append(result["action"])
-        action, offences = self._offenders.record(event.community_id, event.author_id, violation, most_severe(actions))
+        thresholds = community.offender_thresholds if community is not None else None
+        action, offences = self._offenders.record(event.community_id, event.author_id, violation, most_severe(actions),
+                                                  thresholds=thresholds)  # fmt: skip
         now = time.monotonic()
         latency_ms = (now - record.started) * 1000
         document = outputs.verdict(
@@ -90,7 +96,7 @@ class OutputStep:
             author_id=event.author_id,
             community_id=event.community_id,
             context_id=event.context_id,
-            offender_violations=offences if self._offenders.enabled and event.author_id else None,
+            offender_violations=offences if self._offenders.counts(thresholds) and event.author_id else None,
             note=note,
             latency_ms=latency_ms,
         )
@@ -100,10 +106,12 @@ class OutputStep:
         self._sent()
         if results:  # a deletion decides nothing: it counts towards no rate
             counted = self._counted
-            community = self._telemetry.communities.count(event.community_id, now)
+            label = self._telemetry.communities.count(event.community_id, now)
             for result in results:
-                counted.append((result["policy_id"], result["violation"], result["action"], result["policy_version"],
-                                result["stage"], community))  # fmt: skip
+                owner = result["policy_community"]  # the policy's key: two communities may use one id
+                key = result["policy_id"] if owner is None else f"{owner}/{result['policy_id']}"
+                counted.append((key, result["violation"], result["action"], result["policy_version"], result["stage"],
+                                label))  # fmt: skip
         self._latencies.append(latency_ms / 1000)
 
     def review_items(self, record: Record, items: list[ReviewItem]) -> None:
@@ -136,6 +144,6 @@ class OutputStep:
         self._sent()
         telemetry = self._telemetry
         community = telemetry.communities.label(record.event.community_id if record.event is not None else None)
-        policy_id, version = (policy.id, policy.version) if policy is not None else ("", "")
+        policy_id, version = (policy.key, policy.version) if policy is not None else ("", "")
         telemetry.dead_letters[(error_type.value, policy_id, version, community)] += 1
         telemetry.e2e_latency.record(time.monotonic() - record.started, "dead_letter")

@@ -18,19 +18,26 @@ from consumer.events import (
 )
 from consumer.policy import Policy
 from consumer.policy.actions import SEVERITY
+from consumer.policy.parse import action_for
 
 
-def policy_result(policy: Policy, outcome: Classification, latency_ms: float) -> Document:
-    """One policy's decision (`PolicyResult`), its action from the policy's actions map; an
-    undecided result takes the policy's review action (hold by default), review enabled or
-    not: nothing downstream should punish on a guess."""
+def policy_result(
+    policy: Policy, outcome: Classification, latency_ms: float, actions: dict[str, str] | None = None
+) -> Document:
+    """One policy's decision (`PolicyResult`), its action from the policy's actions map (or
+    `actions`: that map with the event's community's `baseline_actions` laid over it); an
+    undecided result takes the review action (hold by default), review enabled or not: nothing
+    downstream should punish on a guess."""
+    if actions is None:
+        actions = policy.actions
     if outcome.stage == stages.UNDECIDED:
-        action = policy.review_action
+        action = actions.get("review", "hold")
     else:
-        action = policy.action_for(outcome.violation, outcome.category)
+        action = action_for(actions, outcome.violation, outcome.category)
     return {
         "policy_id": policy.id,
         "policy_version": policy.version,
+        "policy_community": policy.community,
         "violation": outcome.violation,
         "category": outcome.category,
         "rule_ids": list(outcome.rule_ids),

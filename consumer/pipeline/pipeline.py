@@ -517,7 +517,7 @@ class Pipeline:
             self.output.dead_letter(record, ErrorType.NO_POLICY, "no route or default policy matches")
             return None
         deadline = record.started + self.settings.pipeline.classify_timeout_s
-        return [ClassifyRequest(view, policy, f"{event.event_id}/{policy.id}", deadline) for policy in policies]
+        return [ClassifyRequest(view, policy, f"{event.event_id}/{policy.key}", deadline) for policy in policies]
 
     def _decide_now(self, asking: list[tuple[Record, list[ClassifyRequest]]]) -> None:
         """Ask once for the instant answers of a batch's requests; send the output of every record
@@ -640,6 +640,9 @@ class Pipeline:
     def _conclude(self, record: Record, requests: list[ClassifyRequest], outcomes: list[object]) -> None:
         """The verdict from every policy's classification, or a dead letter for the first failure."""
         latency_ms = (time.monotonic() - record.started) * 1000
+        assert record.event is not None
+        community = self.router.community(record.event.community_id)
+        overrides = community.actions if community is not None else None
         results = []
         for request, outcome in zip(requests, outcomes):
             if isinstance(outcome, BaseException):
@@ -650,17 +653,20 @@ class Pipeline:
                                         request.policy)  # fmt: skip
                 return
             assert isinstance(outcome, Classification)
-            results.append(outputs.policy_result(request.policy, outcome, latency_ms))
-        assert record.event is not None
+            policy = request.policy
+            # The community's baseline_actions replace entries of a platform policy's actions map.
+            actions = overrides.get(policy.id) if overrides and policy.community is None else None
+            results.append(outputs.policy_result(policy, outcome, latency_ms, actions))
         items = self.reviews.open(record.event, requests, record.message, results, outcomes)  # type: ignore[arg-type]
         if items:
             # What a reviewer is shown of the author's history: the violations before this event.
-            offences = self.offenders.count(record.event.community_id, record.event.author_id)
+            offences = self.offenders.count(record.event.community_id, record.event.author_id,
+                                            thresholds=community.offender_thresholds if community else None)
             for item in items:
                 item.author_violations = offences
             self.output.review_items(record, items)
         self.reviews.remember(requests, record.event, record.message, results)
-        self.output.verdict(record, results)
+        self.output.verdict(record, results, community=community)
         if self.shadow is not None:  # after the verdict, which never waits for a candidate
             self.shadow.compare(record.message, record.event, requests, results)
 

@@ -21,6 +21,7 @@ import errno
 import importlib.util
 import logging
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -33,7 +34,7 @@ from consumer.errors import Unavailable
 from consumer.kafka import admin
 from consumer.kafka.admin import CREATE_COMMAND, TopicNeed
 from consumer.kafka.options import check_client_options
-from consumer.policy import PolicyError, PolicyStore
+from consumer.policy import Policy, PolicyError, PolicyStore
 from consumer.policy.route import Router, RoutingError
 from consumer.policy.topic import TopicPolicyStore
 from consumer.sinks.file import check_writable
@@ -185,10 +186,37 @@ def describe(settings: Settings, prepared: Prepared) -> str:
         engine = f"{c.reasoner_place} {settings.engine.get('model', 'openai/gpt-oss-safeguard-20b')}"
     elif c.kind == "plugin":
         engine = f"plugin {c.factory}"
-    policies = ", ".join(f"{p.id}@{p.version}" for p in sorted(prepared.policies.get().values(), key=lambda p: p.id))
+    policies = policy_summary(prepared.policies.get().values())
     k = settings.kafka
     return (
         f"starting: classifier {classifier} (kind {c.kind}, engine {engine}); policies {policies}; "
         f"input {', '.join(k.input_topics)} as group {k.group_id}; verdicts to {k.verdict_topic}, "
         f"dead letters to {k.dead_letter_topic}; delivery {settings.pipeline.delivery}"
     )
+
+
+# Up to this many policies are named with their versions in the start-up line; more are counted.
+NAMED_POLICIES = 20
+
+
+def policy_summary(policies: Iterable[Policy]) -> str:
+    """The policies in force for the start-up line: `id@version, ...` while they are few, else
+    counted, so that a thousand communities' policies do not make it a thousand names long:
+    "12 platform policies, 1,000 community policies in 1,000 communities, 3 shadow candidates"."""
+    found = sorted(policies, key=lambda p: p.key)
+    if len(found) <= NAMED_POLICIES:
+        return ", ".join(f"{p.key}@{p.version}" for p in found)
+    candidates = [p for p in found if p.shadow_of is not None]
+    live = [p for p in found if p.shadow_of is None]
+    platform = sum(1 for p in live if p.community is None)
+    communities = {p.community for p in live if p.community is not None}
+    parts = [_count(platform, "platform policy", "platform policies"),
+             f"{_count(len(live) - platform, 'community policy', 'community policies')} in "
+             f"{_count(len(communities), 'community', 'communities')}"]  # fmt: skip
+    if candidates:
+        parts.append(_count(len(candidates), "shadow candidate", "shadow candidates"))
+    return ", ".join(parts)
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"

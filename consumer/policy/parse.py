@@ -11,10 +11,13 @@ import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
 
+from consumer.events import policy_key
+from consumer.policy.actions import ACTIONS
 from consumer.policy.exceptions import PolicyError
 
 ReasoningEffort = Literal["low", "medium", "high"]
@@ -24,8 +27,16 @@ OUTPUT_TIERS = ("binary", "category", "rich")  # bare 0/1; + policy_category; + 
 # moderated in silence (`pattern:` leaves the keyword classifier with no patterns).
 FRONT_MATTER_KEYS = (
     "id", "title", "sensitive", "reasoning_effort", "output", "categories", "actions", "patterns", "community",
-    "shadow_of",
+    "shadow_of", "target_precision", "baseline_actions", "offender_thresholds",
 )  # fmt: skip
+# libyaml's loader where PyYAML was built with it: a tenth of the pure-Python one's time, which
+# counts when a thousand communities' policies load at start.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` with libyaml when available (the same safe subset of YAML)."""
+    return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader, C or Python
 
 
 @dataclass(frozen=True)
@@ -47,11 +58,19 @@ class Policy:
     # A candidate version: runs beside the live policy of this id on a sample of traffic and
     # never acts (shadow results only); `policy promote` makes it live.
     shadow_of: str | None = None
+    # The cascade's target precision for this policy (0 < x < 1); None: the configured one.
+    target_precision: float | None = None
+    # A community policy's overrides for its community's events: platform policy id -> its
+    # `actions` entries replaced (category, violation, safe or review -> action) ...
+    baseline_actions: dict[str, dict[str, str]] = field(default_factory=dict)
+    # ... and the repeat-offender thresholds, (violations, action) by rising count, replacing
+    # `chat.offender_thresholds`; None: the configured ones.
+    offender_thresholds: tuple[tuple[int, str], ...] | None = None
 
     @functools.cached_property
     def key(self) -> str:
         """Unique among the policies in force: the id, scoped by the community that owns it."""
-        return f"{self.community}/{self.id}" if self.community else self.id
+        return policy_key(self.id, self.community)
 
     @functools.cached_property
     def ref(self) -> str:
@@ -59,14 +78,19 @@ class Policy:
 
     def action_for(self, violation: bool, category: str | None) -> str:
         """The platform action for a result: by category, else by `violation`/`safe`."""
-        if category and category in self.actions:
-            return self.actions[category]
-        return self.actions.get("violation" if violation else "safe", "flag" if violation else "allow")
+        return action_for(self.actions, violation, category)
 
     @property
     def review_action(self) -> str:
         """The action for a result a person must decide first (`actions: {review: ...}`): hold by default."""
         return self.actions.get("review", "hold")
+
+
+def action_for(actions: Mapping[str, str], violation: bool, category: str | None) -> str:
+    """The action an `actions` map gives a result: by category, else by `violation`/`safe`."""
+    if category and category in actions:
+        return actions[category]
+    return actions.get("violation" if violation else "safe", "flag" if violation else "allow")
 
 
 def policy_version(data: bytes) -> str:
@@ -75,6 +99,11 @@ def policy_version(data: bytes) -> str:
 
 def parse_policy(data: bytes, path: Path | None = None) -> Policy:
     """Parse a policy file's bytes; raises PolicyError naming the file and line."""
+    return parse_with_front_matter(data, path)[0]
+
+
+def parse_with_front_matter(data: bytes, path: Path | None = None) -> tuple[Policy, dict[str, Any]]:
+    """`parse_policy`, with the front matter as YAML read it (for `validate`: read once)."""
     where = str(path) if path else "<policy>"
     try:
         text = data.decode("utf-8")
@@ -86,7 +115,7 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
     if end < 0:
         raise PolicyError(f"{where}:1: front matter is not closed by a line of ---")
     try:
-        meta = yaml.safe_load(text[3:end]) or {}
+        meta = load_yaml(text[3:end]) or {}
     except yaml.YAMLError as exc:
         # The YAML starts right after the opening ---, so its line 0 is the file's line 1; an
         # unclosed bracket or quote is where it opened (context), not where parsing gave up.
@@ -131,7 +160,11 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
     patterns = meta.get("patterns", [])
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise PolicyError(f"{where}:{_meta_line(text, 'patterns')}: `patterns` must be a list of strings")
-    return Policy(
+    problem = community_problem(meta, community, text)
+    if problem is not None:
+        raise PolicyError(f"{where}:{problem[0]}: {problem[1]}")
+    thresholds = meta.get("offender_thresholds")
+    policy = Policy(
         id=policy_id,
         version=policy_version(data),
         text=body,
@@ -145,7 +178,53 @@ def parse_policy(data: bytes, path: Path | None = None) -> Policy:
         path=path,
         community=community,
         shadow_of=shadow_of,
+        target_precision=meta.get("target_precision"),
+        baseline_actions={str(pid): {str(r): a for r, a in actions.items()}
+                          for pid, actions in meta.get("baseline_actions", {}).items()},
+        offender_thresholds=None if thresholds is None
+        else tuple(sorted((t["violations"], t["action"]) for t in thresholds)),
     )
+    return policy, meta
+
+
+def community_problem(meta: dict, community: str | None, text: str) -> tuple[int, str] | None:
+    """The first problem of the overrides (`target_precision`, `baseline_actions`,
+    `offender_thresholds`) as (line, message), or None."""
+    if "target_precision" in meta:
+        value = meta["target_precision"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            return _meta_line(text, "target_precision"), (
+                "`target_precision` must be a number between 0 and 1 (exclusive)")
+    for key in ("baseline_actions", "offender_thresholds"):
+        if key in meta and community is None:
+            return _meta_line(text, key), (f"`{key}` overrides the platform's settings for one community: "
+                                           "only a community policy (`community:`) may carry it")  # fmt: skip
+    overrides = meta.get("baseline_actions", {})
+    if not isinstance(overrides, dict):
+        return _meta_line(text, "baseline_actions"), ("`baseline_actions` must be a mapping of platform policy id "
+                                                      "-> {category, violation, safe or review: action}")
+    for policy_id, actions in overrides.items():
+        line = _entry_line(text, "baseline_actions", str(policy_id))
+        if not isinstance(actions, dict) or not actions:
+            return line, (f"`baseline_actions` of {policy_id!r} must be a mapping of category, violation, safe "
+                          "or review -> action")
+        for result, action in actions.items():
+            if action not in ACTIONS:
+                return line, (f"`baseline_actions` of {policy_id!r}: action {action!r} for {result!r} is not one of "
+                              f"{', '.join(ACTIONS)}")  # fmt: skip
+    thresholds = meta.get("offender_thresholds", [])
+    line = _meta_line(text, "offender_thresholds")
+    if not isinstance(thresholds, list):
+        return line, "`offender_thresholds` must be a list of {violations: N, action: ACTION}"
+    for threshold in thresholds:
+        if not isinstance(threshold, dict) or set(threshold) != {"violations", "action"}:
+            return line, "each of `offender_thresholds` must be {violations: N, action: ACTION}, those two keys"
+        count, action = threshold["violations"], threshold["action"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            return line, f"`offender_thresholds`: violations must be a whole number >= 1, not {count!r}"
+        if action not in ACTIONS:
+            return line, f"`offender_thresholds`: action {action!r} is not one of {', '.join(ACTIONS)}"
+    return None
 
 
 def unknown_key_message(key: str) -> str:

@@ -2,9 +2,12 @@
 
 Routes are tried in order. With `match: first` the first matching route decides; with
 `match: all` the policies of every matching route apply (each once, in route order). When
-nothing matches, the default policy applies if there is one; otherwise the event becomes
-a `no_policy` dead letter. A shadow candidate (`shadow_of`) is never routed: it runs beside its
-live policy (`consumer.pipeline.shadow`).
+nothing matches, the default policy applies if there is one. Routes choose among the platform's
+policies (no `community`): the baseline. Then an event with a `community_id` gets every live
+policy of its community as well, whatever the routes say (`consumer.policy.communities`, O(1)
+per event). An event that gets no policy at all becomes a `no_policy` dead letter. A shadow
+candidate (`shadow_of`) is never routed: it runs beside its live policy
+(`consumer.pipeline.shadow`); nor is a community policy named in a route: its community selects it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from consumer.config import PolicySettings, Route
 from consumer.events import ContentEvent
 from consumer.policy import Policy
+from consumer.policy.communities import Community, CommunityIndex
 from consumer.policy.exceptions import RoutingError
 
 
@@ -37,7 +41,12 @@ class Router:
         self._first_only = settings.match == "first"
         self._default = settings.default
         self._routes = [_compile(route) for route in settings.routes]
+        self.communities = CommunityIndex(get_policies)
         self.check(get_policies())
+
+    def community(self, community_id: str | None) -> Community | None:
+        """What the community's own policies add to its events (policies, overrides), or None."""
+        return self.communities.get(community_id)
 
     def check(self, policies: Mapping[str, Policy]) -> None:
         """Raise RoutingError if a route or the default names a policy that is not loaded."""
@@ -51,8 +60,21 @@ class Router:
         if candidates:
             raise RoutingError(f"policies.routes/default name shadow candidates, which never decide a verdict: "
                                f"{', '.join(candidates)}; route the live policy")  # fmt: skip
+        owned = sorted(pid for pid in named if policies[pid].community is not None)
+        if owned:
+            raise RoutingError(f"policies.routes/default name community policies: {', '.join(owned)}; a community's "
+                               "policies apply to its events (community_id) without a route")  # fmt: skip
 
     def policies_for(self, topic: str, event: ContentEvent) -> list[Policy]:
+        """The baseline the routes choose, then the event's community's own policies."""
+        chosen = self._baseline(topic, event)
+        if event.community_id is not None:
+            community = self.communities.get(event.community_id)
+            if community is not None:
+                chosen.extend(community.policies)
+        return chosen
+
+    def _baseline(self, topic: str, event: ContentEvent) -> list[Policy]:
         policies = self._get_policies()
         if not self._routes:  # the default alone, asked of every event
             default = policies.get(self._default) if self._default else None

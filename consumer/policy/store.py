@@ -7,8 +7,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from consumer.policy.parse import Policy, PolicyError, parse_policy
-from consumer.policy.validate import DEFAULT_MAX_TOKENS, validate_policy
+from consumer.policy.parse import Policy
+from consumer.policy.exceptions import PolicyError
+from consumer.policy.validate import DEFAULT_MAX_TOKENS, check_policy
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,11 @@ class PolicyStore:
         if before == after:
             return False
         self.reloads += 1
-        log.info("policies reloaded: %s", ", ".join(f"{pid}@{v}" for pid, v in sorted(after.items())))
+        # What changed, not every policy: with a thousand communities' policies, a line of its own each edit.
+        changed = [f"{key}@{v}" for key, v in sorted(after.items()) if before.get(key) != v]
+        withdrawn = sorted(before.keys() - after.keys())
+        log.info("policies reloaded (%d in force): %s%s", len(after), ", ".join(changed) or "none changed",
+                 f"; withdrawn {', '.join(withdrawn)}" if withdrawn else "")  # fmt: skip
         if self._on_reload:
             self._on_reload(self.current, errors)
         return True
@@ -96,13 +101,14 @@ class PolicyStore:
             except OSError as exc:
                 errors.append(f"{path}:0: cannot read ({exc.strerror})")
                 continue
-            problems = [p for p in validate_policy(data, path, self.max_tokens) if p.severity == "error"]
-            if problems:
+            policy, found = check_policy(data, path, self.max_tokens)
+            problems = [p for p in found if p.severity == "error"]
+            if problems or policy is None:
                 errors.extend(str(p) for p in problems)
                 if path in self._by_path:
                     by_path[path] = self._by_path[path]  # keep the last good version
                 continue
-            by_path[path] = parse_policy(data, path)
+            by_path[path] = policy
         by_key: dict[str, Policy] = {}
         for path, policy in by_path.items():
             if policy.key in by_key:

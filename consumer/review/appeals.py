@@ -29,6 +29,7 @@ from consumer.events import (
     ReviewItem,
     ReviewReason,
     SourceRecord,
+    policy_key,
 )
 from consumer.kafka.client import Consumer, Message, TopicPartition
 from consumer.kafka.ranges import OffsetSpan, iter_ranges, read_ranges
@@ -95,8 +96,9 @@ def appeal_item(
                                                         f"records of each partition of {verdict_topic}")  # fmt: skip
     verdict, verdict_at = found
     results = verdict.get("results") or []
-    if appeal.policy_id is not None:
-        chosen = [r for r in results if r.get("policy_id") == appeal.policy_id]
+    if appeal.policy_id is not None:  # its key: `community/id` names a community's own policy
+        chosen = [r for r in results
+                  if policy_key(r.get("policy_id", ""), r.get("policy_community")) == appeal.policy_id]  # fmt: skip
     else:  # the policy whose result asked for the most severe action
         chosen = sorted(results, key=lambda r: rank(r.get("action", "allow")), reverse=True)[:1]
     if not chosen:

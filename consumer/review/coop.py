@@ -97,7 +97,7 @@ def coop_item(item: ReviewItem, type_id: str) -> dict[str, Any]:
     e, m = item.event, item.machine
     context = "\n".join(f"{c.author or 'someone'}: {c.content}" for c in e.context)
     data = {
-        "text": e.content, "reason": item.reason.value, "policy_id": item.policy_id,
+        "text": e.content, "reason": item.reason.value, "policy_id": item.policy_key,
         "policy_version": item.policy_version, "event_id": e.event_id, "author": e.author or "",
         "context": context, "created_at": item.created_at.isoformat(), "machine_violation": m.violation,
         "machine_category": m.category or "", "machine_confidence": m.confidence or "",

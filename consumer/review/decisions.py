@@ -42,6 +42,8 @@ from consumer.events import (
 from consumer.kafka.client import Message
 from consumer.policy import Policy, most_severe
 from consumer.policy.actions import SEVERITY
+from consumer.policy.communities import CommunityIndex
+from consumer.policy.parse import action_for
 from consumer.review.state import Applied
 
 M = TypeVar("M", bound=BaseModel)
@@ -81,17 +83,21 @@ def _validate(model: type[M], data: object) -> M:
         raise RejectedInput(ErrorType.SCHEMA_VIOLATION, f"not a {model.__name__}: {fields}") from None
 
 
-def human_result(item: ReviewItem, decision: ReviewDecision, policy: Policy | None) -> PolicyResult:
+def human_result(
+    item: ReviewItem, decision: ReviewDecision, policy: Policy | None, actions: dict[str, str] | None = None
+) -> PolicyResult:
     """The reviewer's answer as the policy's result; its action from the policy's actions map in
-    force now (the item's own version when the policy is gone)."""
+    force now (`actions`: that map with the event's community's `baseline_actions` laid over it;
+    the item's own version when the policy is gone)."""
     if policy is not None:
-        action = policy.action_for(decision.violation, decision.category)
+        action = action_for(policy.actions if actions is None else actions, decision.violation, decision.category)
     else:
         action = "flag" if decision.violation else "allow"
     latency_ms = max(0.0, (decision.decided_at - item.created_at).total_seconds() * 1000)
     return PolicyResult(
         policy_id=item.policy_id,
         policy_version=item.policy_version,
+        policy_community=item.policy_community,
         violation=decision.violation,
         category=decision.category,
         rule_ids=decision.rule_ids,
@@ -110,10 +116,18 @@ def corrected_verdict(
     decision: ReviewDecision,
     policies: Callable[[], Mapping[str, Policy]],
     replaces: Applied | None = None,
+    communities: CommunityIndex | None = None,
 ) -> Document:
     """The verdict that replaces the machine's for the reviewed event (`replaces`: for an
-    overturn, the person's answer in force before it, whose corrected verdict this one replaces)."""
-    results = [*item.other_results, human_result(item, decision, policies().get(item.policy_id))]
+    overturn, the person's answer in force before it, whose corrected verdict this one replaces).
+    The reviewed policy is looked up by its key (`community/id`); `communities`: where the event's
+    community overrides a platform policy's actions."""
+    policy = policies().get(item.policy_key)
+    actions = None
+    if communities is not None and policy is not None and policy.community is None:
+        community = communities.get(item.community_id)
+        actions = community.actions.get(policy.id) if community is not None else None
+    results = [*item.other_results, human_result(item, decision, policy, actions)]
     # Results still awaiting a person do not count as found violations (they hold).
     decided = [r for r in results if not (r.review and r.review.status == "pending" and r.stage == stages.UNDECIDED)]
     action = most_severe([r.action for r in results])

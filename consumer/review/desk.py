@@ -133,7 +133,7 @@ class ReviewDesk:
 
     async def _teach(self, decided: Decided, live: bool) -> None:
         item = decided.item
-        policy = self._policies().get(item.policy_id)
+        policy = self._policies().get(item.policy_key)
         if policy is None or policy.version != item.policy_version:
             return  # a decision under another version of the policy teaches this one nothing
         event = ContentEvent(event_id=item.event.event_id, content=item.event.content)
@@ -145,6 +145,6 @@ class ReviewDesk:
             log.exception("learning from review %s failed", item.review_id)
 
     def _disagreement(self, request: ClassifyRequest, cheap: Classification, reasoner: Classification) -> None:
-        opened = self.opener.disagreement(request.request_id, request.event, request.policy.id, reasoner)
+        opened = self.opener.disagreement(request.request_id, request.event, request.policy, reasoner)
         if opened is not None and self.review_loop is not None:
             self.review_loop.submit(*opened)

@@ -57,7 +57,7 @@ def labelled_rows(state: ReviewState, policy_id: str, version: str | None = None
     for decided in state.decided_items():
         # A lead's overturn corrects the label: the answer in force is the one to learn from.
         item, decision = decided.item, (state.standing(decided.item.review_id) or decided).decision
-        if item.policy_id != policy_id or (version is not None and item.policy_version != version):
+        if item.policy_key != policy_id or (version is not None and item.policy_version != version):
             continue
         rows.append({
             "id": item.review_id,
@@ -66,6 +66,7 @@ def labelled_rows(state: ReviewState, policy_id: str, version: str | None = None
             "category": decision.category,
             "rule_ids": decision.rule_ids,
             "policy_id": item.policy_id,
+            "policy_community": item.policy_community,
             "policy_version": item.policy_version,
             "reason": item.reason.value,
             "machine_violation": int(item.machine.violation),

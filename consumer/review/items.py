@@ -32,6 +32,7 @@ from consumer.events import (
     ReviewItem,
     ReviewReason,
     SourceRecord,
+    policy_key,
 )
 from consumer.policy import Policy
 
@@ -39,9 +40,10 @@ from consumer.policy import Policy
 CONFIDENCE_TIERS = ("low", "medium", "high")
 
 
-def review_id_for(source: Document, policy_id: str, reason: str) -> str:
-    """The same record, policy and reason always give the same id (at-least-once re-reads)."""
-    text = f"{source['topic']}\x00{source['partition']}\x00{source['offset']}\x00{policy_id}\x00{reason}"
+def review_id_for(source: Document, policy_key: str, reason: str) -> str:
+    """The same record, policy (its key: `community/id`, or the id) and reason always give the
+    same id (at-least-once re-reads)."""
+    text = f"{source['topic']}\x00{source['partition']}\x00{source['offset']}\x00{policy_key}\x00{reason}"
     return "rv-" + hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
 
 
@@ -71,8 +73,8 @@ class ReviewRule:
         ):
             return ReviewReason.LOW_CONFIDENCE
         if s.sample_fraction > 0 and s.opens("sampled"):
-            tick = self._ticks.get(policy.id, 0) + 1
-            self._ticks[policy.id] = tick
+            tick = self._ticks.get(policy.key, 0) + 1
+            self._ticks[policy.key] = tick
             if math.floor(tick * s.sample_fraction) != math.floor((tick - 1) * s.sample_fraction):
                 return ReviewReason.SAMPLED
         return None
@@ -122,12 +124,14 @@ def review_item(
 ) -> ReviewItem:
     """The review item for one policy's `result` of `event`; `subject` gives the ids the corrected
     verdict carries (author, community, conversation)."""
+    community = result.get("policy_community")
     return ReviewItem(
-        review_id=review_id_for(source, result["policy_id"], reason.value),
+        review_id=review_id_for(source, policy_key(result["policy_id"], community), reason.value),
         reason=reason,
         created_at=created_at or datetime.now(timezone.utc),
         policy_id=result["policy_id"],
         policy_version=result["policy_version"],
+        policy_community=community,
         event=event,
         machine=machine_result(result),
         source=SourceRecord.model_validate(source),
@@ -177,7 +181,7 @@ class ReviewOpener(ReviewRule):
             if reason is None:
                 continue
             where = where or source()
-            result["review"] = pending(reason, review_id_for(where, policy.id, reason.value))
+            result["review"] = pending(reason, review_id_for(where, policy.key, reason.value))
             items.append((i, reason))
         if not items:
             return []
@@ -202,14 +206,14 @@ class ReviewOpener(ReviewRule):
         return self._disagreements
 
     def disagreement(
-        self, request_id: str, view: ContentEvent, policy_id: str, reasoner: Classification
+        self, request_id: str, view: ContentEvent, policy: Policy, reasoner: Classification
     ) -> tuple[ReviewItem, bytes | None] | None:
         """The review a shadow disagreement opens, with its key; None when the decision is forgotten."""
         remembered = self._recent.pop(request_id, None)
         if remembered is None:
             return None
         event, source, key, results = remembered
-        mine = [r for r in results if r["policy_id"] == policy_id]
+        mine = [r for r in results if r["policy_id"] == policy.id and r.get("policy_community") == policy.community]
         if not mine:
             return None
         result = mine[0]

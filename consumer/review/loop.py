@@ -57,6 +57,7 @@ from consumer.kafka.client_logs import client_options
 from consumer.kafka.ranges import assign_from_earliest
 from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.policy import Policy
+from consumer.policy.communities import CommunityIndex
 from consumer.review.appeals import appeal_item
 from consumer.review.decisions import RejectedInput, corrected_verdict, dead_letter, parse, parse_record
 from consumer.review.state import Decided, ReviewState
@@ -89,6 +90,7 @@ class ReviewLoop:
         self.review = settings.review
         self.state = state
         self._policies = policies
+        self._communities = CommunityIndex(policies)  # a community's baseline_actions, for corrected verdicts
         self._decode = decode
         self._on_decided = on_decided
         self._on_fatal = on_fatal
@@ -283,7 +285,7 @@ class ReviewLoop:
         if item is None:
             raise RejectedInput(ErrorType.UNKNOWN_REVIEW, f"review item {decision.review_id!r} is no longer held "
                                 "(review.max_items)")  # fmt: skip
-        verdict = corrected_verdict(item, decision, self._policies)
+        verdict = corrected_verdict(item, decision, self._policies, communities=self._communities)
         self.applied += 1
         return [(self.settings.kafka.verdict_topic, orjson.dumps(verdict), self.state.key(decision.review_id))]
 
@@ -305,7 +307,7 @@ class ReviewLoop:
                 raise RejectedInput(ErrorType.CONFLICTING_DECISION, f"review {review_id!r} has no decision to overturn")
             self.duplicates += 1
             return []  # it changes nothing: the answer it gives is in force already
-        verdict = corrected_verdict(item, overturn, self._policies, replaces=replaced)
+        verdict = corrected_verdict(item, overturn, self._policies, replaces=replaced, communities=self._communities)
         self.applied += 1
         return [(self.settings.kafka.verdict_topic, orjson.dumps(verdict), self.state.key(review_id))]
 

@@ -72,7 +72,7 @@ class ReviewState:
         self._keys: dict[str, bytes | None] = {}  # review id -> the item's record key (the input's)
         self.decisions = 0
         self.overturns = 0
-        self.agreement: Counter[tuple[str, str, bool]] = Counter()  # (policy, machine stage, agreed)
+        self.agreement: Counter[tuple[str, str, bool]] = Counter()  # (policy key, machine stage, agreed)
         self.disagreement_right: Counter[tuple[str, str, str]] = Counter()  # (policy, cheap stage, cheap|reasoner)
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self.latency_sum_s = 0.0
@@ -133,10 +133,10 @@ class ReviewState:
             self._decided[decision.review_id] = applied
             self.decisions += 1
             agreed = decision.violation == item.machine.violation
-            self.agreement[(item.policy_id, item.machine.stage or "unknown", agreed)] += 1
+            self.agreement[(item.policy_key, item.machine.stage or "unknown", agreed)] += 1
             if item.reason == ReviewReason.DISAGREEMENT:
                 side = "cheap" if agreed else "reasoner"
-                self.disagreement_right[(item.policy_id, item.machine.stage or "unknown", side)] += 1
+                self.disagreement_right[(item.policy_key, item.machine.stage or "unknown", side)] += 1
             latency = max(0.0, (decision.decided_at - item.created_at).total_seconds())
             self.latency_sum_s += latency
             self.latency_buckets[sum(1 for b in LATENCY_BUCKETS_S if latency > b)] += 1
@@ -230,10 +230,10 @@ class ReviewState:
         return sorted(done, key=lambda d: d.at)
 
     def open_reviews(self) -> Counter[tuple[str, str]]:
-        """Items without a decision, by (policy id, reason)."""
+        """Items without a decision, by (policy key, reason)."""
         with self._lock:
             return Counter(
-                (item.policy_id, item.reason.value) for rid, item in self._items.items() if rid not in self._decided
+                (item.policy_key, item.reason.value) for rid, item in self._items.items() if rid not in self._decided
             )
 
     def pending(self) -> list[ReviewItem]:

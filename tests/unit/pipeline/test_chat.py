@@ -101,6 +101,22 @@ def test_offender_memory_is_bounded():
     assert len(offenders) == 100
 
 
+def test_a_communitys_thresholds_replace_the_configured_ones_for_its_events():
+    offenders = Offenders(ChatSettings(offender_thresholds=[{"violations": 2, "action": "timeout"}]))
+    lenient = ((5, "timeout"),)
+    assert [offenders.record("gamers", "u", True, "delete", at=t, thresholds=lenient)[0] for t in range(5)] == [
+        "delete", "delete", "delete", "delete", "timeout"]  # fmt: skip
+    assert [offenders.record("kids", "u", True, "delete", at=t)[0] for t in range(2)] == ["delete", "timeout"]
+    off = ()  # a community that turns counting off
+    assert offenders.record("chill", "u", True, "delete", at=1, thresholds=off) == ("delete", 0)
+    assert offenders.count("chill", "u", at=1, thresholds=off) is None and not offenders.counts(off)
+    # Configured thresholds off, a community's on: its events are counted all the same.
+    unset = Offenders(ChatSettings())
+    assert not unset.enabled and unset.counts(lenient)
+    assert unset.record("gamers", "u", True, "flag", at=0, thresholds=((1, "timeout"),)) == ("timeout", 1)
+    assert unset.count("gamers", "u", at=0, thresholds=lenient) == 1
+
+
 def test_an_authors_count_for_a_reviewer_is_read_without_counting():
     offenders = Offenders(ChatSettings(offender_window_s=100, offender_thresholds=[{"violations": 3, "action": "timeout"}]))
     assert offenders.count("guild", "troll", at=0) == 0 and offenders.count("guild", None) is None

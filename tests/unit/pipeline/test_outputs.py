@@ -113,6 +113,23 @@ def test_a_policy_result_takes_its_action_from_the_policy():
     assert verdict.policy_result(POLICY, OUTCOMES[0], 1.0)["action"] == "allow"
 
 
+def test_a_result_names_its_policys_community_and_a_communitys_actions_lie_over_the_platforms():
+    own = Policy(id="chat-harassment", version="c1v", text="...", community="gamers")
+    result = verdict.policy_result(own, OUTCOMES[1], 1.0)
+    assert (result["policy_id"], result["policy_version"], result["policy_community"]) == ("chat-harassment", "c1v",
+                                                                                         "gamers")  # fmt: skip
+    assert verdict.policy_result(POLICY, OUTCOMES[1], 1.0)["policy_community"] is None  # a platform policy
+    document = verdict.verdict("e1", records.source_of(FakeMessage()), True, "allow", [result], "u1", "gamers", None,
+                               None, None, 1.0)  # fmt: skip
+    assert roundtrip(Verdict, document) == document
+    # `actions`: the platform policy's map with the event's community's baseline_actions laid over it.
+    laid = {**POLICY.actions, "threats": "allow", "review": "escalate"}
+    assert verdict.policy_result(POLICY, OUTCOMES[1], 1.0, laid)["action"] == "allow"
+    assert verdict.policy_result(POLICY, OUTCOMES[2], 1.0, laid)["action"] == "delete"  # not overridden
+    guess = Classification(violation=True, model="cascade:lexical:undecided", stage="undecided")
+    assert verdict.policy_result(POLICY, guess, 1.0, laid)["action"] == "escalate"
+
+
 def test_an_undecided_result_takes_the_policys_review_action_not_the_verdicts():
     # The guess says "violation" (delete under this policy); nothing downstream should punish on it.
     guess = Classification(violation=True, category="harassment", confidence="0.504",

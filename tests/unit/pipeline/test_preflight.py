@@ -105,3 +105,30 @@ def test_check_config_connect_names_a_busy_metrics_port_before_it_connects(tmp_p
     assert result.returncode == 2
     assert result.stderr.startswith("error: telemetry.http_port: port") and str(port) in result.stderr
     assert "unreachable" not in result.stderr  # the configuration first: the brokers (none here) were not asked
+
+
+def community_policies(tmp_path: Path, communities: int) -> Path:
+    """The sample policies plus one variant of chat-harassment per community."""
+    folder = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", folder)
+    text = (REPO / "policies" / "chat-harassment.md").read_text()
+    for n in range(communities):
+        own = text.replace("id: chat-harassment\n", f"id: chat-harassment\ncommunity: c{n}\n", 1)
+        (folder / f"c{n}.md").write_text(own)
+    return folder
+
+
+def test_check_config_counts_many_policies_rather_than_naming_them(tmp_path):
+    result = run_cli("check-config", "--config", str(config(tmp_path, community_policies(tmp_path, 30))))
+    assert result.returncode == 0, result.stderr
+    started = next(line for line in result.stderr.splitlines() if "would start:" in line)
+    assert "policies 4 platform policies, 30 community policies in 30 communities; input" in started
+    assert "c0/" not in started
+
+
+def test_a_route_naming_a_community_policy_fails_check_config_with_its_key(tmp_path):
+    routes = [{"policies": ["c0/chat-harassment"]}]
+    path = config(tmp_path, community_policies(tmp_path, 1), policies={"routes": routes})
+    for result in both(path):
+        assert result.returncode == 2
+        assert "policies.routes/default name community policies: c0/chat-harassment" in result.stderr

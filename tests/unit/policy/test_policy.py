@@ -1,5 +1,6 @@
 """Policy files: validation with line numbers, versions from content, reloads that never break."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,63 @@ def test_policy_eval_evaluates_the_file_it_is_given_and_nothing_beside_it(tmp_pa
                          "--report", str(tmp_path / "policy-eval.md"), env=env)  # fmt: skip
         assert result.returncode == 0, (run, result.stdout + result.stderr)
         assert "on 2 examples" in result.stdout
+
+
+# -- per-community overrides ---------------------------------------------------------------------
+
+COMMUNITY = GOOD.replace("id: chat-harassment\n", "id: chat-harassment\ncommunity: gamers\n", 1)
+
+
+def test_a_community_policy_carries_its_overrides():
+    text = COMMUNITY.replace("output: rich\n", "output: rich\ntarget_precision: 0.8\nbaseline_actions:\n"
+                             "  chat-harassment:\n    harassment: allow\n    violation: flag\n"
+                             "offender_thresholds:\n  - {violations: 5, action: timeout}\n"
+                             "  - {violations: 2, action: flag}\n", 1)  # fmt: skip
+    policy = parse_policy(text.encode())
+    assert policy.key == "gamers/chat-harassment" and policy.target_precision == 0.8
+    assert policy.baseline_actions == {"chat-harassment": {"harassment": "allow", "violation": "flag"}}
+    assert policy.offender_thresholds == ((2, "flag"), (5, "timeout"))  # by rising count
+    plain = parse_policy(GOOD.encode())
+    assert (plain.target_precision, plain.baseline_actions, plain.offender_thresholds) == (None, {}, None)
+
+
+@pytest.mark.parametrize(("extra", "problem"), [
+    ("target_precision: 1.0\n", "7: error: `target_precision` must be a number between 0 and 1 (exclusive)"),
+    ("target_precision: high\n", "7: error: `target_precision` must be a number between 0 and 1 (exclusive)"),
+    ("baseline_actions: [allow]\n", "7: error: `baseline_actions` must be a mapping of platform policy id -> "
+                                    "{category, violation, safe or review: action}"),
+    ("baseline_actions:\n  spam-scams:\n    spam: ban\n",
+     "8: error: `baseline_actions` of 'spam-scams': action 'ban' for 'spam' is not one of allow, hold, flag, delete, "
+     "timeout, escalate"),
+    ("offender_thresholds:\n  - {violations: 0, action: timeout}\n",
+     "7: error: `offender_thresholds`: violations must be a whole number >= 1, not 0"),
+    ("offender_thresholds:\n  - {violations: 2, action: ban}\n",
+     "7: error: `offender_thresholds`: action 'ban' is not one of allow, hold, flag, delete, timeout, escalate"),
+    ("offender_thresholds:\n  - {count: 2, action: flag}\n",
+     "7: error: each of `offender_thresholds` must be {violations: N, action: ACTION}, those two keys"),
+])  # fmt: skip
+def test_bad_overrides_are_errors_on_their_line(tmp_path, extra, problem):
+    text = COMMUNITY.replace("output: rich\n", "output: rich\n" + extra, 1)
+    assert problems(text, tmp_path) == [problem]
+    with pytest.raises(PolicyError, match=re.escape(problem.replace(": error", ""))):  # the parser says it too
+        parse_policy(text.encode(), tmp_path / "p.md")
+
+
+@pytest.mark.parametrize("key", ["baseline_actions:\n  spam-scams: {spam: allow}\n",
+                                 "offender_thresholds:\n  - {violations: 2, action: timeout}\n"])
+def test_only_a_community_policy_may_override_the_platform(tmp_path, key):
+    text = GOOD.replace("output: rich\n", "output: rich\n" + key, 1)
+    name = key.split(":", 1)[0]
+    assert problems(text, tmp_path) == [f"6: error: `{name}` overrides the platform's settings for one community: "
+                                        "only a community policy (`community:`) may carry it"]  # fmt: skip
+
+
+def test_libyaml_reads_the_front_matter_where_pyyaml_has_it():
+    import yaml
+
+    from consumer.policy import parse
+
+    assert parse._YAML_LOADER is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    assert parse.load_yaml("a: [1, 2]\n") == {"a": [1, 2]}
+    with pytest.raises(yaml.YAMLError):  # still the safe subset: no Python objects
+        parse.load_yaml("b: !!python/name:os.system\n")

@@ -19,6 +19,7 @@ from consumer.events import (
 from consumer.kafka.offsets import OffsetTracker, OutputJoin
 from consumer.pipeline import outputs
 from consumer.policy import Policy
+from consumer.policy.communities import CommunityIndex
 from consumer.review.decisions import RejectedInput, corrected_verdict, parse
 from consumer.review.items import ReviewOpener, review_event
 from consumer.review.state import ReviewState
@@ -102,6 +103,37 @@ def test_a_corrected_verdict_is_the_same_event_decided_by_a_person_and_names_wha
     assert verdict.violation and verdict.action == "delete" and verdict.author_id == "u1"
 
 
+def test_a_community_policys_review_is_decided_into_a_corrected_verdict_naming_that_community_policy():
+    # Two communities and the platform use one id: the item and its verdict name the community's, by key.
+    own = Policy(id=POLICY.id, version="gamers-v1", text="", community="gamers", actions={"harassment": "timeout"},
+                 baseline_actions={POLICY.id: {"harassment": "allow"}})  # fmt: skip
+    other = Policy(id=POLICY.id, version="kids-v1", text="", community="kids", actions={"harassment": "escalate"})
+    policies = {p.key: p for p in (POLICY, own, other)}
+    event = ContentEvent(event_id="e8", content="git gud", author_id="u1", community_id="gamers")
+    platform_result = outputs.policy_result(POLICY, UNDECIDED, 1.0)
+    own_result = outputs.policy_result(own, UNDECIDED, 1.0)
+    items = ReviewOpener(ReviewSettings(enabled=True)).open(event, event, lambda: SOURCE, [platform_result, own_result],
+                                                          [UNDECIDED, UNDECIDED], [POLICY, own])  # fmt: skip
+    platform_item, item = items
+    assert (item.policy_id, item.policy_community, item.policy_key) == (POLICY.id, "gamers", "gamers/chat-harassment")
+    assert platform_item.policy_community is None and platform_item.review_id != item.review_id
+    later = item.created_at + timedelta(minutes=1)
+    decision = ReviewDecision(review_id=item.review_id, violation=True, category="harassment", reviewer_id="mod-1",
+                              decided_at=later)  # fmt: skip
+    communities = CommunityIndex(lambda: policies)
+    verdict = Verdict.model_validate(corrected_verdict(item, decision, lambda: policies, communities=communities))
+    human = verdict.results[-1]
+    assert (human.policy_id, human.policy_version, human.policy_community) == (POLICY.id, "gamers-v1", "gamers")
+    assert human.action == "timeout"  # the community policy's own actions, not the platform's or another community's
+    assert verdict.community_id == "gamers" and verdict.decided_by == "human"
+    # The platform policy's review of the same event: the community's baseline_actions apply to its answer.
+    decided = ReviewDecision(review_id=platform_item.review_id, violation=True, category="harassment",
+                             reviewer_id="mod-1", decided_at=later)  # fmt: skip
+    corrected = corrected_verdict(platform_item, decided, lambda: policies, communities=communities)
+    platform = Verdict.model_validate(corrected)
+    assert platform.results[-1].policy_community is None and platform.results[-1].action == "allow"
+
+
 def test_malformed_decisions_are_rejected_with_their_error_type_and_no_values():
     with pytest.raises(RejectedInput) as bad_json:
         parse(ReviewDecision, b'{"review_id": ')
@@ -155,13 +187,13 @@ def test_a_shadow_disagreement_opens_a_review_with_both_answers():
     results = [outputs.policy_result(POLICY, cheap, 1.0)]
     opener.remember("e9/chat-harassment", event, SOURCE, b"key", results)
     reasoner = Classification(violation=False, category="safe", confidence="high", model="gpt-oss", stage="reasoner")
-    opened = opener.disagreement("e9/chat-harassment", event, POLICY.id, reasoner)
+    opened = opener.disagreement("e9/chat-harassment", event, POLICY, reasoner)
     assert opened is not None
     item, key = opened
     assert key == b"key" and item.reason is ReviewReason.DISAGREEMENT
     assert item.machine.stage == "lexical" and item.machine.violation
     assert item.second_opinion is not None and item.second_opinion.violation is False
-    assert opener.disagreement("e9/chat-harassment", event, POLICY.id, reasoner) is None  # once
+    assert opener.disagreement("e9/chat-harassment", event, POLICY, reasoner) is None  # once
 
 
 def test_the_metrics_show_open_reviews_agreement_and_decision_latency():
