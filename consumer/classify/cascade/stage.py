@@ -195,6 +195,8 @@ class LearnedStage:
         self._fitted_upto = 0
         self._urgent_upto = 0  # the count when the last urgent label was taken
         self._refit_from = 0  # the count the latest refit started from
+        # (labels taken, head in force) when last saved or restored: `save` skips what is on disk.
+        self._on_disk: tuple[int, _Fitted | None] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -328,8 +330,12 @@ class LearnedStage:
     # -- persistence ------------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        """Write the head in force and the learned examples (features and labels); atomic."""
+        """Write the head in force and the learned examples (features and labels); atomic. Skipped
+        where nothing changed since the last save or restore: a head evicted again and again
+        (and every head without a reasoner, which never learns) is written once."""
         if self._fitted is None and not self._learned:
+            return
+        if self._on_disk is not None and self._on_disk[0] == self._taken and self._on_disk[1] is self._fitted:
             return
         arrays: dict[str, np.ndarray] = {
             "version": np.array(self.version),
@@ -350,6 +356,7 @@ class LearnedStage:
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path) as handle:
             np.savez(handle, **arrays)
+        self._on_disk = (self._taken, self._fitted)
 
     def restore(self, path: Path) -> bool:
         """Reload what `save` wrote for this version and feature space; a stale file is deleted.
@@ -381,6 +388,7 @@ class LearnedStage:
         for i, label in enumerate(labels):
             self._learned.append((rows[i : i + 1], int(label)))
         self._fitted = fitted
+        self._on_disk = (self._taken, fitted) if fitted is not None else None
         return True
 
 

@@ -144,6 +144,12 @@ def test_the_least_recently_used_heads_are_evicted_at_the_bound_and_answer_alike
         evicted = not cascade.heads("c1/spam-scams")
         after = await answers(cascade, c1)
         again = [stage.examples for stage in cascade.heads("c1/spam-scams")]
+        if saved:
+            (path,) = state.glob(f"heads/{cascade.heads('c1/spam-scams')[0].version}/lexical.npz")
+            written = path.stat().st_mtime_ns
+            for key in ("c2/spam-scams", "c3/spam-scams"):
+                await answers(cascade, policies[key])  # evicts c1's again, unchanged since restored
+            assert not cascade.heads("c1/spam-scams") and path.stat().st_mtime_ns == written
         return held, evicted, examples, again, before, after
 
     held, evicted, examples, again, before, after = asyncio.run(scenario())
