@@ -104,19 +104,31 @@ class CascadeSettings(BaseModel):
         "stage's answer marked `:undecided` (answer) or becomes a classifier_error dead letter",
     )
     state_dir: Path | None = Field(
-        default=None, description="where learned heads are saved and reloaded across restarts; unset: not saved"
+        default=None,
+        description="where learned heads are saved and reloaded (across restarts, and after an eviction); "
+        "unset: not saved",
+    )
+    max_trained_policies: int = Field(
+        default=1000,
+        gt=0,
+        description="trained head sets kept in memory (policies with the same text and examples share one); "
+        "beyond it the least recently used is evicted (saved to state_dir when set) and trained or "
+        "restored again on its next request",
     )
     max_concurrency: int = Field(
         default=1024, gt=0, description="requests the cheap stages hold at once, on top of the reasoner's capacity"
     )
     policies: dict[str, PolicyOverrides] = Field(default_factory=dict, description="per policy id")
 
-    def plan_for(self, policy_id: str) -> PolicyPlan:
+    def plan_for(self, policy_id: str, policy_precision: float | None = None) -> PolicyPlan:
+        """The plan for a policy id; `policy_precision` is the policy's own `target_precision`
+        (a community's override, in its policy), which wins over `policies` and the default."""
         o = self.policies.get(policy_id, PolicyOverrides())
+        precision = policy_precision if policy_precision is not None else o.target_precision
         return PolicyPlan(
             cache=self.cache if o.cache is None else o.cache,
             lexical=self.lexical if o.lexical is None else o.lexical,
             embedding=self.embedding if o.embedding is None else o.embedding,
-            target_precision=self.target_precision if o.target_precision is None else o.target_precision,
+            target_precision=self.target_precision if precision is None else precision,
             shadow_fraction=self.shadow_fraction if o.shadow_fraction is None else o.shadow_fraction,
         )

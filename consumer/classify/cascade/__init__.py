@@ -25,7 +25,7 @@ def make_cascade(settings: CascadeSettings, reasoner: Classifier | None, policie
     """A `CascadeClassifier` for `settings` in front of `reasoner` (None: the cheap stages answer).
 
     Not yet started: `await cascade.start()` starts the reasoner, loads the embedding model
-    and trains every current policy's heads. The cascade owns the reasoner from then on and
+    and trains the heads of the platform's policies (a community's are trained on first use). The cascade owns the reasoner from then on and
     closes it in `close()`.
     """
     # The current policies plus the cascade-wide plan, which policies added later get.

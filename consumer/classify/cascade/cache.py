@@ -19,7 +19,7 @@ from consumer.classify import Classification
 from consumer.classify.cascade.verdicts import as_cached
 from consumer.policy import Policy
 
-CacheKey = tuple[str, str, str]  # policy id, policy version, content hash
+CacheKey = tuple[str, str, str]  # Policy.key (the id, scoped by its community), policy version, content hash
 
 _INVISIBLE = re.compile("[\u200b-\u200f\u2060-\u2064\ufeff\u00ad]")
 
@@ -34,7 +34,7 @@ def normalise(content: str) -> str:
 
 def cache_key(policy: Policy, content: str) -> CacheKey:
     digest = hashlib.blake2b(normalise(content).encode("utf-8"), digest_size=16).hexdigest()
-    return (policy.id, policy.version, digest)
+    return (policy.key, policy.version, digest)
 
 
 class VerdictCache:

@@ -14,6 +14,7 @@ examples no violation is ever called with more than 11/12 = 0.917.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -26,29 +27,37 @@ ISOTONIC_FROM = 1000  # below this many examples isotonic regression over-fits i
 
 
 class Calibrator:
-    """A monotone map from raw scores to P(violation), fitted on held-out scores."""
+    """A monotone map from raw scores to P(violation), fitted on held-out scores.
 
-    def __init__(
-        self,
-        method: Literal["sigmoid", "isotonic"],
-        bounds: tuple[float, float],
-        params: tuple[float, float] | None = None,
-        isotonic: IsotonicRegression | None = None,
-    ):
+    Plain numbers, so that a head can be saved and restored without a pickle (`arrays`,
+    `from_arrays`): Platt's (a, b), or isotonic regression's thresholds (its predictions are
+    the linear interpolation between them, clipped at the ends, as scikit-learn's).
+    """
+
+    def __init__(self, method: Literal["sigmoid", "isotonic"], bounds: tuple[float, float], params: np.ndarray):
         self.method = method
         self.bounds = bounds  # the smoothed targets: no probability outside them is supported
-        self._params = params
-        self._isotonic = isotonic
+        self._params = params  # sigmoid: [a, b]; isotonic: [thresholds of x, their y]
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         scores = np.asarray(scores, dtype=float)
-        if self._isotonic is not None:
-            probs = self._isotonic.predict(scores)
+        if self.method == "isotonic":
+            probs = np.interp(scores, self._params[0], self._params[1])
         else:
-            assert self._params is not None
             a, b = self._params
             probs = 1.0 / (1.0 + np.exp(np.clip(a * scores + b, -500, 500)))
         return np.clip(probs, *self.bounds)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"method": np.array(self.method), "bounds": np.array(self.bounds), "params": self._params}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Calibrator:
+        method = str(arrays["method"])
+        if method not in ("sigmoid", "isotonic"):
+            raise ValueError(f"unknown calibration method {method!r}")
+        low, high = (float(x) for x in arrays["bounds"])
+        return cls(method, (low, high), np.asarray(arrays["params"], dtype=float))  # type: ignore[arg-type]
 
 
 def fit_calibrator(scores: np.ndarray, labels: np.ndarray, method: Method = "auto") -> Calibrator:
@@ -59,9 +68,9 @@ def fit_calibrator(scores: np.ndarray, labels: np.ndarray, method: Method = "aut
     targets = _smoothed_targets(labels)
     bounds = (float(targets.min()), float(targets.max()))
     if method == "isotonic":
-        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-        return Calibrator("isotonic", bounds, isotonic=iso.fit(scores, targets))
-    return Calibrator("sigmoid", bounds, params=_platt(scores, targets))
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(scores, targets)
+        return Calibrator("isotonic", bounds, np.stack([iso.X_thresholds_, iso.y_thresholds_]))
+    return Calibrator("sigmoid", bounds, np.array(_platt(scores, targets)))
 
 
 def calibration_error(scores: np.ndarray, labels: np.ndarray, method: Method = "auto", bins: int = 10) -> float:

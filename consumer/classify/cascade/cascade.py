@@ -17,10 +17,17 @@ What it guarantees, per request:
   cache keys, then per stage whose features are cheap enough for the event loop (the
   lexical stage) one vectorisation, one matrix product and one calibration call for every
   request still open; what remains goes through `classify` without repeating those stages;
-- heads are trained from the policy's examples when the policy is first seen, retrained from
-  scratch when its version (or examples file) changes, and learn from every reasoner verdict.
+- a policy's heads are trained from its examples on its first request (the platform's
+  policies, those without a community, at `start`), once however many requests ask at once;
+  policies with the same text, reasoning effort and examples share one set of heads; a
+  policy's heads are trained anew when that changes, and learn from every reasoner verdict;
+- at most `max_trained_policies` sets of heads are held: the least recently used is evicted
+  beyond it (saved to `state_dir` when set, and restored from there, not retrained, when its
+  policy is asked again).
 
-Counters are plain attributes (`counters`, per policy id) for the metrics exporter to read.
+Counters are plain attributes (`counters`, per policy id: what the metrics exporter reads);
+everything else of a policy (heads, cache keys, shadow sampling) is by `Policy.key`, unique
+where two communities use one id.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +55,7 @@ from consumer.classify import (
 from consumer.classify.cascade import verdicts
 from consumer.classify.cascade.cache import CacheKey, VerdictCache, cache_key
 from consumer.classify.cascade.counters import PolicyCounters
-from consumer.classify.cascade.examples import training_set
+from consumer.classify.cascade.examples import TrainingSet, training_set
 from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, StageRules
 from consumer.config.cascade import CascadeSettings, PolicyPlan
 from consumer.errors import Fatal, Unavailable
@@ -62,7 +71,7 @@ HUMAN_LABEL_WEIGHT = 3
 
 @dataclass
 class _Heads:
-    policy_version: str
+    key: str  # the version of the training data they were trained from (`TrainingSet.version`)
     stages: list[LearnedStage]
 
 
@@ -72,6 +81,7 @@ class _Open:
     already asked, so that `classify` asks only the others."""
 
     request: ClassifyRequest
+    heads: _Heads  # the heads that answered (evicted and trained again since: asked again)
     asked: int  # how many of the policy's stages gave `best` already
     best: tuple[LearnedStage, Decision] | None
 
@@ -84,6 +94,11 @@ def _better(
         return stage, decision
     return best
 
+
+# Sets of heads trained at once. A poll batch may ask for hundreds of untrained policies; trained
+# all together, they all end late (measured: the first verdict after 16 s instead of about 1 s,
+# docs/cascade.md); in turns, the first asked are ready first.
+TRAINING_AT_ONCE = os.cpu_count() or 2
 
 # Requests `classify_now_many` left open that `classify` has not taken yet (at most about the
 # intake limit; beyond this many the oldest are forgotten, which costs them their stages again).
@@ -113,8 +128,12 @@ class CascadeClassifier:
         )
         self.cache = VerdictCache(settings.cache_size, settings.cache_ttl_s)
         self.counters: dict[str, PolicyCounters] = {}
-        self._heads: dict[str, _Heads] = {}
-        self._training: dict[str, asyncio.Lock] = {}
+        self._heads: OrderedDict[str, _Heads] = OrderedDict()  # by training data; least recently used first
+        self._assigned: dict[str, tuple[str, str]] = {}  # Policy.key -> (its version, its heads' key)
+        # What is being made now, so that concurrent first requests wait for one making.
+        self._resolving: dict[Hashable, asyncio.Task[_Heads]] = {}  # by (Policy.key, version)
+        self._training: dict[Hashable, asyncio.Task[_Heads]] = {}  # by heads' key
+        self._training_slots = asyncio.Semaphore(TRAINING_AT_ONCE)
         self._in_flight: dict[CacheKey, asyncio.Future[Classification]] = {}
         self._reasoner_slots: asyncio.Semaphore | None = None
         self._shadows: set[asyncio.Task[None]] = set()
@@ -134,8 +153,11 @@ class CascadeClassifier:
             if start is not None:
                 await start()
         if self._policies is not None:
+            # The platform's policies are ready before the first event; a community's policy is
+            # trained on its first request (thousands of communities would take minutes here).
             for policy in self._policies.get().values():
-                await self._heads_for(policy)
+                if policy.community is None:
+                    await self._heads_for(policy)
 
     def capacity(self) -> Capacity:
         # Cheap stages must not queue behind slow reasoner calls, so the cascade admits its
@@ -148,7 +170,7 @@ class CascadeClassifier:
     def classify_now(self, request: ClassifyRequest) -> Classification | None:
         """A cache hit, answered without queueing; None sends the request through `classify`."""
         policy = request.policy
-        if not self.settings.plan_for(policy.id).cache:
+        if not self._plan(policy).cache:
             return None
         cached = self.cache.get(cache_key(policy, request.content))
         if cached is not None:
@@ -162,14 +184,14 @@ class CascadeClassifier:
         None for a request that needs a slower stage or the reasoner (`classify` takes it from
         where this left off), or whose policy's heads are not trained yet."""
         answers: list[Classification | ClassificationFailed | None] = [None] * len(requests)
-        by_policy: dict[str, list[int]] = {}
+        by_policy: dict[tuple[str, str], list[int]] = {}
         for i, request in enumerate(requests):
-            by_policy.setdefault(request.policy.ref, []).append(i)
+            # By key, not ref: two communities' policies may have one id and one version.
+            by_policy.setdefault((request.policy.key, request.policy.version), []).append(i)
         for indices in by_policy.values():
-            policy = requests[indices[0]].policy
-            heads = self._heads.get(policy.id)
-            if heads is None or heads.policy_version != policy.version:
-                continue  # trained in `classify`, off the loop
+            heads = self._current(requests[indices[0]].policy)
+            if heads is None:
+                continue  # trained (or restored) in `classify`, off the loop
             self._decide_now(requests, indices, heads, answers)
         return answers
 
@@ -179,7 +201,7 @@ class CascadeClassifier:
     ) -> None:  # fmt: skip
         """One policy's share of a batch: cache, then each instant stage once for all still open."""
         policy = requests[indices[0]].policy
-        plan = self.settings.plan_for(policy.id)
+        plan = self._plan(policy)
         counters = self._counters(policy.id)
         # Copies of one content share one decision: open[key] lists the requests behind it.
         open_: dict[CacheKey | int, list[int]] = {}
@@ -240,7 +262,7 @@ class CascadeClassifier:
                         answers[i] = exc
                 continue
             # The first of the copies carries what was found; the others wait for it in `classify`.
-            self._remember_open(_Open(requests[waiting[0]], asked, best.get(k)))
+            self._remember_open(_Open(requests[waiting[0]], heads, asked, best.get(k)))
 
     def _remember_open(self, found: _Open) -> None:
         self._open[id(found.request)] = found
@@ -249,7 +271,7 @@ class CascadeClassifier:
 
     async def classify(self, request: ClassifyRequest) -> Classification:
         policy = request.policy
-        plan = self.settings.plan_for(policy.id)
+        plan = self._plan(policy)
         counters = self._counters(policy.id)
         counters.requests += 1
         found = self._open.pop(id(request), None)
@@ -300,7 +322,7 @@ class CascadeClassifier:
         for task in list(self._shadows):
             task.cancel()
         await asyncio.gather(*self._shadows, return_exceptions=True)
-        for heads in self._heads.values():
+        for heads in list(self._heads.values()):
             for stage in heads.stages:
                 await stage.wait_idle()
         self.save()
@@ -316,7 +338,7 @@ class CascadeClassifier:
         heads = await self._heads_for(request.policy)
         best: tuple[LearnedStage, Decision] | None = None
         asked = 0
-        if found is not None and self._heads.get(request.policy.id) is heads:
+        if found is not None and found.heads is heads:
             best, asked = found.best, found.asked  # the stages its poll batch asked already
         for _, stage in self._stages(heads, plan, asked):
             decision = await stage.decide(request.content, plan.target_precision)
@@ -368,22 +390,22 @@ class CascadeClassifier:
         if best is None:
             raise ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR,
-                f"no cascade stage is calibrated for policy {policy.id} and no reasoner is configured",
+                f"no cascade stage is calibrated for policy {policy.key} and no reasoner is configured",
             )
         stage, decision = best
         if self.settings.undecided == "dead_letter":
             raise ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR,
-                f"cascade stage {stage.name} is below the target precision for policy {policy.id} "
+                f"cascade stage {stage.name} is below the target precision for policy {policy.key} "
                 "and no reasoner is configured",
             )
         counters.decided[stages.UNDECIDED] += 1
         return verdicts.undecided(stage.name, decision, plan.target_precision)
 
     async def _learn(self, policy: Policy, content: str, verdict: Classification, counters: PolicyCounters) -> None:
-        heads = self._heads.get(policy.id)
-        if heads is None or heads.policy_version != policy.version:
-            return  # a verdict under an older version of the policy teaches the new heads nothing
+        heads = self._current(policy)
+        if heads is None:
+            return  # an older version's verdict teaches new heads nothing; evicted heads learn nothing
         for stage in heads.stages:
             await stage.learn(content, int(verdict.violation))
         counters.learned += 1
@@ -399,8 +421,8 @@ class CascadeClassifier:
             return
         # Exactly the configured share of decisions, spread evenly: the n-th decision is
         # sampled when floor(n * fraction) steps up.
-        tick = self._shadow_ticks.get(request.policy.id, 0) + 1
-        self._shadow_ticks[request.policy.id] = tick
+        tick = self._shadow_ticks.get(request.policy.key, 0) + 1
+        self._shadow_ticks[request.policy.key] = tick
         if math.floor(tick * plan.shadow_fraction) == math.floor((tick - 1) * plan.shadow_fraction):
             return
         assert self._reasoner_slots is not None
@@ -435,13 +457,13 @@ class CascadeClassifier:
         (under the same policy version), and the heads learn it HUMAN_LABEL_WEIGHT times, in
         force within two refits whether or not any traffic follows (`LearnedStage`)."""
         policy = request.policy
-        if self.settings.plan_for(policy.id).cache:
+        if self._plan(policy).cache:
             self.cache.pin(cache_key(policy, request.content), answer)
         if not heads:
             return
         counters = self._counters(policy.id)
-        current = self._heads.get(policy.id)
-        if current is None or current.policy_version != policy.version:
+        current = self._current(policy)
+        if current is None:
             return
         for _ in range(HUMAN_LABEL_WEIGHT):
             for stage in current.stages:
@@ -451,46 +473,75 @@ class CascadeClassifier:
 
     # -- heads per policy ----------------------------------------------------------------------
 
+    def _plan(self, policy: Policy) -> PolicyPlan:
+        # A policy's own target precision (a community's override) where the policy has one.
+        return self.settings.plan_for(policy.id, getattr(policy, "target_precision", None))
+
+    def _current(self, policy: Policy) -> _Heads | None:
+        """The heads in force for this version of the policy, if trained and held (and then the
+        most recently used); None sends the request to `_heads_for`."""
+        assigned = self._assigned.get(policy.key)
+        if assigned is None or assigned[0] != policy.version:
+            return None
+        heads = self._heads.get(assigned[1])
+        if heads is not None:
+            self._heads.move_to_end(assigned[1])
+        return heads
+
     async def _heads_for(self, policy: Policy) -> _Heads:
         # Keyed by the policy version alone: the examples file is read when a version is first
-        # seen, and its edits count from the next policy edit or restart.
-        heads = self._heads.get(policy.id)
-        if heads is not None and heads.policy_version == policy.version:
+        # seen (or its heads were evicted), and its edits count from then.
+        heads = self._current(policy)
+        if heads is not None:
             return heads
-        lock = self._training.setdefault(policy.id, asyncio.Lock())
-        async with lock:
-            heads = self._heads.get(policy.id)
-            if heads is not None and heads.policy_version == policy.version:
-                return heads
-            data = await asyncio.to_thread(training_set, policy)
-            stages = []
+        return await _once(self._resolving, (policy.key, policy.version), lambda: self._resolve(policy))
+
+    async def _resolve(self, policy: Policy) -> _Heads:
+        data = await asyncio.to_thread(training_set, policy)
+        heads = self._heads.get(data.version)
+        if heads is None:
+            heads = await _once(self._training, data.version, lambda: self._train(data, policy))
+        else:
+            self._heads.move_to_end(data.version)  # another policy's, with the same training data
+        self._assigned[policy.key] = (policy.version, data.version)
+        self._record_calibration(policy.id, heads)
+        return heads
+
+    async def _train(self, data: TrainingSet, policy: Policy) -> _Heads:
+        """Heads for this training data: restored from `state_dir` where saved, else trained."""
+        stages, restored = [], []
+        async with self._training_slots:
             for name, featurizer in self._featurizers.items():
                 stage = LearnedStage(featurizer, self._rules, data.version)
-                if self.settings.state_dir is not None:
-                    stage.restore(self._state_path(policy.id, name))
+                if self.settings.state_dir is not None and stage.restore(self._state_path(data.version, name)):
+                    restored.append(name)
                 await stage.train(data.texts, data.labels)
                 stages.append(stage)
-            heads = _Heads(policy_version=policy.version, stages=stages)
-            self._heads[policy.id] = heads
-            self._record_calibration(policy.id, heads)
-            log.info(
-                "cascade heads for %s@%s: %s", policy.id, policy.version,
-                ", ".join(f"{s.name} {'calibrated' if s.calibrated else 'not calibrated'} on {s.examples} examples"
-                          for s in stages) or "no learned stages",
-            )
-            return heads
+        heads = _Heads(data.version, stages)
+        self._heads[data.version] = heads
+        while len(self._heads) > self.settings.max_trained_policies:
+            _, evicted = self._heads.popitem(last=False)
+            self._save(evicted)  # a refit it runs still ends, in the evicted copy only
+        log.info(
+            "cascade heads %s for %s@%s: %s", data.version, policy.key, policy.version,
+            ", ".join(f"{s.name} {'calibrated' if s.calibrated else 'not calibrated'} on {s.examples} examples"
+                      f"{' (restored)' if s.name in restored else ''}" for s in stages) or "no learned stages",
+        )  # fmt: skip
+        return heads
 
     def save(self) -> None:
-        """Write every policy's learned examples under `state_dir` (also done by `close`)."""
-        if self.settings.state_dir is None:
-            return
-        for policy_id, heads in self._heads.items():
-            for stage in heads.stages:
-                stage.save(self._state_path(policy_id, stage.name))
+        """Write every held set of heads under `state_dir` (also done by `close` and on eviction)."""
+        for heads in self._heads.values():
+            self._save(heads)
 
-    def _state_path(self, policy_id: str, stage: str) -> Path:
+    def _save(self, heads: _Heads) -> None:
+        if self.settings.state_dir is not None:
+            for stage in heads.stages:
+                stage.save(self._state_path(heads.key, stage.name))
+
+    def _state_path(self, key: str, stage: str) -> Path:
         assert self.settings.state_dir is not None
-        return self.settings.state_dir / policy_id / f"{stage}.npz"
+        return self.settings.state_dir / "heads" / key / f"{stage}.npz"
 
     def _record_calibration(self, policy_id: str, heads: _Heads) -> None:
         self._counters(policy_id).calibration_error = {s.name: s.calibration_error for s in heads.stages}
@@ -501,7 +552,25 @@ class CascadeClassifier:
             counters = self.counters[policy_id] = PolicyCounters()
         return counters
 
-    def heads(self, policy_id: str) -> list[LearnedStage]:
-        """The learned stages in force for a policy (empty before its first request)."""
-        heads = self._heads.get(policy_id)
+    def heads(self, policy_key: str) -> list[LearnedStage]:
+        """The learned stages in force for a policy, by `Policy.key` (empty before its first
+        request, or once evicted)."""
+        assigned = self._assigned.get(policy_key)
+        heads = self._heads.get(assigned[1]) if assigned is not None else None
         return list(heads.stages) if heads else []
+
+
+async def _once(pending: dict[Hashable, asyncio.Task[_Heads]], key: Hashable, make: Callable[[], Awaitable[_Heads]]) -> _Heads:
+    """`make()` run once for the callers that ask for `key` while it runs: all await its result
+    (or its exception); the next caller after it ended runs it again."""
+    task = pending.get(key)
+    if task is None:
+        task = pending[key] = asyncio.get_running_loop().create_task(make())  # type: ignore[arg-type]
+
+        def ended(done: asyncio.Task[_Heads]) -> None:
+            del pending[key]
+            if not done.cancelled():
+                done.exception()  # retrieved: the callers may have gone
+
+        task.add_done_callback(ended)
+    return await asyncio.shield(task)

@@ -15,14 +15,20 @@ What `LearnedStage` guarantees:
   not see, or with `refit_every` labels it did not see, is followed by another). Two refits of
   `max_learned` examples are the bound: measured in docs/review.md ("When a decision reaches
   the heads");
-- what it learned is saved as features and labels (never as content, never as a pickle) and
-  reloaded only for the same policy version and feature space.
+- what it learned is saved as features and labels (never as content, never as a pickle), with
+  the head in force as plain numbers, and reloaded only for the same training data (`version`),
+  feature space and rules: a restored head decides as the saved one did, without a refit;
+- it holds little memory: the head's coefficients that are not zero (a few thousand of the
+  lexical stage's 262,144), and the examples' texts rather than their feature rows where the
+  featurizer is instant (the rows are made again, in about a millisecond, when a refit needs
+  them); measured per policy in docs/cascade.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +85,94 @@ class StageRules:
     max_learned: int
 
 
+@dataclass(frozen=True)
+class _Weights:
+    """A head's coefficients that are not zero, as (columns, values). A head trained on one
+    policy's examples touches few of the lexical stage's 262,144 columns (chat-harassment's:
+    4,581), so this is about 73 KB where the dense vector is 2 MB."""
+
+    columns: np.ndarray
+    values: np.ndarray
+    size: int
+
+    @classmethod
+    def of(cls, coef: np.ndarray) -> _Weights:
+        coef = np.asarray(coef, dtype=np.float64).ravel()
+        columns = np.flatnonzero(coef)  # intp: as int32 they would be converted at every scatter (+20 µs)
+        return cls(columns, coef[columns], coef.size)
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.size)
+        out[self.columns] = self.values
+        return out
+
+    def scores(self, rows: Any) -> np.ndarray:
+        # Scattered into a zeroed vector kept per thread and taken out again after the product:
+        # two passes over the non-zero coefficients, where a sparse product or a lookup by
+        # searchsorted costs more than the whole decision.
+        scratch = _scratch(self.size)
+        scratch[self.columns] = self.values
+        try:
+            return np.asarray(rows @ scratch).ravel()
+        finally:
+            scratch[self.columns] = 0.0
+
+
+_scratch_space = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    arrays: dict[int, np.ndarray] = _scratch_space.__dict__.setdefault("arrays", {})
+    array = arrays.get(size)
+    if array is None:
+        array = arrays[size] = np.zeros(size)
+    return array
+
+
 @dataclass
 class _Fitted:
-    model: SGDClassifier
+    # None for a head restored from a saved file: its first label starts a refit, which makes one.
+    model: SGDClassifier | None
+    weights: _Weights
+    intercept: float
     calibrator: Calibrator
     calibration_error: float
+
+    @classmethod
+    def of(cls, model: SGDClassifier, calibrator: Calibrator, calibration_error: float) -> _Fitted:
+        fitted = cls(model, _Weights.of(model.coef_), float(model.intercept_[0]), calibrator, calibration_error)
+        fitted._drop_dense()
+        return fitted
+
+    def _drop_dense(self) -> None:
+        """Keep the model's coefficients as `weights` only (a model that averages keeps its own
+        dense copies: the embedding stage's, of 384 columns)."""
+        assert self.model is not None
+        if not self.model.average:
+            del self.model.coef_  # made again from `weights` for the next online update
+
+    def update(self, rows: Any, labels: list[int]) -> None:
+        """An online update of the model (`partial_fit`) with a few labels."""
+        assert self.model is not None
+        if not hasattr(self.model, "coef_"):
+            self.model.coef_ = self.weights.dense()[None, :]
+        self.model.partial_fit(rows, labels)
+        self.weights, self.intercept = _Weights.of(self.model.coef_), float(self.model.intercept_[0])
+        self._drop_dense()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "head_columns": self.weights.columns, "head_values": self.weights.values,
+            "head_size": np.array(self.weights.size), "head_intercept": np.array(self.intercept),
+            "head_calibration_error": np.array(self.calibration_error),
+        } | {f"calibration_{name}": value for name, value in self.calibrator.arrays().items()}  # fmt: skip
+
+    @classmethod
+    def from_arrays(cls, saved: Any) -> _Fitted:
+        weights = _Weights(saved["head_columns"].astype(np.intp), saved["head_values"].astype(np.float64),
+                           int(saved["head_size"]))  # fmt: skip
+        calibrator = Calibrator.from_arrays({name: saved[f"calibration_{name}"] for name in ("method", "bounds", "params")})
+        return cls(None, weights, float(saved["head_intercept"]), calibrator, float(saved["head_calibration_error"]))
 
 
 class LearnedStage:
@@ -92,7 +181,8 @@ class LearnedStage:
         self.name = featurizer.name
         self.rules = rules
         self.version = version
-        self._seed_rows: Any = None
+        self._seed_texts: list[str] = []
+        self._seed_rows: Any = None  # kept only where the featurizer is not instant (`_seed`)
         self._seed_labels = np.zeros(0, dtype=int)
         self._learned: deque[tuple[Any, int]] = deque(maxlen=rules.max_learned)
         self._fitted: _Fitted | None = None
@@ -105,6 +195,8 @@ class LearnedStage:
         self._fitted_upto = 0
         self._urgent_upto = 0  # the count when the last urgent label was taken
         self._refit_from = 0  # the count the latest refit started from
+        # (labels taken, head in force) when last saved or restored: `save` skips what is on disk.
+        self._on_disk: tuple[int, _Fitted | None] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -125,10 +217,23 @@ class LearnedStage:
         return self._taken - self._fitted_upto
 
     async def train(self, texts: list[str], labels: list[int]) -> None:
-        """Fit from the policy's examples (and whatever was learned or reloaded before)."""
-        self._seed_rows = await self.featurizer.features(texts) if texts else None
+        """Fit from the policy's examples (and whatever was learned or reloaded before); a head
+        that `restore` reloaded stays in force instead."""
+        self._seed_texts = list(texts)
+        self._seed_rows = None
         self._seed_labels = np.asarray(labels, dtype=int)
-        await self._refit_now()
+        if self._fitted is None:
+            await self._refit_now()
+
+    async def _seed(self) -> Any:
+        """The examples' feature rows, made again for each refit where the featurizer is instant
+        (about a millisecond for a policy's examples; their rows would be 100-140 KB a head)."""
+        if self._seed_rows is not None or not self._seed_texts:
+            return self._seed_rows
+        rows = await self.featurizer.features(self._seed_texts)
+        if not self.featurizer.instant:
+            self._seed_rows = rows  # a transformer's rows cost seconds to make again
+        return rows
 
     async def decide(self, text: str, target_precision: float) -> Decision | None:
         fitted = self._fitted
@@ -156,16 +261,17 @@ class LearnedStage:
         if urgent:
             self._urgent_upto = self._taken
         self._pending.append((row, label))
-        if self._fitted is not None and len(self._pending) >= ONLINE_BATCH:
+        fitted = self._fitted
+        if fitted is not None and fitted.model is not None and len(self._pending) >= ONLINE_BATCH:
             # Labels that arrive while a refit runs train the old head only; they are in the
             # kept examples, so the next refit has them.
-            rows, labels = _stack([r for r, _ in self._pending]), [y for _, y in self._pending]
-            self._fitted.model.partial_fit(rows, labels)
+            fitted.update(_stack([r for r, _ in self._pending]), [y for _, y in self._pending])
         if len(self._pending) >= ONLINE_BATCH:
             self._pending.clear()
         # Refits get rarer as the kept examples grow (each costs FOLDS + 1 fits of all of them),
-        # so their total cost grows with the log of the stream, not with its length.
-        due = self._owed() or (self._fitted is None and self._enough())
+        # so their total cost grows with the log of the stream, not with its length. A restored
+        # head has no model to update online: its first label refits it.
+        due = self._owed() or (self._enough() if fitted is None else fitted.model is None)
         if due and (self._refit is None or self._refit.done()):
             self._refit = asyncio.get_running_loop().create_task(self._refits())
         # Otherwise the running refit finds these labels owed when it ends, and goes on.
@@ -190,7 +296,7 @@ class LearnedStage:
     async def _refit_now(self) -> None:
         self._since_refit = 0
         snapshot = self._refit_from = self._taken
-        rows, labels = self._all_examples()
+        rows, labels = self._all_examples(await self._seed())
         if rows is None or not self._enough(labels):
             self._fitted = None
         else:
@@ -203,8 +309,8 @@ class LearnedStage:
         counts = np.bincount(labels, minlength=2)
         return len(labels) >= self.rules.min_examples and int(counts.min()) >= self.rules.min_per_class
 
-    def _all_examples(self) -> tuple[Any, np.ndarray]:
-        parts = ([self._seed_rows] if self._seed_rows is not None else []) + [row for row, _ in self._learned]
+    def _all_examples(self, seed: Any) -> tuple[Any, np.ndarray]:
+        parts = ([seed] if seed is not None else []) + [row for row, _ in self._learned]
         labels = np.concatenate([self._seed_labels, np.array([y for _, y in self._learned], dtype=int)])
         return (_stack(parts) if parts else None), labels
 
@@ -215,64 +321,81 @@ class LearnedStage:
         for train, held_out in splits:
             model = self.featurizer.new_model().fit(rows[train], labels[train])
             scores[held_out] = model.decision_function(rows[held_out])
-        return _Fitted(
-            model=self.featurizer.new_model().fit(rows, labels),
-            calibrator=fit_calibrator(scores, labels, self.rules.calibration),
-            calibration_error=calibration_error(scores, labels, self.rules.calibration),
+        return _Fitted.of(
+            self.featurizer.new_model().fit(rows, labels),
+            fit_calibrator(scores, labels, self.rules.calibration),
+            calibration_error(scores, labels, self.rules.calibration),
         )
 
     # -- persistence ------------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        """Write the learned examples (features and labels) for a restart; atomic."""
-        if not self._learned:
+        """Write the head in force and the learned examples (features and labels); atomic. Skipped
+        where nothing changed since the last save or restore: a head evicted again and again
+        (and every head without a reasoner, which never learns) is written once."""
+        if self._fitted is None and not self._learned:
             return
-        rows = _stack([row for row, _ in self._learned])
+        if self._on_disk is not None and self._on_disk[0] == self._taken and self._on_disk[1] is self._fitted:
+            return
         arrays: dict[str, np.ndarray] = {
             "version": np.array(self.version),
             "signature": np.array(self.featurizer.signature),
+            "rules": np.array(repr(self.rules)),
             "labels": np.array([y for _, y in self._learned], dtype=np.int8),
         }
-        if sp.issparse(rows):
-            rows = sp.csr_matrix(rows)
-            arrays |= {"data": rows.data, "indices": rows.indices, "indptr": rows.indptr, "shape": np.array(rows.shape)}
-        else:
-            arrays["dense"] = np.asarray(rows)
+        if self._learned:
+            rows = _stack([row for row, _ in self._learned])
+            if sp.issparse(rows):
+                rows = sp.csr_matrix(rows)
+                arrays |= {"data": rows.data, "indices": rows.indices, "indptr": rows.indptr,
+                           "shape": np.array(rows.shape)}  # fmt: skip
+            else:
+                arrays["dense"] = np.asarray(rows)
+        if self._fitted is not None:
+            arrays |= self._fitted.arrays()
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path) as handle:
             np.savez(handle, **arrays)
+        self._on_disk = (self._taken, self._fitted)
 
     def restore(self, path: Path) -> bool:
-        """Reload examples saved by `save` for this version and feature space; a stale file is deleted.
+        """Reload what `save` wrote for this version and feature space; a stale file is deleted.
 
-        Call before `train`, which refits from them. True if anything was reloaded.
+        Call before `train`: the learned examples join the policy's, and a head saved under the
+        same rules is put in force as it was (`train` then fits nothing). True if anything was
+        reloaded.
         """
         if not path.is_file():
             return False
         try:
             with np.load(path, allow_pickle=False) as saved:
                 if str(saved["version"]) != self.version or str(saved["signature"]) != self.featurizer.signature:
-                    log.info("discarding learned %s head of an older policy version (%s)", self.name, path.name)
+                    log.info("discarding learned %s head of other training data (%s)", self.name, path)
                     path.unlink(missing_ok=True)
                     return False
                 labels = saved["labels"].astype(int)
+                rows: Any = None
                 if "dense" in saved:
                     rows = saved["dense"]
-                else:
+                elif "data" in saved:
                     parts = (saved["data"], saved["indices"], saved["indptr"])
                     rows = sp.csr_matrix(parts, shape=tuple(saved["shape"]))
+                same_rules = "rules" in saved and str(saved["rules"]) == repr(self.rules)
+                fitted = _Fitted.from_arrays(saved) if same_rules and "head_values" in saved else None
         except (OSError, KeyError, ValueError) as exc:
             log.warning("cannot read learned %s head %s (%s); starting from the examples", self.name, path, exc)
             return False
         for i, label in enumerate(labels):
             self._learned.append((rows[i : i + 1], int(label)))
+        self._fitted = fitted
+        self._on_disk = (self._taken, fitted) if fitted is not None else None
         return True
 
 
 def _decisions(fitted: _Fitted, rows: Any, target_precision: float) -> list[Decision]:
     # The linear score without decision_function's input validation, which costs ten times
     # the product itself on a small matrix.
-    scores = np.asarray(rows @ fitted.model.coef_.T).ravel() + fitted.model.intercept_
+    scores = fitted.weights.scores(rows) + fitted.intercept
     decisions = []
     for p in fitted.calibrator(scores).tolist():
         violation = p >= 0.5
