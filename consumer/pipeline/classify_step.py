@@ -77,9 +77,10 @@ class ClassifyStep:
                 continue
             if traced and event_spans[i].is_recording():
                 self._classify_span(request, event_spans[i], started_ns, result=outcome)
-            answered[request.policy.key] += 1  # by key: two communities may use one id
+            series = self._series(request)
+            answered[series] += 1
             if outcome.prompt_tokens:
-                self._count_tokens(request.policy.key, outcome)
+                self._count_tokens(series, outcome)
         for policy_id, count in answered.items():
             # Each waited for the whole batch's call: the latency of every one of them.
             self._telemetry.engine_latency.record(elapsed_s, policy_id, count)
@@ -163,8 +164,13 @@ class ClassifyStep:
             )
         return result
 
+    def _series(self, request: ClassifyRequest) -> str:
+        """The policy label of its metrics: by key, as two communities may use one id; bounded
+        (`CommunityLabels.policy_series`)."""
+        return self._telemetry.communities.policy_series(request.policy.key, request.policy.community)
+
     def _count_classification(self, request: ClassifyRequest, result: Classification, started: float) -> None:
-        policy = request.policy.key
+        policy = self._series(request)
         self._telemetry.engine_latency.record(time.monotonic() - started, policy)
         if result.prompt_tokens:
             self._count_tokens(policy, result)

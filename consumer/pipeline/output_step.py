@@ -21,6 +21,7 @@ from consumer.kafka.offsets import OutputJoin, Ticket
 from consumer.pipeline import outputs
 from consumer.pipeline.chat import Offenders
 from consumer.pipeline.telemetry import Telemetry
+from consumer.pipeline.telemetry.drift import OTHER
 from consumer.pipeline.telemetry.tracing import inject
 from consumer.policy import Policy, most_severe
 from consumer.policy.communities import Community
@@ -108,10 +109,14 @@ class OutputStep:
             counted = self._counted
             label = self._telemetry.communities.count(event.community_id, now)
             for result in results:
-                owner = result["policy_community"]  # the policy's key: two communities may use one id
-                key = result["policy_id"] if owner is None else f"{owner}/{result['policy_id']}"
-                counted.append((key, result["violation"], result["action"], result["policy_version"], result["stage"],
-                                label))  # fmt: skip
+                owner = result["policy_community"]
+                if owner is None:
+                    key, version = result["policy_id"], result["policy_version"]
+                elif owner == label:  # a labelled community's own policy, by key: two communities may use one id
+                    key, version = f"{owner}/{result['policy_id']}", result["policy_version"]
+                else:  # the other communities' own policies, together (CommunityLabels.policy_series)
+                    key = version = OTHER
+                counted.append((key, result["violation"], result["action"], version, result["stage"], label))
         self._latencies.append(latency_ms / 1000)
 
     def review_items(self, record: Record, items: list[ReviewItem]) -> None:
@@ -144,6 +149,10 @@ class OutputStep:
         self._sent()
         telemetry = self._telemetry
         community = telemetry.communities.label(record.event.community_id if record.event is not None else None)
-        policy_id, version = (policy.key, policy.version) if policy is not None else ("", "")
+        if policy is None:
+            policy_id, version = "", ""
+        else:
+            policy_id = telemetry.communities.policy_series(policy.key, policy.community)
+            version = policy.version if policy_id != OTHER else OTHER
         telemetry.dead_letters[(error_type.value, policy_id, version, community)] += 1
         telemetry.e2e_latency.record(time.monotonic() - record.started, "dead_letter")

@@ -166,8 +166,9 @@ class Pipeline:
         )
         for outcome in ("verdict", "dead_letter"):
             self.telemetry.e2e_latency.expect(outcome)
-        for policy_id in policies.get():
-            self.telemetry.engine_latency.expect(policy_id)
+        for policy in policies.get().values():
+            if policy.community is None:  # a community's own: once its community is labelled
+                self.telemetry.engine_latency.expect(policy.key)
         self.reviews: ReviewDesk  # built by `run`, once the sink says whether it carries review items
         # Candidates beside the live policies on live traffic: not in a replay, whose sink is its own.
         self.shadow: Shadow | None = None  # built by `run`

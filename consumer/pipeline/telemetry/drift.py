@@ -52,6 +52,14 @@ class CommunityLabels:
         """The label `community` is counted under now, without counting it (a dead letter)."""
         return OTHER if community is None else self._labelled.get(community, OTHER)
 
+    def policy_series(self, policy_key: str, policy_community: str | None) -> str:
+        """The policy label a result is counted under: a platform policy's id; a community's own
+        policy's key (`community/id`) while that community is labelled, else `other`, so a
+        thousand communities' policies stay a bounded number of series."""
+        if policy_community is None or policy_community in self._labelled:
+            return policy_key
+        return OTHER
+
     def rank(self, now: float) -> None:
         """Label the top communities by volume since the last ranking; incumbents win ties."""
         labelled = self._labelled

@@ -22,7 +22,7 @@ from typing import Any
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
-from consumer.pipeline.telemetry.drift import CommunityLabels
+from consumer.pipeline.telemetry.drift import OTHER, CommunityLabels
 
 # Seconds, Prometheus's base unit.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -162,11 +162,24 @@ class PipelineMetrics:
                 })  # fmt: skip
 
     def evict(self, communities: set[str]) -> None:
-        """Fold the counts of communities that lost their label into keys no drift series shows:
-        the totals keep them, the cardinality stays bounded. Runs on the event loop, as the counting."""
-        for counts in (self.verdicts, self.dead_letters):
-            for key in [key for key in counts if key[-1] in communities]:
-                counts[(*key[:-1], None)] += counts.pop(key)  # type: ignore[index]
+        """Fold the counts of communities that lost their label into keys no drift series shows,
+        and their own policies' series into `other` (`CommunityLabels.policy_series`): the totals
+        keep them, the cardinality stays bounded. Runs on the event loop, as the counting."""
+        owned = tuple(f"{community}/" for community in communities)
+        for (policy, violation, action, version, stage, community) in list(self.verdicts):
+            if community in communities or policy.startswith(owned):
+                folded = (OTHER, OTHER) if policy.startswith(owned) else (policy, version)
+                count = self.verdicts.pop((policy, violation, action, version, stage, community))
+                self.verdicts[(folded[0], violation, action, folded[1], stage,
+                               None if community in communities else community)] += count  # fmt: skip
+        for (error_type, policy, version, community) in list(self.dead_letters):
+            if community in communities or policy.startswith(owned):
+                folded = (OTHER, OTHER) if policy.startswith(owned) else (policy, version)
+                count = self.dead_letters.pop((error_type, policy, version, community))
+                self.dead_letters[(error_type, *folded, None if community in communities else community)] += count
+        for (policy, kind) in [key for key in self.tokens if key[0].startswith(owned)]:
+            self.tokens[(OTHER, kind)] += self.tokens.pop((policy, kind))
+        self.engine_latency.fold(owned, OTHER)
 
     def _observe_tokens(self, _: CallbackOptions) -> Iterable[Observation]:
         for (policy, kind), count in list(self.tokens.items()):
@@ -226,6 +239,8 @@ class PipelineMetrics:
         for error_type in error_types:
             self.dead_letters.setdefault((error_type, "", "", None), 0)
         for policy in policies:
+            if policy.community is not None:  # its series appear once its community is labelled
+                continue
             outcomes = {(False, policy.action_for(False, None)), (True, policy.action_for(True, None))}
             outcomes.update((True, policy.action_for(True, category)) for category in policy.categories)
             for violation, action in outcomes:
@@ -268,6 +283,14 @@ class LatencyHistogram:
         for value in values:
             series[bisect_left(bounds, value)] += 1
         series[-1] += sum(values)
+
+    def fold(self, prefixes: tuple[str, ...], into: str) -> None:
+        """Add the series whose label starts with one of `prefixes` into the series `into`."""
+        for label_value in [value for value in self._series if value.startswith(prefixes)]:
+            folded = self._series.pop(label_value)
+            target = self._series.setdefault(into, [0] * (len(self.bounds) + 2))
+            for i, count in enumerate(folded):
+                target[i] += count
 
     def expect(self, label_value: str) -> None:
         """The series at 0 before its first observation."""

@@ -106,3 +106,29 @@ def test_a_community_that_loses_its_label_leaves_the_drift_series_and_stays_in_t
     assert lines[series("safeguard_verdicts_total", safeguard_policy_id="chat-harassment", safeguard_violation="true",
                         safeguard_action="delete")] == 3  # fmt: skip
     assert lines[series("safeguard_dead_letters_total", error_type="timeout")] == 1
+
+
+def test_a_communitys_own_policy_has_series_of_its_own_only_while_its_community_is_labelled():
+    provider, registry = prometheus_meter_provider()
+    telemetry = Telemetry.create("group", provider, registry=registry)
+    labels = telemetry.communities
+    labels.top = 1
+    feed(labels, {"gaming": 3, "kids": 1}, now=0)
+    labels.rank(now=60)  # gaming is labelled, kids is not
+    assert labels.policy_series("gaming/rules", "gaming") == "gaming/rules"
+    assert labels.policy_series("kids/rules", "kids") == OTHER  # a thousand such share one series
+    assert labels.policy_series("chat-harassment", None) == "chat-harassment"  # the platform's: always
+    telemetry.verdicts[("gaming/rules", True, "delete", "v7", stages.LEXICAL, "gaming")] += 4
+    telemetry.verdicts[("chat-harassment", True, "delete", "v1", stages.LEXICAL, "gaming")] += 1
+    telemetry.tokens[("gaming/rules", "prompt")] += 100
+    telemetry.engine_latency.record(0.02, "gaming/rules", 4)
+
+    labels.rank(now=120)  # a quiet interval: gaming loses its label, its own policy's series fold
+    lines = scrape(registry)
+    verdicts = "safeguard_verdicts_total"
+    assert lines[series(verdicts, safeguard_policy_id=OTHER, safeguard_violation="true", safeguard_action="delete")] == 4
+    assert not any('"gaming/rules"' in line for line in lines), [line for line in lines if "gaming" in line]
+    assert lines[series(verdicts, safeguard_policy_id="chat-harassment", safeguard_violation="true",
+                        safeguard_action="delete")] == 1  # fmt: skip
+    assert lines[series("safeguard_tokens_total", safeguard_policy_id=OTHER, safeguard_token_kind="prompt")] == 100
+    assert lines['safeguard_classify_duration_seconds_count{safeguard_policy_id="other"}'] == 4
