@@ -141,10 +141,14 @@ class ProbesDependency(Protocol):
 
 @runtime_checkable
 class LearnsFromReview(Protocol):
-    async def learn_from_review(self, request: ClassifyRequest, answer: Classification, heads: bool = True) -> None:
+    async def learn_from_review(
+        self, request: ClassifyRequest, answer: Classification, heads: bool = True, corrects: bool = False
+    ) -> None:
         """A person's answer for this (event, policy): from now on the same content is answered
         with it, and with `heads` the learned stages take it as a label weighted above the
-        reasoner's (False when the answer is replayed at start and the heads saved it already)."""
+        reasoner's (False when the answer is replayed at start and the heads saved it already).
+        `corrects`: a lead's overturn, whose answer replaces an earlier person's: what the heads
+        learned of this content under the other label is forgotten."""
         ...
 
 

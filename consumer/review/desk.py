@@ -139,7 +139,9 @@ class ReviewDesk:
         event = ContentEvent(event_id=item.event.event_id, content=item.event.content)
         request = ClassifyRequest(event, policy, f"{item.review_id}/review")
         try:
-            await self._classifier.learn_from_review(request, as_classification(decided.decision), heads=live)  # type: ignore[attr-defined]
+            await self._classifier.learn_from_review(  # type: ignore[attr-defined]
+                request, as_classification(decided.decision), heads=live, corrects=decided.replaces is not None
+            )
             self.taught += 1
         except Exception:  # noqa: BLE001 - learning is an improvement, never a reason to stop
             log.exception("learning from review %s failed", item.review_id)

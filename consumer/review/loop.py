@@ -28,7 +28,8 @@ whose verdict cannot be found `appeal_not_found`. None of them stops the loop.
 
 A lead's overturn (a `ReviewDecision` of kind `overturn`) is the one allowed second answer: on
 a decided review whose answer in force it changes, it yields a corrected verdict superseding the
-one the answer it replaces produced, and teaches like a decision; an overturn of an undecided
+one the answer it replaces produced, and teaches in place of that answer (the heads forget the
+replaced label of the content); an overturn of an undecided
 review is a `conflicting_decision` dead letter, one that changes nothing a duplicate. Escalations
 and comments (`ReviewNote`) share the topic and are no decisions: the state keeps them, the
 applier commits past them with no output.

@@ -452,10 +452,13 @@ class CascadeClassifier:
 
     # -- learning from people ------------------------------------------------------------------
 
-    async def learn_from_review(self, request: ClassifyRequest, answer: Classification, heads: bool = True) -> None:
+    async def learn_from_review(
+        self, request: ClassifyRequest, answer: Classification, heads: bool = True, corrects: bool = False
+    ) -> None:
         """LearnsFromReview: the cache answers this content with the person's answer from now on
         (under the same policy version), and the heads learn it HUMAN_LABEL_WEIGHT times, in
-        force within two refits whether or not any traffic follows (`LearnedStage`)."""
+        force within two refits whether or not any traffic follows (`LearnedStage`); an overturn
+        (`corrects`) first drops the heads' examples of this content under the other label."""
         policy = request.policy
         if self._plan(policy).cache:
             self.cache.pin(cache_key(policy, request.content), answer)
@@ -465,9 +468,9 @@ class CascadeClassifier:
         current = self._current(policy)
         if current is None:
             return
-        for _ in range(HUMAN_LABEL_WEIGHT):
+        for i in range(HUMAN_LABEL_WEIGHT):
             for stage in current.stages:
-                await stage.learn(request.content, int(answer.violation), urgent=True)
+                await stage.learn(request.content, int(answer.violation), urgent=True, corrects=corrects and i == 0)
         counters.learned_human += 1
         self._record_calibration(policy.id, current)
 

@@ -251,10 +251,16 @@ class LearnedStage:
             return None
         return _decisions(fitted, self.featurizer.transform(texts), target_precision)
 
-    async def learn(self, text: str, label: int, urgent: bool = False) -> None:
+    async def learn(self, text: str, label: int, urgent: bool = False, corrects: bool = False) -> None:
         """Take one label: a reasoner verdict, or with `urgent` a person's decision, which must
-        reach the head within the bound above even if no other label follows."""
+        reach the head within the bound above even if no other label follows. With `corrects` (a
+        lead's overturn) the learned examples of the same text under the other label go first, so
+        the next refit, which `urgent` brings, no longer fits the answer the overturn replaced."""
         row = await self.featurizer.features([text])
+        if corrects:
+            kept = [(r, y) for r, y in self._learned if y == label or not _same_row(r, row)]
+            if len(kept) < len(self._learned):
+                self._learned = deque(kept, maxlen=self._learned.maxlen)
         self._learned.append((row, label))
         self._since_refit += 1
         self._taken += 1
@@ -402,6 +408,13 @@ def _decisions(fitted: _Fitted, rows: Any, target_precision: float) -> list[Deci
         confidence = p if violation else 1.0 - p
         decisions.append(Decision(violation, confidence, confidence >= target_precision))
     return decisions
+
+
+def _same_row(a: Any, b: Any) -> bool:
+    """Whether two feature rows (sparse or dense, one row each) are the same."""
+    if sp.issparse(a) or sp.issparse(b):
+        return a.shape == b.shape and (sp.csr_matrix(a) != sp.csr_matrix(b)).nnz == 0
+    return bool(np.array_equal(a, b))
 
 
 def _stack(parts: list[Any]) -> Any:

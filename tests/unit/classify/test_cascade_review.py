@@ -115,3 +115,31 @@ async def timed_refit(stage) -> float:
     await stage.learn("one more decision, to time a refit", 0, urgent=True)
     await stage.wait_idle()
     return time.monotonic() - began
+
+
+def test_an_overturn_replaces_what_the_heads_learned_of_the_content_a_second_decision_does_not(tmp_path):
+    store = PolicyStore(policy_dir(tmp_path))
+    policy = store.get()["spam-scams"]
+    text = "selling two tickets cheap, dm me for the price"
+    scam = Classification(violation=True, category="scam", model="human", stage="human")
+    safe = Classification(violation=False, category="safe", model="human", stage="human")
+
+    async def scenario(corrects: bool):
+        cascade = make_cascade(CascadeSettings(shadow_fraction=0), None, store)
+        await cascade.start()
+        (lexical,) = cascade.heads("spam-scams")
+        seeded = lexical.examples
+        await cascade.learn_from_review(request(policy, text), scam)
+        await cascade.learn_from_review(request(policy, text, 1), safe, corrects=corrects)
+        deadline = time.monotonic() + 30
+        while lexical.unfitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        answered = cascade.classify_now(request(policy, text, 2))
+        await cascade.close()
+        return lexical.examples - seeded, lexical.unfitted, answered
+
+    overturned, unfitted, answered = asyncio.run(scenario(corrects=True))
+    assert overturned == HUMAN_LABEL_WEIGHT and unfitted == 0  # the scam labels are gone, refitted without them
+    assert answered is not None and not answered.violation  # the cache: the overturn's answer
+    added, _, _ = asyncio.run(scenario(corrects=False))
+    assert added == 2 * HUMAN_LABEL_WEIGHT  # a plain second decision adds to what was learned
