@@ -171,8 +171,9 @@ class Offenders:
     """Rolling per-(community, author) violation counts that upgrade actions at thresholds.
 
     A community's own thresholds (its policies' `offender_thresholds`, passed per verdict) replace
-    the configured ones for its events; `()` turns counting off there. The rebuild after a restart
-    reads the verdict topic back only when `chat.offender_thresholds` is set (`enabled`)."""
+    the configured ones for its events; `()` turns counting off there. `enabled`: thresholds are
+    configured (`chat.offender_thresholds`); the rebuild after a restart also runs where only
+    communities have their own (`rebuild`'s `count_offenders`)."""
 
     def __init__(self, settings: ChatSettings, clock=time.time):
         self._settings = settings
@@ -197,13 +198,21 @@ class Offenders:
             thresholds = self._thresholds
         if not thresholds or author_id is None:
             return action, 0
-        key = (community_id or "", author_id)
-        now = at if at is not None else self._clock()
+        count = self._count((community_id or "", author_id), violation, at if at is not None else self._clock())
+        if not violation:
+            return action, count
+        for violations, upgrade in thresholds:
+            if count >= violations and rank(upgrade) > rank(action):
+                action = upgrade
+        return action, count
+
+    def _count(self, key: tuple[str, str], violation: bool, now: float) -> int:
+        """Count one verdict of (community, author) at `now`; the violations in the window."""
         with self._lock:
             times = self._violations.get(key)
             if times is None:
                 if not violation:
-                    return action, 0
+                    return 0
                 times = self._violations[key] = deque()
                 while len(self._violations) > self._settings.max_authors:
                     self._violations.popitem(last=False)
@@ -213,13 +222,7 @@ class Offenders:
                 times.popleft()
             if violation:
                 times.append(now)
-            count = len(times)
-        if not violation:
-            return action, count
-        for violations, upgrade in thresholds:
-            if count >= violations and rank(upgrade) > rank(action):
-                action = upgrade
-        return action, count
+            return len(times)
 
     def count(self, community_id: str | None, author_id: str | None, at: float | None = None,
               thresholds: tuple[tuple[int, str], ...] | None = None) -> int | None:
@@ -232,12 +235,13 @@ class Offenders:
             return sum(1 for t in times if now - t <= self._settings.offender_window_s)
 
     def replay(self, verdicts: Iterable[dict]) -> None:
-        """Count earlier verdicts again (a rebuild from the verdict topic's tail)."""
+        """Count earlier verdicts again (a rebuild from the verdict topic's tail), whatever the
+        thresholds: a community's own apply when its next verdict is recorded."""
         for verdict in verdicts:
             if verdict.get("violation") and verdict.get("author_id"):
                 at = (verdict.get("source") or {}).get("timestamp_ms")
-                self.record(verdict.get("community_id"), verdict["author_id"], True, verdict.get("action", "flag"),
-                            at=at / 1000 if at else None)
+                self._count((verdict.get("community_id") or "", verdict["author_id"]), True,
+                            at / 1000 if at else self._clock())  # fmt: skip
 
 
 def rebuild(
@@ -249,12 +253,13 @@ def rebuild(
     client: dict[str, Any],
     verdict_topic: str,
     tail: int,
+    count_offenders: bool,
 ) -> None:
     """Read back the last `tail` records so conversations and offender counts survive restarts:
     the input before each assigned partition's committed offset, and the verdict topic's end
     (its verdicts about the assigned partitions). `consumer` is the group consumer that was
-    just assigned `partitions`."""
-    if not tail or not (conversations.enabled or offenders.enabled):
+    just assigned `partitions`. `count_offenders`: configured or community thresholds exist."""
+    if not tail or not (conversations.enabled or count_offenders):
         return
     assigned = {(tp.topic, tp.partition) for tp in partitions}
     if conversations.enabled:
@@ -268,7 +273,7 @@ def rebuild(
             except Unavailable as exc:  # context is a help, not a duty: start without it rather than wait
                 log.warning("conversation rebuild stopped early: %s", exc)
                 break
-    if offenders.enabled:
+    if count_offenders:
         metadata = consumer.list_topics(verdict_topic, timeout=10)
         ranges = []
         for partition in metadata.topics[verdict_topic].partitions if verdict_topic in metadata.topics else ():

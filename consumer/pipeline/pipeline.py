@@ -442,6 +442,8 @@ class Pipeline:
             client=cfg.kafka.consumer_options | {"bootstrap.servers": cfg.kafka.bootstrap_servers,
                                                  "logger": ClientLogger("rebuild", self.link)},
             verdict_topic=cfg.kafka.verdict_topic, tail=cfg.chat.rebuild_records,
+            count_offenders=self.offenders.enabled or any(
+                p.offender_thresholds for p in self.policies.get().values()),
         )  # fmt: skip
 
     # -- from the stage threads ---------------------------------------------------------------

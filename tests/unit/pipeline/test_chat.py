@@ -117,6 +117,16 @@ def test_a_communitys_thresholds_replace_the_configured_ones_for_its_events():
     assert unset.count("gamers", "u", at=0, thresholds=lenient) == 1
 
 
+def test_a_rebuild_counts_earlier_violations_for_a_communitys_own_thresholds_with_none_configured():
+    offenders = Offenders(ChatSettings(offender_window_s=3600))
+    earlier = [{"violation": True, "author_id": "u", "community_id": "gamers", "source": {"timestamp_ms": t * 1000}}
+               for t in (1, 2)]  # fmt: skip
+    offenders.replay(earlier)
+    own = ((3, "timeout"),)
+    assert offenders.count("gamers", "u", at=10, thresholds=own) == 2
+    assert offenders.record("gamers", "u", True, "delete", at=10, thresholds=own) == ("timeout", 3)
+
+
 def test_an_authors_count_for_a_reviewer_is_read_without_counting():
     offenders = Offenders(ChatSettings(offender_window_s=100, offender_thresholds=[{"violations": 3, "action": "timeout"}]))
     assert offenders.count("guild", "troll", at=0) == 0 and offenders.count("guild", None) is None
