@@ -107,3 +107,23 @@ def test_policies_sharing_heads_decide_at_their_own_target_precision(tmp_path, p
     assert products == [2]  # both in one product: the probability is shared, the threshold is not
     assert lax[0] == "cascade:lexical" and strict[0] == "cascade:lexical:undecided"
     assert lax[1] == strict[1] and float(lax[2]) == float(strict[2]) == pytest.approx(confidence, abs=1e-3)
+
+
+def test_requests_waiting_for_their_heads_are_decided_together_once_trained(tmp_path, products):
+    store = communities(tmp_path, ["c1"])
+    policy = store.get()["c1/spam-scams"]
+    featurizer = CountedFeatures()
+
+    async def scenario():
+        cascade = CascadeClassifier(CascadeSettings(cache=False), None, store, lexical=featurizer)
+        await cascade.start()
+        batch = ask(policy, HELD_OUT)
+        assert cascade.classify_now_many(batch) == [None] * len(batch)  # c1's heads are not trained yet
+        products.clear()
+        verdicts = await asyncio.gather(*(cascade.classify(r) for r in batch))
+        return cascade, [outcome(v) for v in verdicts]
+
+    cascade, found = asyncio.run(scenario())
+    assert products == [len(HELD_OUT)]  # released together by the training: one product, not one each
+    assert len(HELD_OUT) in featurizer.batches and 1 not in featurizer.batches
+    assert all(stage.startswith("cascade:lexical") for stage, _, _ in found)
