@@ -18,7 +18,8 @@ What it guarantees, per request:
   enough for the event loop (the lexical stage) one vectorisation of every text still open
   in the batch, and per set of heads one matrix product and one calibration call, each
   request decided against its own policy's target precision; what remains goes through
-  `classify` without repeating those stages;
+  `classify` without repeating those stages, and what `classify` asks of an instant stage in
+  one turn of the event loop is decided together the same way;
 - a policy's heads are trained from its examples on its first request (the platform's
   policies, those without a community, at `start`), once however many requests ask at once;
   policies with the same text, reasoning effort and examples share one set of heads; a
