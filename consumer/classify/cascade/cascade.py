@@ -14,9 +14,12 @@ What it guarantees, per request:
 - identical content (after normalisation) under the same policy version is sent to the
   reasoner once, even when the copies arrive together;
 - a poll batch is decided a batch at a time (`classify_now_many`): per policy, one pass of
-  cache keys, then per stage whose features are cheap enough for the event loop (the
-  lexical stage) one vectorisation, one matrix product and one calibration call for every
-  request still open; what remains goes through `classify` without repeating those stages;
+  cache keys (cache keys stay per policy version); then per stage whose features are cheap
+  enough for the event loop (the lexical stage) one vectorisation of every text still open
+  in the batch, and per set of heads one matrix product and one calibration call, each
+  request decided against its own policy's target precision; what remains goes through
+  `classify` without repeating those stages, and what `classify` asks of an instant stage in
+  one turn of the event loop is decided together the same way;
 - a policy's heads are trained from its examples on its first request (the platform's
   policies, those without a community, at `start`), once however many requests ask at once;
   policies with the same text, reasoning effort and examples share one set of heads; a
@@ -86,6 +89,23 @@ class _Open:
     best: tuple[LearnedStage, Decision] | None
 
 
+@dataclass(slots=True)
+class _Share:
+    """One policy's requests in a poll batch, while `classify_now_many` decides them."""
+
+    policy: Policy
+    plan: PolicyPlan
+    counters: PolicyCounters
+    heads: _Heads
+    asked: int  # the position of the first stage left to `classify` (all stages: none left)
+    stopped: bool = False  # reached a stage that is not instant: the rest are `classify`'s
+    # Copies of one content share one decision: open[key] lists the requests behind it; keys[key]
+    # is its cache key (None without a cache), best[key] the most confident undecided answer.
+    open: dict[CacheKey | int, list[int]] = dataclasses.field(default_factory=dict)
+    keys: dict[CacheKey | int, CacheKey | None] = dataclasses.field(default_factory=dict)
+    best: dict[CacheKey | int, tuple[LearnedStage, Decision]] = dataclasses.field(default_factory=dict)
+
+
 def _better(
     best: tuple[LearnedStage, Decision] | None, stage: LearnedStage, decision: Decision
 ) -> tuple[LearnedStage, Decision]:
@@ -141,6 +161,8 @@ class CascadeClassifier:
         # ReportsDisagreements: set by the pipeline when disagreements open reviews.
         self.on_disagreement: Callable[[ClassifyRequest, Classification, Classification], None] | None = None
         self._open: dict[int, _Open] = {}  # id(request) -> what its batch found
+        # Instant stages' decisions asked by `classify` in this turn of the loop (`_decide_soon`).
+        self._soon: list[tuple[LearnedStage, str, float, asyncio.Future[Decision | None]]] = []
 
     # -- Classifier Protocol -----------------------------------------------------------------
 
@@ -188,81 +210,133 @@ class CascadeClassifier:
         for i, request in enumerate(requests):
             # By key, not ref: two communities' policies may have one id and one version.
             by_policy.setdefault((request.policy.key, request.policy.version), []).append(i)
+        # The policies' shares by the heads they use: policies trained from the same data (a
+        # thousand communities adopting one template) are one matrix product, not a thousand.
+        by_heads: dict[str, tuple[_Heads, list[_Share]]] = {}
         for indices in by_policy.values():
-            heads = self._current(requests[indices[0]].policy)
+            policy = requests[indices[0]].policy
+            heads = self._current(policy)
             if heads is None:
                 continue  # trained (or restored) in `classify`, off the loop
-            self._decide_now(requests, indices, heads, answers)
+            share = self._after_cache(requests, indices, heads, answers)
+            if share.open:
+                by_heads.setdefault(heads.key, (heads, []))[1].append(share)
+        if by_heads:
+            self._decide_instant(requests, list(by_heads.values()), answers)
         return answers
 
-    def _decide_now(
+    def _after_cache(
         self, requests: Sequence[ClassifyRequest], indices: list[int], heads: _Heads,
         answers: list[Classification | ClassificationFailed | None],
-    ) -> None:  # fmt: skip
-        """One policy's share of a batch: cache, then each instant stage once for all still open."""
+    ) -> _Share:  # fmt: skip
+        """One policy's share of a batch after its cache pass: what the stages still have to answer."""
         policy = requests[indices[0]].policy
         plan = self._plan(policy)
-        counters = self._counters(policy.id)
-        # Copies of one content share one decision: open[key] lists the requests behind it.
-        open_: dict[CacheKey | int, list[int]] = {}
-        keys: dict[CacheKey | int, CacheKey | None] = {}
+        share = _Share(policy, plan, self._counters(policy.id), heads, asked=len(heads.stages))
         for i in indices:
             if not plan.cache:
-                open_[i] = [i]
-                keys[i] = None
+                share.open[i] = [i]
+                share.keys[i] = None
                 continue
+            # Cache keys stay per policy version: two policies sharing heads act and name
+            # categories differently.
             key = cache_key(policy, requests[i].content)
-            copies = open_.get(key)
+            copies = share.open.get(key)
             if copies is not None:
                 copies.append(i)
                 continue
             cached = self.cache.get(key)
             if cached is not None:
-                counters.requests += 1
-                counters.cache_hit()
+                share.counters.requests += 1
+                share.counters.cache_hit()
                 answers[i] = cached
             elif key in self._in_flight:
                 continue  # `classify` waits for the identical request already asked
             else:
-                open_[key] = [i]
-                keys[key] = key
-        best: dict[CacheKey | int, tuple[LearnedStage, Decision]] = {}
-        asked = len(heads.stages)
-        for position, stage in self._stages(heads, plan, 0):
-            if not open_:
-                break
-            if not stage.featurizer.instant:
-                asked = position  # this stage and the rest are asked in `classify`, off the loop
-                break
-            pending = list(open_)
-            decisions = stage.decide_many([requests[open_[k][0]].content for k in pending], plan.target_precision)
-            if decisions is None:
+                share.open[key] = [i]
+                share.keys[key] = key
+        return share
+
+    def _decide_instant(
+        self, requests: Sequence[ClassifyRequest], groups: list[tuple[_Heads, list[_Share]]],
+        answers: list[Classification | ClassificationFailed | None],
+    ) -> None:  # fmt: skip
+        """The instant stages, in cascade order, for every share still open: per stage one
+        vectorisation of all the batch's open texts (the featurizer is the cascade's, whatever the
+        heads), then per set of heads one matrix product and one calibration call, each request
+        against its own policy's target precision."""
+        for position, featurizer in enumerate(self._featurizers.values()):
+            texts: list[str] = []
+            asking: list[tuple[LearnedStage, list[tuple[_Share, CacheKey | int]]]] = []
+            for heads, shares in groups:
+                stage = heads.stages[position]
+                these = []
+                for share in shares:
+                    if share.stopped or not share.open or not getattr(share.plan, stage.name):
+                        continue
+                    if not featurizer.instant:
+                        share.asked = position  # this stage and the rest are asked in `classify`, off the loop
+                        share.stopped = True
+                        continue
+                    if stage.calibrated:
+                        these.extend((share, k) for k in share.open)
+                if these:
+                    asking.append((stage, these))
+                    texts.extend(requests[share.open[k][0]].content for share, k in these)
+            if not texts:
                 continue
-            for k, decision in zip(pending, decisions):
-                if decision.decided:
-                    first, *copies = open_.pop(k)
-                    counters.requests += 1 + len(copies)
-                    counters.cache_misses += keys[k] is not None
-                    verdict = self._decided_by(stage, decision, requests[first], plan, counters, keys[k])
-                    answers[first] = verdict
-                    for i in copies:
-                        counters.coalesced_copy()
-                        answers[i] = verdicts.as_cached(verdict)
-                else:
-                    best[k] = _better(best.get(k), stage, decision)
-        finished = asked == len(heads.stages)
-        for k, waiting in open_.items():
+            rows = featurizer.transform(texts)
+            start = 0
+            for stage, these in asking:
+                end = start + len(these)
+                part = rows if (start, end) == (0, len(texts)) else rows[start:end]
+                start = end
+                decisions = stage.decide_rows(part, [share.plan.target_precision for share, _ in these])
+                if decisions is not None:
+                    for (share, k), decision in zip(these, decisions):
+                        self._take(requests, share, k, stage, decision, answers)
+        for _, shares in groups:
+            for share in shares:
+                self._leave_open(requests, share, answers)
+
+    def _take(
+        self, requests: Sequence[ClassifyRequest], share: _Share, k: CacheKey | int, stage: LearnedStage,
+        decision: Decision, answers: list[Classification | ClassificationFailed | None],
+    ) -> None:  # fmt: skip
+        """A stage's decision for one open content of a share: its answer, or its best so far."""
+        if not decision.decided:
+            share.best[k] = _better(share.best.get(k), stage, decision)
+            return
+        first, *copies = share.open.pop(k)
+        counters = share.counters
+        counters.requests += 1 + len(copies)
+        counters.cache_misses += share.keys[k] is not None
+        verdict = self._decided_by(stage, decision, requests[first], share.plan, counters, share.keys[k])
+        answers[first] = verdict
+        for i in copies:
+            counters.coalesced_copy()
+            answers[i] = verdicts.as_cached(verdict)
+
+    def _leave_open(
+        self, requests: Sequence[ClassifyRequest], share: _Share,
+        answers: list[Classification | ClassificationFailed | None],
+    ) -> None:  # fmt: skip
+        """What no instant stage decided: answered undecided where nothing else is left to ask,
+        else remembered for `classify` with what was found."""
+        counters = share.counters
+        finished = share.asked == len(share.heads.stages)
+        for k, waiting in share.open.items():
             if finished and self.reasoner is None:
                 counters.requests += len(waiting)
-                counters.cache_misses += keys[k] is not None
+                counters.cache_misses += share.keys[k] is not None
                 for i in waiting:
                     try:
-                        answers[i] = self._undecided(policy, plan, counters, best.get(k))
+                        answers[i] = self._undecided(share.policy, share.plan, counters, share.best.get(k))
                     except ClassificationFailed as exc:
                         answers[i] = exc
                 continue
             # The first of the copies carries what was found; the others wait for it in `classify`.
-            self._remember_open(_Open(requests[waiting[0]], heads, asked, best.get(k)))
+            self._remember_open(_Open(requests[waiting[0]], share.heads, share.asked, share.best.get(k)))
 
     def _remember_open(self, found: _Open) -> None:
         self._open[id(found.request)] = found
@@ -341,7 +415,7 @@ class CascadeClassifier:
         if found is not None and found.heads is heads:
             best, asked = found.best, found.asked  # the stages its poll batch asked already
         for _, stage in self._stages(heads, plan, asked):
-            decision = await stage.decide(request.content, plan.target_precision)
+            decision = await self._decide_soon(stage, request.content, plan.target_precision)
             if decision is None:
                 continue
             if decision.decided:
@@ -356,6 +430,44 @@ class CascadeClassifier:
             self.cache.put(key, verdict)
         await self._learn(request.policy, request.content, verdict, counters)
         return verdict
+
+    async def _decide_soon(self, stage: LearnedStage, text: str, target_precision: float) -> Decision | None:
+        """`stage.decide`; for an instant stage, together with every other request of `classify`
+        that asks one in the same turn of the event loop. The requests a poll batch left open
+        because their heads were not trained yet are released together when the heads are: alone,
+        each would cost a vectorisation and a product of its own (measured: 12,600 of the
+        communities bench's 20,000 events, docs/cascade.md)."""
+        if not stage.featurizer.instant:
+            return await stage.decide(text, target_precision)
+        future: asyncio.Future[Decision | None] = asyncio.get_running_loop().create_future()
+        if not self._soon:
+            asyncio.get_running_loop().call_soon(self._decide_together)
+        self._soon.append((stage, text, target_precision, future))
+        return await future
+
+    def _decide_together(self) -> None:
+        """What `_decide_soon` gathered: per featurizer one vectorisation, per stage one product."""
+        asked, self._soon = self._soon, []
+        by_featurizer: dict[int, dict[int, list[tuple[LearnedStage, str, float, asyncio.Future[Decision | None]]]]] = {}
+        for entry in asked:
+            by_featurizer.setdefault(id(entry[0].featurizer), {}).setdefault(id(entry[0]), []).append(entry)
+        for by_stage in by_featurizer.values():
+            groups = list(by_stage.values())
+            try:
+                rows = groups[0][0][0].featurizer.transform([text for group in groups for _, text, _, _ in group])
+                start = 0
+                for group in groups:
+                    end = start + len(group)
+                    decisions = group[0][0].decide_rows(rows[start:end], [target for _, _, target, _ in group])
+                    start = end
+                    for i, (_, _, _, future) in enumerate(group):
+                        if not future.done():  # its request may have been cancelled meanwhile
+                            future.set_result(None if decisions is None else decisions[i])
+            except Exception as exc:  # noqa: BLE001 - the requests asking fail as their own decide would
+                for group in groups:
+                    for _, _, _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
 
     @staticmethod
     def _stages(heads: _Heads, plan: PolicyPlan, start: int) -> Iterator[tuple[int, LearnedStage]]:

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -239,17 +240,25 @@ class LearnedStage:
         fitted = self._fitted
         if fitted is None:
             return None
-        return _decisions(fitted, await self.featurizer.features([text]), target_precision)[0]
+        return _decisions(fitted, await self.featurizer.features([text]), [target_precision])[0]
 
     def decide_many(self, texts: list[str], target_precision: float) -> list[Decision] | None:
         """`decide` for a batch, on the calling thread: one vectorisation, one matrix product and
         one calibration call for all of them (None: not calibrated). Only for an `instant`
         featurizer: the lexical stage's cost per text falls from about 160 µs alone to about
         9 µs in a batch of a hundred (measured: `consumer/classify/cascade/lexical.py`)."""
+        if self._fitted is None:
+            return None
+        return self.decide_rows(self.featurizer.transform(texts), [target_precision] * len(texts))
+
+    def decide_rows(self, rows: Any, target_precisions: Sequence[float]) -> list[Decision] | None:
+        """Decisions for feature rows made already (by this stage's featurizer), one matrix
+        product and one calibration call for all; each row is decided against its own target
+        precision (policies sharing these heads may ask for different ones). None: not calibrated."""
         fitted = self._fitted
         if fitted is None:
             return None
-        return _decisions(fitted, self.featurizer.transform(texts), target_precision)
+        return _decisions(fitted, rows, target_precisions)
 
     async def learn(self, text: str, label: int, urgent: bool = False, corrects: bool = False) -> None:
         """Take one label: a reasoner verdict, or with `urgent` a person's decision, which must
@@ -398,15 +407,15 @@ class LearnedStage:
         return True
 
 
-def _decisions(fitted: _Fitted, rows: Any, target_precision: float) -> list[Decision]:
+def _decisions(fitted: _Fitted, rows: Any, target_precisions: Sequence[float]) -> list[Decision]:
     # The linear score without decision_function's input validation, which costs ten times
     # the product itself on a small matrix.
     scores = fitted.weights.scores(rows) + fitted.intercept
     decisions = []
-    for p in fitted.calibrator(scores).tolist():
+    for p, target in zip(fitted.calibrator(scores).tolist(), target_precisions, strict=True):
         violation = p >= 0.5
         confidence = p if violation else 1.0 - p
-        decisions.append(Decision(violation, confidence, confidence >= target_precision))
+        decisions.append(Decision(violation, confidence, confidence >= target))
     return decisions
 
 

@@ -1,0 +1,129 @@
+"""A poll batch of many policies: one vectorisation per stage, one matrix product per set of heads.
+
+Real stages (the lexical stage trained on spam-scams' examples), no reasoner; the featurizer's
+`transform` and the heads' product are wrapped only to count their calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the cascade needs scikit-learn: install requirements/cascade.txt")
+
+from consumer.classify import Classification  # noqa: E402
+from consumer.classify.cascade import CascadeSettings  # noqa: E402
+from consumer.classify.cascade import stage as stage_module  # noqa: E402
+from consumer.classify.cascade.cascade import CascadeClassifier  # noqa: E402
+from consumer.classify.cascade.lexical import LexicalFeatures  # noqa: E402
+from tests.unit.classify.test_cascade_communities import HELD_OUT, ask, communities  # noqa: E402
+
+
+class CountedFeatures(LexicalFeatures):
+    """The real lexical featurizer, counting the batches `transform` is asked for."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def transform(self, texts: list[str]):
+        self.batches.append(len(texts))
+        return super().transform(texts)
+
+
+@pytest.fixture
+def products(monkeypatch) -> list[int]:
+    """The rows of each matrix product of a head (`_Weights.scores`), in call order."""
+    sizes: list[int] = []
+    real = stage_module._Weights.scores
+
+    def counted(self, rows):
+        sizes.append(rows.shape[0])
+        return real(self, rows)
+
+    monkeypatch.setattr(stage_module._Weights, "scores", counted)
+    return sizes
+
+
+def outcome(answer) -> tuple[str, bool, str | None]:
+    assert isinstance(answer, Classification), answer
+    return answer.model, answer.violation, answer.confidence
+
+
+def test_a_batch_of_four_policies_on_two_sets_of_heads_is_one_vectorisation_and_two_products(tmp_path, products):
+    # c1 and c2 adopt the platform's text (one set of heads for three policies); c3's text is its own.
+    store = communities(tmp_path, ["c1", "c2"], same_text=True)
+    folder = tmp_path / "policies"
+    own = (folder / "c1.md").read_text().replace("community: c1\n", "community: c3\n", 1)
+    (folder / "c3.md").write_text(own.replace("## INSTRUCTIONS\n", "## INSTRUCTIONS\nThe rules of c3.\n", 1))
+    (folder / "c3.examples.jsonl").write_bytes((folder / "c1.examples.jsonl").read_bytes())
+    store = type(store)(folder)
+    policies = store.get()
+    keys = ["spam-scams", "c1/spam-scams", "c2/spam-scams", "c3/spam-scams"]
+    featurizer = CountedFeatures()
+
+    async def scenario():
+        cascade = CascadeClassifier(CascadeSettings(cache=False), None, store, lexical=featurizer)
+        await cascade.start()
+        for key in keys:  # heads trained (a poll batch never trains them)
+            await cascade.classify(ask(policies[key], ["warm up"])[0])
+        one_by_one = {key: [outcome(await cascade.classify(r)) for r in ask(policies[key], HELD_OUT)] for key in keys}
+        featurizer.batches.clear()
+        products.clear()
+        batch = [r for key in keys for r in ask(policies[key], HELD_OUT)]
+        return cascade, one_by_one, [outcome(a) for a in cascade.classify_now_many(batch)]
+
+    cascade, one_by_one, found = asyncio.run(scenario())
+    assert cascade.heads("c1/spam-scams") == cascade.heads("spam-scams") != cascade.heads("c3/spam-scams")
+    assert featurizer.batches == [4 * len(HELD_OUT)]  # every open text of the batch, vectorised once
+    assert sorted(products) == [len(HELD_OUT), 3 * len(HELD_OUT)]  # one product per set of heads
+    # The same answers as each request asked alone, in the batch's order.
+    assert found == [answer for key in keys for answer in one_by_one[key]]
+
+
+def test_policies_sharing_heads_decide_at_their_own_target_precision(tmp_path, products):
+    store = communities(tmp_path, [])
+    platform = store.get()["spam-scams"]
+
+    async def scenario():
+        cascade = CascadeClassifier(CascadeSettings(cache=False), None, store, lexical=LexicalFeatures())
+        await cascade.start()
+        found = [outcome(a) for a in cascade.classify_now_many(ask(platform, HELD_OUT))]
+        # A content whose confidence lies strictly between two targets: one community decides it,
+        # the other does not.
+        confidence = max(float(c) for _, _, c in found if 0.6 < float(c) < 0.99)
+        lax = dataclasses.replace(platform, community="lax", target_precision=(0.5 + confidence) / 2)
+        strict = dataclasses.replace(platform, community="strict", target_precision=(confidence + 1) / 2)
+        content = HELD_OUT[[float(c) for _, _, c in found].index(confidence)]
+        for policy in (lax, strict):  # heads assigned (a poll batch never trains or assigns them)
+            await cascade.classify(ask(policy, ["warm up"])[0])
+        products.clear()
+        answers = cascade.classify_now_many(ask(lax, [content]) + ask(strict, [content]))
+        return confidence, [outcome(a) for a in answers], cascade
+
+    confidence, (lax, strict), cascade = asyncio.run(scenario())
+    assert cascade.heads("lax/spam-scams") == cascade.heads("strict/spam-scams")  # one set of heads
+    assert products == [2]  # both in one product: the probability is shared, the threshold is not
+    assert lax[0] == "cascade:lexical" and strict[0] == "cascade:lexical:undecided"
+    assert lax[1] == strict[1] and float(lax[2]) == float(strict[2]) == pytest.approx(confidence, abs=1e-3)
+
+
+def test_requests_waiting_for_their_heads_are_decided_together_once_trained(tmp_path, products):
+    store = communities(tmp_path, ["c1"])
+    policy = store.get()["c1/spam-scams"]
+    featurizer = CountedFeatures()
+
+    async def scenario():
+        cascade = CascadeClassifier(CascadeSettings(cache=False), None, store, lexical=featurizer)
+        await cascade.start()
+        batch = ask(policy, HELD_OUT)
+        assert cascade.classify_now_many(batch) == [None] * len(batch)  # c1's heads are not trained yet
+        products.clear()
+        verdicts = await asyncio.gather(*(cascade.classify(r) for r in batch))
+        return cascade, [outcome(v) for v in verdicts]
+
+    cascade, found = asyncio.run(scenario())
+    assert products == [len(HELD_OUT)]  # released together by the training: one product, not one each
+    assert len(HELD_OUT) in featurizer.batches and 1 not in featurizer.batches
+    assert all(stage.startswith("cascade:lexical") for stage, _, _ in found)
