@@ -154,30 +154,24 @@ class KafkaSink:
         self.held_back += 1
 
     def _produce(self, output: Output, ticket: Ticket, attempt: int) -> None:
-        def report(err: KafkaError | None, _msg: Any) -> None:  # one per output: it carries the ticket
-            if err is None:
-                self._delivered.append(ticket)  # a deque: safe whichever thread serves reports
-                if output.kind == "verdict":
-                    self.verdicts_delivered += 1
-                elif output.kind != "review_item":
-                    self.dead_letters_delivered += 1
-            elif err.code() in RECORD_ERRORS:
-                self._refused.append((output, ticket, err))  # a smaller output, sent by the next `serve`
-            elif err.retriable() and attempt < self._delivery_retries:
-                log.warning("retrying delivery to %s after %s (attempt %d)", output.topic, err.str(), attempt + 1)
-                with self._backlog_lock:  # sent again by the next `serve`
-                    self._backlog.append((output, ticket, attempt + 1))
-            else:
-                self._fail(refusal(output, err))
-
         try:
-            self._producer.produce(
-                output.topic, value=output.value, key=output.key, headers=output.headers or None, on_delivery=report
-            )
+            self._producer.produce(output.topic, value=output.value, key=output.key, headers=output.headers or None,
+                                   on_delivery=_Report(self, output, ticket, attempt))  # fmt: skip
         except KafkaException as exc:  # librdkafka's own checks (its message.max.bytes), before sending
             if exc.args[0].code() not in RECORD_ERRORS:
                 raise
             self._refused.append((output, ticket, exc.args[0]))
+
+    def _report(self, err: KafkaError, output: Output, ticket: Ticket, attempt: int) -> None:
+        """A failed delivery (`_Report` handles the delivered ones)."""
+        if err.code() in RECORD_ERRORS:
+            self._refused.append((output, ticket, err))  # a smaller output, sent by the next `serve`
+        elif err.retriable() and attempt < self._delivery_retries:
+            log.warning("retrying delivery to %s after %s (attempt %d)", output.topic, err.str(), attempt + 1)
+            with self._backlog_lock:  # sent again by the next `serve`
+                self._backlog.append((output, ticket, attempt + 1))
+        else:
+            self._fail(refusal(output, err))
 
     def _send_smaller(self) -> None:
         """Send each refused record its next, smaller output; stop when nothing smaller is left."""
@@ -243,6 +237,32 @@ class KafkaSink:
 
     def __len__(self) -> int:
         return len(self._producer) + len(self._backlog) + len(self._refused)
+
+
+class _Report:
+    """One output's delivery callback: it carries the ticket. One slotted object per output
+    rather than a closure (a function, its cells and their tuple): every object a record makes is
+    also freed while `Producer.poll` serves its report (docs/benchmark.md, issue 31, fifth round)."""
+
+    __slots__ = ("sink", "output", "ticket", "attempt")
+
+    def __init__(self, sink: KafkaSink, output: Output, ticket: Ticket, attempt: int):
+        self.sink = sink
+        self.output = output
+        self.ticket = ticket
+        self.attempt = attempt
+
+    def __call__(self, err: KafkaError | None, _msg: Any) -> None:
+        sink = self.sink
+        if err is not None:
+            sink._report(err, self.output, self.ticket, self.attempt)
+            return
+        sink._delivered.append(self.ticket)  # a deque: safe whichever thread serves reports
+        kind = self.output.kind
+        if kind == "verdict":
+            sink.verdicts_delivered += 1
+        elif kind != "review_item":
+            sink.dead_letters_delivered += 1
 
 
 def brokers_answer(producer: Producer, timeout: float) -> bool:
