@@ -17,12 +17,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Lines the fault suite reports (events, kills, duplicates, losses), printed at the end of the run.
 FAULT_FIGURES: list[str] = []
+# Why the session's schema registry was restarted between tests, printed at the end of the run.
+REGISTRY_RESTARTS: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     if FAULT_FIGURES:
         terminalreporter.section("fault suite figures")
         for line in FAULT_FIGURES:
+            terminalreporter.write_line(line)
+    if REGISTRY_RESTARTS:
+        terminalreporter.section("schema registry restarts")
+        for line in REGISTRY_RESTARTS:
             terminalreporter.write_line(line)
 
 
@@ -46,8 +52,9 @@ def kafka(kafka_broker: KafkaBroker) -> str:
 
 
 @pytest.fixture(scope="session")
-def schema_registry():
-    """Apicurio Registry on 127.0.0.1 (tests/registry.py), started once for the session when a test asks."""
+def registry_process():
+    """Apicurio Registry on 127.0.0.1 (tests/registry.py), started once for the session when a test
+    asks; tests take it through `schema_registry`, which checks it answers first."""
     log_dir = Path(tempfile.mkdtemp(prefix="safeguard-registry-"))
     registry = SchemaRegistry(log_dir / "registry.log")
     registry.start()
@@ -55,7 +62,17 @@ def schema_registry():
         yield registry
     finally:
         registry.stop()
-        shutil.rmtree(log_dir, ignore_errors=True)
+        if not REGISTRY_RESTARTS:  # else kept: the log holds the thread dump of the registry that hung
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def schema_registry(registry_process: SchemaRegistry, request) -> SchemaRegistry:
+    """The session's registry, restarted first if it stopped answering (said at the end of the run)."""
+    restarted = registry_process.restart_if_silent()
+    if restarted:
+        REGISTRY_RESTARTS.append(f"before {request.node.nodeid}: {restarted}")
+    return registry_process
 
 
 @pytest.fixture

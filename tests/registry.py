@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -23,6 +24,7 @@ from consumer.kafka.devkafka import cache_dir, free_port
 
 APICURIO_VERSION = "3.3.3"
 _ARTIFACT = f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all"
+CLIENT_TIMEOUT_S = 30  # a test client's request timeout, seconds
 _JAVA_CANDIDATES = ("/usr/lib/jvm/temurin-25-jdk-amd64/bin/java", "/usr/lib/jvm/*-2[5-9]*/bin/java")
 
 
@@ -70,6 +72,13 @@ class SchemaRegistry:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/apis/ccompat/v7"
 
+    def client(self):
+        """confluent-kafka's client for this registry, with a timeout: its default waits for ever,
+        so a registry that stopped answering would show as pytest's timeout, not as the request."""
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        return SchemaRegistryClient({"url": self.url, "timeout": CLIENT_TIMEOUT_S})
+
     def start(self, timeout: float = 120.0) -> None:
         home = ensure_registry()
         command = [
@@ -94,16 +103,34 @@ class SchemaRegistry:
         self.stop()
         raise RegistryError(f"the registry did not answer within {timeout:.0f} s; see {self.log_file}")
 
-    def answers(self) -> bool:
+    def answers(self, timeout: float = 2.0) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/subjects", timeout=2) as response:
+            with urllib.request.urlopen(f"{self.url}/subjects", timeout=timeout) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
 
+    def restart_if_silent(self, timeout: float = 10.0) -> str | None:
+        """Restart the registry (on the same port, so URLs stay valid) when it does not answer a
+        fresh connection within `timeout`; returns why it was restarted, else None. Its thread dump
+        goes to its log first (SIGQUIT), which is kept: on a loaded CI machine the session's
+        registry was once seen to accept a connection and never answer (300 s)."""
+        if self._process is None or self.answers(timeout):
+            return None
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGQUIT)  # the JVM prints every thread's stack and goes on
+            time.sleep(1.0)
+            what = f"did not answer within {timeout:.0f} s"
+        else:
+            what = f"had exited with {self._process.returncode}"
+        self.stop()
+        self.start()
+        return f"the schema registry on port {self.port} {what}; restarted (thread dump and log: {self.log_file})"
+
     def stop(self) -> None:
         if self._process is None:
             return
+        self._process.send_signal(signal.SIGCONT)  # a stopped JVM (see the tests) handles SIGTERM only once continued
         self._process.terminate()
         try:
             self._process.wait(timeout=20)

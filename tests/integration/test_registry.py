@@ -7,6 +7,7 @@ mid-stream as an upgraded producer would; the consumer reads them with `decode.f
 from __future__ import annotations
 
 import base64
+import signal
 import time
 
 import orjson
@@ -77,7 +78,7 @@ def _outputs(kafka: str, topic: str, count: int) -> list[dict]:
 
 def test_avro_and_protobuf_topics_with_a_field_added_mid_stream_are_all_classified(kafka, schema_registry,
                                                                                    policies_dir):  # fmt: skip
-    client = SchemaRegistryClient({"url": schema_registry.url})
+    client = schema_registry.client()
     avro, proto, group = unique("reg-avro"), unique("reg-proto"), unique("group")
     create_topics(kafka, avro, proto, f"{avro}.verdicts", f"{avro}.dlq")
     _produce(kafka, avro, _avro_records(client, avro))
@@ -114,7 +115,7 @@ def test_avro_and_protobuf_topics_with_a_field_added_mid_stream_are_all_classifi
 def test_an_unknown_schema_id_and_corrupt_avro_are_one_dead_letter_each_and_the_records_after_go_on(
     kafka, schema_registry, policies_dir
 ):
-    client = SchemaRegistryClient({"url": schema_registry.url})
+    client = schema_registry.client()
     topic, group = unique("reg-bad"), unique("group")
     create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
     good = _avro_records(client, topic)[:6]
@@ -166,7 +167,7 @@ def test_a_registry_stopped_mid_stream_past_its_back_off_then_restarted_loses_no
     topic, group, total = unique("reg-restart"), unique("group"), 2 * PER_VERSION
     try:
         create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
-        values = _avro_records(SchemaRegistryClient({"url": registry.url}), topic)  # registers v1 and v2
+        values = _avro_records(registry.client(), topic)  # registers v1 and v2
         _produce(kafka, topic, values[:PER_VERSION])  # v1 only: the consumer fetches and caches v1, never v2
         settings = settings_for(kafka, group, topic, policies_dir, policies={"default": "spam-scams"},
                                 schema_registry={"url": registry.url, "retry_s": 0.5},
@@ -242,7 +243,7 @@ def test_a_json_schema_topic_is_classified_and_a_record_that_fails_its_schema_is
 ):
     from confluent_kafka.schema_registry.json_schema import JSONSerializer
 
-    client = SchemaRegistryClient({"url": schema_registry.url})
+    client = schema_registry.client()
     topic, group = unique("reg-json"), unique("group")
     create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
     schema = {"type": "object", "properties": {"id": {"type": "string"}, "text": {"type": "string"}},
@@ -295,7 +296,7 @@ def _replay_cli(*args: str):
 def test_a_replay_of_an_avro_topic_gives_the_verdicts_and_dead_letters_of_the_live_run(
     kafka, schema_registry, policies_dir, tmp_path
 ):
-    client = SchemaRegistryClient({"url": schema_registry.url})
+    client = schema_registry.client()
     topic, group = unique("reg-replay"), unique("group")
     create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq")
     values = _avro_records(client, topic)  # two schema versions
@@ -378,7 +379,7 @@ def test_registered_verdicts_and_dead_letters_read_back_through_a_plain_json_des
 
     # A reader that knows nothing of ours: the library's consumer and JSONDeserializer, which
     # fetches each record's schema by its id and validates the record against it.
-    deserialize = JSONDeserializer(None, schema_registry_client=SchemaRegistryClient({"url": schema_registry.url}))
+    deserialize = JSONDeserializer(None, schema_registry_client=schema_registry.client())
     reader = Consumer({"bootstrap.servers": kafka, "group.id": unique("reader"), "auto.offset.reset": "earliest",
                        "isolation.level": "read_committed"})  # fmt: skip
     reader.subscribe([f"{topic}.verdicts", f"{topic}.dlq"])
@@ -452,3 +453,20 @@ def test_a_run_whose_registered_outputs_schemas_are_not_registered_stops_at_star
     assert f"subject {topic}.verdicts-value does not hold this version's schema" in result.reason
     assert "safeguard-consumer topics create" in result.reason
     assert committed_offsets(kafka, group, topic, 1) == {0: OFFSET_INVALID}  # nothing consumed
+
+
+def test_a_registry_that_accepts_connections_but_never_answers_is_restarted_before_the_next_test(tmp_path):
+    # What the `schema_registry` fixture does between tests: once on CI the session's registry took a
+    # connection and never answered. A stopped process is that registry: the kernel still accepts.
+    registry = SchemaRegistry(tmp_path / "registry.log")
+    registry.start()
+    try:
+        assert registry.restart_if_silent(timeout=2) is None
+        registry._process.send_signal(signal.SIGSTOP)
+        assert not registry.answers(timeout=1)
+        why = registry.restart_if_silent(timeout=2)
+        assert why is not None and f"port {registry.port} did not answer within 2 s; restarted" in why
+        assert registry.answers()
+        assert "Full thread dump" in (tmp_path / "registry.log").read_text(errors="replace")
+    finally:
+        registry.stop()
