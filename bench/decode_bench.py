@@ -90,7 +90,7 @@ def main() -> None:
     registry = SchemaRegistry(Path(tempfile.mkdtemp(prefix="decode-bench-")) / "registry.log")
     registry.start()
     try:
-        client = SchemaRegistryClient({"url": registry.url})
+        client = registry.client()
         values = encoded(client, docs)
         settings = SchemaRegistrySettings(url=registry.url)
         ours = registry_client(settings)

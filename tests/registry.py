@@ -120,12 +120,12 @@ class SchemaRegistry:
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGQUIT)  # the JVM prints every thread's stack and goes on
             time.sleep(1.0)
-            what = f"did not answer within {timeout:.0f} s"
+            what = f"did not answer within {timeout:.0f} s; restarted (thread dump and log: {self.log_file})"
         else:
-            what = f"had exited with {self._process.returncode}"
+            what = f"had exited with {self._process.returncode}; restarted (log: {self.log_file})"
         self.stop()
         self.start()
-        return f"the schema registry on port {self.port} {what}; restarted (thread dump and log: {self.log_file})"
+        return f"the schema registry on port {self.port} {what}"
 
     def stop(self) -> None:
         if self._process is None:
