@@ -106,6 +106,14 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -
         consumer.close()
 
 
+def commits_reach(bootstrap: str, group: str, topic: str, ends: dict[int, int]) -> bool:
+    """True when the group's commits are at `ends` (`end_offsets`) on every partition that has
+    records. An empty partition has nothing to commit: records produced without a key can all
+    land in one partition (the sticky partitioner fills a batch at a time)."""
+    committed = committed_offsets(bootstrap, group, topic, len(ends))
+    return all(committed[partition] == end for partition, end in ends.items() if end > 0)
+
+
 def wait_for(condition, timeout: float, interval: float = 0.2, message: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

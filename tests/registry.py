@@ -81,8 +81,10 @@ class SchemaRegistry:
 
     def start(self, timeout: float = 120.0) -> None:
         home = ensure_registry()
+        # One registry serves the whole ~18-minute suite from memory (H2): give it room, so a long
+        # run cannot end in a collector that thrashes while connections are still accepted.
         command = [
-            java25(), "-Xmx384m",
+            java25(), "-Xmx768m",
             f"-Dquarkus.http.port={self.port}", "-Dquarkus.http.host=127.0.0.1",
             # The management interface is built in (enabled=false does not turn it off at run time):
             # on 127.0.0.1 and a free port of its own, else every registry wants 0.0.0.0:9000.

@@ -14,6 +14,7 @@ from consumer.config import Settings, load_settings
 from consumer.pipeline.background import BackgroundPipeline
 from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
+from tests.kafka_helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,21 @@ def settings_for(bootstrap: str, group: str, topic: str, policies_dir: Path, **s
 
 def running_pipeline(settings: Settings, classifier: Classifier) -> BackgroundPipeline:
     return BackgroundPipeline(Pipeline(settings, classifier, PolicyStore(settings.policies.directory)))
+
+
+def wait_while_running(running: BackgroundPipeline, condition, timeout: float, message: str) -> None:
+    """`wait_for`, failing at once with the run's exit code and reason if the pipeline stops first.
+
+    A pipeline that exits on a fatal error (e.g. the schema registry never answering at start-up)
+    would otherwise leave the test waiting out its whole timeout with nothing said about why.
+    """
+
+    def met() -> bool:
+        if running.result is not None:
+            raise AssertionError(f"the pipeline stopped while waiting for {message}: {running.result}")
+        return condition()
+
+    wait_for(met, timeout=timeout, message=message)
 
 
 def write_config(path: Path, bootstrap: str, group: str, topic: str, policies_dir: Path, **extra: dict) -> Path:

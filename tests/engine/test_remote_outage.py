@@ -24,6 +24,7 @@ from consumer.policy import PolicyStore
 from tests.engine.servers import SERVED_MODEL, VllmServer
 from tests.kafka_helpers import (
     Collector,
+    commits_reach,
     committed_offsets,
     create_topics,
     decoded,
@@ -93,7 +94,7 @@ def test_a_whole_fleet_down_mid_stream_dead_letters_nothing_for_it_and_resumes_o
             a.wait_ready()
             outputs.until(first + second, timeout=300)
             ends = end_offsets(kafka, topic, partitions)
-            wait_for(lambda: committed_offsets(kafka, group, topic, partitions) == ends, timeout=120,
+            wait_for(lambda: commits_reach(kafka, group, topic, ends), timeout=120,
                      message="commits at the end offsets after the outage")  # fmt: skip
             wait_for(lambda: http_get(port, "/readyz")[0] == 200, timeout=60, message="/readyz ready again")
             result = running.stop()
@@ -101,7 +102,7 @@ def test_a_whole_fleet_down_mid_stream_dead_letters_nothing_for_it_and_resumes_o
         outputs.close()
     assert result.exit_code == 0, result.reason
     assert readyz_during is not None and "reasoner unavailable" in readyz_during[1], readyz_during
-    assert len(during) < first + second and sum(committed_during.values()) < first + second
+    assert len(during) < first + second and sum(max(0, offset) for offset in committed_during.values()) < first + second
     outcomes = decoded(outputs.messages)
     by_offset = Counter((o["source"]["partition"], o["source"]["offset"]) for o in outcomes)
     assert len(by_offset) == first + second  # every event has its output

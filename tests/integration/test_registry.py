@@ -23,7 +23,7 @@ from consumer.kafka.devkafka import free_port
 from tests.integration.registry_messages import ChatMessage, ChatMessageV1
 from tests.kafka_helpers import Collector, committed_offsets, create_topics, end_offsets, http_get, unique, wait_for
 from tests.registry import SchemaRegistry
-from tests.runner import running_pipeline, settings_for, write_config
+from tests.runner import running_pipeline, settings_for, wait_while_running, write_config
 from tests.unit.test_config import run_cli
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
@@ -97,8 +97,8 @@ def test_avro_and_protobuf_topics_with_a_field_added_mid_stream_are_all_classifi
     )  # fmt: skip
     with running_pipeline(settings, KeywordClassifier()) as running:
         ends = {avro: end_offsets(kafka, avro, 1), proto: end_offsets(kafka, proto, 1)}
-        wait_for(lambda: all(committed_offsets(kafka, group, t, 1) == e for t, e in ends.items()), timeout=120,
-                 message="commits at the end of both topics")  # fmt: skip
+        wait_while_running(running, lambda: all(committed_offsets(kafka, group, t, 1) == e for t, e in ends.items()),
+                           timeout=120, message="commits at the end of both topics")  # fmt: skip
         result = running.stop()
     assert result.exit_code == 0 and result.dead_letters == 0
     outputs = _outputs(kafka, avro, 4 * PER_VERSION)
@@ -128,7 +128,8 @@ def test_an_unknown_schema_id_and_corrupt_avro_are_one_dead_letter_each_and_the_
                             decode={"format": "avro", "field_mapping": MAPPING})  # fmt: skip
     with running_pipeline(settings, KeywordClassifier()) as running:
         ends = end_offsets(kafka, topic, 1)
-        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == ends, timeout=120, message="commits at the end")
+        wait_while_running(running, lambda: committed_offsets(kafka, group, topic, 1) == ends,
+                           timeout=120, message="commits at the end")  # fmt: skip
         result = running.stop()
     assert result.exit_code == 0
     outputs = _outputs(kafka, topic, len(values))
@@ -173,8 +174,8 @@ def test_a_registry_stopped_mid_stream_past_its_back_off_then_restarted_loses_no
                                 schema_registry={"url": registry.url, "retry_s": 0.5},
                                 decode={"format": "avro", "field_mapping": MAPPING})  # fmt: skip
         with running_pipeline(settings, KeywordClassifier()) as running:
-            wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: PER_VERSION}, timeout=120,
-                     message="the v1 records committed")  # fmt: skip
+            wait_while_running(running, lambda: committed_offsets(kafka, group, topic, 1) == {0: PER_VERSION},
+                               timeout=120, message="the v1 records committed")  # fmt: skip
             port = running.pipeline.http.port
             assert http_get(port, "/readyz")[0] == 200
             registry.stop()
@@ -185,8 +186,8 @@ def test_a_registry_stopped_mid_stream_past_its_back_off_then_restarted_loses_no
             assert committed_offsets(kafka, group, topic, 1) == {0: PER_VERSION}  # the v2 records kept, uncommitted
             assert running.pipeline.consumed == total
             registry.start()
-            wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: total}, timeout=120,
-                     message="commits at the end after the restart")  # fmt: skip
+            wait_while_running(running, lambda: committed_offsets(kafka, group, topic, 1) == {0: total},
+                               timeout=120, message="commits at the end after the restart")  # fmt: skip
             wait_for(lambda: http_get(port, "/readyz")[0] == 200, timeout=30, message="/readyz ready again")
             result = running.stop()
     finally:
@@ -258,7 +259,8 @@ def test_a_json_schema_topic_is_classified_and_a_record_that_fails_its_schema_is
                             decode={"format": "json_schema", "field_mapping": MAPPING})  # fmt: skip
     with running_pipeline(settings, KeywordClassifier()) as running:
         ends = end_offsets(kafka, topic, 1)
-        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == ends, timeout=120, message="commits at the end")
+        wait_while_running(running, lambda: committed_offsets(kafka, group, topic, 1) == ends,
+                           timeout=120, message="commits at the end")  # fmt: skip
         running.stop()
     outputs = _outputs(kafka, topic, 5)
     verdicts = {o["event_id"]: o["violation"] for o in outputs if o["kind"] == "verdict"}
@@ -307,8 +309,8 @@ def test_a_replay_of_an_avro_topic_gives_the_verdicts_and_dead_letters_of_the_li
                             schema_registry={"url": schema_registry.url},
                             decode={"format": "avro", "field_mapping": MAPPING})  # fmt: skip
     with running_pipeline(settings, KeywordClassifier()) as running:
-        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == end_offsets(kafka, topic, 1), timeout=120,
-                 message="the live run's commits at the end")  # fmt: skip
+        wait_while_running(running, lambda: committed_offsets(kafka, group, topic, 1) == end_offsets(kafka, topic, 1),
+                           timeout=120, message="the live run's commits at the end")  # fmt: skip
         assert running.stop().exit_code == 0
     live = _outputs(kafka, topic, len(values))
 
@@ -372,8 +374,8 @@ def test_registered_verdicts_and_dead_letters_read_back_through_a_plain_json_des
     settings = settings_for(kafka, group, topic, policies_dir, **{k: v for k, v in sections.items() if k != "policies"},
                             policies={"default": "spam-scams"}, pipeline={"delivery": delivery})  # fmt: skip
     with running_pipeline(settings, KeywordClassifier()) as running:
-        wait_for(lambda: committed_offsets(kafka, group, topic, 1) == {0: total + 1}, timeout=120,
-                 message="commits at the end")  # fmt: skip
+        wait_while_running(running, lambda: committed_offsets(kafka, group, topic, 1) == {0: total + 1},
+                           timeout=120, message="commits at the end")  # fmt: skip
         result = running.stop()
     assert result.exit_code == 0 and (result.verdicts, result.dead_letters) == (total, 1)
 
