@@ -20,6 +20,7 @@ from consumer.sinks.roles import SinkOptions, SinkWiring
 from tests.conftest import FAULT_FIGURES
 from tests.kafka_helpers import (
     Collector,
+    commits_reach,
     committed_offsets,
     covered_offsets,
     create_topics,
@@ -147,7 +148,7 @@ def test_broker_restart_mid_stream_loses_nothing(kafka_broker, policies_dir):
         kafka_broker.restart()  # same ports and data; clients reconnect by themselves
         produce(kafka, topic, (event_json(i) for i in range(total // 2, total)))
         ends = end_offsets(kafka, topic, 3)
-        wait_for(lambda: committed_offsets(kafka, group, topic, 3) == ends, timeout=120,
+        wait_for(lambda: commits_reach(kafka, group, topic, ends), timeout=120,  # keyless: a partition may stay empty
                  message="commits at the end after the broker restart")
         result = running.stop()
     assert result.exit_code == 0
