@@ -47,11 +47,11 @@ INTAKE_LIMIT = 100  # pipeline.max_in_flight_events: what one killed worker may 
 CONTENTS = ["kys loser", "everyone hates you", "good game all"]
 
 
-def _config(path: Path, kafka: str, plugin: dict | None = None) -> Path:
+def _config(path: Path, kafka: str, plugin: dict | None = None, group_id: str | None = None) -> Path:
     classifier = {"kind": "plugin", "factory": "tests.plugins:slow_keyword", "options": plugin} if plugin else {}
     path.write_text(yaml.safe_dump({
         "kafka": {
-            "bootstrap_servers": kafka, "group_id": unique("live"), "input_topics": ["unused"],
+            "bootstrap_servers": kafka, "group_id": group_id or unique("live"), "input_topics": ["unused"],
             # A killed worker's partitions move after the session timeout: the broker's minimum.
             "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
         },
@@ -164,8 +164,9 @@ def test_a_run_survives_a_sigkilled_worker_and_a_late_one_and_backtests_as_one_p
     final = ledger.read(name)
     assert final.completed is not None and final.plan == plan
 
-    assert "complete" in CliRunner().invoke(app, ["replay", "status", name, "--config", str(config),
-                                                  "--runs-topic", runs]).output  # fmt: skip
+    finished = CliRunner().invoke(app, ["replay", "status", name, "--config", str(config), "--runs-topic", runs])
+    assert finished.exit_code == 0 and "complete (finished at" in finished.output, finished.output
+    assert "incomplete" not in finished.output
     # The backtest of the run, read once from its output topic whoever wrote it, equals one process's.
     expected = _report_body(alone_report)
     assert "| flagged | chat-harassment | harassment | allow | delete |" in expected
@@ -208,6 +209,16 @@ def test_another_plan_under_the_same_name_is_refused_and_a_finished_run_does_not
     assert to_file.exit_code == 2 and "--output-topic" in to_file.output
     assert sum(end_offsets(kafka, out, 2).values()) == 40
     assert RunLedger(load_settings(config), runs).read(name).proposals == 1
+
+    unknown = runner.invoke(app, ["replay", "status", unique("never"), "--config", str(config), "--runs-topic", runs])
+    assert unknown.exit_code == 2 and "no replay run" in unknown.output, unknown.output
+    # A run never joins the live group: a name whose run group is kafka.group_id is refused before anything is read.
+    live_name = unique("live")
+    live = _config(tmp_path / "live.yaml", kafka, group_id=run_group(live_name))
+    as_live = runner.invoke(app, ["replay", "--config", str(live), "--topic", topic, "--from", "earliest",
+                                  "--to", "now", "--run", live_name, "--runs-topic", runs, "--output-topic", out])
+    assert as_live.exit_code == 2 and "the live group's" in as_live.output, as_live.output
+    assert sum(end_offsets(kafka, out, 2).values()) == 40
 
 
 def test_workers_proposing_at_once_all_take_the_first_plan(kafka, tmp_path):
