@@ -2,7 +2,7 @@
 firing on a violation-rate jump, an undecided climb and new dead letters in promtool's own rule
 unit tests (drift-rules.test.yaml), silent on a steady version, and loaded by the compose
 Prometheus. That the series they read are the ones the consumer exports is checked against a
-real scrape in tests/integration/test_telemetry.py."""
+real scrape in tests/integration/test_drift_watch.py."""
 
 from __future__ import annotations
 
