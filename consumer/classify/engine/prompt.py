@@ -18,6 +18,7 @@ a message containing `<|start|>`, `<|channel|>`, `<|message|>`, `<|end|>`, `<|re
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from openai_harmony import (
@@ -41,7 +42,9 @@ __all__ = ["CONTEXT_PREAMBLE", "PromptError", "PromptPreview", "PromptRenderer",
 # Each rendered message is framed by <|start|> ... <|message|> ... <|end|>, and the prompt ends
 # with <|start|> to open the assistant's turn: 3 control tokens a message, plus one.
 _FRAME_CONTROL_TOKENS = 3
-MAX_CACHED_PREFIXES = 64
+# Prefixes are keyed by what they are made of (text and effort), so communities that share a
+# policy's text share one entry; least recently used first out. About 20 KB an entry.
+MAX_CACHED_PREFIXES = 1024
 _EFFORT = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
 
 
@@ -71,7 +74,7 @@ class PromptRenderer:
         self._control_ids = frozenset(
             self._encoding.encode(token, allowed_special="all")[0] for token in self._encoding.special_tokens_set
         )
-        self._prefixes: dict[str, list[int]] = {}  # policy ref -> its prefix's token ids
+        self._prefixes: OrderedDict[tuple[str, str], list[int]] = OrderedDict()  # (effort, text) -> token ids
         self._assistant_opening = self._encoding.render_conversation_for_completion(
             Conversation.from_messages([]), Role.ASSISTANT
         )
@@ -84,14 +87,17 @@ class PromptRenderer:
         """Token ids of the whole prompt, ending with the opening of the assistant's turn.
 
         The same tokens as rendering the three messages as one conversation for completion
-        (a test holds it to that), but the policy prefix is encoded once per policy version:
-        encoding a 600-token policy for every request cost five times the rest.
+        (a test holds it to that), but the policy prefix is encoded once per policy text and
+        effort: encoding a 600-token policy for every request cost five times the rest.
         """
-        prefix = self._prefixes.get(policy.ref)
+        key = (policy.reasoning_effort, policy.text)
+        prefix = self._prefixes.get(key)
         if prefix is None:
             if len(self._prefixes) >= MAX_CACHED_PREFIXES:
-                self._prefixes.clear()  # policies reloaded many times: start again
-            prefix = self._prefixes[policy.ref] = self.policy_prefix(policy)
+                self._prefixes.popitem(last=False)
+            prefix = self._prefixes[key] = self.policy_prefix(policy)
+        else:
+            self._prefixes.move_to_end(key)
         token_ids = prefix + self._encoding.render(_user_message(event)) + self._assistant_opening
         self._check_framing(token_ids, 3)
         return token_ids

@@ -5,6 +5,7 @@ Also the offline vocabulary the prompts are encoded with (consumer.classify.engi
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -16,6 +17,7 @@ import pytest
 pytest.importorskip("openai_harmony", reason="prompt rendering needs openai_harmony (oss-harmony)")
 
 from consumer.classify.engine import vocab
+from consumer.classify.engine import prompt as prompt_module
 from consumer.classify.engine.prompt import CONTEXT_PREAMBLE, PromptRenderer, user_text
 from consumer.events import ContentEvent, ContextMessage
 from consumer.policy import Policy, load_policy
@@ -73,6 +75,24 @@ def test_rendering_with_the_cached_prefix_equals_rendering_the_whole_conversatio
     )
     assert renderer.render(policy, rendered_event) == whole
     assert renderer.render(policy, rendered_event) == whole  # the second time from the cache
+
+
+def test_communities_sharing_a_policy_text_share_one_cached_prefix_and_the_oldest_leaves_first(
+    policy, monkeypatch
+) -> None:
+    monkeypatch.setattr(prompt_module, "MAX_CACHED_PREFIXES", 3)
+    renderer = PromptRenderer()
+    copies = [dataclasses.replace(policy, id=f"c{i}/chat-harassment", version=str(i)) for i in range(1000)]
+    for copy in copies:
+        renderer.render(copy, event("gg"))
+    assert len(renderer._prefixes) == 1  # a thousand communities, one text: encoded once
+    others = [dataclasses.replace(policy, text=policy.text + f"\n\nAlso: rule {i}.") for i in range(3)]
+    renderer.render(others[0], event("gg"))
+    renderer.render(others[1], event("gg"))
+    renderer.render(copies[0], event("gg"))  # used again: the shared text is now the newest
+    renderer.render(others[2], event("gg"))  # full: the least recently used (others[0]) leaves
+    assert set(renderer._prefixes) == {(p.reasoning_effort, p.text) for p in (copies[0], *others[1:])}
+    assert renderer.render(others[0], event("gg")) == PromptRenderer().render(others[0], event("gg"))
 
 
 def test_prefix_carries_effort_and_policy_but_no_date(renderer, policy) -> None:
