@@ -2,6 +2,7 @@
 
     python -m bench.review_curve                  # 7 windows of 500 events and 58 hand-written, ~2 min
     python -m bench.review_curve --window 200     # a smoke run
+    python -m bench.review_curve --embedding static   # the embedding stage beside the lexical one
 
 It starts one Kafka broker (consumer.kafka.devkafka) and runs the real pipeline in process with
 the cascade, `reasoner: none` and review on, under the spam-scams policy and its examples. A
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=500, help="events per window")
     parser.add_argument("--delay", type=float, default=0.5, help="seconds the reviewer takes per item")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--embedding", choices=("static", "transformer"),
+                        help="add the embedding stage (taught by decisions too), with this runtime; "
+                             "default: the lexical stage alone")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
 
@@ -175,8 +179,9 @@ def measure(bootstrap: str, policies: Path, args: argparse.Namespace, rng: rando
     review = {"enabled": True, "topic": f"{topic}.reviews", "decisions_topic": f"{topic}.decisions",
               "appeals_topic": f"{topic}.appeals"}  # fmt: skip
     create_topics(bootstrap, topic, f"{topic}.verdicts", f"{topic}.dlq", *(review[k] for k in review if k != "enabled"))
+    stages = {"embedding": True, "embedding_runtime": args.embedding} if args.embedding else {}
     settings = settings_for(bootstrap, "curve", topic, policies, classifier={"kind": "cascade", "reasoner": "none"},
-                            review=review, policies={"default": POLICY})  # fmt: skip
+                            review=review, policies={"default": POLICY}, cascade=stages)  # fmt: skip
     cascade = build_classifier(settings, PolicyStore(policies))
     labels: dict[str, int] = {}
     seen: set[str] = set()
