@@ -1,6 +1,6 @@
 """The learning curve of review: how fast people's decisions shrink the share that awaits them.
 
-    python -m bench.review_curve                  # 7 windows of 500 events and 58 hand-written, ~2 min
+    python -m bench.review_curve                  # 7 windows of 500 events and 58 hand-written, under a minute
     python -m bench.review_curve --window 200     # a smoke run
     python -m bench.review_curve --embedding static   # the embedding stage beside the lexical one
 
