@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from urllib.parse import quote, urlencode
 
 import pytest
+from pydantic import SecretStr
 
 from consumer.config.console import ConsoleSettings
 from consumer.console.app import ConsoleApp
@@ -43,8 +44,11 @@ class Served:
         self.jars: dict[str, dict[str, str]] = {}
 
     def request(self, method: str, path: str, form: dict | None = None, headers: dict | None = None,
-                jar: str | None = None) -> tuple[int, dict[str, list[str]], str]:  # fmt: skip
-        connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=10)
+                jar: str | None = None, source: str | None = None
+                ) -> tuple[int, dict[str, list[str]], str]:  # fmt: skip
+        # `source`: the client's own address (any of 127.0.0.0/8 reaches the server on Linux)
+        connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=10,
+                                                source_address=(source, 0) if source else None)  # fmt: skip
         sent = dict(headers or {})
         cookies = self.jars.setdefault(jar, {}) if jar else {}
         if cookies:
@@ -65,12 +69,12 @@ class Served:
         connection.close()
         return response.status, answer, text
 
-    def sign_in(self, jar: str, token: str | None, headers: dict | None = None) -> int:
-        _, _, page = self.request("GET", "/login", jar=jar)
+    def sign_in(self, jar: str, token: str | None, headers: dict | None = None, source: str | None = None) -> int:
+        _, _, page = self.request("GET", "/login", jar=jar, source=source)
         form = {"form_token": re.search(r'name="form_token" value="([^"]+)"', page).group(1), "next": "/"}
         if token is not None:
             form["token"] = token
-        return self.request("POST", "/login", form=form, headers=headers, jar=jar)[0]
+        return self.request("POST", "/login", form=form, headers=headers, jar=jar, source=source)[0]
 
     def csrf(self, jar: str) -> str:
         return re.search(r'name="csrf" value="([^"]+)"', self.request("GET", "/", jar=jar)[2]).group(1)
@@ -98,6 +102,17 @@ def test_an_empty_blank_or_missing_token_never_signs_in(served):
         assert console.sign_in("mallory", token) == 401
         assert console.request("GET", "/", jar="mallory")[0] == 401
     assert COOKIE not in console.jars["mallory"]
+    # Config refuses a blank token; the sign-in does not lean on that: a blank one that got
+    # through anyway (settings built without validation) still matches nothing.
+    unchecked = ConsoleSettings(reviewers=REVIEWERS)
+    unchecked.reviewers[1] = unchecked.reviewers[1].model_copy(update={"token": SecretStr("")})
+    blank = Served(unchecked, item(1))
+    try:
+        for token in ("", " ", None):
+            assert blank.sign_in("mallory", token) == 401
+        assert blank.sign_in("alice", "t-alice") == 303
+    finally:
+        blank.close()
 
 
 def test_sign_in_needs_the_consoles_own_form_and_origin(served):
@@ -118,6 +133,8 @@ def test_guessing_tokens_is_rate_limited_and_the_refusal_names_the_client(served
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(refusals) == 7 and all("127.0.0.1" in r for r in refusals)
     assert all("guess-" not in r and "t-alice" not in r for r in refusals)  # tokens never logged
+    # The limit is the guesser's address's, not everyone's: a guesser cannot lock the team out.
+    assert console.sign_in("alice", "t-alice", source="127.0.0.2") == 303
 
 
 def test_every_answer_renews_the_session_cookie(served):
@@ -240,7 +257,7 @@ def test_behind_a_proxy_only_the_proxys_addresses_and_one_header_are_believed(se
     assert trusting.request("GET", "/", headers={"X-Forwarded-User": "alice"})[0] == 200
     connection = http.client.HTTPConnection("127.0.0.1", trusting.server.port, timeout=10)
     connection.putrequest("GET", "/")
-    connection.putheader("X-Forwarded-User", "mallory")  # the client's, before a proxy that appends
+    connection.putheader("X-Forwarded-User", "bob")  # the client's, naming a reviewer, before a proxy that appends
     connection.putheader("X-Forwarded-User", "alice")
     connection.endheaders()
     assert connection.getresponse().status == 401
