@@ -4,10 +4,14 @@ workers (`replay --run`, separate processes), side by side in one run of this sc
     python -m bench.replay_fleet_bench                 # 12,000 records per run
     python -m bench.replay_fleet_bench --records 2400  # a smoke run
 
-The classifier is latency-bound, as a served reasoner is: `tests.plugins:slow` answers after
-`--latency-ms` (20 ms) with at most `--concurrency` (4) requests at once per worker, so one
-worker tops out near concurrency / latency (200 records/s) and the figures measure how the run
-shares that out, not these CPU cores. A real broker (`consumer.kafka.devkafka`, as the
+The classifier is latency-bound, as a served reasoner is. By default (`--classifier served`) the
+workers run the served reasoner's own client (`classifier.reasoner: remote`, `api: chat`) against
+a stand-in fleet this script serves on 127.0.0.1: an OpenAI chat-completions endpoint that
+answers "not a violation" after `--latency-ms` (20 ms), each worker keeping at most
+`--concurrency` (4) requests in flight on it (the endpoint's `max_concurrency`). So one worker
+tops out near concurrency / latency (200 records/s) and the figures measure how the run shares
+that out, not these CPU cores. `--classifier plugin` takes `tests.plugins:slow` instead (the
+same latency and concurrency in process, no HTTP). A real broker (`consumer.kafka.devkafka`, as the
 integration tests start it) holds the input topic and each run's output topic.
 
 The broker runs with Kafka's default `group.initial.rebalance.delay.ms` (3 s; the test broker sets
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import os
 import platform
 import shutil
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -42,6 +48,72 @@ from consumer.kafka.devkafka import KafkaBroker, create_topics
 REPO = Path(__file__).resolve().parent.parent
 PARTITIONS = 12
 WORKERS = (1, 2, 4)
+
+
+class StandInFleet:
+    """An OpenAI chat-completions endpoint on 127.0.0.1 that answers every request after a fixed
+    latency: a reasoner fleet whose capacity is never the limit, only its latency."""
+
+    ANSWER = '{"violation": 0, "policy_category": "safe"}'
+
+    def __init__(self, latency_s: float) -> None:
+        fleet = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a real server's clients use it
+            # Headers and body in one write, sent at once: written apart, the body waited for the
+            # client's delayed ACK (40 ms) and the stand-in answered in 60 ms, not 20.
+            wbufsize = 1 << 16
+            disable_nagle_algorithm = True
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(latency_s)
+                fleet.requests += 1
+                self._send({"id": "chatcmpl-bench", "object": "chat.completion", "created": int(time.time()),
+                            "model": body.get("model"),
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": StandInFleet.ANSWER}}],
+                            "usage": {"prompt_tokens": 600, "completion_tokens": 20, "total_tokens": 620}})  # fmt: skip
+
+            def do_GET(self) -> None:  # noqa: N802 - /v1/models, the client's probe
+                self._send({"object": "list", "data": [{"id": "gpt-oss-safeguard-20b", "object": "model"}]})
+
+            def _send(self, body: dict) -> None:
+                data = orjson.dumps(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def classifier_sections(kind: str, latency_ms: float, concurrency: int, fleet: StandInFleet | None) -> dict:
+    """The workers' classifier: the served reasoner's client against the stand-in, or the plugin."""
+    if kind == "plugin":
+        return {"classifier": {"kind": "plugin", "factory": "tests.plugins:slow",
+                               "options": {"delay_s": latency_ms / 1000, "max_concurrency": concurrency}}}  # fmt: skip
+    assert fleet is not None
+    # A replay sends at low priority. On an endpoint without priority scheduling it would take only
+    # engine.low_priority_share (a quarter) of max_concurrency, to leave room for live traffic. The
+    # bench has no live traffic, so the endpoint is declared to schedule by priority: each worker
+    # keeps `concurrency` requests in flight.
+    endpoint = {"url": fleet.url, "api": "chat", "max_concurrency": concurrency, "priority_scheduling": True}
+    return {"classifier": {"kind": "reasoner", "reasoner": "remote"},
+            "engine": {"model": "gpt-oss-safeguard-20b", "endpoints": [endpoint]}}
 
 
 def produce(bootstrap: str, topic: str, records: int) -> None:
@@ -100,6 +172,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=12_000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=4, help="classifications at once per worker")
+    parser.add_argument("--classifier", choices=("served", "plugin"), default="served",
+                        help="served: the remote reasoner client against a stand-in fleet; plugin: in process")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="safeguard-replay-fleet-bench-"))
@@ -107,6 +181,7 @@ def main() -> None:
     # for members joining within 3 s of each other, so workers started together share it from the start.
     broker = KafkaBroker(work / "kafka", extra_properties={"group.initial.rebalance.delay.ms": "3000"})
     broker.start(timeout=120)
+    fleet = StandInFleet(args.latency_ms / 1000) if args.classifier == "served" else None
     try:
         bootstrap, topic = broker.bootstrap, f"bench-in-{uuid.uuid4().hex[:8]}"
         create_topics(bootstrap, topic, partitions=PARTITIONS)
@@ -116,17 +191,18 @@ def main() -> None:
             "kafka": {"bootstrap_servers": bootstrap, "input_topics": [topic]},
             "policies": {"directory": str(REPO / "policies"), "default": "chat-harassment"},
             "pipeline": {"commit_interval_s": 0.5, "max_in_flight_events": 400},
-            "classifier": {"kind": "plugin", "factory": "tests.plugins:slow",
-                           "options": {"delay_s": args.latency_ms / 1000, "max_concurrency": args.concurrency}},
+            **classifier_sections(args.classifier, args.latency_ms, args.concurrency, fleet),
             "log": {"level": "WARNING"},
         }))  # fmt: skip
         figures = [one_run(bootstrap, config, topic, args.records, n, work) for n in WORKERS]
     finally:
+        if fleet is not None:
+            fleet.stop()
         broker.stop()
     base = figures[0]["steady_per_s"]
     for row in figures:
         row["ratio"] = row["steady_per_s"] / base
-    print(f"\nreplay run over {PARTITIONS} partitions, {args.records} records, a classifier of "
+    print(f"\nreplay run over {PARTITIONS} partitions, {args.records} records, a {args.classifier} classifier of "
           f"{args.latency_ms:g} ms x {args.concurrency} per worker (at most "
           f"{args.concurrency / args.latency_ms * 1000:,.0f} records/s a worker); "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")  # fmt: skip
@@ -134,8 +210,9 @@ def main() -> None:
     for row in figures:
         print(f"{row['workers']:>8} {row['steady_per_s']:>19,.0f} {row['ratio']:>12.2f}x {row['wall_s']:>8.1f} "
               f"{row['outputs']:>8}")  # fmt: skip
-    print(json.dumps({"records": args.records, "latency_ms": args.latency_ms, "concurrency": args.concurrency,
-                      "figures": figures}))  # fmt: skip
+    print(json.dumps({"records": args.records, "classifier": args.classifier, "latency_ms": args.latency_ms,
+                      "concurrency": args.concurrency, "figures": figures,
+                      "fleet_requests": fleet.requests if fleet else None}))  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
 
 
