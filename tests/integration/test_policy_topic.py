@@ -227,3 +227,56 @@ def test_run_applies_the_topics_policies_from_its_first_event(kafka, tmp_path, p
     assert len(verdicts) == 10, log
     assert {r["policy_version"] for v in verdicts for r in v["results"]} == {version}
     assert f"policy topic {policy_topic} read: 1 records, 1 policies from it in force, 0 rejected" in log
+
+
+def test_a_candidate_published_on_the_topic_shadows_live_traffic_until_promote_makes_it_live(
+    kafka, tmp_path, policies_dir
+):
+    """The whole way of a policy change on a running consumer: `policy publish` of a shadow
+    candidate, its results on the shadow topic only, then `policy promote`, after which the
+    verdicts carry the promoted version and the shadow topic gets nothing more."""
+    topic, group, policy_topic = unique("pt-promote"), unique("group"), unique("policies")
+    shadow_topic = f"{topic}.shadow"
+    create_topics(kafka, topic, f"{topic}.verdicts", f"{topic}.dlq", shadow_topic)
+    create_topic(kafka, policy_topic, 1, {"cleanup.policy": "compact"})
+    settings = settings_for(kafka, group, topic, policies_dir, policies={"topic": policy_topic},
+                            shadow={"enabled": True, "topic": shadow_topic, "sample_fraction": 1.0})  # fmt: skip
+    config = config_file(tmp_path, kafka, policy_topic)
+    candidate_text = EDITED.replace("id: chat-harassment\n", "id: chat-harassment-v2\nshadow_of: chat-harassment\n")
+    promoted_version = parse_policy(EDITED.encode()).version  # the live record promote writes: the id back
+    file_version = parse_policy(GOOD.encode()).version
+    outputs = Collector(kafka, f"{topic}.verdicts", f"{topic}.dlq")
+    shadows = Collector(kafka, shadow_topic)
+    try:
+        with instance(settings) as running:
+            pipeline = running.pipeline
+            publish(config, candidate_text, tmp_path)
+            wait_for(lambda: "chat-harassment-v2" in pipeline.policies.get(), timeout=SWITCH_DEADLINE_S,
+                     message="the candidate followed from the topic")  # fmt: skip
+            produce(kafka, topic, [event_json(i, "everyone hates you") for i in range(20)])
+            before = list(outputs.until(20, timeout=60))  # a copy: the collector keeps appending
+            shadowed = shadows.until(20, timeout=60)
+
+            promote = CliRunner().invoke(app, ["policy", "promote", "chat-harassment-v2", "--config", str(config)])
+            assert promote.exit_code == 0, promote.output
+            wait_for(lambda: pipeline.policies.get()["chat-harassment"].version == promoted_version
+                     and "chat-harassment-v2" not in pipeline.policies.get(),
+                     timeout=SWITCH_DEADLINE_S, message="the promoted version live, the candidate gone")  # fmt: skip
+            produce(kafka, topic, [event_json(i, "everyone hates you") for i in range(20, 40)])
+            after = outputs.until(40, timeout=60)[20:]
+            shadows.collect(wait=1.0)  # a shadow result after the promotion would show here
+            result = running.stop()
+        assert result.exit_code == 0
+    finally:
+        outputs.close()
+        shadows.close()
+
+    # Before: the live version decided (not a violation), the candidate's answer only on the shadow topic.
+    assert [(r["policy_id"], r["policy_version"], r["violation"]) for v in decoded(before) for r in v["results"]] \
+        == [("chat-harassment", file_version, False)] * 20  # fmt: skip
+    candidates = [d["candidate"] for d in decoded(shadowed)]
+    assert len(shadows.messages) == 20
+    assert {(c["policy_id"], c["violation"]) for c in candidates} == {("chat-harassment-v2", True)}
+    # After: the promoted version decides, and only it.
+    assert [(r["policy_id"], r["policy_version"], r["violation"]) for v in decoded(after) for r in v["results"]] \
+        == [("chat-harassment", promoted_version, True)] * 20  # fmt: skip
