@@ -88,7 +88,8 @@ def served() -> Iterator[Served]:
     made: list[Served] = []
 
     def make(*items, writer: Writer | None = None, **settings) -> Served:
-        made.append(Served(ConsoleSettings(reviewers=REVIEWERS, **settings), *items, writer=writer))
+        settings.setdefault("reviewers", REVIEWERS)
+        made.append(Served(ConsoleSettings(**settings), *items, writer=writer))
         return made[-1]
 
     yield make  # type: ignore[misc]
@@ -113,6 +114,10 @@ def test_an_empty_blank_or_missing_token_never_signs_in(served):
         assert blank.sign_in("alice", "t-alice") == 303
     finally:
         blank.close()
+    # Both sides normalised alike: a token kept in a file with its newline, typed with a space.
+    from_file = served(item(1), reviewers=[{"id": "carol", "token": "t-carol\n"}])
+    assert from_file.sign_in("carol", " t-carol") == 303
+    assert from_file.request("GET", "/", jar="carol")[0] == 200
 
 
 def test_sign_in_needs_the_consoles_own_form_and_origin(served):
