@@ -74,3 +74,23 @@ def test_another_site_takes_no_item_and_signs_nobody_in_through_the_reviewers_br
         browser.quit()
         other.close()
         console.close()
+
+
+def test_bidi_controls_reach_the_reviewers_screen_as_marked_text_in_reading_order():
+    """"evil" written with U+202E (right-to-left override) would show reversed; the browser shows
+    the control as a visible mark and the words in the order they were typed."""
+    console = Served(ConsoleSettings(reviewers=REVIEWERS), item(1, content="I love this \u202eevil\u202c reversed"))
+    browser = chromium()
+    try:
+        browser.get(console.server.url)
+        browser.find_element(By.ID, "token").send_keys("t-alice")
+        browser.find_element(By.ID, "sign-in").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "reviewer"))
+        browser.get(console.server.url + "next")
+        browser.find_element(By.TAG_NAME, "summary").click()  # a sensitive policy's content is shown on a click
+        shown = browser.find_element(By.ID, "content").text  # the text as displayed, the controls as marks
+        assert shown == "I love this [U+202E]evil[U+202C] reversed"
+        assert "\u202e" not in browser.page_source
+    finally:
+        browser.quit()
+        console.close()
