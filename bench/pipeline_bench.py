@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(cases) - set(ALL_CASES)
     if unknown:
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    if "peer" in cases and not Path(args.peer_python).is_file():
+        parser.error(f"the peer case needs Quix Streams' own environment: {args.peer_python} not found (run "
+                     "scripts/bootstrap peer and pass its bin/python as --peer-python, as `make bench` does, or "
+                     "leave peer out of --cases)")
     if args.input_traces is not None and not 0 <= args.input_traces <= 1:
         parser.error(f"--input-traces {args.input_traces}: a ratio from 0 to 1")
     args.results.mkdir(parents=True, exist_ok=True)
