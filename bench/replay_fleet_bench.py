@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,7 +58,8 @@ class StandInFleet:
 
     def __init__(self, latency_s: float) -> None:
         fleet = self
-        self.requests = 0
+        self.requests = 0  # answered, for the summary line; counted under a lock (handler threads)
+        counting = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as a real server's clients use it
@@ -70,7 +71,8 @@ class StandInFleet:
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 time.sleep(latency_s)
-                fleet.requests += 1
+                with counting:
+                    fleet.requests += 1
                 self._send({"id": "chatcmpl-bench", "object": "chat.completion", "created": int(time.time()),
                             "model": body.get("model"),
                             "choices": [{"index": 0, "finish_reason": "stop",
@@ -91,8 +93,11 @@ class StandInFleet:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128  # listen backlog: every worker's connections may open at once (default 5)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

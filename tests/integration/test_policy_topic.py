@@ -255,7 +255,7 @@ def test_a_candidate_published_on_the_topic_shadows_live_traffic_until_promote_m
                      message="the candidate followed from the topic")  # fmt: skip
             produce(kafka, topic, [event_json(i, "everyone hates you") for i in range(20)])
             before = list(outputs.until(20, timeout=60))  # a copy: the collector keeps appending
-            shadowed = shadows.until(20, timeout=60)
+            shadows.until(20, timeout=60)
 
             promote = CliRunner().invoke(app, ["policy", "promote", "chat-harassment-v2", "--config", str(config)])
             assert promote.exit_code == 0, promote.output
@@ -274,8 +274,8 @@ def test_a_candidate_published_on_the_topic_shadows_live_traffic_until_promote_m
     # Before: the live version decided (not a violation), the candidate's answer only on the shadow topic.
     assert [(r["policy_id"], r["policy_version"], r["violation"]) for v in decoded(before) for r in v["results"]] \
         == [("chat-harassment", file_version, False)] * 20  # fmt: skip
-    candidates = [d["candidate"] for d in decoded(shadowed)]
-    assert len(shadows.messages) == 20
+    assert len(shadows.messages) == 20  # every shadow result the run wrote, none after the promotion
+    candidates = [d["candidate"] for d in decoded(shadows.messages)]
     assert {(c["policy_id"], c["violation"]) for c in candidates} == {("chat-harassment-v2", True)}
     # After: the promoted version decides, and only it.
     assert [(r["policy_id"], r["policy_version"], r["violation"]) for v in decoded(after) for r in v["results"]] \
