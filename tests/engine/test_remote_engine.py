@@ -243,16 +243,22 @@ def test_killing_an_endpoint_mid_stream_loses_nothing(servers, policy) -> None:
         await classifier.start()
         endpoints = {e.name: e for e in classifier.fleet.endpoints}
         try:
+            # Kill B once it has finished some requests and holds others in flight. In two waves,
+            # not by watching one stream: under load A could drain the whole queue before B's first
+            # answer, and B would never again hold two (CI once waited 600 s for that).
+            first = [request(policy, f"stream {i}", f"kill-{i}") for i in range(count // 2)]
+            outcomes = await classify_all(classifier, first)
+            assert endpoints["b"].completed >= 2, {n: e.completed for n, e in endpoints.items()}
             tasks = [
                 asyncio.create_task(classifier.classify(request(policy, f"stream {i}", f"kill-{i}")))
-                for i in range(count)
+                for i in range(count // 2, count)
             ]
-            # Kill B once it has finished some requests and holds others in flight.
-            while not (endpoints["b"].completed >= 2 and endpoints["b"].outstanding >= 2):
-                await asyncio.sleep(0.02)
+            async with asyncio.timeout(60):
+                while endpoints["b"].outstanding < 2:
+                    await asyncio.sleep(0.02)
             in_flight_on_b = endpoints["b"].outstanding
             await asyncio.to_thread(b.kill)
-            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            outcomes += await asyncio.gather(*tasks, return_exceptions=True)
             return outcomes, in_flight_on_b, endpoints
         finally:
             await classifier.close()
