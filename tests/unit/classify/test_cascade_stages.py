@@ -107,16 +107,18 @@ def test_calibrated_confidence_is_capped_by_the_number_of_examples():
     assert not any(d.decided for d in decisions)
 
 
-def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_documented():
+@pytest.mark.parametrize("n_features", [1 << 10, 1])  # small: collisions happen, and must add up the same way
+def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_documented(n_features):
     """Every n-gram of scikit-learn's analyzers (word 1-2-grams, char_wb 2-5-grams), hashed one
     by one as `consumer.classify.cascade.hashing` documents, gives the matrix the numpy code
-    builds for the whole batch at once."""
+    builds for the whole batch at once. With one column a block, every row ends on the column the
+    next begins with, if that has no words ("!"): still two rows."""
     import numpy as np
+    import scipy.sparse as sp
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    from consumer.classify.cascade.hashing import ngram_counts
+    from consumer.classify.cascade.hashing import CHUNK, ngram_counts
 
-    n_features = 1 << 10  # small: collisions happen, and must add up the same way
     words = HashingVectorizer(ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b").build_analyzer()
     chars = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5)).build_analyzer()
     mask = (1 << 64) - 1
@@ -142,8 +144,12 @@ def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_docume
 
     texts = [e.content for e in load_examples(REPO / "policies" / "spam-scams.examples.jsonl")]
     texts += ["", " ", "a", "ab", "x  y\tz\n", "ÀÉ İstanbul ǅ", "🎉🎉 ok", "fr33 n1tro!!", "w" * 40, "a\x00b c\x00",
-              "snake_case über-cool ½ ٣٤ x²", "lol lol lol lol", "\ud800 lone", "end."]  # fmt: skip
-    got = ngram_counts(texts, n_features).toarray()
-    for text, row in zip(texts, got):
+              "snake_case über-cool ½ ٣٤ x²", "lol lol lol lol", "\ud800 lone", "end.",
+              "!", "!", "?!", "..", "..", "a"]  # fmt: skip
+    matrix = ngram_counts(texts, n_features)
+    assert matrix.has_canonical_format  # each row's columns in order, each once: what scipy's products expect
+    for text, row in zip(texts, matrix.toarray()):
         assert np.allclose(row, expected(text)), repr(text)
+    many = texts * 20  # more than one chunk, rows of every length side by side
+    assert len(many) > CHUNK and (ngram_counts(many, n_features) != sp.vstack([matrix] * 20)).nnz == 0
     assert ngram_counts([], n_features).shape == (0, 2 * n_features)

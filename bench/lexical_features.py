@@ -1,0 +1,70 @@
+"""The lexical stage's features alone: µs per message of `ngram_counts` on the bench's chat messages.
+
+No Kafka, one process, the main thread's CPU clock. `--baseline CHECKOUT` loads another checkout's
+`consumer/classify/cascade/hashing.py` beside this one's; the two alternate round by round and
+must build the same matrix (checked first), so the ratio is before/after measured side by side:
+
+    python -m bench.lexical_features
+    git worktree add /tmp/base main && python -m bench.lexical_features --baseline /tmp/base --batch 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+from types import ModuleType
+
+import orjson
+
+from bench.workload import chat_events
+from consumer.classify.cascade import hashing
+from consumer.classify.cascade.lexical import N_FEATURES
+
+
+def load(checkout: Path) -> ModuleType:
+    path = checkout / "consumer" / "classify" / "cascade" / "hashing.py"
+    spec = importlib.util.spec_from_file_location("baseline_hashing", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"no hashing module at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=200, help="messages per call, as a poll batch asks")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--baseline", type=Path, help="another checkout, measured side by side")
+    args = parser.parse_args()
+
+    texts = [orjson.loads(value)["content"] for _, value in chat_events(args.messages)]
+    sides = {"this checkout": hashing}
+    if args.baseline:
+        sides["baseline"] = load(args.baseline)
+        mine, theirs = (side.ngram_counts(texts[:1000], N_FEATURES) for side in sides.values())
+        if (mine != theirs).nnz or not (mine.indices == theirs.indices).all():
+            raise SystemExit("the two checkouts build different features: nothing to compare")
+    print(f"{len(texts)} chat messages, {sum(map(len, texts)) / len(texts):.0f} characters on average, "
+          f"{args.batch} a call, {args.rounds} rounds")  # fmt: skip
+    figures: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, side in sides.items():
+            started = time.thread_time()
+            for i in range(0, len(texts), args.batch):
+                side.ngram_counts(texts[i : i + args.batch], N_FEATURES)
+            figures[name].append((time.thread_time() - started) / len(texts) * 1e6)
+    for name, rounds in figures.items():
+        print(f"{name:14s} {statistics.median(rounds):6.2f} µs a message (rounds {min(rounds):.2f}-{max(rounds):.2f})")
+    if args.baseline:
+        ratios = [a / b for a, b in zip(figures["this checkout"], figures["baseline"])]
+        print(f"this / baseline, round by round: {statistics.median(ratios):.2f} "
+              f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
