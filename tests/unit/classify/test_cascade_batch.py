@@ -127,3 +127,25 @@ def test_requests_waiting_for_their_heads_are_decided_together_once_trained(tmp_
     assert products == [len(HELD_OUT)]  # released together by the training: one product, not one each
     assert len(HELD_OUT) in featurizer.batches and 1 not in featurizer.batches
     assert all(stage.startswith("cascade:lexical") for stage, _, _ in found)
+
+
+def test_a_stages_answers_are_made_once_per_distinct_answer_and_say_what_decided():
+    """Equal answers are one shared object (nothing changes a Classification once made); an
+    answer differing in anything it reports is another."""
+    from consumer.classify.cascade import verdicts
+    from consumer.classify.cascade.stage import Decision
+
+    decided = verdicts.cheap("lexical", Decision(True, 0.98712, True), 0.95)
+    assert decided is verdicts.cheap("lexical", Decision(True, 0.98704, True), 0.95)  # 0.987 both
+    assert (decided.confidence, decided.category, decided.stage, decided.model) == ("0.987", None, "lexical",
+                                                                                    "cascade:lexical")  # fmt: skip
+    assert "0.987 >= target precision 0.95" in decided.rationale
+    for other in (verdicts.cheap("lexical", Decision(True, 0.988, True), 0.95),
+                  verdicts.cheap("lexical", Decision(False, 0.987, True), 0.95),
+                  verdicts.cheap("embedding", Decision(True, 0.987, True), 0.95),
+                  verdicts.cheap("lexical", Decision(True, 0.987, True), 0.9)):  # fmt: skip
+        assert other is not decided and other != decided
+    guess = verdicts.undecided("lexical", Decision(False, 0.6, False), 0.95)
+    assert guess is verdicts.undecided("lexical", Decision(False, 0.6, False), 0.95)
+    assert (guess.stage, guess.category, guess.model) == ("undecided", "safe", "cascade:lexical:undecided")
+    assert "(calibrated confidence 0.600); no reasoner configured" in guess.rationale
