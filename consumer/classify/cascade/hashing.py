@@ -15,8 +15,9 @@ Measured on the bench's chat messages (about 75 characters), one core, the lexic
 whole decision (features, product, calibration) in batches of 500: 9 µs a message, against
 78 µs with scikit-learn's HashingVectorizer; 161 µs for one message alone (numpy's per-call
 overhead), against 475 µs. Counting equal n-grams takes a sort; sorting each row on its own
-(`_counts`) instead of all the batch's (row, column) keys at once took the features of a
-batch of 200 from 19-20 to 12-13 µs a message (`bench/lexical_features.py`, 2026-12-06).
+(`_sorted_row_by_row`) instead of all the batch's (row, column) keys at once, and one array of
+code points for both kinds of n-gram, took the features of a batch of 200 from 18-20 to 11-13 µs
+a message (`bench/lexical_features.py`, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _BREAK = 0x110000  # between texts in the array of code points: above every code
 # (measured, the lexical stage's decisions on chat messages: 500 at once cost 16 µs a message,
 # in chunks of 200 9 µs).
 CHUNK = 200
+# Rows are sorted each on its own while a matrix padded to the longest holds at most this many
+# cells per n-gram; else all together (`_counts`).
+GRID_MAX_WASTE = 4
 _ASCII_WORD = np.array([chr(c).isalnum() or chr(c) == "_" for c in range(128)])
 
 
@@ -47,30 +51,30 @@ def ngram_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
 
 
 def _counts(texts: list[str], n_features: int) -> sp.csr_matrix:
-    lowered = [text.lower() for text in texts]
-    word_rows, word_hashes = _word_ngrams(lowered)
-    char_rows, char_hashes = _char_ngrams(lowered)
+    # Each text lower-cased, its words joined by single spaces, padded with a space either side:
+    # the text of the character n-grams, and (collapsing white space changes no word nor their
+    # order) of the word n-grams too, so the batch is one array of code points and one set of
+    # prefix sums.
+    padded = []
+    for text in texts:
+        words = text.lower().split()
+        padded.append(f" {' '.join(words)} " if words else "")
+    cp, breaks = _joined(padded)
+    spans = _Spans(cp)
+    word_rows, word_hashes = _word_ngrams(cp, breaks, spans)
+    char_rows, char_hashes = _char_ngrams(cp, breaks, spans)
     rows = np.concatenate((word_rows, char_rows))
     columns = _mixed(np.concatenate((word_hashes, char_hashes))) & np.uint64(n_features - 1)
     columns[len(word_rows) :] += np.uint64(n_features)  # the character block
     # Each row's columns sorted, so that equal neighbours are one n-gram counted several times.
-    # Sorted row by row, in a matrix padded to the longest row: small sorts stay in the CPU's
-    # caches, where one sort of all (row, column) keys did not (measured: 1.6 times as long).
-    # The rows come in six runs, each in order (unigrams, bigrams, 2- to 5-grams): a stable
-    # sort (timsort) merges them.
-    order = np.argsort(rows, kind="stable")
-    rows = rows[order]
     per_row = np.bincount(rows, minlength=len(texts))
     indptr = np.zeros(len(texts) + 1, dtype=np.int64)
     np.cumsum(per_row, out=indptr[1:])
-    # Each entry's place: its row's line of the matrix, after the row's entries before it.
     width = int(per_row.max()) if len(rows) else 0
-    places = rows * width + (np.arange(len(rows)) - indptr[rows])
-    padded = np.full((len(texts), width), np.iinfo(np.int32).max, dtype=np.int32)  # above every column
-    cells = padded.reshape(-1)  # a view: what is written through it is in the matrix
-    cells[places] = columns[order]
-    padded.sort(axis=1)
-    columns = cells[places]  # row after row, each row's columns in order (its padding sorted after them)
+    if width * len(texts) <= GRID_MAX_WASTE * len(rows):
+        rows, columns = _sorted_row_by_row(rows, columns, indptr, width)
+    else:  # one text far longer than the others: a matrix padded to it would be mostly padding
+        rows, columns = _sorted_together(rows, columns, n_features)
     first = np.empty(len(columns), dtype=bool)
     first[:1] = True
     np.not_equal(columns[1:], columns[:-1], out=first[1:])
@@ -84,6 +88,33 @@ def _counts(texts: list[str], n_features: int) -> sp.csr_matrix:
     counts /= norms[block]
     indptr = np.searchsorted(rows, np.arange(len(texts) + 1))
     return sp.csr_matrix((counts, columns, indptr), shape=(len(texts), 2 * n_features))
+
+
+def _sorted_row_by_row(
+    rows: np.ndarray, columns: np.ndarray, indptr: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows in order, each row's columns in order: each row sorted on its own, in a matrix padded
+    to the longest row (one sort call). Small sorts stay in the CPU's caches, where one sort of
+    all the batch's (row, column) keys does not (on the bench's chat messages, 1.6 times as
+    long as this). The rows come in six runs, each in order (unigrams,
+    bigrams, 2- to 5-grams): a stable sort (timsort) merges them."""
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    # Each entry's place: its row's line of the matrix, after the row's entries before it.
+    places = rows * width + (np.arange(len(rows)) - indptr[rows])
+    grid = np.full((len(indptr) - 1, width), np.iinfo(np.int32).max, dtype=np.int32)  # above every column
+    cells = grid.reshape(-1)  # a view: what is written through it is in the matrix
+    cells[places] = columns[order]
+    grid.sort(axis=1)
+    return rows, cells[places]  # row after row, each row's columns in order (its padding after them)
+
+
+def _sorted_together(rows: np.ndarray, columns: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same order from one sort of (row, column) keys."""
+    shift = np.uint64(n_features.bit_length())  # columns are below 2 * n_features
+    keys = (rows.astype(np.uint64) << shift) | columns
+    keys.sort()
+    return (keys >> shift).astype(np.int64), (keys & np.uint64(2 * n_features - 1)).astype(np.int32)
 
 
 def _joined(pieces: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,10 +146,9 @@ class _Spans:
         return self.powers[end - 1] * (self._prefix[end] - self._prefix[start])
 
 
-def _word_ngrams(lowered: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(row, hash) of each word unigram and bigram of the lower-cased texts. A word is a run of
-    `\\w` characters: str.isalnum() or "_", as the `re` module tells them."""
-    cp, breaks = _joined(lowered)
+def _word_ngrams(cp: np.ndarray, breaks: np.ndarray, spans: _Spans) -> tuple[np.ndarray, np.ndarray]:
+    """(row, hash) of each word unigram and bigram of the joined texts. A word is a run of `\\w`
+    characters: str.isalnum() or "_", as the `re` module tells them."""
     word = np.zeros(len(cp), dtype=bool)
     ascii_ = cp < 128
     word[ascii_] = _ASCII_WORD[cp[ascii_]]
@@ -130,7 +160,6 @@ def _word_ngrams(lowered: list[str]) -> tuple[np.ndarray, np.ndarray]:
     after = np.concatenate((word[1:], [False]))
     starts, ends = np.flatnonzero(word & ~before), np.flatnonzero(word & ~after) + 1
     row = breaks[starts]
-    spans = _Spans(cp)
     unigrams = spans.hashes(starts, ends)
     # "w1 w2" hashes as h(w1) * P**(1 + |w2|) + ord(" ") * P**|w2| + h(w2).
     same_text = row[1:] == row[:-1]
@@ -140,21 +169,14 @@ def _word_ngrams(lowered: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate((row, row[:-1][same_text])), np.concatenate((unigrams, bigrams))
 
 
-def _char_ngrams(lowered: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(row, hash) of each character 2-5-gram inside word boundaries of the lower-cased texts.
-    In the text of the words joined by single spaces, padded with a space either side, those
-    are the spans with no space inside (first and last characters apart) and no break between
-    texts anywhere; a padded word shorter than n then counts once whole, as scikit-learn
-    counts it."""
-    padded = []
-    for text in lowered:
-        words = text.split()
-        padded.append(f" {' '.join(words)} " if words else "")
-    cp, breaks = _joined(padded)
+def _char_ngrams(cp: np.ndarray, breaks: np.ndarray, spans: _Spans) -> tuple[np.ndarray, np.ndarray]:
+    """(row, hash) of each character 2-5-gram inside word boundaries of the joined texts (each
+    padded, its words joined by single spaces): the spans with no space inside (first and last
+    characters apart) and no break between texts anywhere; a padded word shorter than n then
+    counts once whole, as scikit-learn counts it."""
     size = len(cp)
     spaces = np.zeros(size + 1, dtype=np.int64)
     np.cumsum(cp == _SPACE, out=spaces[1:])
-    spans = _Spans(cp)
     rows, hashes = [], []
     for n in range(2, 6):
         count = size - n + 1
