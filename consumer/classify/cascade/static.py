@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.linear_model import SGDClassifier
 
 from consumer import stages
@@ -107,12 +109,18 @@ class StaticEmbeddingFeatures:
             self._load()
         assert self._table is not None
         table = self._table
-        rows = np.zeros((len(texts), table.shape[1]), dtype=np.float32)
-        for i, encoding in enumerate(self._tokenizer.encode_batch(texts, add_special_tokens=False)):
-            if encoding.ids:
-                rows[i] = table[encoding.ids].mean(axis=0)
+        # The pieces' ids only (`_fast`: no offsets into the text, which nothing here reads).
+        pieces = [encoding.ids for encoding in self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        indptr = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(indptr[-1]))
+        # Every text's pieces summed in one sparse product (at unit length, the sum is the mean):
+        # a mean per text cost twice as much on chat messages of about 20 pieces.
+        ones = np.ones(len(ids), dtype=np.float32)
+        rows = sp.csr_matrix((ones, ids, indptr), shape=(len(pieces), len(table))) @ table
         norms = np.linalg.norm(rows, axis=1, keepdims=True)
-        norms[norms == 0] = 1.0
+        norms[norms == 0] = 1.0  # a text without pieces: a row of zeros
         return rows / norms
 
     def new_model(self) -> SGDClassifier:

@@ -88,6 +88,26 @@ def test_the_static_embedding_stage_decides_only_above_its_target_precision_and_
     assert list(default_cache_dir().glob("*.npy"))
 
 
+def test_a_static_embedding_is_the_unit_length_mean_of_the_texts_pieces():
+    """The batch's rows (one sparse product) are each text's own: the mean of its word pieces'
+    vectors, at unit length; a text without pieces is a row of zeros."""
+    import numpy as np
+
+    from consumer.classify.cascade.static import StaticEmbeddingFeatures
+
+    features = StaticEmbeddingFeatures()
+    texts = ["you are a clown lol", "", "   ", "FREE NITRO -> discord-gift.xyz", "ok", "🎉 gg ünïcødé wörds", "a" * 300]
+    rows = features.transform(texts)
+    assert rows.shape == (len(texts), features._table.shape[1]) and rows.dtype == np.float32
+    for text, row in zip(texts, rows):
+        ids = features._tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            assert not row.any(), repr(text)
+            continue
+        mean = features._table[ids].mean(axis=0)
+        assert np.allclose(row, mean / np.linalg.norm(mean), atol=1e-6), repr(text)
+
+
 def test_the_micro_batch_and_precision_follow_the_device():
     from consumer.classify.cascade.embedding import CPU_BATCH, GPU_BATCH, device_plan
 
