@@ -162,7 +162,10 @@ class EmbeddingFeatures:
 
     def _encode_now(self, texts: list[str]) -> np.ndarray:
         vectors = self._encoder.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+            [tokenizable(text) for text in texts],
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
         )
         return np.asarray(vectors, dtype=np.float32)  # fp16 on the device, float32 for the heads
 
@@ -175,3 +178,13 @@ class EmbeddingFeatures:
         # A logistic head; stronger regularisation than the lexical stage, the 384 dense
         # dimensions over-fit a hundred examples otherwise.
         return SGDClassifier(loss="log_loss", alpha=1e-3, max_iter=50, tol=None, average=True, random_state=0)
+
+
+def tokenizable(text: str) -> str:
+    """The text as the tokenizer takes it: a lone surrogate (JSON allows "\\ud800", and the
+    decoder keeps it) made U+FFFD, where the tokenizer refused the whole batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text

@@ -108,6 +108,38 @@ def test_a_static_embedding_is_the_unit_length_mean_of_the_texts_pieces():
         assert np.allclose(row, mean / np.linalg.norm(mean), atol=1e-6), repr(text)
 
 
+def test_word_pieces_read_chunk_by_chunk_are_the_tokenizers_pieces_of_the_whole_text(monkeypatch):
+    """A text's word pieces, put together from its space-separated chunks (kept between batches),
+    are exactly what the tokenizer makes of the whole text: for chat lines, and for what BERT's
+    normaliser treats specially (accents, combining marks after a space, final sigma, CJK,
+    control characters, other white space, runs of spaces, words too long for a piece); a lone
+    surrogate, which the tokenizer refuses, is read as U+FFFD instead of failing the batch."""
+    import orjson
+
+    from bench.workload import chat_events
+    from consumer.classify.cascade import static
+    from consumer.classify.cascade.embedding import tokenizable
+    from consumer.classify.cascade.static import StaticEmbeddingFeatures
+
+    features = StaticEmbeddingFeatures()
+    features._load()
+    texts = [orjson.loads(value)["content"] for _, value in chat_events(1500)]
+    texts += [e.content for e in load_examples(REPO / "policies" / "spam-scams.examples.jsonl")]
+    texts += ["", " ", "  two  spaces  ", "naïve café ÀÉÎ", "e\u0301 \u0301x a \u0300", "ΣΊΣΥΦΟΣ ΟΔΟΣ σς", "中文字符 漢字abc",
+              "a\x1cb c\x00d e\x7ff", "tab\there\nnew\u3000ideographic\u00a0nbsp", "x" * 150 + " ok", "🎉🎉 gg!!",
+              "don't-stop;now.please", "\ud800 lone", "ﬁne ½ ①"]  # fmt: skip
+    monkeypatch.setattr(static, "CHUNKS_KEPT", 500)  # starts afresh several times on the way
+    for start in range(0, len(texts), 100):
+        batch = texts[start : start + 100]
+        lengths, ids = features._pieces(batch)
+        tokenizer = features._tokenizer
+        expected = [tokenizer.encode(tokenizable(text), add_special_tokens=False).ids for text in batch]
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert ids.tolist() == [i for e in expected for i in e]
+    assert 0 < len(features._chunks) <= 500 + 100 * 40
+    assert features.transform(["fine", "\ud800 lone", "fine too"]).shape[0] == 3
+
+
 def test_the_micro_batch_and_precision_follow_the_device():
     from consumer.classify.cascade.embedding import CPU_BATCH, GPU_BATCH, device_plan
 
@@ -115,6 +147,11 @@ def test_the_micro_batch_and_precision_follow_the_device():
     assert device_plan("cuda", None, "auto") == (GPU_BATCH, True)
     assert device_plan("cuda", 128, "fp32") == (128, False)
     assert device_plan("cpu", None, "fp16") == (CPU_BATCH, True)
+
+
+def test_a_lone_surrogate_costs_the_transformer_stage_nothing_either():
+    rows = EmbeddingFeatures().transform(["fine", "\ud800 lone", "fine too"])
+    assert rows.shape[0] == 3 and abs(float((rows[1] ** 2).sum()) - 1) < 1e-3
 
 
 def test_concurrent_single_texts_share_encodes_up_to_the_micro_batch_and_match_a_plain_encode():
