@@ -18,6 +18,7 @@ fp16, and 9.4k/s when asked 500 texts at a time, hence the GPU defaults below.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any, Literal
 
@@ -26,6 +27,8 @@ from sklearn.linear_model import SGDClassifier
 
 from consumer import stages
 from consumer.classify.exceptions import EmbeddingUnavailable
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # The micro-batch a CPU encodes at once: past it, one batch only delays the next callers.
 CPU_BATCH = 64
@@ -181,10 +184,11 @@ class EmbeddingFeatures:
 
 
 def tokenizable(text: str) -> str:
-    """The text as the tokenizer takes it: a lone surrogate (JSON allows "\\ud800", and the
-    decoder keeps it) made U+FFFD, where the tokenizer refused the whole batch."""
+    """The text as the tokenizer takes it: each lone surrogate (JSON allows "\\ud800", and the
+    decoder keeps it) made U+FFFD, where the tokenizer refused the whole batch; the length is
+    kept, so offsets into the text hold."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return _SURROGATE.sub("\ufffd", text)
     return text

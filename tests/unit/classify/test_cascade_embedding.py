@@ -108,12 +108,15 @@ def test_a_static_embedding_is_the_unit_length_mean_of_the_texts_pieces():
         assert np.allclose(row, mean / np.linalg.norm(mean), atol=1e-6), repr(text)
 
 
-def test_word_pieces_read_chunk_by_chunk_are_the_tokenizers_pieces_of_the_whole_text(monkeypatch):
+@pytest.mark.parametrize("separator", ["[SEP]", "[NOT-A-PIECE]"], ids=["chunks-joined", "chunks-apart"])
+def test_word_pieces_read_chunk_by_chunk_are_the_tokenizers_pieces_of_the_whole_text(separator, monkeypatch):
     """A text's word pieces, put together from its space-separated chunks (kept between batches),
     are exactly what the tokenizer makes of the whole text: for chat lines, and for what BERT's
     normaliser treats specially (accents, combining marks after a space, final sigma, CJK,
     control characters, other white space, runs of spaces, words too long for a piece); a lone
-    surrogate, which the tokenizer refuses, is read as U+FFFD instead of failing the batch."""
+    surrogate, which the tokenizer refuses, is read as U+FFFD instead of failing the batch. New
+    chunks are tokenized joined by [SEP] (a chunk holding "[SEP]" itself: apart), or apart
+    where the tokenizer has no such piece."""
     import orjson
 
     from bench.workload import chat_events
@@ -127,8 +130,9 @@ def test_word_pieces_read_chunk_by_chunk_are_the_tokenizers_pieces_of_the_whole_
     texts += [e.content for e in load_examples(REPO / "policies" / "spam-scams.examples.jsonl")]
     texts += ["", " ", "  two  spaces  ", "naïve café ÀÉÎ", "e\u0301 \u0301x a \u0300", "ΣΊΣΥΦΟΣ ΟΔΟΣ σς", "中文字符 漢字abc",
               "a\x1cb c\x00d e\x7ff", "tab\there\nnew\u3000ideographic\u00a0nbsp", "x" * 150 + " ok", "🎉🎉 gg!!",
-              "don't-stop;now.please", "\ud800 lone", "ﬁne ½ ①"]  # fmt: skip
+              "don't-stop;now.please", "\ud800 lone", "ﬁne ½ ①", "x[SEP]y [SEP] [sep] ok"]  # fmt: skip
     monkeypatch.setattr(static, "CHUNKS_KEPT", 500)  # starts afresh several times on the way
+    monkeypatch.setattr(static, "SEPARATOR", separator)
     for start in range(0, len(texts), 100):
         batch = texts[start : start + 100]
         lengths, ids = features._pieces(batch)
