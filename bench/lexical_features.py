@@ -27,8 +27,8 @@ from consumer.classify.cascade.lexical import N_FEATURES
 def load(checkout: Path) -> ModuleType:
     path = checkout / "consumer" / "classify" / "cascade" / "hashing.py"
     spec = importlib.util.spec_from_file_location("baseline_hashing", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"no hashing module at {path}")
+    if not path.is_file() or spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline {checkout}: no {path.relative_to(checkout)} there (give a checkout of this repo)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,9 +36,9 @@ def load(checkout: Path) -> ModuleType:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--messages", type=int, default=10_000, help="chat messages, as the pipeline bench makes them")
     parser.add_argument("--batch", type=int, default=200, help="messages per call, as a poll batch asks")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median and range are printed")
     parser.add_argument("--baseline", type=Path, help="another checkout, measured side by side")
     args = parser.parse_args()
 
