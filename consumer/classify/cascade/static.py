@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 RECIPE = "static-mean-centred-sif1e-4-v1"
 SIF = 1e-4
 DISTIL_BATCH = 2048
-# Space-separated chunks whose word pieces are kept (about 10 MB); past this many, the next batch
-# starts afresh.
+# Space-separated chunks whose word pieces are kept; past this many, the next batch starts
+# afresh. Only chunks of at most KEPT_CHARS characters are kept (words, short links; not a
+# flood of long random strings), so the cache stays under about 15 MB.
 CHUNKS_KEPT = 50_000
+KEPT_CHARS = 48
 SEPARATOR = "[SEP]"  # BERT's special piece, between chunks tokenized together (`_tokenize`)
 CHUNKS_AN_INPUT = 16
 
@@ -137,6 +139,7 @@ class StaticEmbeddingFeatures:
         unseen = list({chunk for parts in chunks for chunk in parts if chunk not in known})
         if unseen:
             self._tokenize(unseen, known)
+        passing = [chunk for chunk in unseen if len(chunk) > KEPT_CHARS]  # read now, not kept
         ids: list[int] = []
         lengths = np.empty(len(texts), dtype=np.int64)
         for i, parts in enumerate(chunks):
@@ -144,6 +147,8 @@ class StaticEmbeddingFeatures:
             for chunk in parts:
                 ids.extend(known[chunk])
             lengths[i] = len(ids) - before
+        for chunk in passing:
+            known.pop(chunk, None)
         return lengths, np.array(ids, dtype=np.int32)
 
     def _tokenize(self, chunks: list[str], known: dict[str, list[int]]) -> None:

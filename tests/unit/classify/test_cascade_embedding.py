@@ -141,6 +141,7 @@ def test_word_pieces_read_chunk_by_chunk_are_the_tokenizers_pieces_of_the_whole_
         assert lengths.tolist() == [len(e) for e in expected]
         assert ids.tolist() == [i for e in expected for i in e]
     assert 0 < len(features._chunks) <= 500 + 100 * 40
+    assert max(map(len, features._chunks)) <= static.KEPT_CHARS  # "x" * 150 was read, not kept
     assert features.transform(["fine", "\ud800 lone", "fine too"]).shape[0] == 3
 
 
