@@ -160,6 +160,7 @@ class StaticEmbeddingFeatures:
         "[SEP]" in a chunk: its chunks are tokenized one by one."""
         tokenizer = self._tokenizer
         separator = tokenizer.token_to_id(SEPARATOR)
+        apart = chunks if separator is None else []
         if separator is not None:
             groups = [chunks[i : i + CHUNKS_AN_INPUT] for i in range(0, len(chunks), CHUNKS_AN_INPUT)]
             inputs = [tokenizable(f" {SEPARATOR} ".join(group)) for group in groups]
@@ -167,15 +168,14 @@ class StaticEmbeddingFeatures:
                 ids = encoding.ids
                 at = [i for i, piece in enumerate(ids) if piece == separator]
                 if len(at) != len(group) - 1:  # a chunk holds "[SEP]" itself
-                    for chunk in group:
-                        known[chunk] = tokenizer.encode(tokenizable(chunk), add_special_tokens=False).ids
+                    apart.extend(group)
                     continue
                 for chunk, start, end in zip(group, [-1, *at], [*at, len(ids)]):
                     known[chunk] = ids[start + 1 : end]
-            return
-        encodings = tokenizer.encode_batch_fast([tokenizable(chunk) for chunk in chunks], add_special_tokens=False)
-        for chunk, encoding in zip(chunks, encodings):
-            known[chunk] = encoding.ids
+        if apart:
+            encodings = tokenizer.encode_batch_fast([tokenizable(chunk) for chunk in apart], add_special_tokens=False)
+            for chunk, encoding in zip(apart, encodings):
+                known[chunk] = encoding.ids
 
     def new_model(self) -> SGDClassifier:
         # As for the transformer's embeddings: a strongly regularised logistic head.
