@@ -1,8 +1,9 @@
 """The lexical stage's features alone: µs per message of `ngram_counts` on the bench's chat messages.
 
-No Kafka, one process, the main thread's CPU clock. `--baseline CHECKOUT` loads another checkout's
-`consumer/classify/cascade/hashing.py` beside this one's; the two alternate round by round and
-must build the same matrix (checked first), so the ratio is before/after measured side by side:
+No Kafka, one process, the main thread's CPU clock. Where `_ngrams.c` was compiled, its numpy
+fallback is measured beside it. `--baseline CHECKOUT` loads another checkout's
+`consumer/classify/cascade/hashing.py` too; all sides alternate round by round and must build
+the same matrix (checked first), so the ratios are measured side by side:
 
     python -m bench.lexical_features
     git worktree add /tmp/base main && python -m bench.lexical_features --baseline /tmp/base --batch 200
@@ -16,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable
 
 import orjson
 
@@ -43,12 +45,17 @@ def main() -> None:
     args = parser.parse_args()
 
     texts = [orjson.loads(value)["content"] for _, value in chat_events(args.messages)]
-    sides = {"this checkout": hashing}
+    this = "this checkout" + (" (compiled)" if hashing._ngrams is not None else " (numpy: _ngrams.c not compiled)")
+    sides: dict[str, Callable[[list[str], int], Any]] = {this: hashing.ngram_counts}
+    if hashing._ngrams is not None:
+        sides["numpy fallback"] = hashing.numpy_ngram_counts
     if args.baseline:
-        sides["baseline"] = load(args.baseline)
-        mine, theirs = (side.ngram_counts(texts[:1000], N_FEATURES) for side in sides.values())
+        sides["baseline"] = load(args.baseline).ngram_counts
+    mine = hashing.ngram_counts(texts[:1000], N_FEATURES)
+    for name, side in sides.items():
+        theirs = side(texts[:1000], N_FEATURES)
         if (mine != theirs).nnz or not (mine.indices == theirs.indices).all():
-            raise SystemExit("the two checkouts build different features: nothing to compare")
+            raise SystemExit(f"{name} builds different features from this checkout's: nothing to compare")
     print(f"{len(texts)} chat messages, {sum(map(len, texts)) / len(texts):.0f} characters on average, "
           f"{args.batch} a call, {args.rounds} rounds")  # fmt: skip
     figures: dict[str, list[float]] = {name: [] for name in sides}
@@ -56,13 +63,15 @@ def main() -> None:
         for name, side in sides.items():
             started = time.thread_time()
             for i in range(0, len(texts), args.batch):
-                side.ngram_counts(texts[i : i + args.batch], N_FEATURES)
+                side(texts[i : i + args.batch], N_FEATURES)
             figures[name].append((time.thread_time() - started) / len(texts) * 1e6)
+    width = max(map(len, sides))
     for name, rounds in figures.items():
-        print(f"{name:14s} {statistics.median(rounds):6.2f} µs a message (rounds {min(rounds):.2f}-{max(rounds):.2f})")
-    if args.baseline:
-        ratios = [a / b for a, b in zip(figures["this checkout"], figures["baseline"])]
-        print(f"this / baseline, round by round: {statistics.median(ratios):.2f} "
+        print(f"{name:{width}s} {statistics.median(rounds):6.2f} µs a message "
+              f"(rounds {min(rounds):.2f}-{max(rounds):.2f})")  # fmt: skip
+    for name in list(sides)[1:]:
+        ratios = [a / b for a, b in zip(figures[this], figures[name])]
+        print(f"this checkout / {name}, round by round: {statistics.median(ratios):.2f} "
               f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
 
 

@@ -18,12 +18,22 @@ overhead), against 475 µs. Counting equal n-grams takes a sort; sorting each ro
 (`_sorted_row_by_row`) instead of all the batch's (row, column) keys at once, and one array of
 code points for both kinds of n-gram, took the features of a batch of 200 from 18-20 to 11-13 µs
 a message (`bench/lexical_features.py`, 2026-12-06).
+
+Where a C compiler was at hand when the project was installed (`setup.py`; `scripts/bootstrap`
+and the Dockerfile have one), `_ngrams.c` builds the same matrix one text at a time, bit for
+bit, at about a tenth of the numpy code's cost; this module's numpy code is the fallback
+without it, and the test holds both to scikit-learn's n-grams.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+
+try:  # built by `pip install` from setup.py; optional there, so a machine without a C compiler has the numpy code
+    from consumer.classify.cascade import _ngrams
+except ImportError:
+    _ngrams = None
 
 _P = np.uint64(0x100000001B3)  # FNV-1's 64-bit prime: odd, so invertible modulo 2**64
 _P_INVERSE = np.uint64(pow(0x100000001B3, -1, 1 << 64))
@@ -45,21 +55,43 @@ def ngram_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
     HashingVectorizers side by side). `n_features` must be a power of two."""
     if n_features & (n_features - 1):
         raise ValueError(f"n_features must be a power of two, not {n_features}")
+    if _ngrams is not None:
+        return _compiled_counts(texts, n_features)
+    return numpy_ngram_counts(texts, n_features)
+
+
+def numpy_ngram_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
+    """The same rows from the numpy code alone: the fallback without `_ngrams.c`."""
     if len(texts) <= CHUNK:
         return _counts(texts, n_features)
     return sp.vstack([_counts(texts[i : i + CHUNK], n_features) for i in range(0, len(texts), CHUNK)], format="csr")
 
 
-def _counts(texts: list[str], n_features: int) -> sp.csr_matrix:
-    # Each text lower-cased, its words joined by single spaces, padded with a space either side:
-    # the text of the character n-grams, and (collapsing white space changes no word nor their
-    # order) of the word n-grams too, so the batch is one array of code points and one set of
-    # prefix sums.
+def _padded(texts: list[str]) -> list[str]:
+    """Each text lower-cased, its words joined by single spaces, padded with a space either side:
+    the text of the character n-grams, and (collapsing white space changes no word nor their
+    order) of the word n-grams too."""
     padded = []
     for text in texts:
         words = text.lower().split()
         padded.append(f" {' '.join(words)} " if words else "")
-    cp, breaks = _joined(padded)
+    return padded
+
+
+def _compiled_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
+    """`_ngrams.c`: the buffers are made here, room for 5 entries a character of each padded
+    text (see there). An ASCII text goes as it is: the C code pads it."""
+    given = [text if text.isascii() else _padded([text])[0] for text in texts]
+    room = 5 * (sum(map(len, given)) + 2 * len(given))
+    indices, data = np.empty(room, dtype=np.int32), np.empty(room, dtype=np.float64)
+    indptr = np.empty(len(given) + 1, dtype=np.int64)
+    entries = _ngrams.counts(given, n_features, indices, data, indptr)
+    return sp.csr_matrix((data[:entries], indices[:entries], indptr), shape=(len(texts), 2 * n_features))
+
+
+def _counts(texts: list[str], n_features: int) -> sp.csr_matrix:
+    # The batch is one array of code points and one set of prefix sums.
+    cp, breaks = _joined(_padded(texts))
     spans = _Spans(cp)
     word_rows, word_hashes = _word_ngrams(cp, breaks, spans)
     char_rows, char_hashes = _char_ngrams(cp, breaks, spans)

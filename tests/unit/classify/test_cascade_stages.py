@@ -108,15 +108,13 @@ def test_calibrated_confidence_is_capped_by_the_number_of_examples():
 
 
 @pytest.mark.parametrize("n_features", [1 << 10, 1])  # small: collisions happen, and must add up the same way
-@pytest.mark.parametrize("grid_max_waste", [10**9, 0], ids=["row-by-row", "together"])
-def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_documented(
-    n_features, grid_max_waste, monkeypatch
-):
+@pytest.mark.parametrize("way", ["compiled", "row-by-row", "together"])
+def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_documented(n_features, way, monkeypatch):
     """Every n-gram of scikit-learn's analyzers (word 1-2-grams, char_wb 2-5-grams), hashed one
-    by one as `consumer.classify.cascade.hashing` documents, gives the matrix the numpy code
-    builds for the whole batch at once, whichever way it sorts the n-grams. With one column a
-    block, every row ends on the column the next begins with, if that has no words ("!"):
-    still two rows."""
+    by one as `consumer.classify.cascade.hashing` documents, gives the matrix the compiled code
+    builds text by text, and the numpy code (its fallback) for the whole batch at once, whichever
+    way it sorts the n-grams. With one column a block, every row ends on the column the next
+    begins with, if that has no words ("!"): still two rows."""
     import numpy as np
     import scipy.sparse as sp
     from sklearn.feature_extraction.text import HashingVectorizer
@@ -124,7 +122,12 @@ def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_docume
     from consumer.classify.cascade import hashing
     from consumer.classify.cascade.hashing import CHUNK, ngram_counts
 
-    monkeypatch.setattr(hashing, "GRID_MAX_WASTE", grid_max_waste)
+    if way == "compiled":
+        if hashing._ngrams is None:
+            pytest.skip("consumer/classify/cascade/_ngrams.c was not compiled here (no C compiler at install)")
+    else:
+        monkeypatch.setattr(hashing, "_ngrams", None)
+        monkeypatch.setattr(hashing, "GRID_MAX_WASTE", 10**9 if way == "row-by-row" else 0)
     words = HashingVectorizer(ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b").build_analyzer()
     chars = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5)).build_analyzer()
     mask = (1 << 64) - 1
@@ -150,7 +153,7 @@ def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_docume
 
     texts = [e.content for e in load_examples(REPO / "policies" / "spam-scams.examples.jsonl")]
     texts += ["", " ", "a", "ab", "x  y\tz\n", "ÀÉ İstanbul ǅ", "🎉🎉 ok", "fr33 n1tro!!", "w" * 40, "a\x00b c\x00",
-              "snake_case über-cool ½ ٣٤ x²", "lol lol lol lol", "\ud800 lone", "end.",
+              "snake_case über-cool ½ ٣٤ x²", "lol lol lol lol", "\ud800 lone", "end.", "UP\x1cPer\x1f\x0bCase\r\n",
               "!", "!", "?!", "..", "..", "a", "a long one " * 200]  # fmt: skip
     matrix = ngram_counts(texts, n_features)
     assert matrix.has_canonical_format  # each row's columns in order, each once: what scipy's products expect
@@ -166,6 +169,7 @@ def test_one_long_text_among_short_ones_is_not_padded_for(monkeypatch):
     to its length (200 rows of its 30,000 n-grams); short texts alone are sorted row by row."""
     from consumer.classify.cascade import hashing
 
+    monkeypatch.setattr(hashing, "_ngrams", None)  # the numpy code's choice; the compiled code sorts each text alone
     taken = []
     for name in ("_sorted_row_by_row", "_sorted_together"):
         way = getattr(hashing, name)

@@ -1,0 +1,259 @@
+/* The lexical stage's n-gram counts in C: the matrix `hashing.py` builds in numpy (which stays,
+ * as the fallback where this module was not compiled), made one text at a time.
+ *
+ * Python side (`hashing._compiled_counts`) hands over the texts as the n-grams are read from:
+ * lower-cased, their words joined by single spaces and padded with a space either side. An
+ * ASCII text may come as it is (most chat does; `str.lower` and `str.split` need nothing beyond
+ * ASCII's rules there), and is made so here. With them come three buffers Python owns: int32
+ * column indices and float64 values, each with room for 5 entries per character of a padded
+ * text (a text of L characters has at most L word 1-2-grams and 4 L character 2-5-grams), and
+ * int64 row pointers, one per text and one more. This fills them as scipy's CSR matrix reads
+ * them (each row's columns in order, each once) and returns how many entries it wrote.
+ *
+ * The hashes are the numpy code's, bit for bit: the polynomial hash of an n-gram's code points
+ * (h = h * P + c, modulo 2**64), MurmurHash3's 64-bit finaliser, the low bits as the column.
+ * Word n-grams fill [0, n_features), character n-grams [n_features, 2 n_features); each block
+ * of a row is l2-normalised on its own. The GIL is released while the counts are made.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define P 0x100000001B3ULL /* FNV-1's 64-bit prime, as in hashing.py */
+#define ENTRIES_A_CHARACTER 5
+#define RADIX_BITS 9
+#define INSERTION_SORT_BELOW 48
+
+typedef struct {
+    int kind;
+    const void *data;
+    Py_ssize_t length;
+    int as_given; /* ASCII, maybe not lower-cased nor padded yet */
+} Text;
+
+static inline uint64_t mixed(uint64_t h) {
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDULL;
+    h ^= h >> 33;
+    h *= 0xC4CEB9FE1A85EC53ULL;
+    h ^= h >> 33;
+    return h;
+}
+
+/* A character of a `(?u)\b\w+\b` word: str.isalnum() or "_", as the `re` module tells them. */
+static inline int is_word(Py_UCS4 c) {
+    if (c < 128)
+        return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+    return Py_UNICODE_ISALNUM(c);
+}
+
+/* Ascending order. A row of a chat message holds some 200 columns below 2**18: two passes of a
+ * 9-bit radix sort beat a comparison sort there; tiny rows take an insertion sort. */
+static void sort_columns(uint32_t *keys, uint32_t *scratch, Py_ssize_t n, int bits) {
+    if (n < INSERTION_SORT_BELOW) {
+        for (Py_ssize_t i = 1; i < n; i++) {
+            uint32_t key = keys[i];
+            Py_ssize_t j = i;
+            for (; j > 0 && keys[j - 1] > key; j--)
+                keys[j] = keys[j - 1];
+            keys[j] = key;
+        }
+        return;
+    }
+    uint32_t *from = keys, *to = scratch;
+    for (int shift = 0; shift < bits; shift += RADIX_BITS) {
+        Py_ssize_t starts[(1 << RADIX_BITS) + 1];
+        memset(starts, 0, sizeof starts);
+        for (Py_ssize_t i = 0; i < n; i++)
+            starts[((from[i] >> shift) & ((1 << RADIX_BITS) - 1)) + 1]++;
+        for (int d = 0; d < (1 << RADIX_BITS); d++)
+            starts[d + 1] += starts[d];
+        for (Py_ssize_t i = 0; i < n; i++)
+            to[starts[(from[i] >> shift) & ((1 << RADIX_BITS) - 1)]++] = from[i];
+        uint32_t *swap = from;
+        from = to;
+        to = swap;
+    }
+    if (from != keys)
+        memcpy(keys, from, (size_t)n * sizeof *keys);
+}
+
+/* An ASCII text as `hashing._padded` makes it: lower-cased, its words (split where str.split()
+ * splits: Py_UNICODE_ISSPACE, which in ASCII is also \x1c-\x1f) joined by single spaces, a space
+ * either side; "" when it has no words. `out` has room for its length + 2. */
+static Text padded_ascii(const Text *text, Py_UCS1 *out) {
+    const Py_UCS1 *in = (const Py_UCS1 *)text->data;
+    Py_ssize_t size = 0;
+    int in_a_word = 0;
+    for (Py_ssize_t i = 0; i < text->length; i++) {
+        Py_UCS1 c = in[i];
+        if (Py_UNICODE_ISSPACE(c)) {
+            in_a_word = 0;
+            continue;
+        }
+        if (!in_a_word)
+            out[size++] = ' '; /* before every word: the padding, then one between each two */
+        in_a_word = 1;
+        out[size++] = (c >= 'A' && c <= 'Z') ? (Py_UCS1)(c + ('a' - 'A')) : c;
+    }
+    if (size)
+        out[size++] = ' ';
+    Text padded = {PyUnicode_1BYTE_KIND, out, size, 0};
+    return padded;
+}
+
+/* One text's columns, unsorted, into `row`; returns how many. */
+static Py_ssize_t ngram_columns(const Text *text, uint32_t n_features, uint32_t *row) {
+    const int kind = text->kind;
+    const void *data = text->data;
+    const Py_ssize_t size = text->length;
+    const uint32_t mask = n_features - 1;
+    Py_ssize_t m = 0;
+    /* Word unigrams, and each bigram "w1 w2" (one space between, whatever stood there):
+     * h(w1) * P**(1 + |w2|) + ord(" ") * P**|w2| + h(w2). */
+    uint64_t previous = 0;
+    int after_a_word = 0;
+    for (Py_ssize_t i = 0; i < size;) {
+        if (!is_word(PyUnicode_READ(kind, data, i))) {
+            i++;
+            continue;
+        }
+        uint64_t h = 0, power = 1;
+        for (; i < size; i++) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i);
+            if (!is_word(c))
+                break;
+            h = h * P + c;
+            power *= P;
+        }
+        row[m++] = (uint32_t)(mixed(h) & mask);
+        if (after_a_word)
+            row[m++] = (uint32_t)(mixed(previous * power * P + (uint64_t)' ' * power + h) & mask);
+        previous = h;
+        after_a_word = 1;
+    }
+    /* Character 2-5-grams inside word boundaries: no space inside a span (its first and last
+     * characters apart), so a padded word shorter than n counts once whole. */
+    for (Py_ssize_t start = 0; start + 1 < size; start++) {
+        uint64_t h = PyUnicode_READ(kind, data, start);
+        for (Py_ssize_t k = 1; k < 5 && start + k < size; k++) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, start + k);
+            h = h * P + c;
+            row[m++] = (uint32_t)(mixed(h) & mask) + n_features;
+            if (c == ' ')
+                break; /* inside every longer span from here */
+        }
+    }
+    return m;
+}
+
+/* counts(padded texts, n_features, indices int32, data float64, indptr int64) -> entries */
+static PyObject *counts(PyObject *self, PyObject *args) {
+    PyObject *texts;
+    Py_ssize_t n_features;
+    Py_buffer indices = {0}, values = {0}, indptr = {0};
+    if (!PyArg_ParseTuple(args, "O!nw*w*w*", &PyList_Type, &texts, &n_features, &indices, &values, &indptr))
+        return NULL;
+    PyObject *result = NULL;
+    Text *read = NULL;
+    uint32_t *scratch = NULL;
+    const Py_ssize_t rows = PyList_GET_SIZE(texts);
+    const Py_ssize_t capacity = indices.len / (Py_ssize_t)sizeof(int32_t);
+    if (n_features < 1 || n_features > (1 << 30) || (n_features & (n_features - 1))) {
+        PyErr_Format(PyExc_ValueError, "n_features must be a power of two up to 2**30, not %zd", n_features);
+        goto done;
+    }
+    if (values.len / (Py_ssize_t)sizeof(double) < capacity || indptr.len / (Py_ssize_t)sizeof(int64_t) < rows + 1) {
+        PyErr_SetString(PyExc_ValueError, "the value or row-pointer buffer is shorter than the texts need");
+        goto done;
+    }
+    read = PyMem_RawMalloc(sizeof(Text) * (size_t)(rows ? rows : 1));
+    if (read == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t needed = 0, longest = 0;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        PyObject *item = PyList_GET_ITEM(texts, r);
+        if (!PyUnicode_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not str", r, Py_TYPE(item)->tp_name);
+            goto done;
+        }
+        read[r].kind = PyUnicode_KIND(item);
+        read[r].data = PyUnicode_DATA(item);
+        read[r].length = PyUnicode_GET_LENGTH(item);
+        read[r].as_given = PyUnicode_IS_ASCII(item);
+        Py_ssize_t padded = read[r].length + 2 * read[r].as_given;
+        needed += ENTRIES_A_CHARACTER * padded;
+        if (padded > longest)
+            longest = padded;
+    }
+    if (needed > capacity) {
+        PyErr_Format(PyExc_ValueError, "room for %zd entries, the texts may need %zd", capacity, needed);
+        goto done;
+    }
+    /* The radix sort's scratch space, then room for one padded ASCII text. */
+    scratch = PyMem_RawMalloc(sizeof(uint32_t) * (size_t)(ENTRIES_A_CHARACTER * longest + 1) + (size_t)longest);
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int bits = 1;
+    while (((uint64_t)2 * (uint64_t)n_features - 1) >> bits)
+        bits++;
+    uint32_t *columns = (uint32_t *)indices.buf;
+    double *weights = (double *)values.buf;
+    int64_t *starts = (int64_t *)indptr.buf;
+    Py_ssize_t at = 0;
+    Py_BEGIN_ALLOW_THREADS
+    starts[0] = 0;
+    Py_UCS1 *ascii = (Py_UCS1 *)(scratch + ENTRIES_A_CHARACTER * longest + 1);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        uint32_t *row = columns + at;
+        Text text = read[r].as_given ? padded_ascii(&read[r], ascii) : read[r];
+        Py_ssize_t m = ngram_columns(&text, (uint32_t)n_features, row);
+        sort_columns(row, scratch, m, bits);
+        /* Equal neighbours are one n-gram counted several times. */
+        Py_ssize_t unique = 0;
+        double squares[2] = {0.0, 0.0};
+        for (Py_ssize_t j = 0; j < m;) {
+            Py_ssize_t k = j + 1;
+            while (k < m && row[k] == row[j])
+                k++;
+            double count = (double)(k - j);
+            squares[row[j] >= (uint32_t)n_features] += count * count;
+            row[unique] = row[j];
+            weights[at + unique] = count;
+            unique++;
+            j = k;
+        }
+        double norms[2] = {sqrt(squares[0]), sqrt(squares[1])};
+        for (Py_ssize_t j = 0; j < unique; j++)
+            weights[at + j] /= norms[row[j] >= (uint32_t)n_features];
+        at += unique;
+        starts[r + 1] = at;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(at);
+done:
+    PyMem_RawFree(read);
+    PyMem_RawFree(scratch);
+    PyBuffer_Release(&indices);
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&indptr);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"counts", counts, METH_VARARGS,
+     "counts(padded_texts, n_features, indices, data, indptr) -> entries written (see hashing.py)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ngrams", "The lexical stage's n-gram counts, compiled (see hashing.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__ngrams(void) { return PyModule_Create(&module); }

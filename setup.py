@@ -1,0 +1,14 @@
+"""The project's one compiled part: the lexical stage's n-gram counts (consumer/classify/cascade/_ngrams.c).
+
+Optional: where it does not build (no C compiler), `pip install` goes on and the numpy code in
+consumer/classify/cascade/hashing.py makes the same matrix, slower. Everything else is in
+pyproject.toml.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension("consumer.classify.cascade._ngrams", ["consumer/classify/cascade/_ngrams.c"], optional=True)
+    ]
+)
