@@ -164,6 +164,33 @@ def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_docume
     assert ngram_counts([], n_features).shape == (0, 2 * n_features)
 
 
+def test_the_compiled_counts_are_the_numpy_codes_on_any_text():
+    """`_ngrams.c` against its fallback on fuzzed text: ASCII as it comes (the C code pads it
+    itself) and every other plane, white space of every kind, lone surrogates."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from consumer.classify.cascade import hashing
+
+    if hashing._ngrams is None:
+        pytest.skip("consumer/classify/cascade/_ngrams.c was not compiled here (no C compiler at install)")
+    texts = st.one_of(
+        st.text(st.characters(max_codepoint=127), max_size=60),
+        st.text(st.sampled_from(" \t\n\x0b\x0c\r\x1c\x1f\x85\xa0\u2028\u3000aAzZ09_!-"), max_size=40),
+        st.text(st.characters(blacklist_categories=()), max_size=40),  # surrogates too
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(texts, max_size=12), st.sampled_from([1, 1 << 4, 1 << 17]))
+    def same(batch: list[str], n_features: int) -> None:
+        compiled, numpy_ = hashing.ngram_counts(batch, n_features), hashing.numpy_ngram_counts(batch, n_features)
+        assert compiled.shape == numpy_.shape and compiled.has_canonical_format
+        assert (compiled.indptr == numpy_.indptr).all() and (compiled.indices == numpy_.indices).all()
+        assert (compiled.data == numpy_.data).all()  # bit for bit: the same sums and square roots
+
+    same()
+
+
 def test_one_long_text_among_short_ones_is_not_padded_for(monkeypatch):
     """A forum post among chat lines: sorted with the others' n-grams, not in a matrix padded
     to its length (200 rows of its 30,000 n-grams); short texts alone are sorted row by row."""
