@@ -19,9 +19,9 @@ overhead), against 475 µs. Counting equal n-grams takes a sort; sorting each ro
 code points for both kinds of n-gram, took the features of a batch of 200 from 18-20 to 11-13 µs
 a message (`bench/lexical_features.py`, 2026-12-06).
 
-Where a C compiler was at hand when the project was installed (`setup.py`; `scripts/bootstrap`
-and the Dockerfile have one), `_ngrams.c` builds the same matrix one text at a time, bit for
-bit, at about a tenth of the numpy code's cost; this module's numpy code is the fallback
+Where a C compiler was at hand when the project was installed (`setup.py`, run by `pip install`
+in `scripts/bootstrap` and the Dockerfile, whose image has gcc), `_ngrams.c` builds the same
+matrix one text at a time, bit for bit, at about a third of the numpy code's cost; this module's numpy code is the fallback
 without it, and the test holds both to scikit-learn's n-grams.
 """
 
