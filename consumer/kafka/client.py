@@ -10,4 +10,8 @@ from __future__ import annotations
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-__all__ = ["Consumer", "KafkaError", "KafkaException", "Message", "Producer", "TopicPartition"]
+# librdkafka's RD_KAFKA_PARTITION_UA, for `Producer.produce` called positionally: "unassigned", the
+# configured partitioner picks the partition (by the key).
+PARTITION_UA = -1
+
+__all__ = ["PARTITION_UA", "Consumer", "KafkaError", "KafkaException", "Message", "Producer", "TopicPartition"]
