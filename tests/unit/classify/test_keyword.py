@@ -1,5 +1,10 @@
 """The keyword classifier: a policy's patterns, one search for content that matches none."""
 
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from consumer.classify import ClassifyRequest
 from consumer.classify.keyword import KeywordClassifier
 from consumer.events import ContentEvent
@@ -29,3 +34,37 @@ def test_the_first_matching_pattern_is_named_whether_or_not_the_patterns_can_be_
     assert [v for v, _ in ask(k, grouped, texts)] == [True, True, False, True, True]
     assert [v for v, _ in ask(k, flagged, texts)] == [True, False, False, False, True]
     assert ask(k, policy([]), ["kys"]) == [(False, "no pattern matched")]
+
+
+# Shapes the first-character prefilter reads (literals, classes, ranges, branches, groups,
+# repeats, \b) and shapes it must give up on (optional starts, categories, negations, lookarounds,
+# inline flags); the Kelvin sign and the dotted I fold to k and i under IGNORECASE.
+PREFILTER_PATTERNS = [
+    r"\bkys\b", r"nobody wants you", r"[x-z]{2}q", r"(?:ab|c[de])+f", r"(g|h)ij", r"(?>kl)m", r"a?bc",
+    r"\wqq", r"[^a-y]zz", r"(?<=o)pp", r"(?-i:Tt)", r"K\u212a", r"^st$", r"(a|)bc",
+]  # fmt: skip
+ALPHABET = "abcdefghijklmnopqrstuvwxyzKT \u212a\u0130!"
+
+
+def test_the_prefilter_names_every_first_character_or_gives_up():
+    from consumer.classify.keyword import _first_characters
+
+    def firsts(source: str) -> set[str] | None:
+        body = _first_characters(source)
+        return None if body is None else {c for c in map(chr, range(0x250)) if re.fullmatch(f"[{body}]", c)}
+
+    assert firsts(r"(?:\bkill yourself\b)|(?:\bkys\b)|(?:\bnobody wants you here\b)") == {"k", "n"}
+    assert firsts(r"[x-z]{2}q|(g|h)ij|(?>kl)m") == {"x", "y", "z", "g", "h", "k"}
+    for source in (r"a?bc", r"\wqq", r"[^a-y]zz", r"(?<=o)pp", r"(?-i:Tt)", r"\b", r"x|.", r"(a|)bc"):
+        assert firsts(source) is None, source
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=st.text(alphabet=ALPHABET, min_size=1, max_size=40),
+    chosen=st.sets(st.sampled_from(PREFILTER_PATTERNS), min_size=1),
+)
+def test_the_prefiltered_search_flags_what_the_patterns_flag(text, chosen):
+    chosen = sorted(chosen)
+    expected = any(re.search(p, text, re.IGNORECASE) for p in chosen)
+    assert ask(KeywordClassifier(), policy(chosen), [text])[0][0] is expected
