@@ -21,12 +21,20 @@ from consumer.policy import Policy
 
 CacheKey = tuple[str, str, str]  # Policy.key (the id, scoped by its community), policy version, content hash
 
+try:  # built with the lexical stage's n-gram counts (setup.py); without it, Python does the same
+    from consumer.classify.cascade._ngrams import normalised as _normalised_ascii
+except ImportError:
+    _normalised_ascii = None
+
 _INVISIBLE = re.compile("[\u200b-\u200f\u2060-\u2064\ufeff\u00ad]")
 
 
 def normalise(content: str) -> str:
     """NFKC, case-folded, without invisible characters, white space collapsed."""
-    if not content.isascii():  # ASCII text is its own NFKC form and has no invisible characters
+    if content.isascii():  # ASCII text is its own NFKC form and has no invisible characters
+        if _normalised_ascii is not None:
+            return _normalised_ascii(content)  # type: ignore[no-any-return]
+    else:
         content = _INVISIBLE.sub("", unicodedata.normalize("NFKC", content))
     # str.split() splits where `\s+` matches (both ask str.isspace), and drops the ends.
     return " ".join(content.casefold().split())

@@ -1,5 +1,7 @@
 """The verdict cache: repeated content hits, an edited policy misses, size and age are bounded."""
 
+import pytest
+
 from consumer.classify import Classification
 from consumer.classify.cascade.cache import VerdictCache, cache_key, normalise
 from consumer.policy import parse_policy
@@ -80,3 +82,36 @@ def test_normalising_ascii_text_the_short_way_gives_what_the_full_way_gives():
              "Straße İstanbul", "zero\u200bwidth\u00adsoft", "ok"]  # fmt: skip
     for text in texts:
         assert normalise(text) == full_way(text), repr(text)
+
+
+def test_the_compiled_normalising_of_ascii_text_is_pythons_on_any_text(monkeypatch):
+    """`_ngrams.normalised` (C) against the Python way on fuzzed ASCII, every white space kind,
+    and texts past its 512-byte stack buffer; a text that is not ASCII is left to Python."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from consumer.classify.cascade import cache
+
+    if cache._normalised_ascii is None:
+        pytest.skip("consumer/classify/cascade/_ngrams.c was not compiled here (no C compiler at install)")
+    compiled = cache._normalised_ascii
+
+    def python_way(text: str) -> str:
+        monkeypatch.setattr(cache, "_normalised_ascii", None)
+        try:
+            return normalise(text)
+        finally:
+            monkeypatch.setattr(cache, "_normalised_ascii", compiled)
+
+    texts = st.one_of(
+        st.text(st.characters(max_codepoint=127), max_size=60),
+        st.text(st.sampled_from(" \t\n\x0b\x0c\r\x1c\x1d\x1e\x1f aAzZ09_!-"), min_size=500, max_size=700),
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(texts)
+    def same(text: str) -> None:
+        assert compiled(text) == normalise(text) == python_way(text)
+
+    same()
+    assert compiled("Ünïcode") is None and normalise("  Ünïcode  X ") == "ünïcode x"
