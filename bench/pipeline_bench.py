@@ -45,6 +45,22 @@ ALL_CASES = (*KAFKA_CASES, "engine", "remote")
 PEER_PYTHON = Path.home() / ".cache" / "safeguard-consumer" / "bench-peer" / "bin" / "python"
 
 
+def compiled_in_place(checkout: Path) -> str | None:
+    """A `--baseline` worktree has the sources only: build its compiled part (setup.py's optional
+    extension, the lexical stage's n-gram counts) beside them, as `pip install` does for this
+    checkout; else its cascade cases would run the numpy fallback and the before/after would
+    measure that too. None when built (or the checkout has none), else why not."""
+    source = checkout / "consumer" / "classify" / "cascade" / "_ngrams.c"
+    if not source.is_file() or any(source.parent.glob("_ngrams.*.so")):
+        return None
+    print(f"building {source.relative_to(checkout)} in place (setup.py build_ext) ...", file=sys.stderr, flush=True)
+    built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=checkout,
+                           capture_output=True, text=True)  # fmt: skip
+    if built.returncode != 0 or not any(source.parent.glob("_ngrams.*.so")):
+        return f"could not build its _ngrams.c (a C compiler and Python's headers are needed): {built.stderr[-500:]}"
+    return None
+
+
 def run_case(
     python: str, module: str, args: list[str], timeout: float, root: Path = REPO, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -198,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         args.baseline = args.baseline.resolve()
         if not (args.baseline / "consumer" / "pipeline").is_dir():
             parser.error(f"--baseline {args.baseline}: not a safeguard-consumer checkout")
+        problem = compiled_in_place(args.baseline)
+        if problem:
+            parser.error(f"--baseline {args.baseline}: {problem}")
     if args.stages and not Path(args.py_spy).is_file():
         parser.error(f"--stages needs py-spy: {args.py_spy} not found (pip install py-spy, or pass --py-spy PATH)")
     cases = [c for c in args.cases.split(",") if c]
