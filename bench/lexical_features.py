@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import orjson
 
+from bench.checkouts import compiled_ngrams
 from bench.workload import chat_events
 from consumer.classify.cascade import hashing
 from consumer.classify.cascade.lexical import N_FEATURES
@@ -33,6 +34,8 @@ def load(checkout: Path) -> ModuleType:
         raise SystemExit(f"--baseline {checkout}: no {path.relative_to(checkout)} there (give a checkout of this repo)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # Its import of `_ngrams` found this checkout's build: give it its own (or its numpy fallback).
+    module._ngrams = compiled_ngrams(checkout)
     return module
 
 
@@ -50,7 +53,8 @@ def main() -> None:
     if hashing._ngrams is not None:
         sides["numpy fallback"] = hashing.numpy_ngram_counts
     if args.baseline:
-        sides["baseline"] = load(args.baseline).ngram_counts
+        baseline = load(args.baseline)
+        sides["baseline" + (" (compiled)" if baseline._ngrams is not None else " (numpy)")] = baseline.ngram_counts
     mine = hashing.ngram_counts(texts[:1000], N_FEATURES)
     for name, side in sides.items():
         theirs = side(texts[:1000], N_FEATURES)

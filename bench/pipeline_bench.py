@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from bench.checkouts import compiled_in_place
 from bench.workload import REPO, Spec, chat_events, produce_events
 from consumer.kafka.devkafka import KafkaBroker, create_topics
 
@@ -43,22 +44,6 @@ OUR_STREAM_CASES = ("ours", "keyword", "cascade-lexical", "cascade-embedding")
 KAFKA_CASES = (*STREAM_CASES, "engine-sat", "engine-half")
 ALL_CASES = (*KAFKA_CASES, "engine", "remote")
 PEER_PYTHON = Path.home() / ".cache" / "safeguard-consumer" / "bench-peer" / "bin" / "python"
-
-
-def compiled_in_place(checkout: Path) -> str | None:
-    """A `--baseline` worktree has the sources only: build its compiled part (setup.py's optional
-    extension, the lexical stage's n-gram counts) beside them, as `pip install` does for this
-    checkout; else its cascade cases would run the numpy fallback and the before/after would
-    measure that too. None when built (or the checkout has none), else why not."""
-    source = checkout / "consumer" / "classify" / "cascade" / "_ngrams.c"
-    if not source.is_file() or any(source.parent.glob("_ngrams.*.so")):
-        return None
-    print(f"building {source.relative_to(checkout)} in place (setup.py build_ext) ...", file=sys.stderr, flush=True)
-    built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=checkout,
-                           capture_output=True, text=True)  # fmt: skip
-    if built.returncode != 0 or not any(source.parent.glob("_ngrams.*.so")):
-        return f"could not build its _ngrams.c (a C compiler and Python's headers are needed): {built.stderr[-500:]}"
-    return None
 
 
 def run_case(
