@@ -1,0 +1,34 @@
+"""bench/checkouts.py: a --baseline checkout's compiled part is its own, built in place."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.checkouts import NGRAMS, compiled_in_place, compiled_ngrams
+from consumer.classify.cascade import hashing
+from tests.conftest import REPO
+
+
+def checkout(tmp_path: Path, source: str) -> Path:
+    """A checkout holding setup.py and `source` as its _ngrams.c, as a fresh worktree has them."""
+    (tmp_path / NGRAMS).parent.mkdir(parents=True)
+    (tmp_path / NGRAMS).write_text(source)
+    shutil.copy(REPO / "setup.py", tmp_path / "setup.py")
+    return tmp_path
+
+
+def test_a_baseline_gets_its_own_build_loaded_by_path_or_the_reason_it_has_none(tmp_path):
+    if hashing._ngrams is None:
+        pytest.skip("no compiled _ngrams here: this machine has no C compiler")
+    source = (REPO / NGRAMS).read_text()
+    # Told apart from this checkout's build by a changed answer: no ASCII text is "not ASCII" there.
+    marked = source.replace("if (!PyUnicode_IS_ASCII(text))\n        Py_RETURN_NONE;", "Py_RETURN_NONE;")
+    assert marked != source
+    other = compiled_ngrams(checkout(tmp_path / "other", marked))
+    assert other is not None and other is not hashing._ngrams
+    assert other.normalised("Free  NITRO") is None and hashing._ngrams.normalised("Free  NITRO") == "free nitro"
+
+    assert compiled_in_place(tmp_path) is None and compiled_ngrams(tmp_path) is None  # no _ngrams.c: numpy
+    problem = compiled_in_place(checkout(tmp_path / "broken", "this is not C"))
+    assert problem is not None and "could not build" in problem
