@@ -251,7 +251,7 @@ done:
 /* normalised(text) -> str, or None for a text that is not ASCII: the verdict cache's form of an
  * ASCII text (`cache.normalise`: case-folded, which in ASCII is lower-cased, and its words joined
  * by single spaces), made by `padded_ascii` without the padding. One pass and one string where
- * Python's split and join make a string a word: 1.5 µs of the lexical cascade's chat message. */
+ * Python's split and join make a string a word: 0.8 against 1.3 µs a bench chat message. */
 static PyObject *normalised(PyObject *self, PyObject *text) {
     if (!PyUnicode_Check(text)) {
         PyErr_Format(PyExc_TypeError, "text is %.100s, not str", Py_TYPE(text)->tp_name);
