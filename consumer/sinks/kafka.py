@@ -92,7 +92,10 @@ class KafkaSink:
     ):
         """`budget`: the output topics' size budgets, loaded; by default read here."""
         self.budget = budget or _loaded_budget(producer_config, verdict_topic, dead_letter_topic)
-        self._producer = _producer(producer_config, self.budget, error_cb=self._on_client_error)
+        # A delivered output is told by its report's release, not a call (`_Report`): reports of
+        # failures only, so the client builds no `Message` copy of each delivered output.
+        self._producer = _producer(producer_config, self.budget, error_cb=self._on_client_error,
+                                   **{"delivery.report.only.error": True})  # fmt: skip
         self.verdict_topic = verdict_topic
         self.dead_letter_topic = dead_letter_topic
         self._on_delivered = on_delivered
@@ -159,12 +162,15 @@ class KafkaSink:
             # issue 31, eighth round). confluent-kafka's order (pinned): topic, value, key,
             # partition, callback, on_delivery (an alias), timestamp, headers; should it move, the
             # integration tests fail (test_delivery reads the keys, test_telemetry the traceparent).
-            self._producer.produce(output.topic, output.value, output.key, PARTITION_UA,
-                                   _Report(self, output, ticket, attempt), None, 0, output.headers or None)  # fmt: skip
+            report = _Report(self, output, ticket, attempt)
+            self._producer.produce(output.topic, output.value, output.key, PARTITION_UA, report, None, 0,
+                                   output.headers or None)  # fmt: skip
         except KafkaException as exc:  # librdkafka's own checks (its message.max.bytes), before sending
             if exc.args[0].code() not in RECORD_ERRORS:
                 raise
             self._refused.append((output, ticket, exc.args[0]))
+            return
+        report.sent = True  # queued: the client holds it until the delivery (else it was released unsent)
 
     def _report(self, err: KafkaError, output: Output, ticket: Ticket, attempt: int) -> None:
         """A failed delivery (`_Report` handles the delivered ones)."""
@@ -244,23 +250,39 @@ class KafkaSink:
 
 
 class _Report:
-    """One output's delivery callback: it carries the ticket. One slotted object per output
-    rather than a closure (a function, its cells and their tuple): every object a record makes is
-    also freed while `Producer.poll` serves its report (docs/benchmark.md, issue 31, fifth round)."""
+    """One output's delivery report: it carries the ticket. The producer runs with
+    `delivery.report.only.error`, so confluent-kafka calls it for a failed delivery only, and
+    releases it (the last reference, held since `produce`) when a delivery succeeds: `__del__` of
+    a report that was sent (`sent`) and never called is a delivered output. That spares each
+    delivered output the `Message` the client builds for a call (its value, key and headers
+    copied) and the call itself (docs/benchmark.md, issue 31, ninth round). A report released
+    without being sent (`produce` refused it) or after its failure was handled counts nothing.
 
-    __slots__ = ("sink", "output", "ticket", "attempt")
+    One slotted object per output rather than a closure (a function, its cells and their tuple):
+    every object a record makes is also freed while `Producer.poll` serves its report (fifth round)."""
+
+    __slots__ = ("sink", "output", "ticket", "attempt", "sent")
 
     def __init__(self, sink: KafkaSink, output: Output, ticket: Ticket, attempt: int):
         self.sink = sink
         self.output = output
         self.ticket = ticket
         self.attempt = attempt
+        self.sent = False
 
     def __call__(self, err: KafkaError | None, _msg: Any) -> None:
+        self.sent = False  # reported: its release says nothing more
+        if err is None:  # a client that reports deliveries too
+            self._delivered()
+        else:
+            self.sink._report(err, self.output, self.ticket, self.attempt)
+
+    def __del__(self) -> None:
+        if self.sent:
+            self._delivered()
+
+    def _delivered(self) -> None:
         sink = self.sink
-        if err is not None:
-            sink._report(err, self.output, self.ticket, self.attempt)
-            return
         sink._delivered.append(self.ticket)  # a deque: safe whichever thread serves reports
         kind = self.output.kind
         if kind == "verdict":
