@@ -77,7 +77,11 @@ class Output(NamedTuple):
     value: bytes
     key: bytes | None
     headers: Headers
-    document: Document  # the verdict or dead letter, uncut
+    # The verdict or dead letter, uncut; None for a verdict sent whole, whose value is its document
+    # (`OutputBudget.document`): an output's objects held until its delivery report are freed
+    # there, far from where they were made, at 2-3 µs an output more (docs/benchmark.md, issue 31,
+    # ninth round).
+    document: Document | None
     record: Message  # the input record
     kind: str  # "verdict", "review_item", "dead_letter" or "minimal" (a dead letter without original bytes)
     refits: int = 0  # how often the broker refused this record's outputs for their size
@@ -187,7 +191,7 @@ class OutputBudget:
         value = orjson.dumps(document)
         key = record.key()
         if len(value) + len(key or b"") + headers_size(headers) <= self.budget(topic):  # the common case
-            return _new_output((topic, value, key, headers, document, record, "verdict", 0))
+            return _new_output((topic, value, key, headers, None, record, "verdict", 0))
         try:
             value, key = self._trim_verdict(document, key, headers)
         except OutputTooLarge as exc:
@@ -228,22 +232,25 @@ class OutputBudget:
         refits = refused.refits + size
         if size:
             self.refresh(refused.topic)
+        document = self.document(refused)
         if refused.kind == "verdict" and size and refused.refits == 0:
-            return self.verdict(refused.document, refused.record, refused.headers)._replace(refits=refits)
+            return self.verdict(document, refused.record, refused.headers)._replace(refits=refits)
         if refused.kind == "review_item" and size and refused.refits == 0:
-            return self.review_item(refused.topic, refused.document, refused.record, refused.headers)._replace(
-                refits=refits
-            )
+            return self.review_item(refused.topic, document, refused.record, refused.headers)._replace(refits=refits)
         if refused.kind in ("verdict", "review_item"):
-            return self._rejected(refused.kind, refused.document, refused.record, refused.headers,
+            return self._rejected(refused.kind, document, refused.record, refused.headers,
                                   f"the broker refused it: {reason}", refits)  # fmt: skip
         if refused.kind == "dead_letter":
             try:
-                value, key = self._abbreviate(refused.document, refused.record.key(), refused.headers, minimal=True)
+                value, key = self._abbreviate(document, refused.record.key(), refused.headers, minimal=True)
             except OutputTooLarge as exc:
                 raise OutputRefused(f"{reason}; {exc}") from None
             return refused._replace(value=value, key=key, kind="minimal", refits=refits)
         raise OutputRefused(reason)
+
+    def document(self, output: Output) -> Document:
+        """The document `output` was made from: the one it carries, else (a verdict sent whole) its value read back."""
+        return output.document if output.document is not None else orjson.loads(output.value)
 
     def _rejected(
         self, kind: str, document: Document, record: Message, headers: Headers, why: str, refits: int

@@ -145,5 +145,8 @@ class RegisteredBudget(OutputBudget):
         if found is None or output.value[:1] != b"{":
             return output
         serialize, ctx = found
-        # The fitted value, not `output.document`: it is what fits, trimmed or abbreviated.
-        return output._replace(value=serialize(orjson.loads(output.value), ctx))
+        # The fitted value, not `output.document`: it is what fits, trimmed or abbreviated. A verdict
+        # sent whole carries no document (its plain value was it): framed, it keeps the one read here.
+        fitted = orjson.loads(output.value)
+        document = fitted if output.document is None else output.document
+        return output._replace(value=serialize(fitted, ctx), document=document)

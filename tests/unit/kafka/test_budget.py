@@ -238,3 +238,16 @@ def test_a_refused_review_item_is_refitted_once_then_becomes_an_output_rejected_
     letter = orjson.loads(rejected.value)
     assert rejected.kind == "dead_letter" and rejected.topic == "out.dlq"
     assert letter["error"]["type"] == "output_rejected" and "review item" in letter["error"]["message"]
+
+
+def test_a_verdict_sent_whole_holds_no_document_and_reads_it_back_from_its_value():
+    """Until its delivery report an output's objects stay alive; a verdict sent whole keeps its value
+    only, and a refit reads the document back from it: the same document, floats and all."""
+    document = a_verdict(Classification(violation=True, category="harassment", confidence="high", rationale="é ✓"))
+    document["latency_ms"] = 0.1 + 0.2  # no float's shortest form may lose a digit on the way back
+    fitted = budget().verdict(document, FakeMessage(), TRACE)
+    assert fitted.document is None
+    assert budget().document(fitted) == document
+    long = a_verdict(Classification(violation=True, reasoning="think " * 20_000, model="m"))
+    trimmed = budget(verdict_max=60_000).verdict(long, FakeMessage(), TRACE)
+    assert trimmed.kind == "verdict" and trimmed.document is long  # the original, to trim it again
