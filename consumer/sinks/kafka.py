@@ -14,8 +14,9 @@ input record so they land in the matching partition order downstream. Every outp
 fitted to its topic's size budget before it is sent (`consumer.kafka.budget`). Delivery reports are
 served by `serve`, which the pipeline calls on its event loop after each batch of records
 and every few milliseconds: reports served on a thread of their own would take the GIL from
-the loop once per record. The tickets of the delivered records go to `on_delivered` a batch
-at a time (the offset tracker then lets their offsets be committed). A delivery error that
+the loop once per record. The client calls back failed deliveries only; a delivered output is
+told by the client releasing its report (`_Report`). The tickets of the delivered records go to
+`on_delivered` a batch at a time (the offset tracker then lets their offsets be committed). A delivery error that
 concerns one record only (its size, an invalid record) sends that record a smaller output
 (`OutputBudget.smaller`: a verdict trimmed again, then a dead letter, then a minimal one). A
 retriable delivery error sends the record again (through the backlog) up to
