@@ -16,10 +16,10 @@ served by `serve`, which the pipeline calls on its event loop after each batch o
 and every few milliseconds: reports served on a thread of their own would take the GIL from
 the loop once per record. The client calls back failed deliveries only; a delivered output is
 told by the client releasing its report (`_Report`). The tickets of the delivered records go to
-`on_delivered` a batch at a time (the offset tracker then lets their offsets be committed). A delivery error that
-concerns one record only (its size, an invalid record) sends that record a smaller output
-(`OutputBudget.smaller`: a verdict trimmed again, then a dead letter, then a minimal one). A
-retriable delivery error sends the record again (through the backlog) up to
+`on_delivered` a batch at a time (the offset tracker then lets their offsets be committed). A
+delivery error that concerns one record only (its size, an invalid record) sends that record a
+smaller output (`OutputBudget.smaller`: a verdict trimmed again, then a dead letter, then a
+minimal one). A retriable delivery error sends the record again (through the backlog) up to
 `delivery_retries` times; anything else concerns the topic and is fatal: `on_fatal` is
 called with a message naming the topic, the record and what to do, and the record is never
 marked delivered, so its offset is never committed. Only acknowledged outputs are counted
