@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
     data_dir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
     broker = KafkaBroker(data_dir)
     otlp = OtlpSink()
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                         rounds.setdefault(f"{case}@baseline", []).append(bench.kafka_case(case, spec, args.baseline))
             for case, runs in rounds.items():
                 results[case] = median_run(runs)
+            targets = issue_targets(rounds)
         if "engine-sat" in cases:
             topic = bench.topic("backlog", chat_events(args.engine_bound_events, seed=9))
             results["engine-sat"] = bench.kafka_case(
@@ -272,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": stamp, "events": args.events, "cpus": os.cpu_count(), "argv": sys.argv[1:],
             "trace_ratio": args.trace_ratio, "input_traces": args.input_traces,
             "otlp_exports": otlp.requests, "otlp_bytes": otlp.bytes}
-    path.write_text(json.dumps({"meta": meta, "cases": results, "summary": summary}, indent=2))
+    path.write_text(json.dumps({"meta": meta, "cases": results, "summary": summary, "targets": targets}, indent=2))
     print_table(results, summary, args.events)
+    print_targets(targets)
     print(f"\nwritten to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0
 
@@ -373,6 +377,47 @@ def print_table(results: dict[str, Any], summary: dict[str, Any], events: int) -
               f"1M={m.get('1000000', {}).get('peak_rss_mb')} MB, ratio={m.get('ratio_1m_to_100k')}")
     print("\n" + "  ".join(f"{k}={v}" for k, v in summary.items() if v is not None))
     print_stages(results)
+
+
+# Issue 31's targets, each a ratio of two cases: (name, numerator, denominator, figure, the line, which side meets it).
+TARGETS: tuple[tuple[str, str, str, str, float, str], ...] = (
+    ("keyword CPU / Quix Streams CPU", "keyword", "peer", "cpu_us_per_event", 1.0, "<="),
+    ("cascade-lexical / keyword events/s", "cascade-lexical", "keyword", "events_per_s", 0.8, ">="),
+    ("cascade-embedding / keyword events/s", "cascade-embedding", "keyword", "events_per_s", 0.5, ">="),
+)
+
+
+def issue_targets(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each target's ratio round by round: the two cases of one round ran back to back, so their
+    ratio shares the machine's state, where a ratio of two cases' medians may pair a quick round
+    of one with a slow round of the other. The median of the paired ratios is what is judged;
+    `peer_cpu_spread` (the peer's own rounds, (max - min) / median) says how far this machine moves
+    a figure that did not change: a median nearer the line than that is not told apart from it."""
+    out: dict[str, Any] = {}
+    for name, top, bottom, figure, line, side in TARGETS:
+        pairs = zip(rounds.get(top, []), rounds.get(bottom, []))
+        by_round = [round(a[figure] / b[figure], 3) for a, b in pairs if a.get(figure) and b.get(figure)]
+        if by_round:
+            median = round(statistics.median(by_round), 3)
+            met = median <= line if side == "<=" else median >= line
+            out[name] = {"rounds": by_round, "median": median, "target": f"{side} {line}", "met": met}
+    peer = [r["cpu_us_per_event"] for r in rounds.get("peer", []) if r.get("cpu_us_per_event")]
+    if len(peer) > 1:
+        out["peer_cpu_spread"] = round((max(peer) - min(peer)) / statistics.median(peer), 3)
+    return out
+
+
+def print_targets(targets: dict[str, Any]) -> None:
+    named = {name: t for name, t in targets.items() if isinstance(t, dict)}
+    if not named:
+        return
+    print("\nissue 31's targets, paired round by round (the median is judged):")
+    for name, t in named.items():
+        verdict = "met" if t["met"] else "not met"
+        print(f"  {name:<38} {t['target']:>6}  median {t['median']:.3f}  {verdict:<8} rounds {t['rounds']}")
+    if "peer_cpu_spread" in targets:
+        print(f"  Quix Streams' own CPU per event moved {targets['peer_cpu_spread']:.0%} between its rounds (the same "
+              "code each time): a median that near the line is not told apart from it on this machine")
 
 
 def print_stages(results: dict[str, Any]) -> None:
