@@ -7,6 +7,9 @@ spec and prints `RESULT {json}` as its last line. The orchestrator is bench.pipe
 - hand: the loop a user writes by hand for our job: consume, decode (orjson), validate
   (ContentEvent), an instant verdict, produce keyed like the input, flush and commit every
   COMMIT_EVERY records (at least once, like ours);
+- keyword-floor: the keyword case's own work (our decoder, classifier, verdict documents,
+  delivery reports, offset tracker) in one loop written by hand, without the pipeline: what
+  ours costs above it is the pipeline's own;
 - ours: safeguard-consumer's Pipeline with an instant classifier;
 - keyword, cascade-lexical, cascade-embedding: the Pipeline with the classifiers users run
   without a GPU: `classifier.kind: keyword`, and the cascade with `reasoner: none` (cache
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import statistics
 import sys
 import threading
@@ -29,13 +33,19 @@ import orjson
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from pydantic import ValidationError
 
-from bench.workload import REPO, Meter, Spec, chat_events, instant_verdict, report
+from bench.workload import POLICY_ID, REPO, Meter, Spec, chat_events, instant_verdict, report
 from consumer.classify import Capacity, Classification, ClassifyRequest
+from consumer.classify.keyword import KeywordClassifier
 from consumer.config import load_settings
+from consumer.decode import wire
 from consumer.events import ContentEvent
+from consumer.kafka import records
+from consumer.kafka.client import PARTITION_UA
+from consumer.kafka.offsets import OffsetTracker
 from consumer.kafka.roles import SourceOptions, SourceWiring
 from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.kafka.source import CONSUMER_DEFAULTS, Source
+from consumer.pipeline import outputs
 from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
 
@@ -98,6 +108,78 @@ def run_loop(spec: Spec, transform: bool) -> dict[str, Any]:
         if uncommitted >= COMMIT_EVERY or consumed >= spec.events:
             commit()
             uncommitted = 0
+    meter.done()
+    consumer.close()
+    return meter.result(spec.events)
+
+
+class _FloorReport:
+    """A delivery report held as the sink holds its own (`consumer.sinks.kafka._Report`): the
+    client releases it when the output is delivered."""
+
+    __slots__ = ("delivered", "ticket", "sent")
+
+    def __init__(self, delivered: list[Any], ticket: Any):
+        self.delivered, self.ticket, self.sent = delivered, ticket, False
+
+    def __call__(self, err: Any, _msg: Any) -> None:
+        raise KafkaException(err)  # a failed delivery: the case fails
+
+    def __del__(self) -> None:
+        if self.sent:
+            self.delivered.append(self.ticket)
+
+
+def run_keyword_floor(spec: Spec) -> dict[str, Any]:
+    """The keyword case's own work in one loop written by hand: our decoder, the keyword
+    classifier, our verdict documents, a `traceparent` for each output, delivery reports held as
+    the sink holds them, our offset tracker and a commit a second. Not here: the pipeline's
+    stages, its event loop and poll thread, sampled spans, metrics, routing, the conversation,
+    offender counts and the size budget. What ours costs above this is the pipeline's own."""
+    consumer = Consumer({**CONSUMER, "bootstrap.servers": spec.bootstrap, "group.id": spec.group})
+    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": spec.bootstrap, "delivery.report.only.error": True})
+    consumer.subscribe([spec.input_topic])
+    policy = PolicyStore(REPO / "policies").get()[POLICY_ID]
+    classifier = KeywordClassifier()
+    tracker = OffsetTracker()
+    meter = Meter()
+    delivered: list[Any] = []
+    done = 0
+    committed_at = time.monotonic()
+    while done < spec.events:
+        batch = [m for m in consumer.consume(500, 0.1) if m.error() is None]
+        if batch:
+            meter.first_record()
+        tickets = tracker.track_many([(m.topic(), m.partition(), m.offset(), len(m.value())) for m in batch])
+        for message, ticket in zip(batch, tickets):
+            started = time.monotonic()
+            event = wire.read_json(message.value(), message)
+            if event is None:
+                raise SystemExit("the bench's input decodes on the fast way")
+            outcome = classifier.classify_now(ClassifyRequest(event, policy, event.event_id))
+            latency_ms = (time.monotonic() - started) * 1000
+            result = outputs.policy_result(policy, outcome, latency_ms)
+            document = outputs.verdict(event.event_id, records.source_of(message), outcome.violation,
+                                       result["action"], [result], event.author_id, event.community_id,
+                                       event.context_id, None, None, latency_ms)  # fmt: skip
+            parent = b"00-%032x-%016x-00" % (random.getrandbits(128), random.getrandbits(64))
+            report = _FloorReport(delivered, ticket)
+            producer.produce(spec.output_topic, orjson.dumps(document), message.key(), PARTITION_UA, report, None, 0,
+                             [("traceparent", parent)])  # fmt: skip
+            report.sent = True
+            del report  # the client holds the last reference
+        producer.poll(0)
+        if delivered:
+            done += len(delivered)
+            tracker.done_many(delivered)
+            delivered.clear()
+        if time.monotonic() - committed_at >= 1.0 or done >= spec.events:
+            positions = tracker.commit_positions()
+            if positions:
+                offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
+                consumer.commit(offsets=offsets, asynchronous=True)
+                tracker.mark_committed(positions)
+            committed_at = time.monotonic()
     meter.done()
     consumer.close()
     return meter.result(spec.events)
@@ -418,6 +500,8 @@ def run_case(name: str, spec: Spec) -> dict[str, Any]:
         return run_loop(spec, transform=False)
     if name == "hand":
         return run_loop(spec, transform=True)
+    if name == "keyword-floor":
+        return run_keyword_floor(spec)
     if name == "ours":
         meter, pipeline = run_ours(spec, InstantClassifier())
         return meter.result(spec.events, **batcher_figures(pipeline))

@@ -40,7 +40,7 @@ from bench.workload import REPO, Spec, chat_events, produce_events
 from consumer.kafka.devkafka import KafkaBroker, create_topics
 
 PARTITIONS = 6
-STREAM_CASES = ("raw", "hand", "peer", "ours", "keyword", "cascade-lexical", "cascade-embedding")
+STREAM_CASES = ("raw", "hand", "keyword-floor", "peer", "ours", "keyword", "cascade-lexical", "cascade-embedding")
 OUR_STREAM_CASES = ("ours", "keyword", "cascade-lexical", "cascade-embedding")
 KAFKA_CASES = (*STREAM_CASES, "engine-sat", "engine-half")
 ALL_CASES = (*KAFKA_CASES, "engine", "remote")
@@ -334,6 +334,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     return {
         "keyword/peer": ratio(rate("keyword"), rate("peer")),
         "keyword_cpu/hand_cpu": ratio(cpu("keyword"), cpu("hand")),
+        "keyword_cpu/keyword-floor_cpu": ratio(cpu("keyword"), cpu("keyword-floor")),
         "cascade-lexical/keyword": ratio(rate("cascade-lexical"), rate("keyword")),
         "cascade-embedding/keyword": ratio(rate("cascade-embedding"), rate("keyword")),
         "ours/hand": ratio(ours, rate("hand")),
