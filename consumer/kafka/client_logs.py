@@ -9,7 +9,8 @@ window in all.
 
 `BrokerLink` owns "one WARNING per state change": it hears connection failures (the
 clients' error callbacks and FAIL lines) and signs of life (statistics, received records),
-logs the change from reachable to unreachable and back once each, and tells `/readyz`.
+logs the change from reachable to unreachable and back once each, and tells `/readyz`. A change
+stands for `OUTAGE_SETTLE_S`: signs of the state before it, sooner than that, are its stragglers.
 """
 
 from __future__ import annotations
@@ -30,17 +31,29 @@ _DIGITS = re.compile(r"\d+")
 # librdkafka's connection failures: the link's state change says it once, at WARNING.
 _CONNECTION_FACILITIES = frozenset({"FAIL", "BROKERFAIL", "ERROR"})
 _DOWN_CODES = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE})
+# Each change of the link's state has stragglers of the state before it. A broker shutting down
+# closes a connection and may still take a new one, or answer a metadata probe, for a moment;
+# statistics taken before a failure arrive after it; a client's failed attempt to connect made just
+# before the broker listened again is logged just after another client found it back. Counted,
+# each logs one more "back" or "unreachable" for a single outage (both seen in CI). So a change
+# stands for `OUTAGE_SETTLE_S` before the next one counts; /readyz follows that much later.
+OUTAGE_SETTLE_S = 5.0
 
 
 class BrokerLink:
     """Whether the brokers are reachable, as far as the clients can tell; thread-safe."""
 
-    def __init__(self, addresses: str, logger: logging.Logger = link_log):
+    def __init__(
+        self, addresses: str, logger: logging.Logger = link_log, settle_s: float = OUTAGE_SETTLE_S,
+        clock: Any = time.monotonic,
+    ):  # fmt: skip
         self.addresses = addresses
         self._log = logger
+        self._settle_s = settle_s
+        self._clock = clock
         self._lock = threading.Lock()
         self._up = True  # until a client says otherwise: the start-up check saw them
-        self._since = time.monotonic()
+        self._changed_at = float("-inf")
         self.reason = ""
         self.changes = 0
 
@@ -49,20 +62,27 @@ class BrokerLink:
         return self._up
 
     def down(self, reason: str) -> None:
+        """A connection failure; an outage unless the link came back less than `settle_s` ago
+        (then it is a straggler of the outage: a genuine one goes on failing, and counts then)."""
         with self._lock:
-            if not self._up:
+            now = self._clock()
+            if not self._up or now - self._changed_at < self._settle_s:
                 return
-            self._up, self._since, self.reason = False, time.monotonic(), reason
+            self._up, self._changed_at, self.reason = False, now, reason
             self.changes += 1
         self._log.warning("brokers unreachable (%s): %s; retrying", self.addresses, reason)
 
     def alive(self) -> None:
+        """A sign of life; a recovery once the outage has lasted `settle_s` (the signs before are
+        ignored: the next statistics, record or probe says it again)."""
         if self._up:  # the common case, without the lock
             return
         with self._lock:
-            if self._up:
+            now = self._clock()
+            down_for = now - self._changed_at
+            if self._up or down_for < self._settle_s:
                 return
-            self._up, down_for = True, time.monotonic() - self._since
+            self._up, self._changed_at = True, now
             self.changes += 1
         self._log.warning("brokers reachable again (%s) after %.0f s", self.addresses, down_for)
 
