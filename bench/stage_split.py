@@ -39,7 +39,8 @@ STAGES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("classify", (), ("consumer/classify/", "consumer/pipeline/classify_step.py")),
     ("fit + encode output", (), ("consumer/kafka/budget.py",)),
     ("metrics", (), ("consumer/pipeline/telemetry/metrics.py", "consumer/pipeline/telemetry/drift.py")),
-    ("tracing", ("Telemetry.record_span",), ("consumer/pipeline/telemetry/tracing.py", "opentelemetry/")),
+    ("tracing", ("Telemetry.record_spans", "Telemetry._start"),
+     ("consumer/pipeline/telemetry/tracing.py", "opentelemetry/")),
     ("build verdict", ("Pipeline._conclude",), ("consumer/pipeline/outputs.py", "consumer/pipeline/output_step.py",
                                                 "consumer/review/", "consumer/pipeline/chat.py", "consumer/policy/")),
 )

@@ -476,9 +476,10 @@ class Pipeline:
         self.consumed += len(received)
         self.link.alive()  # records arrived: the brokers answer
         asking: list[tuple[Record, list[ClassifyRequest]]] = []
-        for message, ticket in received:
+        spans = self.telemetry.record_spans([message for message, _ in received])
+        for (message, ticket), span in zip(received, spans):
             consumed[message.topic()] += 1
-            record = Record(message, ticket, self.telemetry.record_span(message))
+            record = Record(message, ticket, span)
             try:
                 requests = self._prepare(record)
             except Unavailable as exc:  # an outage, not the record's fault: it waits, whole

@@ -12,6 +12,7 @@ reasoning never become span attributes unless `telemetry.trace_content` is set.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from opentelemetry.trace import Span, SpanKind
 
 import consumer
 from consumer.pipeline.telemetry.metrics import PipelineMetrics
-from consumer.pipeline.telemetry.tracing import RootSampling, extract
+from consumer.pipeline.telemetry.tracing import RootSampling, UnsampledSpan, extract
 
 _ROOT = Context()  # the parent of a record without headers (a Context is immutable: one will do)
 
@@ -61,29 +62,49 @@ class Telemetry(PipelineMetrics):
         return created
 
     def record_span(self, message: Any) -> Span:
-        """The span of one consumed record, consume to output; a child of the producer's context.
+        """The span of one consumed record (`record_spans` of one)."""
+        return self.record_spans([message])[0]
+
+    def record_spans(self, messages: Sequence[Any]) -> list[Span]:
+        """The span of each consumed record of a poll batch, consume to output; a child of the
+        producer's context.
 
         With tracing off, the producer's own (non-recording) span stands in, so the outputs
         still carry the producer's trace context on, at no cost (and a record without headers
         costs no context at all). A record that the ratio sampler does not sample, without a parent
         or under a producer's trace that is not sampled, gets its non-recording span from `roots`,
-        without the SDK. The attributes are set once a span records: the samplers the SDK ships
-        do not read them.
+        without the SDK; the batch's roots are decided at once. The attributes are set once a span
+        records: the samplers the SDK ships do not read them.
         """
-        headers = message.headers()
         if self.provider is None:
-            return trace.get_current_span(extract(headers)) if headers else trace.INVALID_SPAN
+            return [trace.get_current_span(extract(h)) if (h := m.headers()) else trace.INVALID_SPAN for m in messages]
         roots = self.roots
-        if roots is not None and headers:
-            unsampled = roots.unsampled_child(headers)
-            if unsampled is not None:
-                return unsampled
-        context = extract(headers) if headers else _ROOT  # a root, whatever span is current
-        if roots is not None and (not headers or not trace.get_current_span(context).get_span_context().is_valid):
-            trace_id, sampled = roots.decide()
-            if not sampled:
-                return roots.unsampled(trace_id)
-            roots.hand_over(trace_id)
+        spans: list[Span] = []
+        drawn: list[UnsampledSpan | int] = []
+        for message in messages:
+            headers = message.headers()
+            context = _ROOT  # a root, whatever span is current
+            if headers:
+                unsampled = roots.unsampled_child(headers) if roots is not None else None
+                if unsampled is not None:
+                    spans.append(unsampled)
+                    continue
+                context = extract(headers)
+                if trace.get_current_span(context).get_span_context().is_valid:
+                    spans.append(self._start(message, context))
+                    continue
+            if roots is not None:  # a root: decided here
+                if not drawn:
+                    drawn = roots.roots(len(messages))
+                root = drawn.pop()
+                if type(root) is not int:
+                    spans.append(root)
+                    continue
+                roots.hand_over(root)
+            spans.append(self._start(message, context))
+        return spans
+
+    def _start(self, message: Any, context: Context) -> Span:
         topic = message.topic()
         span = self.tracer.start_span(f"process {topic}", context=context, kind=SpanKind.CONSUMER)
         if not span.is_recording():

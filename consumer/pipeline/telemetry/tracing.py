@@ -20,6 +20,7 @@ and the SDK (13.5 -> 3 µs a record in a micro-benchmark).
 
 from __future__ import annotations
 
+import binascii
 import os
 import random
 import re
@@ -84,7 +85,7 @@ def _writes_w3c() -> bool:
 def inject(span: Span) -> Headers:
     """Trace headers that make `span` the parent of whatever reads the output record."""
     if type(span) is UnsampledSpan and _writes_w3c():
-        return [("traceparent", span.traceparent())]
+        return [("traceparent", span.traceparent)]
     context = span.get_span_context()
     if not context.is_valid:
         return []  # no trace to carry on (tracing off, and the input had none)
@@ -127,7 +128,7 @@ _CHILD_FLAGS = {0: TraceFlags(TraceFlags.DEFAULT), TraceFlags.RANDOM_TRACE_ID: T
 
 class RootSampling:
     """A ratio sampler's decision for a root span (a record without a parent), taken before the
-    SDK is asked: `TraceIdRatioBased`'s own test of the trace id. `unsampled()` is the span of a
+    SDK is asked: `TraceIdRatioBased`'s own test of the trace id. `roots()` gives the span of each
     record that is not sampled; a sampled one is started by the SDK with its id (`hand_over`).
     `unsampled_child` is the same shortcut for a record whose producer's trace is not sampled."""
 
@@ -136,7 +137,10 @@ class RootSampling:
         self._limit = TraceIdRatioBased.TRACE_ID_LIMIT
         self._ids = ids
         self._parent_based = parent_based
-        self._flags = TraceFlags(TraceFlags.DEFAULT | (TraceFlags.RANDOM_TRACE_ID if ids.is_trace_id_random() else 0))
+        flags = TraceFlags.DEFAULT | (TraceFlags.RANDOM_TRACE_ID if ids.is_trace_id_random() else 0)
+        self._suffix = b"-%02x" % flags  # of an unsampled root's traceparent
+        # The bound as 16 hex digits, compared with the trace id's last 16; None: every root sampled.
+        self._bound_hex = b"%016x" % self._bound if self._bound <= self._limit else None
 
     def unsampled_child(self, headers: Headers) -> UnsampledSpan | None:
         """The span the SDK would start under the producer's trace in `headers` when it would not
@@ -163,16 +167,28 @@ class RootSampling:
             return None
         # The SDK's flags for a span it does not sample: the parent's random-trace-id bit, nothing else.
         own = _CHILD_FLAGS[flags & TraceFlags.RANDOM_TRACE_ID]
-        return UnsampledSpan(trace_id, random.getrandbits(64) or RandomIdGenerator().generate_span_id(), own)
+        span_id = random.getrandbits(64) or RandomIdGenerator().generate_span_id()
+        return UnsampledSpan(b"00-%032x-%016x-%02x" % (trace_id, span_id, own))
 
-    def decide(self) -> tuple[int, bool]:
-        """A new root's trace id, and whether it is sampled."""
-        trace_id = random.getrandbits(128) or RandomIdGenerator().generate_trace_id()
-        return trace_id, trace_id & self._limit < self._bound
-
-    def unsampled(self, trace_id: int) -> UnsampledSpan:
-        """The span the SDK would make for a root it does not sample: an id, no recording."""
-        return UnsampledSpan(trace_id, random.getrandbits(64) or RandomIdGenerator().generate_span_id(), self._flags)
+    def roots(self, n: int) -> list[UnsampledSpan | int]:
+        """`n` new roots, decided at once (a poll batch's records without a parent): for each,
+        the `UnsampledSpan` of a root the ratio does not sample, or the trace id of one it does
+        (for `hand_over`). The ids come from one draw of random bytes and are tested and written
+        as hex, without an integer per record (0.8 -> 0.5 µs a record in a micro-benchmark)."""
+        raw = random.randbytes(24 * n)  # a trace id (16 bytes) and a span id (8) each
+        while b"\0" * 8 in raw:  # an id of zeros is invalid: draw again (about never)
+            raw = random.randbytes(24 * n)
+        hexed = binascii.hexlify(raw)
+        bound, suffix = self._bound_hex, self._suffix
+        roots: list[UnsampledSpan | int] = []
+        for at in range(0, 48 * n, 48):
+            trace_id = hexed[at : at + 32]
+            # TraceIdRatioBased's test, trace_id & TRACE_ID_LIMIT < bound, on the last 16 hex digits.
+            if bound is None or trace_id[16:] < bound:
+                roots.append(int(trace_id, 16))
+            else:
+                roots.append(UnsampledSpan(b"00-%b-%b%b" % (trace_id, hexed[at + 32 : at + 48], suffix)))
+        return roots
 
     def hand_over(self, trace_id: int) -> None:
         """The next root span this thread starts through the SDK gets `trace_id`."""
@@ -180,20 +196,18 @@ class RootSampling:
 
 
 class UnsampledSpan(Span):
-    """A span that is not sampled: what the SDK's `NonRecordingSpan` is, without building its
-    `SpanContext` (a validated tuple) for every record; the context is made only when asked for,
-    and `inject` writes the `traceparent` from the ids directly."""
+    """A span that is not sampled: what the SDK's `NonRecordingSpan` is, held as the `traceparent`
+    that `inject` writes; its `SpanContext` (a validated tuple) is made only when asked for."""
 
-    __slots__ = ("_trace_id", "_span_id", "_flags")
+    __slots__ = ("traceparent",)
 
-    def __init__(self, trace_id: int, span_id: int, flags: TraceFlags):
-        self._trace_id, self._span_id, self._flags = trace_id, span_id, flags
-
-    def traceparent(self) -> bytes:
-        return b"00-%032x-%016x-%02x" % (self._trace_id, self._span_id, self._flags)
+    def __init__(self, traceparent: bytes):
+        self.traceparent = traceparent  # b"00-<trace id>-<span id>-<flags>", lower-case hex
 
     def get_span_context(self) -> SpanContext:
-        return SpanContext(self._trace_id, self._span_id, is_remote=False, trace_flags=self._flags)
+        parent = self.traceparent
+        return SpanContext(int(parent[3:35], 16), int(parent[36:52], 16), is_remote=False,
+                           trace_flags=TraceFlags(int(parent[53:55], 16)))  # fmt: skip
 
     def is_recording(self) -> bool:
         return False

@@ -153,6 +153,39 @@ def test_a_ratio_sampler_decides_roots_as_the_sdk_would(monkeypatch):
     telemetry.shutdown()
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
+def test_a_poll_batchs_roots_are_decided_at_once_as_the_sdk_would(monkeypatch, ratio):
+    """`record_spans`: the roots of a batch from one draw, the records with a parent as one by one."""
+    from opentelemetry import trace
+    from opentelemetry.propagate import get_global_textmap
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    parent = TracerProvider().get_tracer("t").start_span("producer")  # sampled: followed at any ratio
+    telemetry, exported = _ratio_telemetry(monkeypatch, ratio)
+    sdk = TraceIdRatioBased(ratio)
+    batch = [_Record(tracing.inject(parent)) if i % 10 == 0 else _Record() for i in range(2000)]
+    spans = telemetry.record_spans(batch)
+    assert len(spans) == len(batch)
+    roots = [span for record, span in zip(batch, spans) if not record.headers()]
+    children = [span for record, span in zip(batch, spans) if record.headers()]
+    assert all(s.is_recording() and s.parent.span_id == parent.get_span_context().span_id for s in children)
+    for span in roots:
+        context = span.get_span_context()
+        decision = sdk.should_sample(None, context.trace_id, "x").decision
+        assert context.is_valid and span.is_recording() == decision.is_sampled()
+        if not span.is_recording():
+            carrier = {}
+            get_global_textmap().inject(carrier, context=trace.set_span_in_context(span))
+            assert tracing.inject(span) == [("traceparent", carrier["traceparent"].encode())]
+    sampled = sum(span.is_recording() for span in roots)
+    assert {0.0: sampled == 0, 0.3: 390 < sampled < 690, 1.0: sampled == len(roots)}[ratio], sampled  # 540 expected
+    assert len({span.get_span_context().trace_id for span in roots}) == len(roots)
+    for span in spans:
+        span.end()
+    assert len(exported.get_finished_spans()) == sampled + len(children)
+    telemetry.shutdown()
+
+
 def test_an_unsampled_record_still_carries_its_trace_on_as_the_propagator_writes_it(monkeypatch):
     from opentelemetry import trace
     from opentelemetry.propagate import get_global_textmap
