@@ -61,10 +61,6 @@ class Telemetry(PipelineMetrics):
             registry.register(created.engine_latency)
         return created
 
-    def record_span(self, message: Any) -> Span:
-        """The span of one consumed record (`record_spans` of one)."""
-        return self.record_spans([message])[0]
-
     def record_spans(self, messages: Sequence[Any]) -> list[Span]:
         """The span of each consumed record of a poll batch, consume to output; a child of the
         producer's context.

@@ -97,7 +97,7 @@ def test_the_figures_a_stage_declares_are_exported_under_their_names():
 
 
 class _Record:
-    """What `Telemetry.record_span` reads of a consumed record."""
+    """What `Telemetry.record_spans` reads of a consumed record."""
 
     def __init__(self, headers=None):
         self._headers = headers
@@ -139,7 +139,7 @@ def test_a_ratio_sampler_decides_roots_as_the_sdk_would(monkeypatch):
 
     telemetry, exported = _ratio_telemetry(monkeypatch, 0.3)
     sdk = TraceIdRatioBased(0.3)
-    spans = [telemetry.record_span(_Record()) for _ in range(2000)]
+    spans = [telemetry.record_spans([_Record()])[0] for _ in range(2000)]
     sampled = [s for s in spans if s.is_recording()]
     for span in spans:  # the decision is TraceIdRatioBased's on the same trace id, sampled or not
         context = span.get_span_context()
@@ -191,7 +191,7 @@ def test_an_unsampled_record_still_carries_its_trace_on_as_the_propagator_writes
     from opentelemetry.propagate import get_global_textmap
 
     telemetry, exported = _ratio_telemetry(monkeypatch, 0.0)
-    span = telemetry.record_span(_Record())
+    span = telemetry.record_spans([_Record()])[0]
     assert isinstance(span, tracing.UnsampledSpan) and not span.is_recording()
     carrier = {}
     get_global_textmap().inject(carrier, context=trace.set_span_in_context(span))
@@ -205,7 +205,7 @@ def test_an_unsampled_record_still_carries_its_trace_on_as_the_propagator_writes
 def test_a_sampled_parent_is_followed_at_any_ratio(monkeypatch):
     parent = TracerProvider().get_tracer("t").start_span("producer")
     telemetry, exported = _ratio_telemetry(monkeypatch, 0.0)
-    span = telemetry.record_span(_Record(tracing.inject(parent) + [("other", b"x")]))
+    span = telemetry.record_spans([_Record(tracing.inject(parent) + [("other", b"x")])])[0]
     assert span.is_recording()
     assert span.parent.span_id == parent.get_span_context().span_id
     span.end()
@@ -227,7 +227,7 @@ def test_a_record_without_trace_headers_starts_a_trace_of_its_own(monkeypatch):
     telemetry, exported = _ratio_telemetry(monkeypatch, 1.0)
     current = TracerProvider().get_tracer("t").start_span("whatever runs the loop")
     with trace.use_span(current, end_on_exit=True):
-        span = telemetry.record_span(_Record())
+        span = telemetry.record_spans([_Record()])[0]
     assert span.is_recording() and span.parent is None
     assert span.get_span_context().trace_id != current.get_span_context().trace_id
     span.end()
@@ -256,7 +256,7 @@ def test_a_record_under_a_producers_trace_gets_the_span_the_sdk_would_start(monk
     cases += [[("Traceparent", plain[0]), ("tracestate", b"vendor=1")], [("other", b"x")]]
     shortcuts = recorded = 0
     for headers in cases:
-        span = telemetry.record_span(_Record(headers))
+        span = telemetry.record_spans([_Record(headers)])[0]
         shortcuts += isinstance(span, tracing.UnsampledSpan)
         recorded += span.is_recording()
         parent = trace.get_current_span(tracing.extract(headers)).get_span_context()
