@@ -174,7 +174,8 @@ class RootSampling:
         """`n` new roots, decided at once (a poll batch's records without a parent): for each,
         the `UnsampledSpan` of a root the ratio does not sample, or the trace id of one it does
         (for `hand_over`). The ids come from one draw of random bytes and are tested and written
-        as hex, without an integer per record (0.8 -> 0.5 µs a record in a micro-benchmark)."""
+        as hex, without an integer per record: an unsampled record's span, header and end cost
+        1.1 µs against 1.9 one by one (`bench/tracing_records.py`)."""
         raw = random.randbytes(24 * n)  # a trace id (16 bytes) and a span id (8) each
         while b"\0" * 8 in raw:  # an id of zeros is invalid: draw again (about never)
             raw = random.randbytes(24 * n)
