@@ -224,7 +224,7 @@ def test_a_sampler_ratio_that_is_not_one_stops_with_the_variable_named(monkeypat
 def test_a_record_without_trace_headers_starts_a_trace_of_its_own(monkeypatch):
     from opentelemetry import trace
 
-    telemetry, exported = _ratio_telemetry(monkeypatch, 1.0)
+    telemetry, _ = _ratio_telemetry(monkeypatch, 1.0)
     current = TracerProvider().get_tracer("t").start_span("whatever runs the loop")
     with trace.use_span(current, end_on_exit=True):
         span = telemetry.record_spans([_Record()])[0]
