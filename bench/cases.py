@@ -42,12 +42,13 @@ from consumer.events import ContentEvent
 from consumer.kafka import records
 from consumer.kafka.client import PARTITION_UA
 from consumer.kafka.offsets import OffsetTracker
-from consumer.kafka.roles import SourceOptions, SourceWiring
+from consumer.kafka.roles import SourceFactory, SourceOptions, SourceWiring
 from consumer.kafka.options import PRODUCER_DEFAULTS
 from consumer.kafka.source import CONSUMER_DEFAULTS, Source
 from consumer.pipeline import outputs
 from consumer.pipeline.pipeline import Pipeline
 from consumer.policy import PolicyStore
+from consumer.sinks.roles import SinkFactory
 
 COMMIT_EVERY = 1000
 STAGE_CASES = ("ours", "keyword", "cascade-lexical", "cascade-embedding")  # the cases `--stages` splits
@@ -289,8 +290,11 @@ class SimulatedEngine:
         return self.busy_s / (self.max_sequences * (self.last_end - self.first_start))
 
 
-def build_pipeline(spec: Spec, classifier: Any) -> tuple[Meter, Pipeline]:
-    """Our Pipeline on the spec's topics, its source metered from the first record read."""
+def build_pipeline(
+    spec: Spec, classifier: Any, source_factory: SourceFactory = Source.connect, sink_factory: SinkFactory | None = None
+) -> tuple[Meter, Pipeline]:
+    """Our Pipeline on the spec's topics, its source metered from the first record read;
+    `source_factory` and `sink_factory` as `Pipeline` takes them (bench/loop_path.py: memory)."""
     settings = load_settings(
         None,
         {
@@ -314,9 +318,10 @@ def build_pipeline(spec: Spec, classifier: Any) -> tuple[Meter, Pipeline]:
             meter.first_record()
             wiring.deliver(received)
 
-        return Source.connect(options, dataclasses.replace(wiring, deliver=first_then_deliver))
+        return source_factory(options, dataclasses.replace(wiring, deliver=first_then_deliver))
 
-    return meter, Pipeline(settings, classifier, PolicyStore(settings.policies.directory), source_factory=metered_source)
+    return meter, Pipeline(settings, classifier, PolicyStore(settings.policies.directory), source_factory=metered_source,
+                           sink_factory=sink_factory)  # fmt: skip
 
 
 async def run_until_done(spec: Spec, meter: Meter, pipeline: Pipeline) -> None:
@@ -352,8 +357,10 @@ async def run_until_done(spec: Spec, meter: Meter, pipeline: Pipeline) -> None:
         raise RuntimeError(f"the pipeline failed: {result.reason}")
 
 
-def run_ours(spec: Spec, classifier: Any) -> tuple[Meter, Pipeline]:
-    meter, pipeline = build_pipeline(spec, classifier)
+def run_ours(
+    spec: Spec, classifier: Any, source_factory: SourceFactory = Source.connect, sink_factory: SinkFactory | None = None
+) -> tuple[Meter, Pipeline]:
+    meter, pipeline = build_pipeline(spec, classifier, source_factory, sink_factory)
     asyncio.run(run_until_done(spec, meter, pipeline))
     return meter, pipeline
 

@@ -1,0 +1,306 @@
+"""The pipeline's own work per record, with no Kafka on the records' path: the event loop's CPU
+µs an event, before and after in one run.
+
+`pipeline_bench` times whole cases through a broker. On this 2-core machine the broker, the Kafka
+clients' threads and the host move a case's CPU figure 10-20% between rounds: more than most
+single changes to the pipeline's Python save. This bench runs the same `Pipeline` (the keyword
+case's settings, or a cascade's, tracing at 1% as deployed, spans to a local OTLP sink) on the
+same chat events, from memory to memory:
+
+- `MemorySource`, a `RecordSource`: `confluent_kafka.Message`s built once, handed over in poll
+  batches of up to 500 from a thread of its own, tracked by the pipeline's offset tracker under
+  its intake limit, positions committed (to the tracker) as they advance, as the Kafka source does;
+- `MemorySink`, an `OutputSink`: each output fitted and encoded by the pipeline's size budget,
+  as the Kafka sink does before `produce`, and reported delivered when the loop next serves it.
+
+A broker runs for the pipeline's start-up only (the size budget reads the output topics'
+limits); no record reaches it. Left out, on purpose: librdkafka (`produce`, its delivery
+reports, the consumer's fetches, its threads). So read the figure as what our Python costs on
+the loop, not as a case's cost: a change to the Kafka sink or source does not show here. Each
+side runs in a process of its own on its checkout's `consumer` package, alternating round by
+round.
+
+The CPU times still move with this VM's host (20-35 µs an event for the same code, in phases).
+`--instructions` counts instead: each side runs under valgrind's callgrind at two sizes, the
+count taken from the first record handed over to the pipeline's stop (both marked by a
+`getsid` call, callgrind's `--dump-before`), random numbers seeded so that the same records are
+sampled; instructions an event are the difference of the two counts over the difference of the
+sizes, so start-up and shutdown cancel out. The same code counted 200.3k, 201.9k and 202.7k
+instructions an event in three runs (what the loop's timers and the source's waits do in the
+time valgrind takes), where its CPU time moves by a third: a change of 2% is told apart. Instructions are not time (a
+cache miss costs no instruction), so a change that moves memory rather than work needs the
+CPU figures too.
+
+    python -m bench.loop_path
+    git worktree add /tmp/base main && python -m bench.loop_path --baseline /tmp/base --rounds 8
+    python -m bench.loop_path --instructions --baseline /tmp/base    # about 4 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import subprocess
+import statistics
+import sys
+import tempfile
+import threading
+import zlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Message
+
+from bench.cases import cascade_figures, cpu_classifier, run_ours
+from bench.checkouts import compiled_in_place
+from bench.pipeline_bench import OtlpSink, bench_only, run_case, tracing_env
+from bench.workload import REPO, Spec, chat_events, report
+from consumer.events import Document, Headers
+from consumer.kafka.devkafka import KafkaBroker, create_topics
+from consumer.kafka.offsets import Ticket
+from consumer.kafka.roles import SourceOptions, SourceWiring
+from consumer.sinks.roles import SinkOptions, SinkWiring
+
+CASES = ("keyword", "cascade-lexical", "cascade-embedding")
+PARTITIONS = 6
+POLL_BATCH = 500  # consumer.kafka.poll.POLL_BATCH
+COMMIT_WAIT_S = 0.01  # how long the source waits for room at its intake limit, as the Kafka source does
+COUNTED_SIZES = (1000, 4000)  # --instructions: records of the two runs of each side
+
+
+def mark_window() -> None:
+    """Where the measured window starts and ends: a system call nothing else in the process makes,
+    which `--instructions` has callgrind dump its counts before."""
+    os.getsid(0)
+
+
+def messages(events: int, topic: str) -> list[Message]:
+    """The bench's chat events as consumed records, spread over the partitions by key."""
+    out, offsets = [], [0] * PARTITIONS
+    for i, (key, value) in enumerate(chat_events(events)):
+        partition = zlib.crc32(key) % PARTITIONS
+        out.append(Message(topic=topic, partition=partition, offset=offsets[partition], key=key, value=value,
+                           timestamp=(1, 1_764_331_200_000 + 37 * i)))  # fmt: skip
+        offsets[partition] += 1
+    return out
+
+
+class MemorySource:
+    """A `RecordSource` on records held in memory (see the module's text)."""
+
+    def __init__(self, records: list[Message], options: SourceOptions, wiring: SourceWiring):
+        self.assigned = {(m.topic(), m.partition()) for m in records}
+        self.lag: dict[tuple[str, int], int] = {}
+        self._records = records
+        self._tracker = wiring.tracker
+        self._deliver = wiring.deliver
+        self._max_events = options.max_in_flight_events
+        self._max_bytes = options.max_in_flight_bytes
+        self._accepting = True
+        self._held = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-poll", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def hold(self, held: bool) -> None:
+        self._held = held
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        tracker, records, at = self._tracker, self._records, 0
+        while not self._stop.is_set():
+            positions = tracker.commit_positions()
+            if positions:
+                tracker.mark_committed(positions)
+            if at == len(records) or not self._accepting or self._held:
+                self._stop.wait(COMMIT_WAIT_S)
+                continue
+            room = min(POLL_BATCH, self._max_events - tracker.uncommitted(), len(records) - at)
+            if room <= 0 or tracker.in_flight_bytes >= self._max_bytes:
+                tracker.wait_for_room(self._max_events, self._max_bytes, COMMIT_WAIT_S)
+                continue
+            if at == 0:
+                mark_window()
+            batch, at = records[at : at + room], at + room
+            tickets = tracker.track_many([(m.topic(), m.partition(), m.offset(), len(m.value())) for m in batch])
+            self._deliver(list(zip(batch, tickets)))
+
+
+class MemorySink:
+    """An `OutputSink` that keeps nothing (see the module's text)."""
+
+    def __init__(self, options: SinkOptions, wiring: SinkWiring):
+        self._budget = wiring.budget
+        self._on_delivered = wiring.on_delivered
+        self._on_fatal = wiring.on_fatal
+        self._delivered: list[Ticket] = []
+        self.held_back = 0
+        self.verdicts_delivered = 0
+        self.dead_letters_delivered = 0
+        self.bytes = 0
+
+    def start(self) -> None:
+        return None
+
+    def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        self.bytes += len(self._budget.verdict(verdict, record, headers).value)
+        self.verdicts_delivered += 1
+        self._delivered.append(ticket)
+
+    def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
+        self.bytes += len(self._budget.dead_letter(letter, record, headers).value)
+        self.dead_letters_delivered += 1
+        self._delivered.append(ticket)
+
+    def awaiting_reports(self) -> bool:
+        return bool(self._delivered)
+
+    def serve(self) -> None:
+        if self._delivered:
+            delivered, self._delivered = self._delivered, []
+            self._on_delivered(delivered)
+
+    def flush(self, timeout: float) -> int:
+        self.serve()
+        return 0
+
+    def close(self) -> None:
+        return None
+
+
+def side(case: str, spec: Spec) -> dict[str, Any]:
+    """One round of one side, in this process: the case's pipeline over `spec.events` records."""
+    if spec.options.get("seeded"):
+        random.seed(0)  # trace ids and the sampler's draws: the same records sampled on each side
+    records = messages(spec.events, spec.input_topic)
+    sinks: list[MemorySink] = []
+
+    def sink(options: SinkOptions, wiring: SinkWiring) -> MemorySink:
+        sinks.append(MemorySink(options, wiring))
+        return sinks[-1]
+
+    classifier = cpu_classifier(case)
+    meter, pipeline = run_ours(spec, classifier, lambda options, wiring: MemorySource(records, options, wiring), sink)
+    mark_window()
+    delivered = sinks[0].verdicts_delivered + sinks[0].dead_letters_delivered
+    if delivered != spec.events:
+        raise SystemExit(f"{delivered} outputs for {spec.events} records")
+    return meter.result(spec.events, **cascade_figures(classifier), verdicts=sinks[0].verdicts_delivered,
+                        dead_letters=sinks[0].dead_letters_delivered)  # fmt: skip
+
+
+def counted(checkout: Path, case: str, spec: Spec, env: dict[str, str], folder: Path, timeout: float) -> int:
+    """Instructions from the first record handed over to the pipeline's stop, under callgrind."""
+    cwd, path = checkout, str(checkout)
+    if checkout != REPO:  # as pipeline_bench.run_case: this bench first, then the other checkout's package
+        cwd = bench_only()
+        path = f"{cwd}{os.pathsep}{checkout}"
+    out = folder / f"{len(list(folder.iterdir()))}.callgrind"
+    command = ["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no", "--dump-before=getsid",
+               f"--callgrind-out-file={out}", sys.executable, "-m", "bench.loop_path", "--side", case, spec.to_json()]
+    done = subprocess.run(command, cwd=cwd, env={**os.environ, **env, "PYTHONPATH": path}, capture_output=True,
+                          text=True, timeout=timeout, check=False)  # fmt: skip
+    window = Path(f"{out}.2")  # dumps: .1 up to the window, .2 the window, then the rest
+    if done.returncode != 0 or not window.is_file():
+        raise SystemExit(f"{checkout}: exit {done.returncode}: {done.stderr[-1500:]}")
+    found = re.search(r"^(?:summary|totals): (\d+)", window.read_text(), re.MULTILINE)
+    if found is None:
+        raise SystemExit(f"{window}: no instruction count in callgrind's output")
+    return int(found.group(1))
+
+
+def count_instructions(sides: dict[str, Path], case: str, spec: Spec, env: dict[str, str], timeout: float) -> None:
+    """`--instructions`: instructions an event of each side, and this checkout's over the baseline's."""
+    small, large = COUNTED_SIZES
+    per_event: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="loop-path-callgrind-") as folder:
+        for name, checkout in sides.items():
+            print(f"  {name}: {small} and {large} records under callgrind ...", file=sys.stderr, flush=True)
+            counts = [counted(checkout, case, replace(spec, events=n), env, Path(folder), timeout) for n in (small, large)]
+            per_event[name] = (counts[1] - counts[0]) / (large - small)
+            print(f"{name:13s} {per_event[name]:9.0f} instructions an event ({small} records: {counts[0]:,}; "
+                  f"{large}: {counts[1]:,})")  # fmt: skip
+    if "baseline" in per_event:
+        print(f"this checkout / baseline: {per_event['this checkout'] / per_event['baseline']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", choices=CASES, default="keyword")
+    parser.add_argument("--events", type=int, default=100_000,
+                        help="records a round (timing; --instructions runs each side at 1000 and 4000)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians and ranges are printed")
+    parser.add_argument("--trace-ratio", type=float, default=0.01, help="the sampler's ratio; 0: tracing off")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT", help="another checkout, measured side by side")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions under valgrind instead of timing (the same code within about "
+                             "1.5%%; about 4 minutes)")
+    parser.add_argument("--case-timeout", type=float, default=600.0)
+    parser.add_argument("--side", nargs=2, metavar=("CASE", "SPEC"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.side:
+        report(side(args.side[0], Spec.from_json(args.side[1])))
+        return 0
+    if args.instructions and shutil.which("valgrind") is None:
+        parser.error("--instructions needs valgrind (Debian's package valgrind)")
+    sides = {"this checkout": REPO}
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "consumer" / "pipeline").is_dir():
+            parser.error(f"--baseline {args.baseline}: not a safeguard-consumer checkout")
+        problem = compiled_in_place(args.baseline)
+        if problem:
+            parser.error(f"--baseline {args.baseline}: {problem}")
+        sides["baseline"] = args.baseline
+    broker = KafkaBroker(Path(tempfile.mkdtemp(prefix="bench-kafka-")))
+    otlp = OtlpSink()
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    try:
+        print("starting Kafka (for the pipeline's start-up only) ...", file=sys.stderr, flush=True)
+        broker.start(timeout=120)
+        create_topics(broker.bootstrap, "loop-out", "loop-dlq", partitions=PARTITIONS)
+        spec = Spec(broker.bootstrap, "loop-in", "loop-out", "loop-dlq", "loop-path", args.events)
+        env = tracing_env(args.trace_ratio, otlp.endpoint)
+        if args.instructions:
+            print(f"{args.case}, from memory to memory, tracing at {args.trace_ratio:g}, under callgrind")
+            count_instructions(sides, args.case, replace(spec, options={"seeded": True}), env, args.case_timeout)
+            return 0
+        for n in range(args.rounds):
+            for name, checkout in sides.items():
+                print(f"  round {n + 1}: {name} ...", file=sys.stderr, flush=True)
+                result = run_case(sys.executable, "bench.loop_path", ["--side", args.case, spec.to_json()],
+                                  args.case_timeout, root=checkout, env=env)  # fmt: skip
+                if "error" in result:
+                    raise SystemExit(f"{name}: {result['error']}")
+                rounds[name].append(result)
+    finally:
+        otlp.stop()
+        broker.stop()
+    print(f"{args.case}, {args.events} events from memory to memory, tracing at {args.trace_ratio:g}, "
+          f"{args.rounds} rounds; the event loop's CPU µs an event (the source's thread beside)")  # fmt: skip
+    for name, results in rounds.items():
+        main_us = [r["cpu_us_main"] for r in results]
+        poll_us = [r["cpu_us_poll"] for r in results]
+        print(f"{name:13s} {statistics.median(main_us):6.2f} (rounds {', '.join(f'{x:.2f}' for x in main_us)}); "
+              f"source {statistics.median(poll_us):.2f}")  # fmt: skip
+    if args.baseline is not None:
+        ratios = [a["cpu_us_main"] / b["cpu_us_main"] for a, b in zip(rounds["this checkout"], rounds["baseline"])]
+        print(f"this checkout / baseline, paired round by round: median {statistics.median(ratios):.3f} "
+              f"({', '.join(f'{r:.3f}' for r in ratios)})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
