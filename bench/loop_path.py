@@ -27,9 +27,9 @@ count taken from the first record handed over to the pipeline's stop (both marke
 sampled; instructions an event are the difference of the two counts over the difference of the
 sizes, so start-up and shutdown cancel out. The same code counted 200.3k, 201.9k and 202.7k
 instructions an event in three runs (what the loop's timers and the source's waits do in the
-time valgrind takes), where its CPU time moves by a third: a change of 2% is told apart. Instructions are not time (a
-cache miss costs no instruction), so a change that moves memory rather than work needs the
-CPU figures too.
+time valgrind takes), where its CPU time moves by a third: a change of 2% is told apart.
+Instructions are not time (a cache miss costs none), so a change that moves memory rather than
+work needs the CPU figures too.
 
     python -m bench.loop_path
     git worktree add /tmp/base main && python -m bench.loop_path --baseline /tmp/base --rounds 8
@@ -43,8 +43,8 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -62,12 +62,12 @@ from bench.workload import REPO, Spec, chat_events, report
 from consumer.events import Document, Headers
 from consumer.kafka.devkafka import KafkaBroker, create_topics
 from consumer.kafka.offsets import Ticket
+from consumer.kafka.poll import POLL_BATCH
 from consumer.kafka.roles import SourceOptions, SourceWiring
 from consumer.sinks.roles import SinkOptions, SinkWiring
 
 CASES = ("keyword", "cascade-lexical", "cascade-embedding")
 PARTITIONS = 6
-POLL_BATCH = 500  # consumer.kafka.poll.POLL_BATCH
 COMMIT_WAIT_S = 0.01  # how long the source waits for room at its intake limit, as the Kafka source does
 COUNTED_SIZES = (1000, 4000)  # --instructions: records of the two runs of each side
 
@@ -144,23 +144,21 @@ class MemorySink:
     def __init__(self, options: SinkOptions, wiring: SinkWiring):
         self._budget = wiring.budget
         self._on_delivered = wiring.on_delivered
-        self._on_fatal = wiring.on_fatal
         self._delivered: list[Ticket] = []
         self.held_back = 0
         self.verdicts_delivered = 0
         self.dead_letters_delivered = 0
-        self.bytes = 0
 
     def start(self) -> None:
         return None
 
     def send_verdict(self, verdict: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
-        self.bytes += len(self._budget.verdict(verdict, record, headers).value)
+        self._budget.verdict(verdict, record, headers)  # fitted and encoded, as the Kafka sink sends it
         self.verdicts_delivered += 1
         self._delivered.append(ticket)
 
     def send_dead_letter(self, letter: Document, record: Message, ticket: Ticket, headers: Headers) -> None:
-        self.bytes += len(self._budget.dead_letter(letter, record, headers).value)
+        self._budget.dead_letter(letter, record, headers)
         self.dead_letters_delivered += 1
         self._delivered.append(ticket)
 
@@ -192,7 +190,7 @@ def side(case: str, spec: Spec) -> dict[str, Any]:
         return sinks[-1]
 
     classifier = cpu_classifier(case)
-    meter, pipeline = run_ours(spec, classifier, lambda options, wiring: MemorySource(records, options, wiring), sink)
+    meter, _ = run_ours(spec, classifier, lambda options, wiring: MemorySource(records, options, wiring), sink)
     mark_window()
     delivered = sinks[0].verdicts_delivered + sinks[0].dead_letters_delivered
     if delivered != spec.events:
@@ -208,8 +206,20 @@ def counted(checkout: Path, case: str, spec: Spec, env: dict[str, str], folder: 
         cwd = bench_only()
         path = f"{cwd}{os.pathsep}{checkout}"
     out = folder / f"{len(list(folder.iterdir()))}.callgrind"
-    command = ["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no", "--dump-before=getsid",
-               f"--callgrind-out-file={out}", sys.executable, "-m", "bench.loop_path", "--side", case, spec.to_json()]
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--cache-sim=no",
+        "--branch-sim=no",
+        "--dump-before=getsid",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        "-m",
+        "bench.loop_path",
+        "--side",
+        case,
+        spec.to_json(),
+    ]
     done = subprocess.run(command, cwd=cwd, env={**os.environ, **env, "PYTHONPATH": path}, capture_output=True,
                           text=True, timeout=timeout, check=False)  # fmt: skip
     window = Path(f"{out}.2")  # dumps: .1 up to the window, .2 the window, then the rest
@@ -228,7 +238,9 @@ def count_instructions(sides: dict[str, Path], case: str, spec: Spec, env: dict[
     with tempfile.TemporaryDirectory(prefix="loop-path-callgrind-") as folder:
         for name, checkout in sides.items():
             print(f"  {name}: {small} and {large} records under callgrind ...", file=sys.stderr, flush=True)
-            counts = [counted(checkout, case, replace(spec, events=n), env, Path(folder), timeout) for n in (small, large)]
+            counts = [
+                counted(checkout, case, replace(spec, events=n), env, Path(folder), timeout) for n in (small, large)
+            ]
             per_event[name] = (counts[1] - counts[0]) / (large - small)
             print(f"{name:13s} {per_event[name]:9.0f} instructions an event ({small} records: {counts[0]:,}; "
                   f"{large}: {counts[1]:,})")  # fmt: skip
@@ -239,14 +251,20 @@ def count_instructions(sides: dict[str, Path], case: str, spec: Spec, env: dict[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", choices=CASES, default="keyword")
-    parser.add_argument("--events", type=int, default=100_000,
-                        help="records a round (timing; --instructions runs each side at 1000 and 4000)")
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=100_000,
+        help="records a round (timing; --instructions runs each side at 1000 and 4000)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians and ranges are printed")
     parser.add_argument("--trace-ratio", type=float, default=0.01, help="the sampler's ratio; 0: tracing off")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT", help="another checkout, measured side by side")
-    parser.add_argument("--instructions", action="store_true",
-                        help="count instructions under valgrind instead of timing (the same code within about "
-                             "1.5%%; about 4 minutes)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions under valgrind instead of timing (the same code within about 1.5%%; about 4 minutes)",
+    )
     parser.add_argument("--case-timeout", type=float, default=600.0)
     parser.add_argument("--side", nargs=2, metavar=("CASE", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
