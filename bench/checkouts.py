@@ -19,6 +19,14 @@ from types import ModuleType
 NGRAMS = Path("consumer") / "classify" / "cascade" / "_ngrams.c"
 
 
+def baseline_problem(checkout: Path) -> str | None:
+    """Why `checkout` cannot be measured as a `--baseline`, or None: it must be a checkout of this
+    project, its compiled part built in place."""
+    if not (checkout / "consumer" / "pipeline").is_dir():
+        return "not a safeguard-consumer checkout"
+    return compiled_in_place(checkout)
+
+
 def compiled_in_place(checkout: Path) -> str | None:
     """Build `checkout`'s `_ngrams.c` beside it unless built already: None when built (or the
     checkout has none), else why not."""

@@ -47,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -56,14 +55,14 @@ from typing import Any
 from confluent_kafka import Message
 
 from bench.cases import InstantClassifier, cascade_figures, cpu_classifier, run_ours
-from bench.checkouts import compiled_in_place
+from bench.checkouts import baseline_problem
 from bench.pipeline_bench import OtlpSink, bench_only, run_case, tracing_env
 from bench.workload import REPO, Spec, chat_events, report
 from consumer.events import Document, Headers
 from consumer.kafka.devkafka import KafkaBroker, create_topics
 from consumer.kafka.offsets import Ticket
-from consumer.kafka.poll import POLL_BATCH
-from consumer.kafka.roles import SourceOptions, SourceWiring
+from consumer.kafka.poll import POLL_BATCH, PollingSource
+from consumer.kafka.roles import Received, SourceOptions, SourceWiring
 from consumer.sinks.roles import SinkOptions, SinkWiring
 
 CASES = ("keyword", "ours", "cascade-lexical", "cascade-embedding")  # ours: pipeline_bench's instant classifier
@@ -89,53 +88,50 @@ def messages(events: int, topic: str) -> list[Message]:
     return out
 
 
-class MemorySource:
-    """A `RecordSource` on records held in memory (see the module's text)."""
+class MemorySource(PollingSource):
+    """A `RecordSource` on records held in memory (see the module's text), on the poll thread's own
+    lifecycle (`PollingSource`): each step hands over the next poll batch that the intake limit
+    has room for; at the limit it commits (to the tracker) and waits, as the Kafka source does."""
 
     def __init__(self, records: list[Message], options: SourceOptions, wiring: SourceWiring):
-        self.assigned = {(m.topic(), m.partition()) for m in records}
-        self.lag: dict[tuple[str, int], int] = {}
+        super().__init__(_NoClient(), wiring.tracker, wiring.deliver, wiring.on_fatal, options.max_in_flight_events,
+                         options.max_in_flight_bytes, options.commit_interval_s, "memory-poll")  # fmt: skip
+        self.assigned.update((m.topic(), m.partition()) for m in records)
         self._records = records
-        self._tracker = wiring.tracker
-        self._deliver = wiring.deliver
-        self._max_events = options.max_in_flight_events
-        self._max_bytes = options.max_in_flight_bytes
-        self._accepting = True
-        self._held = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="memory-poll", daemon=True)
+        self._at = 0
 
-    def start(self) -> None:
-        self._thread.start()
+    def _begin(self) -> None:
+        return None
 
-    def stop_accepting(self) -> None:
-        self._accepting = False
+    def _step(self) -> Received:
+        tracker, records, at = self._tracker, self._records, self._at
+        if at == len(records) or not self._accepting or self._held:
+            self._stop.wait(COMMIT_WAIT_S)
+            return []
+        room = min(POLL_BATCH, self._max_events - tracker.uncommitted(), len(records) - at)
+        if room <= 0 or tracker.in_flight_bytes >= self._max_bytes:
+            self._persist(final=False)
+            tracker.wait_for_room(self._max_events, self._max_bytes, COMMIT_WAIT_S)
+            return []
+        if at == 0:
+            mark_window()
+        batch = records[at : at + room]
+        self._at = at + room
+        return list(
+            zip(batch, tracker.track_many([(m.topic(), m.partition(), m.offset(), len(m.value())) for m in batch]))
+        )
 
-    def hold(self, held: bool) -> None:
-        self._held = held
+    def _persist(self, final: bool) -> None:
+        positions = self._tracker.commit_positions()
+        if positions:
+            self._tracker.mark_committed(positions)
 
-    def close(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
 
-    def _run(self) -> None:
-        tracker, records, at = self._tracker, self._records, 0
-        while not self._stop.is_set():
-            positions = tracker.commit_positions()
-            if positions:
-                tracker.mark_committed(positions)
-            if at == len(records) or not self._accepting or self._held:
-                self._stop.wait(COMMIT_WAIT_S)
-                continue
-            room = min(POLL_BATCH, self._max_events - tracker.uncommitted(), len(records) - at)
-            if room <= 0 or tracker.in_flight_bytes >= self._max_bytes:
-                tracker.wait_for_room(self._max_events, self._max_bytes, COMMIT_WAIT_S)
-                continue
-            if at == 0:
-                mark_window()
-            batch, at = records[at : at + room], at + room
-            tickets = tracker.track_many([(m.topic(), m.partition(), m.offset(), len(m.value())) for m in batch])
-            self._deliver(list(zip(batch, tickets)))
+class _NoClient:
+    """What `PollingSource` closes when its thread ends: no Kafka client here."""
+
+    def close(self) -> None:
+        return None
 
 
 class MemorySink:
@@ -249,7 +245,7 @@ def count_instructions(sides: dict[str, Path], case: str, spec: Spec, env: dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.loop_path", description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", choices=CASES, default="keyword")
     parser.add_argument(
         "--events",
@@ -276,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     sides = {"this checkout": REPO}
     if args.baseline is not None:
         args.baseline = args.baseline.resolve()
-        if not (args.baseline / "consumer" / "pipeline").is_dir():
-            parser.error(f"--baseline {args.baseline}: not a safeguard-consumer checkout")
-        problem = compiled_in_place(args.baseline)
+        problem = baseline_problem(args.baseline)
         if problem:
             parser.error(f"--baseline {args.baseline}: {problem}")
         sides["baseline"] = args.baseline

@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench.checkouts import compiled_in_place
+from bench.checkouts import baseline_problem
 from bench.workload import REPO, Spec, chat_events, produce_events
 from consumer.kafka.devkafka import KafkaBroker, create_topics
 
@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         args.events, args.engine_bound_events, args.half_load_s, args.engine_events = 10_000, 4_000, 4.0, 64
     if args.baseline is not None:
         args.baseline = args.baseline.resolve()
-        if not (args.baseline / "consumer" / "pipeline").is_dir():
-            parser.error(f"--baseline {args.baseline}: not a safeguard-consumer checkout")
-        problem = compiled_in_place(args.baseline)
+        problem = baseline_problem(args.baseline)
         if problem:
             parser.error(f"--baseline {args.baseline}: {problem}")
     if args.stages and not Path(args.py_spy).is_file():

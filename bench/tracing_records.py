@@ -76,7 +76,7 @@ def _side(checkout: Path, records: int, batch: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.tracing_records", description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=500, help="records per poll batch (the pipeline's most)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median and range are printed")

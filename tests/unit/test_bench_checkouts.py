@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.checkouts import NGRAMS, compiled_in_place, compiled_ngrams
+from bench.checkouts import NGRAMS, baseline_problem, compiled_in_place, compiled_ngrams
 from consumer.classify.cascade import hashing
 from tests.conftest import REPO
 
@@ -31,4 +31,14 @@ def test_a_baseline_gets_its_own_build_loaded_by_path_or_the_reason_it_has_none(
 
     assert compiled_in_place(tmp_path) is None and compiled_ngrams(tmp_path) is None  # no _ngrams.c: numpy
     problem = compiled_in_place(checkout(tmp_path / "broken", "this is not C"))
+    assert problem is not None and "could not build" in problem
+
+
+def test_a_baseline_must_be_a_checkout_of_this_project_with_its_compiled_part_built(tmp_path):
+    assert baseline_problem(tmp_path) == "not a safeguard-consumer checkout"
+    (tmp_path / "consumer" / "pipeline").mkdir(parents=True)
+    assert baseline_problem(tmp_path) is None  # no _ngrams.c to build: a checkout from before it
+    broken = checkout(tmp_path / "broken", "this is not C")
+    (broken / "consumer" / "pipeline").mkdir(parents=True)
+    problem = baseline_problem(broken)
     assert problem is not None and "could not build" in problem
