@@ -25,9 +25,9 @@ The CPU times still move with this VM's host (20-35 µs an event for the same co
 count taken from the first record handed over to the pipeline's stop (both marked by a
 `getsid` call, callgrind's `--dump-before`), random numbers seeded so that the same records are
 sampled; instructions an event are the difference of the two counts over the difference of the
-sizes, so start-up and shutdown cancel out. The same code counted 200.3k, 201.9k and 202.7k
-instructions an event in three runs (what the loop's timers and the source's waits do in the
-time valgrind takes), where its CPU time moves by a third: a change of 2% is told apart.
+sizes, so start-up and shutdown cancel out. The same code counted 199.6k-202.7k instructions an
+event in six runs, within 1.6% (what the loop's timers and the source's waits do in the time
+valgrind takes), where its CPU time moves by a third: a change of 2% is told apart.
 Instructions are not time (a cache miss costs none), so a change that moves memory rather than
 work needs the CPU figures too.
 
@@ -56,7 +56,7 @@ from confluent_kafka import Message
 
 from bench.cases import InstantClassifier, cascade_figures, cpu_classifier, run_ours
 from bench.checkouts import baseline_problem
-from bench.pipeline_bench import OtlpSink, bench_only, run_case, tracing_env
+from bench.pipeline_bench import OtlpSink, bench_only, run_case, side_paths, tracing_env
 from bench.workload import REPO, Spec, chat_events, report
 from consumer.events import Document, Headers
 from consumer.kafka.devkafka import KafkaBroker, create_topics
@@ -197,10 +197,7 @@ def side(case: str, spec: Spec) -> dict[str, Any]:
 
 def counted(checkout: Path, case: str, spec: Spec, env: dict[str, str], folder: Path, timeout: float) -> int:
     """Instructions from the first record handed over to the pipeline's stop, under callgrind."""
-    cwd, path = checkout, str(checkout)
-    if checkout != REPO:  # as pipeline_bench.run_case: this bench first, then the other checkout's package
-        cwd = bench_only()
-        path = f"{cwd}{os.pathsep}{checkout}"
+    cwd, path = side_paths(checkout)
     out = folder / f"{len(list(folder.iterdir()))}.callgrind"
     command = [
         "valgrind",
@@ -259,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--instructions",
         action="store_true",
-        help="count instructions under valgrind instead of timing (the same code within about 1.5%%; about 4 minutes)",
+        help="count instructions under valgrind instead of timing (the same code within about 1.6%%; about 4 minutes)",
     )
     parser.add_argument("--case-timeout", type=float, default=600.0)
     parser.add_argument("--side", nargs=2, metavar=("CASE", "SPEC"), help=argparse.SUPPRESS)
@@ -276,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             parser.error(f"--baseline {args.baseline}: {problem}")
         sides["baseline"] = args.baseline
-    broker = KafkaBroker(Path(tempfile.mkdtemp(prefix="bench-kafka-")))
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
+    broker = KafkaBroker(data_dir)
     otlp = OtlpSink()
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     try:
@@ -300,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         otlp.stop()
         broker.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        if args.baseline is not None:
+            shutil.rmtree(bench_only(), ignore_errors=True)  # the link only, never what it points to
     print(f"{args.case}, {args.events} events from memory to memory, tracing at {args.trace_ratio:g}, "
           f"{args.rounds} rounds; the event loop's CPU µs an event (the source's thread beside)")  # fmt: skip
     for name, results in rounds.items():

@@ -52,10 +52,7 @@ def run_case(
 ) -> dict[str, Any]:
     """One case in a process of its own, running the consumer package of the checkout at `root` (with
     this checkout's bench: both sides of a before/after are measured alike); `env`: added variables."""
-    cwd, path = root, str(root)
-    if root != REPO:  # `-m` puts the working folder first on the path: there, only this bench
-        cwd = bench_only()
-        path = f"{cwd}{os.pathsep}{root}"
+    cwd, path = side_paths(root)
     env = {**os.environ, **(env or {}), "PYTHONPATH": path}
     proc = subprocess.run(
         [python, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
@@ -64,6 +61,15 @@ def run_case(
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
+
+
+def side_paths(root: Path) -> tuple[Path, str]:
+    """The working folder and PYTHONPATH of a side run with `python -m` on the consumer package of
+    the checkout at `root` and this checkout's bench."""
+    if root == REPO:
+        return root, str(root)
+    cwd = bench_only()  # `-m` puts the working folder first on the path: there, only this bench
+    return cwd, f"{cwd}{os.pathsep}{root}"
 
 
 def bench_only() -> Path:
