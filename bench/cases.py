@@ -521,6 +521,8 @@ def run_case(name: str, spec: Spec) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     name, spec = argv[0], Spec.from_json(argv[1])
+    if spec.options.get("seeded"):
+        random.seed(0)  # trace ids and the sampler's draws: the same records sampled in every run (bench.instructions)
     profile, py_spy = spec.options.get("profile"), spec.options.get("stages")
     if profile:
         from pyinstrument import Profiler

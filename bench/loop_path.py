@@ -22,8 +22,8 @@ round.
 
 The CPU times still move with this VM's host (20-35 µs an event for the same code, in phases).
 `--instructions` counts instead: each side runs under valgrind's callgrind at two sizes, the
-count taken from the first record handed over to the pipeline's stop (both marked by a
-`getsid` call, callgrind's `--dump-before`), random numbers seeded so that the same records are
+count taken from the first record handed over to the last output delivered (the window the
+case's `Meter` marks, `bench.callgrind`), random numbers seeded so that the same records are
 sampled; instructions an event are the difference of the two counts over the difference of the
 sizes, so start-up and shutdown cancel out. The same code counted 199.6k-202.7k instructions an
 event in six runs, within 1.6% (what the loop's timers and the source's waits do in the time
@@ -39,12 +39,9 @@ work needs the CPU figures too.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import zlib
@@ -54,6 +51,7 @@ from typing import Any
 
 from confluent_kafka import Message
 
+from bench import callgrind
 from bench.cases import InstantClassifier, cascade_figures, cpu_classifier, run_ours
 from bench.checkouts import baseline_problem
 from bench.pipeline_bench import OtlpSink, bench_only, run_case, side_paths, tracing_env
@@ -69,12 +67,6 @@ CASES = ("keyword", "ours", "cascade-lexical", "cascade-embedding")  # ours: pip
 PARTITIONS = 6
 COMMIT_WAIT_S = 0.01  # how long the source waits for room at its intake limit, as the Kafka source does
 COUNTED_SIZES = (1000, 4000)  # --instructions: records of the two runs of each side
-
-
-def mark_window() -> None:
-    """Where the measured window starts and ends: a system call nothing else in the process makes,
-    which `--instructions` has callgrind dump its counts before."""
-    os.getsid(0)
 
 
 def messages(events: int, topic: str) -> list[Message]:
@@ -113,8 +105,6 @@ class MemorySource(PollingSource):
             self._persist(final=False)
             tracker.wait_for_room(self._max_events, self._max_bytes, COMMIT_WAIT_S)
             return []
-        if at == 0:
-            mark_window()
         batch = records[at : at + room]
         self._at = at + room
         return list(
@@ -187,7 +177,6 @@ def side(case: str, spec: Spec) -> dict[str, Any]:
 
     classifier = InstantClassifier() if case == "ours" else cpu_classifier(case)
     meter, _ = run_ours(spec, classifier, lambda options, wiring: MemorySource(records, options, wiring), sink)
-    mark_window()
     delivered = sinks[0].verdicts_delivered + sinks[0].dead_letters_delivered
     if delivered != spec.events:
         raise SystemExit(f"{delivered} outputs for {spec.events} records")
@@ -196,32 +185,11 @@ def side(case: str, spec: Spec) -> dict[str, Any]:
 
 
 def counted(checkout: Path, case: str, spec: Spec, env: dict[str, str], folder: Path, timeout: float) -> int:
-    """Instructions from the first record handed over to the pipeline's stop, under callgrind."""
+    """Instructions from the first record handed over to the last output delivered, under callgrind."""
     cwd, path = side_paths(checkout)
+    command = [sys.executable, "-m", "bench.loop_path", "--side", case, spec.to_json()]
     out = folder / f"{len(list(folder.iterdir()))}.callgrind"
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--cache-sim=no",
-        "--branch-sim=no",
-        "--dump-before=getsid",
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        "-m",
-        "bench.loop_path",
-        "--side",
-        case,
-        spec.to_json(),
-    ]
-    done = subprocess.run(command, cwd=cwd, env={**os.environ, **env, "PYTHONPATH": path}, capture_output=True,
-                          text=True, timeout=timeout, check=False)  # fmt: skip
-    window = Path(f"{out}.2")  # dumps: .1 up to the window, .2 the window, then the rest
-    if done.returncode != 0 or not window.is_file():
-        raise SystemExit(f"{checkout}: exit {done.returncode}: {done.stderr[-1500:]}")
-    found = re.search(r"^(?:summary|totals): (\d+)", window.read_text(), re.MULTILINE)
-    if found is None:
-        raise SystemExit(f"{window}: no instruction count in callgrind's output")
-    return int(found.group(1))
+    return callgrind.count_window(command, cwd, {**env, "PYTHONPATH": path}, out, timeout)
 
 
 def count_instructions(sides: dict[str, Path], case: str, spec: Spec, env: dict[str, str], timeout: float) -> None:
@@ -234,7 +202,7 @@ def count_instructions(sides: dict[str, Path], case: str, spec: Spec, env: dict[
             counts = [
                 counted(checkout, case, replace(spec, events=n), env, Path(folder), timeout) for n in (small, large)
             ]
-            per_event[name] = (counts[1] - counts[0]) / (large - small)
+            per_event[name] = callgrind.per_event((counts[0], counts[1]), COUNTED_SIZES)
             print(f"{name:13s} {per_event[name]:9.0f} instructions an event ({small} records: {counts[0]:,}; "
                   f"{large}: {counts[1]:,})")  # fmt: skip
     if "baseline" in per_event:
@@ -264,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.side:
         report(side(args.side[0], Spec.from_json(args.side[1])))
         return 0
-    if args.instructions and shutil.which("valgrind") is None:
-        parser.error("--instructions needs valgrind (Debian's package valgrind)")
+    if args.instructions and not callgrind.available():
+        parser.error(f"--instructions {callgrind.MISSING}")
     sides = {"this checkout": REPO}
     if args.baseline is not None:
         args.baseline = args.baseline.resolve()
