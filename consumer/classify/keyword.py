@@ -1,4 +1,10 @@
-"""The keyword classifier: each policy's `patterns` as case-insensitive regular expressions."""
+"""The keyword classifier: each policy's `patterns` as case-insensitive regular expressions.
+
+Most content matches no pattern, so the search for none is what a keyword-decided record pays.
+Two prefilters make it cheap without changing an answer: for ASCII content (most chat), the
+literal text every match must contain (`_required_literals`: "kys" in `\bkys\b`), looked for in
+the lower-cased content by `in`; and for the rest, the characters a match can start with, as a
+lookahead on the joined patterns (`_first_characters`)."""
 
 from __future__ import annotations
 
@@ -28,8 +34,7 @@ class KeywordClassifier:
 
     def __init__(self, max_concurrency: int = 1024) -> None:
         self._max_concurrency = max_concurrency
-        # policy ref -> (any pattern at all, or None when the patterns cannot be joined; each pattern)
-        self._compiled: dict[str, tuple[re.Pattern[str] | None, list[re.Pattern[str]]]] = {}
+        self._compiled: dict[str, _Compiled] = {}  # by policy ref
 
     async def start(self) -> None:
         return None
@@ -48,8 +53,15 @@ class KeywordClassifier:
         compiled = self._compiled.get(policy.ref)
         if compiled is None:
             compiled = self._compiled[policy.ref] = _compile(policy.patterns)
-        any_pattern, patterns = compiled
+        any_pattern, patterns, literals = compiled
         content = request.content
+        if literals is not None and content.isascii():  # isascii: a flag of the string, no scan
+            lowered = content.lower()
+            for literal in literals:
+                if literal in lowered:
+                    break
+            else:
+                return _NO_MATCH  # no literal a match needs (docs/benchmark.md, issue 31, thirteenth round)
         if any_pattern is not None and any_pattern.search(content) is None:
             return _NO_MATCH  # most content: one search instead of one per pattern
         for pattern in patterns:
@@ -67,12 +79,25 @@ class KeywordClassifier:
         return None
 
 
-def _compile(sources: Sequence[str]) -> tuple[re.Pattern[str] | None, list[re.Pattern[str]]]:
-    """Each pattern, and all of them as one alternation where that means the same (no groups,
-    whose numbers a join would shift)."""
+# A policy's patterns compiled: all of them as one alternation (None when they cannot be joined),
+# each of them, and the literals of which every match on ASCII content contains one (None: unknown).
+_Compiled = tuple[re.Pattern[str] | None, list[re.Pattern[str]], tuple[str, ...] | None]
+
+
+def _compile(sources: Sequence[str]) -> _Compiled:
+    """Each pattern, all of them as one alternation where that means the same (no groups, whose
+    numbers a join would shift), and the literals a match needs."""
     patterns = [re.compile(p, re.IGNORECASE) for p in sources]
+    literals: list[str] | None = []
+    for source in sources:
+        needed = _required_literals(source)
+        if needed is None or literals is None:
+            literals = None
+        else:
+            literals.extend(needed)
+    required = tuple(literals) if literals else None
     if not patterns or any(p.groups for p in patterns):
-        return None, patterns
+        return None, patterns, required
     joined = "|".join(f"(?:{p})" for p in sources)
     firsts = _first_characters(joined)
     if firsts is not None:
@@ -82,9 +107,55 @@ def _compile(sources: Sequence[str]) -> tuple[re.Pattern[str] | None, list[re.Pa
         # the bench's chat messages and policy (docs/benchmark.md, issue 31, eighth round).
         joined = f"(?=[{firsts}])(?:{joined})"
     try:
-        return re.compile(joined, re.IGNORECASE), patterns
+        return re.compile(joined, re.IGNORECASE), patterns, required
     except re.error:  # e.g. a pattern's leading global flags, which only work at the start
-        return None, patterns
+        return None, patterns, required
+
+
+def _required_literals(source: str) -> list[str] | None:
+    """Lower-case ASCII strings of which every case-insensitive match of `source` on ASCII text
+    contains one ("kill yourself" for `\bkill yourself\b`, "cat" or "dog" for `cat|dog`), or None
+    when that cannot be told simply. On ASCII text a case-insensitive ASCII literal matches just
+    where its lower case is in the text's: the other characters `re` folds together (the Kelvin
+    sign with k, the dotless i with i) are not ASCII, which is why non-ASCII content is searched."""
+    if sre_parse is None:
+        return None
+    try:
+        return _literals(list(sre_parse.parse(source, re.IGNORECASE)))
+    except Exception:  # noqa: BLE001 - a parser that changed shape: no prefilter, same answers
+        return None
+
+
+def _literals(items: list[tuple[Any, Any]]) -> list[str] | None:
+    """The longest run of ASCII literals at the top of `items` (a match holds all of it), else one
+    from each branch of an alternation that is all of `items`."""
+    longest, run = "", []
+    for op, av in items:
+        if op is sre.LITERAL and av < 128:
+            run.append(chr(av))
+            continue
+        if len(run) > len(longest):
+            longest = "".join(run)
+        run = []
+    if len(run) > len(longest):
+        longest = "".join(run)
+    if longest:
+        return [longest.lower()]
+    if len(items) != 1:
+        return None
+    op, av = items[0]
+    if op is sre.SUBPATTERN:
+        _group, add_flags, del_flags, pattern = av
+        return None if add_flags or del_flags else _literals(list(pattern))
+    if op is sre.BRANCH:
+        found: list[str] = []
+        for branch in av[1]:
+            literals = _literals(list(branch))
+            if literals is None:
+                return None
+            found.extend(literals)
+        return found
+    return None
 
 
 def _first_characters(source: str) -> str | None:

@@ -68,3 +68,35 @@ def test_the_prefiltered_search_flags_what_the_patterns_flag(text, chosen):
     chosen = sorted(chosen)
     expected = any(re.search(p, text, re.IGNORECASE) for p in chosen)
     assert ask(KeywordClassifier(), policy(chosen), [text])[0][0] is expected
+
+
+def test_the_literals_a_match_needs_are_read_from_the_patterns_or_not_at_all():
+    from consumer.classify.keyword import _required_literals as needed
+
+    assert needed(r"\bkill yourself\b") == ["kill yourself"]
+    assert needed(r"[x-z]{2}qq?ab\.c") == ["ab.c"]  # the longest run of literals a match holds
+    assert needed(r"(?x) K Y S ") == ["kys"]  # as `re` reads the pattern, lower-cased
+    assert needed(r"cat|(dog)|(?:b(ir)d)") == ["cat", "dog", "b"]  # one from each branch
+    assert needed(r"Ke\u212av") == ["ke"]  # ASCII only: the Kelvin sign is no k to `in`
+    for source in (r"\w+", r"[ab]c?", r"cat|\d", r"(?-i:Tt)", r"a*", r"(?=kys)"):
+        assert needed(source) is None, source
+
+
+# Patterns with literals of several shapes, and ASCII text made of their pieces: most texts are
+# decided by the literals alone, and every answer must be the patterns' own.
+LITERAL_PATTERNS = [
+    r"\bkys\b", r"nobody wants you", r"(?:ab|c[de])+f", r"(g|h)ij", r"a?bc", r"\wqq", r"k\b",
+    r"[^a-y]zz", r"(?<=o)pp", r"^st$", r"cat|dog", r"(?x) b c", r"Ke\u212a", r"(?-i:Tt)x",
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(["kys", "KyS", "ab", "cdf", "hij", "bc", "qq", "zz", "opp", "st", "CAT", "dog",
+                                     "k", "K", "tt", "x", " ", "!", "e", "nobody wants you"]), min_size=1, max_size=8),
+    chosen=st.sets(st.sampled_from(LITERAL_PATTERNS), min_size=1),
+)  # fmt: skip
+def test_on_ascii_text_the_literals_decide_as_the_patterns_do(pieces, chosen):
+    text, chosen = "".join(pieces), sorted(chosen)
+    expected = any(re.search(p, text, re.IGNORECASE) for p in chosen)
+    assert ask(KeywordClassifier(), policy(chosen), [text])[0][0] is expected
