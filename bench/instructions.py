@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs[size] = f"instructions-in-{size}"
             create_topics(broker.bootstrap, inputs[size], partitions=PARTITIONS)
             produce_events(broker.bootstrap, inputs[size], chat_events(size))
-        env = tracing_env(args.trace_ratio, otlp.endpoint)
+        env = tracing_env(args.trace_ratio, otlp.endpoint) | callgrind.TRACING_BY_COUNT
         print(f"instructions an event, whole process, through Kafka; our cases trace at {args.trace_ratio:g}")
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
