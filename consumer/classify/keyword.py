@@ -1,4 +1,4 @@
-"""The keyword classifier: each policy's `patterns` as case-insensitive regular expressions.
+r"""The keyword classifier: each policy's `patterns` as case-insensitive regular expressions.
 
 Most content matches no pattern, so the search for none is what a keyword-decided record pays.
 Two prefilters make it cheap without changing an answer: for ASCII content (most chat), the
@@ -113,7 +113,7 @@ def _compile(sources: Sequence[str]) -> _Compiled:
 
 
 def _required_literals(source: str) -> list[str] | None:
-    """Lower-case ASCII strings of which every case-insensitive match of `source` on ASCII text
+    r"""Lower-case ASCII strings of which every case-insensitive match of `source` on ASCII text
     contains one ("kill yourself" for `\bkill yourself\b`, "cat" or "dog" for `cat|dog`), or None
     when that cannot be told simply. On ASCII text a case-insensitive ASCII literal matches just
     where its lower case is in the text's: the other characters `re` folds together (the Kelvin
