@@ -27,8 +27,8 @@ case's `Meter` marks, `bench.callgrind`), random numbers seeded so that the same
 sampled; instructions an event are the difference of the two counts over the difference of the
 sizes, so start-up and shutdown cancel out. Spans are exported by count, not every 5 seconds
 (`callgrind.TRACING_BY_COUNT`): on the clock, how many exports fell in a window moved the same
-code's count from 181k to 195k an event; by count, two runs of the same code counted 181.5k and
-182.9k, where its CPU time moves by a third: a change of 2% is told apart.
+code's count from 181k to 195k an event; by count (batches of 64), two runs of the same code
+counted 181.5k and 182.9k, where its CPU time moves by a third: a change of 2% is told apart.
 Instructions are not time (a cache miss costs none), so a change that moves memory rather than
 work needs the CPU figures too.
 
