@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 MISSING = "needs valgrind (Debian's package valgrind)"
+SIZES = (1000, 4000)  # events of the two runs of each counted side
 
 # Spans exported by count, not by the clock: the batch span processor exports every 5 s, which
 # under valgrind comes about fifty times as often an event, each export's fixed cost over a

@@ -28,13 +28,13 @@ import tempfile
 from pathlib import Path
 
 from bench import callgrind
-from bench.pipeline_bench import PEER_PYTHON, OtlpSink, tracing_env
+from bench.callgrind import SIZES
+from bench.pipeline_bench import PEER_PYTHON, OtlpSink, case_command, tracing_env
 from bench.workload import REPO, Spec, chat_events, produce_events
 from consumer.kafka.devkafka import KafkaBroker, create_topics
 
 CASES = ("hand", "peer", "keyword", "cascade-lexical")
 OURS = ("keyword", "cascade-lexical")
-SIZES = (1000, 4000)
 PARTITIONS = 6
 # (case, against, what the ratio is): printed when both cases ran.
 RATIOS = (
@@ -46,11 +46,9 @@ RATIOS = (
 
 def counted(case: str, spec: Spec, peer_python: str, env: dict[str, str], out: Path, timeout: float) -> int:
     """The instructions of one case's window, in a process of its own under callgrind."""
-    if case == "peer":
-        command = [peer_python, "-m", "bench.peer", spec.to_json()]
-    else:
-        command = [sys.executable, "-m", "bench.cases", case, spec.to_json()]
-    return callgrind.count_window(command, REPO, {**env, "PYTHONPATH": str(REPO)}, out, timeout)
+    python, module, args = case_command(case, spec, peer_python)
+    return callgrind.count_window([python, "-m", module, *args], REPO, {**env, "PYTHONPATH": str(REPO)}, out,
+                                  timeout)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,6 @@ from consumer.sinks.roles import SinkOptions, SinkWiring
 CASES = ("keyword", "ours", "cascade-lexical", "cascade-embedding")  # ours: pipeline_bench's instant classifier
 PARTITIONS = 6
 COMMIT_WAIT_S = 0.01  # how long the source waits for room at its intake limit, as the Kafka source does
-COUNTED_SIZES = (1000, 4000)  # --instructions: records of the two runs of each side
 
 
 def messages(events: int, topic: str) -> list[Message]:
@@ -195,7 +194,7 @@ def counted(checkout: Path, case: str, spec: Spec, env: dict[str, str], folder: 
 
 def count_instructions(sides: dict[str, Path], case: str, spec: Spec, env: dict[str, str], timeout: float) -> None:
     """`--instructions`: instructions an event of each side, and this checkout's over the baseline's."""
-    small, large = COUNTED_SIZES
+    small, large = callgrind.SIZES
     per_event: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="loop-path-callgrind-") as folder:
         for name, checkout in sides.items():
@@ -203,7 +202,7 @@ def count_instructions(sides: dict[str, Path], case: str, spec: Spec, env: dict[
             counts = [
                 counted(checkout, case, replace(spec, events=n), env, Path(folder), timeout) for n in (small, large)
             ]
-            per_event[name] = callgrind.per_event((counts[0], counts[1]), COUNTED_SIZES)
+            per_event[name] = callgrind.per_event((counts[0], counts[1]), callgrind.SIZES)
             print(f"{name:13s} {per_event[name]:9.0f} instructions an event ({small} records: {counts[0]:,}; "
                   f"{large}: {counts[1]:,})")  # fmt: skip
     if "baseline" in per_event:

@@ -72,6 +72,14 @@ def side_paths(root: Path) -> tuple[Path, str]:
     return cwd, f"{cwd}{os.pathsep}{root}"
 
 
+def case_command(case: str, spec: Spec, peer_python: str) -> tuple[str, str, list[str]]:
+    """The Python, module and arguments that run a Kafka case in a process of its own: the peer in
+    its own environment (`bench.peer`), every other case through `bench.cases`."""
+    if case == "peer":
+        return peer_python, "bench.peer", [spec.to_json()]
+    return sys.executable, "bench.cases", [case, spec.to_json()]
+
+
 def bench_only() -> Path:
     """A folder holding only this checkout's `bench` package (a link), to put before another
     checkout on the path."""
@@ -157,9 +165,7 @@ class Bench:
         return Spec(self.bootstrap, input_topic, out, dlq, f"bench-{self.run_id}-{case}", events, options)
 
     def kafka_case(self, case: str, spec: Spec, root: Path = REPO) -> dict[str, Any]:
-        python, module, args = sys.executable, "bench.cases", [case, spec.to_json()]
-        if case == "peer":
-            python, module, args = self.args.peer_python, "bench.peer", [spec.to_json()]
+        python, module, args = case_command(case, spec, self.args.peer_python)
         print(f"  {case}{'' if root == REPO else ' @ ' + str(root)} ...", file=sys.stderr, flush=True)
         return run_case(python, module, args, timeout=self.args.case_timeout, root=root, env=self.env)
 
