@@ -300,6 +300,6 @@ def _span_exporter(name: str) -> SpanExporter:
         return OTLPSpanExporter()
     if protocol != "http/protobuf":
         raise TelemetryError(f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r}")
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from consumer.pipeline.telemetry.otlp_encoding import SpanExporter as OTLPHTTPSpanExporter
 
-    return OTLPSpanExporter()
+    return OTLPHTTPSpanExporter()
