@@ -28,6 +28,7 @@ from consumer.classify import (
 from consumer.events import ErrorType
 from consumer.pipeline.batcher import Batcher
 from consumer.pipeline.telemetry import Telemetry
+from consumer.pipeline.telemetry.tracing import start_child
 
 
 class ClassifyStep:
@@ -117,7 +118,9 @@ class ClassifyStep:
             result = self._check(await self._batcher.classify(request))
         else:
             with self._telemetry.tracer.start_as_current_span(
-                **_span_options(request, event_span),
+                _span_name(request),
+                context=trace.set_span_in_context(event_span),
+                attributes=_policy_attributes(request),
                 record_exception=False,  # exception text can quote model output
                 set_status_on_exception=False,
             ) as span:
@@ -126,7 +129,7 @@ class ClassifyStep:
                 except ClassificationFailed as exc:
                     span.set_status(Status(StatusCode.ERROR, exc.error_type.value))
                     raise
-                self._describe(span, result)
+                span.set_attributes(self._description(result))
         self._count_classification(request, result, started)
         return result
 
@@ -139,21 +142,24 @@ class ClassifyStep:
         result: Classification | None = None,
     ) -> None:
         """The child span of a classification that answered at once, recorded after the fact."""
-        span = self._telemetry.tracer.start_span(**_span_options(request, event_span), start_time=started_ns)
+        attributes = _policy_attributes(request)
+        if result is not None:
+            attributes.update(self._description(result))
+        span = start_child(self._telemetry.tracer, event_span, _span_name(request), attributes, started_ns)
         if failure is not None:
             span.set_status(Status(StatusCode.ERROR, failure))
-        if result is not None:
-            self._describe(span, result)
         span.end()
 
-    def _describe(self, span: Span, result: Classification) -> None:
-        span.set_attributes(
-            {"safeguard.model": result.model, "gen_ai.usage.input_tokens": result.prompt_tokens,
-             "gen_ai.usage.output_tokens": result.completion_tokens,
-             "safeguard.cached_tokens": result.cached_tokens, "safeguard.violation": result.violation}
-        )  # fmt: skip
+    def _description(self, result: Classification) -> dict[str, Any]:
+        """A classification span's attributes from its result."""
+        described: dict[str, Any] = {
+            "safeguard.model": result.model, "gen_ai.usage.input_tokens": result.prompt_tokens,
+            "gen_ai.usage.output_tokens": result.completion_tokens, "safeguard.cached_tokens": result.cached_tokens,
+            "safeguard.violation": result.violation,
+        }  # fmt: skip
         if self._telemetry.trace_content and result.reasoning:
-            span.set_attribute("safeguard.reasoning", result.reasoning)
+            described["safeguard.reasoning"] = result.reasoning
+        return described
 
     def _check(self, result: object) -> Classification:
         if not isinstance(result, Classification):
@@ -182,10 +188,9 @@ class ClassifyStep:
         tokens[(policy, "completion")] += result.completion_tokens
 
 
-def _span_options(request: ClassifyRequest, event_span: Span) -> dict[str, Any]:
-    """Name, parent and attributes of a classification's span, a child of the event's."""
-    return {
-        "name": f"classify {request.policy.id}",
-        "context": trace.set_span_in_context(event_span),
-        "attributes": {"safeguard.policy.id": request.policy.id, "safeguard.policy.version": request.policy.version},
-    }
+def _span_name(request: ClassifyRequest) -> str:
+    return f"classify {request.policy.id}"
+
+
+def _policy_attributes(request: ClassifyRequest) -> dict[str, Any]:
+    return {"safeguard.policy.id": request.policy.id, "safeguard.policy.version": request.policy.version}

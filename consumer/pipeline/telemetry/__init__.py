@@ -69,8 +69,9 @@ class Telemetry(PipelineMetrics):
         still carry the producer's trace context on, at no cost (and a record without headers
         costs no context at all). A record that the ratio sampler does not sample, without a parent
         or under a producer's trace that is not sampled, gets its non-recording span from `roots`,
-        without the SDK; the batch's roots are decided at once. The attributes are set once a span
-        records: the samplers the SDK ships do not read them.
+        without the SDK; the batch's roots are decided at once, and a sampled root's span is made by
+        `roots.recorder` (`tracing.SpanRecorder`). The attributes are set once a span records: the
+        samplers the SDK ships do not read them.
         """
         if self.provider is None:
             return [trace.get_current_span(extract(h)) if (h := m.headers()) else trace.INVALID_SPAN for m in messages]
@@ -95,29 +96,34 @@ class Telemetry(PipelineMetrics):
                 root = drawn.pop()
                 if type(root) is not int:
                     spans.append(root)
-                    continue
-                roots.hand_over(root)
+                else:
+                    spans.append(roots.recorder.root(root, f"process {message.topic()}", SpanKind.CONSUMER,
+                                                     self._attributes(message)))  # fmt: skip
+                continue
             spans.append(self._start(message, context))
         return spans
 
     def _start(self, message: Any, context: Context) -> Span:
         topic = message.topic()
         span = self.tracer.start_span(f"process {topic}", context=context, kind=SpanKind.CONSUMER)
-        if not span.is_recording():
-            return span
+        if span.is_recording():
+            span.set_attributes(self._attributes(message))
+        return span
+
+    def _attributes(self, message: Any) -> dict[str, Any]:
+        """A sampled record's span's attributes (OpenTelemetry's messaging conventions)."""
         key = message.key()
         attributes: dict[str, Any] = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
-            "messaging.destination.name": topic,
+            "messaging.destination.name": message.topic(),
             "messaging.destination.partition.id": str(message.partition()),
             "messaging.kafka.offset": message.offset(),
             "messaging.consumer.group.name": self.group,
         }
         if key is not None:
             attributes["messaging.kafka.message.key"] = key.decode("utf-8", "replace")
-        span.set_attributes(attributes)
-        return span
+        return attributes
 
     def shutdown(self) -> None:
         if self.provider is not None:

@@ -24,18 +24,23 @@ import binascii
 import os
 import random
 import re
-import threading
+import time
+import traceback
 from collections.abc import Mapping
+from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context, get_current
 from opentelemetry.propagate import get_global_textmap
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
 import consumer
@@ -43,6 +48,7 @@ from consumer.errors import Fatal
 from consumer.events import Headers
 
 _TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+TRACER_SCOPE = InstrumentationScope("safeguard-consumer", consumer.__version__)  # the pipeline's tracer's
 
 
 class TelemetryError(Fatal, ValueError):
@@ -101,24 +107,6 @@ def inject(span: Span) -> Headers:
     return [(name, value.encode("ascii")) for name, value in carrier.items()]
 
 
-class RootIds(RandomIdGenerator):
-    """Random ids, except that the next root span's trace id can be handed over (`hand_over`, per
-    thread): the id `RootSampling` decided to sample, so the SDK samples the same trace."""
-
-    def __init__(self) -> None:
-        self._next = threading.local()
-
-    def hand_over(self, trace_id: int) -> None:
-        self._next.trace_id = trace_id
-
-    def generate_trace_id(self) -> int:
-        trace_id = getattr(self._next, "trace_id", None)
-        if trace_id is None:
-            return super().generate_trace_id()
-        self._next.trace_id = None
-        return trace_id
-
-
 # The traceparent that producers write (version 00, lower-case hex, nothing around it). Any other
 # form takes the propagator's way, which knows them all.
 _PLAIN_TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
@@ -129,15 +117,15 @@ _CHILD_FLAGS = {0: TraceFlags(TraceFlags.DEFAULT), TraceFlags.RANDOM_TRACE_ID: T
 class RootSampling:
     """A ratio sampler's decision for a root span (a record without a parent), taken before the
     SDK is asked: `TraceIdRatioBased`'s own test of the trace id. `roots()` gives the span of each
-    record that is not sampled; a sampled one is started by the SDK with its id (`hand_over`).
+    record that is not sampled, and the trace id of a sampled one, whose span `recorder` starts.
     `unsampled_child` is the same shortcut for a record whose producer's trace is not sampled."""
 
-    def __init__(self, sampler: TraceIdRatioBased, ids: RootIds, parent_based: bool):
+    def __init__(self, sampler: TraceIdRatioBased, parent_based: bool, recorder: SpanRecorder):
         self._bound = sampler.bound
         self._limit = TraceIdRatioBased.TRACE_ID_LIMIT
-        self._ids = ids
         self._parent_based = parent_based
-        flags = TraceFlags.DEFAULT | (TraceFlags.RANDOM_TRACE_ID if ids.is_trace_id_random() else 0)
+        self.recorder = recorder
+        flags = TraceFlags.DEFAULT | TraceFlags.RANDOM_TRACE_ID  # the trace ids are random (W3C level 2)
         self._suffix = b"-%02x" % flags  # of an unsampled root's traceparent
         # The bound as 16 hex digits, compared with the trace id's last 16; None: every root sampled.
         self._bound_hex = b"%016x" % self._bound if self._bound <= self._limit else None
@@ -173,7 +161,7 @@ class RootSampling:
     def roots(self, n: int) -> list[UnsampledSpan | int]:
         """`n` new roots, decided at once (a poll batch's records without a parent): for each,
         the `UnsampledSpan` of a root the ratio does not sample, or the trace id of one it does
-        (for `hand_over`). The ids come from one draw of random bytes and are tested and written
+        (for `recorder.root`). The ids come from one draw of random bytes and are tested and written
         as hex, without an integer per record: an unsampled record's span, header and end cost
         1.1 µs against 1.9 one by one (`bench/tracing_records.py`)."""
         raw = random.randbytes(24 * n)  # a trace id (16 bytes) and a span id (8) each
@@ -190,10 +178,6 @@ class RootSampling:
             else:
                 roots.append(UnsampledSpan(b"00-%b-%b%b" % (trace_id, hexed[at + 32 : at + 48], suffix)))
         return roots
-
-    def hand_over(self, trace_id: int) -> None:
-        """The next root span this thread starts through the SDK gets `trace_id`."""
-        self._ids.hand_over(trace_id)
 
 
 class UnsampledSpan(Span):
@@ -244,12 +228,171 @@ class UnsampledSpan(Span):
         return f"UnsampledSpan({self.get_span_context()!r})"
 
 
-class RecordTracerProvider(TracerProvider):
-    """The provider `tracer_provider_from_env` builds; `roots` is set with a ratio sampler."""
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+_UNSET = Status(StatusCode.UNSET)
 
-    def __init__(self, roots: RootSampling | None, **kwargs: object):
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.roots = roots
+
+class SpanRecorder:
+    """Makes the sampled spans of records without a parent, and of their classifications, without
+    the SDK's `Span`: what the SDK's tracer would make of them (the ratio sampler has decided, a
+    child of a sampled span is sampled) at about a fifth of its cost (`bench/span_export.py`), its
+    attribute checks (the attributes are the pipeline's own, of known types) and locks (a record's
+    spans live on the event loop) left out. An ended span goes to the provider's span processors as
+    the `ReadableSpan` the SDK's would give them, within the provider's `SpanLimits`."""
+
+    def __init__(self, resource: Resource, scope: InstrumentationScope, processors: list[SpanProcessor],
+                 limits: SpanLimits):  # fmt: skip
+        self.resource = resource
+        self.scope = scope
+        self.processors = processors  # the provider's, as it adds them
+        self.limits = limits
+        self._checked = limits.max_span_attribute_length is not None  # else only the count is bounded
+
+    def root(self, trace_id: int, name: str, kind: SpanKind, attributes: dict[str, types.AnyValue]) -> RecordedSpan:
+        """The span of a record whose trace starts here, sampled, with `trace_id`."""
+        context = SpanContext(trace_id, _span_id(), is_remote=False, trace_flags=_SAMPLED)
+        return RecordedSpan(self, name, context, None, kind, attributes, time.time_ns())
+
+    def finish(self, span: RecordedSpan, end_time: int) -> None:
+        attributes: types.Attributes = span._attributes
+        bound = self.limits.max_span_attributes
+        if self._checked or (bound is not None and len(span._attributes) > bound):
+            attributes = BoundedAttributes(bound, span._attributes, immutable=True,
+                                           max_value_len=self.limits.max_span_attribute_length)  # fmt: skip
+        ended = ReadableSpan(
+            name=span._name, context=span._context, parent=span._parent, resource=self.resource,
+            attributes=attributes, events=span._events or (), kind=span._kind, status=span._status,
+            start_time=span._start_time, end_time=end_time, instrumentation_scope=self.scope,
+        )  # fmt: skip
+        for processor in self.processors:
+            processor.on_end(ended)
+
+
+def _span_id() -> int:
+    return random.getrandbits(64) or RandomIdGenerator().generate_span_id()  # 0 is not a span id
+
+
+class RecordedSpan(Span):
+    """A sampled span `SpanRecorder` made; the SDK span's behaviour (`set_status`, events, what an
+    ended span ignores) for what the pipeline does with it."""
+
+    __slots__ = ("_recorder", "_name", "_context", "_parent", "_kind", "_attributes", "_start_time", "_status",
+                 "_events", "_ended")  # fmt: skip
+
+    def __init__(self, recorder: SpanRecorder, name: str, context: SpanContext, parent: SpanContext | None,
+                 kind: SpanKind, attributes: dict[str, types.AnyValue], start_time: int):  # fmt: skip
+        self._recorder = recorder
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._kind = kind
+        self._attributes = attributes
+        self._start_time = start_time
+        self._status = _UNSET
+        self._events: BoundedList | None = None
+        self._ended = False
+
+    def child(self, name: str, attributes: dict[str, types.AnyValue], start_time: int) -> RecordedSpan:
+        """A span under this one (sampled as this one is), of kind internal."""
+        parent = self._context
+        context = SpanContext(parent.trace_id, _span_id(), is_remote=False, trace_flags=parent.trace_flags,
+                              trace_state=parent.trace_state)  # fmt: skip
+        return RecordedSpan(self._recorder, name, context, parent, SpanKind.INTERNAL, attributes, start_time)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def parent(self) -> SpanContext | None:
+        return self._parent
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return not self._ended
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        if not self._ended:
+            self._attributes[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        if not self._ended:
+            self._attributes.update(attributes)
+
+    def update_name(self, name: str) -> None:
+        if not self._ended:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._ended or self._status.status_code is StatusCode.OK:
+            return  # as the SDK's: OK is final
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self._status = status
+
+    def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
+        if self._ended:
+            return
+        limits = self._recorder.limits
+        if self._events is None:
+            self._events = BoundedList(limits.max_events)
+        bounded = BoundedAttributes(limits.max_event_attributes, attributes, immutable=True,
+                                    max_value_len=limits.max_attribute_length)  # fmt: skip
+        self._events.append(Event(name, bounded, timestamp))
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        module, qualname = type(exception).__module__, type(exception).__qualname__
+        recorded: dict[str, types.AnyValue] = {
+            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        self.add_event("exception", {**recorded, **(attributes or {})}, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if not self._ended:
+            self._ended = True
+            self._recorder.finish(self, end_time if end_time is not None else time.time_ns())
+
+    def __repr__(self) -> str:
+        return f"RecordedSpan({self._name!r}, {self._context!r})"
+
+
+def start_child(tracer: trace.Tracer, parent: Span, name: str, attributes: dict[str, types.AnyValue],
+                start_time: int) -> Span:  # fmt: skip
+    """A span under `parent` (of kind internal): `SpanRecorder`'s under one of its spans, else the
+    tracer's."""
+    if type(parent) is RecordedSpan:
+        return parent.child(name, attributes, start_time)
+    return tracer.start_span(name, context=trace.set_span_in_context(parent), attributes=attributes,
+                             start_time=start_time)  # fmt: skip
+
+
+class RecordTracerProvider(TracerProvider):
+    """The provider `tracer_provider_from_env` builds; with a ratio sampler, `roots` decides the
+    roots and its `recorder` makes the sampled ones."""
+
+    def __init__(self, ratio: TraceIdRatioBased | None, parent_based: bool, scope: InstrumentationScope,
+                 **kwargs: Any):  # fmt: skip
+        limits = SpanLimits()
+        super().__init__(span_limits=limits, **kwargs)
+        self._processors: list[SpanProcessor] = []
+        recorder = SpanRecorder(self.resource, scope, self._processors, limits)
+        self.roots = RootSampling(ratio, parent_based, recorder) if ratio is not None else None
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        super().add_span_processor(span_processor)
+        self._processors.append(span_processor)
 
 
 def tracer_provider_from_env(service_name: str | None = None) -> TracerProvider | None:
@@ -261,10 +404,9 @@ def tracer_provider_from_env(service_name: str | None = None) -> TracerProvider 
         {"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name or "safeguard-consumer"),
          "service.version": consumer.__version__}
     )  # fmt: skip
-    ids = RootIds()
     sampler, ratio = _sampler_from_env()
-    roots = RootSampling(ratio, ids, parent_based=isinstance(sampler, ParentBased)) if ratio is not None else None
-    provider = RecordTracerProvider(roots, resource=resource, sampler=sampler, id_generator=ids)
+    provider = RecordTracerProvider(ratio, isinstance(sampler, ParentBased), TRACER_SCOPE, resource=resource,
+                                    sampler=sampler)  # fmt: skip
     for name in exporters:
         provider.add_span_processor(BatchSpanProcessor(_span_exporter(name)))
     return provider

@@ -273,3 +273,95 @@ def test_a_record_under_a_producers_trace_gets_the_span_the_sdk_would_start(monk
     assert 50 < shortcuts < 200  # the plain parents that are not sampled, and only those
     assert len(exported.get_finished_spans()) == recorded
     telemetry.shutdown()
+
+
+def _without_ids_and_times(spans):
+    """The OTLP request of `spans`, their ids and times zeroed (ours and the SDK's differ there)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    request = encode_spans(spans)
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                span.trace_id = span.span_id = b"\1" * len(span.span_id)
+                span.parent_span_id = b"\1" * len(span.parent_span_id)
+                span.start_time_unix_nano = span.end_time_unix_nano = 1
+                for event in span.events:
+                    event.time_unix_nano = 1
+                    for attribute in event.attributes:
+                        if attribute.key == "exception.stacktrace":  # the lines differ
+                            attribute.value.string_value = attribute.value.string_value.splitlines()[-1]
+    return request
+
+
+def _as_the_sdk_makes_them(telemetry, exported, play, sampler_ratio=1.0):
+    """`play(record_span, start_child)` run on a sampled root of `telemetry` (made by its recorder)
+    and on the SDK's own tracer set up alike; both exports."""
+    from opentelemetry.sdk.trace import SpanLimits
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.trace import SpanKind
+
+    import consumer
+
+    span = telemetry.record_spans([_Record()])[0]
+    assert type(span) is tracing.RecordedSpan
+    play(span, lambda parent, name, attributes, start: tracing.start_child(telemetry.tracer, parent, name, attributes, start))
+    sdk_exported = InMemorySpanExporter()
+    provider = TracerProvider(resource=telemetry.provider.resource, span_limits=SpanLimits(),
+                              sampler=ParentBased(TraceIdRatioBased(sampler_ratio)))  # fmt: skip
+    provider.add_span_processor(SimpleSpanProcessor(sdk_exported))
+    tracer = provider.get_tracer("safeguard-consumer", consumer.__version__)
+    twin = tracer.start_span("process chat", kind=SpanKind.CONSUMER, attributes=telemetry._attributes(_Record()))
+    play(twin, lambda parent, name, attributes, start: tracing.start_child(tracer, parent, name, attributes, start))
+    return exported.get_finished_spans(), sdk_exported.get_finished_spans()
+
+
+def test_a_sampled_records_spans_are_exported_as_the_sdks_would_be(monkeypatch):
+    import time
+
+    from opentelemetry.trace import Status, StatusCode
+
+    def play(span, start_child):
+        span.set_attribute("safeguard.event_id", "evt-1")
+        child = start_child(span, "classify chat", {"safeguard.policy.id": "chat", "safeguard.violation": True},
+                            time.time_ns())  # fmt: skip
+        child.set_status(Status(StatusCode.ERROR, "timeout"))
+        child.set_status(StatusCode.UNSET)  # ignored, as by the SDK
+        child.end()
+        child.set_attribute("late", 1)  # an ended span takes nothing more
+        span.set_status(Status(StatusCode.OK))
+        span.set_status(Status(StatusCode.ERROR, "after OK"))  # OK is final
+        span.update_name("process chat")
+        span.add_event("retried", {"attempt": 2})
+        assert span.is_recording() and not child.is_recording()
+        span.end()
+        span.end()  # ended once
+
+    telemetry, exported = _ratio_telemetry(monkeypatch, 1.0)
+    ours, sdks = _as_the_sdk_makes_them(telemetry, exported, play)
+    assert len(ours) == 2 and ours[0].parent.span_id == ours[1].context.span_id
+    assert ours[0].context.trace_id == ours[1].context.trace_id and ours[1].parent is None
+    assert ours[1].context.trace_flags == sdks[1].context.trace_flags  # sampled, random trace id
+    assert _without_ids_and_times(ours) == _without_ids_and_times(sdks)
+    telemetry.shutdown()
+
+
+def test_a_recorded_span_keeps_the_span_limits_and_records_an_exception(monkeypatch):
+    from opentelemetry import trace
+
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "5")
+
+    def play(span, start_child):
+        span.set_attributes({"safeguard.content": "longer than four", "more": "x", "and.more": "y"})
+        with pytest.raises(KeyError), trace.use_span(span, end_on_exit=True):
+            raise KeyError("missing")
+
+    telemetry, exported = _ratio_telemetry(monkeypatch, 1.0)
+    ours, sdks = _as_the_sdk_makes_them(telemetry, exported, play)
+    assert ours[0].dropped_attributes == sdks[0].dropped_attributes > 0
+    assert ours[0].events[0].name == "exception" and ours[0].status.status_code.name == "ERROR"
+    assert _without_ids_and_times(ours) == _without_ids_and_times(sdks)
+    telemetry.shutdown()
