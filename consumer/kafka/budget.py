@@ -97,8 +97,11 @@ def margin(limit: int) -> int:
 
 
 def headers_size(headers: Headers | None) -> int:
-    if not headers:  # the common case (no trace context to carry): no generator to run
+    if not headers:  # no trace context to carry: no generator to run
         return 0
+    if len(headers) == 1:  # the common case with tracing on: the traceparent alone
+        name, value = headers[0]
+        return len(name) + len(value or b"")
     return sum(len(name) + len(value or b"") for name, value in headers)
 
 

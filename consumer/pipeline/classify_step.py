@@ -28,7 +28,7 @@ from consumer.classify import (
 from consumer.events import ErrorType
 from consumer.pipeline.batcher import Batcher
 from consumer.pipeline.telemetry import Telemetry
-from consumer.pipeline.telemetry.tracing import start_child
+from consumer.pipeline.telemetry.tracing import UnsampledSpan, start_child
 
 
 class ClassifyStep:
@@ -51,7 +51,8 @@ class ClassifyStep:
                 except Exception as exc:  # noqa: BLE001 - a failing classifier costs this record only
                     outcomes.append(exc)
             return outcomes
-        traced = any(span.is_recording() for span in event_spans)
+        # Most batches are all unsampled: their spans' types are read in C, not one call each.
+        traced = set(map(type, event_spans)) != {UnsampledSpan} and any(s.is_recording() for s in event_spans)
         started_ns = time.time_ns() if traced else 0
         started = time.monotonic()
         try:

@@ -22,7 +22,7 @@ from consumer.pipeline import outputs
 from consumer.pipeline.chat import Offenders
 from consumer.pipeline.telemetry import Telemetry
 from consumer.pipeline.telemetry.drift import OTHER
-from consumer.pipeline.telemetry.tracing import inject
+from consumer.pipeline.telemetry.tracing import UnsampledSpan, inject
 from consumer.policy import Policy, most_severe
 from consumer.policy.communities import Community
 from consumer.sinks.roles import CarriesReviewItems, OutputSink
@@ -37,7 +37,7 @@ class Record:
         self.message = message
         self.ticket = ticket
         self.span = span
-        self.traced = span.is_recording()
+        self.traced = type(span) is not UnsampledSpan and span.is_recording()  # most records: no call
         self.started = time.monotonic()
         self.event: ContentEvent | None = None
 

@@ -489,7 +489,8 @@ class Pipeline:
                 self._internal_error(record, exc)
                 requests = None
             if requests is None:
-                record.span.end()
+                if record.traced:  # an unsampled span's end is a no-op
+                    record.span.end()
             else:
                 asking.append((record, requests))
         if asking:
@@ -549,7 +550,8 @@ class Pipeline:
                 self._conclude(record, rs, mine)
             except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
                 self._internal_error(record, exc)
-            record.span.end()
+            if record.traced:
+                record.span.end()
 
     async def _decide_later(self, record: Record, requests: list[ClassifyRequest], answers: list[object]) -> None:
         """Wait for the answers that need the batcher (the engine), then send the output."""
@@ -575,7 +577,8 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a bug here must not cost the record or the process
             self._internal_error(record, exc)
         finally:
-            record.span.end()
+            if record.traced:
+                record.span.end()
 
     async def _classify_through_outages(self, request: ClassifyRequest, span: Span) -> Classification:
         """`classify.later`, outages waited out: on `Unavailable` the request waits for its
@@ -631,7 +634,8 @@ class Pipeline:
             self._internal_error(record, exc)
             requests = None
         if requests is None:
-            record.span.end()
+            if record.traced:
+                record.span.end()
             return
         await self._decide_later(record, requests, [None] * len(requests))
 

@@ -90,7 +90,7 @@ def _writes_w3c() -> bool:
 
 def inject(span: Span) -> Headers:
     """Trace headers that make `span` the parent of whatever reads the output record."""
-    if type(span) is UnsampledSpan and _writes_w3c():
+    if type(span) is UnsampledSpan and get_global_textmap() is _W3C_TEXTMAP and not get_current():  # _writes_w3c()
         return [("traceparent", span.traceparent)]
     context = span.get_span_context()
     if not context.is_valid:
@@ -126,7 +126,7 @@ class RootSampling:
         self._parent_based = parent_based
         self.recorder = recorder
         flags = TraceFlags.DEFAULT | TraceFlags.RANDOM_TRACE_ID  # the trace ids are random (W3C level 2)
-        self._suffix = b"-%02x" % flags  # of an unsampled root's traceparent
+        self._unsampled = b"00-%%b%%b-%%b-%02x" % flags  # an unsampled root's traceparent, for its ids
         # The bound as 16 hex digits, compared with the trace id's last 16; None: every root sampled.
         self._bound_hex = b"%016x" % self._bound if self._bound <= self._limit else None
 
@@ -167,16 +167,16 @@ class RootSampling:
         raw = random.randbytes(24 * n)  # a trace id (16 bytes) and a span id (8) each
         while b"\0" * 8 in raw:  # an id of zeros is invalid: draw again (about never)
             raw = random.randbytes(24 * n)
-        hexed = binascii.hexlify(raw)
-        bound, suffix = self._bound_hex, self._suffix
+        # 8 bytes a group: a trace id's high and low halves, then the span id, in 16 hex digits each.
+        groups = iter(binascii.hexlify(raw, b"-", 8).split(b"-"))
+        bound, unsampled = self._bound_hex, self._unsampled
         roots: list[UnsampledSpan | int] = []
-        for at in range(0, 48 * n, 48):
-            trace_id = hexed[at : at + 32]
+        for high, low, span_id in zip(groups, groups, groups):
             # TraceIdRatioBased's test, trace_id & TRACE_ID_LIMIT < bound, on the last 16 hex digits.
-            if bound is None or trace_id[16:] < bound:
-                roots.append(int(trace_id, 16))
+            if bound is None or low < bound:
+                roots.append(int(high + low, 16))
             else:
-                roots.append(UnsampledSpan(b"00-%b-%b%b" % (trace_id, hexed[at + 32 : at + 48], suffix)))
+                roots.append(UnsampledSpan(unsampled % (high, low, span_id)))
         return roots
 
 
