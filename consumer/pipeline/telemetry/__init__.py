@@ -12,6 +12,7 @@ reasoning never become span attributes unless `telemetry.trace_content` is set.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,7 +70,8 @@ class Telemetry(PipelineMetrics):
         still carry the producer's trace context on, at no cost (and a record without headers
         costs no context at all). A record that the ratio sampler does not sample, without a parent
         or under a producer's trace that is not sampled, gets its non-recording span from `roots`,
-        without the SDK; the batch's roots are decided at once, and a sampled root's span is made by
+        without the SDK; the batch's roots are decided at once, and the span of a sampled root, or of
+        a record under a sampled parent that a parent-based sampler follows, is made by
         `roots.recorder` (`tracing.SpanRecorder`). The attributes are set once a span records: the
         samplers the SDK ships do not read them.
         """
@@ -87,8 +89,13 @@ class Telemetry(PipelineMetrics):
                     spans.append(unsampled)
                     continue
                 context = extract(headers)
-                if trace.get_current_span(context).get_span_context().is_valid:
-                    spans.append(self._start(message, context))
+                parent = trace.get_current_span(context).get_span_context()
+                if parent.is_valid:
+                    if roots is not None and roots.follows(parent):
+                        spans.append(roots.recorder.under(parent, f"process {message.topic()}", SpanKind.CONSUMER,
+                                                          self._attributes(message), time.time_ns()))  # fmt: skip
+                    else:
+                        spans.append(self._start(message, context))
                     continue
             if roots is not None:  # a root: decided here
                 if not drawn:

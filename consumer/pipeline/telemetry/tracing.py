@@ -158,6 +158,11 @@ class RootSampling:
         span_id = random.getrandbits(64) or RandomIdGenerator().generate_span_id()
         return UnsampledSpan(b"00-%032x-%016x-%02x" % (trace_id, span_id, own))
 
+    def follows(self, parent: SpanContext) -> bool:
+        """Whether the sampler samples a span under `parent` (valid) because the parent is:
+        `ParentBased`'s, for a sampled parent. Otherwise the SDK decides."""
+        return self._parent_based and parent.trace_flags.sampled
+
     def roots(self, n: int) -> list[UnsampledSpan | int]:
         """`n` new roots, decided at once (a poll batch's records without a parent): for each,
         the `UnsampledSpan` of a root the ratio does not sample, or the trace id of one it does
@@ -233,8 +238,8 @@ _UNSET = Status(StatusCode.UNSET)
 
 
 class SpanRecorder:
-    """Makes the sampled spans of records without a parent, and of their classifications, without
-    the SDK's `Span`: what the SDK's tracer would make of them (the ratio sampler has decided, a
+    """Makes the sampled spans of records (without a parent, or under a producer's sampled trace
+    with a parent-based sampler), and of their classifications, without the SDK's `Span`: what the SDK's tracer would make of them (the ratio sampler has decided, a
     child of a sampled span is sampled) at about a fifth of its cost (`bench/span_export.py`), its
     attribute checks (the attributes are the pipeline's own, of known types) and locks (a record's
     spans live on the event loop) left out. An ended span goes to the provider's span processors as
@@ -252,6 +257,15 @@ class SpanRecorder:
         """The span of a record whose trace starts here, sampled, with `trace_id`."""
         context = SpanContext(trace_id, _span_id(), is_remote=False, trace_flags=_SAMPLED)
         return RecordedSpan(self, name, context, None, kind, attributes, time.time_ns())
+
+    def under(self, parent: SpanContext, name: str, kind: SpanKind, attributes: dict[str, types.AnyValue],
+              start_time: int) -> RecordedSpan:  # fmt: skip
+        """A sampled span under `parent` (sampled): the trace's id and state, the parent's
+        random-trace-id bit, as the SDK's ParentBased sampler and tracer give it."""
+        flags = TraceFlags(TraceFlags.SAMPLED | (parent.trace_flags & TraceFlags.RANDOM_TRACE_ID))
+        context = SpanContext(parent.trace_id, _span_id(), is_remote=False, trace_flags=flags,
+                              trace_state=parent.trace_state)  # fmt: skip
+        return RecordedSpan(self, name, context, parent, kind, attributes, start_time)
 
     def finish(self, span: RecordedSpan, end_time: int) -> None:
         attributes: types.Attributes = span._attributes
@@ -294,10 +308,7 @@ class RecordedSpan(Span):
 
     def child(self, name: str, attributes: dict[str, types.AnyValue], start_time: int) -> RecordedSpan:
         """A span under this one (sampled as this one is), of kind internal."""
-        parent = self._context
-        context = SpanContext(parent.trace_id, _span_id(), is_remote=False, trace_flags=parent.trace_flags,
-                              trace_state=parent.trace_state)  # fmt: skip
-        return RecordedSpan(self._recorder, name, context, parent, SpanKind.INTERNAL, attributes, start_time)
+        return self._recorder.under(self._context, name, SpanKind.INTERNAL, attributes, start_time)
 
     @property
     def name(self) -> str:

@@ -365,3 +365,32 @@ def test_a_recorded_span_keeps_the_span_limits_and_records_an_exception(monkeypa
     assert ours[0].events[0].name == "exception" and ours[0].status.status_code.name == "ERROR"
     assert _without_ids_and_times(ours) == _without_ids_and_times(sdks)
     telemetry.shutdown()
+
+
+def test_a_record_under_a_producers_sampled_trace_is_recorded_as_the_sdk_would(monkeypatch):
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.trace import SpanKind
+
+    import consumer
+
+    producer = TracerProvider().get_tracer("t").start_span("producer")
+    headers = tracing.inject(producer) + [("tracestate", b"vendor=7")]
+    telemetry, exported = _ratio_telemetry(monkeypatch, 0.0)  # the parent decides, whatever the ratio
+    span = telemetry.record_spans([_Record(headers)])[0]
+    assert type(span) is tracing.RecordedSpan and span.is_recording()
+    span.end()
+    sdk_exported = InMemorySpanExporter()
+    provider = TracerProvider(resource=telemetry.provider.resource, sampler=ParentBased(TraceIdRatioBased(0.0)))
+    provider.add_span_processor(SimpleSpanProcessor(sdk_exported))
+    twin = provider.get_tracer("safeguard-consumer", consumer.__version__).start_span(
+        "process chat", context=tracing.extract(headers), kind=SpanKind.CONSUMER, attributes=telemetry._attributes(_Record()))
+    twin.end()
+    ours, sdks = exported.get_finished_spans(), sdk_exported.get_finished_spans()
+    assert ours[0].parent == sdks[0].parent and ours[0].parent.is_remote
+    assert ours[0].context.trace_id == sdks[0].context.trace_id
+    assert ours[0].context.trace_flags == sdks[0].context.trace_flags
+    assert ours[0].context.trace_state == sdks[0].context.trace_state and ours[0].context.trace_state["vendor"] == "7"
+    assert _without_ids_and_times(ours) == _without_ids_and_times(sdks)
+    telemetry.shutdown()
