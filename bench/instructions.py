@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs[size] = f"instructions-in-{size}"
             create_topics(broker.bootstrap, inputs[size], partitions=PARTITIONS)
             produce_events(broker.bootstrap, inputs[size], chat_events(size))
-        env = tracing_env(args.trace_ratio, otlp.endpoint) | callgrind.TRACING_BY_COUNT
+        env = tracing_env(args.trace_ratio, otlp.endpoint) | callgrind.TRACING_COUNTED
         print(f"instructions an event, whole process, through Kafka; our cases trace at {args.trace_ratio:g}")
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     name = f"instructions-{case}-{size}"
                     create_topics(broker.bootstrap, f"{name}-out", f"{name}-dlq", partitions=PARTITIONS)
                     spec = Spec(broker.bootstrap, inputs[size], f"{name}-out", f"{name}-dlq", name, size,
-                                {"seeded": True} if case in OURS else {})  # fmt: skip
+                                {"counted": True} if case in OURS else {})  # fmt: skip
                     out = Path(folder) / f"{name}.callgrind"
                     counts.append(counted(case, spec, args.peer_python, env, out, args.case_timeout))
                 per_event[case] = callgrind.per_event((counts[0], counts[1]), SIZES)
