@@ -12,10 +12,12 @@ Records that are not sampled cost next to nothing: with a ratio sampler from the
 a record without a parent is decided here (`RootSampling`: the same test of the trace id as
 `TraceIdRatioBased`), and one that is not sampled gets an `UnsampledSpan` and its `traceparent`
 without the SDK's span machinery (the SDK's way: about 15 µs a record at a 1% ratio, more than
-the rest of a keyword-decided record's handling); a sampled one is started by the SDK with the
-trace id decided here. A record whose producer's trace is not sampled (its `traceparent` in the
-plain W3C form, no `tracestate`) gets its `UnsampledSpan` the same way, without the propagator
-and the SDK (13.5 -> 3 µs a record in a micro-benchmark).
+the rest of a keyword-decided record's handling); a sampled one gets a `RecordedSpan` from
+`SpanRecorder` with the trace id decided here, as does a record under a producer's sampled trace
+with a parent-based sampler. A record whose producer's trace is not sampled (its `traceparent` in
+the plain W3C form, no `tracestate`) gets its `UnsampledSpan` the same way, without the propagator
+and the SDK (13.5 -> 3 µs a record in a micro-benchmark). Sampled spans go out through the SDK's
+OTLP/HTTP exporter with `otlp_encoding`'s encoder.
 """
 
 from __future__ import annotations
@@ -239,9 +241,9 @@ _UNSET = Status(StatusCode.UNSET)
 
 class SpanRecorder:
     """Makes the sampled spans of records (without a parent, or under a producer's sampled trace
-    with a parent-based sampler), and of their classifications, without the SDK's `Span`: what the SDK's tracer would make of them (the ratio sampler has decided, a
-    child of a sampled span is sampled) at about a fifth of its cost (`bench/span_export.py`), its
-    attribute checks (the attributes are the pipeline's own, of known types) and locks (a record's
+    with a parent-based sampler), and of their classifications, without the SDK's `Span`: what the
+    SDK's tracer would make of them (the ratio sampler has decided; a child of a sampled span is
+    sampled) at about a quarter of its cost (`bench/span_export.py`), its attribute checks (the attributes are the pipeline's own, of known types) and locks (a record's
     spans live on the event loop) left out. An ended span goes to the provider's span processors as
     the `ReadableSpan` the SDK's would give them, within the provider's `SpanLimits`."""
 
