@@ -92,7 +92,8 @@ def _writes_w3c() -> bool:
 
 def inject(span: Span) -> Headers:
     """Trace headers that make `span` the parent of whatever reads the output record."""
-    if type(span) is UnsampledSpan and get_global_textmap() is _W3C_TEXTMAP and not get_current():  # _writes_w3c()
+    # _writes_w3c(), written out: 99 records in 100 take this way, and a call each was counted.
+    if type(span) is UnsampledSpan and get_global_textmap() is _W3C_TEXTMAP and not get_current():
         return [("traceparent", span.traceparent)]
     context = span.get_span_context()
     if not context.is_valid:

@@ -294,7 +294,7 @@ def _without_ids_and_times(spans):
     return request
 
 
-def _as_the_sdk_makes_them(telemetry, exported, play, sampler_ratio=1.0):
+def _as_the_sdk_makes_them(telemetry, exported, play):
     """`play(record_span, start_child)` run on a sampled root of `telemetry` (made by its recorder)
     and on the SDK's own tracer set up alike; both exports."""
     from opentelemetry.sdk.trace import SpanLimits
@@ -310,7 +310,7 @@ def _as_the_sdk_makes_them(telemetry, exported, play, sampler_ratio=1.0):
     play(span, lambda parent, name, attributes, start: tracing.start_child(telemetry.tracer, parent, name, attributes, start))
     sdk_exported = InMemorySpanExporter()
     provider = TracerProvider(resource=telemetry.provider.resource, span_limits=SpanLimits(),
-                              sampler=ParentBased(TraceIdRatioBased(sampler_ratio)))  # fmt: skip
+                              sampler=ParentBased(TraceIdRatioBased(1.0)))  # fmt: skip
     provider.add_span_processor(SimpleSpanProcessor(sdk_exported))
     tracer = provider.get_tracer("safeguard-consumer", consumer.__version__)
     twin = tracer.start_span("process chat", kind=SpanKind.CONSUMER, attributes=telemetry._attributes(_Record()))
