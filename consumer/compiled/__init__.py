@@ -68,7 +68,7 @@ HOT_MODULES = (
     "consumer.classify.cascade.verdicts",
     "consumer.classify.cascade.counters",
 )
-DISABLE_ENV = "SAFEGUARD_COMPILED"  # "0": run the sources
+DISABLE_ENV = "SAFEGUARD_COMPILED"  # 0 (or false, no, off): run the sources
 # Python semantics kept: annotations are not C types, functions stay introspectable.
 DIRECTIVES = {"language_level": 3, "annotation_typing": False, "binding": True}
 MANIFEST = "manifest.json"
@@ -130,7 +130,7 @@ def install() -> CompiledFinder | None:
     for finder in sys.meta_path:
         if isinstance(finder, CompiledFinder):
             return finder
-    if os.environ.get(DISABLE_ENV, "").strip() == "0":
+    if disabled():
         return None
     folder = directory()
     try:
@@ -141,6 +141,11 @@ def install() -> CompiledFinder | None:
     finder = CompiledFinder(folder, modules)
     sys.meta_path.insert(0, finder)
     return finder
+
+
+def disabled() -> bool:
+    """Whether `SAFEGUARD_COMPILED` says to run the sources (0, false, no or off)."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in {"0", "false", "no", "off"}
 
 
 def installed() -> CompiledFinder | None:
@@ -206,7 +211,10 @@ def build(
             for module, binary in binaries.items():
                 manifest[module] = {"sha256": todo[module][1], "binary": binary}
                 result.compiled.append(module)
-    (folder / MANIFEST).write_text(json.dumps({"modules": manifest}, indent=1, sort_keys=True))
+    # Replaced whole: a process starting meanwhile reads the old manifest or the new, never half of one.
+    scratch_manifest = folder / f"{MANIFEST}.{os.getpid()}"
+    scratch_manifest.write_text(json.dumps({"modules": manifest}, indent=1, sort_keys=True))
+    os.replace(scratch_manifest, folder / MANIFEST)
     return result
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from consumer.compiled import DISABLE_ENV, HOT_MODULES, build, directory, installed
+from consumer.compiled import DISABLE_ENV, HOT_MODULES, build, directory, disabled, installed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{module}: {how}")
     if finder is None:
-        why = (
-            f"{DISABLE_ENV}=0" if os.environ.get(DISABLE_ENV, "").strip() == "0" else f"nothing built in {directory()}"
-        )
+        why = f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}" if disabled() else f"nothing built in {directory()}"
         print(f"all from source: {why}")
     return 0
 
