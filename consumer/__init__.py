@@ -4,5 +4,5 @@ from consumer import compiled as _compiled
 
 __version__ = "0.1.0"
 
-# The hot path's compiled modules, where this environment has them (consumer/compiled.py).
+# The hot path's compiled modules, where this environment has them (consumer/compiled).
 _compiled.install()

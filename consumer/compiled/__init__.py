@@ -76,7 +76,7 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the `
 
 
 def directory() -> Path:
-    """Where this environment's compiled modules live: beside its interpreter's packages."""
+    """Where this environment's compiled modules live: under its prefix, one folder per Python."""
     return Path(sys.prefix) / "share" / "safeguard-consumer" / f"compiled-{sys.implementation.cache_tag}"
 
 
@@ -192,10 +192,11 @@ def build(
             extensions = {}
             for module, (source, _) in todo.items():  # one at a time: what Cython refuses costs only its own
                 try:
+                    # -w: the generated C's warnings say nothing about the module.
+                    extension = Extension(module, [str(source)], extra_compile_args=["-w"])
                     (extensions[module],) = cythonize(
-                        [Extension(module, [str(source)], extra_compile_args=["-w"])], build_dir=scratch, compiler_directives=DIRECTIVES,
-                        quiet=True, force=True,
-                    )  # fmt: skip
+                        [extension], build_dir=scratch, compiler_directives=DIRECTIVES, quiet=True, force=True
+                    )
                 except (Exception, SystemExit) as exc:  # noqa: BLE001 - the source runs instead; say why
                     result.failed[module] = f"{type(exc).__name__}: {exc}".strip()
             # All at once, in parallel; if the C compiler fails on one, one at a time to find it.
