@@ -36,7 +36,6 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from pydantic import ValidationError
 
 from bench.workload import POLICY_ID, REPO, Meter, Spec, chat_events, instant_verdict, report
-from consumer import compiled
 from consumer.classify import Capacity, Classification, ClassifyRequest
 from consumer.classify.keyword import KeywordClassifier
 from consumer.config import load_settings
@@ -555,10 +554,6 @@ def main(argv: list[str]) -> None:
             result["stages_us"] = stages_us(samples, result["cpu_us_main"])
     else:
         result = run_case(name, spec)
-    # How many of the hot path's modules ran compiled (consumer/compiled): a source edited since
-    # the last `python -m consumer.compiled build` runs as source, and its figures with it.
-    finder = compiled.installed()
-    result["compiled"] = f"{len(set(finder.loaded)) if finder else 0}/{len(compiled.HOT_MODULES)}"
     report(result)
 
 

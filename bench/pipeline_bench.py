@@ -235,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("starting Kafka ...", file=sys.stderr, flush=True)
         broker.start(timeout=120)
-        env = tracing_env(args.trace_ratio, otlp.endpoint)
-        if args.profile or args.stages:  # the profilers see Python frames only: the hot path as source
-            print("  --profile/--stages: the hot path runs as source (SAFEGUARD_COMPILED=0)", file=sys.stderr)
-            env["SAFEGUARD_COMPILED"] = "0"
-        bench = Bench(broker.bootstrap, args, env)
+        bench = Bench(broker.bootstrap, args, tracing_env(args.trace_ratio, otlp.endpoint))
         if set(cases) & set(STREAM_CASES):
             shared = bench.topic("input", chat_events(args.events), args.input_traces)
             rounds: dict[str, list[dict[str, Any]]] = {}
@@ -381,7 +377,7 @@ def print_table(results: dict[str, Any], summary: dict[str, Any], events: int) -
                     "p99_before_consumer_ms", "avg_batch_size", "decided_cache", "decided_lexical",
                     "decided_embedding", "decided_undecided", "rounds_events_per_s", "rounds_cpu_us_per_event",
                     "peak_in_flight", "cpu_us_main", "cpu_us_poll", "cpu_us_librdkafka", "engine_alone_per_s", "ours_per_s",
-                    "in_process_per_s", "remote/in_process", "added_p50_ms", "added_p99_ms", "compiled"):
+                    "in_process_per_s", "remote/in_process", "added_p50_ms", "added_p99_ms"):
             if key in r:
                 notes.append(f"{key}={r[key]}".replace(" ", ""))
         print(f"{case:<12} {r.get('events', ''):>8} {r.get('events_per_s', ''):>10} "

@@ -35,10 +35,10 @@ _SECRET_KEY = re.compile(
     r"|oauthbearer\.(config|extensions)",
     re.IGNORECASE,
 )
-# SAFEGUARD_* variables read by the scripts and tests, and consumer.compiled's switch: not settings.
+# SAFEGUARD_* variables read by the scripts and tests, not settings.
 TOOL_VARIABLES = frozenset(
     {"SAFEGUARD_CACHE_DIR", "SAFEGUARD_VENV", "SAFEGUARD_KEEP_KAFKA_DATA", "SAFEGUARD_BENCH_PEER_PYTHON",
-     "SAFEGUARD_BOOTSTRAP_REPOINT", "SAFEGUARD_COMPILED"}
+     "SAFEGUARD_BOOTSTRAP_REPOINT"}
 )  # fmt: skip
 ENV_PREFIX = "SAFEGUARD_"
 
