@@ -8,7 +8,7 @@ case's settings, or a cascade's, tracing at 1% as deployed, spans to a local OTL
 same chat events, from memory to memory:
 
 - `MemorySource`, a `RecordSource`: `confluent_kafka.Message`s built once, handed over in poll
-  batches of up to 500 from a thread of its own, tracked by the pipeline's offset tracker under
+  batches of up to `POLL_BATCH` from a thread of its own, tracked by the pipeline's offset tracker under
   its intake limit, positions committed (to the tracker) as they advance, as the Kafka source does;
 - `MemorySink`, an `OutputSink`: each output fitted and encoded by the pipeline's size budget,
   as the Kafka sink does before `produce`, and reported delivered when the loop next serves it.
