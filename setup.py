@@ -1,7 +1,9 @@
-"""The project's one compiled part: the lexical stage's n-gram counts (consumer/classify/cascade/_ngrams.c).
+"""The project's one compiled part: the lexical stage's n-gram counts and its heads' scores
+(consumer/classify/cascade/_ngrams.c).
 
 Optional: where it does not build (no C compiler), `pip install` goes on and the numpy code in
-consumer/classify/cascade/hashing.py makes the same matrix, slower. Everything else is in
+consumer/classify/cascade/hashing.py makes the same matrix, and numpy the same scores
+(consumer/classify/cascade/stage.py), slower. Everything else is in
 pyproject.toml.
 """
 

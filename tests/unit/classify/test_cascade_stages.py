@@ -191,6 +191,60 @@ def test_the_compiled_counts_are_the_numpy_codes_on_any_text():
     same()
 
 
+def test_the_compiled_product_is_numpys_on_any_rows_and_head(monkeypatch):
+    """`_ngrams.linear_scores` (a head's non-zero columns as a bitmap and their ranks) against the
+    dense product it replaces: the same float64 scores, for heads with no columns, a few, every
+    one, columns at the bitmap's word and block edges; rows from the n-gram counts and empty
+    ones. A malformed matrix is refused, not read past."""
+    import numpy as np
+    import scipy.sparse as sp
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    import consumer.classify.cascade.stage as stage_module
+    from consumer.classify.cascade import hashing
+
+    if stage_module._ngrams is None:
+        pytest.skip("consumer/classify/cascade/_ngrams.c was not compiled here (no C compiler at install)")
+    size = 2 * (1 << 10)  # 4 blocks of 512 columns (a cache line of the bitmap each)
+    edges = [0, 1, 62, 63, 64, 65, 127, 128, 511, 512, 513, 1023, 1024, 1535, 1536, size - 1]
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.text(max_size=40), max_size=8),
+        st.sampled_from([0.0, 0.002, 0.05, 0.5, 1.0]),  # the share of columns the head has
+        st.booleans(),  # and the word and block edges too
+        st.integers(0, 2**32 - 1),
+    )
+    def same(texts: list[str], density: float, edged: bool, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        coef = np.where(rng.random(size) < density, rng.normal(size=size), 0.0)
+        if edged:
+            coef[edges] = rng.normal(size=len(edges))
+        weights = stage_module._Weights.of(coef)
+        rows = hashing.ngram_counts(texts, size // 2)
+        compiled = weights.scores(rows)
+        portable = np.empty(len(texts))  # the loop for CPUs without the popcnt instruction
+        stage_module._ngrams.linear_scores(rows.indptr.astype(np.int64), rows.indices, rows.data, weights.present,
+                                           weights.before, weights.padded, portable, True)  # fmt: skip
+        with monkeypatch.context() as m:
+            m.setattr(stage_module, "_ngrams", None)
+            dense = weights.scores(rows)
+        assert compiled.shape == dense.shape == (len(texts),)
+        assert (compiled == dense).all() and (portable == dense).all()  # bit for bit: the same terms, in order
+
+    same()
+    weights = stage_module._Weights.of(np.ones(size))
+    rows = hashing.ngram_counts(["gg wp"], size // 2)
+    wider = sp.csr_matrix((rows.data, rows.indices + size, rows.indptr), shape=(1, 2 * size))
+    with pytest.raises(ValueError, match="outside the head's columns"):
+        stage_module._ngrams.linear_scores(wider.indptr.astype(np.int64), wider.indices, wider.data,
+                                           weights.present, weights.before, weights.padded, np.empty(1))  # fmt: skip
+    with pytest.raises(ValueError, match="row pointers"):
+        stage_module._ngrams.linear_scores(np.array([0, 10**6], dtype=np.int64), rows.indices, rows.data,
+                                           weights.present, weights.before, weights.padded, np.empty(1))  # fmt: skip
+
+
 def test_one_long_text_among_short_ones_is_not_padded_for(monkeypatch):
     """A forum post among chat lines: sorted with the others' n-grams, not in a matrix padded
     to its length (200 rows of its 30,000 n-grams); short texts alone are sorted row by row."""
