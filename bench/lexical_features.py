@@ -1,7 +1,8 @@
 """The lexical stage's features alone: µs per message of `ngram_counts` on the bench's chat messages.
 
 No Kafka, one process, the main thread's CPU clock. Where `_ngrams.c` was compiled, its numpy
-fallback is measured beside it. `--baseline CHECKOUT` loads another checkout's
+fallback is measured beside it, and so is a head's product (`stage._Weights.scores`: a
+chat-harassment head trained from its examples, on the same batches' rows), compiled and numpy. `--baseline CHECKOUT` loads another checkout's
 `consumer/classify/cascade/hashing.py` too; all sides alternate round by round and must build
 the same matrix (checked first), so the ratios are measured side by side:
 
@@ -12,6 +13,7 @@ the same matrix (checked first), so the ratios are measured side by side:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import statistics
 import time
@@ -22,9 +24,15 @@ from typing import Any, Callable
 import orjson
 
 from bench.checkouts import compiled_ngrams
-from bench.workload import chat_events
-from consumer.classify.cascade import hashing
-from consumer.classify.cascade.lexical import N_FEATURES
+from bench.workload import REPO, chat_events
+from consumer.classify.cascade import CascadeSettings, hashing, stage
+from consumer.classify.cascade.examples import training_set
+from consumer.classify.cascade.lexical import N_FEATURES, LexicalFeatures
+from consumer.policy import load_policy
+
+_DEFAULTS = CascadeSettings()  # the rules a head trained from a policy's examples gets by default
+HEAD_RULES = stage.StageRules(_DEFAULTS.min_examples, _DEFAULTS.min_per_class, _DEFAULTS.calibration,
+                              _DEFAULTS.refit_every, _DEFAULTS.max_learned)  # fmt: skip
 
 
 def load(checkout: Path) -> ModuleType:
@@ -77,6 +85,33 @@ def main() -> None:
         ratios = [a / b for a, b in zip(figures[this], figures[name])]
         print(f"this checkout / {name}, round by round: {statistics.median(ratios):.2f} "
               f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+    if stage._ngrams is not None:
+        products(texts, args.batch, args.rounds)
+
+
+def products(texts: list[str], batch: int, rounds: int) -> None:
+    """A trained head's scores of each batch's rows: the compiled product against numpy's."""
+    policy = load_policy(REPO / "policies" / "chat-harassment.md")
+    data = training_set(policy)
+    learned = stage.LearnedStage(LexicalFeatures(), HEAD_RULES, data.version)
+    asyncio.run(learned.train(data.texts, data.labels))
+    weights = learned._fitted.weights  # type: ignore[union-attr]
+    batches = [hashing.ngram_counts(texts[i : i + batch], N_FEATURES) for i in range(0, len(texts), batch)]
+    compiled = stage._ngrams
+    times: dict[str, list[float]] = {"compiled": [], "numpy": []}
+    for _ in range(rounds):
+        for name in times:
+            stage._ngrams = compiled if name == "compiled" else None
+            started = time.thread_time()
+            for rows in batches:
+                weights.scores(rows)
+            times[name].append((time.thread_time() - started) / len(texts) * 1e6)
+    stage._ngrams = compiled
+    print(f"a head's product ({len(weights.columns)} of {weights.size} columns):")
+    for name, figures in times.items():
+        print(f"  {name:8s} {statistics.median(figures):6.3f} µs a message (rounds {min(figures):.3f}-{max(figures):.3f})")
+    ratios = [a / b for a, b in zip(times["compiled"], times["numpy"])]
+    print(f"  compiled / numpy, round by round: {statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

@@ -194,8 +194,9 @@ def test_the_compiled_counts_are_the_numpy_codes_on_any_text():
 def test_the_compiled_product_is_numpys_on_any_rows_and_head(monkeypatch):
     """`_ngrams.linear_scores` (a head's non-zero columns as a bitmap and their ranks) against the
     dense product it replaces: the same float64 scores, for heads with no columns, a few, every
-    one, columns at the bitmap's word and block edges; rows from the n-gram counts and empty
-    ones. A malformed matrix is refused, not read past."""
+    one, columns at the bitmap's word edges; rows from the n-gram counts and empty ones. Both
+    loops: with the popcnt instruction where this CPU has it, and the portable one. A malformed
+    matrix is refused, not read past."""
     import numpy as np
     import scipy.sparse as sp
     from hypothesis import given, settings
@@ -206,14 +207,14 @@ def test_the_compiled_product_is_numpys_on_any_rows_and_head(monkeypatch):
 
     if stage_module._ngrams is None:
         pytest.skip("consumer/classify/cascade/_ngrams.c was not compiled here (no C compiler at install)")
-    size = 2 * (1 << 10)  # 4 blocks of 512 columns (a cache line of the bitmap each)
+    size = 2 * (1 << 10)  # 32 words of the bitmap
     edges = [0, 1, 62, 63, 64, 65, 127, 128, 511, 512, 513, 1023, 1024, 1535, 1536, size - 1]
 
     @settings(max_examples=200, deadline=None)
     @given(
         st.lists(st.text(max_size=40), max_size=8),
         st.sampled_from([0.0, 0.002, 0.05, 0.5, 1.0]),  # the share of columns the head has
-        st.booleans(),  # and the word and block edges too
+        st.booleans(),  # and the words' edges too
         st.integers(0, 2**32 - 1),
     )
     def same(texts: list[str], density: float, edged: bool, seed: int) -> None:
