@@ -2,9 +2,10 @@
 
 No Kafka, one process, the main thread's CPU clock. Where `_ngrams.c` was compiled, its numpy
 fallback is measured beside it, and so is a head's product (`stage._Weights.scores`: a
-chat-harassment head trained from its examples, on the same batches' rows), compiled and numpy. `--baseline CHECKOUT` loads another checkout's
-`consumer/classify/cascade/hashing.py` too; all sides alternate round by round and must build
-the same matrix (checked first), so the ratios are measured side by side:
+chat-harassment head trained from its examples, on the same batches' rows), compiled and numpy.
+`--baseline CHECKOUT` loads another checkout's `consumer/classify/cascade/hashing.py` too; all
+sides alternate round by round and must build the same matrix (checked first), so the ratios are
+measured side by side:
 
     python -m bench.lexical_features
     git worktree add /tmp/base main && python -m bench.lexical_features --baseline /tmp/base --batch 200
@@ -29,10 +30,6 @@ from consumer.classify.cascade import CascadeSettings, hashing, stage
 from consumer.classify.cascade.examples import training_set
 from consumer.classify.cascade.lexical import N_FEATURES, LexicalFeatures
 from consumer.policy import load_policy
-
-_DEFAULTS = CascadeSettings()  # the rules a head trained from a policy's examples gets by default
-HEAD_RULES = stage.StageRules(_DEFAULTS.min_examples, _DEFAULTS.min_per_class, _DEFAULTS.calibration,
-                              _DEFAULTS.refit_every, _DEFAULTS.max_learned)  # fmt: skip
 
 
 def load(checkout: Path) -> ModuleType:
@@ -93,7 +90,7 @@ def products(texts: list[str], batch: int, rounds: int) -> None:
     """A trained head's scores of each batch's rows: the compiled product against numpy's."""
     policy = load_policy(REPO / "policies" / "chat-harassment.md")
     data = training_set(policy)
-    learned = stage.LearnedStage(LexicalFeatures(), HEAD_RULES, data.version)
+    learned = stage.LearnedStage(LexicalFeatures(), stage.StageRules.of(CascadeSettings()), data.version)
     asyncio.run(learned.train(data.texts, data.labels))
     weights = learned._fitted.weights  # type: ignore[union-attr]
     batches = [hashing.ngram_counts(texts[i : i + batch], N_FEATURES) for i in range(0, len(texts), batch)]
@@ -109,9 +106,11 @@ def products(texts: list[str], batch: int, rounds: int) -> None:
     stage._ngrams = compiled
     print(f"a head's product ({len(weights.columns)} of {weights.size} columns):")
     for name, figures in times.items():
-        print(f"  {name:8s} {statistics.median(figures):6.3f} µs a message (rounds {min(figures):.3f}-{max(figures):.3f})")
+        print(f"  {name:8s} {statistics.median(figures):6.3f} µs a message "
+              f"(rounds {min(figures):.3f}-{max(figures):.3f})")  # fmt: skip
     ratios = [a / b for a, b in zip(times["compiled"], times["numpy"])]
-    print(f"  compiled / numpy, round by round: {statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"  compiled / numpy, round by round: {statistics.median(ratios):.2f} "
+          f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -337,10 +337,11 @@ static int has_popcnt;
 
 /* linear_scores(indptr int64, indices int32, data float64, present uint64, before uint32,
  *               values float64, out float64[, portable]):
- * out[r] = row r of the CSR matrix times a linear head's weights, given as the head's non-zero columns (`stage._Weights`): `present` has bit c
- * set for each such column c, `before[w]` counts those in the 64-bit words before word w, and
- * `values` holds their weights in column order and a 0.0 after them, so a column's weight is
- * values[before[c / 64] + the bits of word c / 64 set below bit c % 64] where its bit is set.
+ * out[r] = row r of the CSR matrix times a linear head's weights, given as the head's non-zero
+ * columns (`stage._Weights`): `present` has bit c set for each such column c, `before[w]` counts
+ * those in the 64-bit words before word w, and `values` holds their weights in column order and
+ * a 0.0 after them, so a column's weight is values[before[c / 64] + the bits of word c / 64 set
+ * below bit c % 64] where its bit is set.
  * Why not the dense vector: the lexical stage's 262,144 columns make it 2 MB, past this
  * machine's L2, and it was filled and cleared at each call, a few thousand lines at random;
  * the bitmap and its counts are 48 KB. The sum runs over a row's entries in order, as scipy's

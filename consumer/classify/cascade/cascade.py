@@ -139,13 +139,7 @@ class CascadeClassifier:
         self.reasoner = reasoner
         self._policies = policies
         self._featurizers = {name: f for name, f in zip(stages.LEARNED, (lexical, embedding)) if f is not None}
-        self._rules = StageRules(
-            min_examples=settings.min_examples,
-            min_per_class=settings.min_per_class,
-            calibration=settings.calibration,
-            refit_every=settings.refit_every,
-            max_learned=settings.max_learned,
-        )
+        self._rules = StageRules.of(settings)
         self.cache = VerdictCache(settings.cache_size, settings.cache_ttl_s)
         self.counters: dict[str, PolicyCounters] = {}
         self._heads: OrderedDict[str, _Heads] = OrderedDict()  # by training data; least recently used first

@@ -41,12 +41,9 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.model_selection import StratifiedKFold
 
 from consumer.classify.cascade.calibrate import Calibrator, Method, calibration_error, fit_calibrator
+from consumer.classify.cascade.hashing import _ngrams  # None where _ngrams.c was not compiled: numpy's product
+from consumer.config.cascade import CascadeSettings
 from consumer.durable import replacing
-
-try:  # built with the n-gram counts (setup.py); without it, numpy makes the same product
-    from consumer.classify.cascade import _ngrams
-except ImportError:
-    _ngrams = None
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +88,12 @@ class StageRules:
     calibration: Method
     refit_every: int
     max_learned: int
+
+    @classmethod
+    def of(cls, settings: CascadeSettings) -> StageRules:
+        """The rules the cascade's settings give every head."""
+        return cls(settings.min_examples, settings.min_per_class, settings.calibration, settings.refit_every,
+                   settings.max_learned)  # fmt: skip
 
 
 @dataclass(frozen=True)
