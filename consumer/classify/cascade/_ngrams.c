@@ -11,8 +11,10 @@
  * ASCII's rules there), and is made so here. With them come three buffers Python owns: int32
  * column indices and float64 values, each with room for 5 entries per character of a padded
  * text (a text of L characters has at most L word 1-2-grams and 4 L character 2-5-grams), and
- * int64 row pointers, one per text and one more. This fills them as scipy's CSR matrix reads
- * them (each row's columns in order, each once) and returns how many entries it wrote.
+ * int32 row pointers, one per text and one more (int32 as scipy keeps them for a matrix this
+ * size: given int64, its constructor reads them all to check they fit and copies them). This
+ * fills them as scipy's CSR matrix reads them (each row's columns in order, each once) and
+ * returns how many entries it wrote.
  *
  * The hashes are the numpy code's, bit for bit: the polynomial hash of an n-gram's code points
  * (h = h * P + c, modulo 2**64), MurmurHash3's 64-bit finaliser, the low bits as the column.
@@ -153,7 +155,7 @@ static Py_ssize_t ngram_columns(const Text *text, uint32_t n_features, uint32_t 
     return m;
 }
 
-/* counts(padded texts, n_features, indices int32, data float64, indptr int64) -> entries */
+/* counts(padded texts, n_features, indices int32, data float64, indptr int32) -> entries */
 static PyObject *counts(PyObject *self, PyObject *args) {
     PyObject *texts;
     Py_ssize_t n_features;
@@ -169,7 +171,7 @@ static PyObject *counts(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "n_features must be a power of two up to 2**30, not %zd", n_features);
         goto done;
     }
-    if (values.len / (Py_ssize_t)sizeof(double) < capacity || indptr.len / (Py_ssize_t)sizeof(int64_t) < rows + 1) {
+    if (values.len / (Py_ssize_t)sizeof(double) < capacity || indptr.len / (Py_ssize_t)sizeof(int32_t) < rows + 1) {
         PyErr_SetString(PyExc_ValueError, "the value or row-pointer buffer is shorter than the texts need");
         goto done;
     }
@@ -194,8 +196,9 @@ static PyObject *counts(PyObject *self, PyObject *args) {
         if (padded > longest)
             longest = padded;
     }
-    if (needed > capacity) {
-        PyErr_Format(PyExc_ValueError, "room for %zd entries, the texts may need %zd", capacity, needed);
+    if (needed > capacity || needed > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "room for %zd entries (and int32 row pointers), the texts may need %zd",
+                     capacity, needed);
         goto done;
     }
     /* The radix sort's scratch space, then room for one padded ASCII text. */
@@ -209,7 +212,7 @@ static PyObject *counts(PyObject *self, PyObject *args) {
         bits++;
     uint32_t *columns = (uint32_t *)indices.buf;
     double *weights = (double *)values.buf;
-    int64_t *starts = (int64_t *)indptr.buf;
+    int32_t *starts = (int32_t *)indptr.buf;
     Py_ssize_t at = 0;
     Py_BEGIN_ALLOW_THREADS
     starts[0] = 0;
@@ -237,7 +240,7 @@ static PyObject *counts(PyObject *self, PyObject *args) {
         for (Py_ssize_t j = 0; j < unique; j++)
             weights[at + j] /= norms[row[j] >= (uint32_t)n_features];
         at += unique;
-        starts[r + 1] = at;
+        starts[r + 1] = (int32_t)at;
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(at);
@@ -288,8 +291,7 @@ static inline Py_ssize_t bits_set(uint64_t x) {
 
 typedef struct {
     Py_ssize_t rows, words, weights;
-    const int64_t *starts;
-    const int32_t *columns;
+    const int32_t *starts, *columns;
     const double *counts, *weight;
     const uint64_t *bits;
     const uint32_t *ranks;
@@ -301,7 +303,7 @@ typedef struct {
 static inline __attribute__((always_inline)) int sum_rows(const Product *p, int hardware) {
     for (Py_ssize_t r = 0; r < p->rows; r++) {
         double sum = 0.0;
-        for (int64_t j = p->starts[r]; j < p->starts[r + 1]; j++) {
+        for (int32_t j = p->starts[r]; j < p->starts[r + 1]; j++) {
             uint32_t column = (uint32_t)p->columns[j];
             Py_ssize_t word = (Py_ssize_t)(column >> 6);
             if (word >= p->words)
@@ -335,7 +337,7 @@ static int has_popcnt;
 #define POPCNT_DISPATCH 1
 #endif
 
-/* linear_scores(indptr int64, indices int32, data float64, present uint64, before uint32,
+/* linear_scores(indptr int32, indices int32, data float64, present uint64, before uint32,
  *               values float64, out float64[, portable]):
  * out[r] = row r of the CSR matrix times a linear head's weights, given as the head's non-zero
  * columns (`stage._Weights`): `present` has bit c set for each such column c, `before[w]` counts
@@ -346,7 +348,9 @@ static int has_popcnt;
  * machine's L2, and it was filled and cleared at each call, a few thousand lines at random;
  * the bitmap and its counts are 48 KB. The sum runs over a row's entries in order, as scipy's
  * product does, a column without a weight adding 0.0: the same float64 result. The GIL is
- * released while the sums are made. `portable` true: without the popcnt instruction (tests). */
+ * released while the sums are made. `portable` true: without the popcnt instruction (tests).
+ * int32 row pointers, as scipy keeps a matrix of fewer than 2**31 entries (`_Weights.scores`
+ * sends any other to numpy's product). */
 static PyObject *linear_scores(PyObject *self, PyObject *args) {
     Py_buffer indptr = {0}, indices = {0}, data = {0}, present = {0}, before = {0}, values = {0}, out = {0};
     int portable = 0;
@@ -355,10 +359,10 @@ static PyObject *linear_scores(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     Product p = {
-        .rows = indptr.len / (Py_ssize_t)sizeof(int64_t) - 1,
+        .rows = indptr.len / (Py_ssize_t)sizeof(int32_t) - 1,
         .words = present.len / (Py_ssize_t)sizeof(uint64_t),
         .weights = values.len / (Py_ssize_t)sizeof(double),
-        .starts = (const int64_t *)indptr.buf,
+        .starts = (const int32_t *)indptr.buf,
         .columns = (const int32_t *)indices.buf,
         .counts = (const double *)data.buf,
         .weight = (const double *)values.buf,

@@ -46,6 +46,8 @@ CHUNK = 200
 # Rows are sorted each on its own while a matrix padded to the longest holds at most this many
 # cells per n-gram; else all together (`_counts`).
 GRID_MAX_WASTE = 4
+# The most entries a matrix of `_ngrams.counts` is made with: its row pointers are int32.
+INT32_ROOM = 2**31 - 1
 _ASCII_WORD = np.array([chr(c).isalnum() or chr(c) == "_" for c in range(128)])
 
 
@@ -80,11 +82,18 @@ def _padded(texts: list[str]) -> list[str]:
 
 def _compiled_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
     """`_ngrams.c`: the buffers are made here, room for 5 entries a character of each padded
-    text (see there). An ASCII text goes as it is: the C code pads it."""
+    text (see there). An ASCII text goes as it is: the C code pads it. Row pointers are int32,
+    as scipy keeps them (from int64 its constructor checks every one and copies them): texts
+    that may need more entries than int32 counts are split in two."""
     given = [text if text.isascii() else _padded([text])[0] for text in texts]
     room = 5 * (sum(map(len, given)) + 2 * len(given))
+    if room > INT32_ROOM and len(texts) > 1:
+        half = len(texts) // 2
+        return sp.vstack(
+            [_compiled_counts(texts[:half], n_features), _compiled_counts(texts[half:], n_features)], format="csr"
+        )
     indices, data = np.empty(room, dtype=np.int32), np.empty(room, dtype=np.float64)
-    indptr = np.empty(len(given) + 1, dtype=np.int64)
+    indptr = np.empty(len(given) + 1, dtype=np.int32)
     entries = _ngrams.counts(given, n_features, indices, data, indptr)
     return sp.csr_matrix((data[:entries], indices[:entries], indptr), shape=(len(texts), 2 * n_features))
 

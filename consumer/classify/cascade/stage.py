@@ -138,7 +138,10 @@ class _Weights:
         return out
 
     def scores(self, rows: Any) -> np.ndarray:
-        if _ngrams is not None and sp.issparse(rows) and rows.format == "csr" and rows.shape[1] == self.size:
+        if (
+            _ngrams is not None and sp.issparse(rows) and rows.format == "csr" and rows.shape[1] == self.size
+            and rows.indptr.dtype == np.int32  # scipy's, up to 2**31 entries (its indices are too)
+        ):  # fmt: skip
             return self._compiled_scores(rows)
         # Else scattered into a zeroed vector kept per thread and taken out again after the product:
         # two passes over the non-zero coefficients, where a sparse product or a lookup by
@@ -155,7 +158,7 @@ class _Weights:
         random and cleared at each call (docs/benchmark.md, issue 31, sixteenth round)."""
         out = np.empty(rows.shape[0])
         _ngrams.linear_scores(
-            np.ascontiguousarray(rows.indptr, dtype=np.int64), np.ascontiguousarray(rows.indices, dtype=np.int32),
+            np.ascontiguousarray(rows.indptr), np.ascontiguousarray(rows.indices, dtype=np.int32),
             np.ascontiguousarray(rows.data, dtype=np.float64), self.present, self.before, self.padded, out,
         )  # fmt: skip
         return out

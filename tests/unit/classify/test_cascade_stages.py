@@ -167,6 +167,7 @@ def test_the_lexical_stage_counts_the_ngrams_scikit_learn_makes_hashed_as_docume
 def test_the_compiled_counts_are_the_numpy_codes_on_any_text():
     """`_ngrams.c` against its fallback on fuzzed text: ASCII as it comes (the C code pads it
     itself) and every other plane, white space of every kind, lone surrogates."""
+    import numpy as np
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -187,8 +188,28 @@ def test_the_compiled_counts_are_the_numpy_codes_on_any_text():
         assert compiled.shape == numpy_.shape and compiled.has_canonical_format
         assert (compiled.indptr == numpy_.indptr).all() and (compiled.indices == numpy_.indices).all()
         assert (compiled.data == numpy_.data).all()  # bit for bit: the same sums and square roots
+        assert compiled.indptr.dtype == np.int32  # as made, not copied by scipy's constructor
 
     same()
+
+
+def test_texts_past_int32_row_pointers_are_counted_in_parts(monkeypatch):
+    """The compiled counts' row pointers are int32: a batch that could need more entries than
+    that counts is made in halves (here with a limit of a few hundred, for want of 2**31
+    entries), the same matrix as at once."""
+    import numpy as np
+
+    from consumer.classify.cascade import hashing
+
+    if hashing._ngrams is None:
+        pytest.skip("consumer/classify/cascade/_ngrams.c was not compiled here (no C compiler at install)")
+    texts = ["gg wp", "free nitro at example.com", "ÀÉ İstanbul", "", "lol " * 30, "x"] * 3
+    whole = hashing.ngram_counts(texts, 1 << 10)
+    monkeypatch.setattr(hashing, "INT32_ROOM", 300)
+    parts = hashing.ngram_counts(texts, 1 << 10)
+    assert (parts != whole).nnz == 0 and parts.shape == whole.shape and parts.has_canonical_format
+    with pytest.raises(ValueError, match="int32 row pointers"):  # and the C code will not write past them
+        hashing._ngrams.counts(["a" * 10], 1 << 10, np.empty(10, np.int32), np.empty(10), np.empty(2, np.int32))
 
 
 def test_the_compiled_product_is_numpys_on_any_rows_and_head(monkeypatch):
@@ -226,23 +247,26 @@ def test_the_compiled_product_is_numpys_on_any_rows_and_head(monkeypatch):
         rows = hashing.ngram_counts(texts, size // 2)
         compiled = weights.scores(rows)
         portable = np.empty(len(texts))  # the loop for CPUs without the popcnt instruction
-        stage_module._ngrams.linear_scores(rows.indptr.astype(np.int64), rows.indices, rows.data, weights.present,
+        stage_module._ngrams.linear_scores(rows.indptr, rows.indices, rows.data, weights.present,
                                            weights.before, weights.padded, portable, True)  # fmt: skip
         with monkeypatch.context() as m:
             m.setattr(stage_module, "_ngrams", None)
             dense = weights.scores(rows)
         assert compiled.shape == dense.shape == (len(texts),)
         assert (compiled == dense).all() and (portable == dense).all()  # bit for bit: the same terms, in order
+        wide = rows.copy()  # int64 index arrays, as scipy keeps a matrix past 2**31 entries: numpy's product
+        wide.indptr, wide.indices = wide.indptr.astype(np.int64), wide.indices.astype(np.int64)
+        assert (weights.scores(wide) == dense).all()
 
     same()
     weights = stage_module._Weights.of(np.ones(size))
     rows = hashing.ngram_counts(["gg wp"], size // 2)
     wider = sp.csr_matrix((rows.data, rows.indices + size, rows.indptr), shape=(1, 2 * size))
     with pytest.raises(ValueError, match="outside the head's columns"):
-        stage_module._ngrams.linear_scores(wider.indptr.astype(np.int64), wider.indices, wider.data,
+        stage_module._ngrams.linear_scores(wider.indptr, wider.indices, wider.data,
                                            weights.present, weights.before, weights.padded, np.empty(1))  # fmt: skip
     with pytest.raises(ValueError, match="row pointers"):
-        stage_module._ngrams.linear_scores(np.array([0, 10**6], dtype=np.int64), rows.indices, rows.data,
+        stage_module._ngrams.linear_scores(np.array([0, 10**6], dtype=np.int32), rows.indices, rows.data,
                                            weights.present, weights.before, weights.padded, np.empty(1))  # fmt: skip
 
 
