@@ -1,14 +1,13 @@
 /* The lexical stage's n-gram counts in C: the matrix `hashing.py` builds in numpy (which stays,
  * as the fallback where this module was not compiled), made one text at a time. And, from the
- * same code that lower-cases and splits an ASCII text here, the verdict cache's normalised form
- * of it (`normalised`, for `cache.normalise`); and a linear head's scores of such a matrix
- * without its dense weight vector (`linear_scores`, for `stage._Weights`, numpy's product the
- * fallback).
+ * same code that splits a text into words here, the verdict cache's normalised form of a text
+ * (`normalised`, for `cache.normalise`); and a linear head's scores of such a matrix without its
+ * dense weight vector (`linear_scores`, for `stage._Weights`, numpy's product the fallback).
  *
- * Python side (`hashing._compiled_counts`) hands over the texts as the n-grams are read from:
- * lower-cased, their words joined by single spaces and padded with a space either side. An
- * ASCII text may come as it is (most chat does; `str.lower` and `str.split` need nothing beyond
- * ASCII's rules there), and is made so here. With them come three buffers Python owns: int32
+ * Python side (`hashing._compiled_counts`) hands over the texts lower-cased: an ASCII text as it
+ * comes (most chat is; lower-casing it takes nothing beyond A-Z, done here), any other through
+ * str.lower(). Here each is read as the n-grams are read from: its words joined by single spaces
+ * and padded with a space either side (`padded`). With them come three buffers Python owns: int32
  * column indices and float64 values, each with room for 5 entries per character of a padded
  * text (a text of L characters has at most L word 1-2-grams and 4 L character 2-5-grams), and
  * int32 row pointers, one per text and one more (int32 as scipy keeps them for a matrix this
@@ -36,7 +35,6 @@ typedef struct {
     int kind;
     const void *data;
     Py_ssize_t length;
-    int as_given; /* ASCII, maybe not lower-cased nor padded yet */
 } Text;
 
 static inline uint64_t mixed(uint64_t h) {
@@ -86,28 +84,42 @@ static void sort_columns(uint32_t *keys, uint32_t *scratch, Py_ssize_t n, int bi
         memcpy(keys, from, (size_t)n * sizeof *keys);
 }
 
-/* An ASCII text as `hashing._padded` makes it: lower-cased, its words (split where str.split()
- * splits: Py_UNICODE_ISSPACE, which in ASCII is also \x1c-\x1f) joined by single spaces, a space
- * either side; "" when it has no words. `out` has room for its length + 2. */
-static Text padded_ascii(const Text *text, Py_UCS1 *out) {
-    const Py_UCS1 *in = (const Py_UCS1 *)text->data;
+/* A text as `hashing._padded` makes it, from a text whose letters other than A-Z are lower-cased
+ * already (ASCII text comes as it is; other text as str.lower() made it: Unicode's full mapping,
+ * which the C API does not offer): A-Z lower-cased, its words (split where str.split() splits:
+ * Py_UNICODE_ISSPACE, which in ASCII is also \x1c-\x1f) joined by single spaces, a space either
+ * side; "" when it has no words. `out` has room for its length + 2 characters of its kind.
+ * Inlined into `padded` for each kind, so that the reads and writes are of one width. */
+static inline __attribute__((always_inline)) Text padded_kind(const Text *text, void *out, int kind) {
+    const void *in = text->data;
     Py_ssize_t size = 0;
     int in_a_word = 0;
     for (Py_ssize_t i = 0; i < text->length; i++) {
-        Py_UCS1 c = in[i];
+        Py_UCS4 c = PyUnicode_READ(kind, in, i);
         if (Py_UNICODE_ISSPACE(c)) {
             in_a_word = 0;
             continue;
         }
         if (!in_a_word)
-            out[size++] = ' '; /* before every word: the padding, then one between each two */
+            PyUnicode_WRITE(kind, out, size++, ' '); /* before every word: the padding, then one between each two */
         in_a_word = 1;
-        out[size++] = (c >= 'A' && c <= 'Z') ? (Py_UCS1)(c + ('a' - 'A')) : c;
+        PyUnicode_WRITE(kind, out, size++, (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c);
     }
     if (size)
-        out[size++] = ' ';
-    Text padded = {PyUnicode_1BYTE_KIND, out, size, 0};
+        PyUnicode_WRITE(kind, out, size++, ' ');
+    Text padded = {kind, out, size};
     return padded;
+}
+
+static Text padded(const Text *text, void *out) {
+    switch (text->kind) {
+    case PyUnicode_1BYTE_KIND:
+        return padded_kind(text, out, PyUnicode_1BYTE_KIND);
+    case PyUnicode_2BYTE_KIND:
+        return padded_kind(text, out, PyUnicode_2BYTE_KIND);
+    default:
+        return padded_kind(text, out, PyUnicode_4BYTE_KIND);
+    }
 }
 
 /* One text's columns, unsorted, into `row`; returns how many. */
@@ -190,19 +202,18 @@ static PyObject *counts(PyObject *self, PyObject *args) {
         read[r].kind = PyUnicode_KIND(item);
         read[r].data = PyUnicode_DATA(item);
         read[r].length = PyUnicode_GET_LENGTH(item);
-        read[r].as_given = PyUnicode_IS_ASCII(item);
-        Py_ssize_t padded = read[r].length + 2 * read[r].as_given;
-        needed += ENTRIES_A_CHARACTER * padded;
-        if (padded > longest)
-            longest = padded;
+        Py_ssize_t length = read[r].length + 2; /* padded */
+        needed += ENTRIES_A_CHARACTER * length;
+        if (length > longest)
+            longest = length;
     }
     if (needed > capacity || needed > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "room for %zd entries (and int32 row pointers), the texts may need %zd",
                      capacity, needed);
         goto done;
     }
-    /* The radix sort's scratch space, then room for one padded ASCII text. */
-    scratch = PyMem_RawMalloc(sizeof(uint32_t) * (size_t)(ENTRIES_A_CHARACTER * longest + 1) + (size_t)longest);
+    /* The radix sort's scratch space, then room for one padded text (of 4-byte characters at most). */
+    scratch = PyMem_RawMalloc(sizeof(uint32_t) * (size_t)(ENTRIES_A_CHARACTER * longest + 1 + longest));
     if (scratch == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -216,10 +227,10 @@ static PyObject *counts(PyObject *self, PyObject *args) {
     Py_ssize_t at = 0;
     Py_BEGIN_ALLOW_THREADS
     starts[0] = 0;
-    Py_UCS1 *ascii = (Py_UCS1 *)(scratch + ENTRIES_A_CHARACTER * longest + 1);
+    void *text_space = scratch + ENTRIES_A_CHARACTER * longest + 1;
     for (Py_ssize_t r = 0; r < rows; r++) {
         uint32_t *row = columns + at;
-        Text text = read[r].as_given ? padded_ascii(&read[r], ascii) : read[r];
+        Text text = padded(&read[r], text_space);
         Py_ssize_t m = ngram_columns(&text, (uint32_t)n_features, row);
         sort_columns(row, scratch, m, bits);
         /* Equal neighbours are one n-gram counted several times. */
@@ -253,28 +264,27 @@ done:
     return result;
 }
 
-/* normalised(text) -> str, or None for a text that is not ASCII: the verdict cache's form of an
- * ASCII text (`cache.normalise`: case-folded, which in ASCII is lower-cased, and its words joined
- * by single spaces), made by `padded_ascii` without the padding. One pass and one string where
- * Python's split and join make a string a word: 0.8 against 1.3 µs a bench chat message. */
+/* normalised(text) -> str: the verdict cache's form of a text (`cache.normalise`) from a text
+ * case-folded already but for A-Z (ASCII text as it comes: case-folding ASCII is lower-casing it;
+ * other text through NFKC and str.casefold() first): A-Z lower-cased and its words joined by
+ * single spaces, made by `padded` without the padding. One pass and one string where Python's
+ * split and join make a string a word: 0.8 against 1.3 µs a bench chat message. */
 static PyObject *normalised(PyObject *self, PyObject *text) {
     if (!PyUnicode_Check(text)) {
         PyErr_Format(PyExc_TypeError, "text is %.100s, not str", Py_TYPE(text)->tp_name);
         return NULL;
     }
-    if (!PyUnicode_IS_ASCII(text))
-        Py_RETURN_NONE;
-    Text given = {PyUnicode_1BYTE_KIND, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text), 1};
+    Text given = {PyUnicode_KIND(text), PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)};
+    size_t room = ((size_t)given.length + 2) * (size_t)given.kind;
     Py_UCS1 small[512];
-    Py_UCS1 *out = given.length + 2 <= (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)given.length + 2);
+    void *out = room <= sizeof small ? small : PyMem_Malloc(room);
     if (out == NULL)
         return PyErr_NoMemory();
-    Text padded = padded_ascii(&given, out);
-    /* Without the space either side ("" stays ""). */
-    Py_ssize_t length = padded.length ? padded.length - 2 : 0;
-    PyObject *result = PyUnicode_New(length, 127);
-    if (result != NULL)
-        memcpy(PyUnicode_1BYTE_DATA(result), out + 1, (size_t)length);
+    Text words = padded(&given, out);
+    /* Without the space either side ("" stays ""); of the narrowest kind its characters allow
+     * (white space taken out may have been the widest), as every str must be. */
+    Py_ssize_t length = words.length ? words.length - 2 : 0;
+    PyObject *result = PyUnicode_FromKindAndData(given.kind, (const char *)out + given.kind, length);
     if (out != small)
         PyMem_Free(out);
     return result;
@@ -410,13 +420,13 @@ static PyMethodDef methods[] = {
      "counts(padded_texts, n_features, indices, data, indptr) -> entries written (see hashing.py)"},
     {"linear_scores", linear_scores, METH_VARARGS,
      "linear_scores(indptr, indices, data, present, before, values, out[, portable]): a linear head's scores (stage.py)"},
-    {"normalised", normalised, METH_O, "normalised(text) -> the verdict cache's form of an ASCII text, else None"},
+    {"normalised", normalised, METH_O, "normalised(case-folded text) -> the verdict cache's form of it (cache.py)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_ngrams",
-    "The lexical stage's n-gram counts and heads' scores, and the verdict cache's normalised ASCII text, compiled.",
+    "The lexical stage's n-gram counts and heads' scores, and the verdict cache's normalised text, compiled.",
     -1,
     methods,
 };

@@ -82,10 +82,11 @@ def _padded(texts: list[str]) -> list[str]:
 
 def _compiled_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
     """`_ngrams.c`: the buffers are made here, room for 5 entries a character of each padded
-    text (see there). An ASCII text goes as it is: the C code pads it. Row pointers are int32,
-    as scipy keeps them (from int64 its constructor checks every one and copies them): texts
-    that may need more entries than int32 counts are split in two."""
-    given = [text if text.isascii() else _padded([text])[0] for text in texts]
+    text (see there). The C code pads each text; an ASCII text goes as it is (it lower-cases
+    A-Z), any other lower-cased here (Unicode's full mapping). Row pointers are int32, as scipy
+    keeps them (from int64 its constructor checks every one and copies them): texts that may
+    need more entries than int32 counts are split in two."""
+    given = [text if text.isascii() else text.lower() for text in texts]
     room = 5 * (sum(map(len, given)) + 2 * len(given))
     if room > INT32_ROOM and len(texts) > 1:
         half = len(texts) // 2
