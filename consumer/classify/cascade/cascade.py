@@ -123,6 +123,8 @@ TRAINING_AT_ONCE = os.cpu_count() or 2
 # Requests `classify_now_many` left open that `classify` has not taken yet (at most about the
 # intake limit; beyond this many the oldest are forgotten, which costs them their stages again).
 MAX_OPEN = 20_000
+# Policy plans kept (`_plan`): one per policy id and own precision, a few hundred bytes each.
+MAX_PLANS = 100_000
 
 class CascadeClassifier:
     name = "cascade"
@@ -140,6 +142,7 @@ class CascadeClassifier:
         self._policies = policies
         self._featurizers = {name: f for name, f in zip(stages.LEARNED, (lexical, embedding)) if f is not None}
         self._rules = StageRules.of(settings)
+        self._plans: dict[tuple[str, float | None], PolicyPlan] = {}  # `_plan`'s, by (policy id, its own precision)
         self.cache = VerdictCache(settings.cache_size, settings.cache_ttl_s)
         self.counters: dict[str, PolicyCounters] = {}
         self._heads: OrderedDict[str, _Heads] = OrderedDict()  # by training data; least recently used first
@@ -584,7 +587,15 @@ class CascadeClassifier:
 
     def _plan(self, policy: Policy) -> PolicyPlan:
         # A policy's own target precision (a community's override) where the policy has one.
-        return self.settings.plan_for(policy.id, getattr(policy, "target_precision", None))
+        # Made once per policy id and precision: asked for each policy of every batch, and a
+        # plan made anew (an overrides model and a frozen dataclass) cost more than the lookup.
+        key = (policy.id, getattr(policy, "target_precision", None))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()  # ids and precisions that churn: made again on demand
+            plan = self._plans[key] = self.settings.plan_for(*key)
+        return plan
 
     def _current(self, policy: Policy) -> _Heads | None:
         """The heads in force for this version of the policy, if trained and held (and then the
