@@ -284,3 +284,24 @@ def test_one_long_text_among_short_ones_is_not_padded_for(monkeypatch):
     hashing.ngram_counts(short, 1 << 10)
     hashing.ngram_counts(short + ["word " * 6_000], 1 << 10)
     assert taken == ["_sorted_row_by_row", "_sorted_together"]
+
+
+def test_a_calibrator_maps_scores_as_its_formula_says_in_place_or_not():
+    """`Calibrator` clips in place (np.maximum, np.minimum) where it called np.clip: the same
+    probabilities bit for bit as the plain formula, for both methods, scores of every size and
+    infinities, and the scores handed in are left as they were."""
+    import numpy as np
+
+    from consumer.classify.cascade.calibrate import Calibrator
+
+    rng = np.random.default_rng(7)
+    scores = np.concatenate([rng.normal(size=200) * 8, [np.inf, -np.inf, 1e300, -1e300, 0.0, 600.0, -600.0]])
+    given = scores.copy()
+    low, high = 0.02, 0.97
+    a, b = -1.7, 0.3
+    sigmoid = Calibrator("sigmoid", (low, high), np.array([a, b]))
+    assert (sigmoid(scores) == np.clip(1.0 / (1.0 + np.exp(np.clip(a * scores + b, -500, 500))), low, high)).all()
+    thresholds = np.array([[-3.0, -1.0, 0.0, 1.0, 3.0], [0.0, 0.2, 0.5, 0.8, 1.0]])
+    isotonic = Calibrator("isotonic", (low, high), thresholds)
+    assert (isotonic(scores) == np.clip(np.interp(scores, thresholds[0], thresholds[1]), low, high)).all()
+    assert (scores == given).all()
