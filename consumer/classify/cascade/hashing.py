@@ -96,7 +96,23 @@ def _compiled_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
     indices, data = np.empty(room, dtype=np.int32), np.empty(room, dtype=np.float64)
     indptr = np.empty(len(given) + 1, dtype=np.int32)
     entries = _ngrams.counts(given, n_features, indices, data, indptr)
-    return sp.csr_matrix((data[:entries], indices[:entries], indptr), shape=(len(texts), 2 * n_features))
+    return _csr_as_made(data[:entries], indices[:entries], indptr, (len(texts), 2 * n_features))
+
+
+# What scipy's constructor sets on a CSR matrix besides its arrays and shape (its `maxprint`).
+_CSR_DEFAULTS = {k: v for k, v in vars(sp.csr_matrix((0, 0))).items() if k not in ("data", "indices", "indptr", "_shape")}
+
+
+def _csr_as_made(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A CSR matrix of the compiled counts' arrays, which are what scipy's constructor checks
+    for (float64 values, int32 columns in order within each row, int32 row pointers from 0 to
+    the entries): its attributes set as that constructor sets them, without its checks, which
+    were 4% of the lexical case's event loop (a py-spy profile of bench.loop_path) for a
+    poll batch's matrix. scipy is pinned (requirements/cascade.txt); a test holds this to the
+    constructor's matrix, attribute by attribute, so that a scipy that sets more fails there."""
+    matrix = sp.csr_matrix.__new__(sp.csr_matrix)
+    vars(matrix).update(_CSR_DEFAULTS, data=data, indices=indices, indptr=indptr, _shape=shape)
+    return matrix
 
 
 def _counts(texts: list[str], n_features: int) -> sp.csr_matrix:

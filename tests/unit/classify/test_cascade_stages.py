@@ -168,6 +168,7 @@ def test_the_compiled_counts_are_the_numpy_codes_on_any_text():
     """`_ngrams.c` against its fallback on fuzzed text: ASCII as it comes (the C code pads it
     itself) and every other plane, white space of every kind, lone surrogates."""
     import numpy as np
+    import scipy.sparse as sp
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -189,6 +190,13 @@ def test_the_compiled_counts_are_the_numpy_codes_on_any_text():
         assert (compiled.indptr == numpy_.indptr).all() and (compiled.indices == numpy_.indices).all()
         assert (compiled.data == numpy_.data).all()  # bit for bit: the same sums and square roots
         assert compiled.indptr.dtype == np.int32  # as made, not copied by scipy's constructor
+        # Made without scipy's constructor (`hashing._csr_as_made`): what it would make (compared
+        # fresh, before a property caches its flags on either), and valid.
+        fresh = hashing.ngram_counts(batch, n_features)
+        checked = sp.csr_matrix((fresh.data, fresh.indices, fresh.indptr), shape=fresh.shape)
+        assert vars(fresh).keys() == vars(checked).keys() and fresh.maxprint == checked.maxprint
+        assert (fresh != checked).nnz == 0 and fresh.dtype == checked.dtype
+        fresh.check_format(full_check=True)  # raises where scipy would refuse the arrays
 
     same()
 
