@@ -180,7 +180,7 @@ static Py_ssize_t ngram_columns(const Text *text, uint32_t n_features, uint32_t 
     return m;
 }
 
-/* counts(padded texts, n_features, indices int32, data float64, indptr int32) -> entries */
+/* counts(texts lower-cased but for A-Z, n_features, indices int32, data float64, indptr int32) -> entries */
 static PyObject *counts(PyObject *self, PyObject *args) {
     PyObject *texts;
     Py_ssize_t n_features;
@@ -430,7 +430,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"counts", counts, METH_VARARGS,
-     "counts(padded_texts, n_features, indices, data, indptr) -> entries written (see hashing.py)"},
+     "counts(texts, n_features, indices, data, indptr) -> entries written (see hashing.py)"},
     {"linear_scores", linear_scores, METH_VARARGS,
      "linear_scores(indptr, indices, data, present, before, values, out[, portable]): a linear head's scores (stage.py)"},
     {"normalised", normalised, METH_O, "normalised(case-folded text) -> the verdict cache's form of it (cache.py)"},
