@@ -100,7 +100,8 @@ def _compiled_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
 
 
 # What scipy's constructor sets on a CSR matrix besides its arrays and shape (its `maxprint`).
-_CSR_DEFAULTS = {k: v for k, v in vars(sp.csr_matrix((0, 0))).items() if k not in ("data", "indices", "indptr", "_shape")}
+_CSR_ARRAYS = ("data", "indices", "indptr", "_shape")
+_CSR_DEFAULTS = {name: value for name, value in vars(sp.csr_matrix((0, 0))).items() if name not in _CSR_ARRAYS}
 
 
 def _csr_as_made(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
