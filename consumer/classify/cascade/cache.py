@@ -16,15 +16,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from consumer.classify import Classification
+from consumer.classify.cascade.hashing import _ngrams  # None where _ngrams.c was not compiled: Python's join
 from consumer.classify.cascade.verdicts import as_cached
 from consumer.policy import Policy
 
 CacheKey = tuple[str, str, str]  # Policy.key (the id, scoped by its community), policy version, content hash
 
-try:  # built with the lexical stage's n-gram counts (setup.py); without it, Python does the same
-    from consumer.classify.cascade._ngrams import normalised as _words_joined
-except ImportError:
-    _words_joined = None
+_words_joined = _ngrams.normalised if _ngrams is not None else None
 
 _INVISIBLE = re.compile("[\u200b-\u200f\u2060-\u2064\ufeff\u00ad]")
 
