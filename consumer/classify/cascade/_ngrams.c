@@ -2,7 +2,8 @@
  * as the fallback where this module was not compiled), made one text at a time. And, from the
  * same code that splits a text into words here, the verdict cache's normalised form of a text
  * (`normalised`, for `cache.normalise`); and a linear head's scores of such a matrix without its
- * dense weight vector (`linear_scores`, for `stage._Weights`, numpy's product the fallback).
+ * dense weight vector (`linear_scores`, for `stage._Weights`, numpy's product the fallback), or
+ * of the texts without the matrix (`text_scores`, for the cascade's decisions).
  *
  * Python side (`hashing._compiled_counts`) hands over the texts lower-cased: an ASCII text as it
  * comes (most chat is; lower-casing it takes nothing beyond A-Z, done here), any other through
@@ -312,39 +313,58 @@ static inline Py_ssize_t bits_set(uint64_t x) {
     return (Py_ssize_t)((x * 0x0101010101010101ULL) >> 56);
 }
 
+/* A linear head as linear_scores takes it (see there). */
 typedef struct {
-    Py_ssize_t rows, words, weights;
-    const int32_t *starts, *columns;
-    const double *counts, *weight;
+    Py_ssize_t words, weights;
+    const double *weight;
     const uint64_t *bits;
     const uint32_t *ranks;
+} Head;
+
+/* A column's weight in the head (0.0 where it has none), or 1 in *outside where the column or its
+ * rank lies outside the head's arrays. Inlined, so that `hardware` is a constant in each caller. */
+static inline __attribute__((always_inline)) double head_weight(const Head *h, uint32_t column, int hardware,
+                                                                int *outside) {
+    Py_ssize_t word = (Py_ssize_t)(column >> 6);
+    if (word >= h->words) {
+        *outside = 1;
+        return 0.0;
+    }
+    uint64_t here = h->bits[word], below = here & ((1ULL << (column & 63)) - 1);
+    Py_ssize_t at = (Py_ssize_t)h->ranks[word] + (hardware ? __builtin_popcountll(below) : bits_set(below));
+    if (at >= h->weights) {
+        *outside = 1;
+        return 0.0;
+    }
+    /* Without a branch: two in three of a chat row's columns are the head's, a branch no CPU
+     * predicts. A column that is not reads the next one's weight (or the 0.0 after the last) and
+     * masks it to 0.0, which the dense product adds too. */
+    uint64_t keep = (uint64_t)0 - ((here >> (column & 63)) & 1), value;
+    memcpy(&value, &h->weight[at], sizeof value);
+    value &= keep;
+    double term;
+    memcpy(&term, &value, sizeof term);
+    return term;
+}
+
+typedef struct {
+    Head head;
+    Py_ssize_t rows;
+    const int32_t *starts, *columns;
+    const double *counts;
     double *scores;
 } Product;
 
 /* The rows' sums (see linear_scores); 1 if a column lies outside the head's. Inlined into both
  * callers below, so that `hardware` is a constant in each. */
 static inline __attribute__((always_inline)) int sum_rows(const Product *p, int hardware) {
+    int outside = 0;
     for (Py_ssize_t r = 0; r < p->rows; r++) {
         double sum = 0.0;
-        for (int32_t j = p->starts[r]; j < p->starts[r + 1]; j++) {
-            uint32_t column = (uint32_t)p->columns[j];
-            Py_ssize_t word = (Py_ssize_t)(column >> 6);
-            if (word >= p->words)
-                return 1;
-            uint64_t here = p->bits[word], below = here & ((1ULL << (column & 63)) - 1);
-            Py_ssize_t at = (Py_ssize_t)p->ranks[word] + (hardware ? __builtin_popcountll(below) : bits_set(below));
-            if (at >= p->weights)
-                return 1;
-            /* Without a branch: two in three of a chat row's columns are the head's, a branch no
-             * CPU predicts. A column that is not reads the next one's weight (or the 0.0 after
-             * the last) and masks it to 0.0, which the dense product adds too. */
-            uint64_t keep = (uint64_t)0 - ((here >> (column & 63)) & 1), value;
-            memcpy(&value, &p->weight[at], sizeof value);
-            value &= keep;
-            double term;
-            memcpy(&term, &value, sizeof term);
-            sum += p->counts[j] * term;
-        }
+        for (int32_t j = p->starts[r]; j < p->starts[r + 1]; j++)
+            sum += p->counts[j] * head_weight(&p->head, (uint32_t)p->columns[j], hardware, &outside);
+        if (outside)
+            return 1;
         p->scores[r] = sum;
     }
     return 0;
@@ -359,6 +379,17 @@ __attribute__((target("popcnt"))) static int sum_rows_popcnt(const Product *p) {
 static int has_popcnt;
 #define POPCNT_DISPATCH 1
 #endif
+
+static Head head_of(const Py_buffer *present, const Py_buffer *before, const Py_buffer *values) {
+    Head h = {
+        .words = present->len / (Py_ssize_t)sizeof(uint64_t),
+        .weights = values->len / (Py_ssize_t)sizeof(double),
+        .weight = (const double *)values->buf,
+        .bits = (const uint64_t *)present->buf,
+        .ranks = (const uint32_t *)before->buf,
+    };
+    return h;
+}
 
 /* linear_scores(indptr int32, indices int32, data float64, present uint64, before uint32,
  *               values float64, out float64[, portable]):
@@ -382,20 +413,16 @@ static PyObject *linear_scores(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     Product p = {
+        .head = head_of(&present, &before, &values),
         .rows = indptr.len / (Py_ssize_t)sizeof(int32_t) - 1,
-        .words = present.len / (Py_ssize_t)sizeof(uint64_t),
-        .weights = values.len / (Py_ssize_t)sizeof(double),
         .starts = (const int32_t *)indptr.buf,
         .columns = (const int32_t *)indices.buf,
         .counts = (const double *)data.buf,
-        .weight = (const double *)values.buf,
-        .bits = (const uint64_t *)present.buf,
-        .ranks = (const uint32_t *)before.buf,
         .scores = (double *)out.buf,
     };
     const Py_ssize_t entries = indices.len / (Py_ssize_t)sizeof(int32_t);
     if (p.rows < 0 || out.len / (Py_ssize_t)sizeof(double) < p.rows ||
-        data.len / (Py_ssize_t)sizeof(double) < entries || before.len / (Py_ssize_t)sizeof(uint32_t) < p.words) {
+        data.len / (Py_ssize_t)sizeof(double) < entries || before.len / (Py_ssize_t)sizeof(uint32_t) < p.head.words) {
         PyErr_SetString(PyExc_ValueError, "linear_scores: the buffers' lengths do not match");
         goto done;
     }
@@ -428,11 +455,164 @@ done:
     return result;
 }
 
+/* A column seen in the text being scored (`stamp`: that text's number + 1; older stamps are free
+ * slots, so the table is cleared once per call, not once per text). */
+typedef struct {
+    uint32_t stamp, column, count;
+} Seen;
+
+/* One text's score (see text_scores): its n-gram columns in `row`, `table` of `slots` (a power of
+ * two, at least twice the columns). */
+static inline __attribute__((always_inline)) double text_score(const Head *head, const Text *text, uint32_t n_features,
+                                                               uint32_t *row, Seen *table, uint32_t slots,
+                                                               uint32_t stamp, int hardware, int *outside) {
+    Py_ssize_t m = ngram_columns(text, n_features, row);
+    double sums[2] = {0.0, 0.0};
+    uint64_t squares[2] = {0, 0};
+    for (Py_ssize_t j = 0; j < m; j++) {
+        uint32_t column = row[j], slot = column & (slots - 1);
+        while (table[slot].stamp == stamp && table[slot].column != column)
+            slot = (slot + 1) & (slots - 1);
+        if (table[slot].stamp != stamp) {
+            table[slot].stamp = stamp;
+            table[slot].column = column;
+            table[slot].count = 0;
+        }
+        const int block = column >= n_features;
+        squares[block] += 2 * (uint64_t)table[slot].count++ + 1; /* k seen before: (k + 1)**2 - k**2 */
+        sums[block] += head_weight(head, column, hardware, outside);
+    }
+    double score = 0.0;
+    for (int block = 0; block < 2; block++)
+        if (squares[block])
+            score += sums[block] / sqrt((double)squares[block]);
+    return score;
+}
+
+typedef struct {
+    Head head;
+    const Text *texts;
+    Py_ssize_t rows;
+    uint32_t n_features, slots;
+    uint32_t *row;
+    Seen *table;
+    void *text_space;
+    double *scores;
+} Scoring;
+
+static inline __attribute__((always_inline)) int score_texts(const Scoring *s, int hardware) {
+    int outside = 0;
+    for (Py_ssize_t r = 0; r < s->rows; r++) {
+        Text text = padded(&s->texts[r], s->text_space);
+        s->scores[r] = text_score(&s->head, &text, s->n_features, s->row, s->table, s->slots, (uint32_t)r + 1,
+                                  hardware, &outside);
+        if (outside)
+            return 1;
+    }
+    return 0;
+}
+
+static int score_texts_portable(const Scoring *s) { return score_texts(s, 0); }
+
+#ifdef POPCNT_DISPATCH
+__attribute__((target("popcnt"))) static int score_texts_popcnt(const Scoring *s) { return score_texts(s, 1); }
+#endif
+
+/* text_scores(texts lower-cased but for A-Z, n_features, present uint64, before uint32, values float64,
+ *             out float64[, portable]):
+ * out[i] = a linear head's score of text i's row of `counts` (the head as in linear_scores), without
+ * the rows: per block (word n-grams, character n-grams), the sum of the head's weights of the
+ * text's n-grams, each as often as it occurs, over the block's l2 norm, the sum of its columns'
+ * squared counts, which a table of the columns seen so far in the text gives (a column seen k
+ * times before adds 2 k + 1). No sort and no matrix: the cascade's decisions need the scores
+ * only. The sums run in the n-grams' order rather than the columns', so a score may differ from
+ * linear_scores's of the same row in its last bits. The GIL is released meanwhile. */
+static PyObject *text_scores(PyObject *self, PyObject *args) {
+    PyObject *texts;
+    Py_ssize_t n_features;
+    Py_buffer present = {0}, before = {0}, values = {0}, out = {0};
+    int portable = 0;
+    if (!PyArg_ParseTuple(args, "O!ny*y*y*w*|p", &PyList_Type, &texts, &n_features, &present, &before, &values, &out,
+                          &portable))
+        return NULL;
+    PyObject *result = NULL;
+    Text *read = NULL;
+    void *space = NULL;
+    Scoring s = {.head = head_of(&present, &before, &values), .rows = PyList_GET_SIZE(texts), .scores = out.buf};
+    if (n_features < 1 || n_features > (1 << 30) || (n_features & (n_features - 1))) {
+        PyErr_Format(PyExc_ValueError, "n_features must be a power of two up to 2**30, not %zd", n_features);
+        goto done;
+    }
+    if (out.len / (Py_ssize_t)sizeof(double) < s.rows || before.len / (Py_ssize_t)sizeof(uint32_t) < s.head.words) {
+        PyErr_SetString(PyExc_ValueError, "text_scores: the buffers' lengths do not match");
+        goto done;
+    }
+    read = PyMem_RawMalloc(sizeof(Text) * (size_t)(s.rows ? s.rows : 1));
+    if (read == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t longest = 0;
+    for (Py_ssize_t r = 0; r < s.rows; r++) {
+        PyObject *item = PyList_GET_ITEM(texts, r);
+        if (!PyUnicode_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not str", r, Py_TYPE(item)->tp_name);
+            goto done;
+        }
+        read[r] = (Text){PyUnicode_KIND(item), PyUnicode_DATA(item), PyUnicode_GET_LENGTH(item)};
+        if (read[r].length + 2 > longest)
+            longest = read[r].length + 2; /* padded */
+    }
+    if (ENTRIES_A_CHARACTER * longest > UINT32_MAX / 4 || s.rows >= UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "text_scores: a text is too long, or there are too many");
+        goto done;
+    }
+    s.slots = 16;
+    while (s.slots < 2 * ENTRIES_A_CHARACTER * (uint64_t)longest)
+        s.slots *= 2;
+    /* The table (zeroed: no stamp yet), then one text's columns, then one padded text (of 4-byte
+     * characters at most). */
+    size_t room = sizeof(uint32_t) * (size_t)(ENTRIES_A_CHARACTER * longest + longest);
+    space = PyMem_RawCalloc(1, sizeof(Seen) * s.slots + room);
+    if (space == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    s.texts = read;
+    s.n_features = (uint32_t)n_features;
+    s.table = space;
+    s.row = (uint32_t *)(s.table + s.slots);
+    s.text_space = s.row + ENTRIES_A_CHARACTER * longest;
+    int outside;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef POPCNT_DISPATCH
+    outside = has_popcnt && !portable ? score_texts_popcnt(&s) : score_texts_portable(&s);
+#else
+    outside = score_texts_portable(&s);
+#endif
+    Py_END_ALLOW_THREADS
+    if (outside)
+        PyErr_SetString(PyExc_ValueError, "text_scores: a column lies outside the head's columns");
+    else
+        result = Py_NewRef(Py_None);
+done:
+    PyMem_RawFree(read);
+    PyMem_RawFree(space);
+    PyBuffer_Release(&present);
+    PyBuffer_Release(&before);
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"counts", counts, METH_VARARGS,
      "counts(texts, n_features, indices, data, indptr) -> entries written (see hashing.py)"},
     {"linear_scores", linear_scores, METH_VARARGS,
      "linear_scores(indptr, indices, data, present, before, values, out[, portable]): a linear head's scores (stage.py)"},
+    {"text_scores", text_scores, METH_VARARGS,
+     "text_scores(texts, n_features, present, before, values, out[, portable]): a linear head's scores of texts' "
+     "counts, without the counts (stage.py)"},
     {"normalised", normalised, METH_O, "normalised(case-folded text) -> the verdict cache's form of it (cache.py)"},
     {NULL, NULL, 0, NULL},
 };

@@ -15,11 +15,12 @@ What it guarantees, per request:
   reasoner once, even when the copies arrive together;
 - a poll batch is decided a batch at a time (`classify_now_many`): per policy, one pass of
   cache keys (cache keys stay per policy version); then per stage whose features are cheap
-  enough for the event loop (the lexical stage) one vectorisation of every text still open
-  in the batch, and per set of heads one matrix product and one calibration call, each
-  request decided against its own policy's target precision; what remains goes through
-  `classify` without repeating those stages, and what `classify` asks of an instant stage in
-  one turn of the event loop is decided together the same way;
+  enough for the event loop (the lexical stage) and per set of heads one scoring of every
+  text still open in the batch (the compiled n-grams score texts without making their rows;
+  else one vectorisation per stage and one matrix product per set of heads) and one
+  calibration call, each request decided against its own policy's target precision; what
+  remains goes through `classify` without repeating those stages, and what `classify` asks of
+  an instant stage in one turn of the event loop is decided together the same way;
 - a policy's heads are trained from its examples on its first request (the platform's
   policies, those without a community, at `start`), once however many requests ask at once;
   policies with the same text, reasoning effort and examples share one set of heads; a
@@ -104,6 +105,24 @@ class _Share:
     open: dict[CacheKey | int, list[int]] = dataclasses.field(default_factory=dict)
     keys: dict[CacheKey | int, CacheKey | None] = dataclasses.field(default_factory=dict)
     best: dict[CacheKey | int, tuple[LearnedStage, Decision]] = dataclasses.field(default_factory=dict)
+
+
+def _instant_decisions(
+    featurizer: Featurizer, asked: list[tuple[LearnedStage, list[str], list[float]]]
+) -> list[list[Decision] | None]:
+    """Each stage's decisions of its texts (None: not calibrated), the stages all of this
+    featurizer: where it scores texts without making their rows (`scores_texts`, the lexical
+    stage's compiled n-grams: counts and product in one pass, no matrix), one pass per stage;
+    else one vectorisation of all the texts and one product per stage."""
+    if getattr(featurizer, "scores_texts", False):
+        return [stage.decide_texts(texts, targets) for stage, texts, targets in asked]
+    rows = featurizer.transform([text for _, texts, _ in asked for text in texts])
+    found, start = [], 0
+    for stage, texts, targets in asked:
+        end = start + len(texts)
+        found.append(stage.decide_rows(rows if (start, end) == (0, rows.shape[0]) else rows[start:end], targets))
+        start = end
+    return found
 
 
 def _better(
@@ -258,12 +277,10 @@ class CascadeClassifier:
         self, requests: Sequence[ClassifyRequest], groups: list[tuple[_Heads, list[_Share]]],
         answers: list[Classification | ClassificationFailed | None],
     ) -> None:  # fmt: skip
-        """The instant stages, in cascade order, for every share still open: per stage one
-        vectorisation of all the batch's open texts (the featurizer is the cascade's, whatever the
-        heads), then per set of heads one matrix product and one calibration call, each request
-        against its own policy's target precision."""
+        """The instant stages, in cascade order, for every share still open: per stage and set of
+        heads one pass over their open texts (`_instant_decisions`) and one calibration call, each
+        request against its own policy's target precision."""
         for position, featurizer in enumerate(self._featurizers.values()):
-            texts: list[str] = []
             asking: list[tuple[LearnedStage, list[tuple[_Share, CacheKey | int]]]] = []
             for heads, shares in groups:
                 stage = heads.stages[position]
@@ -279,16 +296,14 @@ class CascadeClassifier:
                         these.extend((share, k) for k in share.open)
                 if these:
                     asking.append((stage, these))
-                    texts.extend(requests[share.open[k][0]].content for share, k in these)
-            if not texts:
+            if not asking:
                 continue
-            rows = featurizer.transform(texts)
-            start = 0
-            for stage, these in asking:
-                end = start + len(these)
-                part = rows if (start, end) == (0, len(texts)) else rows[start:end]
-                start = end
-                decisions = stage.decide_rows(part, [share.plan.target_precision for share, _ in these])
+            found = _instant_decisions(featurizer, [
+                (stage, [requests[share.open[k][0]].content for share, k in these],
+                 [share.plan.target_precision for share, _ in these])
+                for stage, these in asking
+            ])  # fmt: skip
+            for (stage, these), decisions in zip(asking, found):
                 if decisions is not None:
                     for (share, k), decision in zip(these, decisions):
                         self._take(requests, share, k, stage, decision, answers)
@@ -443,7 +458,7 @@ class CascadeClassifier:
         return await future
 
     def _decide_together(self) -> None:
-        """What `_decide_soon` gathered: per featurizer one vectorisation, per stage one product."""
+        """What `_decide_soon` gathered, per featurizer `_instant_decisions` of each stage's texts."""
         asked, self._soon = self._soon, []
         by_featurizer: dict[int, dict[int, list[tuple[LearnedStage, str, float, asyncio.Future[Decision | None]]]]] = {}
         for entry in asked:
@@ -451,12 +466,11 @@ class CascadeClassifier:
         for by_stage in by_featurizer.values():
             groups = list(by_stage.values())
             try:
-                rows = groups[0][0][0].featurizer.transform([text for group in groups for _, text, _, _ in group])
-                start = 0
-                for group in groups:
-                    end = start + len(group)
-                    decisions = group[0][0].decide_rows(rows[start:end], [target for _, _, target, _ in group])
-                    start = end
+                found = _instant_decisions(groups[0][0][0].featurizer, [
+                    (group[0][0], [text for _, text, _, _ in group], [target for _, _, target, _ in group])
+                    for group in groups
+                ])  # fmt: skip
+                for group, decisions in zip(groups, found):
                     for i, (_, _, _, future) in enumerate(group):
                         if not future.done():  # its request may have been cancelled meanwhile
                             future.set_result(None if decisions is None else decisions[i])

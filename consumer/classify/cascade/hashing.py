@@ -80,13 +80,34 @@ def _padded(texts: list[str]) -> list[str]:
     return padded
 
 
+def ngram_scores(
+    texts: list[str], n_features: int, present: np.ndarray, before: np.ndarray, values: np.ndarray
+) -> np.ndarray | None:
+    """A linear head's scores of `ngram_counts(texts, n_features)`'s rows without making them:
+    `_ngrams.text_scores`, the head as `stage._Weights` holds it for the compiled product. Each
+    text's n-grams are read once, their weights summed as they come and each block's sum divided
+    by its norm; no sort, no matrix. None without `_ngrams` (the numpy code makes the rows)."""
+    if _ngrams is None:
+        return None
+    if n_features & (n_features - 1):
+        raise ValueError(f"n_features must be a power of two, not {n_features}")
+    out = np.empty(len(texts))
+    _ngrams.text_scores(_lowered(texts), n_features, present, before, values, out)
+    return out
+
+
+def _lowered(texts: list[str]) -> list[str]:
+    """The texts as the C code takes them: it pads each text; an ASCII text goes as it is (it
+    lower-cases A-Z), any other lower-cased here (Unicode's full mapping)."""
+    return [text if text.isascii() else text.lower() for text in texts]
+
+
 def _compiled_counts(texts: list[str], n_features: int) -> sp.csr_matrix:
     """`_ngrams.c`: the buffers are made here, room for 5 entries a character of each padded
-    text (see there). The C code pads each text; an ASCII text goes as it is (it lower-cases
-    A-Z), any other lower-cased here (Unicode's full mapping). Row pointers are int32, as scipy
-    keeps them (from int64 its constructor checks every one and copies them): texts that may
-    need more entries than int32 counts are split in two."""
-    given = [text if text.isascii() else text.lower() for text in texts]
+    text (see there), the texts `_lowered`. Row pointers are int32, as scipy keeps them (from
+    int64 its constructor checks every one and copies them): texts that may need more entries
+    than int32 counts are split in two."""
+    given = _lowered(texts)
     room = 5 * (sum(map(len, given)) + 2 * len(given))
     if room > INT32_ROOM and len(texts) > 1:
         half = len(texts) // 2

@@ -69,6 +69,10 @@ class Featurizer(Protocol):
         """`features`, synchronously, on the calling thread."""
         ...
 
+    # An instant featurizer may also score texts for a linear head without making their rows:
+    # `scores_texts` true and `linear_scores(texts, present, before, values)`, the head as
+    # `_Weights` holds it for the compiled product (the lexical stage's compiled n-grams).
+
     def new_model(self) -> SGDClassifier: ...
 
 
@@ -292,9 +296,20 @@ class LearnedStage:
         one calibration call for all of them (None: not calibrated). Only for an `instant`
         featurizer: the lexical stage's cost per text falls from about 160 µs alone to about
         9 µs in a batch of a hundred (measured: `consumer/classify/cascade/lexical.py`)."""
-        if self._fitted is None:
+        return self.decide_texts(texts, [target_precision] * len(texts))
+
+    def decide_texts(self, texts: list[str], target_precisions: Sequence[float]) -> list[Decision] | None:
+        """`decide_rows` of these texts' rows, each against its own target precision; where the
+        featurizer scores texts without making their rows (`scores_texts`), without them."""
+        fitted = self._fitted
+        if fitted is None:
             return None
-        return self.decide_rows(self.featurizer.transform(texts), [target_precision] * len(texts))
+        if getattr(self.featurizer, "scores_texts", False):
+            w = fitted.weights
+            scores = self.featurizer.linear_scores(texts, w.present, w.before, w.padded)  # type: ignore[attr-defined]
+        else:
+            scores = fitted.weights.scores(self.featurizer.transform(texts))
+        return _decided(fitted, scores, target_precisions)
 
     def decide_rows(self, rows: Any, target_precisions: Sequence[float]) -> list[Decision] | None:
         """Decisions for feature rows made already (by this stage's featurizer), one matrix
@@ -455,9 +470,13 @@ class LearnedStage:
 def _decisions(fitted: _Fitted, rows: Any, target_precisions: Sequence[float]) -> list[Decision]:
     # The linear score without decision_function's input validation, which costs ten times
     # the product itself on a small matrix.
-    scores = fitted.weights.scores(rows) + fitted.intercept
+    return _decided(fitted, fitted.weights.scores(rows), target_precisions)
+
+
+def _decided(fitted: _Fitted, scores: np.ndarray, target_precisions: Sequence[float]) -> list[Decision]:
+    """Decisions from a head's scores (its intercept not added yet)."""
     decisions = []
-    for p, target in zip(fitted.calibrator(scores).tolist(), target_precisions, strict=True):
+    for p, target in zip(fitted.calibrator(scores + fitted.intercept).tolist(), target_precisions, strict=True):
         violation = p >= 0.5
         confidence = p if violation else 1.0 - p
         decisions.append(Decision(violation, confidence, confidence >= target))

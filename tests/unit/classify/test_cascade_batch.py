@@ -1,7 +1,9 @@
-"""A poll batch of many policies: one vectorisation per stage, one matrix product per set of heads.
+"""A poll batch of many policies: one pass over the texts per set of heads.
 
-Real stages (the lexical stage trained on spam-scams' examples), no reasoner; the featurizer's
-`transform` and the heads' product are wrapped only to count their calls.
+Where the lexical stage scores texts without making their rows (its compiled n-grams), one
+`linear_scores` per set of heads; else one vectorisation per stage and one matrix product per set
+of heads. Real stages (the lexical stage trained on spam-scams' examples), no reasoner; the
+featurizer's `transform` and the heads' scoring are wrapped only to count their calls.
 """
 
 from __future__ import annotations
@@ -22,27 +24,45 @@ from tests.unit.classify.test_cascade_communities import HELD_OUT, ask, communit
 
 
 class CountedFeatures(LexicalFeatures):
-    """The real lexical featurizer, counting the batches `transform` is asked for."""
+    """The real lexical featurizer, counting the batches `transform` is asked for; with
+    `rows_only`, it scores texts through their rows, as where `_ngrams.c` was not compiled."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows_only: bool = False) -> None:
         self.batches: list[int] = []
+        if rows_only:
+            self.scores_texts = False
 
     def transform(self, texts: list[str]):
         self.batches.append(len(texts))
         return super().transform(texts)
 
 
+# Both ways of scoring a batch: from its texts in one pass, and from its rows.
+SCORING = [
+    pytest.param(
+        False, id="texts", marks=pytest.mark.skipif(not LexicalFeatures.scores_texts, reason="_ngrams.c not compiled")
+    ),
+    pytest.param(True, id="rows"),
+]
+
+
 @pytest.fixture
 def products(monkeypatch) -> list[int]:
-    """The rows of each matrix product of a head (`_Weights.scores`), in call order."""
+    """The texts of each scoring by a head, in call order: a matrix product (`_Weights.scores`)
+    or a pass over texts (`LexicalFeatures.linear_scores`)."""
     sizes: list[int] = []
-    real = stage_module._Weights.scores
+    product, from_texts = stage_module._Weights.scores, LexicalFeatures.linear_scores
 
-    def counted(self, rows):
+    def counted_product(self, rows):
         sizes.append(rows.shape[0])
-        return real(self, rows)
+        return product(self, rows)
 
-    monkeypatch.setattr(stage_module._Weights, "scores", counted)
+    def counted_texts(self, texts, *head):
+        sizes.append(len(texts))
+        return from_texts(self, texts, *head)
+
+    monkeypatch.setattr(stage_module._Weights, "scores", counted_product)
+    monkeypatch.setattr(LexicalFeatures, "linear_scores", counted_texts)
     return sizes
 
 
@@ -51,7 +71,8 @@ def outcome(answer) -> tuple[str, bool, str | None]:
     return answer.model, answer.violation, answer.confidence
 
 
-def test_a_batch_of_four_policies_on_two_sets_of_heads_is_one_vectorisation_and_two_products(tmp_path, products):
+@pytest.mark.parametrize("rows_only", SCORING)
+def test_a_batch_of_four_policies_on_two_sets_of_heads_is_scored_once_per_set_of_heads(tmp_path, products, rows_only):
     # c1 and c2 adopt the platform's text (one set of heads for three policies); c3's text is its own.
     store = communities(tmp_path, ["c1", "c2"], same_text=True)
     folder = tmp_path / "policies"
@@ -61,7 +82,7 @@ def test_a_batch_of_four_policies_on_two_sets_of_heads_is_one_vectorisation_and_
     store = type(store)(folder)
     policies = store.get()
     keys = ["spam-scams", "c1/spam-scams", "c2/spam-scams", "c3/spam-scams"]
-    featurizer = CountedFeatures()
+    featurizer = CountedFeatures(rows_only)
 
     async def scenario():
         cascade = CascadeClassifier(CascadeSettings(cache=False), None, store, lexical=featurizer)
@@ -76,18 +97,20 @@ def test_a_batch_of_four_policies_on_two_sets_of_heads_is_one_vectorisation_and_
 
     cascade, one_by_one, found = asyncio.run(scenario())
     assert cascade.heads("c1/spam-scams") == cascade.heads("spam-scams") != cascade.heads("c3/spam-scams")
-    assert featurizer.batches == [4 * len(HELD_OUT)]  # every open text of the batch, vectorised once
-    assert sorted(products) == [len(HELD_OUT), 3 * len(HELD_OUT)]  # one product per set of heads
+    # From rows: every open text of the batch vectorised once; from texts: no rows made.
+    assert featurizer.batches == ([4 * len(HELD_OUT)] if rows_only else [])
+    assert sorted(products) == [len(HELD_OUT), 3 * len(HELD_OUT)]  # scored once per set of heads
     # The same answers as each request asked alone, in the batch's order.
     assert found == [answer for key in keys for answer in one_by_one[key]]
 
 
-def test_policies_sharing_heads_decide_at_their_own_target_precision(tmp_path, products):
+@pytest.mark.parametrize("rows_only", SCORING)
+def test_policies_sharing_heads_decide_at_their_own_target_precision(tmp_path, products, rows_only):
     store = communities(tmp_path, [])
     platform = store.get()["spam-scams"]
 
     async def scenario():
-        cascade = CascadeClassifier(CascadeSettings(cache=False), None, store, lexical=LexicalFeatures())
+        cascade = CascadeClassifier(CascadeSettings(cache=False), None, store, lexical=CountedFeatures(rows_only))
         await cascade.start()
         found = [outcome(a) for a in cascade.classify_now_many(ask(platform, HELD_OUT))]
         # A content whose confidence lies strictly between two targets: one community decides it,
@@ -104,15 +127,16 @@ def test_policies_sharing_heads_decide_at_their_own_target_precision(tmp_path, p
 
     confidence, (lax, strict), cascade = asyncio.run(scenario())
     assert cascade.heads("lax/spam-scams") == cascade.heads("strict/spam-scams")  # one set of heads
-    assert products == [2]  # both in one product: the probability is shared, the threshold is not
+    assert products == [2]  # both scored at once: the probability is shared, the threshold is not
     assert lax[0] == "cascade:lexical" and strict[0] == "cascade:lexical:undecided"
     assert lax[1] == strict[1] and float(lax[2]) == float(strict[2]) == pytest.approx(confidence, abs=1e-3)
 
 
-def test_requests_waiting_for_their_heads_are_decided_together_once_trained(tmp_path, products):
+@pytest.mark.parametrize("rows_only", SCORING)
+def test_requests_waiting_for_their_heads_are_decided_together_once_trained(tmp_path, products, rows_only):
     store = communities(tmp_path, ["c1"])
     policy = store.get()["c1/spam-scams"]
-    featurizer = CountedFeatures()
+    featurizer = CountedFeatures(rows_only)
 
     async def scenario():
         cascade = CascadeClassifier(CascadeSettings(cache=False), None, store, lexical=featurizer)
@@ -124,8 +148,8 @@ def test_requests_waiting_for_their_heads_are_decided_together_once_trained(tmp_
         return cascade, [outcome(v) for v in verdicts]
 
     cascade, found = asyncio.run(scenario())
-    assert products == [len(HELD_OUT)]  # released together by the training: one product, not one each
-    assert len(HELD_OUT) in featurizer.batches and 1 not in featurizer.batches
+    assert products == [len(HELD_OUT)]  # released together by the training: scored once, not once each
+    assert (len(HELD_OUT) in featurizer.batches) == rows_only and 1 not in featurizer.batches
     assert all(stage.startswith("cascade:lexical") for stage, _, _ in found)
 
 
