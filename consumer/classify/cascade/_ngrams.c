@@ -136,8 +136,9 @@ static Text padded(const Text *text, void *out) {
     }
 }
 
-/* One text's columns, unsorted, into `row`; returns how many. */
-static Py_ssize_t ngram_columns(const Text *text, uint32_t n_features, uint32_t *row) {
+/* One text's columns, unsorted, into `row`: its word n-grams, then (from *words on) its character
+ * n-grams; returns how many in all. */
+static Py_ssize_t ngram_columns(const Text *text, uint32_t n_features, uint32_t *row, Py_ssize_t *words) {
     const int kind = text->kind;
     const void *data = text->data;
     const Py_ssize_t size = text->length;
@@ -166,6 +167,7 @@ static Py_ssize_t ngram_columns(const Text *text, uint32_t n_features, uint32_t 
         previous = h;
         after_a_word = 1;
     }
+    *words = m;
     /* Character 2-5-grams inside word boundaries: no space inside a span (its first and last
      * characters apart), so a padded word shorter than n counts once whole. */
     for (Py_ssize_t start = 0; start + 1 < size; start++) {
@@ -245,7 +247,7 @@ static PyObject *counts(PyObject *self, PyObject *args) {
     for (Py_ssize_t r = 0; r < rows; r++) {
         uint32_t *row = columns + at;
         Text text = padded(&read[r], text_space);
-        Py_ssize_t m = ngram_columns(&text, (uint32_t)n_features, row);
+        Py_ssize_t words, m = ngram_columns(&text, (uint32_t)n_features, row, &words);
         sort_columns(row, scratch, m, bits);
         /* Equal neighbours are one n-gram counted several times. */
         Py_ssize_t unique = 0;
@@ -461,32 +463,42 @@ typedef struct {
     uint32_t stamp, column, count;
 } Seen;
 
-/* One text's score (see text_scores): its n-gram columns in `row`, `table` of `slots` (a power of
- * two, at least twice the columns). */
+/* How many times `column` was seen before in the text being scored, counting this once more. */
+static inline __attribute__((always_inline)) uint32_t seen_before(Seen *table, uint32_t slots, uint32_t stamp,
+                                                                  uint32_t column) {
+    uint32_t slot = column & (slots - 1);
+    while (table[slot].stamp == stamp && table[slot].column != column)
+        slot = (slot + 1) & (slots - 1);
+    if (table[slot].stamp != stamp) {
+        table[slot].stamp = stamp;
+        table[slot].column = column;
+        table[slot].count = 0;
+    }
+    return table[slot].count++;
+}
+
+/* One block's part of a text's score (see text_scores): the weights of its n-grams' columns
+ * summed, over the l2 norm of their counts. */
+static inline __attribute__((always_inline)) double block_score(const Head *head, const uint32_t *columns,
+                                                                Py_ssize_t n, Seen *table, uint32_t slots,
+                                                                uint32_t stamp, int hardware, int *outside) {
+    double sum = 0.0;
+    uint64_t squares = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        squares += 2 * (uint64_t)seen_before(table, slots, stamp, columns[j]) + 1; /* (k + 1)**2 - k**2 */
+        sum += head_weight(head, columns[j], hardware, outside);
+    }
+    return squares ? sum / sqrt((double)squares) : 0.0;
+}
+
+/* One text's score: its n-gram columns made in `row`, `table` of `slots` (a power of two, at
+ * least twice the columns). */
 static inline __attribute__((always_inline)) double text_score(const Head *head, const Text *text, uint32_t n_features,
                                                                uint32_t *row, Seen *table, uint32_t slots,
                                                                uint32_t stamp, int hardware, int *outside) {
-    Py_ssize_t m = ngram_columns(text, n_features, row);
-    double sums[2] = {0.0, 0.0};
-    uint64_t squares[2] = {0, 0};
-    for (Py_ssize_t j = 0; j < m; j++) {
-        uint32_t column = row[j], slot = column & (slots - 1);
-        while (table[slot].stamp == stamp && table[slot].column != column)
-            slot = (slot + 1) & (slots - 1);
-        if (table[slot].stamp != stamp) {
-            table[slot].stamp = stamp;
-            table[slot].column = column;
-            table[slot].count = 0;
-        }
-        const int block = column >= n_features;
-        squares[block] += 2 * (uint64_t)table[slot].count++ + 1; /* k seen before: (k + 1)**2 - k**2 */
-        sums[block] += head_weight(head, column, hardware, outside);
-    }
-    double score = 0.0;
-    for (int block = 0; block < 2; block++)
-        if (squares[block])
-            score += sums[block] / sqrt((double)squares[block]);
-    return score;
+    Py_ssize_t words, m = ngram_columns(text, n_features, row, &words);
+    return block_score(head, row, words, table, slots, stamp, hardware, outside) +
+           block_score(head, row + words, m - words, table, slots, stamp, hardware, outside);
 }
 
 typedef struct {
