@@ -304,9 +304,15 @@ class CascadeClassifier:
                 for stage, these in asking
             ])  # fmt: skip
             for (stage, these), decisions in zip(asking, found):
-                if decisions is not None:
-                    for (share, k), decision in zip(these, decisions):
+                if decisions is None:
+                    continue
+                for (share, k), decision in zip(these, decisions):
+                    if decision.decided:
                         self._take(requests, share, k, stage, decision, answers)
+                    else:  # the best undecided answer so far (inline: most of a batch, in a chat stream)
+                        best = share.best.get(k)
+                        if best is None or decision.confidence > best[1].confidence:
+                            share.best[k] = (stage, decision)
         for _, shares in groups:
             for share in shares:
                 self._leave_open(requests, share, answers)
@@ -315,10 +321,7 @@ class CascadeClassifier:
         self, requests: Sequence[ClassifyRequest], share: _Share, k: CacheKey | int, stage: LearnedStage,
         decision: Decision, answers: list[Classification | ClassificationFailed | None],
     ) -> None:  # fmt: skip
-        """A stage's decision for one open content of a share: its answer, or its best so far."""
-        if not decision.decided:
-            share.best[k] = _better(share.best.get(k), stage, decision)
-            return
+        """A stage's decision that reached its target, for one open content of a share: its answer."""
         first, *copies = share.open.pop(k)
         counters = share.counters
         counters.requests += 1 + len(copies)
@@ -336,17 +339,21 @@ class CascadeClassifier:
         """What no instant stage decided: answered undecided where nothing else is left to ask,
         else remembered for `classify` with what was found."""
         counters = share.counters
-        finished = share.asked == len(share.heads.stages)
-        for k, waiting in share.open.items():
-            if finished and self.reasoner is None:
+        if share.asked == len(share.heads.stages) and self.reasoner is None:
+            for k, waiting in share.open.items():
                 counters.requests += len(waiting)
                 counters.cache_misses += share.keys[k] is not None
+                # One answer for all the copies: a stage's answers are shared objects anyway, and a
+                # failure is only read (each copy becomes a dead letter with its reason).
+                answer: Classification | ClassificationFailed
+                try:
+                    answer = self._undecided(share.policy, share.plan, counters, share.best.get(k), len(waiting))
+                except ClassificationFailed as exc:
+                    answer = exc
                 for i in waiting:
-                    try:
-                        answers[i] = self._undecided(share.policy, share.plan, counters, share.best.get(k))
-                    except ClassificationFailed as exc:
-                        answers[i] = exc
-                continue
+                    answers[i] = answer
+            return
+        for k, waiting in share.open.items():
             # The first of the copies carries what was found; the others wait for it in `classify`.
             self._remember_open(_Open(requests[waiting[0]], share.heads, share.asked, share.best.get(k)))
 
@@ -508,8 +515,10 @@ class CascadeClassifier:
         return dataclasses.replace(verdict, stage=stages.REASONER)
 
     def _undecided(
-        self, policy: Policy, plan: PolicyPlan, counters: PolicyCounters, best: tuple[LearnedStage, Decision] | None
-    ) -> Classification:
+        self, policy: Policy, plan: PolicyPlan, counters: PolicyCounters, best: tuple[LearnedStage, Decision] | None,
+        copies: int = 1,
+    ) -> Classification:  # fmt: skip
+        """The answer to `copies` identical requests that no stage decided and nothing else can."""
         if best is None:
             raise ClassificationFailed(
                 ErrorType.CLASSIFIER_ERROR,
@@ -522,7 +531,7 @@ class CascadeClassifier:
                 f"cascade stage {stage.name} is below the target precision for policy {policy.key} "
                 "and no reasoner is configured",
             )
-        counters.decided[stages.UNDECIDED] += 1
+        counters.decided[stages.UNDECIDED] += copies
         return verdicts.undecided(stage.name, decision, plan.target_precision)
 
     async def _learn(self, policy: Policy, content: str, verdict: Classification, counters: PolicyCounters) -> None:
