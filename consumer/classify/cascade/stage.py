@@ -473,13 +473,18 @@ def _decisions(fitted: _Fitted, rows: Any, target_precisions: Sequence[float]) -
     return _decided(fitted, fitted.weights.scores(rows), target_precisions)
 
 
+_tuple_new = tuple.__new__
+
+
 def _decided(fitted: _Fitted, scores: np.ndarray, target_precisions: Sequence[float]) -> list[Decision]:
     """Decisions from a head's scores (its intercept not added yet)."""
     decisions = []
     for p, target in zip(fitted.calibrator(scores + fitted.intercept).tolist(), target_precisions, strict=True):
         violation = p >= 0.5
         confidence = p if violation else 1.0 - p
-        decisions.append(Decision(violation, confidence, confidence >= target))
+        # A NamedTuple's own constructor is Python code; tuple's makes the same object in C
+        # (a poll batch's decisions: 15 against 19 µs for 43).
+        decisions.append(_tuple_new(Decision, (violation, confidence, confidence >= target)))
     return decisions
 
 
