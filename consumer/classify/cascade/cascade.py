@@ -249,28 +249,30 @@ class CascadeClassifier:
         policy = requests[indices[0]].policy
         plan = self._plan(policy)
         share = _Share(policy, plan, self._counters(policy.id), heads, asked=len(heads.stages))
+        open_, keys = share.open, share.keys
+        if not plan.cache:
+            for i in indices:
+                open_[i] = [i]
+                keys[i] = None
+            return share
+        # Looked up once, not once a request: this loop runs for every request of a poll batch.
+        cached_verdict, in_flight, counters = self.cache.get, self._in_flight, share.counters
         for i in indices:
-            if not plan.cache:
-                share.open[i] = [i]
-                share.keys[i] = None
-                continue
             # Cache keys stay per policy version: two policies sharing heads act and name
             # categories differently.
             key = cache_key(policy, requests[i].content)
-            copies = share.open.get(key)
+            copies = open_.get(key)
             if copies is not None:
                 copies.append(i)
                 continue
-            cached = self.cache.get(key)
+            cached = cached_verdict(key)
             if cached is not None:
-                share.counters.requests += 1
-                share.counters.cache_hit()
+                counters.requests += 1
+                counters.cache_hit()
                 answers[i] = cached
-            elif key in self._in_flight:
-                continue  # `classify` waits for the identical request already asked
-            else:
-                share.open[key] = [i]
-                share.keys[key] = key
+            elif key not in in_flight:  # else `classify` waits for the identical request already asked
+                open_[key] = [i]
+                keys[key] = key
         return share
 
     def _decide_instant(
