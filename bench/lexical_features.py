@@ -3,6 +3,8 @@
 No Kafka, one process, the main thread's CPU clock. Where `_ngrams.c` was compiled, its numpy
 fallback is measured beside it, and so is a head's product (`stage._Weights.scores`: a
 chat-harassment head trained from its examples, on the same batches' rows), compiled and numpy.
+And a head's scores as the cascade's decisions make them, from the texts in one pass
+(`hashing.ngram_scores`, no rows made), against the counts and the compiled product.
 `--baseline CHECKOUT` loads another checkout's `consumer/classify/cascade/hashing.py` too; all
 sides alternate round by round and must build the same matrix (checked first), so the ratios are
 measured side by side:
@@ -110,6 +112,34 @@ def products(texts: list[str], batch: int, rounds: int) -> None:
               f"(rounds {min(figures):.3f}-{max(figures):.3f})")  # fmt: skip
     ratios = [a / b for a, b in zip(times["compiled"], times["numpy"])]
     print(f"  compiled / numpy, round by round: {statistics.median(ratios):.2f} "
+          f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+    from_texts(texts, batch, rounds, weights)
+
+
+def from_texts(texts: list[str], batch: int, rounds: int, weights: stage._Weights) -> None:
+    """The head's scores of each batch of texts as the cascade's decisions make them: in one pass
+    over the texts (`ngram_scores`) against the compiled counts and product."""
+    chunks = [texts[i : i + batch] for i in range(0, len(texts), batch)]
+    ways = {
+        "counts and product": lambda chunk: weights.scores(hashing.ngram_counts(chunk, N_FEATURES)),
+        "from the texts": lambda chunk: hashing.ngram_scores(
+            chunk, N_FEATURES, weights.present, weights.before, weights.padded
+        ),
+    }
+    apart = max(float(abs(ways["from the texts"](c) - ways["counts and product"](c)).max()) for c in chunks[:20])
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            started = time.thread_time()
+            for chunk in chunks:
+                way(chunk)
+            times[name].append((time.thread_time() - started) / len(texts) * 1e6)
+    print(f"the head's scores of the texts (the most they differ: {apart:.1e}):")
+    for name, figures in times.items():
+        print(f"  {name:18s} {statistics.median(figures):6.3f} µs a message "
+              f"(rounds {min(figures):.3f}-{max(figures):.3f})")  # fmt: skip
+    ratios = [a / b for a, b in zip(times["from the texts"], times["counts and product"])]
+    print(f"  from the texts / counts and product, round by round: {statistics.median(ratios):.2f} "
           f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
 
 
