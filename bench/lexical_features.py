@@ -106,13 +106,7 @@ def products(texts: list[str], batch: int, rounds: int) -> None:
                 weights.scores(rows)
             times[name].append((time.thread_time() - started) / len(texts) * 1e6)
     stage._ngrams = compiled
-    print(f"a head's product ({len(weights.columns)} of {weights.size} columns):")
-    for name, figures in times.items():
-        print(f"  {name:8s} {statistics.median(figures):6.3f} µs a message "
-              f"(rounds {min(figures):.3f}-{max(figures):.3f})")  # fmt: skip
-    ratios = [a / b for a, b in zip(times["compiled"], times["numpy"])]
-    print(f"  compiled / numpy, round by round: {statistics.median(ratios):.2f} "
-          f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+    print_side_by_side(f"a head's product ({len(weights.columns)} of {weights.size} columns):", times)
     from_texts(texts, batch, rounds, weights)
 
 
@@ -121,10 +115,10 @@ def from_texts(texts: list[str], batch: int, rounds: int, weights: stage._Weight
     over the texts (`ngram_scores`) against the compiled counts and product."""
     chunks = [texts[i : i + batch] for i in range(0, len(texts), batch)]
     ways = {
-        "counts and product": lambda chunk: weights.scores(hashing.ngram_counts(chunk, N_FEATURES)),
         "from the texts": lambda chunk: hashing.ngram_scores(
             chunk, N_FEATURES, weights.present, weights.before, weights.padded
         ),
+        "counts and product": lambda chunk: weights.scores(hashing.ngram_counts(chunk, N_FEATURES)),
     }
     apart = max(float(abs(ways["from the texts"](c) - ways["counts and product"](c)).max()) for c in chunks[:20])
     times: dict[str, list[float]] = {name: [] for name in ways}
@@ -134,12 +128,19 @@ def from_texts(texts: list[str], batch: int, rounds: int, weights: stage._Weight
             for chunk in chunks:
                 way(chunk)
             times[name].append((time.thread_time() - started) / len(texts) * 1e6)
-    print(f"the head's scores of the texts (the most they differ: {apart:.1e}):")
+    print_side_by_side(f"the head's scores of the texts (the most they differ: {apart:.1e}):", times)
+
+
+def print_side_by_side(title: str, times: dict[str, list[float]]) -> None:
+    """Each way's median and range, and the first way's time over the second's, round by round."""
+    print(title)
+    width = max(map(len, times))
     for name, figures in times.items():
-        print(f"  {name:18s} {statistics.median(figures):6.3f} µs a message "
+        print(f"  {name:{width}s} {statistics.median(figures):6.3f} µs a message "
               f"(rounds {min(figures):.3f}-{max(figures):.3f})")  # fmt: skip
-    ratios = [a / b for a, b in zip(times["from the texts"], times["counts and product"])]
-    print(f"  from the texts / counts and product, round by round: {statistics.median(ratios):.2f} "
+    first, second = times
+    ratios = [a / b for a, b in zip(times[first], times[second])]
+    print(f"  {first} / {second}, round by round: {statistics.median(ratios):.2f} "
           f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
 
 
