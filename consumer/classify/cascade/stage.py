@@ -292,10 +292,11 @@ class LearnedStage:
         return _decisions(fitted, await self.featurizer.features([text]), [target_precision])[0]
 
     def decide_many(self, texts: list[str], target_precision: float) -> list[Decision] | None:
-        """`decide` for a batch, on the calling thread: one vectorisation, one matrix product and
-        one calibration call for all of them (None: not calibrated). Only for an `instant`
-        featurizer: the lexical stage's cost per text falls from about 160 µs alone to about
-        9 µs in a batch of a hundred (measured: `consumer/classify/cascade/lexical.py`)."""
+        """`decide` for a batch, on the calling thread: one vectorisation and one matrix product
+        (or one pass over the texts, `decide_texts`) and one calibration call for all of them
+        (None: not calibrated). Only for an `instant` featurizer: the lexical stage's cost per
+        text falls from about 160 µs alone to about 9 µs in a batch of a hundred (measured:
+        `consumer/classify/cascade/lexical.py`)."""
         return self.decide_texts(texts, [target_precision] * len(texts))
 
     def decide_texts(self, texts: list[str], target_precisions: Sequence[float]) -> list[Decision] | None:
