@@ -183,6 +183,40 @@ static Py_ssize_t ngram_columns(const Text *text, uint32_t n_features, uint32_t 
     return m;
 }
 
+/* 0 where n_features is a power of two up to 2**30, else -1 with a ValueError set. */
+static int n_features_checked(Py_ssize_t n_features) {
+    if (n_features < 1 || n_features > (1 << 30) || (n_features & (n_features - 1))) {
+        PyErr_Format(PyExc_ValueError, "n_features must be a power of two up to 2**30, not %zd", n_features);
+        return -1;
+    }
+    return 0;
+}
+
+/* The list's texts as the code here reads them (PyMem_RawFree it), each checked to be a str; with
+ * *longest the longest padded text's length and *padded all padded texts' lengths together. NULL
+ * with an exception set where one is not a str (or no memory). */
+static Text *texts_read(PyObject *texts, Py_ssize_t *longest, Py_ssize_t *padded) {
+    const Py_ssize_t rows = PyList_GET_SIZE(texts);
+    Text *read = PyMem_RawMalloc(sizeof(Text) * (size_t)(rows ? rows : 1));
+    if (read == NULL)
+        return (Text *)PyErr_NoMemory();
+    *longest = *padded = 0;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        PyObject *item = PyList_GET_ITEM(texts, r);
+        if (!PyUnicode_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not str", r, Py_TYPE(item)->tp_name);
+            PyMem_RawFree(read);
+            return NULL;
+        }
+        read[r] = (Text){PyUnicode_KIND(item), PyUnicode_DATA(item), PyUnicode_GET_LENGTH(item)};
+        Py_ssize_t length = read[r].length + 2; /* padded */
+        *padded += length;
+        if (length > *longest)
+            *longest = length;
+    }
+    return read;
+}
+
 /* counts(texts lower-cased but for A-Z, n_features, indices int32, data float64, indptr int32) -> entries */
 static PyObject *counts(PyObject *self, PyObject *args) {
     PyObject *texts;
@@ -195,34 +229,17 @@ static PyObject *counts(PyObject *self, PyObject *args) {
     uint32_t *scratch = NULL;
     const Py_ssize_t rows = PyList_GET_SIZE(texts);
     const Py_ssize_t capacity = indices.len / (Py_ssize_t)sizeof(int32_t);
-    if (n_features < 1 || n_features > (1 << 30) || (n_features & (n_features - 1))) {
-        PyErr_Format(PyExc_ValueError, "n_features must be a power of two up to 2**30, not %zd", n_features);
+    if (n_features_checked(n_features) < 0)
         goto done;
-    }
     if (values.len / (Py_ssize_t)sizeof(double) < capacity || indptr.len / (Py_ssize_t)sizeof(int32_t) < rows + 1) {
         PyErr_SetString(PyExc_ValueError, "the value or row-pointer buffer is shorter than the texts need");
         goto done;
     }
-    read = PyMem_RawMalloc(sizeof(Text) * (size_t)(rows ? rows : 1));
-    if (read == NULL) {
-        PyErr_NoMemory();
+    Py_ssize_t longest, padded_lengths;
+    read = texts_read(texts, &longest, &padded_lengths);
+    if (read == NULL)
         goto done;
-    }
-    Py_ssize_t needed = 0, longest = 0;
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        PyObject *item = PyList_GET_ITEM(texts, r);
-        if (!PyUnicode_Check(item)) {
-            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not str", r, Py_TYPE(item)->tp_name);
-            goto done;
-        }
-        read[r].kind = PyUnicode_KIND(item);
-        read[r].data = PyUnicode_DATA(item);
-        read[r].length = PyUnicode_GET_LENGTH(item);
-        Py_ssize_t length = read[r].length + 2; /* padded */
-        needed += ENTRIES_A_CHARACTER * length;
-        if (length > longest)
-            longest = length;
-    }
+    const Py_ssize_t needed = ENTRIES_A_CHARACTER * padded_lengths;
     if (needed > capacity || needed > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "room for %zd entries (and int32 row pointers), the texts may need %zd",
                      capacity, needed);
@@ -551,30 +568,16 @@ static PyObject *text_scores(PyObject *self, PyObject *args) {
     Text *read = NULL;
     void *space = NULL;
     Scoring s = {.head = head_of(&present, &before, &values), .rows = PyList_GET_SIZE(texts), .scores = out.buf};
-    if (n_features < 1 || n_features > (1 << 30) || (n_features & (n_features - 1))) {
-        PyErr_Format(PyExc_ValueError, "n_features must be a power of two up to 2**30, not %zd", n_features);
+    if (n_features_checked(n_features) < 0)
         goto done;
-    }
     if (out.len / (Py_ssize_t)sizeof(double) < s.rows || before.len / (Py_ssize_t)sizeof(uint32_t) < s.head.words) {
         PyErr_SetString(PyExc_ValueError, "text_scores: the buffers' lengths do not match");
         goto done;
     }
-    read = PyMem_RawMalloc(sizeof(Text) * (size_t)(s.rows ? s.rows : 1));
-    if (read == NULL) {
-        PyErr_NoMemory();
+    Py_ssize_t longest, padded_lengths;
+    read = texts_read(texts, &longest, &padded_lengths);
+    if (read == NULL)
         goto done;
-    }
-    Py_ssize_t longest = 0;
-    for (Py_ssize_t r = 0; r < s.rows; r++) {
-        PyObject *item = PyList_GET_ITEM(texts, r);
-        if (!PyUnicode_Check(item)) {
-            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not str", r, Py_TYPE(item)->tp_name);
-            goto done;
-        }
-        read[r] = (Text){PyUnicode_KIND(item), PyUnicode_DATA(item), PyUnicode_GET_LENGTH(item)};
-        if (read[r].length + 2 > longest)
-            longest = read[r].length + 2; /* padded */
-    }
     if (ENTRIES_A_CHARACTER * longest > UINT32_MAX / 4 || s.rows >= UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "text_scores: a text is too long, or there are too many");
         goto done;
