@@ -16,8 +16,9 @@ What it guarantees, per request:
 - a poll batch is decided a batch at a time (`classify_now_many`): per policy, one pass of
   cache keys (cache keys stay per policy version); then per stage whose features are cheap
   enough for the event loop (the lexical stage) and per set of heads one scoring of every
-  text still open in the batch (the compiled n-grams score texts without making their rows;
-  else one vectorisation per stage and one matrix product per set of heads) and one
+  text still open in the batch (the compiled n-grams score texts without making their rows, and
+  not again an ASCII text a head scored in an earlier batch: `ScoreMemo`; else one
+  vectorisation per stage and one matrix product per set of heads) and one
   calibration call, each request decided against its own policy's target precision; what
   remains goes through `classify` without repeating those stages, and what `classify` asks of
   an instant stage in one turn of the event loop is decided together the same way;
@@ -60,7 +61,7 @@ from consumer.classify.cascade import verdicts
 from consumer.classify.cascade.cache import CacheKey, VerdictCache, cache_key
 from consumer.classify.cascade.counters import PolicyCounters
 from consumer.classify.cascade.examples import TrainingSet, training_set
-from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, StageRules
+from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, ScoreMemo, StageRules
 from consumer.config.cascade import CascadeSettings, PolicyPlan
 from consumer.errors import Fatal, Unavailable
 from consumer.events import ErrorType
@@ -108,21 +109,32 @@ class _Share:
 
 
 def _instant_decisions(
-    featurizer: Featurizer, asked: list[tuple[LearnedStage, list[str], list[float]]]
+    featurizer: Featurizer, asked: list[tuple[LearnedStage, list[str], list[float], list[bytes | None] | None]],
+    memo: ScoreMemo | None = None,
 ) -> list[list[Decision] | None]:
     """Each stage's decisions of its texts (None: not calibrated), the stages all of this
     featurizer: where it scores texts without making their rows (`scores_texts`, the lexical
-    stage's compiled n-grams: counts and product in one pass, no matrix), one pass per stage;
-    else one vectorisation of all the texts and one product per stage."""
+    stage's compiled n-grams: counts and product in one pass, no matrix), one pass per stage over
+    the texts `memo` holds no score of (by their `_memo_digests`, where given); else one
+    vectorisation of all the texts and one product per stage."""
     if getattr(featurizer, "scores_texts", False):
-        return [stage.decide_texts(texts, targets) for stage, texts, targets in asked]
-    rows = featurizer.transform([text for _, texts, _ in asked for text in texts])
+        return [stage.decide_texts(texts, targets, digests, memo) for stage, texts, targets, digests in asked]
+    rows = featurizer.transform([text for _, texts, _, _ in asked for text in texts])
     found, start = [], 0
-    for stage, texts, targets in asked:
+    for stage, texts, targets, _ in asked:
         end = start + len(texts)
         found.append(stage.decide_rows(rows if (start, end) == (0, rows.shape[0]) else rows[start:end], targets))
         start = end
     return found
+
+
+def _memo_digests(keys: list[CacheKey | int], texts: list[str]) -> list[bytes | None]:
+    """The digests a `ScoreMemo` knows these texts by: each one's cache key's, for an ASCII text.
+    The lexical n-grams are read from the text's words lower-cased and joined by single spaces,
+    the very form the cache key hashes for ASCII text (`cache.normalise`), so one digest is one
+    set of features. Not for other text: the key hashes its NFKC, case-folded form without
+    invisible characters, which the n-grams do not see. None without a cache key (an index)."""
+    return [key[2] if type(key) is tuple and text.isascii() else None for key, text in zip(keys, texts)]
 
 
 def _better(
@@ -163,6 +175,7 @@ class CascadeClassifier:
         self._rules = StageRules.of(settings)
         self._plans: dict[tuple[str, float | None], PolicyPlan] = {}  # `_plan`'s, by (policy id, its own precision)
         self.cache = VerdictCache(settings.cache_size, settings.cache_ttl_s)
+        self._scored = ScoreMemo()  # the instant stages' scores of repeated texts, by head
         self.counters: dict[str, PolicyCounters] = {}
         self._heads: OrderedDict[str, _Heads] = OrderedDict()  # by training data; least recently used first
         self._assigned: dict[str, tuple[str, str]] = {}  # Policy.key -> (its version, its heads' key)
@@ -300,11 +313,12 @@ class CascadeClassifier:
                     asking.append((stage, these))
             if not asking:
                 continue
-            found = _instant_decisions(featurizer, [
-                (stage, [requests[share.open[k][0]].content for share, k in these],
-                 [share.plan.target_precision for share, _ in these])
-                for stage, these in asking
-            ])  # fmt: skip
+            asked = []
+            for stage, these in asking:
+                texts = [requests[share.open[k][0]].content for share, k in these]
+                digests = _memo_digests([k for _, k in these], texts)
+                asked.append((stage, texts, [share.plan.target_precision for share, _ in these], digests))
+            found = _instant_decisions(featurizer, asked, self._scored)
             for (stage, these), decisions in zip(asking, found):
                 if decisions is None:
                     continue
@@ -476,7 +490,7 @@ class CascadeClassifier:
             groups = list(by_stage.values())
             try:
                 found = _instant_decisions(groups[0][0][0].featurizer, [
-                    (group[0][0], [text for _, text, _, _ in group], [target for _, _, target, _ in group])
+                    (group[0][0], [text for _, text, _, _ in group], [target for _, _, target, _ in group], None)
                     for group in groups
                 ])  # fmt: skip
                 for group, decisions in zip(groups, found):

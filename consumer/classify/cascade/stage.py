@@ -27,10 +27,11 @@ What `LearnedStage` guarantees:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -52,6 +53,9 @@ FOLDS = 5
 # (2**18 of them for the lexical stage) however few examples it gets, so updates go in
 # small batches.
 ONLINE_BATCH = 8
+# Scores a `ScoreMemo` holds, all heads together (about 110 bytes each: 7 MB).
+SCORE_MEMO_ENTRIES = 65_536
+_weights_made = itertools.count()
 
 
 class Featurizer(Protocol):
@@ -115,8 +119,11 @@ class _Weights:
     present: np.ndarray = field(init=False, repr=False, compare=False)
     before: np.ndarray = field(init=False, repr=False, compare=False)
     padded: np.ndarray = field(init=False, repr=False, compare=False)
+    # Which weights these are, for `ScoreMemo` (an id may be reused once they are freed; this is not).
+    serial: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "serial", next(_weights_made))
         padded = np.zeros(len(self.values) + 1)
         padded[:-1] = self.values
         object.__setattr__(self, "padded", padded)
@@ -169,6 +176,53 @@ class _Weights:
 
 
 _scratch_space = threading.local()
+
+
+class ScoreMemo:
+    """Linear heads' scores of texts they scored before, by the 16-byte digest the verdict cache
+    keys a text's normalised form by (`cache.cache_key`). A chat stream repeats its texts (greetings,
+    copy-pasted raids), and where no stage decides one and there is no reasoner, the cache keeps
+    no answer for it (an undecided answer is not a verdict), so each copy was scored again.
+
+    A digest stands for a text only where the features are the same for every text with that
+    normalised form: the caller gives one only for those (`cascade._memo_digests`). Scores are
+    kept per set of weights (`_Weights.serial`): an online update or refit makes new weights, whose
+    scores start empty, so a memoised score is always the one the head in force would give, bit
+    for bit. At most `max_entries` scores are held; beyond, all are dropped and it starts again.
+    """
+
+    def __init__(self, max_entries: int = SCORE_MEMO_ENTRIES):
+        self._by_weights: dict[int, dict[bytes, float]] = {}
+        self._entries = 0
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return self._entries
+
+    def scores(
+        self, weights: _Weights, texts: list[str], digests: list[bytes | None],
+        score: Callable[[list[str]], np.ndarray],
+    ) -> np.ndarray:  # fmt: skip
+        """The scores of `texts`: memoised where a text's digest was scored by these weights, the
+        others by one call of `score`, then memoised (those with a digest)."""
+        known = self._by_weights.get(weights.serial)
+        if known is None:
+            known = self._by_weights[weights.serial] = {}
+        found: list[float | None] = [known.get(d) for d in digests]  # type: ignore[arg-type]  # None is never a key
+        missing = [i for i, value in enumerate(found) if value is None]
+        if missing:
+            if self._entries + len(missing) > self._max_entries:
+                self._by_weights.clear()
+                self._entries = 0
+                known = self._by_weights[weights.serial] = {}
+            made = score([texts[i] for i in missing]).tolist()
+            for i, value in zip(missing, made):
+                found[i] = value
+                digest = digests[i]
+                if digest is not None:
+                    known[digest] = value
+                    self._entries += 1
+        return np.array(found, dtype=np.float64)
 
 
 def _scratch(size: int) -> np.ndarray:
@@ -299,15 +353,23 @@ class LearnedStage:
         `consumer/classify/cascade/lexical.py`)."""
         return self.decide_texts(texts, [target_precision] * len(texts))
 
-    def decide_texts(self, texts: list[str], target_precisions: Sequence[float]) -> list[Decision] | None:
+    def decide_texts(
+        self, texts: list[str], target_precisions: Sequence[float], digests: list[bytes | None] | None = None,
+        memo: ScoreMemo | None = None,
+    ) -> list[Decision] | None:  # fmt: skip
         """`decide_rows` of these texts' rows, each against its own target precision; where the
-        featurizer scores texts without making their rows (`scores_texts`), without them."""
+        featurizer scores texts without making their rows (`scores_texts`), without them, and
+        with a `memo`, only the texts it holds no score of (`digests[i]`: text i's, or None)."""
         fitted = self._fitted
         if fitted is None:
             return None
         if getattr(self.featurizer, "scores_texts", False):
             w = fitted.weights
-            scores = self.featurizer.linear_scores(texts, w.present, w.before, w.padded)  # type: ignore[attr-defined]
+
+            def score(some: list[str]) -> np.ndarray:
+                return self.featurizer.linear_scores(some, w.present, w.before, w.padded)  # type: ignore[attr-defined,no-any-return]
+
+            scores = score(texts) if memo is None or digests is None else memo.scores(w, texts, digests, score)
         else:
             scores = fitted.weights.scores(self.featurizer.transform(texts))
         return _decided(fitted, scores, target_precisions)

@@ -173,3 +173,84 @@ def test_a_stages_answers_are_made_once_per_distinct_answer_and_say_what_decided
     assert guess is verdicts.undecided("lexical", Decision(False, 0.6, False), 0.95)
     assert (guess.stage, guess.category, guess.model) == ("undecided", "safe", "cascade:lexical:undecided")
     assert "(calibrated confidence 0.600); no reasoner configured" in guess.rationale
+
+
+def _recased(text: str) -> str:
+    """The same words in another case and other white space: one cache digest, one set of n-grams."""
+    return "\t " + "  \n".join(word.swapcase() for word in text.split()) + " \x0b"
+
+
+def _full_width(text: str) -> str:
+    """Its ASCII letters as full-width ones: the cache digest of the ASCII text (NFKC), other n-grams."""
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
+@pytest.mark.skipif(not LexicalFeatures.scores_texts, reason="_ngrams.c not compiled: no memo on the rows' path")
+def test_a_repeated_text_no_stage_decides_is_scored_once_per_head_and_answered_as_if_scored_again(
+    tmp_path, products
+):  # fmt: skip
+    """Without a reasoner, an undecided answer is not cached, so each copy of a text reached the
+    lexical stage again; its score is memoised by the text's cache digest (ASCII only) and the
+    weights in force. The answers are the ones a cascade without the memo gives, batch by batch:
+    those of a text in other case and white space, and of its full-width form (which has its
+    digest but n-grams of its own, so it is scored); an online update of the head (new weights)
+    scores every text again."""
+    from consumer.classify.cascade.stage import ONLINE_BATCH
+
+    store = communities(tmp_path, [])
+    platform = store.get()["spam-scams"]
+    batches = [HELD_OUT, [_recased(t) for t in HELD_OUT], [_full_width(t) for t in HELD_OUT[:10]], HELD_OUT]
+
+    async def run(memo: bool) -> tuple[list[list[tuple]], list[list[int]]]:
+        cascade = CascadeClassifier(CascadeSettings(), None, store, lexical=LexicalFeatures())
+        if not memo:
+            cascade._scored = None
+        await cascade.start()
+        found, scored = [], []
+        for i, texts in enumerate(batches):
+            if i == len(batches) - 1:  # the head learns: new weights, which have scored nothing yet
+                head = cascade.heads(platform.key)[0]
+                for text in HELD_OUT[:ONLINE_BATCH]:
+                    await head.learn(text, 1)
+            products.clear()
+            found.append([outcome(a) for a in cascade.classify_now_many(ask(platform, texts))])
+            scored.append(list(products))
+        return found, scored
+
+    with_memo, scored = asyncio.run(run(memo=True))
+    without_memo, scored_without = asyncio.run(run(memo=False))
+    assert with_memo == without_memo
+    undecided = sum(model == "cascade:lexical:undecided" for model, _, _ in with_memo[0])
+    decided = sum(model == "cascade:lexical" for model, _, _ in with_memo[0])
+    assert undecided >= 10 and decided >= 10  # both kinds of answer are in the test
+    assert scored[0] == scored_without[0] == [len(HELD_OUT)]
+    # Recased: the decided ones are cache hits either way; the undecided ones were scored before.
+    assert scored_without[1] == [undecided] and scored[1] == []
+    assert scored[2] == scored_without[2] and sum(scored[2]) > 0  # full width: never from the memo
+    assert scored[3] == scored_without[3] == [undecided]  # the updated head scores them all again
+    assert [m for m, _, _ in with_memo[1]] == [m.replace("cascade:lexical", "cascade:cache") if m == "cascade:lexical"
+                                               else m for m, _, _ in with_memo[0]]  # fmt: skip
+
+
+def test_the_score_memo_keeps_scores_per_set_of_weights_up_to_its_bound():
+    import numpy as np
+
+    from consumer.classify.cascade.stage import ScoreMemo, _Weights
+
+    asked: list[list[str]] = []
+
+    def score(texts: list[str]) -> np.ndarray:
+        asked.append(list(texts))
+        return np.array([float(len(t)) for t in texts])
+
+    memo = ScoreMemo(max_entries=4)
+    one, other = _Weights.of(np.ones(8)), _Weights.of(np.ones(8))
+    assert list(memo.scores(one, ["a", "bb", "ccc"], [b"a", None, b"c"], score)) == [1.0, 2.0, 3.0]
+    assert list(memo.scores(one, ["a", "bb", "ccc"], [b"a", None, b"c"], score)) == [1.0, 2.0, 3.0]
+    assert asked == [["a", "bb", "ccc"], ["bb"]] and len(memo) == 2  # no digest: scored each time
+    assert list(memo.scores(other, ["a"], [b"a"], score)) == [1.0]  # equal weights, another set: its own scores
+    assert asked[-1] == ["a"] and len(memo) == 3
+    memo.scores(one, ["dddd", "eeeee"], [b"d", b"e"], score)  # past the bound: everything dropped first
+    assert len(memo) == 2
+    memo.scores(one, ["a", "dddd"], [b"a", b"d"], score)
+    assert asked[-1] == ["a"] and len(memo) == 3

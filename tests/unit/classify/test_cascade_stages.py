@@ -362,3 +362,56 @@ def test_a_calibrator_maps_scores_as_its_formula_says_in_place_or_not():
     isotonic = Calibrator("isotonic", (low, high), thresholds)
     assert (isotonic(scores) == np.clip(np.interp(scores, thresholds[0], thresholds[1]), low, high)).all()
     assert (scores == given).all()
+
+
+def test_ascii_texts_of_one_cache_digest_have_one_lexical_score():
+    """What the score memo rests on (`cascade._memo_digests`): an ASCII text's n-grams are read
+    from its words lower-cased and joined by single spaces, the form its cache key hashes, so two
+    ASCII texts of one digest have the same score, bit for bit, whatever their case and white space
+    (\\x1c-\\x1f are white space to both). Beyond ASCII a digest is not a text's n-grams: full-width
+    letters have their ASCII form's digest (NFKC) and n-grams of their own, and get no digest."""
+    import numpy as np
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from consumer.classify.cascade import hashing
+    from consumer.classify.cascade.cache import cache_key
+    from consumer.classify.cascade.cascade import _memo_digests
+    from consumer.classify.cascade.stage import _Weights
+
+    if hashing._ngrams is None:
+        pytest.skip("consumer/classify/cascade/_ngrams.c was not compiled here (no C compiler at install)")
+    policy = load_policy(REPO / "policies" / "spam-scams.md")
+    n_features = 1 << 10
+    white = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+    letters = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
+
+    def score(weights: _Weights, texts: list[str]) -> np.ndarray:
+        found = hashing.ngram_scores(texts, n_features, weights.present, weights.before, weights.padded)
+        assert found is not None
+        return found
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(st.tuples(st.text(letters, min_size=1, max_size=12), st.text(white, min_size=1, max_size=3),
+                           st.text(white, min_size=1, max_size=3)), max_size=12),  # fmt: skip
+        st.booleans(),
+        st.integers(0, 2**32 - 1),
+    )
+    def same(words: list[tuple[str, str, str]], swapped: bool, seed: int) -> None:
+        one = "".join(space + word for word, space, _ in words)
+        other = "".join(space + (word.swapcase() if swapped else word.upper()) for word, _, space in words) + " "
+        keys = [cache_key(policy, one), cache_key(policy, other)]
+        assert keys[0] == keys[1] and _memo_digests(keys, [one, other]) == [keys[0][2]] * 2
+        rng = np.random.default_rng(seed)
+        weights = _Weights.of(np.where(rng.random(2 * n_features) < 0.3, rng.normal(size=2 * n_features), 0.0))
+        a, b = score(weights, [one, other])
+        assert a == b  # the same float64
+
+    same()
+    ascii_text, wide = "FREE nitro here", "ＦＲＥＥ ｎｉｔｒｏ ｈｅｒｅ"
+    keys = [cache_key(policy, ascii_text), cache_key(policy, wide)]
+    assert keys[0] == keys[1] and _memo_digests(keys, [ascii_text, wide]) == [keys[0][2], None]
+    dense = _Weights.of(np.random.default_rng(0).normal(size=2 * n_features))
+    a, b = score(dense, [ascii_text, wide])
+    assert a != b
