@@ -4,7 +4,9 @@ No Kafka, one process, the main thread's CPU clock. Where `_ngrams.c` was compil
 fallback is measured beside it, and so is a head's product (`stage._Weights.scores`: a
 chat-harassment head trained from its examples, on the same batches' rows), compiled and numpy.
 And a head's scores as the cascade's decisions make them, from the texts in one pass
-(`hashing.ngram_scores`, no rows made), against the counts and the compiled product.
+(`hashing.ngram_scores`, no rows made), against the counts and the compiled product; and the
+lexical cascade's instant answers to the messages as a stream of poll batches
+(`classify_now_many`), with its memo of repeated texts' scores and without.
 `--baseline CHECKOUT` loads another checkout's `consumer/classify/cascade/hashing.py` too; all
 sides alternate round by round and must build the same matrix (checked first), so the ratios are
 measured side by side:
@@ -129,6 +131,47 @@ def from_texts(texts: list[str], batch: int, rounds: int, weights: stage._Weight
                 way(chunk)
             times[name].append((time.thread_time() - started) / len(texts) * 1e6)
     print_side_by_side(f"the head's scores of the texts (the most they differ: {apart:.1e}):", times)
+    decisions(texts, batch, rounds)
+
+
+def decisions(texts: list[str], batch: int, rounds: int) -> None:
+    """The lexical cascade as the pipeline bench's case makes it (no reasoner), answering the
+    messages under chat-harassment a poll batch at a time (`classify_now_many`), with its score
+    memo (`stage.ScoreMemo`) and without; each round a fresh cascade, the stream's first fifth
+    not timed (the verdict cache and the memo fill as in a running stream). Both must give the
+    same answers."""
+    from bench.cases import cpu_classifier
+    from consumer.classify import ClassifyRequest
+    from consumer.events import ContentEvent
+    from consumer.policy import PolicyStore
+
+    policy = PolicyStore(REPO / "policies").get()["chat-harassment"]
+    events = [ContentEvent(event_id=f"e{i}", content=text) for i, text in enumerate(texts)]
+    requests = [ClassifyRequest(event, policy, event.event_id) for event in events]
+    batches = [requests[i : i + batch] for i in range(0, len(requests), batch)]
+    warm = len(batches) // 5
+
+    async def answered(memo: bool) -> tuple[float, list[Any]]:
+        cascade = cpu_classifier("cascade-lexical")
+        await cascade.start()
+        if not memo:
+            cascade._scored = None
+        answers = [a for b in batches[:warm] for a in cascade.classify_now_many(b)]
+        started = time.thread_time()
+        for b in batches[warm:]:
+            answers.extend(cascade.classify_now_many(b))
+        return (time.thread_time() - started) / sum(map(len, batches[warm:])) * 1e6, answers
+
+    times: dict[str, list[float]] = {"with the memo": [], "without": []}
+    found: dict[str, list[Any]] = {}
+    for _ in range(rounds):
+        for name in times:
+            took, found[name] = asyncio.run(answered(name == "with the memo"))
+            times[name].append(took)
+        if found["with the memo"] != found["without"]:
+            raise SystemExit("the cascade answers differently with its score memo: nothing to compare")
+    print_side_by_side(f"the lexical cascade's instant answers, a stream of {len(texts)} requests "
+                       f"(the first {warm * batch} not timed):", times)  # fmt: skip
 
 
 def print_side_by_side(title: str, times: dict[str, list[float]]) -> None:
