@@ -178,6 +178,14 @@ class _Weights:
 _scratch_space = threading.local()
 
 
+def _scratch(size: int) -> np.ndarray:
+    arrays: dict[int, np.ndarray] = _scratch_space.__dict__.setdefault("arrays", {})
+    array = arrays.get(size)
+    if array is None:
+        array = arrays[size] = np.zeros(size)
+    return array
+
+
 class ScoreMemo:
     """Linear heads' scores of texts they scored before, by the 16-byte digest the verdict cache
     keys a text's normalised form by (`cache.cache_key`). A chat stream repeats its texts (greetings,
@@ -188,7 +196,8 @@ class ScoreMemo:
     normalised form: the caller gives one only for those (`cascade._memo_digests`). Scores are
     kept per set of weights (`_Weights.serial`): an online update or refit makes new weights, whose
     scores start empty, so a memoised score is always the one the head in force would give, bit
-    for bit. At most `max_entries` scores are held; beyond, all are dropped and it starts again.
+    for bit. At most `max_entries` scores and sets of weights are held; beyond, all are dropped and
+    it starts again.
     """
 
     def __init__(self, max_entries: int = SCORE_MEMO_ENTRIES):
@@ -205,32 +214,33 @@ class ScoreMemo:
     ) -> np.ndarray:  # fmt: skip
         """The scores of `texts`: memoised where a text's digest was scored by these weights, the
         others by one call of `score`, then memoised (those with a digest)."""
-        known = self._by_weights.get(weights.serial)
-        if known is None:
-            known = self._by_weights[weights.serial] = {}
+        known = self._by_weights.get(weights.serial, _NONE_KNOWN)
         found: list[float | None] = [known.get(d) for d in digests]  # type: ignore[arg-type]  # None is never a key
         missing = [i for i, value in enumerate(found) if value is None]
-        if missing:
-            if self._entries + len(missing) > self._max_entries:
+        if not missing:
+            return np.array(found, dtype=np.float64)
+        made = score([texts[i] for i in missing]).tolist()
+        fresh: dict[bytes, float] = {}
+        for i, value in zip(missing, made):
+            found[i] = value
+            digest = digests[i]
+            if digest is not None:
+                fresh[digest] = value
+        if fresh:
+            if self._entries + len(fresh) + 1 > self._max_entries:
                 self._by_weights.clear()
                 self._entries = 0
+                known = _NONE_KNOWN
+            if known is _NONE_KNOWN:
                 known = self._by_weights[weights.serial] = {}
-            made = score([texts[i] for i in missing]).tolist()
-            for i, value in zip(missing, made):
-                found[i] = value
-                digest = digests[i]
-                if digest is not None:
-                    known[digest] = value
-                    self._entries += 1
+                self._entries += 1  # the set of weights counts too: new weights come with every update
+            held = len(known)
+            known.update(fresh)
+            self._entries += len(known) - held
         return np.array(found, dtype=np.float64)
 
 
-def _scratch(size: int) -> np.ndarray:
-    arrays: dict[int, np.ndarray] = _scratch_space.__dict__.setdefault("arrays", {})
-    array = arrays.get(size)
-    if array is None:
-        array = arrays[size] = np.zeros(size)
-    return array
+_NONE_KNOWN: dict[bytes, float] = {}  # what `ScoreMemo` knows of weights it holds nothing of (never written)
 
 
 @dataclass

@@ -233,6 +233,9 @@ def test_a_repeated_text_no_stage_decides_is_scored_once_per_head_and_answered_a
 
 
 def test_the_score_memo_keeps_scores_per_set_of_weights_up_to_its_bound():
+    """Scores by digest and set of weights; a text without a digest is scored every time; the
+    bound counts the scores and the sets of weights they are kept for (new weights come with every
+    online update), and past it everything is dropped."""
     import numpy as np
 
     from consumer.classify.cascade.stage import ScoreMemo, _Weights
@@ -243,14 +246,16 @@ def test_the_score_memo_keeps_scores_per_set_of_weights_up_to_its_bound():
         asked.append(list(texts))
         return np.array([float(len(t)) for t in texts])
 
-    memo = ScoreMemo(max_entries=4)
+    memo = ScoreMemo(max_entries=6)
     one, other = _Weights.of(np.ones(8)), _Weights.of(np.ones(8))
     assert list(memo.scores(one, ["a", "bb", "ccc"], [b"a", None, b"c"], score)) == [1.0, 2.0, 3.0]
     assert list(memo.scores(one, ["a", "bb", "ccc"], [b"a", None, b"c"], score)) == [1.0, 2.0, 3.0]
-    assert asked == [["a", "bb", "ccc"], ["bb"]] and len(memo) == 2  # no digest: scored each time
+    assert asked == [["a", "bb", "ccc"], ["bb"]] and len(memo) == 3  # one set of weights, two scores
     assert list(memo.scores(other, ["a"], [b"a"], score)) == [1.0]  # equal weights, another set: its own scores
-    assert asked[-1] == ["a"] and len(memo) == 3
+    assert asked[-1] == ["a"] and len(memo) == 5
+    memo.scores(_Weights.of(np.ones(8)), ["x"], [None], score)  # nothing to keep: nothing held for them
+    assert len(memo) == 5
     memo.scores(one, ["dddd", "eeeee"], [b"d", b"e"], score)  # past the bound: everything dropped first
-    assert len(memo) == 2
+    assert len(memo) == 3
     memo.scores(one, ["a", "dddd"], [b"a", b"d"], score)
-    assert asked[-1] == ["a"] and len(memo) == 3
+    assert asked[-1] == ["a"] and len(memo) == 4
