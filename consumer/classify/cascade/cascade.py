@@ -130,10 +130,11 @@ def _instant_decisions(
 
 def _memo_digests(keys: list[CacheKey | int], texts: list[str]) -> list[bytes | None]:
     """The digests a `ScoreMemo` knows these texts by: each one's cache key's, for an ASCII text.
-    The lexical n-grams are read from the text's words lower-cased and joined by single spaces,
-    the very form the cache key hashes for ASCII text (`cache.normalise`), so one digest is one
-    set of features. Not for other text: the key hashes its NFKC, case-folded form without
-    invisible characters, which the n-grams do not see. None without a cache key (an index)."""
+    The lexical n-grams (the only features scored from texts, `scores_texts`) are read from the
+    text's words lower-cased and joined by single spaces, the very form the cache key hashes for
+    ASCII text (`cache.normalise`), so one digest is one set of features. Not for other text: the
+    key hashes its NFKC, case-folded form without invisible characters, which the n-grams do not
+    see. None without a cache key (an index)."""
     return [key[2] if type(key) is tuple and text.isascii() else None for key, text in zip(keys, texts)]
 
 
