@@ -109,16 +109,19 @@ class _Share:
 
 
 def _instant_decisions(
-    featurizer: Featurizer, asked: list[tuple[LearnedStage, list[str], list[float], list[bytes | None] | None]],
+    featurizer: Featurizer, asked: list[tuple[LearnedStage, list[str], list[float], list[CacheKey | int] | None]],
     memo: ScoreMemo | None = None,
 ) -> list[list[Decision] | None]:
     """Each stage's decisions of its texts (None: not calibrated), the stages all of this
     featurizer: where it scores texts without making their rows (`scores_texts`, the lexical
     stage's compiled n-grams: counts and product in one pass, no matrix), one pass per stage over
-    the texts `memo` holds no score of (by their `_memo_digests`, where given); else one
-    vectorisation of all the texts and one product per stage."""
+    the texts `memo` holds no score of (by the `_memo_digests` of their cache keys, where given);
+    else one vectorisation of all the texts and one product per stage."""
     if getattr(featurizer, "scores_texts", False):
-        return [stage.decide_texts(texts, targets, digests, memo) for stage, texts, targets, digests in asked]
+        return [
+            stage.decide_texts(texts, targets, None if keys is None else _memo_digests(keys, texts), memo)
+            for stage, texts, targets, keys in asked
+        ]
     rows = featurizer.transform([text for _, texts, _, _ in asked for text in texts])
     found, start = [], 0
     for stage, texts, targets, _ in asked:
@@ -317,8 +320,7 @@ class CascadeClassifier:
             asked = []
             for stage, these in asking:
                 texts = [requests[share.open[k][0]].content for share, k in these]
-                digests = _memo_digests([k for _, k in these], texts)
-                asked.append((stage, texts, [share.plan.target_precision for share, _ in these], digests))
+                asked.append((stage, texts, [share.plan.target_precision for share, _ in these], [k for _, k in these]))
             found = _instant_decisions(featurizer, asked, self._scored)
             for (stage, these), decisions in zip(asking, found):
                 if decisions is None:
