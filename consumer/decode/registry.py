@@ -113,6 +113,28 @@ def check_reachable(client: SchemaRegistryClient, settings: SchemaRegistrySettin
     _with_retries(list_subjects, settings.retry_s)
 
 
+def retried(call: Any, retry_s: float) -> Any:
+    """`call()` against the registry, tried again while the registry is in trouble (a timeout, a
+    refused connection, throttling, its own failures, credentials it refuses) for up to `retry_s`,
+    then `Unavailable`. Its other answers (a subject or schema it does not hold) raise as they came."""
+
+    def once() -> Any:
+        try:
+            return call()
+        except SchemaRegistryError as exc:
+            if _is_trouble(exc):
+                raise _RegistryTrouble(str(exc)) from None
+            raise
+        except httpx.HTTPError as exc:
+            raise _RegistryTrouble(f"{type(exc).__name__}: {exc}") from None
+
+    return _with_retries(once, retry_s)
+
+
+def _is_trouble(exc: SchemaRegistryError) -> bool:
+    return exc.http_status_code in _REGISTRY_TROUBLE or exc.http_status_code >= 500
+
+
 def load_message_type(spec: str) -> type[ProtobufMessage]:
     """`module:Class`, the generated Protobuf class the producers use; ConfigError when it is not one."""
     module_name, _, name = spec.partition(":")
@@ -192,7 +214,7 @@ class RegistryDecoder:
         try:
             return self._deserializer(value, ctx)
         except SchemaRegistryError as exc:
-            if exc.http_status_code in _REGISTRY_TROUBLE or exc.http_status_code >= 500:
+            if _is_trouble(exc):
                 raise _RegistryTrouble(str(exc)) from None
             raise DecodeError(ErrorType.DESERIALIZATION_FAILED,
                               f"{self._schema_id(value, ctx)}, subject {topic}-value: {exc}") from None  # fmt: skip

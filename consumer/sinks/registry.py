@@ -29,13 +29,13 @@ from confluent_kafka.schema_registry.json_schema import JSONSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from consumer.config import Settings
-from consumer.decode.registry import REGISTRY, registry_client
-from consumer.errors import Fatal
+from consumer.config.sinks import RegisteredOutput
+from consumer.decode.registry import REGISTRY, registry_client, retried
+from consumer.errors import Fatal, Unavailable
 from consumer.events import Document, Headers
 from consumer.kafka.budget import Output, OutputBudget
 from consumer.kafka.client import Message
 from consumer.schemas import render_schemas
-from consumer.config.sinks import RegisteredOutput
 
 FRAME_BYTES = 5  # the magic byte and the 4-byte schema id the serializer puts before the JSON
 _SCHEMA_FILES: dict[RegisteredOutput, str] = {"verdict": "verdict.schema.json",
@@ -99,6 +99,7 @@ class RegisteredBudget(OutputBudget):
                  describe: Callable[[list[str]], dict[str, int | None]] | None = None):  # fmt: skip
         super().__init__(producer_config, settings.kafka.verdict_topic, settings.kafka.dead_letter_topic, describe)
         self._registry_url = settings.schema_registry.url
+        self._retry_s = settings.schema_registry.retry_s
         client = registry_client(settings.schema_registry)
         # Registration is `topics create`'s; the serializers only look their ids up (in `load`).
         conf = {"auto.register.schemas": False, "validate": False}  # the documents come from the schemas' models
@@ -116,12 +117,16 @@ class RegisteredBudget(OutputBudget):
                 continue
             try:
                 # The serializer's first call looks the schema's id up and keeps it; later calls
-                # make no request. This one, off the loop, is that first call.
-                serialize({}, ctx)
+                # make no request. This one, off the loop, is that first call; a registry slow to
+                # answer (a timeout, a 503) is asked again for retry_s, as the decoder does.
+                retried(lambda: serialize({}, ctx), self._retry_s)
             except SchemaRegistryError as exc:
                 raise Fatal(f"{REGISTRY} {self._registry_url}: subject {topic}-value does not hold this "
                             f"version's schema ({exc}); register it with `safeguard-consumer topics create`") from None
-            except Exception as exc:  # noqa: BLE001 - the HTTP client's own errors: the registry does not answer
+            except Unavailable as exc:
+                raise Fatal(f"{REGISTRY} {self._registry_url}: {exc.reason} (asked for {self._retry_s:g}s, "
+                            "schema_registry.retry_s)") from None
+            except Exception as exc:  # noqa: BLE001 - whatever else the serializer meets: said, not swallowed
                 raise Fatal(f"{REGISTRY} {self._registry_url}: {type(exc).__name__}: {exc}") from None
             self._looked_up.add(topic)
 

@@ -1,11 +1,21 @@
-"""`sinks.registered_outputs`: the settings it is refused with, and which topics it frames."""
+"""`sinks.registered_outputs`: the settings it is refused with, which topics it frames, and how the
+start looks their schema ids up from a registry that is slow or lacks them."""
 
 from __future__ import annotations
 
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import orjson
 import pytest
 
 from consumer.config import Settings
-from consumer.sinks.registry import output_schema, registered_topics
+from consumer.decode import RawRecord
+from consumer.errors import Fatal
+from consumer.events import ErrorType
+from consumer.kafka.records import dead_letter
+from consumer.sinks.registry import RegisteredBudget, output_schema, registered_topics
 
 REGISTRY = {"url": "http://registry:8081"}
 
@@ -48,3 +58,82 @@ def test_only_the_registered_outputs_topics_are_framed_each_with_its_kinds_schem
     assert registered_topics(settings) == {"v": "verdict"}
     assert '"title": "Verdict"' in output_schema("verdict").schema_str
     assert registered_topics(Settings.model_validate({})) == {}  # the default: every output plain JSON
+
+
+class _SlowRegistry:
+    """A registry on 127.0.0.1 whose first `answers_late` lookups are answered only after the client
+    gave up (the CI registry once took longer than timeout_s); the later ones answer `status`."""
+
+    def __init__(self, answers_late: int, status: int = 200, late_s: float = 1.0):
+        self.lookups = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the library's name
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.lookups += 1
+                if outer.lookups <= answers_late:
+                    time.sleep(late_s)
+                body = {"subject": "d-value", "id": 7, "version": 1} if status == 200 else \
+                    {"error_code": 40401, "message": "Subject 'd-value' not found."}  # fmt: skip
+                payload = orjson.dumps(body)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    self.wfile.write(payload)
+                except OSError:  # the client that gave up has closed its connection
+                    pass
+
+            def do_GET(self) -> None:  # noqa: N802 - the subject name strategy asks for associations first
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _Record(RawRecord):  # a dead letter also records the input's timestamp
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)  # TIMESTAMP_NOT_AVAILABLE
+
+
+def _budget(url: str, retry_s: float) -> RegisteredBudget:
+    settings = Settings.model_validate({
+        "kafka": {"verdict_topic": "v", "dead_letter_topic": "d"}, "sinks": {"registered_outputs": ["dead_letter"]},
+        "schema_registry": {"url": url, "timeout_s": 0.3, "retry_s": retry_s},
+    })  # fmt: skip
+    return RegisteredBudget({}, settings, describe=lambda topics: {t: 1_000_000 for t in topics})
+
+
+def test_a_registry_slower_than_timeout_s_at_start_is_asked_again_within_retry_s():
+    with _SlowRegistry(answers_late=1) as url:
+        budget = _budget(url, retry_s=5.0)
+        budget.load(["v", "d"])  # the first lookup timed out; the second one found the id
+    record = _Record(b"not json", "orders", 0, 7)
+    framed = budget.dead_letter(dead_letter(record, ErrorType.INVALID_JSON, "not JSON"), record, [])
+    assert framed.value[:5] == b"\x00\x00\x00\x00\x07"  # the magic byte and the id the registry gave
+
+
+def test_a_registry_that_stays_silent_or_lacks_the_subject_stops_the_start_saying_which():
+    with _SlowRegistry(answers_late=1000) as url:
+        started = time.monotonic()
+        with pytest.raises(Fatal, match=r"ReadTimeout.*\(asked for 0.5s, schema_registry.retry_s\)"):
+            _budget(url, retry_s=0.5).load(["v", "d"])
+        assert time.monotonic() - started < 5  # retry_s bounds it: a few timed-out tries, not more
+    with _SlowRegistry(answers_late=0, status=404) as url:
+        with pytest.raises(Fatal, match="subject d-value does not hold this version's schema"):
+            _budget(url, retry_s=5.0).load(["v", "d"])  # the registry's answer: not asked again
