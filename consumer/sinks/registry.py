@@ -19,6 +19,7 @@ JSON a plain output carries. The schema is the JSON Schema generated from our py
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -58,16 +59,20 @@ def register_output_schemas(settings: Settings, client: SchemaRegistryClient | N
     """Register each registered output's schema under its topic's subject; returns (subject,
     outcome) per topic, an outcome starting with "failed" or "incompatible" when it was not."""
     client = client or registry_client(settings.schema_registry)
+    retry_s = settings.schema_registry.retry_s
     outcomes = []
     for topic, kind in registered_topics(settings).items():
         subject, schema = f"{topic}-value", output_schema(kind)
+        # A registry slow to answer is asked again for retry_s, as a run's start does; registering
+        # a schema the subject holds already gives its id again, so a retried registration is safe.
+        register = functools.partial(client.register_schema_full_response, subject, schema)
         try:
-            if subject not in client.get_subjects():
-                registered = client.register_schema_full_response(subject, schema)
+            if subject not in retried(client.get_subjects, retry_s):
+                registered = retried(register, retry_s)
                 outcomes.append((subject, f"{kind} schema registered, id {registered.schema_id}"))
                 continue
             try:
-                found = client.lookup_schema(subject, schema)
+                found = retried(functools.partial(client.lookup_schema, subject, schema), retry_s)
                 outcomes.append((subject, f"{kind} schema already registered, id {found.schema_id}"))
                 continue
             except SchemaRegistryError as exc:
@@ -85,7 +90,7 @@ def register_output_schemas(settings: Settings, client: SchemaRegistryClient | N
                 outcomes.append((subject, f"incompatible with its latest version: the {kind} schema was not "
                                           "registered; set the subject's compatibility, or a new topic"))  # fmt: skip
                 continue
-            registered = client.register_schema_full_response(subject, schema)
+            registered = retried(register, retry_s)
             outcomes.append((subject, f"{kind} schema registered as a new version, id {registered.schema_id}{note}"))
         except Exception as exc:  # noqa: BLE001 - the registry's refusal or its HTTP client's error: said per subject
             outcomes.append((subject, f"failed: {type(exc).__name__}: {exc}"))

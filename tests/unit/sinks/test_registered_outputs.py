@@ -15,7 +15,7 @@ from consumer.decode import RawRecord
 from consumer.errors import Fatal
 from consumer.events import ErrorType
 from consumer.kafka.records import dead_letter
-from consumer.sinks.registry import RegisteredBudget, output_schema, registered_topics
+from consumer.sinks.registry import RegisteredBudget, output_schema, register_output_schemas, registered_topics
 
 REGISTRY = {"url": "http://registry:8081"}
 
@@ -61,21 +61,19 @@ def test_only_the_registered_outputs_topics_are_framed_each_with_its_kinds_schem
 
 
 class _SlowRegistry:
-    """A registry on 127.0.0.1 whose first `answers_late` lookups are answered only after the client
-    gave up (the CI registry once took longer than timeout_s); the later ones answer `status`."""
+    """A registry on 127.0.0.1 that holds no subject, whose first `answers_late` requests are
+    answered only after the client gave up (the CI registry once took longer than timeout_s).
+    A lookup is answered `lookup_status` (200: the schema's id), a registration with the id."""
 
-    def __init__(self, answers_late: int, status: int = 200, late_s: float = 1.0):
-        self.lookups = 0
+    def __init__(self, answers_late: int, lookup_status: int = 200, late_s: float = 1.0):
+        self.requests: list[str] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the library's name
-                self.rfile.read(int(self.headers["Content-Length"]))
-                outer.lookups += 1
-                if outer.lookups <= answers_late:
+            def answer(self, status: int, body: object) -> None:
+                outer.requests.append(f"{self.command} {self.path.split('?')[0]}")
+                if len(outer.requests) <= answers_late:
                     time.sleep(late_s)
-                body = {"subject": "d-value", "id": 7, "version": 1} if status == 200 else \
-                    {"error_code": 40401, "message": "Subject 'd-value' not found."}  # fmt: skip
                 payload = orjson.dumps(body)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -86,10 +84,20 @@ class _SlowRegistry:
                 except OSError:  # the client that gave up has closed its connection
                     pass
 
+            def do_POST(self) -> None:  # noqa: N802 - the library's name
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.split("?")[0].endswith("/versions"):  # a registration
+                    self.answer(200, {"id": 7})
+                elif lookup_status == 200:
+                    self.answer(200, {"subject": "d-value", "id": 7, "version": 1})
+                else:
+                    self.answer(lookup_status, {"error_code": 40401, "message": "Subject 'd-value' not found."})
+
             def do_GET(self) -> None:  # noqa: N802 - the subject name strategy asks for associations first
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                if self.path.split("?")[0] == "/subjects":
+                    self.answer(200, [])
+                else:
+                    self.answer(404, {"error_code": 40401, "message": "not found"})
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -97,9 +105,13 @@ class _SlowRegistry:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> str:
-        self._thread.start()
+    @property
+    def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> _SlowRegistry:
+        self._thread.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
@@ -111,17 +123,20 @@ class _Record(RawRecord):  # a dead letter also records the input's timestamp
         return (0, 0)  # TIMESTAMP_NOT_AVAILABLE
 
 
-def _budget(url: str, retry_s: float) -> RegisteredBudget:
-    settings = Settings.model_validate({
+def _settings(url: str, retry_s: float) -> Settings:
+    return Settings.model_validate({
         "kafka": {"verdict_topic": "v", "dead_letter_topic": "d"}, "sinks": {"registered_outputs": ["dead_letter"]},
         "schema_registry": {"url": url, "timeout_s": 0.3, "retry_s": retry_s},
     })  # fmt: skip
-    return RegisteredBudget({}, settings, describe=lambda topics: {t: 1_000_000 for t in topics})
+
+
+def _budget(url: str, retry_s: float) -> RegisteredBudget:
+    return RegisteredBudget({}, _settings(url, retry_s), describe=lambda topics: {t: 1_000_000 for t in topics})
 
 
 def test_a_registry_slower_than_timeout_s_at_start_is_asked_again_within_retry_s():
-    with _SlowRegistry(answers_late=1) as url:
-        budget = _budget(url, retry_s=5.0)
+    with _SlowRegistry(answers_late=1) as registry:
+        budget = _budget(registry.url, retry_s=5.0)
         budget.load(["v", "d"])  # the first lookup timed out; the second one found the id
     record = _Record(b"not json", "orders", 0, 7)
     framed = budget.dead_letter(dead_letter(record, ErrorType.INVALID_JSON, "not JSON"), record, [])
@@ -129,11 +144,19 @@ def test_a_registry_slower_than_timeout_s_at_start_is_asked_again_within_retry_s
 
 
 def test_a_registry_that_stays_silent_or_lacks_the_subject_stops_the_start_saying_which():
-    with _SlowRegistry(answers_late=1000) as url:
+    with _SlowRegistry(answers_late=1000) as registry:
         started = time.monotonic()
         with pytest.raises(Fatal, match=r"ReadTimeout.*\(asked for 0.5s, schema_registry.retry_s\)"):
-            _budget(url, retry_s=0.5).load(["v", "d"])
+            _budget(registry.url, retry_s=0.5).load(["v", "d"])
         assert time.monotonic() - started < 5  # retry_s bounds it: a few timed-out tries, not more
-    with _SlowRegistry(answers_late=0, status=404) as url:
+    with _SlowRegistry(answers_late=0, lookup_status=404) as registry:
         with pytest.raises(Fatal, match="subject d-value does not hold this version's schema"):
-            _budget(url, retry_s=5.0).load(["v", "d"])  # the registry's answer: not asked again
+            _budget(registry.url, retry_s=5.0).load(["v", "d"])  # the registry's answer: not asked again
+
+
+def test_topics_create_asks_a_slow_registry_again_and_registers_each_schema_once():
+    with _SlowRegistry(answers_late=1) as registry:
+        outcomes = register_output_schemas(_settings(registry.url, retry_s=5.0))
+    assert outcomes == [("d-value", "dead_letter schema registered, id 7")]
+    # The subjects asked twice (the first answer came too late), then one registration.
+    assert registry.requests == ["GET /subjects", "GET /subjects", "POST /subjects/d-value/versions"]
