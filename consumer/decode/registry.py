@@ -122,17 +122,13 @@ def retried(call: Any, retry_s: float) -> Any:
         try:
             return call()
         except SchemaRegistryError as exc:
-            if _is_trouble(exc):
+            if exc.http_status_code in _REGISTRY_TROUBLE or exc.http_status_code >= 500:
                 raise _RegistryTrouble(str(exc)) from None
             raise
         except httpx.HTTPError as exc:
             raise _RegistryTrouble(f"{type(exc).__name__}: {exc}") from None
 
     return _with_retries(once, retry_s)
-
-
-def _is_trouble(exc: SchemaRegistryError) -> bool:
-    return exc.http_status_code in _REGISTRY_TROUBLE or exc.http_status_code >= 500
 
 
 def load_message_type(spec: str) -> type[ProtobufMessage]:
@@ -205,21 +201,19 @@ class RegistryDecoder:
         topic = record.topic() or ""
         ctx = SerializationContext(topic, MessageField.VALUE, record.headers())
         with self._lock:
-            doc = _with_retries(lambda: self._deserialize(value, ctx, topic), self._retry_s)
+            doc = self._deserialize(value, ctx, topic)
         if isinstance(doc, ProtobufMessage):
             doc = json_format.MessageToDict(doc, preserving_proto_field_name=True)
         return self._mapping.to_event(doc, record, f"a {self.format} record")
 
     def _deserialize(self, value: bytes, ctx: SerializationContext, topic: str) -> Any:
         try:
-            return self._deserializer(value, ctx)
-        except SchemaRegistryError as exc:
-            if _is_trouble(exc):
-                raise _RegistryTrouble(str(exc)) from None
+            return retried(lambda: self._deserializer(value, ctx), self._retry_s)
+        except Unavailable:
+            raise  # the registry's trouble, retried already: the record waits
+        except SchemaRegistryError as exc:  # the registry's answer about this record's schema
             raise DecodeError(ErrorType.DESERIALIZATION_FAILED,
                               f"{self._schema_id(value, ctx)}, subject {topic}-value: {exc}") from None  # fmt: skip
-        except httpx.HTTPError as exc:
-            raise _RegistryTrouble(f"{type(exc).__name__}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - whatever the decoder meets in bytes that do not match their schema
             raise DecodeError(ErrorType.DESERIALIZATION_FAILED,
                               f"{self._schema_id(value, ctx)}, subject {topic}-value: the bytes do not match the "
