@@ -6,7 +6,8 @@ chat-harassment head trained from its examples, on the same batches' rows), comp
 And a head's scores as the cascade's decisions make them, from the texts in one pass
 (`hashing.ngram_scores`, no rows made), against the counts and the compiled product; and the
 lexical cascade's instant answers to the messages as a stream of poll batches
-(`classify_now_many`), with its memo of repeated texts' scores and without.
+(`classify_now_many`), with the undecided answers and the scores it keeps of repeated texts, with
+the scores alone, and without either.
 `--baseline CHECKOUT` loads another checkout's `consumer/classify/cascade/hashing.py` too; all
 sides alternate round by round and must build the same matrix (checked first), so the ratios are
 measured side by side:
@@ -136,9 +137,10 @@ def from_texts(texts: list[str], batch: int, rounds: int, weights: stage._Weight
 
 def decisions(texts: list[str], batch: int, rounds: int) -> None:
     """The lexical cascade as the pipeline bench's case makes it (no reasoner), answering the
-    messages under chat-harassment a poll batch at a time (`classify_now_many`), with its score
-    memo (`stage.ScoreMemo`) and without; each round a fresh cascade, the stream's first fifth
-    not timed (the verdict cache and the memo fill as in a running stream). Both must give the
+    messages under chat-harassment a poll batch at a time (`classify_now_many`): with the undecided
+    answers it keeps (`cache.UndecidedAnswers`) and its score memo (`stage.ScoreMemo`), with the
+    score memo alone, and without either; each round a fresh cascade, the stream's first fifth
+    not timed (the verdict cache and the memos fill as in a running stream). All must give the
     same answers."""
     from bench.cases import cpu_classifier
     from consumer.classify import ClassifyRequest
@@ -151,10 +153,12 @@ def decisions(texts: list[str], batch: int, rounds: int) -> None:
     batches = [requests[i : i + batch] for i in range(0, len(requests), batch)]
     warm = len(batches) // 5
 
-    async def answered(memo: bool) -> tuple[float, list[Any]]:
+    async def answered(kept_answers: bool, kept_scores: bool) -> tuple[float, list[Any]]:
         cascade = cpu_classifier("cascade-lexical")
         await cascade.start()
-        if not memo:
+        if not kept_answers:
+            cascade._undecided_answers = None
+        if not kept_scores:
             cascade._scored = None
         answers = [a for b in batches[:warm] for a in cascade.classify_now_many(b)]
         started = time.thread_time()
@@ -162,29 +166,31 @@ def decisions(texts: list[str], batch: int, rounds: int) -> None:
             answers.extend(cascade.classify_now_many(b))
         return (time.thread_time() - started) / sum(map(len, batches[warm:])) * 1e6, answers
 
-    times: dict[str, list[float]] = {"with the memo": [], "without": []}
+    ways = {"answers and scores kept": (True, True), "scores kept": (False, True), "neither": (False, False)}
+    times: dict[str, list[float]] = {name: [] for name in ways}
     found: dict[str, list[Any]] = {}
     for _ in range(rounds):
-        for name in times:
-            took, found[name] = asyncio.run(answered(name == "with the memo"))
+        for name, kept in ways.items():
+            took, found[name] = asyncio.run(answered(*kept))
             times[name].append(took)
-        if found["with the memo"] != found["without"]:
-            raise SystemExit("the cascade answers differently with its score memo: nothing to compare")
+        if any(answers != found["neither"] for answers in found.values()):
+            raise SystemExit("the cascade answers differently with what it keeps: nothing to compare")
     print_side_by_side(f"the lexical cascade's instant answers, a stream of {len(texts)} requests "
                        f"(the first {warm * batch} not timed):", times)  # fmt: skip
 
 
 def print_side_by_side(title: str, times: dict[str, list[float]]) -> None:
-    """Each way's median and range, and the first way's time over the second's, round by round."""
+    """Each way's median and range, and each way's time over the last one's, round by round."""
     print(title)
     width = max(map(len, times))
     for name, figures in times.items():
         print(f"  {name:{width}s} {statistics.median(figures):6.3f} µs a message "
               f"(rounds {min(figures):.3f}-{max(figures):.3f})")  # fmt: skip
-    first, second = times
-    ratios = [a / b for a, b in zip(times[first], times[second])]
-    print(f"  {first} / {second}, round by round: {statistics.median(ratios):.2f} "
-          f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+    *others, last = times
+    for name in others:
+        ratios = [a / b for a, b in zip(times[name], times[last])]
+        print(f"  {name} / {last}, round by round: {statistics.median(ratios):.2f} "
+              f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
 
 
 if __name__ == "__main__":

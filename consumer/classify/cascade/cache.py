@@ -13,7 +13,7 @@ import re
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from consumer.classify import Classification
 from consumer.classify.cascade.hashing import _ngrams  # None where _ngrams.c was not compiled: Python's join
@@ -21,6 +21,8 @@ from consumer.classify.cascade.verdicts import as_cached
 from consumer.policy import Policy
 
 CacheKey = tuple[str, str, bytes]  # Policy.key (the id, scoped by its community), policy version, content hash
+# Answers an `UndecidedAnswers` holds, all states together (about 100 bytes each: 6.5 MB).
+UNDECIDED_ANSWERS = 65_536
 
 _words_joined = _ngrams.normalised if _ngrams is not None else None
 
@@ -101,3 +103,47 @@ class VerdictCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
+
+
+class UndecidedAnswers:
+    """Answers to texts that no stage decided where no reasoner is configured (the most confident
+    stage's guess, marked undecided), by the digest of the text's cache key, per state: the
+    policy's key and version and the weights in force of each stage its plan asks (the cascade
+    makes the state). The verdict cache keeps no such answer (it is not a verdict), and a chat
+    stream repeats its texts, so each copy was decided again from its scores; in the same state it
+    is the same answer, bit for bit.
+
+    The cascade keeps an answer only where the digest stands for the features of every stage asked
+    (ASCII text and the compiled n-grams alone, as for `ScoreMemo`), and reads one only for ASCII
+    text. At most `max_entries` answers and states are held; beyond, all are dropped and it starts
+    again.
+    """
+
+    def __init__(self, max_entries: int = UNDECIDED_ANSWERS):
+        self._by_state: dict[Hashable, dict[bytes, Classification]] = {}
+        self._entries = 0
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return self._entries
+
+    def known(self, state: Hashable) -> dict[bytes, Classification]:
+        """The answers held in this state, by digest (read only: `remember` adds to them)."""
+        return self._by_state.get(state, _NONE_KNOWN)
+
+    def remember(self, state: Hashable, fresh: dict[bytes, Classification]) -> None:
+        """Keep a batch's new answers in this state."""
+        known = self._by_state.get(state)
+        if self._entries + len(fresh) + (known is None) > self._max_entries:
+            self._by_state.clear()
+            self._entries = 0
+            known = None
+        if known is None:
+            known = self._by_state[state] = {}
+            self._entries += 1  # the state counts too: an online update of a head makes a new one
+        held = len(known)
+        known.update(fresh)
+        self._entries += len(known) - held
+
+
+_NONE_KNOWN: dict[bytes, Classification] = {}  # a state nothing is held for (never written)

@@ -10,7 +10,10 @@ What it guarantees, per request:
 - without a reasoner, a request no stage decides is answered by the most confident
   calibrated stage, marked `cascade:<stage>:undecided` with its real confidence (or, with
   `undecided: dead_letter`, fails as `classifier_error`); with no calibrated stage at all it
-  fails: nothing is answered that no stage can back with a calibrated probability;
+  fails: nothing is answered that no stage can back with a calibrated probability; where the
+  lexical stage is the only stage asked, an ASCII text's undecided answer is kept by its cache
+  digest and the weights in force (`UndecidedAnswers`), and its copies in later batches get it
+  without reaching the stage;
 - identical content (after normalisation) under the same policy version is sent to the
   reasoner once, even when the copies arrive together;
 - a poll batch is decided a batch at a time (`classify_now_many`): per policy, one pass of
@@ -58,7 +61,7 @@ from consumer.classify import (
     ReportsHealth,
 )
 from consumer.classify.cascade import verdicts
-from consumer.classify.cascade.cache import CacheKey, VerdictCache, cache_key
+from consumer.classify.cascade.cache import CacheKey, UndecidedAnswers, VerdictCache, cache_key
 from consumer.classify.cascade.counters import PolicyCounters
 from consumer.classify.cascade.examples import TrainingSet, training_set
 from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, ScoreMemo, StageRules
@@ -106,6 +109,8 @@ class _Share:
     open: dict[CacheKey | int, list[int]] = dataclasses.field(default_factory=dict)
     keys: dict[CacheKey | int, CacheKey | None] = dataclasses.field(default_factory=dict)
     best: dict[CacheKey | int, tuple[LearnedStage, Decision]] = dataclasses.field(default_factory=dict)
+    # Where `UndecidedAnswers` applies (`_undecided_state`): the state its answers are held in.
+    undecided_state: Hashable | None = None
 
 
 def _instant_decisions(
@@ -180,6 +185,8 @@ class CascadeClassifier:
         self._plans: dict[tuple[str, float | None], PolicyPlan] = {}  # `_plan`'s, by (policy id, its own precision)
         self.cache = VerdictCache(settings.cache_size, settings.cache_ttl_s)
         self._scored = ScoreMemo()  # the instant stages' scores of repeated texts, by head
+        # Without a reasoner, the answers to repeated texts that no stage decides.
+        self._undecided_answers = UndecidedAnswers() if reasoner is None else None
         self.counters: dict[str, PolicyCounters] = {}
         self._heads: OrderedDict[str, _Heads] = OrderedDict()  # by training data; least recently used first
         self._assigned: dict[str, tuple[str, str]] = {}  # Policy.key -> (its version, its heads' key)
@@ -274,10 +281,13 @@ class CascadeClassifier:
             return share
         # Looked up once, not once a request: this loop runs for every request of a poll batch.
         cached_verdict, in_flight, counters = self.cache.get, self._in_flight, share.counters
+        state = share.undecided_state = self._undecided_state(policy, plan, heads)
+        undecided = {} if state is None else self._undecided_answers.known(state)  # type: ignore[union-attr]
         for i in indices:
             # Cache keys stay per policy version: two policies sharing heads act and name
             # categories differently.
-            key = cache_key(policy, requests[i].content)
+            content = requests[i].content
+            key = cache_key(policy, content)
             copies = open_.get(key)
             if copies is not None:
                 copies.append(i)
@@ -287,6 +297,12 @@ class CascadeClassifier:
                 counters.requests += 1
                 counters.cache_hit()
                 answers[i] = cached
+            elif undecided and (answer := undecided.get(key[2])) is not None and content.isascii():
+                # Counted as `_leave_open` counts the answer it repeats.
+                counters.requests += 1
+                counters.cache_misses += 1
+                counters.decided[stages.UNDECIDED] += 1
+                answers[i] = answer
             elif key not in in_flight:  # else `classify` waits for the identical request already asked
                 open_[key] = [i]
                 keys[key] = key
@@ -359,6 +375,7 @@ class CascadeClassifier:
         else remembered for `classify` with what was found."""
         counters = share.counters
         if share.asked == len(share.heads.stages) and self.reasoner is None:
+            state, fresh = share.undecided_state, {}
             for k, waiting in share.open.items():
                 counters.requests += len(waiting)
                 counters.cache_misses += share.keys[k] is not None
@@ -371,10 +388,34 @@ class CascadeClassifier:
                     answer = exc
                 for i in waiting:
                     answers[i] = answer
+                # Not a failure (`undecided: dead_letter`): its traceback holds this batch.
+                if (
+                    state is not None and type(answer) is Classification and share.keys[k] is not None
+                    and requests[waiting[0]].content.isascii()
+                ):  # fmt: skip
+                    fresh[k[2]] = answer  # type: ignore[index]
+            if fresh:
+                self._undecided_answers.remember(state, fresh)  # type: ignore[union-attr]
             return
         for k, waiting in share.open.items():
             # The first of the copies carries what was found; the others wait for it in `classify`.
             self._remember_open(_Open(requests[waiting[0]], share.heads, share.asked, share.best.get(k)))
+
+    def _undecided_state(self, policy: Policy, plan: PolicyPlan, heads: _Heads) -> Hashable | None:
+        """The state `UndecidedAnswers` holds this policy's answers in (its key and version, and the
+        weights in force of each stage its plan asks), or None where it does not apply: a reasoner
+        is configured, the cache is off (no digests), or a stage the plan asks reads more of a text
+        than its cache key's digest stands for (only the compiled n-grams read just the ASCII
+        normal form the digest hashes: `_memo_digests`)."""
+        if self._undecided_answers is None or not plan.cache:
+            return None
+        serials = []
+        for stage in heads.stages:
+            if getattr(plan, stage.name):
+                if not getattr(stage.featurizer, "scores_texts", False):
+                    return None
+                serials.append(stage.weights_serial)
+        return policy.key, policy.version, tuple(serials)
 
     def _remember_open(self, found: _Open) -> None:
         self._open[id(found.request)] = found

@@ -317,6 +317,12 @@ class LearnedStage:
         return self._fitted is not None
 
     @property
+    def weights_serial(self) -> int | None:
+        """Which weights are in force (`_Weights.serial`: new with every online update and refit,
+        and with them the intercept and calibration); None while not calibrated."""
+        return None if self._fitted is None else self._fitted.weights.serial
+
+    @property
     def calibration_error(self) -> float | None:
         return None if self._fitted is None else self._fitted.calibration_error
 

@@ -185,6 +185,57 @@ def _full_width(text: str) -> str:
     return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
 
 
+# A batch of the held-out texts, then again recased (one cache digest, the same n-grams), then the
+# first ten in full width (the ASCII texts' digest, n-grams of their own), then all again after an
+# online update of the head (new weights, which decided nothing yet).
+_REPEATS = [HELD_OUT, [_recased(t) for t in HELD_OUT], [_full_width(t) for t in HELD_OUT[:10]], HELD_OUT]
+
+
+def _repeated(
+    tmp_path, products: list[int], scores: bool, answers: bool, rows_only: bool = False
+) -> tuple[list[list[tuple]], list[list[int]], tuple]:  # fmt: skip
+    """`_REPEATS` through a cascade without a reasoner, with or without its memo of scores
+    (`ScoreMemo`) and of undecided answers (`UndecidedAnswers`): each batch's answers, its scorings
+    (`products`) and the policy's counters at the end."""
+    from consumer.classify.cascade.stage import ONLINE_BATCH
+
+    folder = tmp_path / f"{scores}-{answers}-{rows_only}"
+    folder.mkdir()
+    store = communities(folder, [])
+    platform = store.get()["spam-scams"]
+
+    async def run() -> tuple[list[list[tuple]], list[list[int]], tuple]:
+        cascade = CascadeClassifier(CascadeSettings(), None, store, lexical=CountedFeatures(rows_only))
+        if not scores:
+            cascade._scored = None
+        if not answers:
+            cascade._undecided_answers = None
+        await cascade.start()
+        found, scored = [], []
+        for i, texts in enumerate(_REPEATS):
+            if i == len(_REPEATS) - 1:
+                head = cascade.heads(platform.key)[0]
+                for text in HELD_OUT[:ONLINE_BATCH]:
+                    await head.learn(text, 1)
+            products.clear()
+            found.append([outcome(a) for a in cascade.classify_now_many(ask(platform, texts))])
+            scored.append(list(products))
+        counters = cascade.counters[platform.id]
+        return found, scored, (counters.requests, counters.cache_hits, counters.cache_misses, counters.decided)
+
+    return asyncio.run(run())
+
+
+def _check_both_kinds(found: list[list[tuple]]) -> int:
+    """How many of the first batch's answers are undecided, having checked that both kinds are there."""
+    undecided = sum(model == "cascade:lexical:undecided" for model, _, _ in found[0])
+    decided = sum(model == "cascade:lexical" for model, _, _ in found[0])
+    assert undecided >= 10 and decided >= 10  # both kinds of answer are in the test
+    assert [m for m, _, _ in found[1]] == [m.replace("cascade:lexical", "cascade:cache") if m == "cascade:lexical"
+                                           else m for m, _, _ in found[0]]  # fmt: skip
+    return undecided
+
+
 @pytest.mark.skipif(not LexicalFeatures.scores_texts, reason="_ngrams.c not compiled: no memo on the rows' path")
 def test_a_repeated_text_no_stage_decides_is_scored_once_per_head_and_answered_as_if_scored_again(
     tmp_path, products
@@ -194,42 +245,55 @@ def test_a_repeated_text_no_stage_decides_is_scored_once_per_head_and_answered_a
     weights in force. The answers are the ones a cascade without the memo gives, batch by batch:
     those of a text in other case and white space, and of its full-width form (which has its
     digest but n-grams of its own, so it is scored); an online update of the head (new weights)
-    scores every text again."""
-    from consumer.classify.cascade.stage import ONLINE_BATCH
-
-    store = communities(tmp_path, [])
-    platform = store.get()["spam-scams"]
-    batches = [HELD_OUT, [_recased(t) for t in HELD_OUT], [_full_width(t) for t in HELD_OUT[:10]], HELD_OUT]
-
-    async def run(memo: bool) -> tuple[list[list[tuple]], list[list[int]]]:
-        cascade = CascadeClassifier(CascadeSettings(), None, store, lexical=LexicalFeatures())
-        if not memo:
-            cascade._scored = None
-        await cascade.start()
-        found, scored = [], []
-        for i, texts in enumerate(batches):
-            if i == len(batches) - 1:  # the head learns: new weights, which have scored nothing yet
-                head = cascade.heads(platform.key)[0]
-                for text in HELD_OUT[:ONLINE_BATCH]:
-                    await head.learn(text, 1)
-            products.clear()
-            found.append([outcome(a) for a in cascade.classify_now_many(ask(platform, texts))])
-            scored.append(list(products))
-        return found, scored
-
-    with_memo, scored = asyncio.run(run(memo=True))
-    without_memo, scored_without = asyncio.run(run(memo=False))
+    scores every text again. (The memo of undecided answers, which would answer the copies
+    before they are scored, is off here: the next test's.)"""
+    with_memo, scored, _ = _repeated(tmp_path, products, scores=True, answers=False)
+    without_memo, scored_without, _ = _repeated(tmp_path, products, scores=False, answers=False)
     assert with_memo == without_memo
-    undecided = sum(model == "cascade:lexical:undecided" for model, _, _ in with_memo[0])
-    decided = sum(model == "cascade:lexical" for model, _, _ in with_memo[0])
-    assert undecided >= 10 and decided >= 10  # both kinds of answer are in the test
+    undecided = _check_both_kinds(with_memo)
     assert scored[0] == scored_without[0] == [len(HELD_OUT)]
     # Recased: the decided ones are cache hits either way; the undecided ones were scored before.
     assert scored_without[1] == [undecided] and scored[1] == []
     assert scored[2] == scored_without[2] and sum(scored[2]) > 0  # full width: never from the memo
     assert scored[3] == scored_without[3] == [undecided]  # the updated head scores them all again
-    assert [m for m, _, _ in with_memo[1]] == [m.replace("cascade:lexical", "cascade:cache") if m == "cascade:lexical"
-                                               else m for m, _, _ in with_memo[0]]  # fmt: skip
+
+
+@pytest.mark.parametrize("rows_only", SCORING)
+def test_a_repeated_text_no_stage_decides_gets_the_answer_it_got_before_while_the_weights_are_the_same(
+    tmp_path, products, rows_only
+):  # fmt: skip
+    """Without a reasoner, the undecided answer of an ASCII text is kept by its cache digest, the
+    policy version and the weights in force, and a copy gets it without reaching the stage: the
+    same answers and counters as a cascade that decides every copy again. Never for a text whose
+    digest stands for other n-grams (full width), nor after the head's update, nor where the
+    stage scores rows (its features are not known to be read from the digest's form alone)."""
+    with_memo, scored, counted = _repeated(tmp_path, products, scores=False, answers=True, rows_only=rows_only)
+    without_memo, scored_without, counted_without = _repeated(
+        tmp_path, products, scores=False, answers=False, rows_only=rows_only
+    )
+    assert with_memo == without_memo and counted == counted_without
+    undecided = _check_both_kinds(with_memo)
+    assert scored[0] == scored_without[0] == [len(HELD_OUT)]
+    assert scored_without[1] == [undecided] and scored[1] == ([undecided] if rows_only else [])
+    assert scored[2] == scored_without[2] and sum(scored[2]) > 0  # full width: never from the memo
+    assert scored[3] == scored_without[3] == [undecided]  # new weights: decided again
+
+
+def test_undecided_answers_are_kept_per_state_up_to_their_bound():
+    """Answers by state and digest; the bound counts the answers and the states they are kept in
+    (an online update makes a new state), and past it everything is dropped."""
+    from consumer.classify.cascade.cache import UndecidedAnswers
+
+    one, other = Classification(violation=False), Classification(violation=True)
+    memo = UndecidedAnswers(max_entries=6)
+    assert memo.known("s") == {} and len(memo) == 0
+    memo.remember("s", {b"a": one, b"b": other})
+    memo.remember("s", {b"a": one})  # known already: counted once
+    assert memo.known("s") == {b"a": one, b"b": other} and len(memo) == 3
+    memo.remember("t", {b"a": other})
+    assert memo.known("t") == {b"a": other} and memo.known("s")[b"a"] is one and len(memo) == 5
+    memo.remember("s", {b"c": one, b"d": one})  # past the bound: everything dropped first
+    assert memo.known("s") == {b"c": one, b"d": one} and memo.known("t") == {} and len(memo) == 3
 
 
 def test_the_score_memo_keeps_scores_per_set_of_weights_up_to_its_bound():
