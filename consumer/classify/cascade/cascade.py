@@ -316,10 +316,13 @@ class CascadeClassifier:
         heads one pass over their open texts (`_instant_decisions`) and one calibration call, each
         request against its own policy's target precision."""
         for position, featurizer in enumerate(self._featurizers.values()):
-            asking: list[tuple[LearnedStage, list[tuple[_Share, CacheKey | int]]]] = []
+            asking: list[tuple[LearnedStage, list[tuple[_Share, CacheKey | int]], bool]] = []
             for heads, shares in groups:
                 stage = heads.stages[position]
                 these = []
+                # Whether a score kept (`ScoreMemo`) could be read again: not where every share keeps
+                # its undecided answers (a text decided is cached, one undecided kept as an answer).
+                rescored = False
                 for share in shares:
                     if share.stopped or not share.open or not getattr(share.plan, stage.name):
                         continue
@@ -329,16 +332,18 @@ class CascadeClassifier:
                         continue
                     if stage.calibrated:
                         these.extend((share, k) for k in share.open)
+                        rescored = rescored or share.undecided_state is None
                 if these:
-                    asking.append((stage, these))
+                    asking.append((stage, these, rescored))
             if not asking:
                 continue
             asked = []
-            for stage, these in asking:
+            for stage, these, rescored in asking:
                 texts = [requests[share.open[k][0]].content for share, k in these]
-                asked.append((stage, texts, [share.plan.target_precision for share, _ in these], [k for _, k in these]))
+                asked.append((stage, texts, [share.plan.target_precision for share, _ in these],
+                              [k for _, k in these] if rescored else None))  # fmt: skip
             found = _instant_decisions(featurizer, asked, self._scored)
-            for (stage, these), decisions in zip(asking, found):
+            for (stage, these, _), decisions in zip(asking, found):
                 if decisions is None:
                     continue
                 for (share, k), decision in zip(these, decisions):

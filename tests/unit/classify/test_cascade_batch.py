@@ -193,10 +193,10 @@ _REPEATS = [HELD_OUT, [_recased(t) for t in HELD_OUT], [_full_width(t) for t in 
 
 def _repeated(
     tmp_path, products: list[int], scores: bool, answers: bool, rows_only: bool = False
-) -> tuple[list[list[tuple]], list[list[int]], tuple]:  # fmt: skip
+) -> tuple[list[list[tuple]], list[list[int]], tuple, int]:  # fmt: skip
     """`_REPEATS` through a cascade without a reasoner, with or without its memo of scores
     (`ScoreMemo`) and of undecided answers (`UndecidedAnswers`): each batch's answers, its scorings
-    (`products`) and the policy's counters at the end."""
+    (`products`), the policy's counters at the end and the scores the memo holds then."""
     from consumer.classify.cascade.stage import ONLINE_BATCH
 
     folder = tmp_path / f"{scores}-{answers}-{rows_only}"
@@ -204,7 +204,7 @@ def _repeated(
     store = communities(folder, [])
     platform = store.get()["spam-scams"]
 
-    async def run() -> tuple[list[list[tuple]], list[list[int]], tuple]:
+    async def run() -> tuple[list[list[tuple]], list[list[int]], tuple, int]:
         cascade = CascadeClassifier(CascadeSettings(), None, store, lexical=CountedFeatures(rows_only))
         if not scores:
             cascade._scored = None
@@ -221,7 +221,8 @@ def _repeated(
             found.append([outcome(a) for a in cascade.classify_now_many(ask(platform, texts))])
             scored.append(list(products))
         counters = cascade.counters[platform.id]
-        return found, scored, (counters.requests, counters.cache_hits, counters.cache_misses, counters.decided)
+        held = 0 if cascade._scored is None else len(cascade._scored)
+        return found, scored, (counters.requests, counters.cache_hits, counters.cache_misses, counters.decided), held
 
     return asyncio.run(run())
 
@@ -247,8 +248,9 @@ def test_a_repeated_text_no_stage_decides_is_scored_once_per_head_and_answered_a
     digest but n-grams of its own, so it is scored); an online update of the head (new weights)
     scores every text again. (The memo of undecided answers, which would answer the copies
     before they are scored, is off here: the next test's.)"""
-    with_memo, scored, _ = _repeated(tmp_path, products, scores=True, answers=False)
-    without_memo, scored_without, _ = _repeated(tmp_path, products, scores=False, answers=False)
+    with_memo, scored, _, held = _repeated(tmp_path, products, scores=True, answers=False)
+    without_memo, scored_without, _, _ = _repeated(tmp_path, products, scores=False, answers=False)
+    assert held > 0
     assert with_memo == without_memo
     undecided = _check_both_kinds(with_memo)
     assert scored[0] == scored_without[0] == [len(HELD_OUT)]
@@ -266,12 +268,13 @@ def test_a_repeated_text_no_stage_decides_gets_the_answer_it_got_before_while_th
     policy version and the weights in force, and a copy gets it without reaching the stage: the
     same answers and counters as a cascade that decides every copy again. Never for a text whose
     digest stands for other n-grams (full width), nor after the head's update, nor where the
-    stage scores rows (its features are not known to be read from the digest's form alone)."""
-    with_memo, scored, counted = _repeated(tmp_path, products, scores=False, answers=True, rows_only=rows_only)
-    without_memo, scored_without, counted_without = _repeated(
+    stage scores rows (its features are not known to be read from the digest's form alone). Where
+    the answers are kept, no score is (it would never be read again)."""
+    with_memo, scored, counted, held = _repeated(tmp_path, products, scores=True, answers=True, rows_only=rows_only)
+    without_memo, scored_without, counted_without, _ = _repeated(
         tmp_path, products, scores=False, answers=False, rows_only=rows_only
     )
-    assert with_memo == without_memo and counted == counted_without
+    assert with_memo == without_memo and counted == counted_without and held == 0
     undecided = _check_both_kinds(with_memo)
     assert scored[0] == scored_without[0] == [len(HELD_OUT)]
     assert scored_without[1] == [undecided] and scored[1] == ([undecided] if rows_only else [])
