@@ -50,6 +50,18 @@ def cache_key(policy: Policy, content: str) -> CacheKey:
     return (policy.key, policy.version, digest.digest())
 
 
+def cache_keys(policy: Policy, contents: list[str]) -> list[CacheKey]:
+    """`cache_key` of each content, for a poll batch: a loop here rather than a call or two a
+    content (ASCII content normalised without `normalise`'s call, as it would be there)."""
+    scope, version, fresh, joined = policy.key, policy.version, _EMPTY_DIGEST.copy, _words_joined
+    keys = []
+    for content in contents:
+        digest = fresh()
+        digest.update((joined(content) if joined is not None and content.isascii() else normalise(content)).encode())
+        keys.append((scope, version, digest.digest()))
+    return keys
+
+
 class VerdictCache:
     """Holds at most `max_entries` verdicts, each for at most `ttl_s` seconds.
 

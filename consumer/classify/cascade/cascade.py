@@ -61,7 +61,7 @@ from consumer.classify import (
     ReportsHealth,
 )
 from consumer.classify.cascade import verdicts
-from consumer.classify.cascade.cache import CacheKey, UndecidedAnswers, VerdictCache, cache_key
+from consumer.classify.cascade.cache import CacheKey, UndecidedAnswers, VerdictCache, cache_key, cache_keys
 from consumer.classify.cascade.counters import PolicyCounters
 from consumer.classify.cascade.examples import TrainingSet, training_set
 from consumer.classify.cascade.stage import Decision, Featurizer, LearnedStage, ScoreMemo, StageRules
@@ -280,32 +280,34 @@ class CascadeClassifier:
                 keys[i] = None
             return share
         # Looked up once, not once a request: this loop runs for every request of a poll batch.
-        cached_verdict, in_flight, counters = self.cache.get, self._in_flight, share.counters
+        cached_verdict, in_flight = self.cache.get, self._in_flight
         state = share.undecided_state = self._undecided_state(policy, plan, heads)
         undecided = {} if state is None else self._undecided_answers.known(state)  # type: ignore[union-attr]
-        for i in indices:
-            # Cache keys stay per policy version: two policies sharing heads act and name
-            # categories differently.
-            content = requests[i].content
-            key = cache_key(policy, content)
+        contents = [requests[i].content for i in indices]
+        hits = repeated = 0  # counted once after the loop
+        # Cache keys stay per policy version: two policies sharing heads act and name categories
+        # differently.
+        for i, content, key in zip(indices, contents, cache_keys(policy, contents)):
             copies = open_.get(key)
             if copies is not None:
                 copies.append(i)
                 continue
             cached = cached_verdict(key)
             if cached is not None:
-                counters.requests += 1
-                counters.cache_hit()
+                hits += 1
                 answers[i] = cached
             elif undecided and (answer := undecided.get(key[2])) is not None and content.isascii():
-                # Counted as `_leave_open` counts the answer it repeats.
-                counters.requests += 1
-                counters.cache_misses += 1
-                counters.decided[stages.UNDECIDED] += 1
+                repeated += 1
                 answers[i] = answer
             elif key not in in_flight:  # else `classify` waits for the identical request already asked
                 open_[key] = [i]
                 keys[key] = key
+        counters = share.counters
+        counters.requests += hits + repeated
+        counters.cache_hit(hits)
+        # A repeated undecided answer, counted as `_leave_open` counts the answer it repeats.
+        counters.cache_misses += repeated
+        counters.decided[stages.UNDECIDED] += repeated
         return share
 
     def _decide_instant(

@@ -25,10 +25,10 @@ class PolicyCounters:
     shadow_failed: int = 0
     calibration_error: dict[str, float | None] = field(default_factory=dict)
 
-    def cache_hit(self) -> None:
-        """A request answered from the verdict cache."""
-        self.cache_hits += 1
-        self.decided[stages.CACHE] += 1
+    def cache_hit(self, requests: int = 1) -> None:
+        """Requests answered from the verdict cache."""
+        self.cache_hits += requests
+        self.decided[stages.CACHE] += requests
 
     def coalesced_copy(self) -> None:
         """A copy of content answered with the verdict of an identical request asked at the same time."""

@@ -3,7 +3,7 @@
 import pytest
 
 from consumer.classify import Classification
-from consumer.classify.cascade.cache import VerdictCache, cache_key, normalise
+from consumer.classify.cascade.cache import VerdictCache, cache_key, cache_keys, normalise
 from consumer.policy import parse_policy
 from tests.conftest import REPO
 
@@ -33,6 +33,17 @@ def test_copies_that_differ_only_in_case_spacing_and_invisible_characters_share_
     assert cache_key(policy, copies[0]) == cache_key(policy, original)
     assert normalise(copies[1]) == "freenitro for everyone -> discord-gift.xyz/claim"  # zero-width space removed
     assert cache_key(policy, "free nitro for nobody") != cache_key(policy, original)
+
+
+def test_a_batchs_keys_are_each_contents_own():
+    """`cache_keys` (a poll batch's, with ASCII content normalised inline) gives `cache_key`'s keys."""
+    policy = parse_policy(POLICY_BYTES)
+    contents = ["FREE NITRO  for\teveryone ", "free nitro for everyone", "ＦＲＥＥ nitro", "FREE\u200bNITRO",
+                "", "   ", "\x1c a \x1f b", "ñandú\u00a0Straße", "😂 lol", "a\u2028b"]
+    assert cache_keys(policy, contents) == [cache_key(policy, content) for content in contents]
+    keys = cache_keys(policy, contents)
+    assert keys[0] == keys[1] and keys[4] == keys[5]  # one content each way, written differently
+    assert len(set(keys)) == len(set(map(normalise, contents)))
 
 
 def test_a_repeated_message_hits_and_the_hit_says_it_came_from_the_cache():
