@@ -13,10 +13,11 @@ import re
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 from consumer.classify import Classification
 from consumer.classify.cascade.hashing import _ngrams  # None where _ngrams.c was not compiled: Python's join
+from consumer.classify.cascade.kept import KeptByDigest
 from consumer.classify.cascade.verdicts import as_cached
 from consumer.policy import Policy
 
@@ -117,7 +118,7 @@ class VerdictCache:
             self._entries.popitem(last=False)
 
 
-class UndecidedAnswers:
+class UndecidedAnswers(KeptByDigest[Classification]):
     """Answers to texts that no stage decided where no reasoner is configured (the most confident
     stage's guess, marked undecided), by the digest of the text's cache key, per state: the
     policy's key and version and the weights in force of each stage its plan asks (the cascade
@@ -127,35 +128,8 @@ class UndecidedAnswers:
 
     The cascade keeps an answer only where the digest stands for the features of every stage asked
     (ASCII text and the compiled n-grams alone, as for `ScoreMemo`), and reads one only for ASCII
-    text. At most `max_entries` answers and states are held; beyond, all are dropped and it starts
-    again.
+    text. At most `max_entries` answers and states are held.
     """
 
     def __init__(self, max_entries: int = UNDECIDED_ANSWERS):
-        self._by_state: dict[Hashable, dict[bytes, Classification]] = {}
-        self._entries = 0
-        self._max_entries = max_entries
-
-    def __len__(self) -> int:
-        return self._entries
-
-    def known(self, state: Hashable) -> dict[bytes, Classification]:
-        """The answers held in this state, by digest (read only: `remember` adds to them)."""
-        return self._by_state.get(state, _NONE_KNOWN)
-
-    def remember(self, state: Hashable, fresh: dict[bytes, Classification]) -> None:
-        """Keep a batch's new answers in this state."""
-        known = self._by_state.get(state)
-        if self._entries + len(fresh) + (known is None) > self._max_entries:
-            self._by_state.clear()
-            self._entries = 0
-            known = None
-        if known is None:
-            known = self._by_state[state] = {}
-            self._entries += 1  # the state counts too: an online update of a head makes a new one
-        held = len(known)
-        known.update(fresh)
-        self._entries += len(known) - held
-
-
-_NONE_KNOWN: dict[bytes, Classification] = {}  # a state nothing is held for (never written)
+        super().__init__(max_entries)

@@ -43,6 +43,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from consumer.classify.cascade.calibrate import Calibrator, Method, calibration_error, fit_calibrator
 from consumer.classify.cascade.hashing import _ngrams  # None where _ngrams.c was not compiled: numpy's product
+from consumer.classify.cascade.kept import KeptByDigest
 from consumer.config.cascade import CascadeSettings
 from consumer.durable import replacing
 
@@ -186,7 +187,7 @@ def _scratch(size: int) -> np.ndarray:
     return array
 
 
-class ScoreMemo:
+class ScoreMemo(KeptByDigest[float]):
     """Linear heads' scores of texts they scored before, by the 16-byte digest the verdict cache
     keys a text's normalised form by (`cache.cache_key`). A chat stream repeats its texts (greetings,
     copy-pasted raids), and where no stage decides one and there is no reasoner, the cache keeps
@@ -196,17 +197,11 @@ class ScoreMemo:
     normalised form: the caller gives one only for those (`cascade._memo_digests`). Scores are
     kept per set of weights (`_Weights.serial`): an online update or refit makes new weights, whose
     scores start empty, so a memoised score is always the one the head in force would give, bit
-    for bit. At most `max_entries` scores and sets of weights are held; beyond, all are dropped and
-    it starts again.
+    for bit. At most `max_entries` scores and sets of weights are held.
     """
 
     def __init__(self, max_entries: int = SCORE_MEMO_ENTRIES):
-        self._by_weights: dict[int, dict[bytes, float]] = {}
-        self._entries = 0
-        self._max_entries = max_entries
-
-    def __len__(self) -> int:
-        return self._entries
+        super().__init__(max_entries)
 
     def scores(
         self, weights: _Weights, texts: list[str], digests: list[bytes | None],
@@ -214,7 +209,7 @@ class ScoreMemo:
     ) -> np.ndarray:  # fmt: skip
         """The scores of `texts`: memoised where a text's digest was scored by these weights, the
         others by one call of `score`, then memoised (those with a digest)."""
-        known = self._by_weights.get(weights.serial, _NONE_KNOWN)
+        known = self.known(weights.serial)
         found: list[float | None] = [known.get(d) for d in digests]  # type: ignore[arg-type]  # None is never a key
         missing = [i for i, value in enumerate(found) if value is None]
         if not missing:
@@ -227,20 +222,8 @@ class ScoreMemo:
             if digest is not None:
                 fresh[digest] = value
         if fresh:
-            if self._entries + len(fresh) + 1 > self._max_entries:
-                self._by_weights.clear()
-                self._entries = 0
-                known = _NONE_KNOWN
-            if known is _NONE_KNOWN:
-                known = self._by_weights[weights.serial] = {}
-                self._entries += 1  # the set of weights counts too: new weights come with every update
-            held = len(known)
-            known.update(fresh)
-            self._entries += len(known) - held
+            self.remember(weights.serial, fresh)
         return np.array(found, dtype=np.float64)
-
-
-_NONE_KNOWN: dict[bytes, float] = {}  # what `ScoreMemo` knows of weights it holds nothing of (never written)
 
 
 @dataclass
