@@ -417,11 +417,10 @@ class CascadeClassifier:
         if self._undecided_answers is None or not plan.cache:
             return None
         serials = []
-        for stage in heads.stages:
-            if getattr(plan, stage.name):
-                if not getattr(stage.featurizer, "scores_texts", False):
-                    return None
-                serials.append(stage.weights_serial)
+        for _, stage in self._stages(heads, plan, 0):
+            if not getattr(stage.featurizer, "scores_texts", False):
+                return None
+            serials.append(stage.weights_serial)
         return policy.key, policy.version, tuple(serials)
 
     def _remember_open(self, found: _Open) -> None:
